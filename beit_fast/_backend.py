@@ -1,0 +1,126 @@
+"""One backend chooser for every fused op.
+
+Backends:
+  "cuda"      the extension's (or a Triton-free) CUDA kernel, tensors on a CUDA device
+  "cpp"       the extension's C++ CPU kernel (same per-element math as the CUDA kernel)
+  "triton"    a Triton kernel: tensors on a GPU, or on the CPU under TRITON_INTERPRET=1
+  "reference" the PyTorch reference: runs everywhere
+
+`backend="auto"` takes the first backend of the op's preference order with no reason against it; on CPU
+tensors Triton is never chosen automatically (the interpreter is a test tool, not a fast path).
+`BEIT_FAST_BACKEND` overrides "auto". A forced backend that cannot run raises BackendUnavailable listing
+every reason.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+BACKENDS = ("cuda", "cpp", "triton", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run these inputs here; the message lists why."""
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """(module, None) when beit_fast._C imports, else (None, reason)."""
+    try:
+        mod = importlib.import_module("beit_fast._C")
+    except Exception as e:  # ImportError, or an undefined symbol from a torch mismatch
+        return None, f"beit_fast._C is not importable ({type(e).__name__}: {e}); reinstall with `pip install --no-build-isolation .`"
+    return mod, None
+
+
+def extension_has_cuda() -> bool:
+    mod, _ = extension()
+    return bool(mod is not None and mod.built_with_cuda())
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error():
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def _devices(tensors: Iterable) -> set:
+    """Device types of the tensors; a str or torch.device stands for a tensor on that device."""
+    out = set()
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            out.add(t.device.type)
+        elif isinstance(t, (str, torch.device)):
+            out.add(torch.device(t).type)
+    return out
+
+
+def common_reasons(backend: str, tensors: Sequence, *, auto: bool = False) -> list[str]:
+    """Reasons, shared by all ops, why `backend` cannot run on these tensors (or devices, for `info`)."""
+    devs = _devices(tensors)
+    why = []
+    if len(devs) > 1:
+        why.append(f"tensors are on several device types {sorted(devs)}")
+    dev = next(iter(devs)) if len(devs) == 1 else None
+    if backend == "cuda":
+        mod, err = extension()
+        if err:
+            why.append(err)
+        elif not mod.built_with_cuda():
+            why.append("beit_fast._C was built without its CUDA sources (see the build log line 'skipping CUDA sources')")
+        if dev != "cuda":
+            why.append(f"the cuda backend needs CUDA tensors, got {dev} tensors")
+    elif backend == "cpp":
+        _, err = extension()
+        if err:
+            why.append(err)
+        if dev != "cpu":
+            why.append(f"the cpp backend needs CPU tensors, got {dev} tensors")
+    elif backend == "triton":
+        err = triton_import_error()
+        if err:
+            why.append(err)
+        if dev == "cpu":
+            if not interpret_mode():
+                why.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set (set it before importing triton)")
+            elif auto:
+                why.append("auto never picks the Triton interpreter for CPU tensors; pass backend='triton'")
+        elif dev != "cuda":
+            why.append(f"the triton backend needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {dev}")
+    elif backend != "reference":
+        why.append(f"unknown backend {backend!r}; expected one of {BACKENDS + ('auto',)}")
+    return why
+
+
+def choose(op: str, backend: str, reasons: Callable[[str, bool], list[str]], preference: Sequence[str]) -> str:
+    """Pick the backend for one call.
+
+    reasons(backend, auto) -> list of reasons it cannot run (empty = it can).
+    preference: the op's backends, fastest first; "reference" must be last.
+    """
+    if backend == "auto":
+        backend = os.environ.get("BEIT_FAST_BACKEND", "auto").strip() or "auto"
+    if backend == "auto":
+        for b in preference:
+            if not reasons(b, True):
+                return b
+        raise BackendUnavailable(f"{op}: no backend can run these inputs: " + "; ".join(
+            f"{b}: {', '.join(reasons(b, True))}" for b in preference))
+    if backend not in preference:
+        raise BackendUnavailable(f"{op}: backend {backend!r} is not one of this op's backends {tuple(preference)} (or 'auto')")
+    why = reasons(backend, False)
+    if why:
+        raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: " + "; ".join(why))
+    return backend

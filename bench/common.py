@@ -1,0 +1,172 @@
+"""The one helper every benchmark uses: timing, peak memory, environment, JSON rows, markdown tables.
+
+A row is a flat dict: op, provider, mode (fwd|bwd|fwd_bwd), shape (dict), dtype, median_ms, p20_ms, p80_ms,
+tflops, gbps, peak_mb, plus the environment (gpu, driver, torch, triton, cuda, git_sha, host). Rows are
+written as JSON lines (`<name>.jsonl`) and a markdown table (`<name>.md`); bench/report.py merges files.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Optional
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+def environment(device: str) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": _git_sha(),
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["driver"] = _driver_version()
+    else:
+        env["gpu"] = None
+        env["driver"] = None
+    return env
+
+
+def _git_sha() -> Optional[str]:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return None
+
+
+def _driver_version() -> Optional[str]:
+    try:
+        return subprocess.check_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       text=True, stderr=subprocess.DEVNULL).strip().splitlines()[0]
+    except Exception:
+        return None
+
+
+def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 10, rep: int = 50) -> dict:
+    """median / p20 / p80 in milliseconds. CUDA: triton.testing.do_bench (CUDA events, L2 flushed);
+    CPU: wall clock over `rep` calls after `warmup`."""
+    if device == "cuda":
+        import triton.testing
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES))
+        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
+
+
+def peak_mb(fn: Callable[[], object], device: str) -> Optional[float]:
+    """Peak memory allocated during one call, above what was allocated before it (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def make_row(op: str, provider: str, mode: str, shape: dict, dtype: torch.dtype, timing: dict, env: dict, *,
+             flops: Optional[float] = None, nbytes: Optional[float] = None, peak: Optional[float] = None,
+             **extra) -> dict:
+    """One benchmark result. flops / nbytes are per call, from a formula written down by the caller."""
+    med_s = timing["median_ms"] / 1e3
+    row = {"op": op, "provider": provider, "mode": mode, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
+           **timing,
+           "tflops": (flops / med_s / 1e12) if flops else None,
+           "gbps": (nbytes / med_s / 1e9) if nbytes else None,
+           "peak_mb": peak}
+    row.update(extra)
+    row.update(env)
+    return row
+
+
+def shape_str(shape: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_mb"]
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if c == "shape":
+                v = shape_str(v)
+            elif isinstance(v, float):
+                v = f"{v:.4g}"
+            cells.append("" if v is None else str(v))
+        out.append("| " + " | ".join(cells) + " |")
+    hw = {r.get("gpu") or f"CPU ({r.get('cpu')})" for r in rows}
+    out.append("")
+    out.append(f"Hardware: {', '.join(sorted(hw))}; torch {rows[0].get('torch')}, triton {rows[0].get('triton')}, "
+               f"CUDA {rows[0].get('cuda')}, git {rows[0].get('git_sha')}" if rows else "")
+    return "\n".join(out) + "\n"
+
+
+def write_rows(rows: list[dict], out_dir: str, name: str) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    jpath = os.path.join(out_dir, f"{name}.jsonl")
+    mpath = os.path.join(out_dir, f"{name}.md")
+    with open(jpath, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    with open(mpath, "w") as f:
+        f.write(markdown_table(rows))
+    return jpath, mpath
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default="bench/out", help="folder for the JSON rows and markdown table")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes, reference providers only, runs on the CPU (what CI runs)")
+    p.add_argument("--dtypes", default="bf16,fp16", help="comma list of bf16, fp16, fp32")
+    p.add_argument("--providers", default="all", help="comma list of providers, or all")
+    return p
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtypes(s: str) -> list[torch.dtype]:
+    try:
+        return [DTYPES[x.strip()] for x in s.split(",") if x.strip()]
+    except KeyError as e:
+        raise SystemExit(f"unknown dtype {e}; expected a comma list of {sorted(DTYPES)}")
+
+
+def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:
+    """Each provider is checked against the reference before it is timed: a wrong provider is not timed."""
+    try:
+        torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    except AssertionError as e:
+        raise RuntimeError(f"provider {name} disagrees with the reference; not timing it:\n{e}") from None

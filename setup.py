@@ -1,0 +1,102 @@
+"""Build beit_fast and its extension beit_fast._C.
+
+Environment:
+  BEIT_FAST_CUDA=auto|0|1   build the CUDA sources: auto = when a CUDA toolkit and a CUDA build of torch
+                            are both present (no GPU needed); 1 = required (fail otherwise); 0 = never.
+  TORCH_CUDA_ARCH_LIST      default "8.0;9.0" (A100, H100/H200).
+  MAX_JOBS                  parallel compile jobs (honoured by torch's ninja build).
+  CUDA_HOME                 toolkit root; found by looking for the real nvcc when unset.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _real_cuda_home():
+    """The toolkit folder whose bin/nvcc is the compiler itself (not a wrapper script on PATH)."""
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        return env if os.path.exists(os.path.join(env, "bin", "nvcc")) else None
+    candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for c in candidates:
+        # A real toolkit has the runtime library beside nvcc; a wrapper's folder does not.
+        if os.path.isfile(os.path.join(c, "bin", "nvcc")) and glob.glob(os.path.join(c, "lib*", "libcudart*")):
+            return c
+    return None
+
+
+def _cuda_decision(torch_cuda_version):
+    mode = os.environ.get("BEIT_FAST_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"beit_fast setup: BEIT_FAST_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False, "BEIT_FAST_CUDA=0"
+    home = _real_cuda_home()
+    why = None
+    if torch_cuda_version is None:
+        why = "the installed torch is a CPU-only build (torch.version.cuda is None)"
+    elif home is None:
+        why = "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
+    if why:
+        if mode == "1":
+            sys.exit(f"beit_fast setup: BEIT_FAST_CUDA=1 but {why}")
+        return False, why
+    os.environ["CUDA_HOME"] = home
+    return True, home
+
+
+def _extensions():
+    import torch  # imported here so that `setup.py --help` works without torch
+
+    use_cuda, detail = _cuda_decision(torch.version.cuda)
+    # cpp_extension reads CUDA_HOME when imported, so import it only after the decision.
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for (C++17 up to 2.9, C++20 after)
+    if use_cuda:
+        print(f"beit_fast setup: building CUDA sources with {detail} for TORCH_CUDA_ARCH_LIST="
+              f"{os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
+        ext = CUDAExtension(
+            "beit_fast._C", cpp + cu,
+            define_macros=[("BEIT_FAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3",
+                                                           "-U__CUDA_NO_HALF_OPERATORS__",
+                                                           "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]},
+        )
+    else:
+        print(f"beit_fast setup: skipping CUDA sources because {detail}; building the C++ CPU ops only",
+              flush=True)
+        ext = CppExtension("beit_fast._C", cpp, extra_compile_args={"cxx": cxx_flags})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="beit_fast",
+    version="0.1.0",
+    description="Fused kernels, model and trainer for BEiT masked-image-modeling pretraining and fine-tuning",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["beit_fast", "beit_fast.models", "beit_fast.ops", "beit_fast.train", "beit_fast.kernels"],
+    package_dir={"beit_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "timm", "numpy", "safetensors",
+                      "pyyaml", "pillow", "tqdm", "scikit-learn"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
+    entry_points={"console_scripts": ["beit-fast=beit_fast.cli:main"]},
+    zip_safe=False,
+)
