@@ -1,0 +1,64 @@
+"""`python -m beit_fast.info`: versions, the device, and which backend of every fused op runs here (and why not)."""
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+from . import _backend
+from .ops import OPS
+
+
+def _versions() -> list[str]:
+    lines = [f"beit_fast {importlib.import_module('beit_fast').__version__}",
+             f"python {platform.python_version()}", f"torch {torch.__version__} (CUDA {torch.version.cuda})"]
+    err = _backend.triton_import_error()
+    if err:
+        lines.append(f"triton: not available ({err})")
+    else:
+        import triton
+        lines.append(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if _backend.interpret_mode() else ""))
+    mod, err = _backend.extension()
+    lines.append(f"beit_fast._C: {'built ' + ('with' if mod.built_with_cuda() else 'without') + ' CUDA' if mod else err}")
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        lines.append(f"device: {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB), "
+                     f"{torch.cuda.device_count()} visible")
+    else:
+        lines.append("device: CPU only (no CUDA device visible)")
+    return lines
+
+
+def backend_table(device: str) -> list[tuple[str, str, list[str]]]:
+    """(op, backend, reasons) for every op and backend on `device` ('cpu' or 'cuda')."""
+    rows = []
+    for name, (module, backends) in OPS.items():
+        try:
+            mod = importlib.import_module(module)
+            err = None
+        except Exception as e:
+            mod, err = None, f"{module} failed to import ({type(e).__name__}: {e})"
+        for b in backends:
+            if err:
+                why = [err]
+            else:
+                why = _backend.common_reasons(b, [device])
+                extra = getattr(mod, "environment_reasons", None)
+                if extra is not None and not why:
+                    why = list(extra(b, device))
+            rows.append((name, b, why))
+    return rows
+
+
+def main() -> None:
+    print("\n".join(_versions()))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        print(f"\nbackends for {dev} tensors:")
+        for op, b, why in backend_table(dev):
+            print(f"  {op:27s} {b:10s} " + ("available" if not why else "unavailable: " + "; ".join(why)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Test session setup. Triton kernels run through the interpreter when no GPU is present; the variable
+must be set before triton is imported anywhere, so it is decided here without importing torch.
+Override with BEIT_FAST_TRITON_INTERPRET=0|1."""
+import os
+import shutil
+import subprocess
+
+
+def _has_gpu() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except Exception:
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+_forced = os.environ.get("BEIT_FAST_TRITON_INTERPRET")
+if _forced is not None:
+    os.environ["TRITON_INTERPRET"] = _forced
+elif not _has_gpu():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+import random  # noqa: E402
+import zlib  # noqa: E402
+
+# Fresh random inputs every run; the session seed is printed so a failure can be replayed with
+# BEIT_FAST_TEST_SEED=<seed>.
+SESSION_SEED = int(os.environ.get("BEIT_FAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return [f"beit_fast: BEIT_FAST_TEST_SEED={SESSION_SEED}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) ^ SESSION_SEED) % (2**31))
+    yield

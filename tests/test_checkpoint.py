@@ -1,0 +1,205 @@
+"""Checkpoint loading: timm/unilm, Hugging Face (4.x file names and 5.x in-memory names), mmseg, files."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from beit_fast.models import create_model, load_checkpoint
+from beit_fast.models.relpos import num_relative_distance, resize_rel_pos_bias_table
+from test_model import randomize_, rel_err
+
+transformers = pytest.importorskip("transformers")
+
+X = lambda b=2: torch.randn(b, 3, 32, 32)  # noqa: E731
+
+
+def _same_outputs(a, b, *args):
+    a.eval(), b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a(*args), b(*args), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_file_round_trip(tmp_path, suffix):
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    path = tmp_path / f"ckpt{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(src.state_dict(), str(path))
+    else:
+        torch.save({"model": src.state_dict(), "epoch": 3}, path)
+    dst = create_model("beit_test_patch4_32", attn_impl="eager")
+    report = load_checkpoint(dst, path, strict=True)
+    assert not report.missing_keys and not report.unexpected_keys
+    _same_outputs(src, dst, X())
+
+
+def _unilm_pretraining_state_dict(mim):
+    """What unilm's run_beit_pretraining saves: {'model': sd} with persistent index buffers."""
+    sd = dict(mim.state_dict())
+    sd["rel_pos_bias.relative_position_index"] = mim.rel_pos_bias.relative_position_index.clone()
+    return {"model": sd, "optimizer": {}, "epoch": 799}
+
+
+def test_unilm_pretraining_checkpoint_into_finetuning_model():
+    mim = randomize_(create_model("beit_test_patch4_32_mim"))
+    ck = _unilm_pretraining_state_dict(mim)
+    cls = create_model("beit_test_patch4_32")
+    report = load_checkpoint(cls, ck)
+    shared = mim.rel_pos_bias.relative_position_bias_table
+    for blk, mblk in zip(cls.blocks, mim.blocks):
+        torch.testing.assert_close(blk.attn.relative_position_bias_table, shared)
+        torch.testing.assert_close(blk.attn.qkv.weight, mblk.attn.qkv.weight)
+    assert set(report.missing_keys) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    assert set(report.unexpected_keys) == {"mask_token", "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"}
+    assert any("expanded" in n for n in report.notes)
+    with pytest.raises(ValueError, match="strict"):
+        load_checkpoint(create_model("beit_test_patch4_32"), ck, strict=True)
+
+
+@pytest.mark.parametrize("wrap", ["module", "module_prefix", "mmseg"])
+def test_wrappers(wrap):
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    sd = src.state_dict()
+    if wrap == "module":
+        ck = {"module": sd}
+    elif wrap == "module_prefix":
+        ck = {f"module.{k}": v for k, v in sd.items()}
+    else:
+        ck = {"state_dict": {**{f"backbone.{k}": v for k, v in sd.items() if not k.startswith(("head", "fc_norm"))},
+                             "decode_head.conv_seg.weight": torch.randn(150, 64, 1, 1)}}
+    dst = create_model("beit_test_patch4_32", attn_impl="eager")
+    report = load_checkpoint(dst, ck)
+    if wrap == "mmseg":
+        assert report.unexpected_keys == ["decode_head.conv_seg.weight"]
+        assert set(report.missing_keys) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+        torch.testing.assert_close(dst.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    else:
+        _same_outputs(src, dst, X())
+
+
+def _hf_config(**kw):
+    return transformers.BeitConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=256, layer_norm_eps=1e-6,
+                                   hidden_act="gelu", layer_scale_init_value=0.1, drop_path_rate=0.0,
+                                   attn_implementation="eager", **kw)
+
+
+def test_hf_classification_parity():
+    hf = transformers.BeitForImageClassification(_hf_config(use_relative_position_bias=True, num_labels=10,
+                                                            use_mean_pooling=True)).eval()
+    randomize_(hf)
+    ours = create_model("beit_test_patch4_32", attn_impl="eager").eval()
+    report = load_checkpoint(ours, hf.state_dict(), strict=True)
+    assert report.source_format.startswith("Hugging Face")
+    x = X(3)
+    with torch.no_grad():
+        assert rel_err(ours(x), hf(pixel_values=x).logits) < 1e-4
+
+
+def test_hf_masked_image_modeling_parity():
+    hf = transformers.BeitForMaskedImageModeling(_hf_config(use_mask_token=True, use_shared_relative_position_bias=True,
+                                                            vocab_size=512)).eval()
+    randomize_(hf)
+    ours = create_model("beit_test_patch4_32_mim", attn_impl="eager").eval()
+    load_checkpoint(ours, hf.state_dict(), strict=True)
+    x, mask = X(2), torch.rand(2, 64) < 0.4
+    with torch.no_grad():
+        ref = hf(pixel_values=x, bool_masked_pos=mask).logits  # HF projects all 64 tokens
+        assert rel_err(ours(x, mask), ref[mask]) < 1e-4
+
+
+def unilm_to_hf4(sd):
+    """transformers 4.x names, written from the published conversion table (beit_reference.md 10.3)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            p = f"beit.encoder.layer.{i}."
+            if rest == "attn.qkv.weight":
+                q, kk, vv = v.chunk(3)
+                out[p + "attention.attention.query.weight"] = q
+                out[p + "attention.attention.key.weight"] = kk
+                out[p + "attention.attention.value.weight"] = vv
+                continue
+            rest = {"attn.q_bias": "attention.attention.query.bias", "attn.v_bias": "attention.attention.value.bias",
+                    "attn.relative_position_bias_table":
+                        "attention.attention.relative_position_bias.relative_position_bias_table",
+                    "gamma_1": "lambda_1", "gamma_2": "lambda_2"}.get(rest, rest)
+            for a, b in [("norm1.", "layernorm_before."), ("norm2.", "layernorm_after."),
+                         ("attn.proj.", "attention.output.dense."), ("mlp.fc1.", "intermediate.dense."),
+                         ("mlp.fc2.", "output.dense.")]:
+                rest = rest.replace(a, b) if rest.startswith(a) else rest
+            out[p + rest] = v
+        elif k in ("cls_token", "mask_token"):
+            out[f"beit.embeddings.{k}"] = v
+        elif k.startswith("patch_embed.proj."):
+            out["beit.embeddings.patch_embeddings.projection." + k.split(".")[-1]] = v
+        elif k.startswith("fc_norm."):
+            out["beit.pooler.layernorm." + k.split(".")[-1]] = v
+        elif k.startswith("head."):
+            out["classifier." + k.split(".")[-1]] = v
+        elif k == "rel_pos_bias.relative_position_bias_table":
+            out["beit.encoder.relative_position_bias.relative_position_bias_table"] = v
+        elif k.startswith("norm."):
+            out["layernorm." + k.split(".")[-1]] = v
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("name", ["beit_test_patch4_32", "beit_test_patch4_32_mim"])
+def test_hf4_published_names(name):
+    src = randomize_(create_model(name, attn_impl="eager"))
+    dst = create_model(name, attn_impl="eager")
+    load_checkpoint(dst, unilm_to_hf4(src.state_dict()), strict=True)
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_table_and_pos_embed_resize():
+    src = randomize_(create_model("beit_test_patch4_32", use_abs_pos_emb=True))
+    dst = create_model("beit_test_patch4_32", img_size=48, use_abs_pos_emb=True)  # window 8 -> 12
+    report = load_checkpoint(dst, src.state_dict(), strict=True)
+    t_src = src.blocks[0].attn.relative_position_bias_table
+    t_dst = dst.blocks[0].attn.relative_position_bias_table
+    assert t_dst.shape == (num_relative_distance((12, 12)), 2)
+    torch.testing.assert_close(t_dst[-3:], t_src[-3:])  # cls rows kept
+    # offset (0, 0) sits at the centre of both grids and keeps its value (the geometric grid keeps small offsets)
+    c_src = (15 * 15) // 2
+    c_dst = (23 * 23) // 2
+    torch.testing.assert_close(t_dst[c_dst], t_src[c_src], atol=1e-5, rtol=1e-5)
+    assert dst.pos_embed.shape == (1, 145, 64)
+    assert any("resized" in n for n in report.notes)
+    with torch.no_grad():
+        assert torch.isfinite(dst(torch.randn(1, 3, 48, 48))).all()
+    same = resize_rel_pos_bias_table(t_src.detach(), (8, 8), (8, 8))
+    assert torch.equal(same, t_src.detach())
+
+
+def test_shape_mismatch_and_new_head():
+    src = randomize_(create_model("beit_test_patch4_32", num_classes=5))
+    dst = create_model("beit_test_patch4_32", num_classes=10)
+    report = load_checkpoint(dst, src.state_dict())
+    assert set(report.skipped_keys) == {"head.weight", "head.bias"}
+    with pytest.raises(ValueError, match=r"cls_token: checkpoint shape \(1, 1, 64\) does not fit"):
+        load_checkpoint(create_model("beit_test_patch4_32", embed_dim=32), src.state_dict())
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(dst, "/nonexistent/ckpt.pth")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/beit_fast_pwned",))
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Evil()}, f)
+    if os.path.exists("/tmp/beit_fast_pwned"):
+        os.remove("/tmp/beit_fast_pwned")
+    with pytest.raises(ValueError, match="weights-only"):
+        load_checkpoint(create_model("beit_test_patch4_32"), path)
+    assert not os.path.exists("/tmp/beit_fast_pwned")

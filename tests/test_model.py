@@ -1,0 +1,191 @@
+"""The BEiT model: parity with timm and transformers, attention paths, init, bad input."""
+import math
+
+import pytest
+import torch
+
+import beit_fast
+from beit_fast.models import create_model, list_models, load_checkpoint
+from beit_fast.models.relpos import num_relative_distance, relative_position_index
+
+timm = pytest.importorskip("timm")
+
+
+def randomize_(model, scale=0.05):
+    """Fill every parameter (tables, gammas, biases included) with random values, so parity tests compare
+    real computations rather than zero-initialized tables and 0.001-scaled heads."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + scale * torch.randn_like(p))
+            else:
+                p.copy_(scale * torch.randn_like(p))
+    return model
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", ["beit_base_patch16_224", "beit_large_patch16_224"])
+def test_logits_match_timm(name):
+    ours = create_model(name, attn_impl="eager").eval()
+    ref = timm.create_model(name, pretrained=False).eval()
+    randomize_(ref)
+    load_checkpoint(ours, ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        a, b = ours(x), ref(x)
+    assert a.shape == (1, 1000)
+    assert rel_err(a, b) < 1e-4
+    # and timm loads ours: the key layouts are the same
+    ref2 = timm.create_model(name, pretrained=False).eval()
+    ref2.load_state_dict(ours.state_dict(), strict=True)
+    with torch.no_grad():
+        assert rel_err(ref2(x), a) < 1e-4
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_attention_paths_agree_logits_and_grads(impl):
+    torch.manual_seed(0)
+    base = randomize_(create_model("beit_test_patch4_32", attn_impl="eager", drop_path_rate=0.0))
+    other = create_model("beit_test_patch4_32", attn_impl=impl)
+    other.load_state_dict(base.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    outs = []
+    for m in (base, other):
+        m.zero_grad()
+        y = m(x)
+        (y.square().sum()).backward()
+        outs.append((y, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-4)
+    for n, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][n], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_mim_logits_only_on_masked_positions():
+    m = randomize_(create_model("beit_test_patch4_32_mim", attn_impl="eager")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.rand(2, m.num_patches) < 0.4
+    logits = m(x, mask)
+    assert logits.shape == (int(mask.sum()), 512)
+    all_tokens = m(x, mask, return_all_tokens=True)
+    torch.testing.assert_close(logits, all_tokens[mask])
+    # the mask token replaces the embedding of masked patches only: changing masked pixels changes nothing
+    x2 = x.clone()
+    pix = mask[0].view(8, 8).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    x2[0][:, pix] = torch.randn_like(x2[0][:, pix])
+    with torch.no_grad():
+        a = m.forward_features(x, mask)
+        b = m.forward_features(x2, mask)
+    torch.testing.assert_close(a, b)
+
+
+def test_shared_and_per_layer_tables():
+    mim = create_model("beit_test_patch4_32_mim")
+    assert mim.rel_pos_bias.relative_position_bias_table.shape == (num_relative_distance((8, 8)), 2)
+    assert all(b.attn.relative_position_bias_table is None for b in mim.blocks)
+    both = create_model("beit_test_patch4_32", use_shared_rel_pos_bias=True, attn_impl="eager")
+    randomize_(both).eval()
+    # own + shared table == one summed table
+    single = create_model("beit_test_patch4_32", attn_impl="eager").eval()
+    sd = both.state_dict()
+    shared = sd.pop("rel_pos_bias.relative_position_bias_table")
+    for i in range(2):
+        sd[f"blocks.{i}.attn.relative_position_bias_table"] = sd[f"blocks.{i}.attn.relative_position_bias_table"] + shared
+    single.load_state_dict(sd)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(single(x), both(x))
+
+
+def test_relative_position_index_layout():
+    idx = relative_position_index((14, 14))
+    r = num_relative_distance((14, 14))
+    assert r == 732 and idx.shape == (197, 197)
+    assert idx[0, 0] == r - 1 and (idx[0, 1:] == r - 3).all() and (idx[1:, 0] == r - 2).all()
+    # closed form for patch tokens (kernel_anchors section 0)
+    for i, j in [(1, 1), (1, 196), (50, 120), (196, 3)]:
+        p, q = i - 1, j - 1
+        assert idx[i, j] == (p // 14 - q // 14 + 13) * 27 + (p % 14 - q % 14 + 13)
+    assert idx[1:, 1:].max() < r - 3
+    timm_idx = timm.layers.gen_relative_position_index((14, 14), class_token=True)
+    assert torch.equal(idx, timm_idx)
+
+
+def test_init_follows_the_reference():
+    mim = create_model("beit_small_patch16_224_8k_vocab")
+    w = mim.blocks[0].mlp.fc1.weight
+    assert w.abs().max() <= 0.02 + 1e-7  # unilm pretraining truncates at +-1 std
+    assert abs(w.std().item() - 0.02 * 0.5396) < 0.001
+    assert mim.patch_embed.proj.weight.abs().max() <= 0.02 + 1e-7
+    # proj / fc2 rescaled by 1/sqrt(2 * (layer_id + 1))
+    ratio = mim.blocks[5].attn.proj.weight.std() / mim.blocks[5].attn.qkv.weight.std()
+    assert abs(ratio.item() - 1 / math.sqrt(12)) < 0.05
+    cls = create_model("beit_small_patch16_224")
+    assert abs(cls.head.weight.std().item() - 0.02 * 0.001) < 0.002 * 0.001  # head init scale 0.001
+    assert abs(cls.blocks[0].mlp.fc1.weight.std().item() - 0.02) < 0.002
+    assert torch.all(cls.blocks[0].gamma_1 == 0.1)
+    assert torch.all(create_model("beit_large_patch16_224", depth=1).blocks[0].gamma_1 == 1e-5)
+    assert create_model("beit_test_patch4_32", init_values=None).blocks[0].gamma_1 is None
+
+
+def test_registry_names():
+    names = list_models()
+    for n in ["beit_base_patch16_224", "beit_large_patch16_224", "beit_base_patch16_384", "beit_large_patch16_384",
+              "beit_base_patch16_224_8k_vocab", "beit_large_patch16_224_8k_vocab", "beit_tiny_patch16_224",
+              "beit_small_patch16_224", "beit_test_patch4_32", "beit_test_patch4_32_mim"]:
+        assert n in names
+    m = beit_fast.create_model("beit_base_patch16_384", depth=1)
+    assert m.window_size == (24, 24) and m.blocks[0].attn.relative_position_bias_table.shape == (2212, 12)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("beit_huge")
+    with pytest.raises(ValueError, match="unknown BeitConfig fields"):
+        create_model("beit_test_patch4_32", nonsense=1)
+
+
+def test_drop_path_and_grad_checkpointing():
+    m = randomize_(create_model("beit_test_patch4_32", drop_path_rate=0.5, attn_impl="eager"))
+    x = torch.randn(4, 3, 32, 32)
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)
+    m.set_grad_checkpointing(True)
+    torch.manual_seed(1)
+    b = m(x)
+    torch.testing.assert_close(a, b)
+    b.sum().backward()
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m(x))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: torch.randn(2, 3, 16, 16), r"\(B, 3, 32, 32\)"),
+    (lambda: torch.randn(2, 1, 32, 32), r"\(B, 3, 32, 32\)"),
+    (lambda: torch.randn(3, 32, 32), "4-D"),
+    (lambda: torch.randint(0, 255, (2, 3, 32, 32)), "floating-point"),
+    (lambda: torch.randn(2, 3, 32, 32, device="meta"), "model is on cpu"),
+])
+def test_bad_images(bad, match):
+    m = create_model("beit_test_patch4_32")
+    with pytest.raises(ValueError, match=match):
+        m(bad())
+
+
+def test_bad_masks():
+    m = create_model("beit_test_patch4_32_mim")
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"\(2, 64\)"):
+        m(x, torch.zeros(2, 63, dtype=torch.bool))
+    with pytest.raises(ValueError, match="torch.bool"):
+        m(x, torch.zeros(2, 64))
+    with pytest.raises(ValueError, match=r"\(2, 64\)"):
+        m(x, torch.zeros(1, 64, dtype=torch.bool))
+    assert m(x, torch.zeros(2, 8, 8, dtype=torch.bool)).shape == (0, 512)
+    with pytest.raises(ValueError, match="no mask token"):
+        create_model("beit_test_patch4_32").forward_features(x, torch.zeros(2, 64, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_impl"):
+        create_model("beit_test_patch4_32", attn_impl="flash")
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        create_model("beit_test_patch4_32", img_size=30)
