@@ -124,3 +124,11 @@ def choose(op: str, backend: str, reasons: Callable[[str, bool], list[str]], pre
     if why:
         raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: " + "; ".join(why))
     return backend
+
+
+def has_kernel(qualname: str, dispatch_key: str) -> bool:
+    """Whether the extension registered a kernel for `beit_fast::op` under CPU / CUDA."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key))
+    except RuntimeError:  # no such op
+        return False

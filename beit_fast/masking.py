@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._backend import choose, common_reasons
+from ._backend import choose, common_reasons, has_kernel
 
 
 def _check_args(input_size, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect):
@@ -101,8 +101,8 @@ def block_mask_ref(batch: int, input_size=(14, 14), num_masking_patches: int = 7
 
 def not_supported_reasons(backend: str, auto: bool = False) -> list[str]:
     why = common_reasons(backend, ["cpu"], auto=auto)
-    if backend == "cpp" and not why and not hasattr(torch.ops.beit_fast, "block_mask"):
-        why.append("the extension does not register beit_fast::block_mask")
+    if backend == "cpp" and not why and not has_kernel("beit_fast::block_mask", "CPU"):
+        why.append("the extension has no CPU kernel for beit_fast::block_mask")
     return why
 
 

@@ -1,0 +1,109 @@
+"""Block-wise masking: the Python reference's statistics and constraints, the batched API, the C++ op."""
+import numpy as np
+import pytest
+import torch
+
+from beit_fast import masking
+from beit_fast.masking import MaskingGenerator, block_masks
+
+# The reference algorithm's count distribution for 14x14 / 75 (beit_reference.md section 2, 20k draws):
+# mean 74.47, exactly 75 in 67% of draws, never above 75.
+REF_MEAN, REF_P75 = 74.47, 0.67
+
+
+class _Recording(np.ndarray):
+    """A mask that records every block (h, w) the generator looks at."""
+    blocks: list
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple) and all(isinstance(s, slice) for s in item):
+            self.blocks.append((item[0].stop - item[0].start, item[1].stop - item[1].start))
+        return super().__getitem__(item)
+
+
+def test_reference_count_distribution():
+    gen = MaskingGenerator((14, 14), 75, seed=123)
+    counts = np.array([gen().sum() for _ in range(3000)])
+    assert counts.max() <= 75
+    assert abs(counts.mean() - REF_MEAN) < 0.3
+    assert abs((counts == 75).mean() - REF_P75) < 0.04
+
+
+def test_reference_blocks_obey_constraints(monkeypatch):
+    per_mask = []
+    real_zeros = np.zeros
+
+    def recording_zeros(shape, dtype=float):
+        arr = real_zeros(shape, dtype=dtype).view(_Recording)
+        arr.blocks = []
+        per_mask.append(arr.blocks)
+        return arr
+
+    monkeypatch.setattr(masking.np, "zeros", recording_zeros)
+    gen = MaskingGenerator((14, 14), 75, min_num_patches=16, min_aspect=0.3, seed=7)
+    for _ in range(200):
+        gen()
+    assert len(per_mask) == 200
+    for blocks in per_mask:
+        for i, (h, w) in enumerate(blocks):
+            assert 1 <= h < 14 and 1 <= w < 14
+            # h = round(sqrt(area * r)), w = round(sqrt(area / r)), r in [0.3, 1/0.3]
+            assert (h + 0.5) / max(w - 0.5, 1e-9) >= 0.3 and (h - 0.5) / (w + 0.5) <= 1 / 0.3
+            if i == 0:  # the first block draws its area from [16, 75]; later ones from [16, budget left]
+                assert (h + 0.5) * (w + 0.5) >= 16
+
+
+def test_seeded_and_reproducible():
+    a = MaskingGenerator((14, 14), 75, seed=5)
+    b = MaskingGenerator((14, 14), 75, seed=5)
+    assert all(np.array_equal(a(), b()) for _ in range(20))
+    for backend in ("reference", "cpp"):
+        if backend == "cpp" and masking.not_supported_reasons("cpp"):
+            continue
+        m1 = block_masks(16, (14, 14), 75, seed=3, backend=backend)
+        m2 = block_masks(16, (14, 14), 75, seed=3, backend=backend)
+        m3 = block_masks(16, (14, 14), 75, seed=4, backend=backend)
+        assert m1.dtype == torch.bool and m1.shape == (16, 196)
+        assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+        assert int(m1.sum(1).max()) <= 75
+
+
+@pytest.mark.parametrize("size, target", [((8, 8), 25), ((24, 24), 230), ((6, 10), 20)])
+def test_other_grids(size, target):
+    m = block_masks(64, size, target, min_num_patches=4, seed=1, backend="reference")
+    assert m.shape == (64, size[0] * size[1])
+    counts = m.sum(1)
+    assert counts.max() <= target and counts.float().mean() > 0.8 * target
+
+
+def test_cpp_matches_reference_distribution():
+    if masking.not_supported_reasons("cpp"):
+        pytest.skip("; ".join(masking.not_supported_reasons("cpp")))
+    cpp = block_masks(4000, (14, 14), 75, seed=11, backend="cpp").sum(1).numpy()
+    ref = block_masks(4000, (14, 14), 75, seed=11, backend="reference").sum(1).numpy()
+    assert cpp.max() <= 75
+    assert abs(cpp.mean() - ref.mean()) < 0.3
+    # count histograms close (total variation distance)
+    bins = np.arange(0, 77)
+    hc = np.histogram(cpp, bins)[0] / len(cpp)
+    hr = np.histogram(ref, bins)[0] / len(ref)
+    assert 0.5 * np.abs(hc - hr).sum() < 0.06
+    # per-patch masking frequency is spatially similar (same block geometry)
+    fc = block_masks(4000, (14, 14), 75, seed=12, backend="cpp").float().mean(0)
+    fr = block_masks(4000, (14, 14), 75, seed=12, backend="reference").float().mean(0)
+    assert (fc - fr).abs().max() < 0.06
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(input_size=(0, 14)), "positive"),
+    (dict(num_masking_patches=197), r"\[0, 196\]"),
+    (dict(min_num_patches=0), "min_num_patches"),
+    (dict(min_aspect=-1.0), "min_aspect"),
+])
+def test_bad_arguments(kwargs, match):
+    args = dict(input_size=(14, 14), num_masking_patches=75)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        MaskingGenerator(**args)
+    with pytest.raises(ValueError, match=match):
+        block_masks(2, **args)
