@@ -151,6 +151,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="tiny shapes, reference providers only, runs on the CPU (what CI runs)")
     p.add_argument("--dtypes", default="bf16,fp16", help="comma list of bf16, fp16, fp32")
     p.add_argument("--providers", default="all", help="comma list of providers, or all")
+    p.add_argument("--quick", action="store_true",
+                   help="the short sweep bench/gpu_check.sh runs: BEiT-B at batch 128 and BEiT-L at batch 64 only")
     return p
 
 
