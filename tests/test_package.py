@@ -1,0 +1,75 @@
+"""Package-level guarantees: import never fails without _C or Triton, info reports every op, the CUDA
+sources are compiled whenever a toolkit and a CUDA torch are present."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import beit_fast
+from beit_fast import _backend
+from beit_fast.ops import OPS
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "BEIT_FAST_BACKEND"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_import_and_forward_without_extension_or_triton():
+    code = """
+import sys
+sys.modules['beit_fast._C'] = None      # as if the extension had not been built
+sys.modules['triton'] = None            # as if Triton were missing
+import torch, beit_fast
+from beit_fast import masking, _backend
+assert _backend.extension()[0] is None and 'not importable' in _backend.extension()[1]
+m = beit_fast.create_model('beit_test_patch4_32_mim', fused=True, attn_impl='fused')
+x = torch.randn(2, 3, 32, 32)
+mask = masking.block_masks(2, (8, 8), 20, min_num_patches=4)
+out = m(x, mask)
+out.sum().backward()
+assert out.shape == (int(mask.sum()), 512)
+from beit_fast.info import main; main()
+"""
+    r = _run(code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not importable" in r.stdout
+    assert "triton is not importable" in r.stdout
+
+
+def test_info_lists_every_op_and_backend():
+    r = _run("from beit_fast.info import main; main()")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for op, (_, backends) in OPS.items():
+        for b in backends:
+            assert any(line.split()[:2] == [op, b] for line in r.stdout.splitlines()), (op, b)
+    assert f"torch {torch.__version__}" in r.stdout
+    assert "reference  available" in r.stdout
+
+
+def test_forced_backend_lists_reasons():
+    with pytest.raises(_backend.BackendUnavailable, match="cuda backend needs CUDA tensors"):
+        _backend.choose("x", "cuda", lambda b, auto: _backend.common_reasons(b, ["cpu"], auto=auto),
+                        ("cuda", "reference"))
+    with pytest.raises(_backend.BackendUnavailable, match="not one of this op's backends"):
+        _backend.choose("x", "triton", lambda b, auto: [], ("cuda", "reference"))
+
+
+def _toolkit_present() -> bool:
+    homes = [os.environ.get("CUDA_HOME", "")] + glob.glob("/usr/local/cuda*")
+    return any(os.path.isfile(os.path.join(h, "bin", "nvcc")) for h in homes if h)
+
+
+@pytest.mark.skipif(torch.version.cuda is None or not _toolkit_present(),
+                    reason="CPU-only torch or no CUDA toolkit: the extension is built without CUDA by design")
+def test_cuda_sources_were_compiled():
+    mod, err = _backend.extension()
+    assert err is None, err
+    assert mod.built_with_cuda(), "a CUDA toolkit and a CUDA torch are present, but _C was built without CUDA"
+
+
+def test_version():
+    assert beit_fast.__version__
