@@ -8,7 +8,7 @@ Backends:
 
 `backend="auto"` takes the first backend of the op's preference order with no reason against it; on CPU
 tensors Triton is never chosen automatically (the interpreter is a test tool, not a fast path).
-`BEIT_FAST_BACKEND` overrides "auto". A forced backend that cannot run raises BackendUnavailable listing
+`BEIT_FAST_BACKEND` overrides "auto" for every op that has that backend. A forced backend that cannot run raises BackendUnavailable listing
 every reason.
 """
 from __future__ import annotations
@@ -111,7 +111,13 @@ def choose(op: str, backend: str, reasons: Callable[[str, bool], list[str]], pre
     preference: the op's backends, fastest first; "reference" must be last.
     """
     if backend == "auto":
-        backend = os.environ.get("BEIT_FAST_BACKEND", "auto").strip() or "auto"
+        # The override applies to the ops that have that backend; the others stay on auto, so that
+        # BEIT_FAST_BACKEND=triton runs every Triton kernel of a model and leaves the C++ ops alone.
+        env = os.environ.get("BEIT_FAST_BACKEND", "auto").strip() or "auto"
+        if env in preference:
+            backend = env
+        elif env not in BACKENDS + ("auto",):
+            raise BackendUnavailable(f"BEIT_FAST_BACKEND={env!r} is not one of {BACKENDS + ('auto',)}")
     if backend == "auto":
         for b in preference:
             if not reasons(b, True):

@@ -1,0 +1,91 @@
+"""Model level: the fused model (fused attention + fused block kernels) against the reference model,
+logits and every parameter gradient; on CPU through the C++ twins / Triton interpreter, on CUDA in bf16."""
+import pytest
+import torch
+
+from beit_fast.models import create_model
+from test_model import randomize_
+
+CASES = [
+    # name, overrides
+    ("beit_test_patch4_32", {}),
+    ("beit_test_patch4_32", {"init_values": None}),
+    ("beit_test_patch4_32", {"use_mean_pooling": False}),
+    ("beit_test_patch4_32_mim", {}),
+    ("beit_test_patch4_32", {"use_shared_rel_pos_bias": True}),
+]
+
+
+def _pair(name, overrides, fused_attn_impl="fused"):
+    ref = randomize_(create_model(name, attn_impl="eager", fused=False, **overrides))
+    fused = create_model(name, attn_impl=fused_attn_impl, fused=True, **overrides)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _run(model, x, mask, seed):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(x, mask) if mask is not None else model(x)
+    (out.float().square().mean() + out.float().mean()).backward()
+    return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare(ref, fused, x, mask, atol, rtol, seed=0):
+    o_ref, g_ref = _run(ref, x, mask, seed)
+    o_fu, g_fu = _run(fused, x, mask, seed)
+    torch.testing.assert_close(o_fu, o_ref, atol=atol, rtol=rtol)
+    assert g_ref.keys() == g_fu.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g_fu[n], g_ref[n], atol=atol, rtol=rtol, msg=lambda m: f"grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("name, overrides", CASES)
+def test_fused_model_matches_reference_cpu(name, overrides):
+    ref, fused = _pair(name, overrides)
+    x = torch.randn(2, 3, 32, 32)
+    mask = (torch.rand(2, 64) < 0.4) if name.endswith("_mim") else None
+    _compare(ref.eval(), fused.eval(), x, mask, atol=2e-5, rtol=2e-4)
+
+
+def test_fused_model_drop_path_training_cpu():
+    """With drop path in training mode both models draw the same per-sample scales in the same order."""
+    ref, fused = _pair("beit_test_patch4_32_mim", {"drop_path_rate": 0.3})
+    x, mask = torch.randn(4, 3, 32, 32), torch.rand(4, 64) < 0.4
+    _compare(ref.train(), fused.train(), x, mask, atol=2e-5, rtol=2e-4, seed=3)
+
+
+def test_fused_model_with_triton_interpreter(monkeypatch):
+    """BEIT_FAST_BACKEND=triton: every Triton op of the model runs its kernel (the interpreter on CPU);
+    the C++ ops keep their auto choice."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
+    ref, fused = _pair("beit_test_patch4_32_mim", {})
+    x, mask = torch.randn(1, 3, 32, 32), torch.rand(1, 64) < 0.4
+    _compare(ref.eval(), fused.eval(), x, mask, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["beit_test_patch4_32", "beit_test_patch4_32_mim"])
+def test_fused_model_bf16_cuda_2x_rule(name):
+    """Error of the fused bf16 model against the fp32 reference at most 2x the error of the reference
+    model run in bf16 (plus a small atol)."""
+    ref32, fused = _pair(name, {})
+    ref32, fused = ref32.cuda().eval(), fused.cuda().eval()
+    ref16 = create_model(name, attn_impl="eager", fused=False).cuda().eval()
+    ref16.load_state_dict(ref32.state_dict())
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    mask = (torch.rand(4, 64, device="cuda") < 0.4) if name.endswith("_mim") else None
+    o32, g32 = _run(ref32, x, mask, 0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        o16, g16 = _run(ref16, x, mask, 0)
+        of, gf = _run(fused, x, mask, 0)
+    err_ref = (o16.float() - o32).abs().max().item()
+    err_fused = (of.float() - o32).abs().max().item()
+    assert err_fused <= 2 * err_ref + 1e-3, (err_fused, err_ref)
+    for n in g32:
+        e_ref = (g16[n].float() - g32[n]).abs().max().item()
+        e_fu = (gf[n].float() - g32[n]).abs().max().item()
+        assert e_fu <= 2 * e_ref + 1e-3 * max(1.0, g32[n].abs().max().item()), (n, e_fu, e_ref)
