@@ -1,0 +1,143 @@
+"""End-to-end training-step throughput: one forward + backward of a whole BEiT model (images/s), for
+pretraining (masked image modeling, ~75 of 196 patches masked) and fine-tuning (classification).
+
+Providers (what a user would otherwise pick):
+  timm            timm's Beit (SDPA float-mask attention), fine-tuning only (timm has no MIM model)
+  hf              transformers' BeitForMaskedImageModeling / BeitForImageClassification (SDPA)
+  ours_reference  beit_fast with fused=False, attn_impl="sdpa" (timm-equivalent math)
+  torch_compile   ours_reference under torch.compile
+  ours_fused      beit_fast with the fused kernels (fused=True, attn_impl="fused")
+Every provider's loss is checked against beit_fast's reference loaded with the same weights before it
+is timed. bf16 autocast on CUDA; fp32 tiny models on CPU with --smoke.
+
+    python bench/bench_model.py --out bench/out [--quick] [--smoke]
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import base_parser, environment, make_row, parse_dtypes, peak_mb, time_ms, write_rows  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from beit_fast.models import create_model, load_checkpoint, preset_config  # noqa: E402
+
+
+def _hf_model(name, mode, cfg):
+    import transformers
+    hc = transformers.BeitConfig(
+        image_size=cfg.img_size, patch_size=cfg.patch_size, hidden_size=cfg.embed_dim,
+        num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), layer_norm_eps=cfg.layer_norm_eps,
+        layer_scale_init_value=cfg.init_values or 0.0, drop_path_rate=0.0, hidden_act="gelu",
+        use_mean_pooling=True, attn_implementation="sdpa")
+    if mode == "pretrain":
+        hc.use_mask_token, hc.use_shared_relative_position_bias, hc.vocab_size = True, True, cfg.vocab_size
+        return transformers.BeitForMaskedImageModeling(hc)
+    hc.use_relative_position_bias, hc.num_labels = True, cfg.num_classes
+    return transformers.BeitForImageClassification(hc)
+
+
+def build(provider, name, mode):
+    """-> (model, loss_fn(model, x, mask, target)) for one provider, plus the weights it was built with."""
+    if provider in ("ours_reference", "torch_compile"):
+        m = create_model(name, fused=False, attn_impl="sdpa")
+    elif provider == "ours_fused":
+        m = create_model(name, fused=True, attn_impl="fused")
+    elif provider == "timm":
+        from timm.models.beit import Beit
+        if mode == "pretrain":
+            raise RuntimeError("timm has no masked-image-modeling BEiT")
+        c = preset_config(name)
+        m = Beit(img_size=c.img_size, patch_size=c.patch_size, num_classes=c.num_classes, embed_dim=c.embed_dim,
+                 depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, init_values=c.init_values,
+                 use_abs_pos_emb=False, use_rel_pos_bias=True)
+    elif provider == "hf":
+        m = _hf_model(name, mode, preset_config(name))
+    else:
+        raise ValueError(provider)
+    if provider == "hf":
+        def loss(model, x, mask, target):
+            if mode == "pretrain":
+                logits = model(pixel_values=x, bool_masked_pos=mask).logits[mask]
+            else:
+                logits = model(pixel_values=x).logits
+            return F.cross_entropy(logits.float(), target)
+    else:
+        def loss(model, x, mask, target):
+            logits = model(x, mask) if mode == "pretrain" else model(x)
+            return F.cross_entropy(logits.float(), target)
+    return m, loss
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    p.add_argument("--models", default=None, help="comma list of model names")
+    p.add_argument("--batch", type=int, default=None)
+    args = p.parse_args(argv)
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    env = environment(device)
+    dtypes = [torch.float32] if device == "cpu" else parse_dtypes(args.dtypes)
+    if args.smoke:
+        names, batch = ["beit_test_patch4_32"], args.batch or 4
+    else:
+        names = (args.models or ("beit_base_patch16_224" if args.quick else
+                                 "beit_base_patch16_224,beit_large_patch16_224")).split(",")
+        batch = args.batch or 64
+    providers = ["timm", "hf", "ours_reference", "torch_compile", "ours_fused"]
+    if args.providers != "all":
+        providers = args.providers.split(",")
+    rows = []
+    for cls_name in names:
+        for mode in ("pretrain", "finetune"):
+            name = cls_name if mode == "finetune" else (
+                cls_name + "_mim" if cls_name.startswith("beit_test") else cls_name + "_8k_vocab")
+            ref, ref_loss = build("ours_reference", name, mode)
+            ref = ref.to(device)
+            img = ref.config.img_size
+            x = torch.randn(batch, 3, img, img, device=device)
+            mask = torch.zeros(batch, ref.num_patches, dtype=torch.bool, device=device)
+            mask[:, torch.randperm(ref.num_patches)[: int(0.38 * ref.num_patches)]] = True
+            n_out = int(mask.sum()) if mode == "pretrain" else batch
+            classes = ref.config.vocab_size if mode == "pretrain" else ref.config.num_classes
+            target = torch.randint(0, classes, (n_out,), device=device)
+            for dtype in dtypes:
+                for prov in providers:
+                    try:
+                        model, loss_fn = build(prov, name, mode)
+                        model = model.to(device)
+                        # check against the reference with the provider's own weights
+                        load_checkpoint(ref, model.state_dict(), strict=False)
+                        with torch.no_grad():
+                            want = ref_loss(ref.eval(), x, mask, target).item()
+                            got = loss_fn(model.eval(), x, mask, target).item()
+                        if abs(got - want) > 1e-3 * max(1.0, abs(want)):
+                            raise RuntimeError(f"loss {got} differs from the reference's {want}")
+                        model.train()
+                        run = torch.compile(model) if prov == "torch_compile" else model
+                    except Exception as e:
+                        print(f"skip {prov} {name}: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+
+                    def step():
+                        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                            loss = loss_fn(run, x, mask, target)
+                        loss.backward()
+                        for q in model.parameters():
+                            q.grad = None
+
+                    t = time_ms(step, device, warmup=2 if device == "cpu" else 10, rep=5 if device == "cpu" else 30)
+                    shape = {"model": name, "B": batch, "mode": mode}
+                    row = make_row("train_step", prov, "fwd_bwd", shape, dtype, t, env, peak=peak_mb(step, device),
+                                   images_per_s=batch / (t["median_ms"] / 1e3))
+                    rows.append(row)
+                    print(f"{name} {mode} {prov} {dtype}: {t['median_ms']:.2f} ms, {row['images_per_s']:.0f} img/s")
+                    del model, run
+    j, m = write_rows(rows, args.out, "bench_model")
+    print(open(m).read())
+
+
+if __name__ == "__main__":
+    main()
