@@ -46,14 +46,20 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_ERROR = []
+
+
 def triton_import_error():
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:
-        return f"triton is not importable ({type(e).__name__}: {e})"
-    return None
+    """None when Triton imports, else why not (computed once; a plain list, not lru_cache, so that
+    torch.compile can trace the backend choice without a warning)."""
+    if not _TRITON_ERROR:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_ERROR.append(None)
+        except Exception as e:
+            _TRITON_ERROR.append(f"triton is not importable ({type(e).__name__}: {e})")
+    return _TRITON_ERROR[0]
 
 
 def _devices(tensors: Iterable) -> set:

@@ -109,7 +109,7 @@ class Attention(nn.Module):
         dropout_p = self.attn_drop_p if self.training else 0.0
         impl = _resolve_attn_impl(self.attn_impl, x)
         if impl == "fused":
-            from beit_fast.ops import rel_pos_attention_qkvpacked
+            from beit_fast.ops.rel_pos_attention import rel_pos_attention_qkvpacked
             if table is None:
                 raise ValueError("attn_impl='fused' needs a relative position bias table "
                                  "(use_rel_pos_bias or use_shared_rel_pos_bias)")
@@ -184,7 +184,8 @@ class Block(nn.Module):
         """Fused block. x: the residual stream, h = norm1(x) (made by the previous block's fused epilogue).
 
         Returns (x_out, next_norm(x_out)) -- the second is None when next_norm is None."""
-        from beit_fast.ops import layer_scale_residual_norm, linear_gelu
+        from beit_fast.ops.layer_scale_residual_norm import layer_scale_residual_norm
+        from beit_fast.ops.linear_gelu import linear_gelu
         B = x.shape[0]
         s1 = drop_path_scale(B, self.drop_path, self.training, x)
         a = self.attn(h, shared_table, shared_index, window_size)
@@ -282,7 +283,7 @@ class Beit(nn.Module):
 
     def embed(self, x: torch.Tensor, bool_masked_pos: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
         if fused:
-            from beit_fast.ops import masked_patch_embed
+            from beit_fast.ops.masked_patch_embed import masked_patch_embed
             return masked_patch_embed(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
                                       bool_masked_pos, self.mask_token, self.cls_token, self.pos_embed)
         t = self.patch_embed(x)
@@ -314,7 +315,7 @@ class Beit(nn.Module):
             for blk in self.blocks:
                 x = checkpoint(blk, x, use_reentrant=False, **shared) if ckpt else blk(x, **shared)
             return final_norm(x) if final_norm is not None else x
-        from beit_fast.ops import layer_norm
+        from beit_fast.ops.layer_norm import layer_norm
         b0 = self.blocks[0]
         h = layer_norm(x, b0.norm1.weight, b0.norm1.bias, b0.norm1.eps)
         for i, blk in enumerate(self.blocks):

@@ -1,0 +1,222 @@
+"""layer_norm: Triton (CUDA, or the interpreter on CPU) against the PyTorch reference, forward and every
+gradient, weight/bias None, mixed-precision parameters, determinism, opcheck, torch.compile, input errors."""
+import os
+
+# conftest.py sets TRITON_INTERPRET before triton loads; this keeps the file runnable on its own.
+if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from beit_fast._backend import BackendUnavailable, interpret_mode  # noqa: E402
+from beit_fast.ops.layer_norm import layer_norm, layer_norm_ref, not_supported_reasons  # noqa: E402
+
+# fp32: (atol, rtol) of the Triton path against the fp32 reference.
+# fp16/bf16: the 2x rule: max error against the fp64 reference at most twice PyTorch's own error in that
+# dtype, plus atol (dweight sums M rounded products: elementwise rtol does not fit low precision).
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-3),
+    torch.bfloat16: dict(atol=1e-2),
+}
+EPS = 1e-6
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(DEVICE == "cpu" and not interpret_mode(),
+                                  reason="no GPU and TRITON_INTERPRET is not set")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (x shape): BEiT-B/L (one image, 197 tokens) and awkward ones.
+BEIT = [(197, 768), (197, 1024)]
+AWKWARD = [(1, 7), (273, 7), (2, 65, 33), (1, 1, 768), (273, 1024)]
+
+
+def _inputs(shape, dtype, weight=True, bias=True, param_dtype=None, device=DEVICE):
+    C = shape[-1]
+    pdt = param_dtype or dtype
+    # an offset and scale per row make the mean/variance matter
+    x = (torch.randn(*shape, device=device, dtype=torch.float32) * 3 + 1).to(dtype).requires_grad_()
+    w = (1 + 0.5 * torch.randn(C, device=device, dtype=pdt)).requires_grad_() if weight else None
+    b = (0.5 * torch.randn(C, device=device, dtype=pdt)).requires_grad_() if bias else None
+    return x, w, b
+
+
+def _run(fn, x, w, b, dy):
+    y = fn(x, w, b)
+    params = [t for t in (x, w, b) if t is not None]
+    return [y] + list(torch.autograd.grad(y, params, dy))
+
+
+def _max_err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+def _check_against_reference(shape, dtype, weight=True, bias=True, param_dtype=None):
+    x, w, b = _inputs(shape, dtype, weight, bias, param_dtype)
+    dy = torch.randn(*shape, device=DEVICE, dtype=dtype)
+    ours = _run(lambda *a: layer_norm(*a, EPS, backend="triton"), x, w, b, dy)
+    names = ["y", "dx"] + (["dw"] if weight else []) + (["db"] if bias else [])
+    if dtype == torch.float32:
+        ref = _run(lambda *a: layer_norm_ref(*a, EPS), x, w, b, dy)
+        for name, o, r in zip(names, ours, ref):
+            assert o.dtype == r.dtype and o.shape == r.shape, name
+            torch.testing.assert_close(o, r, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        return
+    same_dtype = _run(lambda *a: layer_norm_ref(*a, EPS), x, w, b, dy)
+    exact = _run(lambda *a: layer_norm_ref(*a, EPS),
+                 *(t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)), dy.double())
+    for name, o, s, e, inp in zip(names, ours, same_dtype, exact, [x, x, w, b] if weight else [x, x, b]):
+        assert o.dtype == (x.dtype if name in ("y", "dx") else inp.dtype) and o.shape == e.shape, name
+        assert _max_err(o, e) <= 2 * _max_err(s, e) + TOL[dtype]["atol"], \
+            f"{name}: triton err {_max_err(o, e):.3g} vs torch {dtype} err {_max_err(s, e):.3g}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", BEIT + AWKWARD, ids=str)
+def test_against_reference(shape, dtype):
+    _check_against_reference(shape, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("weight,bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("shape", [(273, 7), (5, 768)], ids=str)
+def test_weight_or_bias_none(shape, weight, bias):
+    _check_against_reference(shape, torch.float32, weight, bias)
+
+
+@needs_triton
+def test_fp32_parameters_with_fp16_input():
+    _check_against_reference((197, 768), torch.float16, param_dtype=torch.float32)
+
+
+@needs_triton
+def test_non_contiguous_input_and_expanded_grad():
+    x, _, _ = _inputs((100, 40), torch.float32)
+    _, w2, b2 = _inputs((40, 100), torch.float32)
+    xt = x.detach().t().requires_grad_()   # (40, 100) column-major
+    # sum()'s gradient reaches the op as an expanded (all strides 0) tensor
+    ours = torch.autograd.grad(layer_norm(xt, w2, b2, backend="triton").sum(), (xt, w2, b2))
+    ref = torch.autograd.grad(layer_norm_ref(xt, w2, b2).sum(), (xt, w2, b2))
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, **TOL[torch.float32])
+
+
+@needs_triton
+def test_parameter_grads_bitwise_deterministic():
+    x, w, b = _inputs((273, 768), torch.float32)
+    dy = torch.randn(273, 768, device=DEVICE)
+    runs = [_run(lambda *a: layer_norm(*a, backend="triton"), x, w, b, dy) for _ in range(2)]
+    for name, a, c in zip(["y", "dx", "dw", "db"], *runs):
+        assert torch.equal(a, c), f"{name} differs between two identical runs"
+
+
+class _PoisonedTorch:
+    """torch, except that empty() returns NaN-filled memory: a kernel that misses an element shows it."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(273, 7), (37, 100)], ids=str)
+def test_every_output_element_written(monkeypatch, shape):
+    from beit_fast.kernels import layer_norm as kernels
+    monkeypatch.setattr(kernels, "torch", _PoisonedTorch())
+    _check_against_reference(shape, torch.float32)
+
+
+def test_gradcheck_float64_dispatch():
+    # auto on CPU tensors dispatches to the reference (on CUDA too: fp64 is not a Triton dtype)
+    x, w, b = _inputs((3, 6), torch.float64, device="cpu")
+    assert torch.autograd.gradcheck(lambda *a: layer_norm(*a), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x: layer_norm(x, None, None), (x,))
+
+
+@needs_triton
+def test_opcheck_registered_ops():
+    x, w, b = _inputs((9, 7), torch.float32)
+    for args in ((x, w, b, EPS), (x, None, None, 1e-5), (x, w, None, EPS), (x, None, b, EPS)):
+        torch.library.opcheck(torch.ops.beit_fast.layer_norm_triton.default, args)
+    xd, wd = x.detach(), w.detach()
+    _, mean, rstd = torch.ops.beit_fast.layer_norm_triton(xd, wd, None, EPS)
+    dy = torch.randn(9, 7, device=DEVICE)
+    for weight in (wd, None):
+        for needs in ((True, True, True), (True, False, False), (False, True, True)):
+            torch.library.opcheck(torch.ops.beit_fast.layer_norm_triton_bwd.default,
+                                  (dy, xd, weight, mean, rstd, torch.float32, *needs))
+
+
+@needs_triton
+def test_torch_compile_fullgraph():
+    x, w, b = _inputs((2, 9, 24), torch.float32)
+    dy = torch.randn(2, 9, 24, device=DEVICE)
+
+    def f(x, w, b):
+        return layer_norm(x * 2.0, w, b, backend="triton") + 1.0
+
+    compiled = torch.compile(f, fullgraph=True)
+    for o, r in zip(_run(compiled, x, w, b, dy), _run(f, x, w, b, dy)):
+        torch.testing.assert_close(o, r, **TOL[torch.float32])
+
+
+def test_auto_on_cpu_is_reference():
+    x, w, b = _inputs((5, 8), torch.float32, device="cpu")
+    assert torch.equal(layer_norm(x, w, b), layer_norm_ref(x, w, b))
+    assert not_supported_reasons("triton", x, w, b, auto=True)
+
+
+def test_forced_backend_that_cannot_run_lists_reasons(monkeypatch):
+    x, w, b = _inputs((5, 8), torch.float32, device="cpu")
+    with pytest.raises(BackendUnavailable, match="not one of this op's backends"):
+        layer_norm(x, w, b, backend="cpp")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        layer_norm(x, w, b, backend="triton")
+
+
+@needs_triton
+def test_unsupported_inputs_raise_on_triton():
+    x, w, b = _inputs((5, 8), torch.float64)
+    with pytest.raises(BackendUnavailable, match="float64"):
+        layer_norm(x, w, b, backend="triton")
+    with pytest.raises(BackendUnavailable, match="16384"):
+        layer_norm(torch.randn(1, 16385, device=DEVICE), backend="triton")
+    if DEVICE == "cpu":
+        x, w, b = _inputs((5, 8), torch.bfloat16)
+        with pytest.raises(BackendUnavailable, match="bfloat16"):
+            layer_norm(x, w, b, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bad_inputs_raise_value_error(backend):
+    x = torch.randn(4, 8)
+    w = torch.randn(8)
+    b = torch.randn(8)
+    with pytest.raises(ValueError, match=r"weight must have shape \(C,\) = \(8,\)"):
+        layer_norm(x, torch.randn(7), b, backend=backend)
+    with pytest.raises(ValueError, match=r"bias must have shape \(C,\) = \(8,\)"):
+        layer_norm(x, w, torch.randn(8, 1), backend=backend)
+    with pytest.raises(ValueError, match="dtype"):
+        layer_norm(x, w.double(), b.double(), backend=backend)
+    with pytest.raises(ValueError, match="share a dtype"):
+        layer_norm(x.half(), w.half(), b, backend=backend)
+    with pytest.raises(ValueError, match="floating"):
+        layer_norm(x.long(), None, None, backend=backend)
+    with pytest.raises(ValueError, match="meta"):
+        layer_norm(x, w.to("meta"), b, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------- GPU only
+
+@needs_cuda
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(64, 197, 768), (32, 197, 1024), (273, 7), (1, 1024)], ids=str)
+def test_bf16_two_x_rule_cuda(shape, param_dtype):
+    _check_against_reference(shape, torch.bfloat16, param_dtype=param_dtype)

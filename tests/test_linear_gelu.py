@@ -1,0 +1,254 @@
+"""linear_gelu: Triton (CUDA, or the interpreter on CPU) against the PyTorch reference, forward and every
+gradient, store and recompute backward, determinism, opcheck, torch.compile, input errors."""
+import os
+
+# conftest.py sets TRITON_INTERPRET before triton loads; this keeps the file runnable on its own.
+if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from beit_fast._backend import BackendUnavailable, interpret_mode  # noqa: E402
+from beit_fast.ops.linear_gelu import linear_gelu, linear_gelu_ref, not_supported_reasons  # noqa: E402
+
+# fp32: (atol, rtol) of the Triton path against the fp32 reference.
+# fp16/bf16: the 2x rule: max error against the fp64 reference at most twice PyTorch's own error in that
+# dtype, plus atol (dW sums M rounded products: elementwise rtol does not fit low precision).
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-3),
+    torch.bfloat16: dict(atol=1e-3),
+}
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(DEVICE == "cpu" and not interpret_mode(),
+                                  reason="no GPU and TRITON_INTERPRET is not set")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (x leading dims, K, N): BEiT-B fc1 (one image, 197 tokens) and awkward shapes (BEiT-L: a token slice).
+BEIT_B = ((197,), 768, 3072)
+AWKWARD = [((1,), 7, 5), ((273,), 64, 96), ((3, 5, 13), 7, 33), ((65,), 48, 17)]
+
+
+def _inputs(lead, K, N, dtype, bias=True, device=DEVICE):
+    x = torch.randn(*lead, K, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(N, K, device=device, dtype=dtype) / K ** 0.5).requires_grad_()
+    b = (0.5 * torch.randn(N, device=device, dtype=dtype)).requires_grad_() if bias else None
+    return x, w, b
+
+
+def _run(fn, x, w, b, dy):
+    """Output and gradients (x, w, b) of fn for the upstream gradient dy."""
+    y = fn(x, w, b)
+    params = [t for t in (x, w, b) if t is not None]
+    grads = torch.autograd.grad(y, params, dy)
+    return [y] + list(grads)
+
+
+def _max_err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+def _check_against_reference(lead, K, N, dtype, bias=True, recompute=False):
+    x, w, b = _inputs(lead, K, N, dtype, bias)
+    dy = torch.randn(*lead, N, device=DEVICE, dtype=dtype)
+    ours = _run(lambda *a: linear_gelu(*a, backend="triton", recompute=recompute), x, w, b, dy)
+    names = ["y", "dx", "dw", "db"]
+    if dtype == torch.float32:
+        ref = _run(linear_gelu_ref, x, w, b, dy)
+        for name, o, r in zip(names, ours, ref):
+            assert o.dtype == r.dtype and o.shape == r.shape, name
+            torch.testing.assert_close(o, r, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        return
+    same_dtype = _run(linear_gelu_ref, x, w, b, dy)
+    exact = _run(linear_gelu_ref, *(t.detach().double().requires_grad_() if t is not None else None
+                                    for t in (x, w, b)), dy.double())
+    for name, o, s, e in zip(names, ours, same_dtype, exact):
+        assert o.dtype == dtype and o.shape == e.shape, name
+        assert _max_err(o, e) <= 2 * _max_err(s, e) + TOL[dtype]["atol"], \
+            f"{name}: triton err {_max_err(o, e):.3g} vs torch {dtype} err {_max_err(s, e):.3g}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", AWKWARD, ids=str)
+def test_awkward_shapes(shape, dtype):
+    _check_against_reference(*shape, dtype)
+
+
+@needs_triton
+def test_beit_base_fc1():
+    # the full BEiT-B fc1 GEMM for one image, once: about 10 s in the interpreter
+    _check_against_reference(*BEIT_B, torch.float16)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,K,N,recompute", [(torch.float32, 768, 3072, False),
+                                                 (torch.float16, 1024, 4096, True)], ids=str)
+def test_beit_fc1_token_slice(dtype, K, N, recompute):
+    # BEiT-B / BEiT-L weights on a 17-token slice keep the interpreter fast
+    _check_against_reference((17,), K, N, dtype, recompute=recompute)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [((273,), 64, 96), ((3, 5, 13), 7, 33)], ids=str)
+def test_recompute_backward(shape, dtype):
+    _check_against_reference(*shape, dtype, recompute=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("recompute", [False, True])
+def test_no_bias(recompute):
+    _check_against_reference((40,), 24, 80, torch.float32, bias=False, recompute=recompute)
+
+
+@needs_triton
+def test_recompute_env_default(monkeypatch):
+    monkeypatch.setenv("BEIT_FAST_LINEAR_GELU_RECOMPUTE", "1")
+    _check_against_reference((33,), 16, 40, torch.float32)
+
+
+@needs_triton
+def test_non_contiguous_inputs_and_expanded_grad():
+    x, w, b = _inputs((20,), 32, 48, torch.float32)
+    xt = x.detach().t().contiguous().t().requires_grad_()    # (20, 32) column-major
+    wt = w.detach().t().contiguous().t().requires_grad_()
+    # sum()'s gradient reaches the op as an expanded (all strides 0) tensor
+    ours = torch.autograd.grad(linear_gelu(xt, wt, b, backend="triton").sum(), (xt, wt, b))
+    ref = torch.autograd.grad(linear_gelu_ref(xt, wt, b).sum(), (xt, wt, b))
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, **TOL[torch.float32])
+
+
+@needs_triton
+@pytest.mark.parametrize("recompute", [False, True])
+def test_parameter_grads_bitwise_deterministic(recompute):
+    x, w, b = _inputs((197,), 64, 160, torch.float32)
+    dy = torch.randn(197, 160, device=DEVICE)
+    runs = [_run(lambda *a: linear_gelu(*a, backend="triton", recompute=recompute), x, w, b, dy) for _ in range(2)]
+    for name, a, c in zip(["y", "dx", "dw", "db"], *runs):
+        assert torch.equal(a, c), f"{name} differs between two identical runs"
+
+
+class _PoisonedTorch:
+    """torch, except that empty() returns NaN-filled memory: a kernel that misses an element shows it."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+@needs_triton
+@pytest.mark.parametrize("recompute", [False, True])
+def test_every_output_element_written(monkeypatch, recompute):
+    from beit_fast.kernels import linear_gelu as kernels
+    monkeypatch.setattr(kernels, "torch", _PoisonedTorch())
+    _check_against_reference((70,), 20, 130, torch.float32, recompute=recompute)
+
+
+@needs_triton
+def test_autocast_casts_like_f_linear():
+    dt = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter cannot do bf16
+    x, w, b = _inputs((2, 9), 16, 24, torch.float32)
+    dy = torch.randn(2, 9, 24, device=DEVICE, dtype=dt)
+    with torch.autocast(DEVICE, dtype=dt):
+        ours = _run(lambda *a: linear_gelu(*a, backend="triton"), x, w, b, dy)
+        ref = _run(linear_gelu_ref, x, w, b, dy)
+    assert ours[0].dtype == ref[0].dtype == dt
+    assert all(g.dtype == torch.float32 for g in ours[1:])
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, atol=1e-2, rtol=1e-2)
+
+
+def test_gradcheck_float64_dispatch():
+    # auto on CPU tensors dispatches to the reference (on CUDA too: fp64 is not a Triton dtype)
+    x, w, b = _inputs((2, 3), 5, 4, torch.float64, device="cpu")
+    assert torch.autograd.gradcheck(lambda *a: linear_gelu(*a), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: linear_gelu(x, w, None), (x, w))
+
+
+@needs_triton
+def test_opcheck_registered_ops():
+    x, w, b = _inputs((9,), 7, 11, torch.float32)
+    for save in (True, False):
+        torch.library.opcheck(torch.ops.beit_fast.linear_gelu_triton.default, (x, w, b, save))
+    torch.library.opcheck(torch.ops.beit_fast.linear_gelu_triton.default, (x, w, None, True))
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    dy = torch.randn(9, 11, device=DEVICE)
+    _, z = torch.ops.beit_fast.linear_gelu_triton(xd, wd, bd, True)
+    for preact in (z, None):
+        for needs in ((True, True, True), (True, False, False), (False, True, True)):
+            torch.library.opcheck(torch.ops.beit_fast.linear_gelu_triton_bwd.default, (dy, xd, wd, bd, preact, *needs))
+
+
+@needs_triton
+def test_torch_compile_fullgraph():
+    x, w, b = _inputs((2, 9), 16, 24, torch.float32)
+    dy = torch.randn(2, 9, 24, device=DEVICE)
+
+    def f(x, w, b):
+        return linear_gelu(x, w, b, backend="triton") * 2.0
+
+    compiled = torch.compile(f, fullgraph=True)
+    for o, r in zip(_run(compiled, x, w, b, dy), _run(f, x, w, b, dy)):
+        torch.testing.assert_close(o, r, **TOL[torch.float32])
+
+
+def test_auto_on_cpu_is_reference():
+    x, w, b = _inputs((5,), 8, 6, torch.float32, device="cpu")
+    assert torch.equal(linear_gelu(x, w, b), linear_gelu_ref(x, w, b))
+    assert not_supported_reasons("triton", x, w, b, auto=True)
+
+
+def test_forced_backend_that_cannot_run_lists_reasons(monkeypatch):
+    x, w, b = _inputs((5,), 8, 6, torch.float32, device="cpu")
+    with pytest.raises(BackendUnavailable, match="not one of this op's backends"):
+        linear_gelu(x, w, b, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        linear_gelu(x, w, b, backend="triton")
+
+
+@needs_triton
+def test_unsupported_dtypes_raise_on_triton():
+    x, w, b = _inputs((5,), 8, 6, torch.float64)
+    with pytest.raises(BackendUnavailable, match="float64"):
+        linear_gelu(x, w, b, backend="triton")
+    if DEVICE == "cpu":
+        x, w, b = _inputs((5,), 8, 6, torch.bfloat16)
+        with pytest.raises(BackendUnavailable, match="bfloat16"):
+            linear_gelu(x, w, b, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bad_inputs_raise_value_error(backend):
+    x = torch.randn(4, 8)
+    w = torch.randn(6, 8)
+    b = torch.randn(6)
+    with pytest.raises(ValueError, match=r"\(N, 8\)"):
+        linear_gelu(x, torch.randn(6, 7), b, backend=backend)
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        linear_gelu(x, torch.randn(6, 8, 1), b, backend=backend)
+    with pytest.raises(ValueError, match=r"\(N,\) = \(6,\)"):
+        linear_gelu(x, w, torch.randn(5), backend=backend)
+    with pytest.raises(ValueError, match="dtype"):
+        linear_gelu(x, w.half(), b, backend=backend)
+    with pytest.raises(ValueError, match="dtype"):
+        linear_gelu(x.long(), w.long(), b.long(), backend=backend)
+    with pytest.raises(ValueError, match="one device"):
+        linear_gelu(x, w.to("meta"), b, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------- GPU only
+
+@needs_cuda
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("shape", [((8, 197), 768, 3072), ((4, 197), 1024, 4096), ((273,), 7, 33)], ids=str)
+def test_bf16_two_x_rule_cuda(shape, recompute):
+    _check_against_reference(*shape, torch.bfloat16, recompute=recompute)
