@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from beit_fast.models import create_model, load_checkpoint
-from beit_fast.models.relpos import num_relative_distance, resize_rel_pos_bias_table
+from beit_fast.relpos import num_relative_distance, resize_rel_pos_bias_table
 from test_model import randomize_, rel_err
 
 transformers = pytest.importorskip("transformers")

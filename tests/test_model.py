@@ -6,7 +6,7 @@ import torch
 
 import beit_fast
 from beit_fast.models import create_model, list_models, load_checkpoint
-from beit_fast.models.relpos import num_relative_distance, relative_position_index
+from beit_fast.relpos import num_relative_distance, relative_position_index
 
 timm = pytest.importorskip("timm")
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import BeitConfig
-from .relpos import gather_bias, num_relative_distance, relative_position_index
+from beit_fast.relpos import gather_bias, num_relative_distance, relative_position_index
 
 
 def _trunc_normal_(t: torch.Tensor, std: float, bound: float) -> None:

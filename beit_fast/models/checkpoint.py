@@ -12,7 +12,7 @@ from typing import Mapping, Union
 import torch
 import torch.nn.functional as F
 
-from .relpos import resize_rel_pos_bias_table, window_from_table_rows
+from beit_fast.relpos import resize_rel_pos_bias_table, window_from_table_rows
 
 _WRAPPERS = ("model", "module", "state_dict")
 

@@ -1,0 +1,364 @@
+"""Attention with a relative position bias gathered from a learnable (R, H) table, fused.
+
+    out = softmax((q * scale) @ k^T + table[index].permute(2, 0, 1)) @ v
+
+The Triton path gathers the bias from the table inside the kernel (index computed arithmetically for
+BEiT's window layout, or read from an explicit (N, N) index), never materializes the (H, N, N) bias or any
+(B, H, N, N) tensor, and computes the table gradient deterministically (G per-batch-group fp32 partials
+(G, H, N, N), each tile owned by one program, then a fixed-order segment sum; no atomics). No torch.compile needed; the
+ops are registered through torch.library, so a compiled model keeps them in one graph.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from beit_fast._backend import choose, common_reasons
+from beit_fast.relpos import _index_cpu, num_relative_distance, relative_position_index  # noqa: F401 (re-exported)
+
+BACKENDS = ("triton", "reference")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+
+# ----------------------------------------------------------------------------------------------------------
+# index and reference
+# ----------------------------------------------------------------------------------------------------------
+
+def rel_pos_attention_ref(q, k, v, bias_table, window_size=None, rel_index=None, scale=None, dropout_mask=None,
+                          upcast=False):
+    """Plain PyTorch: gather table[index] into (H, N, N), (q*scale) @ k^T + bias, softmax in fp32, @ v.
+
+    q, k, v: (B, H, N, D); bias_table: (R, H); exactly one of window_size / rel_index (N, N).
+    dropout_mask: optional (B, H, N, N) multiplier of the probabilities, e.g. keep.float() / (1 - p).
+    upcast: compute in fp32 (for fp16/bf16 inputs) and return the input dtype. Returns (B, H, N, D).
+    """
+    dtype = q.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    N, D = q.shape[-2], q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    index = rel_index if rel_index is not None else relative_position_index(window_size)
+    index = index.to(device=q.device, dtype=torch.long)
+    bias = bias_table[index.reshape(-1)].reshape(N, N, -1).permute(2, 0, 1)
+    attn = (q * scale) @ k.transpose(-2, -1) + bias.to(q.dtype)
+    attn = attn.float().softmax(-1) if attn.dtype != torch.float64 else attn.softmax(-1)
+    if dropout_mask is not None:
+        attn = attn * dropout_mask.to(attn.dtype)
+    out = attn.to(v.dtype) @ v
+    return out.to(dtype)
+
+
+def _reference(q, k, v, table, window_size, rel_index, scale, dropout_p):
+    mask = None
+    if dropout_p > 0:
+        keep = torch.rand(q.shape[:-1] + (q.shape[-2],), device=q.device) >= dropout_p
+        mask = keep.to(torch.float32) / (1.0 - dropout_p)
+    return rel_pos_attention_ref(q, k, v, table, window_size, rel_index, scale, dropout_mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# input checks and backend reasons
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_window(window_size) -> tuple[int, int]:
+    try:
+        wh, ww = (int(x) for x in window_size)
+    except Exception:
+        raise ValueError(f"window_size must be a pair of ints (Wh, Ww), got {window_size!r}") from None
+    if wh < 1 or ww < 1:
+        raise ValueError(f"window_size must be positive (Wh, Ww), got {window_size!r}")
+    return wh, ww
+
+
+def _check_inputs(q, k, v, table, window_size, rel_index, scale, dropout_p, what="q, k, v"):
+    """ValueError naming the expected shape for any inconsistent input; returns (Wh, Ww) or (0, 0)."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias_table", table)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{what} must all have shape (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, H, N, D = q.shape
+    if min(B, H, N, D) < 1:
+        raise ValueError(f"{what} must have shape (B, H, N, D) with every size >= 1, got {tuple(q.shape)}")
+    if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{what} must share one floating dtype out of fp16, bf16, fp32, fp64; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if table.dim() != 2 or table.shape[1] != H:
+        raise ValueError(f"bias_table must have shape (R, H) = (R, {H}), got {tuple(table.shape)}")
+    if table.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"bias_table must be floating (fp16, bf16, fp32, fp64), got {table.dtype}")
+    if (window_size is None) == (rel_index is None):
+        raise ValueError("give exactly one of window_size=(Wh, Ww) (BEiT's layout) or rel_index (N, N)")
+    wh = ww = 0
+    if window_size is not None:
+        wh, ww = _check_window(window_size)
+        if N != wh * ww + 1:
+            raise ValueError(f"window_size {(wh, ww)} expects N = Wh*Ww + 1 = {wh * ww + 1} tokens "
+                             f"(cls first), got N = {N}")
+        R = num_relative_distance((wh, ww))
+        if table.shape[0] != R:
+            raise ValueError(f"bias_table must have shape ((2Wh-1)(2Ww-1)+3, H) = ({R}, {H}) for window_size "
+                             f"{(wh, ww)}, got {tuple(table.shape)}")
+    else:
+        if not isinstance(rel_index, Tensor) or rel_index.shape != (N, N):
+            got = tuple(rel_index.shape) if isinstance(rel_index, Tensor) else type(rel_index).__name__
+            raise ValueError(f"rel_index must be an integer tensor of shape (N, N) = ({N}, {N}), got {got}")
+        if rel_index.dtype.is_floating_point or rel_index.dtype.is_complex or rel_index.dtype == torch.bool:
+            raise ValueError(f"rel_index must be an integer tensor, got {rel_index.dtype}")
+        if rel_index.device.type == "cpu" and not torch.compiler.is_compiling() and (
+                int(rel_index.min()) < 0 or int(rel_index.max()) >= table.shape[0]):
+            raise ValueError(f"rel_index values must lie in [0, R) = [0, {table.shape[0]}) (rows of bias_table)")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a Python number or None, got {type(scale).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    return wh, ww
+
+
+def not_supported_reasons(backend: str, q, k, v, table, window_size=None, rel_index=None, dropout_p=0.0, *,
+                          auto: bool = False) -> list[str]:
+    """Why `backend` cannot run these inputs (empty list: it can). q, k, v: (B, H, N, D) views."""
+    tensors = [q, k, v, table] + ([rel_index] if rel_index is not None else [])
+    why = common_reasons(backend, tensors, auto=auto)
+    if backend == "triton":
+        if q.dtype not in _TRITON_DTYPES:
+            why.append(f"the Triton kernel takes fp16, bf16 or fp32 inputs, got {q.dtype}")
+        if table.dtype not in _TRITON_DTYPES:
+            why.append(f"the Triton kernel takes an fp16, bf16 or fp32 bias_table, got {table.dtype}")
+        if q.shape[-1] > MAX_HEAD_DIM:
+            why.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
+        if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, table.dtype):
+            why.append("the Triton interpreter (CPU) cannot do bf16 arithmetic")
+    return why
+
+
+def _choose(q, k, v, table, window_size, rel_index, dropout_p, backend):
+    return choose("rel_pos_attention", backend,
+                  lambda b, auto: not_supported_reasons(b, q, k, v, table, window_size, rel_index, dropout_p,
+                                                        auto=auto),
+                  BACKENDS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library registration (Triton implementation)
+# ----------------------------------------------------------------------------------------------------------
+
+def _kernels():
+    from beit_fast.kernels import rel_pos_attention as K
+    return K
+
+
+_INVERSE_CACHE: dict = {}
+
+
+def _inverse_index(table, rel_index, wh, ww):
+    """CSR inverse of the index (cached per window and device; rebuilt per call for an explicit index)."""
+    K = _kernels()
+    R = table.shape[0]
+    if rel_index is not None:
+        return K.build_inverse_index(rel_index, R)
+    key = (wh, ww, str(table.device))
+    if key not in _INVERSE_CACHE:
+        idx = _index_cpu(wh, ww).to(table.device)
+        _INVERSE_CACHE[key] = K.build_inverse_index(idx, R)
+    return _INVERSE_CACHE[key]
+
+
+def _window(wh, ww):
+    return None if wh == 0 else (wh, ww)
+
+
+def _packed_views(qkv):
+    """(B, N, 3, H, D) -> q, k, v as (B, H, N, D) strided views (no copy)."""
+    return [qkv.select(2, i).permute(0, 2, 1, 3) for i in range(3)]
+
+
+@torch.library.custom_op("beit_fast::rel_pos_attention", mutates_args=())
+def _attn_op(q: Tensor, k: Tensor, v: Tensor, table: Tensor, rel_index: Optional[Tensor], wh: int, ww: int,
+             scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    out = _kernels()._alloc(q.shape, q.dtype, q.device)
+    lse = _kernels().rel_pos_attention_fwd(q, k, v, table, rel_index, _window(wh, ww), scale, dropout_p, seed, out)
+    return out, lse
+
+
+@_attn_op.register_fake
+def _(q, k, v, table, rel_index, wh, ww, scale, dropout_p, seed):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("beit_fast::rel_pos_attention_backward", mutates_args=())
+def _attn_bwd_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: Tensor,
+                 rel_index: Optional[Tensor], wh: int, ww: int, scale: float, dropout_p: float,
+                 seed: Optional[Tensor], need_dtable: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    K = _kernels()
+    dq, dk, dv = (K._alloc(q.shape, q.dtype, q.device) for _ in range(3))
+    inv = _inverse_index(table, rel_index, wh, ww) if need_dtable else None
+    dtable = K.rel_pos_attention_bwd(grad, q, k, v, out, lse, table, rel_index, _window(wh, ww), scale, dropout_p,
+                                     seed, dq, dk, dv, inv)
+    dtable = dtable.to(table.dtype) if dtable is not None else table.new_zeros(table.shape)
+    return dq, dk, dv, dtable
+
+
+@_attn_bwd_op.register_fake
+def _(grad, q, k, v, out, lse, table, rel_index, wh, ww, scale, dropout_p, seed, need_dtable):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), table.new_empty(table.shape)
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, table, rel_index, wh, ww, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k, v, table, rel_index, seed, *output)
+    ctx.args = (wh, ww, scale, dropout_p)
+
+
+def _attn_backward(ctx, grad_out, grad_lse):
+    q, k, v, table, rel_index, seed, out, lse = ctx.saved_tensors
+    wh, ww, scale, dropout_p = ctx.args
+    dq, dk, dv, dtable = _attn_bwd_op(grad_out, q, k, v, out, lse, table, rel_index, wh, ww, scale, dropout_p,
+                                      seed, ctx.needs_input_grad[3])
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            dtable if need[3] else None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("beit_fast::rel_pos_attention", _attn_backward, setup_context=_attn_setup)
+
+
+@torch.library.custom_op("beit_fast::rel_pos_attention_qkvpacked", mutates_args=())
+def _packed_op(qkv: Tensor, table: Tensor, rel_index: Optional[Tensor], wh: int, ww: int, scale: float,
+               dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    B, N, _, H, D = qkv.shape
+    q, k, v = _packed_views(qkv)
+    out = _kernels()._alloc((B, N, H * D), qkv.dtype, qkv.device)
+    o4 = out.view(B, N, H, D).permute(0, 2, 1, 3)
+    lse = _kernels().rel_pos_attention_fwd(q, k, v, table, rel_index, _window(wh, ww), scale, dropout_p, seed, o4)
+    return out, lse
+
+
+@_packed_op.register_fake
+def _(qkv, table, rel_index, wh, ww, scale, dropout_p, seed):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("beit_fast::rel_pos_attention_qkvpacked_backward", mutates_args=())
+def _packed_bwd_op(grad: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, table: Tensor, rel_index: Optional[Tensor],
+                   wh: int, ww: int, scale: float, dropout_p: float, seed: Optional[Tensor],
+                   need_dtable: bool) -> tuple[Tensor, Tensor]:
+    K = _kernels()
+    B, N, _, H, D = qkv.shape
+    dqkv = K._alloc(qkv.shape, qkv.dtype, qkv.device)
+    q, k, v = _packed_views(qkv)
+    dq, dk, dv = _packed_views(dqkv)
+    o4 = out.view(B, N, H, D).permute(0, 2, 1, 3)
+    g4 = grad.reshape(B, N, H, D).permute(0, 2, 1, 3)
+    inv = _inverse_index(table, rel_index, wh, ww) if need_dtable else None
+    dtable = K.rel_pos_attention_bwd(g4, q, k, v, o4, lse, table, rel_index, _window(wh, ww), scale, dropout_p,
+                                     seed, dq, dk, dv, inv)
+    dtable = dtable.to(table.dtype) if dtable is not None else table.new_zeros(table.shape)
+    return dqkv, dtable
+
+
+@_packed_bwd_op.register_fake
+def _(grad, qkv, out, lse, table, rel_index, wh, ww, scale, dropout_p, seed, need_dtable):
+    return qkv.new_empty(qkv.shape), table.new_empty(table.shape)
+
+
+def _packed_setup(ctx, inputs, output):
+    qkv, table, rel_index, wh, ww, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(qkv, table, rel_index, seed, *output)
+    ctx.args = (wh, ww, scale, dropout_p)
+
+
+def _packed_backward(ctx, grad_out, grad_lse):
+    qkv, table, rel_index, seed, out, lse = ctx.saved_tensors
+    wh, ww, scale, dropout_p = ctx.args
+    dqkv, dtable = _packed_bwd_op(grad_out, qkv, out, lse, table, rel_index, wh, ww, scale, dropout_p, seed,
+                                  ctx.needs_input_grad[1])
+    need = ctx.needs_input_grad
+    return dqkv if need[0] else None, dtable if need[1] else None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("beit_fast::rel_pos_attention_qkvpacked", _packed_backward,
+                                setup_context=_packed_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------
+
+def _seed_tensor(dropout_p, dropout_seed, device):
+    if dropout_p <= 0:
+        return None
+    if dropout_seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    if isinstance(dropout_seed, Tensor):
+        return dropout_seed.to(device=device, dtype=torch.int64).reshape(1)
+    return torch.tensor([int(dropout_seed)], dtype=torch.int64, device=device)
+
+
+def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, window_size=None,
+                      rel_index: Optional[Tensor] = None, scale: Optional[float] = None, dropout_p: float = 0.0,
+                      backend: str = "auto", dropout_seed=None) -> Tensor:
+    """softmax((q * scale) @ k^T + bias) @ v with bias[h, i, j] = bias_table[index[i, j], h].
+
+    q, k, v: (B, H, N, D), fp16 / bf16 / fp32 (fp32 accumulation; fp64 on the reference backend), any
+      strides. Triton: D <= 128 (any D, padded to a power of two inside), any N >= 1.
+    bias_table: (R, H) learnable, any float dtype; its gradient comes back in its dtype (summed in fp32).
+    window_size: (Wh, Ww) for BEiT's layout: N = Wh*Ww + 1 (cls token first), R = (2Wh-1)(2Ww-1) + 3, the
+      index computed in-kernel. Or rel_index: (N, N) integer tensor for any other layout (exactly one).
+    scale: default D ** -0.5. dropout_p: attention-probability dropout (pass 0 in eval); dropout_seed
+      (int or int64 tensor) fixes the in-kernel RNG, else one is drawn from torch's generator.
+    backend: "auto" (triton for GPU tensors, else reference), "triton", "reference"; BEIT_FAST_BACKEND
+      overrides "auto". A forced backend that cannot run raises BackendUnavailable with the reasons.
+    Returns (B, H, N, D) in q's dtype, contiguous.
+
+    Memory (Triton): the forward saves out and lse (B, H, N) fp32. The backward adds Delta (B, H, N) fp32,
+    the gradients, and G fp32 dBias partials (G, H, N, N), G = kernels.rel_pos_attention.num_batch_groups:
+    about 4 programs per SM, at most B, at most 64 MiB of partials unless one partial (H*N*N*4 bytes) is
+    larger (H100: BEiT-B N=197 B=128 -> G=11, 20 MB; BEiT-L N=577 -> G=3, 64 MB); plus a cached inverse
+    index (3 int32 arrays of about N*N per window). Never a (B, H, N, N) tensor. The table gradient is
+    bitwise reproducible for the same inputs on the same GPU model (G depends on the SM count).
+    """
+    wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = _choose(q, k, v, bias_table, window_size, rel_index, dropout_p, backend)
+    if chosen == "reference":
+        return _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
+    seed = _seed_tensor(dropout_p, dropout_seed, q.device)
+    out, _ = _attn_op(q, k, v, bias_table, rel_index, wh, ww, scale, float(dropout_p), seed)
+    return out
+
+
+def rel_pos_attention_qkvpacked(qkv: Tensor, bias_table: Tensor, *, window_size=None,
+                                rel_index: Optional[Tensor] = None, scale: Optional[float] = None,
+                                dropout_p: float = 0.0, backend: str = "auto", dropout_seed=None) -> Tensor:
+    """Same as rel_pos_attention, on the qkv projection's output without a transposing copy.
+
+    qkv: (B, N, 3, H, D) (e.g. `linear(x).view(B, N, 3, H, D)`), any strides. Returns (B, N, H*D), ready for
+    the output projection. The gradient comes back as one (B, N, 3, H, D) tensor.
+    """
+    if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        got = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must have shape (B, N, 3, H, D), got {got}")
+    q, k, v = _packed_views(qkv)
+    wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p, what="qkv (as q, k, v)")
+    B, H, N, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    chosen = _choose(q, k, v, bias_table, window_size, rel_index, dropout_p, backend)
+    if chosen == "reference":
+        out = _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
+        return out.transpose(1, 2).reshape(B, N, H * D)
+    seed = _seed_tensor(dropout_p, dropout_seed, qkv.device)
+    out, _ = _packed_op(qkv, bias_table, rel_index, wh, ww, scale, float(dropout_p), seed)
+    return out
+
+
+def dropout_keep_mask(seed, B: int, H: int, N: int, dropout_p: float, device="cpu") -> Tensor:
+    """(B, H, N, N) bool keep-mask the Triton kernels draw for `seed` (test-only; materializes B*H*N*N)."""
+    seed_t = _seed_tensor(dropout_p, seed, torch.device(device))
+    return _kernels().dropout_keep_mask(seed_t, B, H, N, dropout_p)

@@ -1,0 +1,237 @@
+"""Attention with a learnable relative position bias table, training (fwd, bwd, fwd+bwd).
+
+Providers (each checked against the fp32 reference before it is timed):
+  eager    timm's unfused path: gather the (H, N, N) bias, q@k^T + bias, softmax, @v (B*H*N*N scores)
+  sdpa     timm's fused path: gather the bias, F.scaled_dot_product_attention(attn_mask=bias in q's dtype);
+           the mask gradient flows back through the gather into the table (mem-efficient kernel on CUDA)
+  flex     FlexAttention under torch.compile, score_mod = score + table[index[q, k], h] (atomics for dTable)
+  xformers memory_efficient_attention with the gathered bias expanded to (B, H, N, N), when importable
+  ours     beit_fast.ops.rel_pos_attention, Triton (bias gathered in-kernel, deterministic dTable)
+
+FLOPs (written down, as flash-attention counts them): fwd = 4 * B * H * N^2 * D (two matmuls),
+bwd = 2.5 * fwd (five matmuls, recompute included), fwd_bwd = 3.5 * fwd.
+
+    python bench/bench_attention.py --out bench/out [--dtypes bf16,fp16] [--quick] [--check-determinism]
+    python bench/bench_attention.py --smoke --out /tmp/b     # CPU: eager and sdpa at a tiny shape
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (base_parser, check_close, environment, make_row, parse_dtypes, peak_mb, time_ms,  # noqa: E402
+                    write_rows)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from beit_fast.ops.rel_pos_attention import (not_supported_reasons, num_relative_distance,  # noqa: E402
+                                             rel_pos_attention, rel_pos_attention_ref, relative_position_index)
+
+PROVIDERS = ("eager", "sdpa", "flex", "xformers", "ours")
+REFERENCE_PROVIDERS = ("eager", "sdpa")
+MODELS = {"base": 12, "large": 16}   # heads; D = 64
+# (model, B, window): BEiT-B/L at 224 (N = 197) and 384 (N = 577)
+FULL_SHAPES = [(m, b, w) for m in ("base", "large") for w in ((14, 14), (24, 24)) for b in (64, 128, 256)]
+QUICK_SHAPES = [("base", 128, (14, 14)), ("large", 64, (14, 14))]   # what bench/gpu_check.sh runs
+SMOKE_SHAPES = [("tiny", 2, (4, 4))]
+# check against the fp32 reference: (atol as a fraction of max |ref|, rtol) per dtype
+CHECK_TOL = {torch.bfloat16: (2e-2, 5e-2), torch.float16: (5e-3, 1e-2), torch.float32: (1e-4, 1e-4)}
+
+
+class Skip(Exception):
+    """A provider that cannot run here; the reason is logged."""
+
+
+def _bias(table, index, N):
+    return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+
+
+def make_provider(name, window, scale, device, dtype):
+    """fn(q, k, v, table) -> out (B, H, N, D) for one provider, or raise Skip."""
+    N = window[0] * window[1] + 1
+    index = relative_position_index(window).to(device)
+    if name == "eager":
+        def eager(q, k, v, table):
+            attn = (q * scale) @ k.transpose(-2, -1) + _bias(table, index, N)   # fp32 like timm under autocast
+            return attn.softmax(-1).to(v.dtype) @ v
+        return eager
+    if name == "sdpa":
+        def sdpa(q, k, v, table):
+            mask = _bias(table, index, N).contiguous().unsqueeze(0).to(q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return sdpa
+    if name == "flex":
+        if device != "cuda":
+            raise Skip("FlexAttention's fused kernel needs CUDA and torch.compile")
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+        except Exception as e:
+            raise Skip(f"FlexAttention unavailable: {e}")
+        compiled = torch.compile(flex_attention, dynamic=False)
+        state = {}
+
+        def flex(q, k, v, table):
+            if state.get("table") is not table:   # one score_mod per table object: no recompiles
+                idx = index
+
+                def score_mod(score, b, h, qi, ki):
+                    return score + table[idx[qi, ki], h]
+                state.update(table=table, mod=score_mod)
+            return compiled(q, k, v, score_mod=state["mod"], scale=scale)
+        return flex
+    if name == "xformers":
+        try:
+            import xformers.ops as xops
+        except Exception as e:
+            raise Skip(f"xformers not importable ({type(e).__name__})")
+        if device != "cuda":
+            raise Skip("xformers needs CUDA")
+
+        def xformers_attn(q, k, v, table):
+            B, H = q.shape[:2]
+            pad = (N + 7) // 8 * 8
+            # full (B, H, N, N) bias (its bias gradient needs one) in a buffer whose rows are 8-aligned
+            bias = torch.empty(B, H, N, pad, device=q.device, dtype=q.dtype)[..., :N]
+            bias.copy_(_bias(table, index, N).to(q.dtype).expand(B, -1, -1, -1))
+            out = xops.memory_efficient_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_bias=bias, scale=scale)
+            return out.transpose(1, 2)
+        return xformers_attn
+    if name == "ours":
+        probe = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)
+        why = not_supported_reasons("triton", probe, probe, probe, torch.empty(1, 1, device=device))
+        if why:
+            raise Skip("; ".join(why))
+
+        def ours(q, k, v, table):
+            return rel_pos_attention(q, k, v, table, window_size=window, scale=scale, backend="triton")
+        return ours
+    raise ValueError(name)
+
+
+def make_inputs(B, H, N, D, R, dtype, device):
+    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    table = (torch.randn(R, H, device=device) * 0.5).requires_grad_()   # fp32 parameter, as the model stores it
+    grad = torch.randn(B, H, N, D, device=device, dtype=dtype)
+    return [q, k, v, table], grad
+
+
+def reference_result(leaves, grad, window, scale):
+    """fp32 reference output and gradients (q, k, v, table) for these inputs."""
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref = rel_pos_attention_ref(*ref_leaves, window_size=window, scale=scale)
+    return (ref.detach(),) + torch.autograd.grad(ref, ref_leaves, grad.float())
+
+
+def check_provider(name, fn, leaves, grad, expected, dtype):
+    """Output and every gradient against the fp32 reference, on the benchmarked inputs."""
+    out = fn(*leaves)
+    got = (out,) + torch.autograd.grad(out, leaves, grad)
+    atol_frac, rtol = CHECK_TOL[dtype]
+    for what, a, b in zip(("out", "dq", "dk", "dv", "dtable"), got, expected):
+        check_close(f"{name} ({what})", a, b, atol=atol_frac * b.abs().max().item(), rtol=rtol)
+
+
+def table_grad_deterministic(fn, leaves, grad, repeats=3):
+    first = torch.autograd.grad(fn(*leaves), leaves, grad)[3]
+    return all(torch.equal(first, torch.autograd.grad(fn(*leaves), leaves, grad)[3]) for _ in range(repeats - 1))
+
+
+def bench_one(name, fn, shape, leaves, grad, dtype, device, env, args):
+    B, H, N, D = leaves[0].shape
+    fwd_flops = 4.0 * B * H * N * N * D
+    extra = {}
+    if args.check_determinism:
+        extra["table_grad_deterministic"] = table_grad_deterministic(fn, leaves, grad)
+    rows = []
+    timed = {
+        "fwd": (lambda: fn(*leaves), fwd_flops),
+        "fwd_bwd": (lambda: torch.autograd.grad(fn(*leaves), leaves, grad), 3.5 * fwd_flops),
+    }
+    out = fn(*leaves)
+    timed["bwd"] = (lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), 2.5 * fwd_flops)
+    rep = dict(warmup=2, rep=5) if device == "cpu" else {}
+    for mode in ("fwd", "bwd", "fwd_bwd"):
+        call, flops = timed[mode]
+        t = time_ms(call, device, **rep)
+        peak = peak_mb(call, device)
+        rows.append(make_row("rel_pos_attention", name, mode, shape, dtype, t, env, flops=flops, peak=peak, **extra))
+        print(f"  {name:8s} {mode:7s} {t['median_ms']:9.3f} ms  "
+              f"{rows[-1]['tflops'] or 0:7.2f} TFLOP/s  peak {peak if peak is None else round(peak, 1)} MB"
+              + (f"  deterministic dTable: {extra['table_grad_deterministic']}" if extra else ""))
+    del out
+    return rows
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    p.add_argument("--check-determinism", action="store_true",
+                   help="add a column: is each provider's table gradient bitwise reproducible (3 runs)")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device == "cpu" and not args.smoke:
+        raise SystemExit("no CUDA device: run with --smoke for the CPU smoke test")
+    dtypes = [torch.float32] if args.smoke else parse_dtypes(args.dtypes)
+    wanted = PROVIDERS if args.providers == "all" else tuple(x.strip() for x in args.providers.split(","))
+    if args.smoke and args.providers == "all":
+        wanted = REFERENCE_PROVIDERS   # "ours" runs on the CPU only when asked for, under TRITON_INTERPRET=1
+    shapes = SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else FULL_SHAPES
+    env = environment(device)
+    rows, skipped, failed = [], [], []
+    for dtype in dtypes:
+        for model, B, window in shapes:
+            H, D = MODELS.get(model, 2), 64 if model in MODELS else 16
+            N = window[0] * window[1] + 1
+            scale = D ** -0.5
+            shape = {"model": model, "B": B, "H": H, "N": N, "D": D}
+            print(f"{model} B={B} H={H} N={N} D={D} {dtype}")
+            try:
+                leaves, grad = make_inputs(B, H, N, D, num_relative_distance(window), dtype, device)
+                expected = reference_result(leaves, grad, window, scale)
+            except torch.cuda.OutOfMemoryError:
+                skipped.append(f"all {model} B={B} N={N} {dtype}: out of memory for the reference")
+                torch.cuda.empty_cache()
+                continue
+            for name in wanted:
+                try:
+                    fn = make_provider(name, window, scale, device, dtype)
+                    check_provider(name, fn, leaves, grad, expected, dtype)
+                    rows += bench_one(name, fn, shape, leaves, grad, dtype, device, env, args)
+                except Skip as e:
+                    skipped.append(f"{name} {model} N={N} {dtype}: {e}")
+                    print(f"  skip {name}: {e}")
+                except RuntimeError as e:   # check_close: a wrong provider is reported, never timed
+                    if isinstance(e, torch.cuda.OutOfMemoryError):
+                        skipped.append(f"{name} {model} B={B} N={N} {dtype}: out of memory")
+                        print(f"  skip {name}: out of memory")
+                        torch.cuda.empty_cache()
+                        continue
+                    failed.append(f"{name} {model} B={B} N={N} {dtype}")
+                    print(f"  FAILED CHECK {name}: {e}")
+            del leaves, grad, expected
+            if rows:   # after every shape, so a run cut short by a time limit still leaves its rows
+                write_rows(rows, args.out, "bench_attention")
+    if not rows:
+        raise SystemExit("no provider ran" + (f"; failed the reference check: {failed}" if failed else ""))
+    j, m = write_rows(rows, args.out, "bench_attention")
+    if skipped:
+        with open(m, "a") as f:
+            f.write("\nSkipped: " + "; ".join(skipped) + "\n")
+    if args.check_determinism:
+        with open(m, "a") as f:
+            det = {}
+            for r in rows:
+                key = (r["provider"], r["dtype"])
+                det[key] = det.get(key, True) and r["table_grad_deterministic"]
+            f.write("\nTable gradient bitwise reproducible (3 runs): "
+                    + ", ".join(f"{p} {d}: {v}" for (p, d), v in sorted(det.items())) + "\n")
+    if failed:
+        with open(m, "a") as f:
+            f.write("\nFailed the reference check (not timed): " + "; ".join(failed) + "\n")
+    print(open(m).read())
+    if failed:
+        raise SystemExit(f"providers disagree with the reference: {failed}")
+
+
+if __name__ == "__main__":
+    main()

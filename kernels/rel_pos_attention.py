@@ -1,0 +1,444 @@
+"""Triton kernels: attention with a relative position bias gathered from a learnable (R, H) table.
+
+Flash-attention-2 structure, non-causal, masked on every edge (N = 197 is the common case):
+  _fwd_kernel      one program per (Q-block, b*h): online softmax in base 2, saves lse (log2 units).
+  _delta_kernel    Delta = rowsum(O * dO), fp32.
+  _dkdv_kernel     one program per (K-block, h, batch group g): loops over its batches and all Q blocks,
+                   writes dK, dV and owns the fp32 partial dBias_g[h, K-block, :] (stored key-major) with
+                   plain read-modify-writes, no atomics: the table gradient is bitwise reproducible.
+  _dq_kernel       one program per (Q-block, b*h): loops over all K blocks.
+  _table_grad_kernel  dTable[r, h] = sum_g sum_{(i,j): index[i,j] = r} dBias_g[h, j, i] in a fixed order,
+                   through a padded inverse index (CSR: sorted flat positions, start, count).
+
+The bias index is computed arithmetically from (query, key, Wh, Ww) for BEiT's layout (cls token first,
+the 3 cls entries last in the table), or loaded from an explicit (N, N) index when one is given.
+q, k, v, o and their gradients are addressed through strides, so the packed (B, N, 3, H, D) qkv layout
+and the (B, N, H*D) output are read and written without copies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Tests set this to fill outputs with NaN before the kernels write them (catches unwritten elements).
+POISON_OUTPUTS = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    block_m: int   # query rows per tile
+    block_n: int   # key columns per tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnConfigs:
+    fwd: TileConfig
+    dkdv: TileConfig   # block_m: query step of the inner loop, block_n: the program's key block
+    dq: TileConfig     # block_m: the program's query block, block_n: key step of the inner loop
+
+
+# Few, named configs chosen by padded head dim and dtype (no autotune: the dBias partial layout depends on
+# block_n, and a fixed choice keeps the table gradient reproducible across processes). Chosen so that the
+# sm_90 build has no register spills (checked with an offline compile, cuobjdump -res-usage); not yet tuned
+# on a GPU.
+CONFIGS = {
+    "interpret": AttnConfigs(TileConfig(64, 64), TileConfig(64, 64), TileConfig(64, 64)),
+    "16bit_d64": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(32, 64, 8, 2), TileConfig(64, 32, 4, 3)),
+    "16bit_d128": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(16, 64, 8, 2), TileConfig(64, 32, 8, 2)),
+    "fp32": AttnConfigs(TileConfig(64, 32, 8, 2), TileConfig(32, 32, 8, 2), TileConfig(32, 32, 8, 2)),
+}
+
+
+def pick_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttnConfigs:
+    if device.type == "cpu":
+        return CONFIGS["interpret"]
+    if dtype == torch.float32:
+        return CONFIGS["fp32"]
+    return CONFIGS["16bit_d64"] if _block_d(head_dim) <= 64 else CONFIGS["16bit_d128"]
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device functions
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bias_tile(TBL, IDX, h, qi, kj, N, R, Wh, Ww, s_tr, s_th, s_ii, s_ij, HAS_INDEX: tl.constexpr):
+    """fp32 tile of table[index[i, j], h], 0 outside the N x N square. qi / kj: query / key indices, one
+    a column and the other a row vector (the tile is (queries, keys) or (keys, queries) accordingly)."""
+    valid = (qi < N) & (kj < N)
+    if HAS_INDEX:
+        idx = tl.load(IDX + qi * s_ii + kj * s_ij, mask=valid, other=0).to(tl.int32)
+    else:
+        # patch tokens i, j >= 1 at grid positions p = i - 1, q = j - 1 (row-major over Wh x Ww)
+        pi = tl.maximum(qi - 1, 0)
+        pj = tl.maximum(kj - 1, 0)
+        idx = ((pi // Ww) - (pj // Ww) + Wh - 1) * (2 * Ww - 1) + ((pi % Ww) - (pj % Ww) + Ww - 1)
+        idx = tl.where(kj == 0, R - 2, idx)                # any query -> cls key
+        idx = tl.where(qi == 0, R - 3, idx)                # cls query -> any key
+        idx = tl.where((qi == 0) & (kj == 0), R - 1, idx)  # cls -> cls
+    return tl.load(TBL + h * s_th + idx * s_tr, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, qi, kj, N, dropout_p):
+    """Keep-mask of one tile (orientation as in _bias_tile); (b*H + h) goes into the high word of the Philox
+    key, i*N + j is the counter."""
+    key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)
+    return tl.rand(key, qi * N + kj) >= dropout_p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_kernel(Q, K, V, TBL, IDX, SEED, O, LSE,
+                s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
+                H, N, R, Wh, Ww, qk_scale, dropout_p,
+                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_D
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd,
+                mask=(offs_m[:, None] < N) & d_ok, other=0.0)
+    K += b * s_kb + h * s_kh
+    V += b * s_vb + h * s_vh
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < N) & d_ok
+        k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s += _bias_tile(TBL, IDX, h, offs_m[:, None], offs_n[None, :], N, R, Wh, Ww, s_tr, s_th, s_ii, s_ij,
+                        HAS_INDEX) * 1.4426950408889634
+        s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N, dropout_p)
+            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od,
+             acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & d_ok)
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, s_ob, s_oh, s_on, s_od, s_gb, s_gh, s_gn, s_gd, H, N,
+                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_D)
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od, mask=mask, other=0.0)
+    do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
+                 s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                 s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
+                 s_tr, s_th, s_ii, s_ij,
+                 B, H, N, R, Wh, Ww, G, sm_scale, qk_scale, dropout_p,
+                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_DBIAS: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_D
+    n_ok = offs_n < N
+    kv_mask = n_ok[:, None] & d_ok
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    # this program owns dBias_g[h, K-block, :] (stored key-major): the group's first batch writes, later ones add
+    DB += (g * H + h).to(tl.int64) * N * N
+    for b32 in range(g, B, G):
+        b = tl.cast(b32, tl.int64)
+        bh = b32 * H + h
+        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, N, BLOCK_M):
+            # transposed tiles (keys x queries): p^T and dS^T come out of the MMA in the layout the dK/dV
+            # products consume, and the dBias partial (stored key-major) is written along contiguous queries
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < N
+            row_mask = m_ok[:, None] & d_ok
+            q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd,
+                        mask=row_mask, other=0.0)
+            do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd,
+                         mask=row_mask, other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+            st += _bias_tile(TBL, IDX, h, offs_m[None, :], offs_n[:, None], N, R, Wh, Ww, s_tr, s_th, s_ii, s_ij,
+                             HAS_INDEX) * 1.4426950408889634
+            valid = m_ok[None, :] & n_ok[:, None]
+            pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], N, dropout_p)
+                inv_keep = 1.0 / (1.0 - dropout_p)
+                pt_drop = tl.where(keep, pt * inv_keep, 0.0)
+                dpt = tl.where(keep, dpt * inv_keep, 0.0)
+            else:
+                pt_drop = pt
+            dv += tl.dot(pt_drop.to(do.dtype), do, input_precision=DOT_PREC)
+            dst = pt * (dpt - delta[None, :])   # gradient w.r.t. the natural-unit logits scale*q.k + bias
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+            if NEED_DBIAS:
+                db_ptr = DB + offs_n[:, None] * N + offs_m[None, :]
+                prev = tl.load(db_ptr, mask=valid & (b32 != g), other=0.0)
+                tl.store(db_ptr, prev + dst, mask=valid)
+        tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :] * s_dvd,
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
+               s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+               s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd, s_tr, s_th, s_ii, s_ij,
+               H, N, R, Wh, Ww, sm_scale, qk_scale, dropout_p,
+               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_D
+    m_ok = offs_m < N
+    row_mask = m_ok[:, None] & d_ok
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=row_mask, other=0.0)
+    do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd, mask=row_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
+    K += b * s_kb + h * s_kh
+    V += b * s_vb + h * s_vh
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < N) & d_ok
+        k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s += _bias_tile(TBL, IDX, h, offs_m[:, None], offs_n[None, :], N, R, Wh, Ww, s_tr, s_th, s_ii, s_ij,
+                        HAS_INDEX) * 1.4426950408889634
+        p = tl.where(m_ok[:, None] & (offs_n[None, :] < N), tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqn + offs_d[None, :] * s_dqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _table_grad_kernel(DB, PERM, START, COUNT, DT, G, H, NN, R, MAX_COUNT, s_dtr, s_dth,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    start = tl.load(START + offs_r, mask=r_ok, other=0)
+    count = tl.load(COUNT + offs_r, mask=r_ok, other=0)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for c0 in range(0, MAX_COUNT, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m = offs_c[None, :] < count[:, None]
+        flat = tl.load(PERM + start[:, None] + offs_c[None, :], mask=m, other=0).to(tl.int64)
+        for g in range(0, G):
+            acc += tl.load(DB + (g * H + h).to(tl.int64) * NN + flat, mask=m, other=0.0)
+    tl.store(DT + offs_r * s_dtr + h * s_dth, tl.sum(acc, 1), mask=r_ok)
+
+
+@triton.jit
+def _keep_mask_kernel(SEED, OUT, H, N, dropout_p, BLOCK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    seed = tl.load(SEED)
+    for start_n in range(0, N, BLOCK):
+        offs_n = start_n + tl.arange(0, BLOCK)
+        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N, dropout_p)
+        tl.store(OUT + bh.to(tl.int64) * N * N + offs_m[:, None] * N + offs_n[None, :], keep.to(tl.int8),
+                 mask=(offs_m[:, None] < N) & (offs_n[None, :] < N))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+
+def _alloc(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dot_prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _bias_args(table, rel_index, window_size):
+    """(table as a contiguous (H, R) copy, index tensor (or the table as an unused pointer), table strides,
+    index strides, R, Wh, Ww). The transposed copy is tiny (R*H) and makes one head's row contiguous, so the
+    gather of neighbouring keys (neighbouring table rows) hits one or two cache lines instead of ~H."""
+    table_hr = table.t().contiguous()
+    s_th, s_tr = table_hr.stride()
+    if rel_index is not None:
+        return table_hr, rel_index, s_tr, s_th, rel_index.stride(0), rel_index.stride(1), table.shape[0], 1, 1
+    wh, ww = window_size
+    return table_hr, table_hr, s_tr, s_th, 0, 0, table.shape[0], wh, ww
+
+
+def _seed_arg(seed, table):
+    return seed if seed is not None else table   # never read when dropout is off
+
+
+def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout_p, seed, out):
+    """q, k, v: (B, H, N, D) views with any strides; out: (B, H, N, D) view to write (any strides).
+    Returns lse (B, H, N) fp32 in log2 units of the scaled logits."""
+    B, H, N, D = q.shape
+    cfg = pick_configs(D, q.dtype, q.device).fwd
+    lse = _alloc((B, H, N), torch.float32, q.device)
+    table, idx, s_tr, s_th, s_ii, s_ij, R, wh, ww = _bias_args(table, rel_index, window_size)
+    grid = (triton.cdiv(N, cfg.block_m), B * H)
+    _fwd_kernel[grid](
+        q, k, v, table, idx, _seed_arg(seed, table), out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_tr, s_th, s_ii, s_ij,
+        H, N, R, wh, ww, scale * LOG2E, float(dropout_p),
+        HEAD_D=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_INDEX=rel_index is not None, HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return lse
+
+
+def num_batch_groups(B: int, H: int, N: int, device: torch.device) -> int:
+    """G, the number of fp32 dBias partials (G, H, N, N): about 4 (K-block, h, g) programs per SM, at most B,
+    at most 64 MiB of partials (at least one). A function of shape and device only, so reproducible."""
+    if device.type != "cuda":
+        return min(B, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(4 * sms, H * triton.cdiv(N, 64))
+    cap = max(1, (64 << 20) // (H * N * N * 4))
+    return max(1, min(B, want, cap))
+
+
+def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, scale, dropout_p, seed,
+                          dq, dk, dv, inverse_index=None):
+    """Writes dq, dk, dv (views with any strides, same shapes as q, k, v). When `inverse_index`
+    (perm, start, count, max_count) is given, also returns dTable (R, H) fp32, else None.
+    Extra memory: Delta (B, H, N) fp32 and, for the table gradient, G fp32 partials (G, H, N, N)
+    with G = num_batch_groups(...) (<= 64 MiB unless a single partial is larger)."""
+    B, H, N, D = q.shape
+    cfgs = pick_configs(D, q.dtype, q.device)
+    BLOCK_D = _block_d(D)
+    prec = _dot_prec(q.dtype)
+    has_drop = dropout_p > 0
+    table, idx, s_tr, s_th, s_ii, s_ij, R, wh, ww = _bias_args(table, rel_index, window_size)
+    seed_t = _seed_arg(seed, table)
+
+    delta = _alloc((B, H, N), torch.float32, q.device)
+    _delta_kernel[(triton.cdiv(N, 64), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, N, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=64)
+
+    need_dbias = inverse_index is not None
+    G = num_batch_groups(B, H, N, q.device)
+    dbias = _alloc((G, H, N, N) if need_dbias else (1,), torch.float32, q.device)
+    c = cfgs.dkdv
+    _dkdv_kernel[(triton.cdiv(N, c.block_n), H, G)](
+        q, k, v, table, idx, seed_t, do, lse, delta, dk, dv, dbias,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_tr, s_th, s_ii, s_ij,
+        B, H, N, R, wh, ww, G, scale, scale * LOG2E, float(dropout_p),
+        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, HAS_INDEX=rel_index is not None,
+        HAS_DROPOUT=has_drop, NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    c = cfgs.dq
+    _dq_kernel[(triton.cdiv(N, c.block_m), B * H)](
+        q, k, v, table, idx, seed_t, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_tr, s_th, s_ii, s_ij,
+        H, N, R, wh, ww, scale, scale * LOG2E, float(dropout_p),
+        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, HAS_INDEX=rel_index is not None,
+        HAS_DROPOUT=has_drop, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    if not need_dbias:
+        return None
+    perm, start, count, max_count = inverse_index
+    dtable = _alloc((R, H), torch.float32, q.device)
+    BLOCK_R, BLOCK_C = 16, 64
+    _table_grad_kernel[(triton.cdiv(R, BLOCK_R), H)](
+        dbias, perm, start, count, dtable, G, H, N * N, R, max_count, *dtable.stride(),
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    return dtable
+
+
+def build_inverse_index(index: torch.Tensor, num_rel: int):
+    """Padded inverse of an (N, N) query-by-key index into [0, num_rel), over the key-major dBias layout:
+    (perm, start, count, max_count) with perm the flat positions j*N + i sorted by index value (stable),
+    start / count per table row. Built once per window."""
+    flat = index.t().reshape(-1).to(torch.int64)
+    perm = torch.argsort(flat, stable=True).to(torch.int32)
+    count = torch.zeros(num_rel, dtype=torch.int64, device=flat.device)
+    count.scatter_add_(0, flat, torch.ones_like(flat))   # integer adds: exact and order-free
+    start = torch.cumsum(count, 0) - count
+    max_count = int(count.max().item()) if num_rel > 0 else 0
+    return perm, start.to(torch.int32), count.to(torch.int32), max_count
+
+
+def dropout_keep_mask(seed: torch.Tensor, B: int, H: int, N: int, dropout_p: float) -> torch.Tensor:
+    """(B, H, N, N) bool keep-mask the kernels use for this seed (test-only: it materializes B*H*N*N)."""
+    out = torch.empty((B, H, N, N), dtype=torch.int8, device=seed.device)
+    BLOCK = 32
+    _keep_mask_kernel[(triton.cdiv(N, BLOCK), B * H)](seed, out, H, N, float(dropout_p), BLOCK=BLOCK)
+    return out.bool()
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,0 +1,526 @@
+"""rel_pos_attention: Triton kernels (interpreter on CPU, compiled on CUDA) against a float64 reference.
+
+Every forward and gradient (q, k, v, table) is compared; the table gradient is checked for bitwise
+reproducibility; the reference itself is checked against a plain eager (timm/unilm-style) implementation.
+"""
+import os
+
+if "TRITON_INTERPRET" not in os.environ:   # conftest decides; this keeps the file runnable on its own
+    import shutil
+    if shutil.which("nvidia-smi") is None:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from beit_fast._backend import BackendUnavailable  # noqa: E402
+from beit_fast.ops import rel_pos_attention as op_mod  # noqa: E402
+from beit_fast.ops.rel_pos_attention import (  # noqa: E402
+    dropout_keep_mask, not_supported_reasons, num_relative_distance, rel_pos_attention, rel_pos_attention_qkvpacked,
+    rel_pos_attention_ref, relative_position_index)
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if CUDA else "cpu"
+RUN_TRITON = CUDA or INTERPRET
+needs_triton = pytest.mark.skipif(not RUN_TRITON, reason="needs a GPU or TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+# Error of the Triton op against the float64 reference: (atol, rtol) per dtype and output.
+# fp32 runs the dots in IEEE fp32; fp16 rounds p and dS to fp16 before the dots (as flash-attention does).
+TOL = {
+    torch.float32: {"out": (4e-6, 2e-5), "dq": (1e-5, 2e-5), "dk": (1e-5, 2e-5), "dv": (1e-5, 2e-5),
+                    "dtable": (4e-5, 2e-5)},
+    torch.float16: {"out": (7e-4, 3e-3), "dq": (3e-3, 3e-3), "dk": (3e-3, 3e-3), "dv": (3e-3, 3e-3),
+                    "dtable": (1e-2, 3e-3)},
+}
+# CUDA low precision, the 2x rule: |ours - fp64| <= 2 * |torch same-dtype - fp64| + ATOL_2X
+ATOL_2X = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
+GRAD_NAMES = ("dq", "dk", "dv", "dtable")
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Kernel outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
+    if RUN_TRITON:
+        from beit_fast.kernels import rel_pos_attention as K
+        monkeypatch.setattr(K, "POISON_OUTPUTS", True)
+    yield
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+
+def make_inputs(B, H, N, D, dtype, R, *, packed=False, device=DEVICE, table_dtype=torch.float32):
+    """Fresh random q, k, v (or packed qkv), a table with visible structure, and an upstream gradient."""
+    if packed:
+        qkv = torch.randn(B, N, 3, H, D, device=device).to(dtype)
+        inputs = [qkv]
+    else:
+        inputs = [torch.randn(B, H, N, D, device=device).to(dtype) for _ in range(3)]
+    table = (torch.randn(R, H, device=device) * 2).to(table_dtype)
+    out_shape = (B, N, H * D) if packed else (B, H, N, D)
+    grad = torch.randn(out_shape, device=device).to(dtype)
+    return inputs, table, grad
+
+
+def run(fn, inputs, table, grad, **kw):
+    """Output and gradients w.r.t. every input tensor and the table."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs + [table]]
+    out = fn(*leaves, **kw)
+    grads = torch.autograd.grad(out, leaves, grad)
+    return out.detach(), [g.detach() for g in grads]
+
+
+def ref_fn(packed):
+    """float64-friendly reference in the same calling convention as the public entry."""
+    def f(*args, window_size=None, rel_index=None, scale=None, dropout_mask=None, **_):
+        if packed:
+            qkv, table = args
+            B, N, _, H, D = qkv.shape
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+            out = rel_pos_attention_ref(q, k, v, table, window_size, rel_index, scale, dropout_mask)
+            return out.transpose(1, 2).reshape(B, N, H * D)
+        q, k, v, table = args
+        return rel_pos_attention_ref(q, k, v, table, window_size, rel_index, scale, dropout_mask)
+    return f
+
+
+def names(packed):
+    return (["dqkv"] if packed else ["dq", "dk", "dv"]) + ["dtable"]
+
+
+def assert_matches_fp64(packed, inputs, table, grad, out, grads, dtype, ref_kw):
+    out64, grads64 = run(ref_fn(packed), [t.double() for t in inputs], table.double(), grad.double(), **ref_kw)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), out64, atol=tol["out"][0], rtol=tol["out"][1], msg=lambda m: "out: " + m)
+    for name, g, g64 in zip(names(packed), grads, grads64):
+        key = "dq" if name == "dqkv" else name
+        assert g.dtype == (table.dtype if name == "dtable" else dtype), name
+        torch.testing.assert_close(g.double(), g64, atol=tol[key][0], rtol=tol[key][1], msg=lambda m: f"{name}: {m}")
+
+
+def random_index(N, R, generator=None):
+    return torch.randint(0, R, (N, N), generator=generator)
+
+
+def unilm_index(wh, ww):
+    """The index exactly as unilm's BEiT builds it (loops, no closed form)."""
+    n_rel = (2 * wh - 1) * (2 * ww - 1) + 3
+    N = wh * ww + 1
+    index = torch.zeros(N, N, dtype=torch.long)
+    for i in range(wh * ww):
+        for j in range(wh * ww):
+            yi, xi, yj, xj = i // ww, i % ww, j // ww, j % ww
+            index[i + 1, j + 1] = (yi - yj + wh - 1) * (2 * ww - 1) + (xi - xj + ww - 1)
+    index[0, 0:] = n_rel - 3
+    index[0:, 0] = n_rel - 2
+    index[0, 0] = n_rel - 1
+    return index
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the reference
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("window", [(14, 14), (3, 5), (1, 1), (8, 8)])
+def test_relative_position_index_matches_unilm(window):
+    idx = relative_position_index(window)
+    assert idx.dtype == torch.long and idx.shape == (window[0] * window[1] + 1,) * 2
+    assert torch.equal(idx, unilm_index(*window))
+    idx[0, 0] = -5   # the caller owns the returned tensor: the cache is untouched
+    assert relative_position_index(window)[0, 0] == num_relative_distance(window) - 1
+
+
+def test_reference_matches_plain_eager():
+    B, H, wh, ww, D = 2, 3, 4, 5, 16
+    N, R = wh * ww + 1, num_relative_distance((wh, ww))
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
+    table = torch.randn(R, H, dtype=torch.float64)
+    # timm's Attention.forward, unfused path, written out
+    bias = table[unilm_index(wh, ww).view(-1)].view(N, N, H).permute(2, 0, 1).contiguous()
+    attn = (q * D ** -0.5) @ k.transpose(-2, -1) + bias.unsqueeze(0)
+    expected = attn.softmax(dim=-1) @ v
+    torch.testing.assert_close(rel_pos_attention_ref(q, k, v, table, window_size=(wh, ww)), expected)
+    got = rel_pos_attention(q, k, v, table, window_size=(wh, ww), backend="reference")
+    torch.testing.assert_close(got, expected)
+    # fp16 with upcast: computed in fp32, returned in fp16
+    out16 = rel_pos_attention_ref(q.half(), k.half(), v.half(), table.float(), window_size=(wh, ww), upcast=True)
+    assert out16.dtype == torch.float16
+    torch.testing.assert_close(out16.double(), expected, atol=3e-3, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton against float64
+# ----------------------------------------------------------------------------------------------------------
+
+# (B, H, window or N, D, dtype, packed); N given as an int means an explicit random rel_index.
+CASES = [
+    pytest.param(2, 2, (14, 14), 64, torch.float32, False, id="N197-d64-fp32"),
+    pytest.param(2, 2, (14, 14), 64, torch.float16, True, id="N197-d64-fp16-packed"),
+    pytest.param(1, 12, (14, 14), 64, torch.float16, True, id="beit-base-heads-N197-fp16-packed"),
+    pytest.param(3, 1, (8, 8), 32, torch.float32, True, id="N65-d32-fp32-packed-B3"),
+    pytest.param(1, 2, (8, 8), 80, torch.float16, False, id="N65-d80-fp16"),
+    pytest.param(2, 1, (4, 4), 128, torch.float32, False, id="N17-d128-fp32"),
+    pytest.param(1, 2, 1, 32, torch.float32, False, id="N1-index-fp32"),
+    pytest.param(2, 2, 7, 64, torch.float16, True, id="N7-index-fp16-packed"),
+    pytest.param(1, 2, 273, 32, torch.float32, False, id="N273-index-fp32"),
+    pytest.param(1, 2, (24, 24), 64, torch.float16, False, id="N577-d64-fp16"),
+    pytest.param(1, 1, (32, 32), 64, torch.float32, True, id="N1025-d64-fp32-packed", marks=pytest.mark.slow),
+    pytest.param(1, 16, (14, 14), 64, torch.float32, False, id="beit-large-heads-N197-fp32", marks=pytest.mark.slow),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("B,H,shape,D,dtype,packed", CASES)
+def test_triton_matches_fp64_reference(B, H, shape, D, dtype, packed):
+    if isinstance(shape, tuple):
+        N, R = shape[0] * shape[1] + 1, num_relative_distance(shape)
+        kw = {"window_size": shape}
+    else:
+        N, R = shape, 11
+        kw = {"rel_index": random_index(N, R).to(DEVICE)}
+    inputs, table, grad = make_inputs(B, H, N, D, dtype, R, packed=packed)
+    fn = rel_pos_attention_qkvpacked if packed else rel_pos_attention
+    out, grads = run(fn, inputs, table, grad, backend="triton", **kw)
+    assert out.shape == grad.shape and out.dtype == dtype
+    assert_matches_fp64(packed, inputs, table, grad, out, grads, dtype, kw)
+
+
+@pytest.mark.skipif(CUDA or not INTERPRET, reason="interpreter check of the GPU tile shapes")
+@pytest.mark.parametrize("config,D,dtype", [("16bit_d64", 64, torch.float16), ("16bit_d128", 80, torch.float16),
+                                            ("fp32", 128, torch.float32)])
+def test_gpu_tile_configs(monkeypatch, config, D, dtype):
+    """The GPU's tile shapes (128-row forward, 32x64 dK/dV, 64x32 dQ, ...) run through the same masks here."""
+    from beit_fast.kernels import rel_pos_attention as K
+    monkeypatch.setattr(K, "pick_configs", lambda *a: K.CONFIGS[config])
+    W = (8, 8)
+    inputs, table, grad = make_inputs(2, 1, 65, D, dtype, num_relative_distance(W))
+    out, grads = run(rel_pos_attention, inputs, table, grad, window_size=W, backend="triton")
+    assert_matches_fp64(False, inputs, table, grad, out, grads, dtype, {"window_size": W})
+
+
+@needs_triton
+@pytest.mark.parametrize("groups", [1, 3, 5])
+def test_batch_groups(monkeypatch, groups):
+    """dBias partials over G batch groups (uneven split for G=3 of B=5) reduce to the same table gradient."""
+    from beit_fast.kernels import rel_pos_attention as K
+    monkeypatch.setattr(K, "num_batch_groups", lambda B, *a: min(B, groups))
+    W = (3, 3)
+    inputs, table, grad = make_inputs(5, 2, 10, 16, torch.float32, num_relative_distance(W), packed=True)
+    out, grads = run(rel_pos_attention_qkvpacked, inputs, table, grad, window_size=W, backend="triton")
+    assert_matches_fp64(True, inputs, table, grad, out, grads, torch.float32, {"window_size": W})
+
+
+@needs_triton
+def test_packed_equals_unpacked_and_custom_scale():
+    B, H, N, D, W = 2, 2, 17, 32, (4, 4)
+    (qkv,), table, grad = make_inputs(B, H, N, D, torch.float32, num_relative_distance(W), packed=True)
+    kw = {"window_size": W, "scale": 0.3, "backend": "triton"}
+    out_p, (dqkv, dt_p) = run(rel_pos_attention_qkvpacked, [qkv], table, grad, **kw)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    out_u, (dq, dk, dv, dt_u) = run(rel_pos_attention, [q, k, v], table, grad.view(B, N, H, D).transpose(1, 2), **kw)
+    torch.testing.assert_close(out_p, out_u.transpose(1, 2).reshape(B, N, H * D), atol=0, rtol=0)
+    torch.testing.assert_close(dqkv, torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], 2), atol=0, rtol=0)
+    torch.testing.assert_close(dt_p, dt_u, atol=0, rtol=0)
+    assert_matches_fp64(True, [qkv], table, grad, out_p, [dqkv, dt_p], torch.float32, {"window_size": W, "scale": 0.3})
+
+
+@needs_triton
+def test_window_index_in_kernel_equals_explicit_index():
+    W = (3, 5)
+    N, R = 16, num_relative_distance(W)
+    inputs, table, grad = make_inputs(2, 2, N, 32, torch.float32, R)
+    a = run(rel_pos_attention, inputs, table, grad, window_size=W, backend="triton")
+    b = run(rel_pos_attention, inputs, table, grad, rel_index=relative_position_index(W).to(DEVICE), backend="triton")
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_matches_reference_with_reproduced_mask(dtype):
+    B, H, W, D, p = 2, 2, (4, 4), 32, 0.3
+    N, R = 17, num_relative_distance(W)
+    inputs, table, grad = make_inputs(B, H, N, D, dtype, R)
+    seed = 1234
+    out, grads = run(rel_pos_attention, inputs, table, grad, window_size=W, dropout_p=p, dropout_seed=seed,
+                     backend="triton")
+    keep = dropout_keep_mask(seed, B, H, N, p, device=DEVICE)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.05
+    mask = keep.double() / (1 - p)
+    assert_matches_fp64(False, inputs, table, grad, out, grads, dtype, {"window_size": W, "dropout_mask": mask})
+    again = run(rel_pos_attention, inputs, table, grad, window_size=W, dropout_p=p, dropout_seed=seed,
+                backend="triton")
+    torch.testing.assert_close(again[0], out, atol=0, rtol=0)
+    other = rel_pos_attention(*inputs, table, window_size=W, dropout_p=p, dropout_seed=seed + 1, backend="triton")
+    assert not torch.equal(other, out)
+
+
+@needs_triton
+def test_dropout_without_seed_draws_from_torch_generator():
+    W = (2, 2)
+    inputs, table, _ = make_inputs(1, 2, 5, 16, torch.float32, num_relative_distance(W))
+    torch.manual_seed(7)
+    a = rel_pos_attention(*inputs, table, window_size=W, dropout_p=0.5, backend="triton")
+    torch.manual_seed(7)
+    b = rel_pos_attention(*inputs, table, window_size=W, dropout_p=0.5, backend="triton")
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("packed", [False, True])
+def test_table_gradient_is_bitwise_deterministic(packed):
+    B, H, W, D = 5, 2, (4, 4), 32   # several batches per group: the partial sums see read-modify-writes
+    inputs, table, grad = make_inputs(B, H, 17, D, torch.float32, num_relative_distance(W), packed=packed)
+    fn = rel_pos_attention_qkvpacked if packed else rel_pos_attention
+    first = run(fn, inputs, table, grad, window_size=W, backend="triton")[1]
+    second = run(fn, inputs, table, grad, window_size=W, backend="triton")[1]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+def test_frozen_table_and_partial_grads():
+    W = (2, 3)
+    (q, k, v), table, grad = make_inputs(2, 2, 7, 32, torch.float32, num_relative_distance(W))
+    q = q.requires_grad_()
+    out = rel_pos_attention(q, k, v, table, window_size=W, backend="triton")
+    (dq,) = torch.autograd.grad(out, [q], grad)
+    q64 = q.detach().double().requires_grad_()
+    ref = rel_pos_attention_ref(q64, k.double(), v.double(), table.double(), window_size=W)
+    (dq64,) = torch.autograd.grad(ref, [q64], grad.double())
+    torch.testing.assert_close(dq.double(), dq64, atol=TOL[torch.float32]["dq"][0], rtol=TOL[torch.float32]["dq"][1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad inputs, backend selection
+# ----------------------------------------------------------------------------------------------------------
+
+def _good(B=2, H=2, W=(2, 2), D=16):
+    N, R = W[0] * W[1] + 1, num_relative_distance(W)
+    return [torch.randn(B, H, N, D) for _ in range(3)], torch.randn(R, H)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a, kw: a.__setitem__(1, torch.randn(2, 2, 4, 16)), r"\(B, H, N, D\)"),
+    (lambda a, kw: a.__setitem__(0, torch.randn(2, 5, 16)), r"\(B, H, N, D\)"),
+    (lambda a, kw: a.__setitem__(3, torch.randn(13, 2)), r"\(12, 2\)"),
+    (lambda a, kw: a.__setitem__(3, torch.randn(12, 3)), r"\(R, H\) = \(R, 2\)"),
+    (lambda a, kw: kw.update(window_size=(3, 3)), r"N = Wh\*Ww \+ 1 = 10"),
+    (lambda a, kw: kw.update(window_size=(2, 0)), r"positive"),
+    (lambda a, kw: kw.update(rel_index=torch.zeros(5, 5, dtype=torch.long)), r"exactly one"),
+    (lambda a, kw: kw.update(window_size=None), r"exactly one"),
+    (lambda a, kw: kw.update(window_size=None, rel_index=torch.zeros(4, 5, dtype=torch.long)), r"\(5, 5\)"),
+    (lambda a, kw: kw.update(window_size=None, rel_index=torch.zeros(5, 5)), r"integer"),
+    (lambda a, kw: kw.update(window_size=None, rel_index=torch.full((5, 5), 12)), r"\[0, 12\)"),
+    (lambda a, kw: a.__setitem__(2, a[2].half()), r"dtype"),
+    (lambda a, kw: a.__setitem__(0, a[0].long()), r"dtype"),
+    (lambda a, kw: a.__setitem__(3, a[3].long()), r"floating"),
+    (lambda a, kw: kw.update(dropout_p=1.0), r"dropout_p"),
+])
+def test_bad_inputs_raise_value_error(mutate, match):
+    (q, k, v), table = _good()
+    args, kw = [q, k, v, table], {"window_size": (2, 2)}
+    mutate(args, kw)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match=match):
+            rel_pos_attention(*args, backend=backend, **kw)
+
+
+def test_bad_packed_shape():
+    table = torch.randn(12, 2)
+    with pytest.raises(ValueError, match=r"\(B, N, 3, H, D\)"):
+        rel_pos_attention_qkvpacked(torch.randn(2, 5, 2, 2, 16), table, window_size=(2, 2))
+    with pytest.raises(ValueError, match=r"\(R, H\) = \(R, 3\)"):
+        rel_pos_attention_qkvpacked(torch.randn(2, 5, 3, 3, 16), table, window_size=(2, 2))
+
+
+def test_backend_selection_errors(monkeypatch):
+    (q, k, v), table = _good()
+    with pytest.raises(BackendUnavailable, match="not one of this op's backends"):
+        rel_pos_attention(q, k, v, table, window_size=(2, 2), backend="cuda")
+    if not CUDA:
+        with pytest.raises(BackendUnavailable, match="bf16"):
+            rel_pos_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), table, window_size=(2, 2), backend="triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+            rel_pos_attention(q, k, v, table, window_size=(2, 2), backend="triton")
+    with pytest.raises(BackendUnavailable, match="fp16, bf16 or fp32"):
+        rel_pos_attention(q.double(), k.double(), v.double(), table, window_size=(2, 2), backend="triton")
+    big = torch.randn(1, 2, 5, 160)
+    assert any("head dim 160" in r for r in not_supported_reasons("triton", big, big, big, table, (2, 2)))
+
+
+def test_auto_backend_and_env_override(monkeypatch):
+    (q, k, v), table = _good()
+    calls = []
+    monkeypatch.setattr(op_mod, "_reference", lambda *a: calls.append("reference") or rel_pos_attention_ref(*a[:6]))
+    monkeypatch.delenv("BEIT_FAST_BACKEND", raising=False)
+    rel_pos_attention(q, k, v, table, window_size=(2, 2))
+    assert calls == ["reference"]   # CPU tensors: auto never picks the interpreter
+    if INTERPRET and not CUDA:
+        monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
+        out = rel_pos_attention(q, k, v, table, window_size=(2, 2))
+        assert calls == ["reference"]
+        torch.testing.assert_close(out, rel_pos_attention_ref(q, k, v, table, (2, 2)), atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library
+# ----------------------------------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_opcheck(packed, dropout):
+    W = (2, 2)
+    N, R = 5, num_relative_distance(W)
+    inputs, table, _ = make_inputs(1, 2, N, 16, torch.float32, R, packed=packed)
+    seed = torch.tensor([3], dtype=torch.int64, device=DEVICE) if dropout else None
+    leaves = [t.requires_grad_() for t in inputs + [table]]
+    if packed:
+        op, args = torch.ops.beit_fast.rel_pos_attention_qkvpacked.default, (*leaves, None, 2, 2, 0.25, dropout, seed)
+    else:
+        op, args = torch.ops.beit_fast.rel_pos_attention.default, (*leaves, None, 2, 2, 0.25, dropout, seed)
+    torch.library.opcheck(op, args)
+    idx = random_index(N, R).to(DEVICE)
+    args = (*leaves, idx, 0, 0, 0.25, dropout, seed)
+    torch.library.opcheck(op, args)
+
+
+@needs_triton
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_triton(compile_backend):
+    """The Triton path (custom ops) inside a compiled model: one graph, no breaks, same loss and dTable."""
+    W = (2, 2)
+    B, H, N, D = 2, 2, 5, 16
+    qkv_proj = torch.nn.Linear(H * D, 3 * H * D).to(DEVICE)
+    table = torch.nn.Parameter(torch.randn(num_relative_distance(W), H, device=DEVICE))
+
+    def block(x):
+        qkv = qkv_proj(x).view(B, N, 3, H, D)
+        return rel_pos_attention_qkvpacked(qkv, table, window_size=W, backend="triton").sum()
+
+    x = torch.randn(B, N, H * D, device=DEVICE)
+    compiled = torch.compile(block, fullgraph=True, backend=compile_backend)
+    loss = compiled(x)
+    loss.backward()
+    g_compiled = table.grad.clone()
+    table.grad = None
+    eager = block(x)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(g_compiled, table.grad, atol=0, rtol=0)
+
+
+def test_torch_compile_fullgraph_reference():
+    W = (2, 2)
+    (q, k, v), table = _good(W=W)
+    table.requires_grad_()
+    f = torch.compile(lambda *a: rel_pos_attention(*a, window_size=W, backend="reference"), fullgraph=True,
+                      backend="aot_eager")
+    torch.testing.assert_close(f(q, k, v, table), rel_pos_attention_ref(q, k, v, table, W))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA only: bf16 / fp16 under the 2x rule, determinism at BEiT-B size
+# ----------------------------------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,W,D,packed", [(4, 12, (14, 14), 64, True), (2, 16, (24, 24), 64, False),
+                                            (3, 4, (8, 8), 80, False), (2, 4, (14, 14), 128, True),
+                                            (2, 4, (14, 14), 32, False)])
+def test_cuda_low_precision_two_x_rule(dtype, B, H, W, D, packed):
+    N, R = W[0] * W[1] + 1, num_relative_distance(W)
+    inputs, table, grad = make_inputs(B, H, N, D, dtype, R, packed=packed, device="cuda")
+    fn = rel_pos_attention_qkvpacked if packed else rel_pos_attention
+    out, grads = run(fn, inputs, table, grad, window_size=W, backend="triton")
+    out_t, grads_t = run(ref_fn(packed), inputs, table, grad, window_size=W)              # torch, same dtype
+    out64, grads64 = run(ref_fn(packed), [t.double() for t in inputs], table.double(), grad.double(), window_size=W)
+    for name, a, b, c in zip(["out"] + names(packed), [out] + grads, [out_t] + grads_t, [out64] + grads64):
+        ours = (a.double() - c).abs().max().item()
+        theirs = (b.double() - c).abs().max().item()
+        assert ours <= 2 * theirs + ATOL_2X[dtype], f"{name}: ours {ours:.3g} vs torch {theirs:.3g}"
+
+
+@needs_cuda
+def test_cuda_table_gradient_deterministic_beit_base():
+    W = (14, 14)
+    inputs, table, grad = make_inputs(32, 12, 197, 64, torch.bfloat16, num_relative_distance(W), packed=True,
+                                      device="cuda")
+    first = run(rel_pos_attention_qkvpacked, inputs, table, grad, window_size=W, backend="triton")[1]
+    for _ in range(3):
+        again = run(rel_pos_attention_qkvpacked, inputs, table, grad, window_size=W, backend="triton")[1]
+        assert torch.equal(first[1], again[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# no GPU needed: every kernel and config compiles for sm_90 (catches what the interpreter forgives)
+# ----------------------------------------------------------------------------------------------------------
+
+def compile_for_sm90(config_names=("16bit_d64", "16bit_d128", "fp32")):
+    """Compile each kernel as it is launched for BEiT shapes (strides of 1 as constants, 16-divisible
+    pointers and strides) with Triton's offline compiler; return {kernel/config: shared memory bytes}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from beit_fast.kernels import rel_pos_attention as K
+    one = {"s_qd", "s_kd", "s_vd", "s_od", "s_gd", "s_dqd", "s_dkd", "s_dvd", "s_tr", "s_dth"}
+    floats = {"qk_scale", "sm_scale", "dropout_p"}
+    int_caps = {"B", "H", "N", "R", "G", "NN", "MAX_COUNT"}
+    ptrs = {"TBL": "*fp32", "IDX": "*i64", "SEED": "*i64", "LSE": "*fp32", "DELTA": "*fp32", "DB": "*fp32",
+            "PERM": "*i32", "START": "*i32", "COUNT": "*i32", "DT": "*fp32", "OUT": "*i8"}
+
+    def build(fn, dtype, consts, warps, stages):
+        sig, cx, attrs = {}, {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in consts or name in one:
+                sig[name], cx[name] = "constexpr", consts.get(name, 1)
+            elif name.isupper() and name not in int_caps:
+                sig[name], attrs[(i,)] = ptrs.get(name, "*" + dtype), [["tt.divisibility", 16]]
+            else:
+                sig[name] = "fp32" if name in floats else "i32"
+                if name.startswith("s_") and name not in ("s_th",):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        k = triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        return k.metadata
+
+    dims = {"16bit_d64": [("bf16", 64)], "16bit_d128": [("fp16", 80)], "fp32": [("fp32", 128)]}
+    shared = {}
+    for name in config_names:
+        cfg = K.CONFIGS[name]
+        for dtype, D in dims[name]:
+            for has_index, drop in ((False, False), (True, True)):
+                common = dict(HEAD_D=D, BLOCK_D=K._block_d(D), HAS_INDEX=has_index, HAS_DROPOUT=drop,
+                              DOT_PREC="ieee" if dtype == "fp32" else "tf32")
+                for kern, tile, extra in ((K._fwd_kernel, cfg.fwd, {}), (K._dq_kernel, cfg.dq, {}),
+                                          (K._dkdv_kernel, cfg.dkdv, {"NEED_DBIAS": True})):
+                    consts = dict(common, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, **extra)
+                    meta = build(kern, dtype, consts, tile.num_warps, tile.num_stages)
+                    shared[f"{kern.__name__}/{name}/{dtype}/index+dropout={has_index}"] = meta.shared
+            build(K._delta_kernel, dtype, dict(HEAD_D=D, BLOCK_D=K._block_d(D), BLOCK_M=64), 4, 2)
+    build(K._table_grad_kernel, "fp32", dict(BLOCK_R=16, BLOCK_C=64), 4, 2)
+    build(K._keep_mask_kernel, "fp32", dict(BLOCK=32), 4, 2)
+    return shared
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_sm90():
+    """In a fresh process without the interpreter (the jit functions must be real ones)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", BEIT_FAST_TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, __file__, "--compile-sm90"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and ("not found" in proc.stderr or "No such" in proc.stderr):
+        pytest.skip("Triton's bundled ptxas is not available")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+if __name__ == "__main__" and "--compile-sm90" in sys.argv:
+    for key, shared in compile_for_sm90().items():
+        print(f"{key}: ok (shared memory {shared} B)")
