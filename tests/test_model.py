@@ -45,11 +45,18 @@ def test_logits_match_timm(name):
         assert rel_err(ref2(x), a) < 1e-4
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_attention_paths_agree_logits_and_grads(impl):
-    torch.manual_seed(0)
-    base = randomize_(create_model("beit_test_patch4_32", attn_impl="eager", drop_path_rate=0.0))
-    other = create_model("beit_test_patch4_32", attn_impl=impl)
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "fused", "fused-triton"])
+def test_attention_paths_agree_logits_and_grads(impl, monkeypatch):
+    """attn_impl is a config choice; all paths give the same logits and gradients. "fused-triton" forces
+    the Triton kernel (the interpreter on CPU)."""
+    if impl == "fused-triton":
+        import os
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1")
+        monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
+        impl = "fused"
+    base = randomize_(create_model("beit_test_patch4_32", attn_impl="eager", fused=False))
+    other = create_model("beit_test_patch4_32", attn_impl=impl, fused=False)
     other.load_state_dict(base.state_dict())
     x = torch.randn(3, 3, 32, 32)
     outs = []
