@@ -1,11 +1,35 @@
 // beit_fast._C: the Python module object and the one place where the beit_fast op schemas are declared.
-// Kernels register themselves per dispatch key (CPU, CUDA) in their own files with TORCH_LIBRARY_IMPL.
+// Kernels register themselves per dispatch key (CPU, CUDA) in their own files with TORCH_LIBRARY_IMPL;
+// autograd and fake (meta) functions are registered from Python, in beit_fast/ops/<op>.py.
 #include <torch/extension.h>
 
 TORCH_LIBRARY(beit_fast, m) {
   // Block-wise masking (BEiT's MaskingGenerator), one mask per row, seeded: (B, height*width) bool.
   m.def("block_mask(int batch, int height, int width, int num_masking_patches, int min_num_patches, "
         "int max_num_patches, float min_aspect, float max_aspect, int seed) -> Tensor");
+
+  // Patch embedding (Conv2d with kernel = stride) + mask-token replacement + cls token + absolute position
+  // embedding: images (B, Cin, H, W), weight (C, Cin, ph, pw), bias (C), bool_masked_pos (B, P) bool,
+  // mask_token / cls_token (1, 1, C), pos_embed (1, 1+P, C) -> (B, 1+P, C) in images' dtype. bias, the mask
+  // and pos_embed may be None; mask_token may be None when the mask is.
+  m.def("masked_patch_embed(Tensor images, Tensor weight, Tensor? bias, Tensor? bool_masked_pos, "
+        "Tensor? mask_token, Tensor cls_token, Tensor? pos_embed) -> Tensor");
+  // Gradients of (images, weight, bias, mask_token, cls_token, pos_embed); None where output_mask is false.
+  m.def("masked_patch_embed_backward(Tensor grad_out, Tensor images, Tensor weight, Tensor? bias, "
+        "Tensor? bool_masked_pos, Tensor? mask_token, Tensor cls_token, Tensor? pos_embed, bool[6] output_mask) "
+        "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+
+  // s = x + drop_path_scale[:, None, None] * (gamma * y); n = LayerNorm(s; ln_weight, ln_bias, eps).
+  // x (B, N, C); y (B, N, C) in x's dtype (or fp16/bf16 when x is fp32); gamma, ln_weight, ln_bias (C);
+  // drop_path_scale (B). Returns (s, n, mean, rstd); n, mean, rstd are None when ln_weight is None.
+  // mean / rstd (B, N) are fp32 (fp64 for fp64 inputs) and exist for the backward.
+  m.def("layer_scale_residual_norm(Tensor x, Tensor y, Tensor? gamma, Tensor? drop_path_scale, "
+        "Tensor? ln_weight, Tensor? ln_bias, float eps) -> (Tensor, Tensor?, Tensor?, Tensor?)");
+  // Gradients of (x, y, gamma, ln_weight, ln_bias) given the gradients of s and n (None = zero);
+  // y is needed only for the gamma gradient; None where output_mask is false.
+  m.def("layer_scale_residual_norm_backward(Tensor? grad_sum, Tensor? grad_norm, Tensor sum, Tensor? y, "
+        "ScalarType y_dtype, Tensor? gamma, Tensor? drop_path_scale, Tensor? ln_weight, Tensor? ln_bias, "
+        "Tensor? mean, Tensor? rstd, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 }
 
 static bool built_with_cuda() {

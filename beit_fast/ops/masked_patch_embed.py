@@ -1,0 +1,184 @@
+"""masked_patch_embed: BEiT's input stage in one op.
+
+    x = Conv2d(images; weight, bias, kernel = stride = patch)          (B, P, C)
+    x = x * (1 - w) + mask_token * w,  w = bool_masked_pos[..., None]     masked patches -> mask_token
+    x = cat(cls_token, x) + pos_embed                                     (B, 1 + P, C)
+
+Backends, fastest first: "cuda", "cpp" (extension kernels, csrc/masked_patch_embed.*), "reference" (PyTorch).
+
+Design (chosen for the H100, not measured here): a convolution whose kernel equals its stride is a GEMM over
+non-overlapping patches, so the op is
+  1. gather: a small kernel copies the pixels of every unmasked patch into a (B*(1+P), K) patch matrix
+     (K = Cin*ph*pw, 16-byte accesses; cls and masked rows are written as zeros without reading pixels);
+  2. one cuBLAS GEMM (at::mm) writes patches @ weight.view(C, K)^T straight into the (B, 1+P, C) output;
+  3. an epilogue kernel rewrites the output in place: + bias, mask_token at masked patches, cls_token in row
+     0, + pos_embed (fp32 math, one read and one write).
+cuBLAS is the fastest GEMM available for this shape (K = 768, C = 768/1024, M = B*197), and the surrounding
+work is bandwidth-bound elementwise code, which is where fusion pays. Masked rows still pass through the GEMM
+as zero rows: skipping them would need the number of unmasked rows on the host (a device sync every step,
+stalling the launch queue), while the GEMM is a small share of the model. Masked rows contribute exactly
+nothing to the weight and bias gradients (their patch rows are zero and their output gradient goes to
+mask_token). Backward: dW = grad^T @ patches (cuBLAS, patch matrix re-gathered rather than saved),
+dimages = scatter(grad @ W) (zero at masked patches), and bias / mask_token / cls_token / pos_embed gradients
+from one pass over grad that sums over the batch in a fixed order (deterministic).
+
+Differences from the reference, both deliberate: non-finite pixels inside a masked patch do not leak into the
+output (the reference's x * (1 - w) turns inf into nan); under autocast the op runs the conv GEMM in the
+autocast dtype and returns that dtype (the reference promotes to the fp32 tokens).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import choose, common_reasons, extension, has_kernel
+
+OP = "masked_patch_embed"
+PREFERENCE = ("cuda", "cpp", "reference")
+
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CPP_DTYPES = _CUDA_DTYPES + (torch.float64,)
+
+
+def masked_patch_embed_ref(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           bool_masked_pos: Optional[torch.Tensor], mask_token: Optional[torch.Tensor],
+                           cls_token: torch.Tensor,
+                           pos_embed: Optional[torch.Tensor] = None, *, upcast: bool = False) -> torch.Tensor:
+    """unilm's order: conv -> flatten -> mask blend -> cat(cls) -> + pos_embed. upcast=True computes in float64
+    and returns float64 (the oracle for the low-precision error rule)."""
+    if upcast:
+        images, weight, bias, mask_token, cls_token, pos_embed = (
+            None if t is None else t.double() for t in (images, weight, bias, mask_token, cls_token, pos_embed))
+    x = F.conv2d(images, weight, bias, stride=tuple(weight.shape[-2:])).flatten(2).transpose(1, 2)
+    if bool_masked_pos is not None:
+        w = bool_masked_pos.unsqueeze(-1).type_as(mask_token)
+        x = x * (1 - w) + mask_token * w
+    x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    if pos_embed is not None:
+        x = x + pos_embed
+    return x
+
+
+def environment_reasons(backend: str, device=None) -> list[str]:
+    """Reasons that do not depend on the inputs (also shown by `python -m beit_fast.info`): an extension built
+    before this op existed, or without its CUDA kernel."""
+    key = {"cuda": "CUDA", "cpp": "CPU"}.get(backend)
+    if key is not None and extension()[0] is not None and not has_kernel(f"beit_fast::{OP}", key):
+        return [f"beit_fast._C has no {key} kernel for beit_fast::{OP} (rebuild the extension)"]
+    return []
+
+
+def not_supported_reasons(backend: str, images: torch.Tensor, weight: torch.Tensor, bias=None, bool_masked_pos=None,
+                          mask_token=None, cls_token=None, pos_embed=None, *, auto: bool = False) -> list[str]:
+    """Why `backend` cannot run these inputs (empty list: it can). Malformed inputs (wrong shapes) are not
+    reasons: the op rejects them with a message naming the shapes."""
+    tensors = [t for t in (images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed) if t is not None]
+    why = common_reasons(backend, tensors, auto=auto)
+    if backend in ("cuda", "cpp") and not why:
+        why += environment_reasons(backend)
+    if backend in ("cuda", "cpp"):
+        allowed = _CUDA_DTYPES if backend == "cuda" else _CPP_DTYPES
+        dtype = _compute_dtype(images, weight)
+        if dtype not in allowed:
+            why.append(f"images have dtype {dtype}; the {backend} kernel supports {[str(d) for d in allowed]}")
+        if images.dtype != weight.dtype and not _autocast_on(images):
+            why.append(f"images ({images.dtype}) and weight ({weight.dtype}) differ in dtype")
+        if backend == "cuda" and images.dim() == 4 and weight.dim() == 4:
+            B, _, H, W = images.shape
+            P = (H // max(weight.shape[2], 1)) * (W // max(weight.shape[3], 1))
+            rows = B * (1 + P)
+            if max(images.numel(), rows * weight[0].numel(), rows * weight.shape[0]) >= 2**31:
+                why.append("a tensor of 2^31 or more elements (the CUDA kernels index with int32)")
+    return why
+
+
+def _autocast_on(images: torch.Tensor) -> bool:
+    return images.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(images.device.type)
+
+
+def _compute_dtype(images: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    if _autocast_on(images):
+        return torch.get_autocast_dtype(images.device.type)
+    return images.dtype
+
+
+def _fake_forward(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed):
+    B, _, H, W = images.shape
+    P = (H // weight.shape[2]) * (W // weight.shape[3])
+    return images.new_empty((B, 1 + P, weight.shape[0]))
+
+
+def _fake_backward(grad_out, images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, output_mask):
+    like = (images, weight, bias, mask_token, cls_token, pos_embed)
+    return tuple(t.new_empty(t.shape) if need and t is not None else None for t, need in zip(like, output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed = inputs
+    # images and weight are inputs the caller holds anyway; the patch matrix is re-gathered in the backward.
+    ctx.save_for_backward(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed)
+
+
+def _backward(ctx, grad_out):
+    images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], bias is not None and need[2], mask_token is not None and need[4], need[5],
+            pos_embed is not None and need[6]]
+    dimages, dweight, dbias, dmask, dcls, dpos = torch.ops.beit_fast.masked_patch_embed_backward(
+        grad_out, images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, mask)
+    return dimages, dweight, dbias, None, dmask, dcls, dpos
+
+
+_registered = False
+
+
+def _register():
+    """Fake (meta) functions and autograd for the C++ ops; once per process, only when beit_fast._C loads."""
+    global _registered
+    mod, _ = extension()
+    if _registered or mod is None or not has_kernel(f"beit_fast::{OP}", "CPU"):
+        return
+    torch.library.register_fake(f"beit_fast::{OP}")(_fake_forward)
+    torch.library.register_fake(f"beit_fast::{OP}_backward")(_fake_backward)
+    torch.library.register_autograd(f"beit_fast::{OP}", _backward, setup_context=_setup_context)
+    _registered = True
+
+
+_register()
+
+
+def masked_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       bool_masked_pos: Optional[torch.Tensor], mask_token: Optional[torch.Tensor],
+                       cls_token: torch.Tensor,
+                       pos_embed: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
+    """Patch embedding + mask-token replacement + cls token + absolute position embedding.
+
+    Args:
+        images: (B, Cin, H, W) with H, W multiples of the patch size; float32, float16, bfloat16 (float64 on the
+            CPU).
+        weight: (C, Cin, ph, pw) the Conv2d weight of patch_embed.proj, images' dtype (under autocast both are
+            cast to the autocast dtype, as conv2d would be).
+        bias: (C,) the Conv2d bias, or None. Any float dtype.
+        bool_masked_pos: (B, P) bool with P = (H/ph)*(W/pw), True = masked; or None (fine-tuning: no masking,
+            mask_token unused and gets no gradient).
+        mask_token: (1, 1, C), or None when bool_masked_pos is None. cls_token: (1, 1, C). pos_embed:
+            (1, 1+P, C) or None (BEiT's default: relative position bias instead). Any float dtype.
+        backend: "auto" | "cuda" | "cpp" | "reference" (see beit_fast._backend).
+
+    Returns:
+        (B, 1+P, C): row 0 = cls_token (+ pos_embed[:, 0]); row 1+p = mask_token if patch p is masked, else
+        conv(patch p) + bias; then + pos_embed[:, 1+p]. dtype: images' (the compute dtype under autocast).
+    """
+    chosen = choose(OP, backend, lambda b, auto: not_supported_reasons(
+        b, images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, auto=auto), PREFERENCE)
+    if chosen == "reference":
+        return masked_patch_embed_ref(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed)
+    if _autocast_on(images):
+        dtype = torch.get_autocast_dtype(images.device.type)
+        images, weight = images.to(dtype), weight.to(dtype)
+    if bool_masked_pos is None:
+        mask_token = None  # unused without a mask: no gradient, as in the reference
+    return torch.ops.beit_fast.masked_patch_embed(images, weight, bias, bool_masked_pos, mask_token, cls_token,
+                                                  pos_embed)

@@ -1,0 +1,284 @@
+"""beit_fast.ops.layer_scale_residual_norm against its PyTorch reference: outputs and every gradient, on the
+C++ CPU kernel (fp32, bf16, fp64 gradcheck) and, when a GPU is present, the CUDA kernel (fp32/fp16/bf16)."""
+import pytest
+import torch
+
+from beit_fast._backend import BackendUnavailable, extension
+from beit_fast.ops.layer_scale_residual_norm import (layer_scale_residual_norm, layer_scale_residual_norm_ref,
+                                                     not_supported_reasons)
+
+pytestmark = pytest.mark.skipif(extension()[0] is None, reason="beit_fast._C is not built")
+ops = torch.ops.beit_fast
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# Low-precision rule: error against the fp64 reference at most 2x the error of PyTorch's own computation in
+# the same dtype, plus ATOL_REL * max|fp64 value|.
+ATOL_REL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
+
+SHAPES = [(2, 197, 768), (1, 197, 1024), (1, 1, 7), (2, 273, 7), (3, 65, 40)]
+# which optional inputs are present: gamma, drop_path_scale, ln_weight, ln_bias
+VARIANTS = {
+    "full": (True, True, True, True),
+    "no_layer_scale_no_drop_path": (False, False, True, True),
+    "no_norm": (True, True, False, False),
+    "norm_without_bias": (True, False, True, False),
+}
+
+
+def make_inputs(shape, dtype, variant, device="cpu", y_dtype=None, param_dtype=None, requires_grad=True):
+    B, N, C = shape
+    has_gamma, has_scale, has_ln, has_bias = VARIANTS[variant]
+    y_dtype = y_dtype or dtype
+    param_dtype = param_dtype or dtype
+
+    def leaf(t, dt):
+        return t.to(device=device, dtype=dt).requires_grad_(requires_grad)
+
+    x = leaf(torch.randn(B, N, C), dtype)
+    y = leaf(torch.randn(B, N, C), y_dtype)
+    gamma = leaf(0.5 + torch.rand(C), param_dtype) if has_gamma else None
+    scale = None
+    if has_scale:  # DropPath with keep_prob 0.8: zeros and 1/0.8, at least one zero
+        keep = torch.rand(B) < 0.8
+        keep[0] = False
+        scale = (keep.float() / 0.8).to(device=device, dtype=param_dtype)
+    w = leaf(1 + 0.2 * torch.randn(C), param_dtype) if has_ln else None
+    b = leaf(0.2 * torch.randn(C), param_dtype) if has_bias else None
+    return x, y, gamma, scale, w, b
+
+
+def forward_backward(fn, inputs, grads, eps=1e-6):
+    """Outputs and the gradients of every input that requires grad (None where there is none)."""
+    for t in inputs:
+        if t is not None and t.requires_grad:
+            t.grad = None
+    s, n = fn(*inputs, eps)
+    outs = [s] + ([n] if n is not None else [])
+    torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs)])
+    return [s, n] + [None if t is None or not t.requires_grad else t.grad for t in inputs]
+
+
+NAMES = ["s", "n", "dx", "dy", "dgamma", "ddrop_path_scale", "dln_weight", "dln_bias"]
+
+
+def check_two_x(ours, ref_lp, ref64, dtype):
+    for name, o, r, r64 in zip(NAMES, ours, ref_lp, ref64):
+        assert (o is None) == (r64 is None), f"{name}: presence differs (ours {o is None}, reference {r64 is None})"
+        if o is None:
+            continue
+        assert o.shape == r64.shape, f"{name}: shape {tuple(o.shape)} vs {tuple(r64.shape)}"
+        err = (o.double() - r64).abs().max().item()
+        base = (r.double() - r64).abs().max().item()
+        atol = ATOL_REL[dtype] * (1.0 + r64.abs().max().item())
+        assert err <= 2 * base + atol, f"{name}: error {err:.3g} > 2 x PyTorch's {base:.3g} + {atol:.3g}"
+
+
+def compare_to_reference(shape, dtype, variant, backend, device="cpu", y_dtype=None):
+    inputs = make_inputs(shape, dtype, variant, device, y_dtype=y_dtype)
+    inputs64 = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    grads = [torch.randn(shape, device=device) for _ in range(2)]
+    fused = lambda *a: layer_scale_residual_norm(*a, backend=backend)  # noqa: E731
+    ours = forward_backward(fused, inputs, grads)
+    ref_lp = forward_backward(layer_scale_residual_norm_ref, inputs, grads)
+    ref64 = forward_backward(layer_scale_residual_norm_ref, inputs64, [g.double() for g in grads])
+    assert ours[0].dtype == inputs[0].dtype
+    check_two_x(ours, ref_lp, ref64, dtype)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpp_matches_reference(shape, dtype, variant):
+    compare_to_reference(shape, dtype, variant, "cpp")
+
+
+@pytest.mark.parametrize("y_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_amp_residual_stream(y_dtype):
+    """x (residual stream) fp32, y (branch output under autocast) 16-bit: outputs fp32, dy in y's dtype."""
+    compare_to_reference((2, 197, 768), torch.float32, "full", "cpp", y_dtype=y_dtype)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cpp_gradcheck(variant):
+    x, y, gamma, scale, w, b = make_inputs((2, 3, 7), torch.float64, variant)
+    params = [t for t in (x, y, gamma, w, b) if t is not None]
+
+    def fn(*ps):
+        it = iter(ps)
+        args = [next(it) if t is not None else None for t in (x, y, gamma)] + [scale]
+        args += [next(it) if t is not None else None for t in (w, b)]
+        s, n = layer_scale_residual_norm(*args, eps=1e-6, backend="cpp")
+        return (s,) if n is None else (s, n)
+
+    assert torch.autograd.gradcheck(fn, params)
+
+
+def test_cpp_gradcheck_drop_path_scale_grad():
+    x, y, gamma, scale, w, b = make_inputs((2, 3, 7), torch.float64, "full")
+    scale = scale.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda *a: layer_scale_residual_norm(*a, eps=1e-6, backend="cpp"), (x, y, gamma, scale, w, b))
+
+
+@pytest.mark.parametrize("which", ["sum", "norm"])
+def test_gradient_of_one_output_only(which):
+    """The unused output's gradient arrives as None (not materialized); the result must not change."""
+    x, y, gamma, scale, w, b = make_inputs((2, 5, 16), torch.float64, "full")
+    params = (x, y, gamma, w, b)
+
+    def grads(fn):
+        s, n = fn(x, y, gamma, scale, w, b)
+        out = torch.autograd.grad((s if which == "sum" else n).pow(2).sum(), params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(out, params)]
+
+    for got, want in zip(grads(lambda *a: layer_scale_residual_norm(*a, backend="cpp")),
+                         grads(layer_scale_residual_norm_ref)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("variant", ["full", "no_norm", "no_layer_scale_no_drop_path"])
+def test_opcheck(variant):
+    x, y, gamma, scale, w, b = make_inputs((2, 5, 24), torch.float32, variant)
+    torch.library.opcheck(ops.layer_scale_residual_norm, (x, y, gamma, scale, w, b, 1e-6))
+
+
+def test_opcheck_backward():
+    x, y, gamma, scale, w, b = make_inputs((2, 5, 24), torch.float32, "full", requires_grad=False)
+    s, n, mean, rstd = ops.layer_scale_residual_norm(x, y, gamma, scale, w, b, 1e-6)
+    gs, gn = torch.randn_like(s), torch.randn_like(s)
+    torch.library.opcheck(ops.layer_scale_residual_norm_backward,
+                          (gs, gn, s, y, y.dtype, gamma, scale, w, b, mean, rstd, [True] * 5))
+    torch.library.opcheck(ops.layer_scale_residual_norm_backward,
+                          (gs, None, s, None, y.dtype, gamma, scale, w, b, mean, rstd, [True, True, False, True, False]))
+
+
+@pytest.mark.parametrize("public", [False, True], ids=["op_fullgraph", "public_function"])
+def test_torch_compile(public):
+    """The registered op (fake + autograd) traces into one graph; the public function also runs compiled
+    (the backend chooser may graph-break: it imports beit_fast._C)."""
+    x, y, gamma, scale, w, b = make_inputs((2, 5, 24), torch.float32, "full")
+
+    def f(x, y, gamma, scale, w, b):
+        if public:
+            s, n = layer_scale_residual_norm(x, y, gamma, scale, w, b, backend="cpp")
+        else:
+            s, n, _, _ = ops.layer_scale_residual_norm(x, y, gamma, scale, w, b, 1e-6)
+        return (s * n).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=not public)
+    g_c = torch.autograd.grad(compiled(x, y, gamma, scale, w, b), (x, y, gamma, w, b))
+    g_e = torch.autograd.grad(f(x, y, gamma, scale, w, b), (x, y, gamma, w, b))
+    for a, e in zip(g_c, g_e):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parameter_gradients_deterministic(dtype):
+    inputs = make_inputs((4, 197, 768), dtype, "full")
+    grads = [torch.randn(4, 197, 768) for _ in range(2)]
+    fused = lambda *a: layer_scale_residual_norm(*a, backend="cpp")  # noqa: E731
+    first = forward_backward(fused, inputs, grads)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # a different split of the rows among threads
+        second = forward_backward(fused, inputs, grads)
+    finally:
+        torch.set_num_threads(threads)
+    third = forward_backward(fused, inputs, grads)
+    for name, a, b, c in zip(NAMES, first, second, third):
+        if a is not None:
+            assert torch.equal(a, b) and torch.equal(a, c), f"{name} differs between runs"
+
+
+def test_no_norm_returns_none():
+    x, y, gamma, scale, _, _ = make_inputs((2, 4, 8), torch.float32, "no_norm")
+    s, n = layer_scale_residual_norm(x, y, gamma, scale, backend="cpp")
+    assert n is None and s.shape == x.shape
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda x, y, g, w: (x[0], y[0], g, w), r"x must have shape \(B, N, C\)"),
+    (lambda x, y, g, w: (x, y[:, :3], g, w), r"y must have x's shape"),
+    (lambda x, y, g, w: (x, y, g[:5], w), r"gamma must have shape \(C,\) = \(8,\)"),
+    (lambda x, y, g, w: (x, y, g, w[None]), r"ln_weight must have shape \(C,\)"),
+])
+def test_bad_shapes_raise_clear_errors(bad, match):
+    x, y, gamma, _, w, _ = make_inputs((2, 4, 8), torch.float32, "full", requires_grad=False)
+    x, y, gamma, w = bad(x, y, gamma, w)
+    with pytest.raises(ValueError, match=match):
+        layer_scale_residual_norm(x, y, gamma, None, w, None, backend="cpp")
+
+
+def test_bad_dtype_and_device_raise_clear_errors():
+    x, y, gamma, _, w, _ = make_inputs((2, 4, 8), torch.float32, "full", requires_grad=False)
+    with pytest.raises(BackendUnavailable, match="needs equal dtypes"):
+        layer_scale_residual_norm(x, y.double(), gamma, None, w, None, backend="cpp")
+    with pytest.raises(ValueError, match="y must have x's dtype"):
+        ops.layer_scale_residual_norm(x, y.double(), gamma, None, w, None, 1e-6)
+    with pytest.raises(ValueError, match="drop_path_scale must have shape"):
+        ops.layer_scale_residual_norm(x, y, gamma, torch.ones(3), w, None, 1e-6)
+    with pytest.raises(ValueError, match="ln_bias was given without ln_weight"):
+        ops.layer_scale_residual_norm(x, y, gamma, None, None, w, 1e-6)
+    # mixed devices: refused by the chooser with a reason naming them
+    with pytest.raises(BackendUnavailable, match="several device types"):
+        layer_scale_residual_norm(x, y, gamma.to("meta"), None, w, None, backend="cpp")
+
+
+def test_auto_backend_on_cpu_is_cpp():
+    x, y, gamma, scale, w, b = make_inputs((1, 3, 8), torch.float32, "full", requires_grad=False)
+    assert not_supported_reasons("cpp", x, y, gamma, scale, w, b) == []
+    assert not_supported_reasons("cuda", x, y, gamma, scale, w, b)  # CPU tensors
+
+
+# ------------------------------------------------------------------------------------------------- GPU only
+@needs_cuda
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(8, 197, 4096), (2, 33, 6000)], ids=str)
+def test_cuda_matches_reference(shape, dtype, variant):
+    compare_to_reference(shape, dtype, variant, "cuda", device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("y_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_amp_residual_stream(y_dtype):
+    compare_to_reference((4, 197, 768), torch.float32, "full", "cuda", device="cuda", y_dtype=y_dtype)
+
+
+@needs_cuda
+def test_cuda_misaligned_inputs_use_the_scalar_path():
+    """Contiguous tensors that start 2 bytes past a 16-byte boundary: C = 768 but no vector loads."""
+    B, N, C = 2, 197, 768
+
+    def misaligned():
+        return torch.randn(B * N * C + 1, device="cuda", dtype=torch.bfloat16)[1:].view(B, N, C).requires_grad_()
+
+    x, y = misaligned(), misaligned()
+    _, _, gamma, scale, w, b = make_inputs((B, N, C), torch.bfloat16, "full", device="cuda")
+    inputs = (x, y, gamma, scale, w, b)
+    grads = [torch.randn(B, N, C, device="cuda") for _ in range(2)]
+    ours = forward_backward(lambda *a: layer_scale_residual_norm(*a, backend="cuda"), inputs, grads)
+    ref_lp = forward_backward(layer_scale_residual_norm_ref, inputs, grads)
+    inputs64 = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    ref64 = forward_backward(layer_scale_residual_norm_ref, inputs64, [g.double() for g in grads])
+    check_two_x(ours, ref_lp, ref64, torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_parameter_gradients_deterministic(dtype):
+    inputs = make_inputs((16, 197, 768), dtype, "full", device="cuda")
+    grads = [torch.randn(16, 197, 768, device="cuda") for _ in range(2)]
+    fused = lambda *a: layer_scale_residual_norm(*a, backend="cuda")  # noqa: E731
+    first = forward_backward(fused, inputs, grads)
+    second = forward_backward(fused, inputs, grads)
+    for name, a, b in zip(NAMES, first, second):
+        if a is not None:
+            assert torch.equal(a, b), f"{name} differs between runs"
+
+
+@needs_cuda
+def test_cuda_opcheck():
+    x, y, gamma, scale, w, b = make_inputs((2, 5, 64), torch.bfloat16, "full", device="cuda")
+    torch.library.opcheck(ops.layer_scale_residual_norm, (x, y, gamma, scale, w, b, 1e-6))
