@@ -75,7 +75,7 @@ def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 10, rep: int
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
@@ -112,7 +112,8 @@ def shape_str(shape: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_mb"]
+    cols = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
+            "pct_copy_bw", "peak_mb"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

@@ -1,0 +1,407 @@
+"""The fused block ops and a whole BEiT block, training (fwd, bwd, fwd+bwd).
+
+Ops and providers (each provider checked against the eager reference on the timed inputs before timing):
+  masked_patch_embed          eager (conv -> mask blend -> cat cls), compile (the same under torch.compile),
+                              ours (beit_fast extension: gather + cuBLAS + fused epilogue)
+  layer_scale_residual_norm   eager (x + s * (g * y) then F.layer_norm), compile, ours (extension kernel),
+                              apex (the eager residual + apex FusedLayerNorm, when apex imports)
+  linear_gelu                 eager (F.gelu(F.linear)), compile, ours (beit_fast.ops.linear_gelu, Triton),
+                              apex (FusedDense + F.gelu), when the op module imports
+  layer_norm                  eager (F.layer_norm), compile, ours (beit_fast.ops.layer_norm, Triton), apex
+                              (FusedLayerNorm), when the op module imports
+  block                       eager (beit_fast.models.beit.Block.forward, SDPA attention, as timm),
+                              compile (the same under torch.compile), ours (Block.forward_fused: fused
+                              attention, linear_gelu and layer_scale_residual_norm; it also produces the next
+                              block's norm1, which the eager block leaves to its successor)
+
+Bytes each op must move (e = element size, M = B*N rows, params and (B, N) statistics ignored):
+  masked_patch_embed  fwd: images B*Cin*H*W*e + weight C*K*e + out B*(1+P)*C*e + mask B*P
+                      bwd (images need no grad): grad B*(1+P)*C*e + images + weight grad C*K*e
+  layer_scale_residual_norm  fwd: read x, y, write s, n = 4*M*C*e;  bwd: read ds, dn, s, y, write dx, dy
+                      = 6*M*C*e
+  linear_gelu         fwd: x M*K*e + W N*K*e + y M*N*e;  bwd: dy, x, W read + dx, dW written (+ preact)
+  layer_norm          fwd: read x, write y = 2*M*C*e;  bwd: read dy, x, write dx = 3*M*C*e
+FLOPs: patch embed 2*B*P*C*K (fwd), the same for bwd (dW only); linear_gelu 2*M*N*K fwd, 4*M*N*K bwd;
+block fwd = 24*M*C^2 + 4*B*N^2*C (qkv, proj, fc1, fc2; QK^T and PV), bwd = 2x the GEMMs + 2.5x attention.
+
+    python bench/bench_blocks.py --out bench/out [--dtypes bf16] [--quick] [--ops block,layer_norm]
+    (--quick: BEiT-B only, torch.compile only for layer_scale_residual_norm and the block: what
+     bench/gpu_check.sh runs; every row of a memory-bound op carries pct_copy_bw, its GB/s as a percentage of
+     a plain copy of one activation measured in the same run)
+    python bench/bench_blocks.py --smoke --out /tmp/b     # CPU: tiny shapes, eager and cpp providers
+"""
+import copy
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (base_parser, check_close, environment, make_row, parse_dtypes, peak_mb, time_ms,  # noqa: E402
+                    write_rows)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+OPS = ("masked_patch_embed", "layer_scale_residual_norm", "linear_gelu", "layer_norm", "block")
+PROVIDERS = ("eager", "compile", "ours", "apex")
+# (B, N or image size, C, heads): BEiT-B at batch 128 (and BEiT-L at 64 in the full sweep)
+FULL = [dict(model="base", B=128, C=768, H=12), dict(model="large", B=64, C=1024, H=16)]
+QUICK = [dict(model="base", B=128, C=768, H=12)]
+SMOKE = [dict(model="tiny", B=2, C=64, H=2)]
+# check against the eager reference in the same dtype: (atol as a fraction of max |ref|, rtol)
+CHECK_TOL = {torch.bfloat16: (3e-2, 5e-2), torch.float16: (5e-3, 1e-2), torch.float32: (1e-4, 1e-4)}
+
+
+class Skip(Exception):
+    """A provider or op that cannot run here; the reason is logged."""
+
+
+def _apex(name):
+    try:
+        if name == "FusedLayerNorm":
+            from apex.normalization import FusedLayerNorm
+            return FusedLayerNorm
+        from apex.fused_dense import FusedDense
+        return FusedDense
+    except Exception as e:
+        raise Skip(f"apex {name} not importable ({type(e).__name__})")
+
+
+def _module(name):
+    try:
+        import importlib
+        return importlib.import_module(name)
+    except Exception as e:
+        raise Skip(f"{name} not importable ({type(e).__name__}: {e})")
+
+
+def _leaf(t):
+    return t.requires_grad_()
+
+
+# ---------------------------------------------------------------------------------------------- cases
+# Each case: dict(inputs=tuple, leaves=[tensors needing grad], grads=[one per used output], shape=dict,
+# nbytes={mode: bytes}, flops={mode: flops}, providers={name: builder() -> fn(*inputs)}).
+
+def case_masked_patch_embed(cfg, dtype, device, smoke):
+    from beit_fast.ops.masked_patch_embed import masked_patch_embed, masked_patch_embed_ref, not_supported_reasons
+    B, C = cfg["B"], cfg["C"]
+    img, patch, Cin = (32, 8, 3) if smoke else (224, 16, 3)
+    P, K = (img // patch) ** 2, Cin * patch * patch
+    images = torch.randn(B, Cin, img, img, device=device, dtype=dtype)   # pixels need no gradient
+    weight = _leaf(torch.randn(C, Cin, patch, patch, device=device, dtype=dtype) / K ** 0.5)
+    bias = _leaf(torch.randn(C, device=device, dtype=dtype) * 0.02)
+    mask = torch.rand(B, P, device=device) < 75 / 196
+    mtok, cls = (_leaf(torch.randn(1, 1, C, device=device, dtype=dtype) * 0.02) for _ in range(2))
+    inputs = (images, weight, bias, mask, mtok, cls, None)   # pretraining: mask, no absolute position
+    e = images.element_size()
+    fwd_b = images.numel() * e + weight.numel() * e + B * (1 + P) * C * e + mask.numel()
+    bwd_b = B * (1 + P) * C * e + images.numel() * e + weight.numel() * e
+    flops = 2.0 * B * P * C * K
+
+    def ours():
+        why = not_supported_reasons("cuda" if device == "cuda" else "cpp", *inputs)
+        if why:
+            raise Skip("; ".join(why))
+        return lambda *a: masked_patch_embed(*a, backend="cuda" if device == "cuda" else "cpp")
+
+    return dict(inputs=inputs, leaves=[weight, bias, mtok, cls], grads=[torch.randn(B, 1 + P, C, device=device,
+                                                                                    dtype=dtype)],
+                shape=dict(model=cfg["model"], B=B, img=img, patch=patch, C=C, masked="~38%"),
+                nbytes=dict(fwd=fwd_b, bwd=bwd_b, fwd_bwd=fwd_b + bwd_b),
+                flops=dict(fwd=flops, bwd=flops, fwd_bwd=2 * flops),
+                providers=dict(eager=lambda: masked_patch_embed_ref,
+                               compile=lambda: torch.compile(masked_patch_embed_ref, dynamic=False), ours=ours))
+
+
+def case_layer_scale_residual_norm(cfg, dtype, device, smoke):
+    from beit_fast.ops.layer_scale_residual_norm import (layer_scale_residual_norm, layer_scale_residual_norm_ref,
+                                                         not_supported_reasons)
+    B, C, N = cfg["B"], cfg["C"], 197 if not smoke else 17
+    x, y = (_leaf(torch.randn(B, N, C, device=device, dtype=dtype)) for _ in range(2))
+    gamma = _leaf(torch.full((C,), 0.1, device=device, dtype=dtype))
+    w = _leaf(1 + 0.1 * torch.randn(C, device=device, dtype=dtype))
+    b = _leaf(0.1 * torch.randn(C, device=device, dtype=dtype))
+    keep = (torch.rand(B, device=device) < 0.9).to(dtype) / 0.9   # drop path 0.1
+    inputs = (x, y, gamma, keep, w, b, 1e-6)
+    e, MC = x.element_size(), B * N * C
+    backend = "cuda" if device == "cuda" else "cpp"
+
+    def ours():
+        why = not_supported_reasons(backend, x, y, gamma, keep, w, b)
+        if why:
+            raise Skip("; ".join(why))
+        return lambda *a: layer_scale_residual_norm(*a, backend=backend)
+
+    def apex():
+        _apex("FusedLayerNorm")
+
+        def fn(x, y, gamma, scale, w, b, eps):
+            s = x + scale[:, None, None] * (gamma * y)
+            return s, _apex_ln(s, w, b, eps)
+        return fn
+
+    return dict(inputs=inputs, leaves=[x, y, gamma, w, b], grads=[torch.randn(B, N, C, device=device, dtype=dtype)
+                                                                   for _ in range(2)],
+                shape=dict(model=cfg["model"], B=B, N=N, C=C),
+                nbytes=dict(fwd=4 * MC * e, bwd=6 * MC * e, fwd_bwd=10 * MC * e), flops={},
+                providers=dict(eager=lambda: layer_scale_residual_norm_ref,
+                               compile=lambda: torch.compile(layer_scale_residual_norm_ref, dynamic=False),
+                               ours=ours, apex=apex))
+
+
+def _apex_ln(s, w, b, eps):
+    # the functional form, so that the gradients land on the benchmark's own weight and bias
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+    return fused_layer_norm_affine(s, w, b, (s.shape[-1],), eps)
+
+
+def case_linear_gelu(cfg, dtype, device, smoke):
+    mod = _module("beit_fast.ops.linear_gelu")
+    B, C, N = cfg["B"], cfg["C"], 197 if not smoke else 17
+    M, Kd, Nd = B * N, C, 4 * C
+    x = _leaf(torch.randn(M, Kd, device=device, dtype=dtype))
+    W = _leaf(torch.randn(Nd, Kd, device=device, dtype=dtype) / Kd ** 0.5)
+    bias = _leaf(torch.randn(Nd, device=device, dtype=dtype) * 0.02)
+    e = x.element_size()
+    eager = lambda x, W, b: F.gelu(F.linear(x, W, b))  # noqa: E731
+
+    def ours():
+        why = mod.not_supported_reasons("triton", x, W, bias)
+        if why:
+            raise Skip("; ".join(why))
+        return lambda *a: mod.linear_gelu(*a, backend="triton")
+
+    def apex():
+        dense = _apex("FusedDense")(Kd, Nd).to(device=device, dtype=dtype)
+        # FusedDense with the benchmark's own weight and bias (cuBLASLt bias epilogue), then GELU
+        return lambda x, W, b: F.gelu(torch.func.functional_call(dense, {"weight": W, "bias": b}, (x,)))
+
+    fwd_b = (M * Kd + Nd * Kd + M * Nd) * e
+    bwd_b = (M * Nd + M * Kd + Nd * Kd + M * Kd + Nd * Kd) * e
+    return dict(inputs=(x, W, bias), leaves=[x, W, bias], grads=[torch.randn(M, Nd, device=device, dtype=dtype)],
+                shape=dict(model=cfg["model"], M=M, K=Kd, N=Nd),
+                nbytes=dict(fwd=fwd_b, bwd=bwd_b, fwd_bwd=fwd_b + bwd_b),
+                flops=dict(fwd=2.0 * M * Nd * Kd, bwd=4.0 * M * Nd * Kd, fwd_bwd=6.0 * M * Nd * Kd),
+                providers=dict(eager=lambda: eager, compile=lambda: torch.compile(eager, dynamic=False), ours=ours,
+                               apex=apex))
+
+
+def case_layer_norm(cfg, dtype, device, smoke):
+    mod = _module("beit_fast.ops.layer_norm")
+    B, C, N = cfg["B"], cfg["C"], 197 if not smoke else 17
+    x = _leaf(torch.randn(B, N, C, device=device, dtype=dtype))
+    w = _leaf(1 + 0.1 * torch.randn(C, device=device, dtype=dtype))
+    b = _leaf(0.1 * torch.randn(C, device=device, dtype=dtype))
+    e, MC = x.element_size(), B * N * C
+    eager = lambda x, w, b: F.layer_norm(x, (C,), w, b, 1e-6)  # noqa: E731
+
+    def ours():
+        why = mod.not_supported_reasons("triton", x, w, b)
+        if why:
+            raise Skip("; ".join(why))
+        return lambda x, w, b: mod.layer_norm(x, w, b, 1e-6, backend="triton")
+
+    def apex():
+        _apex("FusedLayerNorm")
+        return lambda x, w, b: _apex_ln(x, w, b, 1e-6)
+
+    return dict(inputs=(x, w, b), leaves=[x, w, b], grads=[torch.randn(B, N, C, device=device, dtype=dtype)],
+                shape=dict(model=cfg["model"], B=B, N=N, C=C),
+                nbytes=dict(fwd=2 * MC * e, bwd=3 * MC * e, fwd_bwd=5 * MC * e), flops={},
+                providers=dict(eager=lambda: eager, compile=lambda: torch.compile(eager, dynamic=False), ours=ours,
+                               apex=apex))
+
+
+def case_block(cfg, dtype, device, smoke):
+    beit = _module("beit_fast.models.beit")
+    if not hasattr(beit, "Block"):
+        raise Skip("beit_fast.models.beit has no Block")
+    B, C, H = cfg["B"], cfg["C"], cfg["H"]
+    window = (4, 4) if smoke else (14, 14)
+    N = window[0] * window[1] + 1
+    fused_attn = "fused" if device == "cuda" else "sdpa"   # the fused attention kernel is Triton on CUDA
+    torch.manual_seed(0)
+    blk_ref = beit.Block(C, H, mlp_ratio=4.0, init_values=0.1, window_size=window, attn_impl="sdpa", fused=False)
+    blk_ref = blk_ref.to(device=device, dtype=dtype).train()
+    x = _leaf(torch.randn(B, N, C, device=device, dtype=dtype))
+    leaves = [x] + list(blk_ref.parameters())
+
+    def eager():
+        return lambda x: blk_ref(x)
+
+    def compiled():
+        fn = torch.compile(blk_ref, dynamic=False)
+        return lambda x: fn(x)
+
+    def ours():
+        ln = _module("beit_fast.ops.layer_norm")
+        blk = copy.deepcopy(blk_ref)   # same weights, its own gradients
+        blk.attn.attn_impl = fused_attn
+        nxt = torch.nn.LayerNorm(C, eps=1e-6).to(device=device, dtype=dtype)
+
+        def full(x):   # checked against eager: norm1 computed here
+            return blk.forward_fused(x, ln.layer_norm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps), nxt)
+
+        h = ln.layer_norm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps).detach().requires_grad_()
+
+        def steady(x):
+            # timed as in the fused model: h = norm1(x) arrives from the previous block's fused epilogue, and
+            # this block makes the next block's norm1 (the eager block computes its own norm1 instead)
+            return blk.forward_fused(x, h, nxt)
+
+        steady.check_fn = full
+        steady.own_leaves = [x] + list(blk.parameters())
+        return steady
+
+    M = B * N
+    fwd_flops = 24.0 * M * C * C + 4.0 * B * N * N * C
+    bwd_flops = 2 * 24.0 * M * C * C + 2.5 * 4.0 * B * N * N * C
+    return dict(inputs=(x,), leaves=leaves, grads=[torch.randn(B, N, C, device=device, dtype=dtype)],
+                shape=dict(model=cfg["model"], B=B, N=N, C=C, heads=H, attn_ours=fused_attn),
+                nbytes={}, flops=dict(fwd=fwd_flops, bwd=bwd_flops, fwd_bwd=fwd_flops + bwd_flops),
+                providers=dict(eager=eager, compile=compiled, ours=ours))
+
+
+CASES = dict(masked_patch_embed=case_masked_patch_embed, layer_scale_residual_norm=case_layer_scale_residual_norm,
+             linear_gelu=case_linear_gelu, layer_norm=case_layer_norm, block=case_block)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def _outputs(out):
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o for o in outs if isinstance(o, torch.Tensor)]
+
+
+def _grad(fn, case, leaves, retain=False, outs=None):
+    outs = _outputs(fn(*case["inputs"])) if outs is None else outs
+    n = min(len(outs), len(case["grads"]))
+    return torch.autograd.grad(outs[:n], leaves, case["grads"][:n], retain_graph=retain, allow_unused=True)
+
+
+def check_provider(name, fn, case, expected, dtype):
+    """Outputs and parameter gradients against the eager reference (first output's gradient only, so that
+    providers returning an extra output are compared on the same loss)."""
+    leaves = getattr(fn, "own_leaves", case["leaves"])
+    outs = _outputs(getattr(fn, "check_fn", fn)(*case["inputs"]))
+    got = torch.autograd.grad(outs[:1], leaves, case["grads"][:1], allow_unused=True)
+    exp_outs, exp_grads = expected
+    atol_frac, rtol = CHECK_TOL[dtype]
+    for i, (a, b) in enumerate(zip(outs, exp_outs)):
+        check_close(f"{name} (output {i})", a, b, atol=atol_frac * b.abs().max().item(), rtol=rtol)
+    for i, (a, b) in enumerate(zip(got, exp_grads)):
+        if b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        check_close(f"{name} (grad {i})", a, b, atol=atol_frac * (b.abs().max().item() + 1e-6), rtol=rtol)
+
+
+def reference(case):
+    fn = case["providers"]["eager"]()
+    outs = [o.detach() for o in _outputs(fn(*case["inputs"]))]
+    grads = torch.autograd.grad(_outputs(fn(*case["inputs"]))[:1], case["leaves"], case["grads"][:1],
+                                allow_unused=True)
+    return outs, grads
+
+
+def bench_provider(op, name, fn, case, dtype, device, env):
+    leaves = getattr(fn, "own_leaves", case["leaves"])
+    rep = dict(warmup=1, rep=3) if device == "cpu" else {}
+    outs = _outputs(fn(*case["inputs"]))
+    calls = {
+        "fwd": lambda: fn(*case["inputs"]),
+        "bwd": lambda: _grad(fn, case, leaves, retain=True, outs=outs),
+        "fwd_bwd": lambda: _grad(fn, case, leaves),
+    }
+    rows = []
+    for mode, call in calls.items():
+        t = time_ms(call, device, **rep)
+        peak = peak_mb(call, device)
+        rows.append(make_row(op, name, mode, case["shape"], dtype, t, env, flops=case["flops"].get(mode),
+                             nbytes=case["nbytes"].get(mode), peak=peak))
+        r = rows[-1]
+        print(f"  {name:8s} {mode:7s} {t['median_ms']:9.3f} ms  {r['gbps'] or 0:8.1f} GB/s  "
+              f"{r['tflops'] or 0:7.2f} TFLOP/s  peak {peak if peak is None else round(peak, 1)} MB")
+    return rows
+
+
+def copy_bandwidth(cfg, dtype, device, env, rows):
+    """GB/s of a plain device copy of one (B*197, C) activation (read + write): the bar the memory-bound
+    ops are measured against (issue target: >= 80% of it)."""
+    n = cfg["B"] * 197 * cfg["C"]
+    src = torch.randn(n, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), device, **(dict(warmup=1, rep=3) if device == "cpu" else {}))
+    row = make_row("copy", "torch", "fwd", {"model": cfg["model"], "B": cfg["B"], "C": cfg["C"]}, dtype, t, env,
+                   nbytes=2 * n * src.element_size())
+    rows.append(row)
+    print(f"copy {cfg['model']} {dtype}: {row['gbps']:.1f} GB/s")
+    return row["gbps"]
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    p.add_argument("--ops", default="all", help=f"comma list of {OPS}, or all")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device == "cpu" and not args.smoke:
+        raise SystemExit("no CUDA device: run with --smoke for the CPU smoke test")
+    dtypes = [torch.float32] if args.smoke else parse_dtypes(args.dtypes)
+    ops = OPS if args.ops == "all" else tuple(x.strip() for x in args.ops.split(","))
+    wanted = PROVIDERS if args.providers == "all" else tuple(x.strip() for x in args.providers.split(","))
+    if args.smoke and args.providers == "all":
+        wanted = ("eager", "ours")
+    cfgs = SMOKE if args.smoke else QUICK if args.quick else FULL
+    env = environment(device)
+    rows, skipped, failed = [], [], []
+    for dtype in dtypes:
+        for cfg in cfgs:
+            copy_gbps = copy_bandwidth(cfg, dtype, device, env, rows)
+            first = len(rows)
+            for op in ops:
+                print(f"{op} {cfg['model']} B={cfg['B']} C={cfg['C']} {dtype}")
+                try:
+                    case = CASES[op](cfg, dtype, device, args.smoke)
+                    expected = reference(case)
+                except Skip as e:
+                    skipped.append(f"{op}: {e}")
+                    print(f"  skip {op}: {e}")
+                    continue
+                for name in wanted:
+                    if name not in case["providers"]:
+                        continue
+                    if args.quick and name == "compile" and op not in ("layer_scale_residual_norm", "block"):
+                        continue
+                    try:
+                        fn = case["providers"][name]()
+                        check_provider(name, fn, case, expected, dtype)
+                        rows += bench_provider(op, name, fn, case, dtype, device, env)
+                    except Skip as e:
+                        skipped.append(f"{op} {name}: {e}")
+                        print(f"  skip {name}: {e}")
+                    except RuntimeError as e:   # check_close: a wrong provider is reported, never timed
+                        if isinstance(e, torch.cuda.OutOfMemoryError):
+                            skipped.append(f"{op} {name} {cfg['model']}: out of memory")
+                            torch.cuda.empty_cache()
+                            continue
+                        failed.append(f"{op} {name} {cfg['model']} {dtype}")
+                        print(f"  FAILED CHECK {op} {name}: {e}")
+                del case, expected
+            for r in rows[first:]:   # memory-bound ops: fraction of the copy bandwidth just measured
+                if r.get("gbps") and copy_gbps:
+                    r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_gbps
+    if not rows:
+        raise SystemExit("no provider ran" + (f"; failed the reference check: {failed}" if failed else ""))
+    j, m = write_rows(rows, args.out, "bench_blocks")
+    with open(m, "a") as f:
+        if skipped:
+            f.write("\nSkipped: " + "; ".join(skipped) + "\n")
+        if failed:
+            f.write("\nFailed the reference check (not timed): " + "; ".join(failed) + "\n")
+    print(open(m).read())
+    if failed:
+        raise SystemExit(f"providers disagree with the reference: {failed}")
+
+
+if __name__ == "__main__":
+    main()
