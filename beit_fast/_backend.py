@@ -13,7 +13,6 @@ every reason.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from typing import Callable, Iterable, Sequence
@@ -27,14 +26,22 @@ class BackendUnavailable(RuntimeError):
     """A forced backend cannot run these inputs here; the message lists why."""
 
 
-@functools.lru_cache(maxsize=None)
+def _load_extension():
+    try:
+        return importlib.import_module("beit_fast._C"), None
+    except Exception as e:  # ImportError, or an undefined symbol from a torch mismatch
+        return None, (f"beit_fast._C is not importable ({type(e).__name__}: {e}); reinstall with "
+                      "`pip install --no-build-isolation .`")
+
+
+# Resolved once at import, so that the backend choice is plain attribute reads that torch.compile can
+# trace without a graph break.
+_EXTENSION = _load_extension()
+
+
 def extension():
     """(module, None) when beit_fast._C imports, else (None, reason)."""
-    try:
-        mod = importlib.import_module("beit_fast._C")
-    except Exception as e:  # ImportError, or an undefined symbol from a torch mismatch
-        return None, f"beit_fast._C is not importable ({type(e).__name__}: {e}); reinstall with `pip install --no-build-isolation .`"
-    return mod, None
+    return _EXTENSION
 
 
 def extension_has_cuda() -> bool:

@@ -2,7 +2,6 @@
 registration, `not_supported_reasons(backend, ...)` and the public function.
 
 OPS lists every op for `python -m beit_fast.info`: name -> (module, backends in preference order).
-The public functions are imported lazily so that `import beit_fast.ops` stays cheap and never fails.
 """
 import importlib
 
@@ -15,23 +14,17 @@ OPS = {
     "block_mask": ("beit_fast.masking", ("cpp", "reference")),
 }
 
-_PUBLIC = {
-    "rel_pos_attention": "beit_fast.ops.rel_pos_attention",
-    "rel_pos_attention_qkvpacked": "beit_fast.ops.rel_pos_attention",
-    "masked_patch_embed": "beit_fast.ops.masked_patch_embed",
-    "layer_scale_residual_norm": "beit_fast.ops.layer_scale_residual_norm",
-    "linear_gelu": "beit_fast.ops.linear_gelu",
-    "layer_norm": "beit_fast.ops.layer_norm",
-}
+# Imported eagerly: `import beit_fast.ops.linear_gelu` would otherwise bind the submodule, not the function,
+# to `beit_fast.ops.linear_gelu`. The op modules import only torch (Triton and _C are loaded on first use).
+from .layer_norm import layer_norm  # noqa: E402
+from .layer_scale_residual_norm import layer_scale_residual_norm  # noqa: E402
+from .linear_gelu import linear_gelu  # noqa: E402
+from .masked_patch_embed import masked_patch_embed  # noqa: E402
+from .rel_pos_attention import rel_pos_attention, rel_pos_attention_qkvpacked  # noqa: E402
 
-__all__ = sorted(_PUBLIC) + ["OPS", "op_module"]
+__all__ = ["OPS", "op_module", "layer_norm", "layer_scale_residual_norm", "linear_gelu", "masked_patch_embed",
+           "rel_pos_attention", "rel_pos_attention_qkvpacked"]
 
 
 def op_module(name):
     return importlib.import_module(OPS[name][0])
-
-
-def __getattr__(name):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'beit_fast.ops' has no attribute {name!r}")
