@@ -5,6 +5,7 @@ import torch
 
 from beit_fast.models import create_model
 from test_model import randomize_
+from tolerances import assert_close, assert_two_x, tolerance
 
 CASES = [
     # name, overrides
@@ -31,13 +32,13 @@ def _run(model, x, mask, seed):
     return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _compare(ref, fused, x, mask, atol, rtol, seed=0):
+def _compare(ref, fused, x, mask, bound, seed=0):
     o_ref, g_ref = _run(ref, x, mask, seed)
     o_fu, g_fu = _run(fused, x, mask, seed)
-    torch.testing.assert_close(o_fu, o_ref, atol=atol, rtol=rtol)
+    assert_close("logits", o_fu, o_ref, bound)
     assert g_ref.keys() == g_fu.keys()
     for n in g_ref:
-        torch.testing.assert_close(g_fu[n], g_ref[n], atol=atol, rtol=rtol, msg=lambda m: f"grad of {n}: {m}")
+        assert_close(f"grad of {n}", g_fu[n], g_ref[n], bound)
 
 
 @pytest.mark.parametrize("name, overrides", CASES)
@@ -45,14 +46,14 @@ def test_fused_model_matches_reference_cpu(name, overrides):
     ref, fused = _pair(name, overrides)
     x = torch.randn(2, 3, 32, 32)
     mask = (torch.rand(2, 64) < 0.4) if name.endswith("_mim") else None
-    _compare(ref.eval(), fused.eval(), x, mask, atol=2e-5, rtol=2e-4)
+    _compare(ref.eval(), fused.eval(), x, mask, tolerance("fused_model", torch.float32))
 
 
 def test_fused_model_drop_path_training_cpu():
     """With drop path in training mode both models draw the same per-sample scales in the same order."""
     ref, fused = _pair("beit_test_patch4_32_mim", {"drop_path_rate": 0.3})
     x, mask = torch.randn(4, 3, 32, 32), torch.rand(4, 64) < 0.4
-    _compare(ref.train(), fused.train(), x, mask, atol=2e-5, rtol=2e-4, seed=3)
+    _compare(ref.train(), fused.train(), x, mask, tolerance("fused_model", torch.float32), seed=3)
 
 
 def test_fused_model_with_triton_interpreter(monkeypatch):
@@ -64,7 +65,7 @@ def test_fused_model_with_triton_interpreter(monkeypatch):
     monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
     ref, fused = _pair("beit_test_patch4_32_mim", {})
     x, mask = torch.randn(1, 3, 32, 32), torch.rand(1, 64) < 0.4
-    _compare(ref.eval(), fused.eval(), x, mask, atol=1e-4, rtol=1e-3)
+    _compare(ref.eval(), fused.eval(), x, mask, tolerance("fused_model.triton", torch.float32))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -82,10 +83,7 @@ def test_fused_model_bf16_cuda_2x_rule(name):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         o16, g16 = _run(ref16, x, mask, 0)
         of, gf = _run(fused, x, mask, 0)
-    err_ref = (o16.float() - o32).abs().max().item()
-    err_fused = (of.float() - o32).abs().max().item()
-    assert err_fused <= 2 * err_ref + 1e-3, (err_fused, err_ref)
+    assert_two_x("logits", of, o16, o32, tolerance("fused_model", torch.bfloat16, "logits").atol)
     for n in g32:
-        e_ref = (g16[n].float() - g32[n]).abs().max().item()
-        e_fu = (gf[n].float() - g32[n]).abs().max().item()
-        assert e_fu <= 2 * e_ref + 1e-3 * max(1.0, g32[n].abs().max().item()), (n, e_fu, e_ref)
+        atol = tolerance("fused_model", torch.bfloat16, "grads").atol * max(1.0, g32[n].abs().max().item())
+        assert_two_x(f"grad of {n}", gf[n], g16[n], g32[n], atol)

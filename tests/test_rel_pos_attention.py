@@ -22,6 +22,7 @@ op_mod = importlib.import_module("beit_fast.ops.rel_pos_attention")  # the modul
 from beit_fast.ops.rel_pos_attention import (  # noqa: E402
     dropout_keep_mask, not_supported_reasons, num_relative_distance, rel_pos_attention, rel_pos_attention_qkvpacked,
     rel_pos_attention_ref, relative_position_index)
+from tolerances import assert_close, assert_two_x, tolerance  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -30,16 +31,6 @@ RUN_TRITON = CUDA or INTERPRET
 needs_triton = pytest.mark.skipif(not RUN_TRITON, reason="needs a GPU or TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
-# Error of the Triton op against the float64 reference: (atol, rtol) per dtype and output.
-# fp32 runs the dots in IEEE fp32; fp16 rounds p and dS to fp16 before the dots (as flash-attention does).
-TOL = {
-    torch.float32: {"out": (4e-6, 2e-5), "dq": (1e-5, 2e-5), "dk": (1e-5, 2e-5), "dv": (1e-5, 2e-5),
-                    "dtable": (4e-5, 2e-5)},
-    torch.float16: {"out": (7e-4, 3e-3), "dq": (3e-3, 3e-3), "dk": (3e-3, 3e-3), "dv": (3e-3, 3e-3),
-                    "dtable": (1e-2, 3e-3)},
-}
-# CUDA low precision, the 2x rule: |ours - fp64| <= 2 * |torch same-dtype - fp64| + ATOL_2X
-ATOL_2X = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 GRAD_NAMES = ("dq", "dk", "dv", "dtable")
 
 
@@ -97,12 +88,11 @@ def names(packed):
 
 def assert_matches_fp64(packed, inputs, table, grad, out, grads, dtype, ref_kw):
     out64, grads64 = run(ref_fn(packed), [t.double() for t in inputs], table.double(), grad.double(), **ref_kw)
-    tol = TOL[dtype]
-    torch.testing.assert_close(out.double(), out64, atol=tol["out"][0], rtol=tol["out"][1], msg=lambda m: "out: " + m)
+    assert_close("out", out.double(), out64, tolerance("rel_pos_attention", dtype, "out"))
     for name, g, g64 in zip(names(packed), grads, grads64):
         key = "dq" if name == "dqkv" else name
         assert g.dtype == (table.dtype if name == "dtable" else dtype), name
-        torch.testing.assert_close(g.double(), g64, atol=tol[key][0], rtol=tol[key][1], msg=lambda m: f"{name}: {m}")
+        assert_close(name, g.double(), g64, tolerance("rel_pos_attention", dtype, key))
 
 
 def random_index(N, R, generator=None):
@@ -152,7 +142,7 @@ def test_reference_matches_plain_eager():
     # fp16 with upcast: computed in fp32, returned in fp16
     out16 = rel_pos_attention_ref(q.half(), k.half(), v.half(), table.float(), window_size=(wh, ww), upcast=True)
     assert out16.dtype == torch.float16
-    torch.testing.assert_close(out16.double(), expected, atol=3e-3, rtol=1e-2)
+    assert_close("out16", out16.double(), expected, tolerance("rel_pos_attention.reference_upcast", torch.float16))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,7 +284,7 @@ def test_frozen_table_and_partial_grads():
     q64 = q.detach().double().requires_grad_()
     ref = rel_pos_attention_ref(q64, k.double(), v.double(), table.double(), window_size=W)
     (dq64,) = torch.autograd.grad(ref, [q64], grad.double())
-    torch.testing.assert_close(dq.double(), dq64, atol=TOL[torch.float32]["dq"][0], rtol=TOL[torch.float32]["dq"][1])
+    assert_close("dq", dq.double(), dq64, tolerance("rel_pos_attention", torch.float32, "dq"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,7 +357,8 @@ def test_auto_backend_and_env_override(monkeypatch):
         monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
         out = rel_pos_attention(q, k, v, table, window_size=(2, 2))
         assert calls == ["reference"]
-        torch.testing.assert_close(out, rel_pos_attention_ref(q, k, v, table, (2, 2)), atol=1e-5, rtol=1e-4)
+        assert_close("out", out, rel_pos_attention_ref(q, k, v, table, (2, 2)),
+                     tolerance("rel_pos_attention.backend_env", torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -444,9 +435,7 @@ def test_cuda_low_precision_two_x_rule(dtype, B, H, W, D, packed):
     out_t, grads_t = run(ref_fn(packed), inputs, table, grad, window_size=W)              # torch, same dtype
     out64, grads64 = run(ref_fn(packed), [t.double() for t in inputs], table.double(), grad.double(), window_size=W)
     for name, a, b, c in zip(["out"] + names(packed), [out] + grads, [out_t] + grads_t, [out64] + grads64):
-        ours = (a.double() - c).abs().max().item()
-        theirs = (b.double() - c).abs().max().item()
-        assert ours <= 2 * theirs + ATOL_2X[dtype], f"{name}: ours {ours:.3g} vs torch {theirs:.3g}"
+        assert_two_x(name, a, b, c, tolerance("rel_pos_attention.two_x", dtype).atol)
 
 
 @needs_cuda
