@@ -1,0 +1,13 @@
+"""Training: BEiT pretraining, fine-tuning, evaluation and visual tokenizers, as a Python API and the
+`beit-fast` CLI (beit_fast/cli.py).
+
+    from beit_fast.train import pretrain, finetune, preset
+    pretrain(preset("pretrain", "demo"))            # = `beit-fast pretrain`
+    finetune(dataclasses.replace(preset("finetune", "demo"), init="runs/pretrain-demo"))
+"""
+from .config import (ConfigError, EvalConfig, FinetuneConfig, PretrainConfig, TokenizerFitConfig,  # noqa: F401
+                     list_presets, preset, resolve)
+from .evaluation import evaluate  # noqa: F401
+from .finetuning import finetune  # noqa: F401
+from .pretraining import pretrain  # noqa: F401
+from .tokenizer_fitting import fit_tokenizer  # noqa: F401

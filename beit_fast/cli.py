@@ -1,0 +1,133 @@
+"""`beit-fast`: pretrain, finetune, eval, fit-tokenizer, bench, info.
+
+Every training command takes a named preset (`--preset`), a YAML file (`--config`), `--set key=value`
+pairs and one flag per config field (`--lr 1e-3`, `--output-dir runs/x`, `--resume`); later sources win.
+With no arguments, `beit-fast pretrain` runs the digits demo and `beit-fast finetune` fine-tunes on digits
+(from --init when given, else from random initialisation).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import typing
+
+import yaml
+
+from .train import config as C
+
+_KINDS = {"pretrain": C.PretrainConfig, "finetune": C.FinetuneConfig, "eval": C.EvalConfig,
+          "fit-tokenizer": C.TokenizerFitConfig}
+_HELP = {"pretrain": "BEiT masked-image-modeling pretraining (default: a tiny BEiT on the built-in digits)",
+         "finetune": "fine-tune a classifier (from --init: a checkpoint of this package, unilm, timm or HF)",
+         "eval": "top-1 / top-5 of a fine-tuned checkpoint on the held-out split",
+         "fit-tokenizer": "fit a k-means visual tokenizer on your images (no external weights)"}
+
+
+def _add_config_args(p: argparse.ArgumentParser, kind: str) -> None:
+    cls = _KINDS[kind]
+    p.add_argument("--preset", default="", help=f"named preset: {', '.join(C.list_presets(kind))} "
+                                                f"(default {C.DEFAULT_PRESET[kind]})")
+    p.add_argument("--config", default="", metavar="FILE.yaml", help="YAML file of field: value (may name a preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field (value parsed as YAML); repeatable")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    hints = typing.get_type_hints(cls)
+    fields = p.add_argument_group("config fields (same as --set field=value)")
+    for f in dataclasses.fields(cls):
+        if f.name == "preset":
+            continue
+        typ = hints[f.name]
+        kw = dict(dest="field:" + f.name, default=argparse.SUPPRESS, metavar="V")
+        if typ is bool or f.name == "resume":
+            kw.update(nargs="?", const="auto" if f.name == "resume" else "true")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        fields.add_argument("--" + f.name.replace("_", "-"), help=f"(default {default!r})", **kw)
+
+
+def _resolve(kind: str, args) -> object:
+    overrides = C.parse_set(args.set)
+    for key, raw in vars(args).items():
+        if key.startswith("field:"):
+            overrides[key[6:]] = _parse_flag(raw)
+    return C.resolve(kind, args.preset, args.config, overrides)
+
+
+def _parse_flag(raw: str):
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and "," in value:   # --betas 0.9,0.98
+        try:
+            return [yaml.safe_load(v) for v in value.split(",")]
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def _bench(args) -> int:
+    import beit_fast
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(beit_fast.__file__))), "bench")
+    if not os.path.isdir(bench_dir):
+        print("beit-fast bench: the benchmark scripts live in the repository's bench/ folder, which an installed "
+              "(non-editable) package does not contain. Clone the repository and install it with "
+              "`pip install -e .`, or run `python bench/<script>.py` from the checkout.", file=sys.stderr)
+        return 2
+    scripts = sorted(n[len("bench_"):-3] for n in os.listdir(bench_dir) if n.startswith("bench_") and n.endswith(".py"))
+    if not args.name:
+        print(f"benchmarks in {bench_dir}: {', '.join(scripts) or '(none yet)'}\n"
+              f"run one with: beit-fast bench NAME [script arguments]")
+        return 0
+    name = args.name.removeprefix("bench_").removesuffix(".py")
+    if name not in scripts:
+        print(f"beit-fast bench: no bench/bench_{name}.py; available: {', '.join(scripts) or '(none)'}",
+              file=sys.stderr)
+        return 2
+    cmd = [sys.executable, os.path.join(bench_dir, f"bench_{name}.py"), *args.rest]
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=os.path.dirname(bench_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beit-fast", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for kind in _KINDS:
+        _add_config_args(sub.add_parser(kind, help=_HELP[kind], description=_HELP[kind]), kind)
+    b = sub.add_parser("bench", help="run a benchmark script from bench/ (repository checkout)")
+    b.add_argument("name", nargs="?", default="", help="e.g. attention for bench/bench_attention.py")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    sub.add_parser("info", help="versions, device, and which backend every fused op uses here")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "info":
+        from .info import main as info_main
+        info_main()
+        return 0
+    if args.command == "bench":
+        return _bench(args)
+    kind = args.command
+    if args.list_presets:
+        print("\n".join(C.list_presets(kind)))
+        return 0
+    try:
+        cfg = _resolve(kind, args)
+        if args.print_config:
+            print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
+            return 0
+        from . import train
+        run = {"pretrain": train.pretrain, "finetune": train.finetune, "eval": train.evaluate,
+               "fit-tokenizer": train.fit_tokenizer}[kind]
+        run(cfg)
+    except C.ConfigError as e:
+        print(f"beit-fast {kind}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Checkpoints: atomic writes, RNG state capture, keep-last-N and best, finding the one to resume.
+
+A checkpoint is one torch file `checkpoint-<step>.pt` (or `checkpoint-best.pt`) holding
+  model (state dict, the key load_checkpoint looks for), model_ema, optimizer, scaler,
+  step (optimizer updates done), epoch, batch_in_epoch (global batches of `epoch` already consumed),
+  rng (per rank: python, numpy, torch, cuda), config (the resolved run config), model_config, kind, metrics.
+Writes go to a temporary file in the same folder, are fsync'ed, then os.replace'd over the target, so a
+crash never leaves a truncated checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import os
+import random
+import re
+import tempfile
+
+import numpy as np
+import torch
+
+_STEP_FILE = re.compile(r"checkpoint-(\d+)\.pt$")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def rng_state() -> dict:
+    """Every RNG the loop draws from, in types torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_checkpoints(folder: str) -> list:
+    """checkpoint-<step>.pt files in `folder`, oldest step first."""
+    found = []
+    for path in glob.glob(os.path.join(folder, "checkpoint-*.pt")):
+        m = _STEP_FILE.search(os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str, prefer_best: bool = False) -> str:
+    """A checkpoint file from a file or a run folder (latest step checkpoint; or best when prefer_best)."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        best = os.path.join(path, "checkpoint-best.pt")
+        steps = step_checkpoints(path)
+        if prefer_best and os.path.isfile(best):
+            return best
+        if steps:
+            return steps[-1]
+        if os.path.isfile(best):
+            return best
+        raise FileNotFoundError(f"no checkpoint-*.pt in folder {path!r}")
+    raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+
+
+def save_step_checkpoint(state: dict, folder: str, step: int, keep_last: int) -> str:
+    """Write checkpoint-<step>.pt atomically, then delete all but the newest `keep_last` step checkpoints."""
+    path = os.path.join(folder, f"checkpoint-{step:07d}.pt")
+    atomic_torch_save(state, path)
+    old = step_checkpoints(folder)
+    for stale in old[: max(len(old) - max(keep_last, 1), 0)]:
+        os.unlink(stale)
+    return path
+
+
+def load(path: str) -> dict:
+    """Read a checkpoint written by this package with weights_only=True (no code runs while loading)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

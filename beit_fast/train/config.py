@@ -1,0 +1,467 @@
+"""Run configurations: dataclasses, named presets, YAML files and `key=value` overrides.
+
+Precedence (lowest first): the dataclass defaults, the named preset, a YAML file, command-line overrides.
+`resolve(kind, preset=..., yaml_path=..., overrides=...)` returns the final dataclass; `check(config)`
+raises ConfigError for anything that would fail later (missing files, unknown names, bad values) so that
+a bad run stops before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+@dataclass
+class RunConfig:
+    """Fields shared by pretraining and fine-tuning."""
+    preset: str = ""
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    num_threads: int = 0                 # CPU intra-op threads (torch.set_num_threads); 0: torch's default
+    # data
+    dataset: str = "digits"              # digits (built into scikit-learn) | folder (ImageFolder) | synthetic
+    data_path: str = ""                  # folder: root holding train/ and val/ (or the class folders directly)
+    train_subset: int = 0                # >0: use only the first N training images (tests, smoke runs)
+    synthetic_size: int = 1024
+    num_workers: int = 2
+    img_size: int = 32
+    interpolation: str = "bicubic"
+    mean: tuple = (0.5, 0.5, 0.5)
+    std: tuple = (0.5, 0.5, 0.5)
+    crop_scale: tuple = (0.08, 1.0)
+    crop_ratio: tuple = (0.75, 4.0 / 3.0)
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    # model (any BeitConfig field can be changed through model_overrides)
+    model: str = ""
+    model_overrides: dict = field(default_factory=dict)
+    fused: Optional[bool] = None         # None: fused kernels on CUDA, reference elsewhere
+    attn_impl: str = "auto"              # auto | eager | sdpa | fused
+    drop_path: float = 0.1
+    layer_scale: Optional[float] = 0.1   # LayerScale init (gamma); None or 0 disables it
+    grad_checkpointing: bool = False
+    compile: bool = False
+    # optimisation
+    optimizer: str = "adamw"             # adamw | apex_adam | apex_lamb
+    batch_size: int = 64                 # per process
+    accum_steps: int = 1
+    epochs: int = 10
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    warmup_steps: int = -1               # >=0 overrides warmup_epochs
+    weight_decay: float = 0.05
+    weight_decay_end: Optional[float] = None   # None: constant weight decay
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: Optional[float] = 3.0
+    precision: str = "bf16"              # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
+    # checkpoints
+    save_every_steps: int = 0            # 0: at the end of every epoch only
+    keep_last: int = 2
+    resume: str = ""                     # "" | "auto" (latest in output_dir) | a checkpoint file or folder
+    stop_at_step: int = 0                # >0: stop after this step as if interrupted (schedule unchanged)
+    # distributed
+    distributed: str = "ddp"             # ddp | fsdp (used only under torchrun with WORLD_SIZE > 1)
+    # feedback
+    log_every: int = 10
+    progress: bool = True
+    tensorboard: bool = True             # when torch.utils.tensorboard is importable
+    inject_nonfinite_at_step: int = -1   # test hook: multiply the loss of this step by inf
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    output_dir: str = "runs/pretrain-demo"
+    model: str = "beit_base_patch16_224_8k_vocab"
+    tokenizer: str = "kmeans"            # kmeans (fit on your data) | dvae (DALL-E encoder weights)
+    tokenizer_path: str = ""             # kmeans: "" fits one into output_dir; dvae: required
+    tokenizer_vocab: int = 8192          # kmeans vocabulary when it is fitted here
+    tokenizer_patch: int = 8             # kmeans: pixels per token side in the tokenizer view
+    tokenizer_fit_images: int = 10000
+    tokenizer_dtype: str = "auto"        # auto (bf16 when it gives identical codes) | bf16 | fp32
+    second_img_size: int = 0             # tokenizer view; 0: window size x tokenizer downsampling
+    second_interpolation: str = "lanczos"
+    num_mask_patches: int = 75
+    min_mask_patches: int = 16
+    max_mask_patches: Optional[int] = None
+    min_mask_aspect: float = 0.3
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    output_dir: str = "runs/finetune-demo"
+    model: str = "beit_base_patch16_224"
+    init: str = ""                       # checkpoint (this package, unilm, timm or HF), file or folder
+    num_classes: int = 1000
+    layer_decay: float = 0.65
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    crop_pct: float = 0.875
+    eval_batch_size: int = 0             # 0: same as batch_size
+    eval_every_epochs: int = 1
+    ema: bool = False
+    ema_decay: float = 0.9999
+    min_lr: float = 1e-6
+    warmup_epochs: float = 20.0
+    epochs: int = 100
+    lr: float = 4e-3
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = "runs/finetune-demo"   # file or folder (best, else latest)
+    dataset: str = ""                    # "" : the dataset the checkpoint was trained on
+    data_path: str = ""
+    batch_size: int = 256
+    num_workers: int = 2
+    device: str = "auto"
+    precision: str = "bf16"
+    use_ema: bool = False
+    output_dir: str = ""                 # "" : the checkpoint's folder (eval.json goes there)
+
+
+@dataclass
+class TokenizerFitConfig:
+    output: str = "runs/tokenizer/kmeans.safetensors"
+    dataset: str = "digits"
+    data_path: str = ""
+    img_size: int = 32                   # tokenizer view size
+    patch_size: int = 4
+    vocab_size: int = 512
+    max_images: int = 10000
+    max_patches: int = 200000
+    iters: int = 25
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+
+
+# ----------------------------------------------------------------------------------------------- presets
+def _pretrain_demo() -> PretrainConfig:
+    """A tiny BEiT on scikit-learn's digits (8x8 upsampled to 16px, 4px patches: a 4x4 grid), with a k-means
+    tokenizer fit on the fly; a few minutes on 2 CPU cores."""
+    return PretrainConfig(
+        preset="demo", output_dir="runs/pretrain-demo", dataset="digits", img_size=16,
+        model="beit_test_patch4_32_mim", model_overrides=dict(DEMO_ARCH), drop_path=0.0, layer_scale=0.1,
+        tokenizer="kmeans", tokenizer_vocab=64, tokenizer_patch=4, second_img_size=16,
+        second_interpolation="bicubic", crop_scale=(0.67, 1.0), crop_ratio=(0.8, 1.25), hflip=0.0,
+        color_jitter=0.0, num_mask_patches=6, min_mask_patches=2, max_mask_patches=None,
+        batch_size=64, epochs=30, lr=2e-3, min_lr=1e-5, warmup_epochs=2, weight_decay=0.05,
+        clip_grad=3.0, precision="fp32", num_workers=0, num_threads=1, log_every=10)
+
+
+def _pretrain_beit(size: str) -> PretrainConfig:
+    """unilm BEiT pretraining (reference §5.1): 16 GPUs x 128 images, DALL-E tokenizer on a 112px view."""
+    return PretrainConfig(
+        preset=f"beit_{size}_224", output_dir=f"runs/pretrain-beit-{size}", dataset="folder", img_size=224,
+        model=f"beit_{size}_patch16_224_8k_vocab", drop_path=0.1, layer_scale=0.1 if size == "base" else 1e-5,
+        tokenizer="dvae", tokenizer_vocab=8192, second_img_size=112, second_interpolation="lanczos",
+        crop_scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225), num_mask_patches=75, min_mask_patches=16, batch_size=128, epochs=800,
+        lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, betas=(0.9, 0.999), clip_grad=3.0,
+        precision="fp16", num_workers=10, save_every_steps=5000, log_every=50)
+
+
+def _finetune_demo() -> FinetuneConfig:
+    """Fine-tune the demo BEiT on digits (from --init, or from random initialisation for comparison)."""
+    return FinetuneConfig(
+        preset="demo", output_dir="runs/finetune-demo", dataset="digits", img_size=16, num_classes=10,
+        model="beit_test_patch4_32", model_overrides=dict(DEMO_ARCH), drop_path=0.1, layer_scale=0.1,
+        crop_scale=(0.85, 1.0), crop_ratio=(0.8, 1.25), hflip=0.0, color_jitter=0.0, auto_augment=None,
+        re_prob=0.0, crop_pct=1.0, mixup=0.0, cutmix=0.0, smoothing=0.1, layer_decay=0.75,
+        batch_size=64, epochs=15, lr=2e-3, min_lr=1e-5, warmup_epochs=1, weight_decay=0.05,
+        clip_grad=None, precision="fp32", num_workers=0, num_threads=1, log_every=10)
+
+
+def _finetune_beit(size: str) -> FinetuneConfig:
+    """unilm BEiT fine-tuning on ImageNet-1k from a pt22k checkpoint (reference §6.1)."""
+    base = size == "base"
+    return FinetuneConfig(
+        preset=f"beit_{size}_224", output_dir=f"runs/finetune-beit-{size}", dataset="folder", img_size=224,
+        model=f"beit_{size}_patch16_224", num_classes=1000, drop_path=0.1 if base else 0.2,
+        layer_scale=0.1 if base else 1e-5, layer_decay=0.65 if base else 0.75, lr=4e-3 if base else 1e-3,
+        warmup_epochs=20 if base else 5, epochs=100 if base else 50, batch_size=128 if base else 64,
+        accum_steps=1 if base else 2, weight_decay=0.05, min_lr=1e-6, smoothing=0.1, mixup=0.8, cutmix=1.0,
+        auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, color_jitter=0.4, hflip=0.5,
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.875, precision="fp16", num_workers=10,
+        clip_grad=None, log_every=50)
+
+
+# The demo architecture: the registered test-sized model, made a little wider and deeper. On a 4x4 patch
+# grid absolute position embeddings (a BeitConfig option; unilm's attention-analysis checkpoint has them)
+# let both pretraining and fine-tuning converge within minutes; relative position biases stay on.
+# The demo presets also pin one CPU thread: its matrices are too small to gain from more, and a second
+# spinning OpenMP thread makes steps 10x slower whenever the CPU is shared.
+DEMO_ARCH = {"embed_dim": 128, "depth": 4, "num_heads": 4, "use_abs_pos_emb": True}
+
+PRESETS = {
+    "pretrain": {"demo": _pretrain_demo, "beit_base_224": lambda: _pretrain_beit("base"),
+                 "beit_large_224": lambda: _pretrain_beit("large")},
+    "finetune": {"demo": _finetune_demo, "beit_base_224": lambda: _finetune_beit("base"),
+                 "beit_large_224": lambda: _finetune_beit("large")},
+    "eval": {"default": EvalConfig},
+    "fit-tokenizer": {"default": TokenizerFitConfig,
+                      "dall_e_like": lambda: TokenizerFitConfig(img_size=112, patch_size=8, vocab_size=8192,
+                                                                dataset="folder")},
+}
+DEFAULT_PRESET = {"pretrain": "demo", "finetune": "demo", "eval": "default", "fit-tokenizer": "default"}
+
+
+def list_presets(kind: str) -> list:
+    return sorted(PRESETS[kind])
+
+
+def preset(kind: str, name: str = ""):
+    name = name or DEFAULT_PRESET[kind]
+    if name not in PRESETS[kind]:
+        raise ConfigError(f"unknown {kind} preset {name!r}; choose one of {list_presets(kind)}")
+    return PRESETS[kind][name]()
+
+
+# ----------------------------------------------------------------------------------------------- overrides
+def _coerce(name: str, value: Any, typ) -> Any:
+    """Convert a YAML-parsed value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(name, value, args[0])
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, str)) and str(value).lower() in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        return "" if value is None else str(value)
+    elif typ is tuple:
+        if isinstance(value, str) and "," in value:
+            value = [yaml.safe_load(v) for v in value.split(",")]
+        if isinstance(value, (list, tuple)):
+            return tuple(float(v) if isinstance(v, str) and _is_number(v) else v for v in value)
+    elif typ is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        return value
+    raise ConfigError(f"{name}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def apply_overrides(config, overrides: dict):
+    """A copy of `config` with `overrides` ({field: value}) applied; unknown fields are an error."""
+    hints = typing.get_type_hints(type(config))
+    names = [f.name for f in dataclasses.fields(config)]
+    changes = {}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key.startswith("model_overrides."):  # dotted form: model_overrides.depth=6
+            sub = dict(changes.get("model_overrides", getattr(config, "model_overrides")))
+            sub[key.split(".", 1)[1]] = value
+            changes["model_overrides"] = sub
+            continue
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=3)
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise ConfigError(f"unknown {type(config).__name__} field {key!r}{hint}")
+        changes[key] = _coerce(key, value, hints[key])
+    return dataclasses.replace(config, **changes)
+
+
+def parse_set(items) -> dict:
+    """['lr=1e-3', 'betas=[0.9,0.98]'] -> {'lr': 0.001, 'betas': [0.9, 0.98]} (values parsed as YAML)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of field: value")
+    return data
+
+
+def resolve(kind: str, preset_name: str = "", yaml_path: str = "", overrides: Optional[dict] = None):
+    """Defaults < preset < YAML file < overrides. A YAML file may name its own `preset`."""
+    from_file = load_yaml(yaml_path) if yaml_path else {}
+    overrides = dict(overrides or {})
+    name = overrides.pop("preset", None) or preset_name or from_file.pop("preset", "") or ""
+    from_file.pop("preset", None)
+    config = preset(kind, name)
+    saved_kind = from_file.pop("kind", None)        # written by save(): config.yaml of an earlier run
+    if saved_kind and saved_kind != type(config).__name__:
+        raise ConfigError(f"{yaml_path} holds a {saved_kind}, not a {type(config).__name__}")
+    config = apply_overrides(config, from_file)
+    return apply_overrides(config, overrides)
+
+
+def to_dict(config) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def save(config, folder: str) -> None:
+    """Write config.yaml and config.json (the fully resolved configuration) into `folder`, atomically."""
+    from .checkpoint import atomic_write_bytes
+    d = to_dict(config)
+    d["kind"] = type(config).__name__
+    atomic_write_bytes(os.path.join(folder, "config.yaml"), yaml.safe_dump(d, sort_keys=False).encode())
+    atomic_write_bytes(os.path.join(folder, "config.json"), json.dumps(d, indent=1).encode())
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def model_fields(cfg) -> dict:
+    """The BeitConfig fields of the run's model (preset + overrides), without building it."""
+    from beit_fast.models import PRESETS as MODELS
+    from beit_fast.models import BeitConfig
+    if cfg.model not in MODELS:
+        near = difflib.get_close_matches(cfg.model, list(MODELS), n=3)
+        raise ConfigError(f"unknown model {cfg.model!r}" + (f" (did you mean {', '.join(near)}?)" if near else "")
+                          + f"; known models: {sorted(MODELS)}")
+    valid = {f.name for f in dataclasses.fields(BeitConfig)}
+    bad = sorted(set(cfg.model_overrides) - valid)
+    if bad:
+        raise ConfigError(f"model_overrides: unknown BeitConfig fields {bad}; valid: {sorted(valid)}")
+    fields = {**dataclasses.asdict(BeitConfig()), **MODELS[cfg.model], **cfg.model_overrides}
+    fields["img_size"] = cfg.model_overrides.get("img_size", cfg.img_size)
+    return fields
+
+
+def model_patch_size(cfg) -> int:
+    return int(model_fields(cfg)["patch_size"])
+
+
+def _one_of(name, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check(config):
+    """Validate a run config; raises ConfigError naming the field to change. Returns the config."""
+    from .data import check_dataset
+    cfg = config
+    if isinstance(cfg, (RunConfig,)):
+        _one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
+        _one_of("optimizer", cfg.optimizer, ("adamw", "apex_adam", "apex_lamb"))
+        _one_of("distributed", cfg.distributed, ("ddp", "fsdp"))
+        _one_of("attn_impl", cfg.attn_impl, ("auto", "eager", "sdpa", "fused"))
+        for name in ("batch_size", "accum_steps", "epochs", "log_every"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.device.startswith("cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device={cfg.device!r} but CUDA is not available here; use device=auto or cpu")
+        elif cfg.device not in ("auto", "cpu"):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+        if cfg.distributed == "fsdp":
+            import torch
+            if not torch.cuda.is_available():
+                raise ConfigError("distributed=fsdp needs CUDA GPUs (torch's FSDP has no CPU path); use ddp here")
+        if cfg.optimizer.startswith("apex"):
+            try:
+                import apex.optimizers  # noqa: F401
+            except ImportError:
+                raise ConfigError(f"optimizer={cfg.optimizer} needs NVIDIA apex, which is not installed; "
+                                  f"install it or use optimizer=adamw (torch's fused AdamW on CUDA)") from None
+        fields = model_fields(cfg)
+        if fields["img_size"] % fields["patch_size"]:
+            raise ConfigError(f"img_size {fields['img_size']} is not a multiple of patch_size {fields['patch_size']}")
+        if cfg.resume and cfg.resume != "auto" and not os.path.exists(cfg.resume):
+            raise ConfigError(f"resume={cfg.resume!r} does not exist (use resume=auto to continue the run in "
+                              f"output_dir if it has a checkpoint)")
+    try:
+        if isinstance(cfg, PretrainConfig):
+            if fields["vocab_size"] <= 0:
+                raise ConfigError(f"model {cfg.model!r} is a classification model; pretraining needs a masked-image-"
+                                  f"modeling model (a name ending in _8k_vocab or _mim)")
+            _one_of("tokenizer", cfg.tokenizer, ("kmeans", "dvae"))
+            _one_of("tokenizer_dtype", cfg.tokenizer_dtype, ("auto", "bf16", "fp32"))
+            if cfg.tokenizer == "dvae" and not cfg.tokenizer_path:
+                raise ConfigError("tokenizer=dvae needs tokenizer_path=<DALL-E encoder.pkl or state dict>; nothing "
+                                  "is downloaded at run time (or use tokenizer=kmeans, fit on your own images)")
+            if cfg.tokenizer_path and not os.path.isfile(cfg.tokenizer_path):
+                raise ConfigError(f"tokenizer file {cfg.tokenizer_path!r} not found"
+                                  + (" (make one with `beit-fast fit-tokenizer`, or leave tokenizer_path empty to "
+                                     "fit one automatically)" if cfg.tokenizer == "kmeans" else
+                                     " (nothing is downloaded at run time: fetch "
+                                     "https://cdn.openai.com/dall-e/encoder.pkl yourself)"))
+            grid = fields["img_size"] // fields["patch_size"]
+            per_code = 8 if cfg.tokenizer == "dvae" else cfg.tokenizer_patch
+            if cfg.second_img_size and not (cfg.tokenizer == "kmeans" and cfg.tokenizer_path) and \
+                    cfg.second_img_size != grid * per_code:
+                raise ConfigError(f"second_img_size={cfg.second_img_size}: the tokenizer gives one code per "
+                                  f"{per_code}px, so a {grid}x{grid} patch grid needs a {grid * per_code}px view "
+                                  f"(or second_img_size=0 for automatic)")
+            if not 0 < cfg.num_mask_patches <= grid * grid:
+                raise ConfigError(f"num_mask_patches must be in [1, {grid * grid}], got {cfg.num_mask_patches}")
+            check_dataset(cfg.dataset, cfg.data_path, ("train",))
+        elif isinstance(cfg, FinetuneConfig):
+            if fields["vocab_size"] > 0:
+                raise ConfigError(f"model {cfg.model!r} is a pretraining model; fine-tune a classification model "
+                                  f"(e.g. beit_base_patch16_224) and pass the pretraining checkpoint as init")
+            if cfg.init:
+                from .checkpoint import resolve_checkpoint
+                try:
+                    resolve_checkpoint(cfg.init)
+                except FileNotFoundError as e:
+                    raise ConfigError(f"init: {e}") from None
+            if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+                raise ConfigError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
+            if cfg.num_classes < 1:
+                raise ConfigError("num_classes must be >= 1")
+            check_dataset(cfg.dataset, cfg.data_path, ("train", "val"))
+        elif isinstance(cfg, TokenizerFitConfig):
+            check_dataset(cfg.dataset, cfg.data_path, ("train",))
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
+    return cfg

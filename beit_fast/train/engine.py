@@ -1,0 +1,154 @@
+"""Pieces both training loops share: output folder, seeding, model building, the optimizer step,
+checkpoint save / resume, evaluation. The loops themselves live in pretrain.py and finetune.py."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from . import runtime
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def prepare_output(cfg, rt: runtime.Runtime) -> None:
+    """Apply num_threads; create the output folder and write the resolved config.yaml / .json (rank 0)."""
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    if rt.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        config_mod.save(cfg, cfg.output_dir)
+    runtime.barrier(rt)
+
+
+def build_model(cfg, device: torch.device, **fields):
+    """beit_fast.create_model(cfg.model, ...) with the run's regularisation and kernel choices."""
+    from beit_fast.models import create_model
+    overrides = dict(drop_path_rate=cfg.drop_path, init_values=cfg.layer_scale or None, attn_impl=cfg.attn_impl,
+                     fused=cfg.fused, grad_checkpointing=cfg.grad_checkpointing, img_size=cfg.img_size)
+    overrides.update(fields)
+    overrides.update(cfg.model_overrides)
+    model = create_model(cfg.model, **overrides).to(device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def optimizer_step(model, optimizer, scaler, clip_grad: Optional[float]):
+    """Unscale, clip, step (skipped by the scaler on inf/nan gradients), update the scale, zero grads.
+
+    Returns (grad_norm tensor, skipped: bool). `skipped` needs the scale value, read only in fp16 runs
+    (where GradScaler.step already waits for its inf check)."""
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if clip_grad and hasattr(model, "clip_grad_norm_"):   # FSDP: the norm must cover every rank's shard
+        grad_norm = model.clip_grad_norm_(clip_grad)
+    elif clip_grad:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    else:
+        grad_norm = torch.norm(torch.stack([p.grad.detach().float().norm() for p in params])) if params \
+            else torch.zeros(())
+    before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    skipped = before is not None and scaler.get_scale() < before
+    return grad_norm, skipped
+
+
+def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch_in_epoch: int, kind: str,
+         metrics: Optional[dict] = None, best: bool = False, keep: bool = True) -> Optional[str]:
+    """Collective: every rank calls it (RNG states are gathered); rank 0 writes the file(s)."""
+    rngs = runtime.gather_objects(ckpt.rng_state(), rt)
+    model_sd = runtime.model_state_dict(model, rt, cfg.distributed)
+    optim_sd = runtime.optimizer_state_dict(model, optimizer, rt, cfg.distributed)
+    if not rt.is_main:
+        return None
+    inner = runtime.unwrap(model)
+    state = {
+        "model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(),
+        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world": rt.world,
+        "rng": rngs, "kind": kind, "metrics": metrics or {},
+        "config": config_mod.to_dict(cfg), "model_config": dataclasses.asdict(inner.config),
+    }
+    if ema is not None:
+        state["model_ema"] = {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
+    path = None
+    if keep:
+        path = ckpt.save_step_checkpoint(state, cfg.output_dir, step, cfg.keep_last)
+    if best:
+        path_best = os.path.join(cfg.output_dir, "checkpoint-best.pt")
+        ckpt.atomic_torch_save(state, path_best)
+        path = path or path_best
+    return path
+
+
+def resume_path(cfg) -> Optional[str]:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        found = ckpt.step_checkpoints(cfg.output_dir)
+        return found[-1] if found else None
+    return ckpt.resolve_checkpoint(cfg.resume)
+
+
+def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
+    """Restore model, optimizer, scaler, EMA, RNG states; returns (step, epoch, batch_in_epoch, metrics)."""
+    path = resume_path(cfg)
+    if path is None:
+        return 0, 0, 0, {}
+    state = ckpt.load(path)
+    if state.get("world", 1) != rt.world:
+        raise RuntimeError(f"{path} was written by a run with {state.get('world')} processes; resume it with "
+                           f"the same number ({rt.world} now) so that RNG streams and data shards match")
+    runtime.unwrap(model).load_state_dict(state["model"])
+    runtime.load_optimizer_state(model, optimizer, state["optimizer"], rt, cfg.distributed)
+    scaler.load_state_dict(state["scaler"])
+    if ema is not None and "model_ema" in state:
+        ema.module.load_state_dict(state["model_ema"])
+    ckpt.set_rng_state(state["rng"][rt.rank])
+    return state["step"], state["epoch"], state["batch_in_epoch"], dict(state.get("metrics") or {})
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, precision: str, rt) -> dict:
+    """Top-1 / top-5 accuracy and mean cross-entropy over the loader (summed over ranks)."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    for batch in loader:
+        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with runtime.autocast(device, precision):
+            logits = model(images)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top5 == labels[:, None]
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                             hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                             torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+    sums = runtime.all_reduce(sums, rt, op="sum").tolist()
+    n = max(sums[3], 1.0)
+    return {"loss": sums[0] / n, "top1": 100.0 * sums[1] / n, "top5": 100.0 * sums[2] / n, "n": int(sums[3])}
+
+
+def steps_per_epoch(n_images: int, global_batch: int, accum: int) -> int:
+    steps = (n_images // global_batch) // accum
+    if steps < 1:
+        raise ValueError(f"{n_images} training images are fewer than one optimizer step needs "
+                         f"({global_batch} per batch x {accum} accumulation steps); lower batch_size")
+    return steps
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)

@@ -1,0 +1,69 @@
+"""`beit-fast eval`: top-1 / top-5 of a classification checkpoint on a held-out split."""
+from __future__ import annotations
+
+import json
+import os
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from . import engine, runtime
+from .data import EpochBatchSampler, Samples, build_dataset, check_dataset, eval_transform, make_loader
+
+
+def evaluate(config: config_mod.EvalConfig = None) -> dict:
+    """Evaluate a fine-tuned checkpoint of this package (file, or a run folder: best, else latest)."""
+    cfg = config if config is not None else config_mod.EvalConfig()
+    try:
+        path = ckpt.resolve_checkpoint(cfg.checkpoint, prefer_best=True)
+    except FileNotFoundError as e:
+        raise config_mod.ConfigError(f"checkpoint: {e}") from None
+    state = ckpt.load(path)
+    if "model_config" not in state or "config" not in state:
+        raise config_mod.ConfigError(f"{path} is not a beit_fast fine-tuning checkpoint (no model_config); "
+                                     f"load foreign weights with beit_fast.models.load_checkpoint instead")
+    run = state["config"]
+    if state.get("kind") != "finetune":
+        raise config_mod.ConfigError(f"{path} is a {state.get('kind')} checkpoint; eval needs a fine-tuned one")
+    dataset = cfg.dataset or run["dataset"]
+    data_path = cfg.data_path or run.get("data_path", "")
+    try:
+        check_dataset(dataset, data_path, ("val",))
+    except (FileNotFoundError, ValueError) as e:
+        raise config_mod.ConfigError(str(e)) from None
+    config_mod._one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
+
+    rt = runtime.setup(cfg.device)
+    try:
+        result = _evaluate(cfg, rt, state, path, dataset, data_path)
+    except BaseException:
+        runtime.teardown(rt, failed=True)
+        raise
+    runtime.teardown(rt)
+    return result
+
+
+def _evaluate(cfg, rt, state: dict, path: str, dataset: str, data_path: str) -> dict:
+    from beit_fast.models import BeitConfig, build_model
+    run = state["config"]
+    model = build_model(BeitConfig(**state["model_config"]))
+    key = "model_ema" if cfg.use_ema else "model"
+    if key not in state:
+        raise config_mod.ConfigError(f"{path} has no {key!r} weights (was EMA enabled?)")
+    model.load_state_dict(state[key])
+    model.to(rt.device)
+    val = build_dataset(dataset, "val", data_path, run["img_size"], run.get("synthetic_size", 1024),
+                        run.get("num_classes", 10), run.get("seed", 0))
+    transform = eval_transform(run["img_size"], run.get("crop_pct", 1.0), run.get("interpolation", "bicubic"),
+                               run["mean"], run["std"])
+    sampler = EpochBatchSampler(len(val), cfg.batch_size * rt.world, 0, rt.rank, rt.world, shuffle=False,
+                                drop_last=False)
+    loader = make_loader(Samples(val, transform, 0), sampler, cfg.num_workers)
+    result = engine.evaluate(model, loader, rt.device, cfg.precision, rt)
+    result["checkpoint"] = path
+    if rt.is_main:
+        out_dir = cfg.output_dir or os.path.dirname(os.path.abspath(path))
+        os.makedirs(out_dir, exist_ok=True)
+        ckpt.atomic_write_bytes(os.path.join(out_dir, "eval.json"), json.dumps(result, indent=1).encode())
+        print(f"{path}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f} "
+              f"on {result['n']} held-out images", flush=True)
+    return result

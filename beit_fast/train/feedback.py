@@ -1,0 +1,111 @@
+"""What a run reports: a progress bar, JSON-lines logs, TensorBoard (when installed), images/s and MFU.
+
+Only rank 0 writes. Values are read back from the device only on logging steps (every `log_every`), so
+the loop does not synchronise with the GPU on every step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) per GPU, for MFU; fp32 runs use the TF32 peak.
+_PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
+                "A10": (125.0, 62.5), "L4": (121.0, 60.0), "4090": (165.0, 82.6), "V100": (125.0, 15.7)}
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """Peak FLOP/s of this GPU for the run's precision; None on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32) in _PEAK_TFLOPS.items():
+        if key in name:
+            return 1e12 * (tf32 if precision == "fp32" else half)
+    return None
+
+
+def train_flops_per_image(cfg, masked_tokens: float = 0.0) -> float:
+    """Matmul FLOPs of one image's forward + backward (3x forward), from the BeitConfig shapes.
+
+    Per block (T = tokens + 1, D = width): qkv 6TD^2, q@k^T and attn@v 4T^2 D, proj 2TD^2, MLP 4 r T D^2.
+    Patch embedding 2 N (C p^2) D; head: 2 M D V for the masked tokens (pretraining) or 2 D K."""
+    n = (cfg.img_size // cfg.patch_size) ** 2
+    t, d = n + 1, cfg.embed_dim
+    block = 6 * t * d * d + 4 * t * t * d + 2 * t * d * d + 4 * cfg.mlp_ratio * t * d * d
+    fwd = 2 * n * cfg.in_chans * cfg.patch_size ** 2 * d + cfg.depth * block
+    fwd += 2 * masked_tokens * d * cfg.vocab_size if cfg.vocab_size else 2 * d * max(cfg.num_classes, 0)
+    return 3.0 * fwd
+
+
+class Reporter:
+    """Progress bar + log.jsonl + TensorBoard for rank 0; a silent stand-in elsewhere."""
+
+    def __init__(self, output_dir: str, total_steps: int, enabled: bool = True, progress: bool = True,
+                 tensorboard: bool = True, desc: str = "train"):
+        self.enabled = enabled
+        self.bar = self.tb = self.file = None
+        self._t0, self._seen = time.perf_counter(), 0
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.file = open(os.path.join(output_dir, "log.jsonl"), "a")
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, desc=desc, dynamic_ncols=True, file=sys.stderr,
+                            disable=None)  # disable=None: no bar when stderr is not a terminal
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
+            except Exception:  # tensorboard not installed: JSON lines only
+                self.tb = None
+                self.message(f"TensorBoard is not installed; metrics go to {output_dir}/log.jsonl only")
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def throughput(self, images: int) -> float:
+        """Images/s since the previous call (wall clock over all ranks' work)."""
+        now = time.perf_counter()
+        rate = (images - self._seen) / max(now - self._t0, 1e-9)
+        self._t0, self._seen = now, images
+        return rate
+
+    def advance_to(self, step: int) -> None:
+        if self.bar is not None and step > self.bar.n:
+            self.bar.update(step - self.bar.n)
+
+    def log(self, row: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) and k != "loss" else v)
+               for k, v in row.items()}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and k != "step":
+                    self.tb.add_scalar(k, v, step)
+        if self.bar is not None:
+            self.advance_to(step)
+            show = {k: row[k] for k in ("loss", "lr", "mlm_acc", "img_s", "mfu", "top1") if row.get(k) is not None}
+            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in show.items()})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()

@@ -1,0 +1,196 @@
+"""BEiT image-classification fine-tuning: `finetune(FinetuneConfig)` / `beit-fast finetune`.
+
+Reference §6: start from a pretraining checkpoint (this package's, unilm's, timm's or Hugging Face's,
+through beit_fast.models.load_checkpoint, which expands the shared relative-position table per layer),
+layer-wise lr decay, mixup/cutmix with label smoothing (timm), drop path, optional EMA, top-1/top-5 on the
+held-out split after every `eval_every_epochs` epochs; the best top-1 is kept as checkpoint-best.pt.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from . import engine, runtime
+from .data import EpochBatchSampler, Samples, Subset, build_dataset, classify_transform, make_loader, seed_for
+from .feedback import Reporter, peak_flops, train_flops_per_image
+from .optim import Schedule, apply_schedule, build_optimizer
+
+
+def finetune(config: config_mod.FinetuneConfig = None) -> dict:
+    """Fine-tune + evaluate (default: the digits demo from random init); returns {'top1', 'top5', 'best_top1', ...}."""
+    cfg = config_mod.check(config if config is not None else config_mod.preset("finetune"))
+    rt = runtime.setup(cfg.device)
+    try:
+        result = _finetune(cfg, rt)
+    except BaseException:
+        runtime.teardown(rt, failed=True)
+        raise
+    runtime.teardown(rt)
+    return result
+
+
+def _loss_fn(cfg):
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                      switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                      num_classes=cfg.num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if cfg.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(cfg.smoothing)
+    return None, torch.nn.CrossEntropyLoss()
+
+
+def _finetune(cfg, rt) -> dict:
+    engine.prepare_output(cfg, rt)
+    device = rt.device
+    train_set = build_dataset(cfg.dataset, "train", cfg.data_path, cfg.img_size, cfg.synthetic_size,
+                              cfg.num_classes, cfg.seed)
+    val_set = build_dataset(cfg.dataset, "val", cfg.data_path, cfg.img_size, cfg.synthetic_size,
+                            cfg.num_classes, cfg.seed)
+    if cfg.train_subset:
+        train_set = Subset(train_set, cfg.train_subset)
+    if len(train_set.classes) > cfg.num_classes:
+        raise config_mod.ConfigError(f"the training data has {len(train_set.classes)} classes but num_classes="
+                                     f"{cfg.num_classes}")
+
+    # --- model, initialised from a checkpoint when given
+    engine.seed_all(cfg.seed)
+    model = engine.build_model(cfg, device, num_classes=cfg.num_classes)
+    init_note = "random initialisation"
+    if cfg.init:
+        from beit_fast.models import load_checkpoint
+        path = ckpt.resolve_checkpoint(cfg.init)
+        load_report = load_checkpoint(model, path)
+        init_note = f"{path}\n{load_report}"
+    engine.seed_all(seed_for(cfg.seed, rt.rank))
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+
+    # --- data
+    global_batch = cfg.batch_size * rt.world
+    steps_per_epoch = engine.steps_per_epoch(len(train_set), global_batch, cfg.accum_steps)
+    sampler = EpochBatchSampler(len(train_set), global_batch, cfg.seed, rt.rank, rt.world,
+                                num_batches=steps_per_epoch * cfg.accum_steps)
+    loader = make_loader(Samples(train_set, classify_transform(cfg, train=True), cfg.seed), sampler,
+                         cfg.num_workers, pin_memory=device.type == "cuda")
+    eval_batch = (cfg.eval_batch_size or cfg.batch_size) * rt.world
+    val_sampler = EpochBatchSampler(len(val_set), eval_batch, cfg.seed, rt.rank, rt.world, shuffle=False,
+                                    drop_last=False)
+    val_loader = make_loader(Samples(val_set, classify_transform(cfg, train=False), cfg.seed), val_sampler,
+                             cfg.num_workers)
+    mixup, criterion = _loss_fn(cfg)
+
+    # --- optimisation state
+    schedule = Schedule(cfg, steps_per_epoch)
+    optimizer = build_optimizer(cfg, model, layer_decay=cfg.layer_decay, device_type=device.type)
+    scaler = runtime.grad_scaler(device, cfg.precision)
+    step, start_epoch, start_batch, metrics = engine.resume(cfg, rt, model, optimizer, scaler, ema)
+    best_top1 = metrics.get("best_top1", -1.0)
+    train_model = runtime.wrap(model, rt, cfg.distributed)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "finetune")
+    report.advance_to(step)
+    report.message(f"fine-tuning {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
+                   f"from {init_note}\n{len(train_set)} train / {len(val_set)} held-out images, "
+                   f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch "
+                   f"{global_batch * cfg.accum_steps}, {cfg.precision}, {rt.world} process(es)"
+                   + (f"; resumed at step {step}" if step else ""))
+    flops = train_flops_per_image(model.config)
+    peak = peak_flops(device, cfg.precision)
+    sums = torch.zeros(2, device=device)     # loss, micro-batches since the last log
+    last = {"loss": float("nan")}
+    result = {}
+    t_start = time.perf_counter()
+    done = False
+
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+        train_model.train()
+        t_epoch = time.perf_counter()
+        for batch_index, (images, targets, skipped) in enumerate(loader, sampler.start):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            micro = batch_index % cfg.accum_steps
+            if micro == 0:
+                apply_schedule(optimizer, schedule.lr_at(step), schedule.wd_at(step))
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+
+            sync = train_model.no_sync() if rt.distributed and micro < cfg.accum_steps - 1 else nullcontext()
+            with sync:
+                with runtime.autocast(device, cfg.precision):
+                    logits = train_model(images)
+                loss = criterion(logits.float(), targets)
+                if step == cfg.inject_nonfinite_at_step:
+                    loss = loss * float("inf")
+                scaler.scale(loss / cfg.accum_steps).backward()
+            sums += torch.stack([loss.detach(), torch.ones((), device=device)])
+            if micro < cfg.accum_steps - 1:
+                continue
+
+            grad_norm, skipped_step = engine.optimizer_step(train_model, optimizer, scaler, cfg.clip_grad)
+            step += 1
+            if ema is not None:
+                ema.update(runtime.unwrap(train_model), step=step)
+            if skipped_step:
+                report.message(f"step {step}: non-finite gradients, update skipped; loss scale now "
+                               f"{scaler.get_scale():g}")
+            end_of_epoch = batch_index + 1 == sampler.num_batches
+            if step % cfg.log_every == 0 or skipped_step or end_of_epoch:
+                s = runtime.all_reduce(sums, rt).tolist()
+                last = {"loss": s[0] / s[1]}
+                if not skipped_step and not engine.is_finite(last["loss"]):
+                    raise FloatingPointError(f"loss is {last['loss']} at step {step}; stopping")
+                img_s = report.throughput(step * global_batch * cfg.accum_steps)
+                report.log({"step": step, "epoch": epoch, **last, "lr": schedule.lr_at(step - 1),
+                            "wd": schedule.wd_at(step - 1), "grad_norm": float(grad_norm),
+                            "scale": scaler.get_scale() if scaler.is_enabled() else None,
+                            "skipped": skipped_step, "img_s": img_s,
+                            "mfu": flops * img_s / (peak * rt.world) if peak else None}, step)
+                sums.zero_()
+            stop = cfg.stop_at_step and step >= cfg.stop_at_step
+            if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or stop:
+                engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch,
+                            batch_in_epoch=batch_index + 1, kind="finetune",
+                            metrics={**last, "best_top1": best_top1})
+            if stop:
+                done = True
+                break
+        if done:
+            break
+
+        # --- end of epoch: evaluate, keep the best, save
+        is_last = epoch + 1 == cfg.epochs
+        best = False
+        if is_last or (cfg.eval_every_epochs and (epoch + 1) % cfg.eval_every_epochs == 0):
+            result = engine.evaluate(train_model, val_loader, device, cfg.precision, rt)
+            if ema is not None:
+                result["ema_top1"] = engine.evaluate(ema.module, val_loader, device, cfg.precision, rt)["top1"]
+            best = result["top1"] > best_top1
+            best_top1 = max(best_top1, result["top1"])
+            report.log({"step": step, "epoch": epoch, "eval": result, "top1": result["top1"],
+                        "best_top1": best_top1}, step)
+            report.message(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['loss']:.4f}, held-out top-1 "
+                           f"{result['top1']:.2f}% top-5 {result['top5']:.2f}% ({time.perf_counter() - t_epoch:.1f} s)")
+        metrics = {**last, **result, "best_top1": best_top1}
+        engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch + 1, batch_in_epoch=0,
+                    kind="finetune", metrics=metrics, best=best)
+
+    report.close()
+    found = ckpt.step_checkpoints(cfg.output_dir)
+    out = {**last, **result, "best_top1": best_top1, "step": step, "checkpoint": found[-1] if found else None,
+           "seconds": time.perf_counter() - t_start, "output_dir": cfg.output_dir}
+    if rt.is_main and result:
+        print(f"fine-tuning done: {step} steps, held-out top-1 {result['top1']:.2f}% (best {best_top1:.2f}%), "
+              f"top-5 {result['top5']:.2f}%, {out['seconds']:.0f} s; checkpoint {out['checkpoint']}", flush=True)
+    return out

@@ -1,0 +1,192 @@
+"""BEiT masked-image-modeling pretraining: `pretrain(PretrainConfig)` / `beit-fast pretrain`.
+
+One step (reference §5.2): tokenize the second view (no grad) -> codes (B, N); labels = codes[mask];
+logits = model(images, mask) for the masked positions only; loss = cross-entropy; AdamW with per-step
+cosine lr / wd, gradient clipping, dynamic loss scaling in fp16.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from . import engine, runtime
+from .data import EpochBatchSampler, Samples, Subset, TwoViewTransform, build_dataset, make_loader, seed_for
+from .feedback import Reporter, peak_flops, train_flops_per_image
+from .optim import Schedule, apply_schedule, build_optimizer
+from .tokenizer import choose_dtype, encode, load_tokenizer
+
+
+def pretrain(config: config_mod.PretrainConfig = None) -> dict:
+    """Run pretraining (default: the digits demo); returns {'loss', 'mlm_acc', 'step', 'checkpoint', ...}."""
+    cfg = config_mod.check(config if config is not None else config_mod.preset("pretrain"))          # every "cannot run" error happens here, before any work
+    rt = runtime.setup(cfg.device)
+    try:
+        result = _pretrain(cfg, rt)
+    except BaseException:
+        runtime.teardown(rt, failed=True)
+        raise
+    runtime.teardown(rt)
+    return result
+
+
+def _tokenizer(cfg, rt, dataset, second_size: int):
+    """Load the tokenizer; for k-means without a file, fit one on the training set (rank 0) and save it."""
+    if cfg.tokenizer == "kmeans" and not cfg.tokenizer_path:
+        path = os.path.join(cfg.output_dir, "tokenizer.safetensors")
+        if rt.is_main and not os.path.isfile(path):
+            from .tokenizer_fitting import fit_on_dataset
+            t0 = time.perf_counter()
+            tok = fit_on_dataset(dataset, second_size, cfg.tokenizer_patch, cfg.tokenizer_vocab,
+                                 cfg.tokenizer_fit_images, seed=cfg.seed, device=str(rt.device),
+                                 num_workers=cfg.num_workers)
+            tok.save(path)
+            print(f"fit a k-means tokenizer ({cfg.tokenizer_vocab} codes, {cfg.tokenizer_patch}px patches) in "
+                  f"{time.perf_counter() - t0:.1f} s -> {path}", flush=True)
+        runtime.barrier(rt)
+        return load_tokenizer("kmeans", path), path
+    return load_tokenizer(cfg.tokenizer, cfg.tokenizer_path), cfg.tokenizer_path
+
+
+def _pretrain(cfg, rt) -> dict:
+    engine.prepare_output(cfg, rt)
+    engine.seed_all(cfg.seed)                # identical initial weights on every rank
+    device = rt.device
+    dataset = build_dataset(cfg.dataset, "train", cfg.data_path, cfg.img_size, cfg.synthetic_size, seed=cfg.seed)
+    if cfg.train_subset:
+        dataset = Subset(dataset, cfg.train_subset)
+
+    # --- tokenizer and model: the tokenizer's vocabulary sizes the model's lm_head
+    grid = cfg.img_size // config_mod.model_patch_size(cfg)
+    downsample = 8 if cfg.tokenizer == "dvae" else cfg.tokenizer_patch
+    second_size = cfg.second_img_size or grid * downsample
+    tokenizer, tokenizer_path = _tokenizer(cfg, rt, dataset, second_size)
+    tokenizer = tokenizer.to(device)
+    if second_size // tokenizer.downsample != grid:
+        raise config_mod.ConfigError(
+            f"the tokenizer view ({second_size}px, {tokenizer.downsample}px per code) gives a "
+            f"{second_size // tokenizer.downsample}x grid but the model has {grid}x{grid} patches")
+    engine.seed_all(cfg.seed)
+    model = engine.build_model(cfg, device, vocab_size=tokenizer.vocab_size)
+    engine.seed_all(seed_for(cfg.seed, rt.rank))   # per-rank drop-path / dropout streams
+
+    # --- data: two views + block mask per sample, seeded by (seed, epoch, index)
+    from beit_fast.masking import MaskingGenerator
+    masks = MaskingGenerator(model.patch_embed.window_size, cfg.num_mask_patches, cfg.min_mask_patches,
+                             cfg.max_mask_patches, cfg.min_mask_aspect)
+    transform = TwoViewTransform(cfg.img_size, second_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip,
+                                 cfg.color_jitter, cfg.interpolation, cfg.second_interpolation, cfg.mean, cfg.std,
+                                 tokenizer.pixel_mapping)
+    global_batch = cfg.batch_size * rt.world
+    steps_per_epoch = engine.steps_per_epoch(len(dataset), global_batch, cfg.accum_steps)
+    sampler = EpochBatchSampler(len(dataset), global_batch, cfg.seed, rt.rank, rt.world,
+                                num_batches=steps_per_epoch * cfg.accum_steps)
+    loader = make_loader(Samples(dataset, transform, cfg.seed, masks), sampler, cfg.num_workers,
+                         pin_memory=device.type == "cuda")
+
+    # --- optimisation state
+    schedule = Schedule(cfg, steps_per_epoch)
+    optimizer = build_optimizer(cfg, model, device_type=device.type)
+    scaler = runtime.grad_scaler(device, cfg.precision)
+    step, start_epoch, start_batch, _ = engine.resume(cfg, rt, model, optimizer, scaler, None)
+    train_model = runtime.wrap(model, rt, cfg.distributed)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "pretrain")
+    report.advance_to(step)
+    report.message(f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
+                   f"{len(dataset)} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+                   f"global batch {global_batch * cfg.accum_steps}, {cfg.precision}, {rt.world} process(es), "
+                   f"tokenizer {cfg.tokenizer} ({tokenizer.vocab_size} codes) {tokenizer_path}"
+                   + (f"; resumed at step {step}" if step else ""))
+    flops = train_flops_per_image(model.config, cfg.num_mask_patches)
+    peak = peak_flops(device, cfg.precision)
+    token_dtype = None
+    sums = torch.zeros(3, device=device)     # loss, masked-token accuracy, micro-batches (since last log)
+    skipped_images = 0
+    last = {"loss": float("nan"), "mlm_acc": float("nan")}
+    t_start = time.perf_counter()
+    done = False
+
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+        train_model.train()
+        t_epoch = time.perf_counter()
+        for batch_index, (images, views, _labels, bool_masked_pos, skipped) in enumerate(loader, sampler.start):
+            images = images.to(device, non_blocking=True)
+            views = views.to(device, non_blocking=True)
+            bool_masked_pos = bool_masked_pos.to(device, non_blocking=True)
+            skipped_images += int(skipped.sum())
+            micro = batch_index % cfg.accum_steps
+            if micro == 0:
+                apply_schedule(optimizer, schedule.lr_at(step), schedule.wd_at(step))
+
+            if token_dtype is None:              # decided once, on the first batch (one host sync)
+                token_dtype, why = choose_dtype(tokenizer, views, cfg.tokenizer_dtype)
+                report.message(f"tokenizer runs in {why}")
+            labels = encode(tokenizer, views, token_dtype)[bool_masked_pos]       # (M,)
+
+            sync = train_model.no_sync() if rt.distributed and micro < cfg.accum_steps - 1 else nullcontext()
+            with sync:
+                with runtime.autocast(device, cfg.precision):
+                    logits = train_model(images, bool_masked_pos)                 # (M, vocab)
+                loss = F.cross_entropy(logits.float(), labels)
+                if step == cfg.inject_nonfinite_at_step:
+                    loss = loss * float("inf")
+                scaler.scale(loss / cfg.accum_steps).backward()
+            with torch.no_grad():
+                acc = (logits.argmax(-1) == labels).float().mean()
+                sums += torch.stack([loss.detach(), acc, torch.ones((), device=device)])
+            if micro < cfg.accum_steps - 1:
+                continue
+
+            grad_norm, skipped_step = engine.optimizer_step(train_model, optimizer, scaler, cfg.clip_grad)
+            step += 1
+            if skipped_step:
+                report.message(f"step {step}: non-finite gradients, update skipped; loss scale now "
+                               f"{scaler.get_scale():g}")
+            end_of_epoch = batch_index + 1 == sampler.num_batches
+            if step % cfg.log_every == 0 or skipped_step or end_of_epoch:
+                s = runtime.all_reduce(sums, rt).tolist()
+                last = {"loss": s[0] / s[2], "mlm_acc": s[1] / s[2]}
+                if not skipped_step and not engine.is_finite(last["loss"]):
+                    raise FloatingPointError(f"loss is {last['loss']} at step {step}; stopping "
+                                             f"(try precision=fp16 with loss scaling, a lower lr or clip_grad)")
+                img_s = report.throughput(step * global_batch * cfg.accum_steps)
+                report.log({"step": step, "epoch": epoch, **last, "lr": schedule.lr_at(step - 1),
+                            "wd": schedule.wd_at(step - 1), "grad_norm": float(grad_norm),
+                            "scale": scaler.get_scale() if scaler.is_enabled() else None,
+                            "skipped": skipped_step, "img_s": img_s, "skipped_images": skipped_images,
+                            "mfu": flops * img_s / (peak * rt.world) if peak else None},
+                           step)
+                sums.zero_()
+            stop = cfg.stop_at_step and step >= cfg.stop_at_step
+            if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or stop:
+                engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch,
+                            batch_in_epoch=batch_index + 1, kind="pretrain", metrics=last)
+            if stop:
+                done = True
+                break
+        if done:
+            break
+        report.message(f"epoch {epoch + 1}/{cfg.epochs}: loss {last['loss']:.4f}, masked-token accuracy "
+                       f"{last['mlm_acc']:.3f} ({time.perf_counter() - t_epoch:.1f} s)")
+        if not cfg.save_every_steps or step % cfg.save_every_steps:
+            engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch + 1,
+                        batch_in_epoch=0, kind="pretrain", metrics=last)
+
+    report.close()
+    found = ckpt.step_checkpoints(cfg.output_dir)
+    result = {**last, "step": step, "checkpoint": found[-1] if found else None,
+              "seconds": time.perf_counter() - t_start, "skipped_images": skipped_images,
+              "output_dir": cfg.output_dir}
+    if rt.is_main:
+        print(f"pretraining done: {step} steps, loss {last['loss']:.4f}, masked-token accuracy "
+              f"{last['mlm_acc']:.3f}, {result['seconds']:.0f} s; checkpoint {result['checkpoint']}", flush=True)
+    return result

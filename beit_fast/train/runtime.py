@@ -1,0 +1,161 @@
+"""Where a run executes: device, precision, torchrun process group, DDP / FSDP wrapping.
+
+Under torchrun (WORLD_SIZE > 1) the process group uses NCCL on GPUs and gloo on CPU; rank 0 logs and
+saves; every rank computes. A plain `python` run is a world of one and never touches torch.distributed.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False     # we created the process group (and so destroy it at the end)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+def setup(device: str = "auto") -> Runtime:
+    """Read torchrun's environment, join the process group when WORLD_SIZE > 1, pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30),
+                                device_id=dev if dev.type == "cuda" else None)
+        owns = True
+    return Runtime(dev, rank, world, local_rank, owns)
+
+
+def teardown(rt: Runtime, failed: bool = False) -> None:
+    """Leave the process group (after a barrier, unless this rank failed: then the others may never arrive)."""
+    if rt.distributed and dist.is_initialized():
+        if not failed:
+            dist.barrier()
+        if rt.owns_group:
+            dist.destroy_process_group()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, rt: Runtime, op: str = "mean") -> torch.Tensor:
+    """Sum or mean over ranks (a no-op in a world of one); returns the reduced tensor."""
+    if not rt.distributed:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / rt.world if op == "mean" else t
+
+
+def gather_objects(obj, rt: Runtime) -> list:
+    if not rt.distributed:
+        return [obj]
+    out = [None] * rt.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, rt: Runtime, src: int = 0):
+    if not rt.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 / fp16 autocast, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str):
+    """Dynamic loss scaling for fp16 (steps whose gradients overflow are skipped); disabled otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def wrap(model: torch.nn.Module, rt: Runtime, mode: str = "ddp"):
+    """DDP (default) or FSDP (full sharding, one unit per block) when running distributed."""
+    if not rt.distributed:
+        return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        block = type(model.blocks[0])
+        return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({block}), use_orig_params=True,
+                    device_id=rt.device if rt.device.type == "cuda" else None)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    # every parameter takes part in every step (unilm's find_unused_parameters=True only costs time)
+    return DDP(model, device_ids=ids, find_unused_parameters=False)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside DDP / FSDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None or inner is model:
+            return model
+        model = inner
+
+
+def model_state_dict(model: torch.nn.Module, rt: Runtime, mode: str) -> dict:
+    """Full (unsharded) state dict on CPU; with FSDP every rank must call this, rank 0 gets the tensors."""
+    if rt.distributed and mode == "fsdp":
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
+            return model.state_dict()
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def optimizer_state_dict(model, optimizer, rt: Runtime, mode: str) -> dict:
+    if rt.distributed and mode == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        return FSDP.optim_state_dict(model, optimizer)
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model, optimizer, state: dict, rt: Runtime, mode: str) -> None:
+    if rt.distributed and mode == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        state = FSDP.optim_state_dict_to_load(model, optimizer, state)
+    optimizer.load_state_dict(state)

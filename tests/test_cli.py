@@ -1,0 +1,68 @@
+"""The `beit-fast` command line: parsing, overrides, errors, bench, info, fit-tokenizer."""
+import subprocess
+import sys
+
+import yaml
+
+import beit_fast
+from beit_fast.cli import main
+
+
+def test_print_config_applies_preset_yaml_set_and_flags(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 7\nlr: 0.5\n")
+    assert main(["finetune", "--preset", "beit_base_224", "--config", str(f), "--set", "lr=1e-4",
+                 "--betas", "0.9,0.98", "--init", "x.pth", "--compile", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["preset"] == "beit_base_224" and cfg["layer_decay"] == 0.65
+    assert cfg["epochs"] == 7 and cfg["lr"] == 1e-4 and cfg["betas"] == [0.9, 0.98]
+    assert cfg["init"] == "x.pth" and cfg["compile"] is True
+    assert main(["pretrain", "--resume", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["resume"] == "auto"
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["pretrain", "--preset", "nope"]) == 2
+    assert "unknown pretrain preset 'nope'" in capsys.readouterr().err
+    assert main(["pretrain", "--set", "epochz=3"]) == 2
+    assert "did you mean epochs" in capsys.readouterr().err
+    assert main(["finetune", "--dataset", "folder", "--data-path", str(tmp_path)]) == 2
+    assert "no images in" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_list_presets(capsys):
+    assert main(["pretrain", "--list-presets"]) == 0
+    assert {"demo", "beit_base_224", "beit_large_224"} <= set(capsys.readouterr().out.split())
+
+
+def test_bench_lists_and_explains_a_missing_folder(tmp_path, monkeypatch, capsys):
+    assert main(["bench"]) == 0
+    assert "benchmarks in" in capsys.readouterr().out
+    assert main(["bench", "no_such_thing"]) == 2
+    monkeypatch.setattr(beit_fast, "__file__", str(tmp_path / "site-packages" / "beit_fast" / "__init__.py"))
+    assert main(["bench", "attention"]) == 2
+    assert "bench/ folder" in capsys.readouterr().err
+
+
+def test_info_runs(capsys):
+    assert main(["info"]) == 0
+    assert "torch" in capsys.readouterr().out
+
+
+def test_fit_tokenizer_command(tmp_path, capsys):
+    out = tmp_path / "tok.safetensors"
+    assert main(["fit-tokenizer", "--output", str(out), "--img-size", "16", "--patch-size", "4",
+                 "--vocab-size", "16", "--max-images", "64", "--iters", "3", "--num-workers", "0"]) == 0
+    from beit_fast.train.tokenizer import load_tokenizer
+    tok = load_tokenizer("kmeans", str(out))
+    assert tok.vocab_size == 16 and tok.patch_size == 4
+
+
+def test_module_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "beit_fast.cli", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    for cmd in ("pretrain", "finetune", "eval", "fit-tokenizer", "bench", "info"):
+        assert cmd in proc.stdout

@@ -1,0 +1,132 @@
+"""The DALL-E dVAE encoder: architecture and key names, loading, and the restricted unpickler."""
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+
+from beit_fast.train import dall_e_encoder as dee
+from beit_fast.train.tokenizer import DalleTokenizer, encode, load_tokenizer
+
+
+def test_full_size_architecture_keys_and_shapes():
+    enc = dee.Encoder()  # BEiT's: group_count 4, n_hid 256, n_blk_per_group 2, vocab 8192
+    sd = enc.state_dict()
+    expect = {
+        "blocks.input.w": (256, 3, 7, 7), "blocks.input.b": (256,),
+        "blocks.group_1.block_1.res_path.conv_1.w": (64, 256, 3, 3),
+        "blocks.group_1.block_2.res_path.conv_4.w": (256, 64, 1, 1),
+        "blocks.group_2.block_1.id_path.w": (512, 256, 1, 1),
+        "blocks.group_4.block_2.res_path.conv_3.w": (512, 512, 3, 3),
+        "blocks.output.conv.w": (8192, 2048, 1, 1), "blocks.output.conv.b": (8192,),
+    }
+    for k, shape in expect.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert "blocks.group_1.block_1.id_path.w" not in sd       # identity when widths match
+    assert not any("pool" in k for k in sd)
+    assert len(sd) == 2 + 8 * 8 + 3 * 2 + 2                  # input, 8 blocks x 4 convs, 3 id convs, output
+    assert enc.blocks.group_1.block_1.post_gain == 1 / 64
+    assert dee.config_from_state_dict(sd) == dict(group_count=4, n_hid=256, n_blk_per_group=2,
+                                                  input_channels=3, vocab_size=8192)
+
+
+def test_loads_state_dict_of_right_shapes_and_gives_codes(tmp_path):
+    enc = dee.Encoder()
+    sd = {k: torch.randn_like(v) * 0.02 for k, v in enc.state_dict().items()}
+    path = tmp_path / "encoder.pt"
+    torch.save(sd, path)
+    loaded = load_tokenizer("dvae", str(path))
+    assert isinstance(loaded, DalleTokenizer) and loaded.vocab_size == 8192 and loaded.downsample == 8
+    for k, v in loaded.encoder.state_dict().items():
+        torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
+    view = dee.map_pixels(torch.rand(2, 3, 32, 32))          # a 112px view gives 14x14; 32px keeps it cheap
+    codes = encode(loaded, view)
+    assert codes.shape == (2, 16) and codes.dtype == torch.int64
+    assert int(codes.min()) >= 0 and int(codes.max()) < 8192
+
+
+def test_small_encoder_112px_view_gives_14x14_grid(tmp_path):
+    from safetensors.torch import save_file
+    enc = dee.Encoder(n_hid=8, n_blk_per_group=1, vocab_size=32)
+    save_file(enc.state_dict(), str(tmp_path / "enc.safetensors"))
+    tok = load_tokenizer("dvae", str(tmp_path / "enc.safetensors"))
+    assert tok(dee.map_pixels(torch.rand(3, 3, 112, 112))).shape == (3, 14, 14)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_tokenizer("dvae", str(tmp_path / "encoder.pkl"))
+    with pytest.raises(FileNotFoundError, match="tokenizer_path"):
+        load_tokenizer("dvae", "")
+
+
+def _fake_dall_e_modules():
+    """Stand-ins for OpenAI's dall_e package, so a pickle names dall_e.encoder.Encoder etc."""
+    pkg, enc_mod, utils_mod = (types.ModuleType(n) for n in ("dall_e", "dall_e.encoder", "dall_e.utils"))
+    fakes = {}
+    for mod, cls in ((utils_mod, dee.Conv2d), (enc_mod, dee.EncoderBlock), (enc_mod, dee.Encoder)):
+        fake = type(cls.__name__, (cls,), {"__module__": mod.__name__})
+        setattr(mod, cls.__name__, fake)
+        fakes[cls] = fake
+    return {"dall_e": pkg, "dall_e.encoder": enc_mod, "dall_e.utils": utils_mod}, fakes
+
+
+@pytest.mark.filterwarnings("ignore:Couldn't retrieve source code")
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_restricted_unpickler_loads_a_pickled_dall_e_module(tmp_path, zipfile):
+    ref = dee.Encoder(n_hid=8, n_blk_per_group=2, vocab_size=16)
+    modules, fakes = _fake_dall_e_modules()
+    pickled = dee.Encoder(n_hid=8, n_blk_per_group=2, vocab_size=16)
+    pickled.load_state_dict(ref.state_dict())
+    for m in pickled.modules():                 # turn every dall_e-style module into the "dall_e" class
+        if type(m) in fakes:
+            m.__class__ = fakes[type(m)]
+    path = tmp_path / "encoder.pkl"
+    sys.modules.update(modules)
+    try:
+        torch.save(pickled, path, _use_new_zipfile_serialization=zipfile)
+    finally:
+        for name in modules:
+            del sys.modules[name]
+    assert b"dall_e.encoder" in path.read_bytes()      # the pickle names OpenAI's classes, as encoder.pkl does
+    tok = load_tokenizer("dvae", str(path))
+    assert type(tok.encoder) is dee.Encoder
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(tok.encoder.state_dict()[k], v, rtol=0, atol=0)
+    x = dee.map_pixels(torch.rand(2, 3, 32, 32))
+    assert torch.equal(tok(x), ref(x).argmax(1))
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("how", ["torch_zip", "torch_legacy", "raw_pickle"])
+def test_restricted_unpickler_refuses_code(tmp_path, how):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "encoder.pkl"
+    payload = {"blocks.input.w": _Evil(marker)}
+    if how == "raw_pickle":
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=how == "torch_zip")
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load global (posix|os|nt).system"):
+        load_tokenizer("dvae", str(path))
+    assert not marker.exists()
+
+
+def test_restricted_unpickler_refuses_builtins_eval():
+    import io
+
+    class EvilEval:
+        def __reduce__(self):
+            return (eval, ("1+1",))
+    data = pickle.dumps(EvilEval())
+    with pytest.raises(pickle.UnpicklingError, match="builtins.eval"):
+        dee.RestrictedUnpickler(io.BytesIO(data)).load()

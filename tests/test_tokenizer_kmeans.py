@@ -1,0 +1,62 @@
+"""The k-means visual tokenizer: fit, save/reload, code shapes, bf16 check."""
+import pytest
+import torch
+
+from beit_fast.train.tokenizer import (KMeansTokenizer, choose_dtype, encode, fit_kmeans, load_tokenizer,
+                                       patchify)
+
+
+def _images(n=24, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 1, size // 4, size // 4, generator=g)        # blocky images: clusterable patches
+    return torch.nn.functional.interpolate(base, scale_factor=4, mode="nearest").expand(n, 3, size, size).clone()
+
+
+def test_patchify_order_matches_the_patch_grid():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    p = patchify(x, 4)
+    assert p.shape == (2, 4, 48)
+    torch.testing.assert_close(p[1, 2].view(3, 4, 4), x[1, :, 4:8, 0:4])   # patch (row 1, col 0)
+
+
+def test_fit_save_reload_gives_identical_codes(tmp_path):
+    imgs = _images()
+    tok = fit_kmeans(patchify(imgs, 4).flatten(0, 1), vocab_size=16, patch_size=4, iters=10, seed=0)
+    codes = encode(tok, imgs)
+    assert codes.shape == (24, 16) and codes.dtype == torch.int64
+    assert len(codes.unique()) > 8                                     # the codebook is used
+    for name in ("tok.safetensors", "tok.pt"):
+        tok.save(str(tmp_path / name))
+        again = load_tokenizer("kmeans", str(tmp_path / name))
+        assert isinstance(again, KMeansTokenizer) and again.patch_size == 4 and again.vocab_size == 16
+        assert torch.equal(encode(again, imgs), codes)
+    same = fit_kmeans(patchify(imgs, 4).flatten(0, 1), vocab_size=16, patch_size=4, iters=10, seed=0)
+    assert torch.equal(same.centroids, tok.centroids)                 # deterministic for a seed
+
+
+def test_codes_are_nearest_centroids():
+    imgs = _images(8)
+    tok = fit_kmeans(patchify(imgs, 4).flatten(0, 1), vocab_size=12, patch_size=4, iters=5, seed=1)
+    z = tok.patches(imgs)
+    brute = torch.cdist(z, tok.centroids.expand(len(z), -1, -1)).argmin(-1)
+    assert torch.equal(encode(tok, imgs), brute)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fit-tokenizer"):
+        load_tokenizer("kmeans", str(tmp_path / "nope.safetensors"))
+
+
+def test_bf16_used_only_when_codes_are_identical():
+    imgs = _images(8)
+    # Well separated centroids: bf16 rounding cannot change the argmin -> bf16 is chosen.
+    far = KMeansTokenizer(torch.eye(48)[:4] * 100, torch.zeros(48), torch.ones(48), 4)
+    assert choose_dtype(far, imgs)[0] == torch.bfloat16
+    # Centroids closer together than bf16's resolution of the scores -> fall back to fp32.
+    near = KMeansTokenizer(torch.full((2, 48), 0.5) + torch.tensor([[0.0], [1e-4]]), torch.zeros(48),
+                           torch.ones(48), 4)
+    view = torch.full((1, 3, 4, 4), 0.50006)
+    dtype, why = choose_dtype(near, view)
+    assert dtype == torch.float32 and "fp32" in why
+    assert choose_dtype(near, view, "bf16")[0] == torch.bfloat16       # forced
+    assert choose_dtype(far, imgs, "fp32")[0] == torch.float32

@@ -1,0 +1,122 @@
+"""Configs, presets, overrides, schedules, parameter groups, and early failure of bad configs."""
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+
+import beit_fast
+from beit_fast.train import ConfigError, FinetuneConfig, PretrainConfig, preset, resolve
+from beit_fast.train import config as C
+from beit_fast.train.optim import Schedule, cosine_at, layer_id, param_groups
+
+
+def test_presets_and_reference_recipes():
+    assert set(C.list_presets("pretrain")) >= {"demo", "beit_base_224", "beit_large_224"}
+    b = preset("pretrain", "beit_base_224")
+    assert (b.lr, b.batch_size, b.epochs, b.warmup_epochs, b.clip_grad, b.drop_path, b.layer_scale) == \
+        (1.5e-3, 128, 800, 10, 3.0, 0.1, 0.1)
+    assert (b.num_mask_patches, b.min_mask_patches, b.second_img_size, b.tokenizer) == (75, 16, 112, "dvae")
+    assert preset("pretrain", "beit_large_224").layer_scale == 1e-5
+    fb, fl = preset("finetune", "beit_base_224"), preset("finetune", "beit_large_224")
+    assert (fb.lr, fb.layer_decay, fb.epochs, fb.warmup_epochs, fb.drop_path, fb.mixup, fb.cutmix) == \
+        (4e-3, 0.65, 100, 20, 0.1, 0.8, 1.0)
+    assert (fl.lr, fl.layer_decay, fl.epochs, fl.drop_path, fl.batch_size * fl.accum_steps) == (1e-3, 0.75, 50, 0.2, 128)
+    assert preset("pretrain").preset == "demo" and preset("finetune").preset == "demo"
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: demo\nlr: 0.01\nbetas: [0.9, 0.98]\nmodel_overrides: {depth: 3}\n")
+    cfg = resolve("pretrain", "", str(f), {"lr": "2e-3", "epochs": 3, "model_overrides.num_heads": 2,
+                                           "clip_grad": "none", "compile": "true"})
+    assert isinstance(cfg, PretrainConfig)
+    assert cfg.lr == 2e-3 and cfg.epochs == 3 and cfg.betas == (0.9, 0.98) and cfg.clip_grad is None
+    assert cfg.compile is True and cfg.model_overrides["depth"] == 3 and cfg.model_overrides["num_heads"] == 2
+    C.save(cfg, str(tmp_path))
+    again = resolve("pretrain", "", str(tmp_path / "config.yaml"))
+    assert again == cfg
+
+
+def test_unknown_names_fail_clearly():
+    with pytest.raises(ConfigError, match="unknown pretrain preset 'nope'.*demo"):
+        resolve("pretrain", "nope")
+    with pytest.raises(ConfigError, match="did you mean lr"):
+        resolve("finetune", overrides={"lrr": 1})
+    with pytest.raises(ConfigError, match="expected int"):
+        resolve("finetune", overrides={"epochs": "many"})
+    with pytest.raises(ConfigError, match="unknown model"):
+        C.check(dataclasses.replace(preset("finetune"), model="beit_huge"))
+    with pytest.raises(ConfigError, match="model_overrides: unknown BeitConfig fields"):
+        C.check(dataclasses.replace(preset("finetune"), model_overrides={"widht": 3}))
+    with pytest.raises(ConfigError, match="classification model"):
+        C.check(dataclasses.replace(preset("pretrain"), model="beit_test_patch4_32"))
+    with pytest.raises(ConfigError, match="precision"):
+        C.check(dataclasses.replace(preset("pretrain"), precision="fp8"))
+
+
+def test_missing_files_fail_before_any_work(tmp_path, monkeypatch):
+    # If a check let these through, building the model would be the first thing to run: make that fatal.
+    monkeypatch.setattr(beit_fast.models, "create_model", lambda *a, **k: pytest.fail("work started"))
+    from beit_fast.train import finetune, pretrain
+    with pytest.raises(ConfigError, match="tokenizer=dvae needs tokenizer_path"):
+        pretrain(dataclasses.replace(preset("pretrain"), tokenizer="dvae", output_dir=str(tmp_path / "a")))
+    with pytest.raises(ConfigError, match="not found.*nothing is downloaded"):
+        pretrain(dataclasses.replace(preset("pretrain"), tokenizer="dvae", tokenizer_path=str(tmp_path / "e.pkl")))
+    with pytest.raises(ConfigError, match="fit-tokenizer"):
+        pretrain(dataclasses.replace(preset("pretrain"), tokenizer_path=str(tmp_path / "k.safetensors")))
+    empty = tmp_path / "data"
+    (empty / "train" / "cat").mkdir(parents=True)
+    (empty / "train" / "cat" / "notes.txt").write_text("no images here")
+    with pytest.raises(ConfigError, match="no images in"):
+        pretrain(dataclasses.replace(preset("pretrain"), dataset="folder", data_path=str(empty)))
+    with pytest.raises(ConfigError, match="is not a folder"):
+        pretrain(dataclasses.replace(preset("pretrain"), dataset="folder", data_path=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="init: checkpoint .* does not exist"):
+        finetune(dataclasses.replace(preset("finetune"), init=str(tmp_path / "missing.pt")))
+    with pytest.raises(ConfigError, match="apex"):
+        finetune(dataclasses.replace(preset("finetune"), optimizer="apex_lamb"))
+    assert not (tmp_path / "a").exists()
+
+
+def test_cosine_schedule_matches_unilm_array():
+    import numpy as np
+    base, final, epochs, niter, warm = 1e-3, 1e-5, 3, 7, 4
+    # unilm beit/utils.py cosine_scheduler, written out
+    warmup = np.linspace(0, base, warm)
+    iters = np.arange(epochs * niter - warm)
+    ref = np.concatenate([warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))])
+    ours = [cosine_at(s, base, final, epochs * niter, warm) for s in range(epochs * niter)]
+    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=0)
+    sch = Schedule(FinetuneConfig(lr=1e-3, min_lr=1e-5, epochs=3, warmup_epochs=1, weight_decay=0.05), 7)
+    assert sch.lr_at(0) == 0.0 and math.isclose(sch.lr_at(6), 1e-3) and sch.wd_at(10) == 0.05
+
+
+def test_param_groups_decay_and_layer_scales():
+    model = beit_fast.create_model("beit_test_patch4_32_mim")
+    groups = param_groups(model, 0.05)
+    no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    decay = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    for name in ("cls_token", "mask_token", "rel_pos_bias.relative_position_bias_table", "blocks.0.gamma_1",
+                 "blocks.0.norm1.weight", "blocks.0.attn.q_bias", "blocks.1.mlp.fc1.bias", "norm.weight"):
+        assert name in no_decay, name
+    assert {"blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "lm_head.weight", "patch_embed.proj.weight"} <= decay
+    cls = beit_fast.create_model("beit_test_patch4_32")
+    depth = len(cls.blocks)
+    assert layer_id("patch_embed.proj.weight", depth) == 0 and layer_id("blocks.1.attn.qkv.weight", depth) == 2
+    assert layer_id("head.weight", depth) == depth + 1 and layer_id("rel_pos_bias.x", depth) == depth + 1
+    scales = {n: g["lr_scale"] for g in param_groups(cls, 0.05, 0.5) for n in g["names"]}
+    assert scales["cls_token"] == 0.5 ** 3 and scales["blocks.0.attn.qkv.weight"] == 0.5 ** 2
+    assert scales["blocks.1.mlp.fc1.weight"] == 0.5 and scales["head.weight"] == 1.0
+    assert sum(len(g["params"]) for g in param_groups(cls, 0.05, 0.5)) == len(list(cls.parameters()))
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    from beit_fast.train.checkpoint import atomic_torch_save, save_step_checkpoint, step_checkpoints
+    for step in (1, 2, 3, 4):
+        save_step_checkpoint({"step": step, "t": torch.ones(2)}, str(tmp_path), step, keep_last=2)
+    assert [os.path.basename(p) for p in step_checkpoints(str(tmp_path))] == \
+        ["checkpoint-0000003.pt", "checkpoint-0000004.pt"]
+    atomic_torch_save({"x": 1}, str(tmp_path / "other.pt"))
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

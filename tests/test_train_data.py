@@ -1,0 +1,55 @@
+"""Data order and per-sample randomness are pure functions of (seed, epoch, index)."""
+import random
+
+import numpy as np
+import torch
+
+from beit_fast.masking import MaskingGenerator
+from beit_fast.train.data import DigitsDataset, EpochBatchSampler, Samples, TwoViewTransform
+
+
+def test_batch_order_is_a_pure_function_of_seed_and_epoch():
+    a = EpochBatchSampler(100, 16, seed=3)
+    a.set_epoch(2)
+    b = EpochBatchSampler(100, 16, seed=3)
+    b.set_epoch(2)
+    assert list(a) == list(b) and len(list(a)) == 6                          # drop_last: 100 // 16
+    b.set_epoch(3)
+    assert list(a) != list(b)
+    a.set_epoch(2, start_batch=4)                                             # resume: skip, don't load
+    full = EpochBatchSampler(100, 16, seed=3)
+    full.set_epoch(2)
+    assert list(a) == list(full)[4:]
+
+
+def test_ranks_split_each_global_batch():
+    one = EpochBatchSampler(100, 16, seed=0)
+    ranks = [EpochBatchSampler(100, 16, seed=0, rank=r, world=2) for r in (0, 1)]
+    for s in [one, *ranks]:
+        s.set_epoch(5)
+    for whole, part0, part1 in zip(one, *ranks):
+        assert whole == part0 + part1 and len(part0) == 8
+
+
+def test_samples_do_not_depend_on_global_rng_and_leave_it_untouched():
+    ds = DigitsDataset("train")
+    samples = Samples(ds, TwoViewTransform(16, 16, (0.5, 1.0), hflip=0.5, color_jitter=0.4), seed=1,
+                      mask_generator=MaskingGenerator((4, 4), 6, 2))
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    first = samples[(2, 7)]
+    state = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    torch.manual_seed(123)
+    again = samples[(2, 7)]
+    for x, y in zip(first[:2] + first[3:4], again[:2] + again[3:4]):
+        assert torch.equal(x, y)
+    assert first[3].dtype == torch.bool and first[3].shape == (16,) and 0 < int(first[3].sum()) <= 6
+    other = samples[(3, 7)]                                                   # next epoch: new crop and mask
+    assert not torch.equal(other[0], first[0]) or not torch.equal(other[3], first[3])
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    samples[(2, 7)]
+    assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
+    assert (np.random.get_state()[1] == state[2]).all()

@@ -1,0 +1,125 @@
+"""End-to-end training on CPU with tiny models: pretrain -> fine-tune -> eval, fused vs reference,
+stop-and-resume parity, fp16 loss scaling, unreadable images."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from beit_fast.train import EvalConfig, evaluate, finetune, preset, pretrain
+from beit_fast.train.checkpoint import load, step_checkpoints
+
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    """One small k-means tokenizer shared by the pretraining runs (fitting it is tested once, below)."""
+    from beit_fast.train.data import DigitsDataset
+    from beit_fast.train.tokenizer_fitting import fit_on_dataset
+    path = tmp_path_factory.mktemp("tok") / "kmeans.safetensors"
+    fit_on_dataset(DigitsDataset("train"), 16, 4, 32, max_images=128, iters=10).save(str(path))
+    return str(path)
+
+
+def tiny_pretrain(out, **kw):
+    base = dict(output_dir=str(out), img_size=16, model_overrides=dict(TINY), tokenizer_vocab=32, tokenizer_patch=4,
+                second_img_size=16, num_mask_patches=6, min_mask_patches=2, batch_size=16, train_subset=64,
+                epochs=2, warmup_epochs=0.5, lr=3e-3, num_workers=0, progress=False, log_every=1,
+                tokenizer_fit_images=64, drop_path=0.1, tensorboard=False)
+    base.update(kw)
+    return dataclasses.replace(preset("pretrain", "demo"), **base)
+
+
+def tiny_finetune(out, **kw):
+    base = dict(output_dir=str(out), img_size=16, model_overrides=dict(TINY), batch_size=16, train_subset=64,
+                epochs=2, warmup_epochs=0.5, lr=1e-2, num_workers=0, progress=False, log_every=1,
+                eval_batch_size=128, tensorboard=False)
+    base.update(kw)
+    return dataclasses.replace(preset("finetune", "demo"), **base)
+
+
+def losses(folder, key="loss"):
+    rows = [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
+    return [(r["step"], r[key]) for r in rows if key in r and "eval" not in r]
+
+
+def test_pretrain_then_finetune_then_eval(tmp_path):
+    pt = pretrain(tiny_pretrain(tmp_path / "pt", epochs=6, train_subset=128))
+    curve = [v for _, v in losses(tmp_path / "pt")]
+    assert len(curve) == 48 and all(map(lambda v: v == v, curve))
+    assert sum(curve[-8:]) / 8 < sum(curve[:8]) / 8 - 0.1, curve            # the MIM loss goes down
+    assert os.path.isfile(tmp_path / "pt" / "tokenizer.safetensors")
+    assert os.path.isfile(tmp_path / "pt" / "config.yaml") and os.path.isfile(tmp_path / "pt" / "config.json")
+    state = load(pt["checkpoint"])
+    assert state["kind"] == "pretrain" and "lm_head.weight" in state["model"] and state["step"] == 48
+
+    ft = finetune(tiny_finetune(tmp_path / "ft", init=str(tmp_path / "pt"), epochs=4, train_subset=256,
+                                eval_every_epochs=0))
+    curve = [v for _, v in losses(tmp_path / "ft")]
+    assert len(curve) == 64 and sum(curve[-8:]) / 8 < sum(curve[:8]) / 8 - 0.02, curve  # (deterministic run)
+    assert 0 <= ft["top1"] <= 100 and ft["top5"] >= ft["top1"] and ft["best_top1"] >= ft["top1"]
+    assert os.path.isfile(tmp_path / "ft" / "checkpoint-best.pt")
+    ev = evaluate(EvalConfig(checkpoint=str(tmp_path / "ft"), num_workers=0, precision="fp32"))
+    assert ev["n"] == 360 and abs(ev["top1"] - ft["best_top1"]) < 1e-9
+    assert json.load(open(tmp_path / "ft" / "eval.json"))["top1"] == ev["top1"]
+
+
+def test_fused_and_reference_training_give_matching_losses(tmp_path, tokenizer_file):
+    runs = {}
+    for name, fused, attn in (("fused", True, "fused"), ("reference", False, "eager")):
+        pretrain(tiny_pretrain(tmp_path / name, fused=fused, attn_impl=attn, epochs=2, drop_path=0.0,
+                               tokenizer_path=tokenizer_file))
+        runs[name] = [v for _, v in losses(tmp_path / name)]
+    assert len(runs["fused"]) == 8
+    torch.testing.assert_close(torch.tensor(runs["fused"]), torch.tensor(runs["reference"]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_stop_and_resume_is_bitwise_identical(tmp_path, kind, tokenizer_file):
+    if kind == "pretrain":
+        make, run = tiny_pretrain, pretrain
+        extra = {"epochs": 3, "tokenizer_path": tokenizer_file}
+    else:  # mixup/cutmix draw from numpy's global RNG in the main process; EMA state is resumed too
+        make, run = tiny_finetune, finetune
+        extra = {"epochs": 3, "mixup": 0.8, "cutmix": 1.0, "drop_path": 0.1, "ema": True, "ema_decay": 0.9,
+                 "eval_every_epochs": 0}
+    run(make(tmp_path / "straight", **extra))
+    run(make(tmp_path / "split", stop_at_step=6, num_workers=1, **extra))      # stops mid-epoch 2 (4 steps/epoch)
+    assert [os.path.basename(p) for p in step_checkpoints(str(tmp_path / "split"))] == ["checkpoint-0000004.pt",
+                                                                                      "checkpoint-0000006.pt"]
+    run(make(tmp_path / "split", resume="auto", **extra))
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert [s for s, _ in b] == list(range(1, 13)) and a == b                   # exact float equality
+    assert losses(tmp_path / "straight", "grad_norm") == losses(tmp_path / "split", "grad_norm")
+    sa, sb = load(step_checkpoints(str(tmp_path / "straight"))[-1]), load(step_checkpoints(str(tmp_path / "split"))[-1])
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+
+
+def test_fp16_loss_scaling_skips_an_injected_inf_step(tmp_path):
+    cfg = tiny_finetune(tmp_path / "fp16", precision="fp16", inject_nonfinite_at_step=2, epochs=1,
+                        save_every_steps=1, keep_last=10, mixup=0.0, cutmix=0.0, drop_path=0.0)
+    finetune(cfg)
+    rows = {r["step"]: r for r in map(json.loads, open(tmp_path / "fp16" / "log.jsonl")) if "eval" not in r}
+    assert rows[3]["skipped"] is True and all(not rows[s]["skipped"] for s in (1, 2, 4))
+    assert rows[3]["scale"] == rows[2]["scale"] / 2                           # dynamic scale backed off
+    assert all(rows[s]["loss"] == rows[s]["loss"] and abs(rows[s]["loss"]) != float("inf") for s in (1, 2, 4))
+    ck = {int(os.path.basename(p)[11:18]): load(p)["model"] for p in step_checkpoints(str(tmp_path / "fp16"))}
+    assert all(torch.equal(ck[2][k], ck[3][k]) for k in ck[2])               # the bad step changed nothing
+    assert not all(torch.equal(ck[3][k], ck[4][k]) for k in ck[3])            # training went on
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_file):
+    from PIL import Image
+    for c in ("a", "b"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (20, 20), (i * 20, 50, 100 if c == "a" else 200)).save(tmp_path / "data" / "train" / c / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+    cfg = tiny_pretrain(tmp_path / "run", dataset="folder", data_path=str(tmp_path / "data"), train_subset=0,
+                        batch_size=7, epochs=1, tokenizer_path=tokenizer_file)
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+        result = pretrain(cfg)
+    assert result["skipped_images"] >= 1 and result["step"] == 3
