@@ -151,3 +151,16 @@ def has_kernel(qualname: str, dispatch_key: str) -> bool:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key))
     except RuntimeError:  # no such op
         return False
+
+
+def register_extension_op(op: str, fake_forward, fake_backward, backward, setup_context) -> bool:
+    """Fake (meta) functions for `beit_fast::<op>` and `beit_fast::<op>_backward` and the autograd formula
+    of the forward, for an op the C++ extension defines. Does nothing (returns False) when the extension
+    did not load or has no CPU kernel for the op; call once per process, at the op module's import."""
+    mod, _ = extension()
+    if mod is None or not has_kernel(f"beit_fast::{op}", "CPU"):
+        return False
+    torch.library.register_fake(f"beit_fast::{op}")(fake_forward)
+    torch.library.register_fake(f"beit_fast::{op}_backward")(fake_backward)
+    torch.library.register_autograd(f"beit_fast::{op}", backward, setup_context=setup_context)
+    return True

@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (base_parser, check_close, environment, make_row, parse_dtypes, peak_mb, time_ms,  # noqa: E402
-                    write_rows)
+                    finish, write_rows)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -211,26 +211,15 @@ def main(argv=None):
             del leaves, grad, expected
             if rows:   # after every shape, so a run cut short by a time limit still leaves its rows
                 write_rows(rows, args.out, "bench_attention")
-    if not rows:
-        raise SystemExit("no provider ran" + (f"; failed the reference check: {failed}" if failed else ""))
-    j, m = write_rows(rows, args.out, "bench_attention")
-    if skipped:
-        with open(m, "a") as f:
-            f.write("\nSkipped: " + "; ".join(skipped) + "\n")
+    notes = []
     if args.check_determinism:
-        with open(m, "a") as f:
-            det = {}
-            for r in rows:
-                key = (r["provider"], r["dtype"])
-                det[key] = det.get(key, True) and r["table_grad_deterministic"]
-            f.write("\nTable gradient bitwise reproducible (3 runs): "
-                    + ", ".join(f"{p} {d}: {v}" for (p, d), v in sorted(det.items())) + "\n")
-    if failed:
-        with open(m, "a") as f:
-            f.write("\nFailed the reference check (not timed): " + "; ".join(failed) + "\n")
-    print(open(m).read())
-    if failed:
-        raise SystemExit(f"providers disagree with the reference: {failed}")
+        det = {}
+        for r in rows:
+            key = (r["provider"], r["dtype"])
+            det[key] = det.get(key, True) and r["table_grad_deterministic"]
+        notes.append("Table gradient bitwise reproducible (3 runs): "
+                     + ", ".join(f"{p} {d}: {v}" for (p, d), v in sorted(det.items())))
+    finish(rows, args.out, "bench_attention", skipped=skipped, failed=failed, notes=notes)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (base_parser, check_close, environment, make_row, parse_dtypes, peak_mb, time_ms,  # noqa: E402
-                    write_rows)
+                    finish)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -390,17 +390,7 @@ def main(argv=None):
             for r in rows[first:]:   # memory-bound ops: fraction of the copy bandwidth just measured
                 if r.get("gbps") and copy_gbps:
                     r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_gbps
-    if not rows:
-        raise SystemExit("no provider ran" + (f"; failed the reference check: {failed}" if failed else ""))
-    j, m = write_rows(rows, args.out, "bench_blocks")
-    with open(m, "a") as f:
-        if skipped:
-            f.write("\nSkipped: " + "; ".join(skipped) + "\n")
-        if failed:
-            f.write("\nFailed the reference check (not timed): " + "; ".join(failed) + "\n")
-    print(open(m).read())
-    if failed:
-        raise SystemExit(f"providers disagree with the reference: {failed}")
+    finish(rows, args.out, "bench_blocks", skipped=skipped, failed=failed)
 
 
 if __name__ == "__main__":

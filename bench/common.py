@@ -173,3 +173,21 @@ def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rt
         torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
     except AssertionError as e:
         raise RuntimeError(f"provider {name} disagrees with the reference; not timing it:\n{e}") from None
+
+
+def finish(rows: list[dict], out_dir: str, name: str, *, skipped=(), failed=(), notes=()) -> None:
+    """Write the rows, append what was skipped / extra notes / what failed its reference check to the
+    markdown, print it, and exit non-zero when a provider failed its check (a wrong provider is never timed)."""
+    if not rows:
+        raise SystemExit("no provider ran" + (f"; failed the reference check: {list(failed)}" if failed else ""))
+    _, mpath = write_rows(rows, out_dir, name)
+    with open(mpath, "a") as f:
+        if skipped:
+            f.write("\nSkipped: " + "; ".join(skipped) + "\n")
+        for note in notes:
+            f.write("\n" + note + "\n")
+        if failed:
+            f.write("\nFailed the reference check (not timed): " + "; ".join(failed) + "\n")
+    print(open(mpath).read())
+    if failed:
+        raise SystemExit(f"providers disagree with the reference: {list(failed)}")

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import choose, common_reasons, extension, has_kernel
+from .._backend import choose, common_reasons, extension, has_kernel, register_extension_op
 
 OP = "layer_scale_residual_norm"
 PREFERENCE = ("cuda", "cpp", "reference")
@@ -127,22 +127,7 @@ def _backward(ctx, grad_sum, grad_norm, _grad_mean, _grad_rstd):
     return dx if need[0] else None, dy, dgamma, dscale, dw, db, None
 
 
-_registered = False
-
-
-def _register():
-    """Fake (meta) functions and autograd for the C++ ops; once per process, only when beit_fast._C loads."""
-    global _registered
-    mod, _ = extension()
-    if _registered or mod is None or not has_kernel(f"beit_fast::{OP}", "CPU"):
-        return
-    torch.library.register_fake(f"beit_fast::{OP}")(_fake_forward)
-    torch.library.register_fake(f"beit_fast::{OP}_backward")(_fake_backward)
-    torch.library.register_autograd(f"beit_fast::{OP}", _backward, setup_context=_setup_context)
-    _registered = True
-
-
-_register()
+register_extension_op(OP, _fake_forward, _fake_backward, _backward, _setup_context)
 
 
 def layer_scale_residual_norm(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor] = None,

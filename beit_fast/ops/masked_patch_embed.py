@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import choose, common_reasons, extension, has_kernel
+from .._backend import choose, common_reasons, extension, has_kernel, register_extension_op
 
 OP = "masked_patch_embed"
 PREFERENCE = ("cuda", "cpp", "reference")
@@ -131,22 +131,7 @@ def _backward(ctx, grad_out):
     return dimages, dweight, dbias, None, dmask, dcls, dpos
 
 
-_registered = False
-
-
-def _register():
-    """Fake (meta) functions and autograd for the C++ ops; once per process, only when beit_fast._C loads."""
-    global _registered
-    mod, _ = extension()
-    if _registered or mod is None or not has_kernel(f"beit_fast::{OP}", "CPU"):
-        return
-    torch.library.register_fake(f"beit_fast::{OP}")(_fake_forward)
-    torch.library.register_fake(f"beit_fast::{OP}_backward")(_fake_backward)
-    torch.library.register_autograd(f"beit_fast::{OP}", _backward, setup_context=_setup_context)
-    _registered = True
-
-
-_register()
+register_extension_op(OP, _fake_forward, _fake_backward, _backward, _setup_context)
 
 
 def masked_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
