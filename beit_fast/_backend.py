@@ -164,3 +164,13 @@ def register_extension_op(op: str, fake_forward, fake_backward, backward, setup_
     torch.library.register_fake(f"beit_fast::{op}_backward")(fake_backward)
     torch.library.register_autograd(f"beit_fast::{op}", backward, setup_context=setup_context)
     return True
+
+
+def extension_op_reasons(op: str, backend: str) -> list[str]:
+    """Input-independent reasons (shown by `python -m beit_fast.info`) why the extension's `backend`
+    ("cuda" or "cpp") cannot run `beit_fast::<op>`: an extension built before the op existed, or without
+    its CUDA kernel."""
+    key = {"cuda": "CUDA", "cpp": "CPU"}.get(backend)
+    if key is not None and extension()[0] is not None and not has_kernel(f"beit_fast::{op}", key):
+        return [f"beit_fast._C has no {key} kernel for beit_fast::{op} (rebuild the extension)"]
+    return []

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 
 from beit_fast._backend import BackendUnavailable, interpret_mode  # noqa: E402
 from beit_fast.ops.layer_norm import layer_norm, layer_norm_ref, not_supported_reasons  # noqa: E402
+from poison import PoisonedTorch  # noqa: E402
 from tolerances import assert_close, assert_two_x, tolerance  # noqa: E402
 
 EPS = 1e-6
@@ -100,23 +101,11 @@ def test_parameter_grads_bitwise_deterministic():
         assert torch.equal(a, c), f"{name} differs between two identical runs"
 
 
-class _PoisonedTorch:
-    """torch, except that empty() returns NaN-filled memory: a kernel that misses an element shows it."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-
 @needs_triton
 @pytest.mark.parametrize("shape", [(273, 7), (37, 100)], ids=str)
 def test_every_output_element_written(monkeypatch, shape):
     from beit_fast.kernels import layer_norm as kernels
-    monkeypatch.setattr(kernels, "torch", _PoisonedTorch())
+    monkeypatch.setattr(kernels, "torch", PoisonedTorch())
     _check_against_reference(shape, torch.float32)
 
 

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 
 from beit_fast._backend import BackendUnavailable, interpret_mode  # noqa: E402
 from beit_fast.ops.linear_gelu import linear_gelu, linear_gelu_ref, not_supported_reasons  # noqa: E402
+from poison import PoisonedTorch  # noqa: E402
 from tolerances import assert_close, assert_two_x, tolerance  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,23 +120,11 @@ def test_parameter_grads_bitwise_deterministic(recompute):
         assert torch.equal(a, c), f"{name} differs between two identical runs"
 
 
-class _PoisonedTorch:
-    """torch, except that empty() returns NaN-filled memory: a kernel that misses an element shows it."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-
 @needs_triton
 @pytest.mark.parametrize("recompute", [False, True])
 def test_every_output_element_written(monkeypatch, recompute):
     from beit_fast.kernels import linear_gelu as kernels
-    monkeypatch.setattr(kernels, "torch", _PoisonedTorch())
+    monkeypatch.setattr(kernels, "torch", PoisonedTorch())
     _check_against_reference((70,), 20, 130, torch.float32, recompute=recompute)
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import choose, common_reasons, extension, has_kernel, register_extension_op
+from .._backend import choose, common_reasons, extension_op_reasons, register_extension_op
 
 OP = "layer_scale_residual_norm"
 PREFERENCE = ("cuda", "cpp", "reference")
@@ -47,12 +47,7 @@ def layer_scale_residual_norm_ref(x: torch.Tensor, y: torch.Tensor, gamma: Optio
 
 
 def environment_reasons(backend: str, device=None) -> list[str]:
-    """Reasons that do not depend on the inputs (also shown by `python -m beit_fast.info`): an extension built
-    before this op existed, or without its CUDA kernel."""
-    key = {"cuda": "CUDA", "cpp": "CPU"}.get(backend)
-    if key is not None and extension()[0] is not None and not has_kernel(f"beit_fast::{OP}", key):
-        return [f"beit_fast._C has no {key} kernel for beit_fast::{OP} (rebuild the extension)"]
-    return []
+    return extension_op_reasons(OP, backend)
 
 
 def not_supported_reasons(backend: str, x: torch.Tensor, y: torch.Tensor, gamma=None, drop_path_scale=None,

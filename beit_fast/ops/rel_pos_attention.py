@@ -10,7 +10,7 @@ ops are registered through torch.library, so a compiled model keeps them in one 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
