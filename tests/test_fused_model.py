@@ -68,6 +68,42 @@ def test_fused_model_with_triton_interpreter(monkeypatch):
     _compare(ref.eval(), fused.eval(), x, mask, tolerance("fused_model.triton", torch.float32))
 
 
+def test_fused_residual_stream_stays_fp32_under_autocast():
+    """Under bf16 autocast the residual stream keeps the parameters' dtype in both paths (a bf16 stream would
+    round away BEiT-L's 1e-5 layer-scaled updates)."""
+    for fused in (False, True):
+        m = create_model("beit_test_patch4_32_mim", fused=fused, attn_impl="sdpa", drop_path_rate=0.2).train()
+        seen = []
+        for blk in m.blocks:
+            blk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+            blk.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+            if fused:  # the fused loop calls forward_fused, not forward: record its residual input/output
+                orig = blk.forward_fused
+
+                def wrapped(x, h, nxt, *a, _orig=orig, **k):
+                    seen.append(x.dtype)
+                    out = _orig(x, h, nxt, *a, **k)
+                    seen.append(out[0].dtype)
+                    return out
+                blk.forward_fused = wrapped
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = m.forward_features(torch.randn(2, 3, 32, 32), torch.rand(2, 64) < 0.4)
+        assert len(seen) == 2 * len(m.blocks)
+        assert set(seen) == {torch.float32}, (fused, seen)
+        assert feats.dtype in (torch.float32, torch.bfloat16)
+
+
+def test_auto_attention_without_relative_bias():
+    """attn_impl='auto' picks the fused kernel only when there is a table to gather (the unilm pt1k
+    attention-analysis layout has absolute positions and no relative bias)."""
+    from beit_fast.models.beit import _resolve_attn_impl
+    x = torch.empty(1, device="meta")
+    assert _resolve_attn_impl("auto", x, has_table=False) == "sdpa"
+    assert _resolve_attn_impl("auto", x, has_table=True) == "sdpa"  # not CUDA
+    m = create_model("beit_test_patch4_32", use_rel_pos_bias=False, use_abs_pos_emb=True)
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["beit_test_patch4_32", "beit_test_patch4_32_mim"])
 def test_fused_model_bf16_cuda_2x_rule(name):

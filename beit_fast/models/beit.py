@@ -30,13 +30,16 @@ def drop_path_scale(batch: int, p: float, training: bool, ref: torch.Tensor) -> 
     if p == 0.0 or not training:
         return None
     keep = 1.0 - p
+    # in the residual stream's dtype (fp32 under autocast: both paths keep the stream in the parameters' dtype)
     return torch.empty(batch, device=ref.device, dtype=ref.dtype).bernoulli_(keep).div_(keep)
 
 
-def _resolve_attn_impl(impl: str, x: torch.Tensor) -> str:
+def _resolve_attn_impl(impl: str, x: torch.Tensor, has_table: bool) -> str:
+    """auto: the fused kernel on CUDA when there is a relative position table (it exists for that bias),
+    SDPA otherwise (CPU, or a model with absolute position embeddings only)."""
     if impl != "auto":
         return impl
-    return "fused" if x.is_cuda else "sdpa"
+    return "fused" if x.is_cuda and has_table else "sdpa"
 
 
 class PatchEmbed(nn.Module):
@@ -107,7 +110,7 @@ class Attention(nn.Module):
                 index, window = shared_index, window_size
         qkv = self.qkv_linear(x).view(B, N, 3, self.num_heads, self.head_dim)
         dropout_p = self.attn_drop_p if self.training else 0.0
-        impl = _resolve_attn_impl(self.attn_impl, x)
+        impl = _resolve_attn_impl(self.attn_impl, x, table is not None)
         if impl == "fused":
             from beit_fast.ops.rel_pos_attention import rel_pos_attention_qkvpacked
             if table is None:
@@ -284,8 +287,12 @@ class Beit(nn.Module):
     def embed(self, x: torch.Tensor, bool_masked_pos: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
         if fused:
             from beit_fast.ops.masked_patch_embed import masked_patch_embed
-            return masked_patch_embed(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
-                                      bool_masked_pos, self.mask_token, self.cls_token, self.pos_embed)
+            t = masked_patch_embed(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
+                                   bool_masked_pos, self.mask_token, self.cls_token, self.pos_embed)
+            # Under autocast the op returns the autocast dtype; the residual stream stays in the parameters'
+            # dtype (fp32), as in the reference, where cat / blend with the fp32 tokens promote it. A bf16
+            # stream would round away BEiT-L's 1e-5 layer-scaled updates.
+            return t.to(self.cls_token.dtype)
         t = self.patch_embed(x)
         if bool_masked_pos is not None:
             w = bool_masked_pos.unsqueeze(-1).type_as(self.mask_token)

@@ -22,6 +22,7 @@ BACKENDS = ("triton", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
+MAX_GRID_Y = 65535  # the launchers put B*H on grid axis 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -134,6 +135,9 @@ def not_supported_reasons(backend: str, q, k, v, table, window_size=None, rel_in
             why.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
         if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, table.dtype):
             why.append("the Triton interpreter (CPU) cannot do bf16 arithmetic")
+        if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+            why.append(f"B*H = {q.shape[0] * q.shape[1]} programs exceed the CUDA grid's y limit {MAX_GRID_Y} "
+                       "the kernels launch on (split the batch)")
     return why
 
 
