@@ -77,7 +77,9 @@ def main(argv=None):
     p.add_argument("--models", default=None, help="comma list of model names")
     p.add_argument("--batch", type=int, default=None)
     args = p.parse_args(argv)
-    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke for the CPU smoke test")
     env = environment(device)
     dtypes = [torch.float32] if device == "cpu" else parse_dtypes(args.dtypes)
     if args.smoke:
