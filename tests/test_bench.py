@@ -1,0 +1,42 @@
+"""The benchmarks' CPU smoke modes (what CI can run): each writes JSON rows with the environment and a
+markdown table, every provider having passed its reference check; report.py merges them."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = {"op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mb", "torch",
+            "triton", "cuda", "git_sha", "gpu"}
+
+
+def _run(args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BEIT_FAST_BACKEND")}
+    r = subprocess.run([sys.executable] + args + ["--out", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize("script, extra, providers", [
+    ("bench_attention", ["--check-determinism"], {"eager", "sdpa"}),
+    ("bench_blocks", [], {"eager", "ours"}),
+    ("bench_masking", ["--batch", "16"], {"reference", "cpp"}),
+    ("bench_model", ["--providers", "timm,hf,ours_reference,ours_fused"], {"timm", "hf", "ours_reference", "ours_fused"}),
+])
+def test_smoke(script, extra, providers, tmp_path):
+    _run([f"bench/{script}.py", "--smoke"] + extra, tmp_path)
+    with open(tmp_path / f"{script}.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows
+    for r in rows:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["p80_ms"]
+    assert providers <= {r["provider"] for r in rows}
+    md = (tmp_path / f"{script}.md").read_text()
+    assert "| op | provider |" in md and "Hardware:" in md
+    rep = subprocess.run([sys.executable, "bench/report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert rep.returncode == 0 and "speed-up vs" in rep.stdout, rep.stderr
