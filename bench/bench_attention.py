@@ -19,8 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (base_parser, check_close, environment, make_row, parse_dtypes, peak_mb, time_ms,  # noqa: E402
-                    finish, write_rows)
+from common import (base_parser, check_close, environment, make_row, device_and_dtypes, peak_mb, time_ms,  # noqa: E402
+                    finish, selected_providers, write_rows)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -168,13 +168,9 @@ def main(argv=None):
     p.add_argument("--check-determinism", action="store_true",
                    help="add a column: is each provider's table gradient bitwise reproducible (3 runs)")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    if device == "cpu" and not args.smoke:
-        raise SystemExit("no CUDA device: run with --smoke for the CPU smoke test")
-    dtypes = [torch.float32] if args.smoke else parse_dtypes(args.dtypes)
-    wanted = PROVIDERS if args.providers == "all" else tuple(x.strip() for x in args.providers.split(","))
-    if args.smoke and args.providers == "all":
-        wanted = REFERENCE_PROVIDERS   # "ours" runs on the CPU only when asked for, under TRITON_INTERPRET=1
+    device, dtypes = device_and_dtypes(args)
+    # under --smoke "ours" runs on the CPU only when asked for, under TRITON_INTERPRET=1
+    wanted = selected_providers(args, PROVIDERS, smoke_default=REFERENCE_PROVIDERS)
     shapes = SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else FULL_SHAPES
     env = environment(device)
     rows, skipped, failed = [], [], []

@@ -36,8 +36,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (base_parser, check_close, environment, make_row, parse_dtypes, peak_mb, time_ms,  # noqa: E402
-                    finish)
+from common import (base_parser, check_close, environment, make_row, device_and_dtypes, peak_mb, time_ms,  # noqa: E402
+                    finish, selected_providers)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -343,14 +343,9 @@ def main(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--ops", default="all", help=f"comma list of {OPS}, or all")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    if device == "cpu" and not args.smoke:
-        raise SystemExit("no CUDA device: run with --smoke for the CPU smoke test")
-    dtypes = [torch.float32] if args.smoke else parse_dtypes(args.dtypes)
+    device, dtypes = device_and_dtypes(args)
     ops = OPS if args.ops == "all" else tuple(x.strip() for x in args.ops.split(","))
-    wanted = PROVIDERS if args.providers == "all" else tuple(x.strip() for x in args.providers.split(","))
-    if args.smoke and args.providers == "all":
-        wanted = ("eager", "ours")
+    wanted = selected_providers(args, PROVIDERS, smoke_default=("eager", "ours"))
     cfgs = SMOKE if args.smoke else QUICK if args.quick else FULL
     env = environment(device)
     rows, skipped, failed = [], [], []

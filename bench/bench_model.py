@@ -17,7 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import base_parser, environment, make_row, parse_dtypes, peak_mb, time_ms, write_rows  # noqa: E402
+from common import (base_parser, device_and_dtypes, environment, make_row, peak_mb, selected_providers,  # noqa: E402
+                    time_ms, write_rows)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -77,20 +78,15 @@ def main(argv=None):
     p.add_argument("--models", default=None, help="comma list of model names")
     p.add_argument("--batch", type=int, default=None)
     args = p.parse_args(argv)
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --smoke for the CPU smoke test")
+    device, dtypes = device_and_dtypes(args)
     env = environment(device)
-    dtypes = [torch.float32] if device == "cpu" else parse_dtypes(args.dtypes)
     if args.smoke:
         names, batch = ["beit_test_patch4_32"], args.batch or 4
     else:
         names = (args.models or ("beit_base_patch16_224" if args.quick else
                                  "beit_base_patch16_224,beit_large_patch16_224")).split(",")
         batch = args.batch or 64
-    providers = ["timm", "hf", "ours_reference", "torch_compile", "ours_fused"]
-    if args.providers != "all":
-        providers = args.providers.split(",")
+    providers = selected_providers(args, ("timm", "hf", "ours_reference", "torch_compile", "ours_fused"))
     rows = []
     for cls_name in names:
         for mode in ("pretrain", "finetune"):

@@ -167,6 +167,22 @@ def parse_dtypes(s: str) -> list[torch.dtype]:
         raise SystemExit(f"unknown dtype {e}; expected a comma list of {sorted(DTYPES)}")
 
 
+def device_and_dtypes(args) -> tuple[str, list[torch.dtype]]:
+    """--smoke: the CPU in fp32; otherwise CUDA in the --dtypes asked for (a clear exit without a GPU)."""
+    if args.smoke:
+        return "cpu", [torch.float32]
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke for the CPU smoke test")
+    return "cuda", parse_dtypes(args.dtypes)
+
+
+def selected_providers(args, all_providers, smoke_default=None) -> tuple:
+    """--providers as a tuple; `all` means every provider (or `smoke_default` under --smoke)."""
+    if args.providers == "all":
+        return tuple(smoke_default) if args.smoke and smoke_default is not None else tuple(all_providers)
+    return tuple(x.strip() for x in args.providers.split(",") if x.strip())
+
+
 def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:
     """Each provider is checked against the reference before it is timed: a wrong provider is not timed."""
     try:
