@@ -54,6 +54,9 @@ def test_unknown_names_fail_clearly():
         C.check(dataclasses.replace(preset("pretrain"), model="beit_test_patch4_32"))
     with pytest.raises(ConfigError, match="precision"):
         C.check(dataclasses.replace(preset("pretrain"), precision="fp8"))
+    with pytest.raises(ConfigError, match="ema=true is not supported with distributed=fsdp"):
+        C.check(dataclasses.replace(preset("finetune"), ema=True, distributed="fsdp"))
+    C.check(dataclasses.replace(preset("finetune"), distributed="fsdp"))   # FSDP itself runs on CPU (gloo) too
 
 
 def test_missing_files_fail_before_any_work(tmp_path, monkeypatch):

@@ -23,6 +23,18 @@ def _trunc_normal_(t: torch.Tensor, std: float, bound: float) -> None:
     nn.init.trunc_normal_(t, mean=0.0, std=std, a=-bound, b=bound)
 
 
+def _one_unit_per_block(block: nn.Module) -> bool:
+    """True when FSDP (torch's fully_shard) made the block a unit of its own: its parameters are gathered
+    only inside its own forward / forward_fused."""
+    if type(block) is Block or not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:     # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
+    return isinstance(block, FSDPModule)
+
+
 def drop_path_scale(batch: int, p: float, training: bool, ref: torch.Tensor) -> Optional[torch.Tensor]:
     """Per-sample stochastic depth as a (B,) scale: 0 for dropped samples, 1/(1-p) for kept ones.
 
@@ -182,13 +194,17 @@ class Block(nn.Module):
         s2 = drop_path_scale(B, self.drop_path, self.training, x)
         return self._residual(x, self.mlp(self.norm2(x)), self.gamma_2, s2)
 
-    def forward_fused(self, x: torch.Tensor, h: torch.Tensor, next_norm: Optional[nn.LayerNorm],
+    def forward_fused(self, x: torch.Tensor, h: Optional[torch.Tensor], next_norm: Optional[nn.LayerNorm],
                       shared_table=None, shared_index=None, window_size=None):
-        """Fused block. x: the residual stream, h = norm1(x) (made by the previous block's fused epilogue).
+        """Fused block. x: the residual stream, h = norm1(x) (made by the previous block's fused epilogue), or
+        None to compute it here.
 
         Returns (x_out, next_norm(x_out)) -- the second is None when next_norm is None."""
         from beit_fast.ops.layer_scale_residual_norm import layer_scale_residual_norm
         from beit_fast.ops.linear_gelu import linear_gelu
+        if h is None:
+            from beit_fast.ops.layer_norm import layer_norm
+            h = layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
         B = x.shape[0]
         s1 = drop_path_scale(B, self.drop_path, self.training, x)
         a = self.attn(h, shared_table, shared_index, window_size)
@@ -323,6 +339,13 @@ class Beit(nn.Module):
                 x = checkpoint(blk, x, use_reentrant=False, **shared) if ckpt else blk(x, **shared)
             return final_norm(x) if final_norm is not None else x
         from beit_fast.ops.layer_norm import layer_norm
+        if _one_unit_per_block(self.blocks[0]):
+            # FSDP: a block's parameters exist only inside its own forward, so each block normalizes its
+            # own input and the next block's LayerNorm is not fused into this one's epilogue
+            for blk in self.blocks:
+                x, _ = checkpoint(blk.forward_fused, x, None, None, use_reentrant=False, **shared) if ckpt \
+                    else blk.forward_fused(x, None, None, **shared)
+            return final_norm(x) if final_norm is not None else x
         b0 = self.blocks[0]
         h = layer_norm(x, b0.norm1.weight, b0.norm1.bias, b0.norm1.eps)
         for i, blk in enumerate(self.blocks):

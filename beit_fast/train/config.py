@@ -74,7 +74,7 @@ class RunConfig:
     resume: str = ""                     # "" | "auto" (latest in output_dir) | a checkpoint file or folder
     stop_at_step: int = 0                # >0: stop after this step as if interrupted (schedule unchanged)
     # distributed
-    distributed: str = "ddp"             # ddp | fsdp (used only under torchrun with WORLD_SIZE > 1)
+    distributed: str = "ddp"             # ddp | fsdp (FSDP2 per-block sharding; only under torchrun, WORLD_SIZE > 1)
     # feedback
     log_every: int = 10
     progress: bool = True
@@ -401,10 +401,9 @@ def check(config):
                 raise ConfigError(f"device={cfg.device!r} but CUDA is not available here; use device=auto or cpu")
         elif cfg.device not in ("auto", "cpu"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-        if cfg.distributed == "fsdp":
-            import torch
-            if not torch.cuda.is_available():
-                raise ConfigError("distributed=fsdp needs CUDA GPUs (torch's FSDP has no CPU path); use ddp here")
+        if cfg.distributed == "fsdp" and getattr(cfg, "ema", False):
+            raise ConfigError("ema=true is not supported with distributed=fsdp (the EMA copy would be a full, "
+                              "unsharded model on every rank); use distributed=ddp, or ema=false")
         if cfg.optimizer.startswith("apex"):
             try:
                 import apex.optimizers  # noqa: F401

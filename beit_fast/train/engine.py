@@ -53,13 +53,15 @@ def optimizer_step(model, optimizer, scaler, clip_grad: Optional[float]):
     (where GradScaler.step already waits for its inf check)."""
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if clip_grad and hasattr(model, "clip_grad_norm_"):   # FSDP: the norm must cover every rank's shard
-        grad_norm = model.clip_grad_norm_(clip_grad)
-    elif clip_grad:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    if not params:
+        grad_norm = torch.zeros(())
+    elif clip_grad or runtime.is_sharded(model):
+        # the norm covers every rank's shard under FSDP (DTensor gradients); inf = measure only
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
     else:
-        grad_norm = torch.norm(torch.stack([p.grad.detach().float().norm() for p in params])) if params \
-            else torch.zeros(())
+        grad_norm = torch.norm(torch.stack([p.grad.detach().float().norm() for p in params]))
     before = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
@@ -72,14 +74,15 @@ def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch
          metrics: Optional[dict] = None, best: bool = False, keep: bool = True) -> Optional[str]:
     """Collective: every rank calls it (RNG states are gathered); rank 0 writes the file(s)."""
     rngs = runtime.gather_objects(ckpt.rng_state(), rt)
-    model_sd = runtime.model_state_dict(model, rt, cfg.distributed)
-    optim_sd = runtime.optimizer_state_dict(model, optimizer, rt, cfg.distributed)
+    model_sd = runtime.model_state_dict(model)
+    optim_sd = runtime.optimizer_state_dict(model, optimizer)
     if not rt.is_main:
         return None
     inner = runtime.unwrap(model)
     state = {
         "model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(),
         "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world": rt.world,
+        "sharded": runtime.is_sharded(model),
         "rng": rngs, "kind": kind, "metrics": metrics or {},
         "config": config_mod.to_dict(cfg), "model_config": dataclasses.asdict(inner.config),
     }
@@ -105,7 +108,9 @@ def resume_path(cfg) -> Optional[str]:
 
 
 def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
-    """Restore model, optimizer, scaler, EMA, RNG states; returns (step, epoch, batch_in_epoch, metrics)."""
+    """Restore model, optimizer, scaler, EMA, RNG states; returns (step, epoch, batch_in_epoch, metrics).
+
+    Call it after `runtime.wrap` and after building the optimizer (FSDP shards the loaded state)."""
     path = resume_path(cfg)
     if path is None:
         return 0, 0, 0, {}
@@ -113,8 +118,12 @@ def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
     if state.get("world", 1) != rt.world:
         raise RuntimeError(f"{path} was written by a run with {state.get('world')} processes; resume it with "
                            f"the same number ({rt.world} now) so that RNG streams and data shards match")
-    runtime.unwrap(model).load_state_dict(state["model"])
-    runtime.load_optimizer_state(model, optimizer, state["optimizer"], rt, cfg.distributed)
+    if bool(state.get("sharded", False)) != runtime.is_sharded(model):
+        was = "distributed=fsdp" if state.get("sharded") else "distributed=ddp (or one process)"
+        raise RuntimeError(f"{path} was written with {was}; resume it the same way (its optimizer state is "
+                           f"laid out for that), or start a new run with --init from it")
+    runtime.load_model_state(model, state["model"])
+    runtime.load_optimizer_state(model, optimizer, state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     if ema is not None and "model_ema" in state:
         ema.module.load_state_dict(state["model_ema"])

@@ -8,7 +8,6 @@ held-out split after every `eval_every_epochs` epochs; the best top-1 is kept as
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -90,11 +89,11 @@ def _finetune(cfg, rt) -> dict:
 
     # --- optimisation state
     schedule = Schedule(cfg, steps_per_epoch)
+    train_model = runtime.wrap(model, rt, cfg.distributed)   # before the optimizer: FSDP shards the params
     optimizer = build_optimizer(cfg, model, layer_decay=cfg.layer_decay, device_type=device.type)
     scaler = runtime.grad_scaler(device, cfg.precision)
     step, start_epoch, start_batch, metrics = engine.resume(cfg, rt, model, optimizer, scaler, ema)
     best_top1 = metrics.get("best_top1", -1.0)
-    train_model = runtime.wrap(model, rt, cfg.distributed)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -126,7 +125,7 @@ def _finetune(cfg, rt) -> dict:
             if mixup is not None:
                 images, targets = mixup(images, targets)
 
-            sync = train_model.no_sync() if rt.distributed and micro < cfg.accum_steps - 1 else nullcontext()
+            sync = runtime.no_sync(train_model, rt, active=micro < cfg.accum_steps - 1)
             with sync:
                 with runtime.autocast(device, cfg.precision):
                     logits = train_model(images)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -91,10 +90,10 @@ def _pretrain(cfg, rt) -> dict:
 
     # --- optimisation state
     schedule = Schedule(cfg, steps_per_epoch)
+    train_model = runtime.wrap(model, rt, cfg.distributed)   # before the optimizer: FSDP shards the params
     optimizer = build_optimizer(cfg, model, device_type=device.type)
     scaler = runtime.grad_scaler(device, cfg.precision)
     step, start_epoch, start_batch, _ = engine.resume(cfg, rt, model, optimizer, scaler, None)
-    train_model = runtime.wrap(model, rt, cfg.distributed)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -132,7 +131,7 @@ def _pretrain(cfg, rt) -> dict:
                 report.message(f"tokenizer runs in {why}")
             labels = encode(tokenizer, views, token_dtype)[bool_masked_pos]       # (M,)
 
-            sync = train_model.no_sync() if rt.distributed and micro < cfg.accum_steps - 1 else nullcontext()
+            sync = runtime.no_sync(train_model, rt, active=micro < cfg.accum_steps - 1)
             with sync:
                 with runtime.autocast(device, cfg.precision):
                     logits = train_model(images, bool_masked_pos)                 # (M, vocab)

@@ -111,20 +111,61 @@ def grad_scaler(device: torch.device, precision: str):
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
+def _fsdp2():
+    """torch's per-module FSDP ("FSDP2": parameters become DTensor shards); public since torch 2.6."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    except ImportError:         # torch 2.4 / 2.5 kept it under _composable
+        from torch.distributed._composable.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    return FSDPModule, fully_shard, register_fsdp_forward_method
+
+
 def wrap(model: torch.nn.Module, rt: Runtime, mode: str = "ddp"):
-    """DDP (default) or FSDP (full sharding, one unit per block) when running distributed."""
+    """DDP (default) or FSDP when running distributed. Build the optimizer after this call (FSDP replaces
+    the parameters by their shards).
+
+    FSDP shards each block as its own unit and the rest (embedding, shared table, heads) as the root unit.
+    Each block's `forward_fused` is registered with FSDP so the fused path gathers that block's parameters
+    too; the model then keeps every fused kernel inside one unit (see Beit.forward_features)."""
     if not rt.distributed:
         return model
     if mode == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-        block = type(model.blocks[0])
-        return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({block}), use_orig_params=True,
-                    device_id=rt.device if rt.device.type == "cuda" else None)
+        _, fully_shard, register_method = _fsdp2()
+        for blk in model.blocks:
+            fully_shard(blk)
+            register_method(blk, "forward_fused")
+        fully_shard(model)
+        return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [rt.device.index] if rt.device.type == "cuda" else None
     # every parameter takes part in every step (unilm's find_unused_parameters=True only costs time)
     return DDP(model, device_ids=ids, find_unused_parameters=False)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a model wrapped by `wrap(..., mode="fsdp")` (its parameters are shards)."""
+    model = unwrap(model)
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(model, _fsdp2()[0])
+
+
+@contextlib.contextmanager
+def no_sync(model: torch.nn.Module, rt: Runtime, active: bool = True):
+    """Skip the gradient all-reduce / reduce-scatter for this backward (gradient accumulation)."""
+    if not (active and rt.distributed):
+        yield
+        return
+    if is_sharded(model):
+        inner = unwrap(model)
+        inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
+        return
+    with model.no_sync():
+        yield
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -136,26 +177,40 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def model_state_dict(model: torch.nn.Module, rt: Runtime, mode: str) -> dict:
-    """Full (unsharded) state dict on CPU; with FSDP every rank must call this, rank 0 gets the tensors."""
-    if rt.distributed and mode == "fsdp":
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
-            return model.state_dict()
+def _full_state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def model_state_dict(model: torch.nn.Module) -> dict:
+    """Full (unsharded) state dict on CPU. Collective under FSDP (every rank calls it; rank 0 gets the tensors,
+    the others an empty dict)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(unwrap(model), options=_full_state_options(cpu_offload=True))
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
-def optimizer_state_dict(model, optimizer, rt: Runtime, mode: str) -> dict:
-    if rt.distributed and mode == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        return FSDP.optim_state_dict(model, optimizer)
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    """Load a full state dict (every rank passes the same one); strict."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        set_model_state_dict(unwrap(model), state, options=_full_state_options(strict=True))
+    else:
+        unwrap(model).load_state_dict(state)
+
+
+def optimizer_state_dict(model, optimizer) -> dict:
+    """The optimizer's state; under FSDP the full state keyed by parameter name (collective, rank 0 gets it)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        return get_optimizer_state_dict(unwrap(model), optimizer, options=_full_state_options(cpu_offload=True))
     return optimizer.state_dict()
 
 
-def load_optimizer_state(model, optimizer, state: dict, rt: Runtime, mode: str) -> None:
-    if rt.distributed and mode == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        state = FSDP.optim_state_dict_to_load(model, optimizer, state)
-    optimizer.load_state_dict(state)
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        set_optimizer_state_dict(unwrap(model), optimizer, state, options=_full_state_options())
+    else:
+        optimizer.load_state_dict(state)

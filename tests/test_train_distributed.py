@@ -1,0 +1,96 @@
+"""Two gloo processes under torchrun (the real CLI), with DDP and with FSDP, match one process with the same
+global batch; an FSDP run stopped and resumed matches one that never stopped."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+ARGS = ["finetune", "--img-size", "16", "--model-overrides", "{embed_dim: 32, depth: 2, num_heads: 2}",
+        "--train-subset", "64", "--epochs", "1", "--warmup-epochs", "0.5", "--num-workers", "0",
+        "--progress", "false", "--log-every", "1", "--drop-path", "0", "--eval-batch-size", "90",
+        "--tensorboard", "false"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # own session: a hang is cleaned up with torchrun's workers, not just torchrun
+    proc = subprocess.Popen(cmd + ["--output-dir", str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError("timed out:\n" + stdout[-2000:] + stderr[-3000:]) from None
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    evals = [r["eval"] for r in rows if "eval" in r]
+    return [r["loss"] for r in rows if "eval" not in r], evals[-1] if evals else None
+
+
+def _torchrun():
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(_free_port()), "-m", "beit_fast.cli"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The one-process run every two-process run is compared with."""
+    return _run([sys.executable, "-m", "beit_fast.cli"] + ARGS + ["--batch-size", "16"],
+                tmp_path_factory.mktemp("one"))
+
+
+def _assert_matches(single, run):
+    (a_losses, a_eval), (b_losses, b_eval) = single, run
+    assert len(a_losses) == len(b_losses) == 4
+    for a, b in zip(a_losses, b_losses):   # same images per global batch; only the float reduction order differs
+        assert abs(a - b) <= 1e-4 * abs(a), (a_losses, b_losses)
+    assert a_eval["n"] == b_eval["n"] == 360 and abs(a_eval["top1"] - b_eval["top1"]) <= 100 / 360 + 1e-9
+
+
+def test_two_process_gloo_ddp_matches_single_process(tmp_path, single):
+    _assert_matches(single, _run(_torchrun() + ARGS + ["--batch-size", "8"], tmp_path))
+    # rank 0 alone wrote the log and the checkpoints
+    assert sum(1 for r in open(tmp_path / "log.jsonl") if '"eval"' not in r) == 4
+    assert os.path.isfile(tmp_path / "checkpoint-0000004.pt")
+
+
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_two_process_gloo_fsdp_matches_single_process(tmp_path, single, fused):
+    fsdp = ARGS + ["--batch-size", "8", "--distributed", "fsdp", "--fused", fused]
+    _assert_matches(single, _run(_torchrun() + fsdp, tmp_path))
+    # the checkpoint holds full (unsharded) tensors under the model's own names: it loads into a plain model
+    from beit_fast.models import create_model
+    from beit_fast.train.checkpoint import load
+    state = load(str(tmp_path / "checkpoint-0000004.pt"))
+    assert state["sharded"] is True and state["world"] == 2
+    model = create_model(state["config"]["model"], **{k: state["model_config"][k] for k in
+                                                      ("img_size", "embed_dim", "depth", "num_heads", "num_classes")})
+    model.load_state_dict(state["model"])
+    assert set(state["optimizer"]["state"]) == {n for n, _ in model.named_parameters()}
+
+
+def test_fsdp_stop_and_resume_matches_uninterrupted(tmp_path):
+    fsdp = ARGS + ["--batch-size", "8", "--distributed", "fsdp", "--fused", "true"]
+    whole, _ = _run(_torchrun() + fsdp, tmp_path / "whole")
+    _run(_torchrun() + fsdp + ["--stop-at-step", "2"], tmp_path / "parts")
+    resumed, _ = _run(_torchrun() + fsdp + ["--resume"], tmp_path / "parts")
+    assert len(whole) == 4 and resumed == whole, (whole, resumed)   # the log holds steps 1-2, then 3-4: exact
+    # a sharded checkpoint is not resumed by an unsharded (DDP) run: a clear error, before any training
+    cmd = _torchrun() + ARGS + ["--batch-size", "8", "--resume", str(tmp_path / "parts" / "checkpoint-0000002.pt"),
+                                "--output-dir", str(tmp_path / "ddp")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode != 0 and "written with distributed=fsdp" in out.stdout + out.stderr, out.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "ddp" / "log.jsonl") or \
+        all('"step"' not in r for r in open(tmp_path / "ddp" / "log.jsonl"))
