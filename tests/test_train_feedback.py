@@ -1,0 +1,55 @@
+"""What a run reports: the FLOP count behind MFU, the GPU peak table, TensorBoard scalars."""
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from beit_fast import create_model
+from beit_fast.masking import block_masks
+from beit_fast.train.feedback import Reporter, peak_flops, train_flops_per_image
+
+
+@pytest.mark.parametrize("name", ["beit_test_patch4_32", "beit_test_patch4_32_mim"])
+def test_flop_formula_equals_counted_forward_flops(name):
+    """MFU's numerator: the formula's forward share (a third of it) is exactly what torch counts for the
+    model's matmuls and the patch-embedding convolution, classification and masked-image-modeling alike."""
+    model = create_model(name, attn_impl="eager", fused=False).eval()
+    images = torch.randn(3, 3, 32, 32)
+    args = (images,)
+    masked = 0.0
+    if model.config.vocab_size:
+        mask = block_masks(3, model.patch_embed.window_size, 20, seed=1)
+        args, masked = (images, mask), float(mask.sum()) / 3
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*args)
+    per_image = counter.get_total_flops() / 3
+    assert per_image > 0
+    assert train_flops_per_image(model.config, masked) / 3 == pytest.approx(per_image, rel=1e-9)
+
+
+def test_peak_table_per_gpu_and_precision(monkeypatch):
+    assert peak_flops(torch.device("cpu"), "bf16") is None
+    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "Some Future GPU"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    assert peak_flops(torch.device("cuda:0"), "bf16") == 989e12
+    assert peak_flops(torch.device("cuda:0"), "fp32") == 494e12       # TF32 tensor cores
+    assert peak_flops(torch.device("cuda:0"), "fp16") == 312e12
+    assert peak_flops(torch.device("cuda:0"), "bf16") is None          # unknown: no MFU rather than a wrong one
+
+
+def test_tensorboard_gets_every_numeric_metric(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    report = Reporter(str(tmp_path), total_steps=2, progress=False, tensorboard=True)
+    assert report.tb is not None
+    report.log({"step": 1, "loss": 2.5, "lr": 1e-3, "skipped": False, "mfu": None}, 1)
+    report.log({"step": 2, "loss": 2.0, "lr": 2e-3, "skipped": False, "mfu": None, "top1": 50.0}, 2)
+    report.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert sorted(scalars) == ["loss", "lr", "top1"]                     # no step / bool / None series
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.5), (2, 2.0)]
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["loss"] for r in rows] == [2.5, 2.0]
