@@ -46,6 +46,7 @@ GEMM_CONFIGS = {
 }
 if _INTERPRET:
     GEMM_CONFIGS = {"interpret_m64_n128_k64": _gemm_config("interpret_m64_n128_k64", 64, 128, 64, 4, 1)}
+_INTERPRET_CONFIG = next(iter(GEMM_CONFIGS.values()))
 
 
 @triton.jit
@@ -60,7 +61,6 @@ def _gelu_grad(z):
     return _gelu_cdf(z) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
 
 
-@triton.autotune(configs=list(GEMM_CONFIGS.values()), key=["M", "N", "K", "BACKWARD", "STORE_Z"])
 @triton.jit
 def _linear_gelu_kernel(
     x_ptr, w_ptr, b_ptr,           # X (M, K), W (N, K), bias (N,)
@@ -126,6 +126,13 @@ def _linear_gelu_kernel(
                      acc.to(z_ptr.dtype.element_ty), mask=mask)
 
 
+if not _INTERPRET:
+    # Under the interpreter the one config is passed at launch: no tuner (Triton < 3.4 builds a tuner's
+    # benchmarker from the GPU driver when it is created, and the interpreter has none).
+    _linear_gelu_kernel = triton.autotune(configs=list(GEMM_CONFIGS.values()),
+                                          key=["M", "N", "K", "BACKWARD", "STORE_Z"])(_linear_gelu_kernel)
+
+
 @triton.jit
 def _dgelu_kernel(
     dy_ptr, z_ptr, dz_ptr, part_ptr,   # dY, Z, dZ (M, N); part fp32 (num_programs(1), N)
@@ -185,6 +192,7 @@ def _gemm(x, weight, bias, out, z, dy, part, backward):
         out.stride(0), out.stride(1), z_t.stride(0), z_t.stride(1), dy_t.stride(0), dy_t.stride(1),
         HAS_BIAS=bias is not None, STORE_Z=z is not None, BACKWARD=backward, WITH_DB=part is not None,
         DB_CHUNK=DB_CHUNK_M, DOT_PRECISION=_dot_precision(x.dtype),
+        **(_INTERPRET_CONFIG.kwargs if _INTERPRET else {}),   # block sizes; warps mean nothing there
     )
 
 

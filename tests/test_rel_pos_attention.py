@@ -11,8 +11,6 @@ if "TRITON_INTERPRET" not in os.environ:   # conftest decides; this keeps the fi
         os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -448,69 +446,3 @@ def test_cuda_table_gradient_deterministic_beit_base():
         again = run(rel_pos_attention_qkvpacked, inputs, table, grad, window_size=W, backend="triton")[1]
         assert torch.equal(first[1], again[1])
 
-
-# ----------------------------------------------------------------------------------------------------------
-# no GPU needed: every kernel and config compiles for sm_90 (catches what the interpreter forgives)
-# ----------------------------------------------------------------------------------------------------------
-
-def compile_for_sm90(config_names=("16bit_d64", "16bit_d128", "fp32")):
-    """Compile each kernel as it is launched for BEiT shapes (strides of 1 as constants, 16-divisible
-    pointers and strides) with Triton's offline compiler; return {kernel/config: shared memory bytes}."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from beit_fast.kernels import rel_pos_attention as K
-    one = {"s_qd", "s_kd", "s_vd", "s_od", "s_gd", "s_dqd", "s_dkd", "s_dvd", "s_tr", "s_dth"}
-    floats = {"qk_scale", "sm_scale", "dropout_p"}
-    int_caps = {"B", "H", "N", "R", "G", "NN", "MAX_COUNT"}
-    ptrs = {"TBL": "*fp32", "IDX": "*i64", "SEED": "*i64", "LSE": "*fp32", "DELTA": "*fp32", "DB": "*fp32",
-            "PERM": "*i32", "START": "*i32", "COUNT": "*i32", "DT": "*fp32", "OUT": "*i8"}
-
-    def build(fn, dtype, consts, warps, stages):
-        sig, cx, attrs = {}, {}, {}
-        for i, name in enumerate(fn.arg_names):
-            if name in consts or name in one:
-                sig[name], cx[name] = "constexpr", consts.get(name, 1)
-            elif name.isupper() and name not in int_caps:
-                sig[name], attrs[(i,)] = ptrs.get(name, "*" + dtype), [["tt.divisibility", 16]]
-            else:
-                sig[name] = "fp32" if name in floats else "i32"
-                if name.startswith("s_") and name not in ("s_th",):
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        k = triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps, "num_stages": stages})
-        return k.metadata
-
-    dims = {"16bit_d64": [("bf16", 64)], "16bit_d128": [("fp16", 80)], "fp32": [("fp32", 128)]}
-    shared = {}
-    for name in config_names:
-        cfg = K.CONFIGS[name]
-        for dtype, D in dims[name]:
-            for has_index, drop in ((False, False), (True, True)):
-                common = dict(HEAD_D=D, BLOCK_D=K._block_d(D), HAS_INDEX=has_index, HAS_DROPOUT=drop,
-                              DOT_PREC="ieee" if dtype == "fp32" else "tf32")
-                for kern, tile, extra in ((K._fwd_kernel, cfg.fwd, {}), (K._dq_kernel, cfg.dq, {}),
-                                          (K._dkdv_kernel, cfg.dkdv, {"NEED_DBIAS": True})):
-                    consts = dict(common, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, **extra)
-                    meta = build(kern, dtype, consts, tile.num_warps, tile.num_stages)
-                    shared[f"{kern.__name__}/{name}/{dtype}/index+dropout={has_index}"] = meta.shared
-            build(K._delta_kernel, dtype, dict(HEAD_D=D, BLOCK_D=K._block_d(D), BLOCK_M=64), 4, 2)
-    build(K._table_grad_kernel, "fp32", dict(BLOCK_R=16, BLOCK_C=64), 4, 2)
-    build(K._keep_mask_kernel, "fp32", dict(BLOCK=32), 4, 2)
-    return shared
-
-
-@pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernels")
-def test_kernels_compile_for_sm90():
-    """In a fresh process without the interpreter (the jit functions must be real ones)."""
-    env = dict(os.environ, TRITON_INTERPRET="0", BEIT_FAST_TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, __file__, "--compile-sm90"], env=env, capture_output=True, text=True,
-                          timeout=900)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and ("not found" in proc.stderr or "No such" in proc.stderr):
-        pytest.skip("Triton's bundled ptxas is not available")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
-if __name__ == "__main__" and "--compile-sm90" in sys.argv:
-    for key, shared in compile_for_sm90().items():
-        print(f"{key}: ok (shared memory {shared} B)")

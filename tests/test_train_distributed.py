@@ -13,7 +13,7 @@ import pytest
 ARGS = ["finetune", "--img-size", "16", "--model-overrides", "{embed_dim: 32, depth: 2, num_heads: 2}",
         "--train-subset", "64", "--epochs", "1", "--warmup-epochs", "0.5", "--num-workers", "0",
         "--progress", "false", "--log-every", "1", "--drop-path", "0", "--eval-batch-size", "90",
-        "--tensorboard", "false"]
+        "--tensorboard", "false", "--device", "cpu"]
 
 
 def _free_port():

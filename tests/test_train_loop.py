@@ -11,6 +11,8 @@ from beit_fast.train import EvalConfig, evaluate, finetune, preset, pretrain
 from beit_fast.train.checkpoint import load, step_checkpoints
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+# These runs pin device="cpu" (bitwise comparisons are CPU facts); the CUDA runs say device="cuda".
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def tiny_pretrain(out, **kw):
     base = dict(output_dir=str(out), img_size=16, model_overrides=dict(TINY), tokenizer_vocab=32, tokenizer_patch=4,
                 second_img_size=16, num_mask_patches=6, min_mask_patches=2, batch_size=16, train_subset=64,
                 epochs=2, warmup_epochs=0.5, lr=3e-3, num_workers=0, progress=False, log_every=1,
-                tokenizer_fit_images=64, drop_path=0.1, tensorboard=False)
+                tokenizer_fit_images=64, drop_path=0.1, tensorboard=False, device="cpu")
     base.update(kw)
     return dataclasses.replace(preset("pretrain", "demo"), **base)
 
@@ -35,7 +37,7 @@ def tiny_pretrain(out, **kw):
 def tiny_finetune(out, **kw):
     base = dict(output_dir=str(out), img_size=16, model_overrides=dict(TINY), batch_size=16, train_subset=64,
                 epochs=2, warmup_epochs=0.5, lr=1e-2, num_workers=0, progress=False, log_every=1,
-                eval_batch_size=128, tensorboard=False)
+                eval_batch_size=128, tensorboard=False, device="cpu")
     base.update(kw)
     return dataclasses.replace(preset("finetune", "demo"), **base)
 
@@ -61,7 +63,7 @@ def test_pretrain_then_finetune_then_eval(tmp_path):
     assert len(curve) == 64 and sum(curve[-8:]) / 8 < sum(curve[:8]) / 8 - 0.02, curve  # (deterministic run)
     assert 0 <= ft["top1"] <= 100 and ft["top5"] >= ft["top1"] and ft["best_top1"] >= ft["top1"]
     assert os.path.isfile(tmp_path / "ft" / "checkpoint-best.pt")
-    ev = evaluate(EvalConfig(checkpoint=str(tmp_path / "ft"), num_workers=0, precision="fp32"))
+    ev = evaluate(EvalConfig(checkpoint=str(tmp_path / "ft"), num_workers=0, precision="fp32", device="cpu"))
     assert ev["n"] == 360 and abs(ev["top1"] - ft["best_top1"]) < 1e-9
     assert json.load(open(tmp_path / "ft" / "eval.json"))["top1"] == ev["top1"]
 
@@ -74,6 +76,24 @@ def test_fused_and_reference_training_give_matching_losses(tmp_path, tokenizer_f
         runs[name] = [v for _, v in losses(tmp_path / name)]
     assert len(runs["fused"]) == 8
     torch.testing.assert_close(torch.tensor(runs["fused"]), torch.tensor(runs["reference"]), rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_cuda_bf16_fused_training_tracks_the_reference(tmp_path, tokenizer_file):
+    """On a GPU: bf16 autocast, fused kernels (Triton attention, CUDA block ops) and torch's fused AdamW
+    against the unfused eager model, same data and initialisation; MFU is reported."""
+    runs = {}
+    wide = {"embed_dim": 64, "depth": 2, "num_heads": 2}          # head dim 32, as the fused kernel supports
+    for name, fused, attn in (("fused", True, "fused"), ("reference", False, "eager")):
+        pretrain(tiny_pretrain(tmp_path / name, fused=fused, attn_impl=attn, epochs=2, drop_path=0.0,
+                               tokenizer_path=tokenizer_file, device="cuda", precision="bf16",
+                               model_overrides=wide))
+        runs[name] = [v for _, v in losses(tmp_path / name)]
+    assert len(runs["fused"]) == 8 and all(v == v for v in runs["fused"])
+    torch.testing.assert_close(torch.tensor(runs["fused"]), torch.tensor(runs["reference"]), rtol=2e-2, atol=1e-2)
+    mfu = [v for _, v in losses(tmp_path / "fused", "mfu")]
+    if mfu[0] is not None:                                       # a GPU of the peak table (H100, H200, A100...)
+        assert all(0 < v < 1 for v in mfu), mfu
 
 
 @pytest.mark.parametrize("kind", ["pretrain", "finetune"])
@@ -98,9 +118,10 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, kind, tokenizer_file):
         assert torch.equal(v, sb["model"][k]), k
 
 
-def test_fp16_loss_scaling_skips_an_injected_inf_step(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_fp16_loss_scaling_skips_an_injected_inf_step(tmp_path, device):
     cfg = tiny_finetune(tmp_path / "fp16", precision="fp16", inject_nonfinite_at_step=2, epochs=1,
-                        save_every_steps=1, keep_last=10, mixup=0.0, cutmix=0.0, drop_path=0.0)
+                        save_every_steps=1, keep_last=10, mixup=0.0, cutmix=0.0, drop_path=0.0, device=device)
     finetune(cfg)
     rows = {r["step"]: r for r in map(json.loads, open(tmp_path / "fp16" / "log.jsonl")) if "eval" not in r}
     assert rows[3]["skipped"] is True and all(not rows[s]["skipped"] for s in (1, 2, 4))
