@@ -61,7 +61,8 @@ step bench_model 50 "$OUT/bench.log" "$PY" bench/bench_model.py --out "$OUT" --d
 step tests_rest 600 "$OUT/tests.log" "${PYTEST[@]}" $REST_TESTS
 {
   echo
-  echo "tests: $(grep -E '^=+ .*(passed|failed|error)' "$OUT/tests.log" | tr -d '=' | paste -sd ';' -)"
+  echo "tests (GPU-facing; rest): $(grep -E '(passed|failed|error|skipped).* in [0-9.]+s' "$OUT/tests.log" \
+    | tr -d '=' | paste -sd ';' -)"
   echo '```'; timeout 30 "$PY" -m beit_fast.info 2>&1; echo '```'; echo
 } >>"$SUMMARY"
 for md in "$OUT"/bench_*.md; do [ -f "$md" ] && { echo; cat "$md"; } >>"$SUMMARY" && rm "$md"; done

@@ -113,6 +113,8 @@ Backward prepare_backward(const c10::optional<at::Tensor>& grad_sum, const c10::
               "_backward: LayerNorm parameter gradients were requested without ln_weight");
   TORCH_CHECK_VALUE(!a.need[4] || present(ln_bias), kOp,
                     "_backward: the ln_bias gradient was requested without ln_bias");
+  TORCH_CHECK_VALUE(!a.grad_norm.defined() || a.w.defined(), kOp,
+                    "_backward: grad_norm given without ln_weight (there is no LayerNorm output to differentiate)");
   if (a.need[2]) {
     TORCH_CHECK_VALUE(present(y), kOp, "_backward: the gamma gradient needs y");
     check_device(sum, *y, "y");

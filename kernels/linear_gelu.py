@@ -8,8 +8,9 @@ Backward, dZ = dY * GELU'(Z) with GELU'(z) = Phi(z) + z * phi(z), phi(z) = exp(-
                  and per-program fp32 column sums of dZ (the bias gradient's partials).
   recompute mode (nothing saved): the forward GEMM runs again with BACKWARD=True; its epilogue loads dY,
                  writes dZ and per-32-row fp32 column sums of dZ.
-Either way db = partials.sum(0) in a fixed order (no atomics: bitwise deterministic), and
-dX = dZ W, dW = dZ^T X are cuBLAS matmuls.
+Either way db = partials.sum(0) in a fixed order (no atomics), and dX = dZ W, dW = dZ^T X are cuBLAS
+matmuls: bitwise reproducible for a given GEMM config. The autotuner picks that config by timing, once per
+shape and process, so two processes may sum in a different order (differences of rounding only).
 
 Launchers take 2-D tensors on a CUDA device, or CPU tensors under TRITON_INTERPRET=1.
 """
@@ -130,7 +131,7 @@ if not _INTERPRET:
     # Under the interpreter the one config is passed at launch: no tuner (Triton < 3.4 builds a tuner's
     # benchmarker from the GPU driver when it is created, and the interpreter has none).
     _linear_gelu_kernel = triton.autotune(configs=list(GEMM_CONFIGS.values()),
-                                          key=["M", "N", "K", "BACKWARD", "STORE_Z"])(_linear_gelu_kernel)
+                                          key=["M", "N", "K", "BACKWARD", "STORE_Z", "DOT_PRECISION"])(_linear_gelu_kernel)
 
 
 @triton.jit
@@ -166,9 +167,21 @@ def _dgelu_kernel(
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: honour torch's TF32 switch (off by default), so fp32 matches F.linear's accuracy.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _tf32_matmul():
         return "ieee"
     return "tf32"
+
+
+def _tf32_matmul() -> bool:
+    """torch's TF32 switch for fp32 matmuls, whichever API set it. torch >= 2.9 has `fp32_precision` (the
+    legacy `allow_tf32` setter updates it too), and reading `allow_tf32` raises once the new API was used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:                      # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if precision == "none":                    # inherit the global setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 def _sm_count(device: torch.device) -> int:

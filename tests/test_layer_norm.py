@@ -93,6 +93,25 @@ def test_non_contiguous_input_and_expanded_grad():
 
 
 @needs_triton
+def test_strided_parameters():
+    """Weight and bias that are views with a step (the kernel reads parameters with unit stride)."""
+    x, _, _ = _inputs((30, 40), torch.float32)
+    w = torch.randn(80, device=DEVICE)[::2].requires_grad_()
+    b = torch.randn(120, device=DEVICE)[1::3].requires_grad_()
+    ours = torch.autograd.grad(layer_norm(x, w, b, backend="triton").square().sum(), (x, w, b))
+    ref = torch.autograd.grad(layer_norm_ref(x, w, b).square().sum(), (x, w, b))
+    for name, o, r in zip(["dx", "dw", "db"], ours, ref):
+        assert_close(name, o, r, tolerance("layer_norm", torch.float32))
+
+
+def test_int32_offset_limit_is_a_reason():
+    from beit_fast.ops.layer_norm import not_supported_reasons
+    huge = torch.empty((2**21, 1024), device="meta")
+    assert any("int32" in r for r in not_supported_reasons("triton", huge))
+    assert not any("int32" in r for r in not_supported_reasons("triton", torch.empty((2**20, 1024), device="meta")))
+
+
+@needs_triton
 def test_parameter_grads_bitwise_deterministic():
     x, w, b = _inputs((273, 768), torch.float32)
     dy = torch.randn(273, 768, device=DEVICE)

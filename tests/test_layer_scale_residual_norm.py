@@ -148,6 +148,10 @@ def test_opcheck_backward():
                           (gs, gn, s, y, y.dtype, gamma, scale, w, b, mean, rstd, [True] * 5))
     torch.library.opcheck(ops.layer_scale_residual_norm_backward,
                           (gs, None, s, None, y.dtype, gamma, scale, w, b, mean, rstd, [True, True, False, True, False]))
+    # a gradient for a LayerNorm output that was never made (no ln_weight) is refused, not read through null
+    with pytest.raises(ValueError, match="grad_norm given without ln_weight"):
+        ops.layer_scale_residual_norm_backward(gs, gn, s, None, y.dtype, gamma, scale, None, None, mean, rstd,
+                                               [True, True, False, False, False])
 
 
 @pytest.mark.parametrize("public", [False, True], ids=["op_fullgraph", "public_function"])

@@ -99,6 +99,49 @@ def test_recompute_env_default(monkeypatch):
 
 
 @needs_triton
+def test_strided_bias():
+    """A bias that is a view with a step (the kernel reads it with unit stride)."""
+    x, w, _ = _inputs((20,), 32, 48, torch.float32)
+    b = torch.randn(96, device=DEVICE)[::2].requires_grad_()
+    ours = torch.autograd.grad(linear_gelu(x, w, b, backend="triton").square().sum(), (x, w, b))
+    ref = torch.autograd.grad(linear_gelu_ref(x, w, b).square().sum(), (x, w, b))
+    for name, o, r in zip(["dx", "dw", "db"], ours, ref):
+        assert_close(name, o, r, tolerance("linear_gelu", torch.float32))
+
+
+def test_int32_offset_limit_is_a_reason():
+    from beit_fast.ops.linear_gelu import not_supported_reasons
+    x = torch.empty((2**19, 768), device="meta")
+    assert any("int32" in r for r in not_supported_reasons("triton", x, torch.empty((4096, 768), device="meta")))
+    assert not any("int32" in r for r in not_supported_reasons("triton", x, torch.empty((3072, 768), device="meta")))
+
+
+@needs_triton
+@pytest.mark.parametrize("api", ["legacy", "new"])
+def test_fp32_dot_precision_follows_either_tf32_switch(api):
+    """fp32 matmuls use TF32 only when torch's switch says so, set through the legacy flag or (torch >= 2.9)
+    the fp32_precision API, after which reading the legacy flag raises."""
+    from beit_fast.kernels import linear_gelu as K
+    matmul = torch.backends.cuda.matmul
+    if api == "new" and not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision API")
+    saved = matmul.fp32_precision if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    try:
+        assert K._dot_precision(torch.float32) == "ieee" and K._dot_precision(torch.float16) == "tf32"
+        if api == "new":
+            matmul.fp32_precision = "tf32"
+        else:
+            matmul.allow_tf32 = True
+        assert K._dot_precision(torch.float32) == "tf32"
+        _check_against_reference((9,), 16, 24, torch.float32)      # a launch with the switch on
+    finally:
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision = saved
+        else:
+            matmul.allow_tf32 = saved
+
+
+@needs_triton
 def test_non_contiguous_inputs_and_expanded_grad():
     x, w, b = _inputs((20,), 32, 48, torch.float32)
     xt = x.detach().t().contiguous().t().requires_grad_()    # (20, 32) column-major

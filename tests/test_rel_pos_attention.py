@@ -320,6 +320,26 @@ def test_bad_inputs_raise_value_error(mutate, match):
             rel_pos_attention(*args, backend=backend, **kw)
 
 
+@needs_triton
+@pytest.mark.parametrize("bad", [12, -1])
+def test_kernels_refuse_an_out_of_range_index(bad):
+    """The kernels gather through an explicit index unchecked, so their launchers check its range first (the
+    public op's up-front check covers CPU tensors only: on a GPU the kernel-side check is the one that runs)."""
+    from beit_fast.kernels import rel_pos_attention as K
+    device = "cuda" if CUDA else "cpu"
+    (q, k, v), table = _good()
+    q, k, v, table = (t.to(device) for t in (q, k, v, table))
+    index = torch.zeros(5, 5, dtype=torch.long, device=device)
+    index[2, 3] = bad
+    with pytest.raises(ValueError, match=r"\[0, 12\).*got values in"):
+        K.rel_pos_attention_fwd(q, k, v, table, index, None, 0.25, 0.0, None, torch.empty_like(q))
+    with pytest.raises(ValueError, match=r"\[0, 12\).*got values in"):
+        K.build_inverse_index(index, 12)
+    if CUDA:
+        with pytest.raises(ValueError, match=r"\[0, 12\)"):
+            rel_pos_attention(q, k, v, table, rel_index=index, backend="triton")
+
+
 def test_bad_packed_shape():
     table = torch.randn(12, 2)
     with pytest.raises(ValueError, match=r"\(B, N, 3, H, D\)"):

@@ -69,6 +69,8 @@ def not_supported_reasons(backend: str, x, weight=None, bias=None, *, auto: bool
             why.append("the Triton interpreter cannot do bfloat16 arithmetic")
         if x.shape[-1] > MAX_TRITON_C:
             why.append(f"C = {x.shape[-1]} > {MAX_TRITON_C}: the kernel keeps a whole row in registers")
+        if x.numel() >= 2**31:
+            why.append(f"{x.numel()} elements: the kernel's int32 offsets need fewer than 2**31")
     return why
 
 
@@ -159,5 +161,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Opt
     if chosen == "reference":
         return layer_norm_ref(x, weight, bias, eps)
     C = x.shape[-1]
+    weight = weight.contiguous() if weight is not None else None    # the kernel reads them with unit stride
+    bias = bias.contiguous() if bias is not None else None
     y, _, _ = torch.ops.beit_fast.layer_norm_triton(x.reshape(-1, C), weight, bias, float(eps))
     return y.view(x.shape)

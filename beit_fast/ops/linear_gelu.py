@@ -89,6 +89,11 @@ def not_supported_reasons(backend: str, x, weight=None, bias=None, *, auto: bool
             why.append(f"the Triton kernel supports {[str(d) for d in TRITON_DTYPES]}, got {x.dtype}")
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpret_mode():
             why.append("the Triton interpreter cannot do bfloat16 arithmetic")
+        if isinstance(weight, torch.Tensor) and x.dim() >= 1 and weight.dim() == 2:
+            rows = x.numel() // max(x.shape[-1], 1)
+            if max(x.numel(), rows * weight.shape[0]) >= 2**31:
+                why.append(f"{rows} rows x {max(x.shape[-1], weight.shape[0])} columns: the kernel's int32 "
+                           f"offsets need fewer than 2**31 elements per operand")
     return why
 
 
@@ -170,7 +175,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Inside torch.autocast the inputs are cast to the autocast dtype first, as F.linear does.
     recompute: Triton backward recomputes the pre-activation instead of storing it (None: the
     BEIT_FAST_LINEAR_GELU_RECOMPUTE default, off); see the module docstring.
-    Gradients flow to x, weight and bias; the parameter gradients are deterministic.
+    Gradients flow to x, weight and bias, bitwise reproducible within a process (no atomics; the
+    autotuned GEMM config, chosen once per shape and process, sets the summation order).
     """
     x, weight, bias = _autocast(x, weight, bias)
     _check_inputs(x, weight, bias)
@@ -183,5 +189,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     K, N = x.shape[-1], weight.shape[0]
+    if bias is not None:
+        bias = bias.contiguous()       # the kernel reads it with unit stride
     y, _ = torch.ops.beit_fast.linear_gelu_triton(x.reshape(-1, K), weight, bias, needs_grad and not recompute)
     return y.view(*x.shape[:-1], N)
