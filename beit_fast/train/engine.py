@@ -46,6 +46,21 @@ def build_model(cfg, device: torch.device, **fields):
     return model
 
 
+def training_state(cfg, rt, model, ema=None, **optimizer_kw):
+    """Wrap the model (DDP / FSDP), then build the optimizer (FSDP replaces the parameters by shards
+    first), the loss scaler, restore a resumed run, compile when asked.
+
+    Returns (train_model, optimizer, scaler, (step, epoch, batch_in_epoch, metrics))."""
+    from .optim import build_optimizer
+    train_model = runtime.wrap(model, rt, cfg.distributed)
+    optimizer = build_optimizer(cfg, model, device_type=rt.device.type, **optimizer_kw)
+    scaler = runtime.grad_scaler(rt.device, cfg.precision)
+    position = resume(cfg, rt, train_model, optimizer, scaler, ema)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return train_model, optimizer, scaler, position
+
+
 def optimizer_step(model, optimizer, scaler, clip_grad: Optional[float]):
     """Unscale, clip, step (skipped by the scaler on inf/nan gradients), update the scale, zero grads.
 

@@ -32,17 +32,10 @@ def evaluate(config: config_mod.EvalConfig = None) -> dict:
         raise config_mod.ConfigError(str(e)) from None
     config_mod._one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
 
-    rt = runtime.setup(cfg.device)
-    try:
-        result = _evaluate(cfg, rt, state, path, dataset, data_path)
-    except BaseException:
-        runtime.teardown(rt, failed=True)
-        raise
-    runtime.teardown(rt)
-    return result
+    return runtime.run(cfg.device, _evaluate, cfg, state, path, dataset, data_path)
 
 
-def _evaluate(cfg, rt, state: dict, path: str, dataset: str, data_path: str) -> dict:
+def _evaluate(cfg, state: dict, path: str, dataset: str, data_path: str, rt) -> dict:
     from beit_fast.models import BeitConfig, build_model
     run = state["config"]
     model = build_model(BeitConfig(**state["model_config"]))

@@ -16,20 +16,13 @@ from . import config as config_mod
 from . import engine, runtime
 from .data import EpochBatchSampler, Samples, Subset, build_dataset, classify_transform, make_loader, seed_for
 from .feedback import Reporter, peak_flops, train_flops_per_image
-from .optim import Schedule, apply_schedule, build_optimizer
+from .optim import Schedule, apply_schedule
 
 
 def finetune(config: config_mod.FinetuneConfig = None) -> dict:
     """Fine-tune + evaluate (default: the digits demo from random init); returns {'top1', 'top5', 'best_top1', ...}."""
     cfg = config_mod.check(config if config is not None else config_mod.preset("finetune"))
-    rt = runtime.setup(cfg.device)
-    try:
-        result = _finetune(cfg, rt)
-    except BaseException:
-        runtime.teardown(rt, failed=True)
-        raise
-    runtime.teardown(rt)
-    return result
+    return runtime.run(cfg.device, _finetune, cfg)
 
 
 def _loss_fn(cfg):
@@ -89,13 +82,9 @@ def _finetune(cfg, rt) -> dict:
 
     # --- optimisation state
     schedule = Schedule(cfg, steps_per_epoch)
-    train_model = runtime.wrap(model, rt, cfg.distributed)   # before the optimizer: FSDP shards the params
-    optimizer = build_optimizer(cfg, model, layer_decay=cfg.layer_decay, device_type=device.type)
-    scaler = runtime.grad_scaler(device, cfg.precision)
-    step, start_epoch, start_batch, metrics = engine.resume(cfg, rt, model, optimizer, scaler, ema)
+    train_model, optimizer, scaler, (step, start_epoch, start_batch, metrics) = engine.training_state(
+        cfg, rt, model, ema, layer_decay=cfg.layer_decay)
     best_top1 = metrics.get("best_top1", -1.0)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
 
     report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "finetune")
     report.advance_to(step)

@@ -17,21 +17,14 @@ from . import config as config_mod
 from . import engine, runtime
 from .data import EpochBatchSampler, Samples, Subset, TwoViewTransform, build_dataset, make_loader, seed_for
 from .feedback import Reporter, peak_flops, train_flops_per_image
-from .optim import Schedule, apply_schedule, build_optimizer
+from .optim import Schedule, apply_schedule
 from .tokenizer import choose_dtype, encode, load_tokenizer
 
 
 def pretrain(config: config_mod.PretrainConfig = None) -> dict:
     """Run pretraining (default: the digits demo); returns {'loss', 'mlm_acc', 'step', 'checkpoint', ...}."""
     cfg = config_mod.check(config if config is not None else config_mod.preset("pretrain"))          # every "cannot run" error happens here, before any work
-    rt = runtime.setup(cfg.device)
-    try:
-        result = _pretrain(cfg, rt)
-    except BaseException:
-        runtime.teardown(rt, failed=True)
-        raise
-    runtime.teardown(rt)
-    return result
+    return runtime.run(cfg.device, _pretrain, cfg)
 
 
 def _tokenizer(cfg, rt, dataset, second_size: int):
@@ -90,12 +83,7 @@ def _pretrain(cfg, rt) -> dict:
 
     # --- optimisation state
     schedule = Schedule(cfg, steps_per_epoch)
-    train_model = runtime.wrap(model, rt, cfg.distributed)   # before the optimizer: FSDP shards the params
-    optimizer = build_optimizer(cfg, model, device_type=device.type)
-    scaler = runtime.grad_scaler(device, cfg.precision)
-    step, start_epoch, start_batch, _ = engine.resume(cfg, rt, model, optimizer, scaler, None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model, optimizer, scaler, (step, start_epoch, start_batch, _) = engine.training_state(cfg, rt, model)
 
     report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "pretrain")
     report.advance_to(step)

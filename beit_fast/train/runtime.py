@@ -68,6 +68,18 @@ def teardown(rt: Runtime, failed: bool = False) -> None:
             dist.destroy_process_group()
 
 
+def run(device: str, body, *args):
+    """setup(device), body(*args, rt), teardown: the process group is left also when body fails."""
+    rt = setup(device)
+    try:
+        result = body(*args, rt)
+    except BaseException:
+        teardown(rt, failed=True)
+        raise
+    teardown(rt)
+    return result
+
+
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
         dist.barrier()
