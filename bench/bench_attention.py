@@ -19,8 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (base_parser, check_close, environment, make_row, device_and_dtypes, peak_mb, time_ms,  # noqa: E402
-                    finish, selected_providers, write_rows)
+from common import (Outcomes, Skip, base_parser, check_close, device_and_dtypes, environment, finish,  # noqa: E402
+                    make_row, peak_mb, selected_providers, time_ms, write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from beit_fast.ops.rel_pos_attention import (not_supported_reasons, num_relative_distance,  # noqa: E402
                                              rel_pos_attention, rel_pos_attention_ref, relative_position_index)
 
-PROVIDERS = ("eager", "sdpa", "flex", "xformers", "ours")
+PROVIDERS = ("eager", "sdpa", "ours", "flex", "xformers")   # ours before the compiled ones (time limits)
 REFERENCE_PROVIDERS = ("eager", "sdpa")
 MODELS = {"base": 12, "large": 16}   # heads; D = 64
 # (model, B, window): BEiT-B/L at 224 (N = 197) and 384 (N = 577)
@@ -37,10 +37,6 @@ QUICK_SHAPES = [("base", 128, (14, 14)), ("large", 64, (14, 14))]   # what bench
 SMOKE_SHAPES = [("tiny", 2, (4, 4))]
 # check against the fp32 reference: (atol as a fraction of max |ref|, rtol) per dtype
 CHECK_TOL = {torch.bfloat16: (2e-2, 5e-2), torch.float16: (5e-3, 1e-2), torch.float32: (1e-4, 1e-4)}
-
-
-class Skip(Exception):
-    """A provider that cannot run here; the reason is logged."""
 
 
 def _bias(table, index, N):
@@ -159,7 +155,6 @@ def bench_one(name, fn, shape, leaves, grad, dtype, device, env, args):
         print(f"  {name:8s} {mode:7s} {t['median_ms']:9.3f} ms  "
               f"{rows[-1]['tflops'] or 0:7.2f} TFLOP/s  peak {peak if peak is None else round(peak, 1)} MB"
               + (f"  deterministic dTable: {extra['table_grad_deterministic']}" if extra else ""))
-    del out
     return rows
 
 
@@ -173,7 +168,7 @@ def main(argv=None):
     wanted = selected_providers(args, PROVIDERS, smoke_default=REFERENCE_PROVIDERS)
     shapes = SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else FULL_SHAPES
     env = environment(device)
-    rows, skipped, failed = [], [], []
+    rows, outcomes = [], Outcomes()
     for dtype in dtypes:
         for model, B, window in shapes:
             H, D = MODELS.get(model, 2), 64 if model in MODELS else 16
@@ -181,32 +176,24 @@ def main(argv=None):
             scale = D ** -0.5
             shape = {"model": model, "B": B, "H": H, "N": N, "D": D}
             print(f"{model} B={B} H={H} N={N} D={D} {dtype}")
-            try:
-                leaves, grad = make_inputs(B, H, N, D, num_relative_distance(window), dtype, device)
-                expected = reference_result(leaves, grad, window, scale)
-            except torch.cuda.OutOfMemoryError:
-                skipped.append(f"all {model} B={B} N={N} {dtype}: out of memory for the reference")
-                torch.cuda.empty_cache()
+            case = {}
+
+            def prepare():
+                case["leaves"], case["grad"] = make_inputs(B, H, N, D, num_relative_distance(window), dtype, device)
+                case["expected"] = reference_result(case["leaves"], case["grad"], window, scale)
+                return []
+            outcomes.run(f"reference {model} B={B} N={N} {dtype}", prepare)
+            if "expected" not in case:
                 continue
             for name in wanted:
-                try:
+                def work(name=name):
                     fn = make_provider(name, window, scale, device, dtype)
-                    check_provider(name, fn, leaves, grad, expected, dtype)
-                    rows += bench_one(name, fn, shape, leaves, grad, dtype, device, env, args)
-                except Skip as e:
-                    skipped.append(f"{name} {model} N={N} {dtype}: {e}")
-                    print(f"  skip {name}: {e}")
-                except RuntimeError as e:   # check_close: a wrong provider is reported, never timed
-                    if isinstance(e, torch.cuda.OutOfMemoryError):
-                        skipped.append(f"{name} {model} B={B} N={N} {dtype}: out of memory")
-                        print(f"  skip {name}: out of memory")
-                        torch.cuda.empty_cache()
-                        continue
-                    failed.append(f"{name} {model} B={B} N={N} {dtype}")
-                    print(f"  FAILED CHECK {name}: {e}")
-            del leaves, grad, expected
-            if rows:   # after every shape, so a run cut short by a time limit still leaves its rows
-                write_rows(rows, args.out, "bench_attention")
+                    check_provider(name, fn, case["leaves"], case["grad"], case["expected"], dtype)
+                    return bench_one(name, fn, shape, case["leaves"], case["grad"], dtype, device, env, args)
+                rows += outcomes.run(f"{name} {model} B={B} N={N} {dtype}", work)
+                # after every provider, so a run cut short by a time limit keeps what it measured
+                write_report(rows, args.out, "bench_attention", outcomes)
+            case.clear()
     notes = []
     if args.check_determinism:
         det = {}
@@ -215,7 +202,7 @@ def main(argv=None):
             det[key] = det.get(key, True) and r["table_grad_deterministic"]
         notes.append("Table gradient bitwise reproducible (3 runs): "
                      + ", ".join(f"{p} {d}: {v}" for (p, d), v in sorted(det.items())))
-    finish(rows, args.out, "bench_attention", skipped=skipped, failed=failed, notes=notes)
+    finish(rows, args.out, "bench_attention", outcomes, notes=notes)
 
 
 if __name__ == "__main__":

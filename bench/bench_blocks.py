@@ -36,24 +36,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (base_parser, check_close, environment, make_row, device_and_dtypes, peak_mb, time_ms,  # noqa: E402
-                    finish, selected_providers)
+from common import (Outcomes, Skip, base_parser, check_close, device_and_dtypes, environment, finish,  # noqa: E402
+                    make_row, peak_mb, selected_providers, time_ms, write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-OPS = ("masked_patch_embed", "layer_scale_residual_norm", "linear_gelu", "layer_norm", "block")
-PROVIDERS = ("eager", "compile", "ours", "apex")
+OPS = ("layer_scale_residual_norm", "layer_norm", "masked_patch_embed", "linear_gelu", "block")
+MEMORY_BOUND = ("layer_scale_residual_norm", "layer_norm")   # measured against the copy bandwidth
+PROVIDERS = ("eager", "ours", "apex", "compile")   # the compiled ones last (time limits)
 # (B, N or image size, C, heads): BEiT-B at batch 128 (and BEiT-L at 64 in the full sweep)
 FULL = [dict(model="base", B=128, C=768, H=12), dict(model="large", B=64, C=1024, H=16)]
 QUICK = [dict(model="base", B=128, C=768, H=12)]
 SMOKE = [dict(model="tiny", B=2, C=64, H=2)]
 # check against the eager reference in the same dtype: (atol as a fraction of max |ref|, rtol)
 CHECK_TOL = {torch.bfloat16: (3e-2, 5e-2), torch.float16: (5e-3, 1e-2), torch.float32: (1e-4, 1e-4)}
-
-
-class Skip(Exception):
-    """A provider or op that cannot run here; the reason is logged."""
 
 
 def _apex(name):
@@ -247,17 +244,21 @@ def case_block(cfg, dtype, device, smoke):
 
         def steady(x):
             # timed as in the fused model: h = norm1(x) arrives from the previous block's fused epilogue, and
-            # this block makes the next block's norm1 (the eager block computes its own norm1 instead)
+            # this block makes the next block's norm1 (the eager block computes its own norm1 instead). The
+            # backward takes gradients for both outputs and returns dh (the qkv input-gradient GEMM), as in
+            # the model, so it does the same work as the eager block's.
             return blk.forward_fused(x, h, nxt)
 
         steady.check_fn = full
-        steady.own_leaves = [x] + list(blk.parameters())
+        steady.check_leaves = [x] + list(blk.parameters())
+        steady.own_leaves = [x, h] + list(blk.parameters())
         return steady
 
     M = B * N
     fwd_flops = 24.0 * M * C * C + 4.0 * B * N * N * C
     bwd_flops = 2 * 24.0 * M * C * C + 2.5 * 4.0 * B * N * N * C
-    return dict(inputs=(x,), leaves=leaves, grads=[torch.randn(B, N, C, device=device, dtype=dtype)],
+    grads = [torch.randn(B, N, C, device=device, dtype=dtype) for _ in range(2)]   # eager uses the first
+    return dict(inputs=(x,), leaves=leaves, grads=grads,
                 shape=dict(model=cfg["model"], B=B, N=N, C=C, heads=H, attn_ours=fused_attn),
                 nbytes={}, flops=dict(fwd=fwd_flops, bwd=bwd_flops, fwd_bwd=fwd_flops + bwd_flops),
                 providers=dict(eager=eager, compile=compiled, ours=ours))
@@ -282,7 +283,7 @@ def _grad(fn, case, leaves, retain=False, outs=None):
 def check_provider(name, fn, case, expected, dtype):
     """Outputs and parameter gradients against the eager reference (first output's gradient only, so that
     providers returning an extra output are compared on the same loss)."""
-    leaves = getattr(fn, "own_leaves", case["leaves"])
+    leaves = getattr(fn, "check_leaves", getattr(fn, "own_leaves", case["leaves"]))
     outs = _outputs(getattr(fn, "check_fn", fn)(*case["inputs"]))
     got = torch.autograd.grad(outs[:1], leaves, case["grads"][:1], allow_unused=True)
     exp_outs, exp_grads = expected
@@ -348,44 +349,39 @@ def main(argv=None):
     wanted = selected_providers(args, PROVIDERS, smoke_default=("eager", "ours"))
     cfgs = SMOKE if args.smoke else QUICK if args.quick else FULL
     env = environment(device)
-    rows, skipped, failed = [], [], []
+    rows, outcomes = [], Outcomes()
     for dtype in dtypes:
         for cfg in cfgs:
             copy_gbps = copy_bandwidth(cfg, dtype, device, env, rows)
-            first = len(rows)
             for op in ops:
                 print(f"{op} {cfg['model']} B={cfg['B']} C={cfg['C']} {dtype}")
-                try:
-                    case = CASES[op](cfg, dtype, device, args.smoke)
-                    expected = reference(case)
-                except Skip as e:
-                    skipped.append(f"{op}: {e}")
-                    print(f"  skip {op}: {e}")
+                case = {}
+
+                def prepare(op=op):
+                    case.update(CASES[op](cfg, dtype, device, args.smoke))
+                    case["expected"] = reference(case)
+                    return []
+                outcomes.run(f"{op} {cfg['model']} {dtype}", prepare)
+                if "expected" not in case:
                     continue
                 for name in wanted:
                     if name not in case["providers"]:
                         continue
                     if args.quick and name == "compile" and op not in ("layer_scale_residual_norm", "block"):
                         continue
-                    try:
+
+                    def work(name=name, op=op):
                         fn = case["providers"][name]()
-                        check_provider(name, fn, case, expected, dtype)
-                        rows += bench_provider(op, name, fn, case, dtype, device, env)
-                    except Skip as e:
-                        skipped.append(f"{op} {name}: {e}")
-                        print(f"  skip {name}: {e}")
-                    except RuntimeError as e:   # check_close: a wrong provider is reported, never timed
-                        if isinstance(e, torch.cuda.OutOfMemoryError):
-                            skipped.append(f"{op} {name} {cfg['model']}: out of memory")
-                            torch.cuda.empty_cache()
-                            continue
-                        failed.append(f"{op} {name} {cfg['model']} {dtype}")
-                        print(f"  FAILED CHECK {op} {name}: {e}")
-                del case, expected
-            for r in rows[first:]:   # memory-bound ops: fraction of the copy bandwidth just measured
-                if r.get("gbps") and copy_gbps:
-                    r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_gbps
-    finish(rows, args.out, "bench_blocks", skipped=skipped, failed=failed)
+                        check_provider(name, fn, case, case["expected"], dtype)
+                        got = bench_provider(op, name, fn, case, dtype, device, env)
+                        for r in got:   # memory-bound ops: fraction of the copy bandwidth just measured
+                            if op in MEMORY_BOUND and r.get("gbps") and copy_gbps:
+                                r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_gbps
+                        return got
+                    rows += outcomes.run(f"{op} {name} {cfg['model']} {dtype}", work)
+                    write_report(rows, args.out, "bench_blocks", outcomes)   # a time limit keeps what ran
+                case.clear()
+    finish(rows, args.out, "bench_blocks", outcomes)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ Providers (what a user would otherwise pick):
   ours_reference  beit_fast with fused=False, attn_impl="sdpa" (timm-equivalent math)
   torch_compile   ours_reference under torch.compile
   ours_fused      beit_fast with the fused kernels (fused=True, attn_impl="fused")
-Every provider's loss is checked against beit_fast's reference loaded with the same weights before it
-is timed. bf16 autocast on CUDA; fp32 tiny models on CPU with --smoke.
+Every provider's loss is checked against beit_fast's reference loaded with the same weights, under the
+same autocast as the timed step, before it is timed. bf16 autocast on CUDA; fp32 tiny models on CPU with
+--smoke. --quick: BEiT-B at batch 64 (what bench/gpu_check.sh runs); torch_compile comes last, as it
+compiles the whole model.
 
     python bench/bench_model.py --out bench/out [--quick] [--smoke]
 """
@@ -17,8 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (base_parser, device_and_dtypes, environment, make_row, peak_mb, selected_providers,  # noqa: E402
-                    time_ms, write_rows)
+from common import (CheckFailed, Outcomes, Skip, base_parser, device_and_dtypes, environment,  # noqa: E402
+                    finish, make_row, peak_mb, selected_providers, time_ms, write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -50,7 +52,7 @@ def build(provider, name, mode):
     elif provider == "timm":
         from timm.models.beit import Beit
         if mode == "pretrain":
-            raise RuntimeError("timm has no masked-image-modeling BEiT")
+            raise Skip("timm has no masked-image-modeling BEiT")
         c = preset_config(name)
         m = Beit(img_size=c.img_size, patch_size=c.patch_size, num_classes=c.num_classes, embed_dim=c.embed_dim,
                  depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, init_values=c.init_values,
@@ -86,14 +88,16 @@ def main(argv=None):
         names = (args.models or ("beit_base_patch16_224" if args.quick else
                                  "beit_base_patch16_224,beit_large_patch16_224")).split(",")
         batch = args.batch or 64
-    providers = selected_providers(args, ("timm", "hf", "ours_reference", "torch_compile", "ours_fused"))
-    rows = []
+    providers = selected_providers(args, ("ours_reference", "ours_fused", "timm", "hf", "torch_compile"))
+    # relative loss tolerance of the check, per autocast dtype (fp32: exact math up to summation order)
+    tol = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+    rows, outcomes = [], Outcomes()
     for cls_name in names:
         for mode in ("pretrain", "finetune"):
             name = cls_name if mode == "finetune" else (
                 cls_name + "_mim" if cls_name.startswith("beit_test") else cls_name + "_8k_vocab")
             ref, ref_loss = build("ours_reference", name, mode)
-            ref = ref.to(device)
+            ref = ref.to(device).eval()
             img = ref.config.img_size
             x = torch.randn(batch, 3, img, img, device=device)
             mask = torch.zeros(batch, ref.num_patches, dtype=torch.bool, device=device)
@@ -102,39 +106,41 @@ def main(argv=None):
             classes = ref.config.vocab_size if mode == "pretrain" else ref.config.num_classes
             target = torch.randint(0, classes, (n_out,), device=device)
             for dtype in dtypes:
-                for prov in providers:
-                    try:
-                        model, loss_fn = build(prov, name, mode)
-                        model = model.to(device)
-                        # check against the reference with the provider's own weights
-                        load_checkpoint(ref, model.state_dict(), strict=False)
-                        with torch.no_grad():
-                            want = ref_loss(ref.eval(), x, mask, target).item()
-                            got = loss_fn(model.eval(), x, mask, target).item()
-                        if abs(got - want) > 1e-3 * max(1.0, abs(want)):
-                            raise RuntimeError(f"loss {got} differs from the reference's {want}")
-                        model.train()
-                        run = torch.compile(model) if prov == "torch_compile" else model
-                    except Exception as e:
-                        print(f"skip {prov} {name}: {type(e).__name__}: {str(e)[:200]}")
-                        continue
+                def autocast(dtype=dtype):
+                    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+                def work(prov, dtype=dtype, autocast=autocast):
+                    model, loss_fn = build(prov, name, mode)
+                    model = model.to(device)
+                    # check against the reference with the provider's own weights, in the timed precision
+                    load_checkpoint(ref, model.state_dict(), strict=False)
+                    run = torch.compile(model) if prov == "torch_compile" else model
+                    with torch.no_grad(), autocast():
+                        want = ref_loss(ref, x, mask, target).item()
+                        got = loss_fn(run.eval(), x, mask, target).item()
+                    if abs(got - want) > tol[dtype] * max(1.0, abs(want)):
+                        raise CheckFailed(f"loss {got} differs from the reference's {want}")
+                    run.train()
 
                     def step():
-                        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                        with autocast():
                             loss = loss_fn(run, x, mask, target)
                         loss.backward()
                         for q in model.parameters():
                             q.grad = None
 
-                    t = time_ms(step, device, warmup=2 if device == "cpu" else 10, rep=5 if device == "cpu" else 30)
+                    t = time_ms(step, device, warmup=2 if device == "cpu" else 10, rep=5 if device == "cpu" else 30,
+                                cuda_rep_ms=400)
                     shape = {"model": name, "B": batch, "mode": mode}
                     row = make_row("train_step", prov, "fwd_bwd", shape, dtype, t, env, peak=peak_mb(step, device),
                                    images_per_s=batch / (t["median_ms"] / 1e3))
-                    rows.append(row)
                     print(f"{name} {mode} {prov} {dtype}: {t['median_ms']:.2f} ms, {row['images_per_s']:.0f} img/s")
-                    del model, run
-    j, m = write_rows(rows, args.out, "bench_model")
-    print(open(m).read())
+                    return [row]
+
+                for prov in providers:
+                    rows += outcomes.run(f"{prov} {name} {dtype}", lambda prov=prov: work(prov))
+                    write_report(rows, args.out, "bench_model", outcomes)   # a time limit keeps what ran
+    finish(rows, args.out, "bench_model", outcomes)
 
 
 if __name__ == "__main__":

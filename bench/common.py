@@ -20,6 +20,51 @@ import torch
 
 QUANTILES = (0.5, 0.2, 0.8)
 
+# "bwd" mode runs backward twice over one graph (retain_graph=True). A torch.compile'd backward that donates
+# its saved buffers (torch >= 2.6) refuses that, so the benchmarks keep them.
+try:
+    import torch._functorch.config as _functorch_config
+    if hasattr(_functorch_config, "donated_buffer"):
+        _functorch_config.donated_buffer = False
+except ImportError:
+    pass
+
+
+class Skip(Exception):
+    """A provider (or a whole case) that cannot run here; the reason is logged."""
+
+
+class CheckFailed(Exception):
+    """A provider whose result disagrees with the reference: reported, never timed."""
+
+
+class Outcomes:
+    """What did not become rows: providers skipped, failing their reference check, or raising an error.
+    `run` keeps one provider's trouble from ending the whole benchmark."""
+
+    def __init__(self):
+        self.skipped, self.failed, self.errors = [], [], []
+
+    def run(self, label: str, work: Callable[[], list]) -> list:
+        try:
+            return work()
+        except Skip as e:
+            self.skipped.append(f"{label}: {e}")
+            print(f"  skip {label}: {e}")
+        except CheckFailed as e:
+            self.failed.append(label)
+            print(f"  FAILED CHECK {label}: {e}")
+        except torch.cuda.OutOfMemoryError:
+            self.skipped.append(f"{label}: out of memory")
+            print(f"  skip {label}: out of memory")
+        except Exception as e:  # noqa: BLE001 -- an API difference, a compile error: record it and go on
+            msg = " ".join(str(e).split())[:300]
+            self.errors.append(f"{label}: {type(e).__name__}: {msg}")
+            print(f"  ERROR {label}: {type(e).__name__}: {msg}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return []
+
 
 def environment(device: str) -> dict:
     env = {
@@ -61,12 +106,13 @@ def _driver_version() -> Optional[str]:
         return None
 
 
-def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 10, rep: int = 50) -> dict:
-    """median / p20 / p80 in milliseconds. CUDA: triton.testing.do_bench (CUDA events, L2 flushed);
-    CPU: wall clock over `rep` calls after `warmup`."""
+def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 10, rep: int = 50,
+            cuda_rep_ms: int = 100) -> dict:
+    """median / p20 / p80 in milliseconds. CUDA: triton.testing.do_bench (CUDA events, L2 flushed) over
+    about `cuda_rep_ms` ms of calls; CPU: wall clock over `rep` calls after `warmup`."""
     if device == "cuda":
         import triton.testing
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES))
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=cuda_rep_ms, quantiles=list(QUANTILES))
         return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
     for _ in range(warmup):
         fn()
@@ -112,8 +158,8 @@ def shape_str(shape: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
-            "pct_copy_bw", "peak_mb"]
+    cols = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "images_per_s", "tflops",
+            "gbps", "pct_copy_bw", "peak_mb"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -153,7 +199,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default="bf16,fp16", help="comma list of bf16, fp16, fp32")
     p.add_argument("--providers", default="all", help="comma list of providers, or all")
     p.add_argument("--quick", action="store_true",
-                   help="the short sweep bench/gpu_check.sh runs: BEiT-B at batch 128 and BEiT-L at batch 64 only")
+                   help="the short sweep bench/gpu_check.sh runs (each script's docstring says which shapes)")
     return p
 
 
@@ -188,22 +234,35 @@ def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rt
     try:
         torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
     except AssertionError as e:
-        raise RuntimeError(f"provider {name} disagrees with the reference; not timing it:\n{e}") from None
+        raise CheckFailed(f"provider {name} disagrees with the reference; not timing it:\n{e}") from None
 
 
-def finish(rows: list[dict], out_dir: str, name: str, *, skipped=(), failed=(), notes=()) -> None:
-    """Write the rows, append what was skipped / extra notes / what failed its reference check to the
-    markdown, print it, and exit non-zero when a provider failed its check (a wrong provider is never timed)."""
+def write_report(rows: list[dict], out_dir: str, name: str, outcomes: Optional[Outcomes] = None,
+                 notes=()) -> Optional[str]:
+    """The rows as JSON lines and a markdown table, with what was skipped, failed its check or raised.
+    Called after every provider, so a run cut short by a time limit keeps what it measured."""
     if not rows:
-        raise SystemExit("no provider ran" + (f"; failed the reference check: {list(failed)}" if failed else ""))
+        return None
     _, mpath = write_rows(rows, out_dir, name)
+    o = outcomes or Outcomes()
     with open(mpath, "a") as f:
-        if skipped:
-            f.write("\nSkipped: " + "; ".join(skipped) + "\n")
+        if o.skipped:
+            f.write("\nSkipped: " + "; ".join(o.skipped) + "\n")
         for note in notes:
             f.write("\n" + note + "\n")
-        if failed:
-            f.write("\nFailed the reference check (not timed): " + "; ".join(failed) + "\n")
-    print(open(mpath).read())
-    if failed:
-        raise SystemExit(f"providers disagree with the reference: {list(failed)}")
+        if o.failed:
+            f.write("\nFailed the reference check (not timed): " + "; ".join(o.failed) + "\n")
+        if o.errors:
+            f.write("\nErrors (not timed): " + "; ".join(o.errors) + "\n")
+    return mpath
+
+
+def finish(rows: list[dict], out_dir: str, name: str, outcomes: Optional[Outcomes] = None, notes=()) -> None:
+    """Write the report, print it, and exit non-zero when a provider failed its check or raised."""
+    o = outcomes or Outcomes()
+    if not rows:
+        raise SystemExit("no provider ran" + "".join(f"; {k}: {v}" for k, v in
+                                                     (("failed", o.failed), ("errors", o.errors)) if v))
+    print(open(write_report(rows, out_dir, name, o, notes)).read())
+    if o.failed or o.errors:
+        raise SystemExit(f"providers disagree with the reference: {o.failed}; errors: {o.errors}")

@@ -34,7 +34,7 @@ def grouped(rows):
     return groups
 
 
-def markdown(rows, baselines=("sdpa", "eager", "reference", "torch_compile")):
+def markdown(rows, baselines=("sdpa", "eager", "reference", "timm", "ours_reference", "torch_compile")):
     out = []
     for (op, mode, shape, dtype), rs in grouped(rows).items():
         base = next((r for b in baselines for r in rs if r["provider"] == b), None)

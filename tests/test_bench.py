@@ -22,7 +22,7 @@ def _run(args, tmp_path):
 
 @pytest.mark.parametrize("script, extra, providers", [
     ("bench_attention", ["--check-determinism"], {"eager", "sdpa"}),
-    ("bench_blocks", [], {"eager", "ours"}),
+    ("bench_blocks", ["--providers", "eager,ours,compile"], {"eager", "ours", "compile"}),
     ("bench_masking", ["--batch", "16"], {"reference", "cpp"}),
     ("bench_model", ["--providers", "timm,hf,ours_reference,ours_fused"], {"timm", "hf", "ours_reference", "ours_fused"}),
 ])
@@ -40,3 +40,35 @@ def test_smoke(script, extra, providers, tmp_path):
     rep = subprocess.run([sys.executable, "bench/report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert rep.returncode == 0 and "speed-up vs" in rep.stdout, rep.stderr
+
+
+def test_one_provider_error_does_not_end_the_benchmark(tmp_path):
+    """A provider that raises (an API difference, a compile error) or fails its check is recorded and the run
+    goes on; the report lists it and the exit status is non-zero."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    out = common.Outcomes()
+    env = common.environment("cpu")
+    timing = {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0}
+    rows = out.run("good", lambda: [common.make_row("op", "good", "fwd", {"n": 1}, "float32", timing, env)])
+
+    def broken():
+        raise TypeError("unexpected keyword 'scale'")
+
+    def wrong():
+        common.check_close("wrong", common.torch.ones(3), common.torch.zeros(3), atol=0.0, rtol=0.0)
+
+    def skipped():
+        raise common.Skip("needs CUDA")
+    for label, fn in (("broken", broken), ("wrong", wrong), ("skipped", skipped)):
+        rows += out.run(label, fn)
+    assert len(rows) == 1 and out.failed == ["wrong"] and out.skipped == ["skipped: needs CUDA"]
+    assert out.errors == ["broken: TypeError: unexpected keyword 'scale'"]
+    with pytest.raises(SystemExit, match="errors"):
+        common.finish(rows, str(tmp_path), "x", out)
+    md = (tmp_path / "x.md").read_text()
+    assert "| op | good | fwd |" in md
+    assert "Errors (not timed): broken: TypeError" in md and "Failed the reference check (not timed): wrong" in md
