@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 BEIT_FAST_TRITON_INTERPRET=0
+export PYTHONUNBUFFERED=1 BEIT_FAST_TRITON_INTERPRET=0 BEIT_FAST_INSTAFAIL=1
 unset TRITON_INTERPRET
 SUMMARY="$OUT/summary.md"
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-580} ))   # the whole script ends by then

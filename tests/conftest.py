@@ -43,3 +43,12 @@ def pytest_report_header(config):
 def _fresh_seed(request):
     torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) ^ SESSION_SEED) % (2**31))
     yield
+
+
+def pytest_runtest_logreport(report):
+    """BEIT_FAST_INSTAFAIL=1 (bench/gpu_check.sh sets it): print each failure's traceback as it happens, so a
+    run stopped by a time limit still shows why what ran failed."""
+    if report.failed and os.environ.get("BEIT_FAST_INSTAFAIL", "0") not in ("", "0"):
+        import sys
+        sys.stderr.write(f"\nFAILED {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")
+        sys.stderr.flush()
