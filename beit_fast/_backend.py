@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -51,6 +51,33 @@ def extension_has_cuda() -> bool:
 
 def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _version_tuple(v: str) -> tuple:
+    """'2.4.1' -> (2, 4); '3.6.0+git...' -> (3, 6)."""
+    out = []
+    for part in v.split(".")[:2]:
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def interpreter_problem() -> Optional[str]:
+    """Why the Triton interpreter cannot run the kernels here (None: it can). Triton < 3.7's interpreter turns
+    one-element arrays into Python ints with int(), which numpy >= 2.4 refuses (every loop bound fails)."""
+    from importlib import metadata
+    try:
+        triton_v, numpy_v = metadata.version("triton"), metadata.version("numpy")
+    except metadata.PackageNotFoundError:
+        return None
+    if _version_tuple(triton_v) < (3, 7) and _version_tuple(numpy_v) >= (2, 4):
+        return (f"the interpreter of Triton {triton_v} fails with numpy {numpy_v} (it calls int() on "
+                f"1-element arrays); use numpy<2.4 or Triton>=3.7")
+    return None
 
 
 _TRITON_ERROR = []
@@ -108,6 +135,8 @@ def common_reasons(backend: str, tensors: Sequence, *, auto: bool = False) -> li
         if dev == "cpu":
             if not interpret_mode():
                 why.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set (set it before importing triton)")
+            elif interpreter_problem():
+                why.append(interpreter_problem())
             elif auto:
                 why.append("auto never picks the Triton interpreter for CPU tensors; pass backend='triton'")
         elif dev != "cuda":

@@ -26,6 +26,12 @@ elif not _has_gpu():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from beit_fast._backend import interpreter_problem  # noqa: E402  (imports torch, not triton)
+
+_INTERPRETER_PROBLEM = interpreter_problem() if os.environ.get("TRITON_INTERPRET") == "1" else None
+if _INTERPRETER_PROBLEM and _forced is None:   # the interpreter tests skip, saying why in the header
+    os.environ["TRITON_INTERPRET"] = "0"
+
 
 import random  # noqa: E402
 import zlib  # noqa: E402
@@ -36,7 +42,10 @@ SESSION_SEED = int(os.environ.get("BEIT_FAST_TEST_SEED", random.SystemRandom().r
 
 
 def pytest_report_header(config):
-    return [f"beit_fast: BEIT_FAST_TEST_SEED={SESSION_SEED}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
+    lines = [f"beit_fast: BEIT_FAST_TEST_SEED={SESSION_SEED}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
+    if _INTERPRETER_PROBLEM:
+        lines.append(f"beit_fast: Triton kernel tests on the CPU skipped: {_INTERPRETER_PROBLEM}")
+    return lines
 
 
 @pytest.fixture(autouse=True)
