@@ -66,7 +66,7 @@ def _version_tuple(v: str) -> tuple:
     return tuple(out)
 
 
-def interpreter_problem() -> Optional[str]:
+def check_interpreter_versions() -> Optional[str]:
     """Why the Triton interpreter cannot run the kernels here (None: it can). Triton < 3.7's interpreter turns
     one-element arrays into Python ints with int(), which numpy >= 2.4 refuses (every loop bound fails)."""
     from importlib import metadata
@@ -78,6 +78,14 @@ def interpreter_problem() -> Optional[str]:
         return (f"the interpreter of Triton {triton_v} fails with numpy {numpy_v} (it calls int() on "
                 f"1-element arrays); use numpy<2.4 or Triton>=3.7")
     return None
+
+
+# read once, at import: the backend choice is traced by torch.compile, which cannot trace importlib.metadata
+_INTERPRETER_PROBLEM = check_interpreter_versions()
+
+
+def interpreter_problem() -> Optional[str]:
+    return _INTERPRETER_PROBLEM
 
 
 _TRITON_ERROR = []

@@ -82,9 +82,11 @@ def test_interpreter_problem_names_the_failing_version_pair(monkeypatch):
     from beit_fast import _backend
     versions = {"triton": "3.6.0", "numpy": "2.4.1"}
     monkeypatch.setattr(metadata, "version", lambda name: versions[name])
-    assert "use numpy<2.4 or Triton>=3.7" in _backend.interpreter_problem()
+    problem = _backend.check_interpreter_versions()
+    assert "use numpy<2.4 or Triton>=3.7" in problem
+    monkeypatch.setattr(_backend, "_INTERPRETER_PROBLEM", problem)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _backend.interpreter_problem() in _backend.common_reasons("triton", [torch.zeros(1)])
+    assert problem in _backend.common_reasons("triton", [torch.zeros(1)])
     for triton_v, numpy_v in (("3.7.1", "2.4.1"), ("3.6.0", "2.3.5"), ("3.2.0", "2.2.6"), ("3.8.0+git1234", "2.10.0")):
         versions.update(triton=triton_v, numpy=numpy_v)
-        assert _backend.interpreter_problem() is None, (triton_v, numpy_v)
+        assert _backend.check_interpreter_versions() is None, (triton_v, numpy_v)
