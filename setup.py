@@ -17,20 +17,35 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _real_cuda_home():
-    """The toolkit folder whose bin/nvcc is the compiler itself (not a wrapper script on PATH)."""
+def _toolkit_version(home):
+    """'13.0' from `nvcc --version` of the toolkit at home, or None."""
+    import re
+    import subprocess
+    try:
+        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except Exception:
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def _real_cuda_homes():
+    """Toolkit folders whose bin/nvcc is the compiler itself (not a wrapper script on PATH), CUDA_HOME first."""
     env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if env:
-        return env if os.path.exists(os.path.join(env, "bin", "nvcc")) else None
+        return [env] if os.path.exists(os.path.join(env, "bin", "nvcc")) else []
     candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    found = []
     for c in candidates:
         # A real toolkit has the runtime library beside nvcc; a wrapper's folder does not.
         if os.path.isfile(os.path.join(c, "bin", "nvcc")) and glob.glob(os.path.join(c, "lib*", "libcudart*")):
-            return c
-    return None
+            if os.path.realpath(c) not in {os.path.realpath(f) for f in found}:
+                found.append(c)
+    return found
 
 
 def _cuda_decision(torch_cuda_version):
@@ -39,12 +54,22 @@ def _cuda_decision(torch_cuda_version):
         sys.exit(f"beit_fast setup: BEIT_FAST_CUDA must be auto, 0 or 1, got {mode!r}")
     if mode == "0":
         return False, "BEIT_FAST_CUDA=0"
-    home = _real_cuda_home()
-    why = None
+    why, home = None, None
     if torch_cuda_version is None:
         why = "the installed torch is a CPU-only build (torch.version.cuda is None)"
-    elif home is None:
-        why = "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
+    else:
+        homes = [(h, _toolkit_version(h)) for h in _real_cuda_homes()]
+        want = torch_cuda_version.split(".")[0]
+        # torch refuses a toolkit of another major version than its own build: take a matching one
+        matching = [(h, v) for h, v in homes if v is not None and v.split(".")[0] == want]
+        if matching:
+            home = matching[0][0]
+        elif homes:
+            h, v = homes[0]
+            why = (f"the CUDA toolkit at {h} is {v or 'of unknown version'} but torch was built with CUDA "
+                   f"{torch_cuda_version} (the major versions must match; set CUDA_HOME to a {want}.x toolkit)")
+        else:
+            why = "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
     if why:
         if mode == "1":
             sys.exit(f"beit_fast setup: BEIT_FAST_CUDA=1 but {why}")

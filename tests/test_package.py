@@ -58,13 +58,20 @@ def test_forced_backend_lists_reasons():
         _backend.choose("x", "triton", lambda b, auto: [], ("cuda", "reference"))
 
 
-def _toolkit_present() -> bool:
+def _matching_toolkit_present() -> bool:
+    """A toolkit of torch's own CUDA major version (what setup.py needs to build the CUDA sources)."""
     homes = [os.environ.get("CUDA_HOME", "")] + glob.glob("/usr/local/cuda*")
-    return any(os.path.isfile(os.path.join(h, "bin", "nvcc")) for h in homes if h)
+    for h in homes:
+        nvcc = os.path.join(h, "bin", "nvcc")
+        if h and os.path.isfile(nvcc):
+            out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+            if f"release {torch.version.cuda.split('.')[0]}." in out:
+                return True
+    return False
 
 
-@pytest.mark.skipif(torch.version.cuda is None or not _toolkit_present(),
-                    reason="CPU-only torch or no CUDA toolkit: the extension is built without CUDA by design")
+@pytest.mark.skipif(torch.version.cuda is None or not _matching_toolkit_present(),
+                    reason="CPU-only torch or no CUDA toolkit of torch's CUDA version: built without CUDA by design")
 def test_cuda_sources_were_compiled():
     mod, err = _backend.extension()
     assert err is None, err
@@ -90,3 +97,26 @@ def test_interpreter_problem_names_the_failing_version_pair(monkeypatch):
     for triton_v, numpy_v in (("3.7.1", "2.4.1"), ("3.6.0", "2.3.5"), ("3.2.0", "2.2.6"), ("3.8.0+git1234", "2.10.0")):
         versions.update(triton=triton_v, numpy=numpy_v)
         assert _backend.check_interpreter_versions() is None, (triton_v, numpy_v)
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
+def test_setup_refuses_a_toolkit_of_another_major_version(tmp_path):
+    """torch cannot build with a toolkit of another CUDA major version: auto builds the CPU ops and says why,
+    BEIT_FAST_CUDA=1 stops with the same reason."""
+    other = "11.8" if not torch.version.cuda.startswith("11.") else "12.4"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "libcudart.so").write_bytes(b"")
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}, V{other}.89'\n")
+    nvcc.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_HOME=str(tmp_path), BEIT_FAST_CUDA="1")
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert f"is {other} but torch was built with CUDA {torch.version.cuda}" in out.stderr + out.stdout
+    env["BEIT_FAST_CUDA"] = "auto"
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "skipping CUDA sources because the CUDA toolkit" in out.stdout, out.stderr
