@@ -56,7 +56,11 @@ def test_unknown_names_fail_clearly():
         C.check(dataclasses.replace(preset("pretrain"), precision="fp8"))
     with pytest.raises(ConfigError, match="ema=true is not supported with distributed=fsdp"):
         C.check(dataclasses.replace(preset("finetune"), ema=True, distributed="fsdp"))
-    C.check(dataclasses.replace(preset("finetune"), distributed="fsdp"))   # FSDP itself runs on CPU (gloo) too
+    if C.fsdp_runs_on_cpu():
+        C.check(dataclasses.replace(preset("finetune"), distributed="fsdp", device="cpu"))   # CPU (gloo) too
+    else:
+        with pytest.raises(ConfigError, match="distributed=fsdp on the CPU needs a newer torch"):
+            C.check(dataclasses.replace(preset("finetune"), distributed="fsdp", device="cpu"))
 
 
 def test_missing_files_fail_before_any_work(tmp_path, monkeypatch):

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from beit_fast.train.config import fsdp_runs_on_cpu
+
 
 ARGS = ["finetune", "--img-size", "16", "--model-overrides", "{embed_dim: 32, depth: 2, num_heads: 2}",
         "--train-subset", "64", "--epochs", "1", "--warmup-epochs", "0.5", "--num-workers", "0",
@@ -66,6 +68,10 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path, single):
     assert os.path.isfile(tmp_path / "checkpoint-0000004.pt")
 
 
+needs_cpu_fsdp = pytest.mark.skipif(not fsdp_runs_on_cpu(), reason="this torch's FSDP cannot run on the CPU")
+
+
+@needs_cpu_fsdp
 @pytest.mark.parametrize("fused", ["false", "true"])
 def test_two_process_gloo_fsdp_matches_single_process(tmp_path, single, fused):
     fsdp = ARGS + ["--batch-size", "8", "--distributed", "fsdp", "--fused", fused]
@@ -81,6 +87,7 @@ def test_two_process_gloo_fsdp_matches_single_process(tmp_path, single, fused):
     assert set(state["optimizer"]["state"]) == {n for n, _ in model.named_parameters()}
 
 
+@needs_cpu_fsdp
 def test_fsdp_stop_and_resume_matches_uninterrupted(tmp_path):
     fsdp = ARGS + ["--batch-size", "8", "--distributed", "fsdp", "--fused", "true"]
     whole, _ = _run(_torchrun() + fsdp, tmp_path / "whole")

@@ -383,6 +383,12 @@ def _one_of(name, value, choices):
         raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def fsdp_runs_on_cpu() -> bool:
+    """torch's per-module FSDP records events on the device's streams; older torch has no CPU stream events."""
+    import torch
+    return hasattr(torch.cpu, "Stream") and hasattr(torch.cpu.Stream, "record_event")
+
+
 def check(config):
     """Validate a run config; raises ConfigError naming the field to change. Returns the config."""
     from .data import check_dataset
@@ -401,6 +407,12 @@ def check(config):
                 raise ConfigError(f"device={cfg.device!r} but CUDA is not available here; use device=auto or cpu")
         elif cfg.device not in ("auto", "cpu"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+        if cfg.distributed == "fsdp" and not fsdp_runs_on_cpu():
+            import torch
+            if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+                raise ConfigError(f"distributed=fsdp on the CPU needs a newer torch than {torch.__version__} (its "
+                                  f"FSDP has no CPU streams; torch 2.11 has them, 2.6 does not); use distributed=ddp "
+                                  f"here, or GPUs")
         if cfg.distributed == "fsdp" and getattr(cfg, "ema", False):
             raise ConfigError("ema=true is not supported with distributed=fsdp (the EMA copy would be a full, "
                               "unsharded model on every rank); use distributed=ddp, or ema=false")
