@@ -407,15 +407,15 @@ def check(config):
                 raise ConfigError(f"device={cfg.device!r} but CUDA is not available here; use device=auto or cpu")
         elif cfg.device not in ("auto", "cpu"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+        if cfg.distributed == "fsdp" and getattr(cfg, "ema", False):
+            raise ConfigError("ema=true is not supported with distributed=fsdp (the EMA copy would be a full, "
+                              "unsharded model on every rank); use distributed=ddp, or ema=false")
         if cfg.distributed == "fsdp" and not fsdp_runs_on_cpu():
             import torch
             if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
                 raise ConfigError(f"distributed=fsdp on the CPU needs a newer torch than {torch.__version__} (its "
                                   f"FSDP has no CPU streams; torch 2.11 has them, 2.6 does not); use distributed=ddp "
                                   f"here, or GPUs")
-        if cfg.distributed == "fsdp" and getattr(cfg, "ema", False):
-            raise ConfigError("ema=true is not supported with distributed=fsdp (the EMA copy would be a full, "
-                              "unsharded model on every rank); use distributed=ddp, or ema=false")
         if cfg.optimizer.startswith("apex"):
             try:
                 import apex.optimizers  # noqa: F401
