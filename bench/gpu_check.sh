@@ -49,8 +49,15 @@ GPU_TESTS="tests/test_extension.py tests/test_rel_pos_attention.py tests/test_ma
   tests/test_fused_model.py tests/test_model.py tests/test_train_loop.py"
 REST_TESTS=$(ls tests/test_*.py | grep -vxF -f <(printf '%s\n' $GPU_TESTS))
 PYTEST=("$PY" -m pytest -q -rfEs --durations=15 -p no:cacheprovider)
+# the GPU image has pytest-timeout and pytest-xdist: one hung test cannot eat the step, and the 16 cores help
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
+GPU_WORKERS=() REST_WORKERS=()
+CORES=$(nproc 2>/dev/null || echo 1)
+if "$PY" -c "import xdist" 2>/dev/null && (( CORES >= 4 )); then
+  GPU_WORKERS=(-n $(( CORES / 4 < 4 ? CORES / 4 : 4 ))) REST_WORKERS=(-n $(( CORES / 2 < 8 ? CORES / 2 : 8 )))
+fi
 # shellcheck disable=SC2086
-step tests_gpu 170 "$OUT/tests.log" "${PYTEST[@]}" $GPU_TESTS
+step tests_gpu 170 "$OUT/tests.log" "${PYTEST[@]}" ${GPU_WORKERS[@]+"${GPU_WORKERS[@]}"} $GPU_TESTS
 
 # 3. benchmarks: BEiT-B/L training shapes in bf16 (full sweeps: run the scripts by hand)
 step bench_attention 100 "$OUT/bench.log" "$PY" bench/bench_attention.py --out "$OUT" --dtypes bf16 --quick
@@ -59,7 +66,7 @@ step bench_model 60 "$OUT/bench.log" "$PY" bench/bench_model.py --out "$OUT" --d
 
 # 4. the rest of the suite (CPU-side tests that CI also runs) in the time left
 # shellcheck disable=SC2086
-step tests_rest 600 "$OUT/tests.log" "${PYTEST[@]}" $REST_TESTS
+step tests_rest 600 "$OUT/tests.log" "${PYTEST[@]}" ${REST_WORKERS[@]+"${REST_WORKERS[@]}"} $REST_TESTS
 {
   echo
   echo "tests (GPU-facing; rest): $(grep -E '(passed|failed|error|skipped).* in [0-9.]+s' "$OUT/tests.log" \
