@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -55,15 +56,8 @@ def interpret_mode() -> bool:
 
 def _version_tuple(v: str) -> tuple:
     """'2.4.1' -> (2, 4); '3.6.0+git...' -> (3, 6)."""
-    out = []
-    for part in v.split(".")[:2]:
-        digits = ""
-        for ch in part:
-            if not ch.isdigit():
-                break
-            digits += ch
-        out.append(int(digits or 0))
-    return tuple(out)
+    m = re.match(r"(\d+)\.(\d+)", v)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def check_interpreter_versions() -> Optional[str]:
@@ -81,11 +75,7 @@ def check_interpreter_versions() -> Optional[str]:
 
 
 # read once, at import: the backend choice is traced by torch.compile, which cannot trace importlib.metadata
-_INTERPRETER_PROBLEM = check_interpreter_versions()
-
-
-def interpreter_problem() -> Optional[str]:
-    return _INTERPRETER_PROBLEM
+INTERPRETER_PROBLEM = check_interpreter_versions()
 
 
 _TRITON_ERROR = []
@@ -143,8 +133,8 @@ def common_reasons(backend: str, tensors: Sequence, *, auto: bool = False) -> li
         if dev == "cpu":
             if not interpret_mode():
                 why.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set (set it before importing triton)")
-            elif interpreter_problem():
-                why.append(interpreter_problem())
+            elif INTERPRETER_PROBLEM:
+                why.append(INTERPRETER_PROBLEM)
             elif auto:
                 why.append("auto never picks the Triton interpreter for CPU tensors; pass backend='triton'")
         elif dev != "cuda":

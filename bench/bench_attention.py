@@ -176,24 +176,20 @@ def main(argv=None):
             scale = D ** -0.5
             shape = {"model": model, "B": B, "H": H, "N": N, "D": D}
             print(f"{model} B={B} H={H} N={N} D={D} {dtype}")
-            case = {}
-
-            def prepare():
-                case["leaves"], case["grad"] = make_inputs(B, H, N, D, num_relative_distance(window), dtype, device)
-                case["expected"] = reference_result(case["leaves"], case["grad"], window, scale)
-                return []
-            outcomes.run(f"reference {model} B={B} N={N} {dtype}", prepare)
-            if "expected" not in case:
+            expected = None
+            with outcomes.guard(f"reference {model} B={B} N={N} {dtype}"):
+                leaves, grad = make_inputs(B, H, N, D, num_relative_distance(window), dtype, device)
+                expected = reference_result(leaves, grad, window, scale)
+            if expected is None:
                 continue
             for name in wanted:
-                def work(name=name):
+                with outcomes.guard(f"{name} {model} B={B} N={N} {dtype}"):
                     fn = make_provider(name, window, scale, device, dtype)
-                    check_provider(name, fn, case["leaves"], case["grad"], case["expected"], dtype)
-                    return bench_one(name, fn, shape, case["leaves"], case["grad"], dtype, device, env, args)
-                rows += outcomes.run(f"{name} {model} B={B} N={N} {dtype}", work)
+                    check_provider(name, fn, leaves, grad, expected, dtype)
+                    rows += bench_one(name, fn, shape, leaves, grad, dtype, device, env, args)
                 # after every provider, so a run cut short by a time limit keeps what it measured
                 write_report(rows, args.out, "bench_attention", outcomes)
-            case.clear()
+            del leaves, grad, expected
     notes = []
     if args.check_determinism:
         det = {}

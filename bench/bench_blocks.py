@@ -355,32 +355,27 @@ def main(argv=None):
             copy_gbps = copy_bandwidth(cfg, dtype, device, env, rows)
             for op in ops:
                 print(f"{op} {cfg['model']} B={cfg['B']} C={cfg['C']} {dtype}")
-                case = {}
-
-                def prepare(op=op):
-                    case.update(CASES[op](cfg, dtype, device, args.smoke))
-                    case["expected"] = reference(case)
-                    return []
-                outcomes.run(f"{op} {cfg['model']} {dtype}", prepare)
-                if "expected" not in case:
+                expected = None
+                with outcomes.guard(f"{op} {cfg['model']} {dtype}"):
+                    case = CASES[op](cfg, dtype, device, args.smoke)
+                    expected = reference(case)
+                if expected is None:
                     continue
                 for name in wanted:
                     if name not in case["providers"]:
                         continue
                     if args.quick and name == "compile" and op not in ("layer_scale_residual_norm", "block"):
                         continue
-
-                    def work(name=name, op=op):
+                    with outcomes.guard(f"{op} {name} {cfg['model']} {dtype}"):
                         fn = case["providers"][name]()
-                        check_provider(name, fn, case, case["expected"], dtype)
+                        check_provider(name, fn, case, expected, dtype)
                         got = bench_provider(op, name, fn, case, dtype, device, env)
                         for r in got:   # memory-bound ops: fraction of the copy bandwidth just measured
                             if op in MEMORY_BOUND and r.get("gbps") and copy_gbps:
                                 r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_gbps
-                        return got
-                    rows += outcomes.run(f"{op} {name} {cfg['model']} {dtype}", work)
+                        rows += got
                     write_report(rows, args.out, "bench_blocks", outcomes)   # a time limit keeps what ran
-                case.clear()
+                del case, expected
     finish(rows, args.out, "bench_blocks", outcomes)
 
 

@@ -106,39 +106,37 @@ def main(argv=None):
             classes = ref.config.vocab_size if mode == "pretrain" else ref.config.num_classes
             target = torch.randint(0, classes, (n_out,), device=device)
             for dtype in dtypes:
-                def autocast(dtype=dtype):
-                    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
-
-                def work(prov, dtype=dtype, autocast=autocast):
-                    model, loss_fn = build(prov, name, mode)
-                    model = model.to(device)
-                    # check against the reference with the provider's own weights, in the timed precision
-                    load_checkpoint(ref, model.state_dict(), strict=False)
-                    run = torch.compile(model) if prov == "torch_compile" else model
-                    with torch.no_grad(), autocast():
-                        want = ref_loss(ref, x, mask, target).item()
-                        got = loss_fn(run.eval(), x, mask, target).item()
-                    if abs(got - want) > tol[dtype] * max(1.0, abs(want)):
-                        raise CheckFailed(f"loss {got} differs from the reference's {want}")
-                    run.train()
-
-                    def step():
-                        with autocast():
-                            loss = loss_fn(run, x, mask, target)
-                        loss.backward()
-                        for q in model.parameters():
-                            q.grad = None
-
-                    t = time_ms(step, device, warmup=2 if device == "cpu" else 10, rep=5 if device == "cpu" else 30,
-                                cuda_rep_ms=400)
-                    shape = {"model": name, "B": batch, "mode": mode}
-                    row = make_row("train_step", prov, "fwd_bwd", shape, dtype, t, env, peak=peak_mb(step, device),
-                                   images_per_s=batch / (t["median_ms"] / 1e3))
-                    print(f"{name} {mode} {prov} {dtype}: {t['median_ms']:.2f} ms, {row['images_per_s']:.0f} img/s")
-                    return [row]
-
+                autocast = dict(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
                 for prov in providers:
-                    rows += outcomes.run(f"{prov} {name} {dtype}", lambda prov=prov: work(prov))
+                    with outcomes.guard(f"{prov} {name} {dtype}"):
+                        model, loss_fn = build(prov, name, mode)
+                        model = model.to(device)
+                        # check against the reference with the provider's own weights, in the timed precision
+                        load_checkpoint(ref, model.state_dict(), strict=False)
+                        run = torch.compile(model) if prov == "torch_compile" else model
+                        with torch.no_grad(), torch.autocast(**autocast):
+                            want = ref_loss(ref, x, mask, target).item()
+                            got = loss_fn(run.eval(), x, mask, target).item()
+                        if abs(got - want) > tol[dtype] * max(1.0, abs(want)):
+                            raise CheckFailed(f"loss {got} differs from the reference's {want}")
+                        run.train()
+
+                        def step():
+                            with torch.autocast(**autocast):
+                                loss = loss_fn(run, x, mask, target)
+                            loss.backward()
+                            for q in model.parameters():
+                                q.grad = None
+
+                        t = time_ms(step, device, warmup=2 if device == "cpu" else 10,
+                                    rep=5 if device == "cpu" else 30, cuda_rep_ms=400)
+                        shape = {"model": name, "B": batch, "mode": mode}
+                        row = make_row("train_step", prov, "fwd_bwd", shape, dtype, t, env,
+                                       peak=peak_mb(step, device), images_per_s=batch / (t["median_ms"] / 1e3))
+                        rows.append(row)
+                        print(f"{name} {mode} {prov} {dtype}: {t['median_ms']:.2f} ms, "
+                              f"{row['images_per_s']:.0f} img/s")
+                    model = run = None   # free this provider's model before the next one is built
                     write_report(rows, args.out, "bench_model", outcomes)   # a time limit keeps what ran
     finish(rows, args.out, "bench_model", outcomes)
 

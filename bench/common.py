@@ -7,6 +7,7 @@ written as JSON lines (`<name>.jsonl`) and a markdown table (`<name>.md`); bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -40,14 +41,15 @@ class CheckFailed(Exception):
 
 class Outcomes:
     """What did not become rows: providers skipped, failing their reference check, or raising an error.
-    `run` keeps one provider's trouble from ending the whole benchmark."""
+    `with outcomes.guard(label):` keeps one provider's trouble from ending the whole benchmark."""
 
     def __init__(self):
         self.skipped, self.failed, self.errors = [], [], []
 
-    def run(self, label: str, work: Callable[[], list]) -> list:
+    @contextlib.contextmanager
+    def guard(self, label: str):
         try:
-            return work()
+            yield
         except Skip as e:
             self.skipped.append(f"{label}: {e}")
             print(f"  skip {label}: {e}")
@@ -61,9 +63,9 @@ class Outcomes:
             msg = " ".join(str(e).split())[:300]
             self.errors.append(f"{label}: {type(e).__name__}: {msg}")
             print(f"  ERROR {label}: {type(e).__name__}: {msg}")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return []
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def environment(device: str) -> dict:

@@ -26,9 +26,9 @@ elif not _has_gpu():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from beit_fast._backend import interpreter_problem  # noqa: E402  (imports torch, not triton)
+from beit_fast._backend import INTERPRETER_PROBLEM  # noqa: E402  (imports torch, not triton)
 
-_INTERPRETER_PROBLEM = interpreter_problem() if os.environ.get("TRITON_INTERPRET") == "1" else None
+_INTERPRETER_PROBLEM = INTERPRETER_PROBLEM if os.environ.get("TRITON_INTERPRET") == "1" else None
 if _INTERPRETER_PROBLEM and _forced is None:   # the interpreter tests skip, saying why in the header
     os.environ["TRITON_INTERPRET"] = "0"
 

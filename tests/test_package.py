@@ -91,7 +91,7 @@ def test_interpreter_problem_names_the_failing_version_pair(monkeypatch):
     monkeypatch.setattr(metadata, "version", lambda name: versions[name])
     problem = _backend.check_interpreter_versions()
     assert "use numpy<2.4 or Triton>=3.7" in problem
-    monkeypatch.setattr(_backend, "_INTERPRETER_PROBLEM", problem)
+    monkeypatch.setattr(_backend, "INTERPRETER_PROBLEM", problem)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert problem in _backend.common_reasons("triton", [torch.zeros(1)])
     for triton_v, numpy_v in (("3.7.1", "2.4.1"), ("3.6.0", "2.3.5"), ("3.2.0", "2.2.6"), ("3.8.0+git1234", "2.10.0")):

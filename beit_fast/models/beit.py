@@ -28,10 +28,7 @@ def _one_unit_per_block(block: nn.Module) -> bool:
     only inside its own forward / forward_fused."""
     if type(block) is Block or not torch.distributed.is_available():
         return False
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:     # torch < 2.6
-        from torch.distributed._composable.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule
     return isinstance(block, FSDPModule)
 
 

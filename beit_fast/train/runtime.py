@@ -123,15 +123,6 @@ def grad_scaler(device: torch.device, precision: str):
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def _fsdp2():
-    """torch's per-module FSDP ("FSDP2": parameters become DTensor shards); public since torch 2.6."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-    except ImportError:         # torch 2.4 / 2.5 kept it under _composable
-        from torch.distributed._composable.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-    return FSDPModule, fully_shard, register_fsdp_forward_method
-
-
 def wrap(model: torch.nn.Module, rt: Runtime, mode: str = "ddp"):
     """DDP (default) or FSDP when running distributed. Build the optimizer after this call (FSDP replaces
     the parameters by their shards).
@@ -142,10 +133,10 @@ def wrap(model: torch.nn.Module, rt: Runtime, mode: str = "ddp"):
     if not rt.distributed:
         return model
     if mode == "fsdp":
-        _, fully_shard, register_method = _fsdp2()
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
         for blk in model.blocks:
             fully_shard(blk)
-            register_method(blk, "forward_fused")
+            register_fsdp_forward_method(blk, "forward_fused")
         fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -159,7 +150,8 @@ def is_sharded(model: torch.nn.Module) -> bool:
     model = unwrap(model)
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    return isinstance(model, _fsdp2()[0])
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
 
 
 @contextlib.contextmanager
