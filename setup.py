@@ -122,6 +122,6 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "timm", "numpy", "safetensors",
                       "pyyaml", "pillow", "tqdm", "scikit-learn"],
     extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
-    entry_points={"console_scripts": ["beit-fast=beit_fast.cli:main"]},
+    entry_points={"console_scripts": ["beit-fast=beit_fast.cli:entry"]},
     zip_safe=False,
 )
