@@ -5,7 +5,8 @@
 #   bash bench/gpu_check.sh OUTDIR
 # Works offline with the GPU image (Python 3.12, torch 2.11, Triton 3.6): nothing is downloaded.
 # At most 8 files are left (the device tool returns 8): summary.md (beit_fast.info and every benchmark's
-# markdown table), build.log, tests.log, bench.log and the JSON rows of each benchmark.
+# markdown table), build.log, tests.log, bench.log and the JSON rows of each benchmark and of the attention
+# tile sweep.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -63,6 +64,10 @@ step tests_gpu 170 "$OUT/tests.log" "${PYTEST[@]}" ${GPU_WORKERS[@]+"${GPU_WORKE
 step bench_attention 100 "$OUT/bench.log" "$PY" bench/bench_attention.py --out "$OUT" --dtypes bf16 --quick
 step bench_blocks 90 "$OUT/bench.log" "$PY" bench/bench_blocks.py --out "$OUT" --dtypes bf16 --quick
 step bench_model 60 "$OUT/bench.log" "$PY" bench/bench_model.py --out "$OUT" --dtypes bf16 --quick
+# attention tile sweep at the target shape (BEiT-B, B=128, bf16): it stops starting tiles 20 s before its cap
+TUNE_CAP=90 TUNE_LEFT=$(( DEADLINE - $(date +%s) - 5 ))
+(( TUNE_LEFT < TUNE_CAP )) && TUNE_CAP=$TUNE_LEFT
+step tune_attention $TUNE_CAP "$OUT/bench.log" "$PY" bench/tune_attention.py --out "$OUT" --seconds $(( TUNE_CAP > 30 ? TUNE_CAP - 20 : 10 ))
 
 # 4. the rest of the suite (CPU-side tests that CI also runs) in the time left
 # shellcheck disable=SC2086
@@ -73,5 +78,5 @@ step tests_rest 600 "$OUT/tests.log" "${PYTEST[@]}" ${REST_WORKERS[@]+"${REST_WO
     | tr -d '=' | paste -sd ';' -)"
   echo '```'; timeout 30 "$PY" -m beit_fast.info 2>&1; echo '```'; echo
 } >>"$SUMMARY"
-for md in "$OUT"/bench_*.md; do [ -f "$md" ] && { echo; cat "$md"; } >>"$SUMMARY" && rm "$md"; done
+for md in "$OUT"/bench_*.md "$OUT"/tune_*.md; do [ -f "$md" ] && { echo; cat "$md"; } >>"$SUMMARY" && rm "$md"; done
 cat "$SUMMARY"

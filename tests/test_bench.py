@@ -69,3 +69,26 @@ def test_one_provider_error_does_not_end_the_benchmark(tmp_path):
     md = (tmp_path / "x.md").read_text()
     assert "| op | good | fwd |" in md
     assert "Errors (not timed): broken: TypeError" in md and "Failed the reference check (not timed): wrong" in md
+
+
+def test_tune_attention_smoke(tmp_path):
+    """The tile sweep on the CPU through the Triton interpreter: every kernel gets its default and one other
+    tile, each checked against the reference before it is timed; the report names the best per kernel."""
+    env = {k: v for k, v in os.environ.items() if k != "BEIT_FAST_BACKEND"}
+    env["TRITON_INTERPRET"] = "1"
+    r = subprocess.run([sys.executable, "bench/tune_attention.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    with open(tmp_path / "tune_attention.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    for r_ in rows:
+        assert REQUIRED <= set(r_), REQUIRED - set(r_)
+    by_kernel = {}
+    for r_ in rows:
+        by_kernel.setdefault(r_["op"], []).append(r_)
+    assert set(by_kernel) == {"attention_tile_fwd", "attention_tile_dkdv", "attention_tile_dq"}
+    for op, rs in by_kernel.items():
+        assert [x["default"] for x in rs] == [True, False], op
+        assert {x["provider"] for x in rs} == {"64x64 w4 s2", "32x32 w4 s2"}, op
+    md = (tmp_path / "tune_attention.md").read_text()
+    assert "Best tile per kernel" in md and md.count("AttnConfigs(TileConfig(") == 1
