@@ -78,6 +78,8 @@ def test_mim_logits_only_on_masked_positions():
     assert logits.shape == (int(mask.sum()), 512)
     all_tokens = m(x, mask, return_all_tokens=True)
     torch.testing.assert_close(logits, all_tokens[mask])
+    # the trainer's sync-free path: the masked positions counted beforehand select the same rows, bitwise
+    assert torch.equal(m(x, mask, masked_index=mask.flatten().nonzero().squeeze(1)), logits)
     # the mask token replaces the embedding of masked patches only: changing masked pixels changes nothing
     x2 = x.clone()
     pix = mask[0].view(8, 8).repeat_interleave(4, 0).repeat_interleave(4, 1)
@@ -190,6 +192,11 @@ def test_bad_masks():
     with pytest.raises(ValueError, match=r"\(2, 64\)"):
         m(x, torch.zeros(1, 64, dtype=torch.bool))
     assert m(x, torch.zeros(2, 8, 8, dtype=torch.bool)).shape == (0, 512)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    with pytest.raises(ValueError, match="masked_index must be a 1-D int64 tensor"):
+        m(x, mask, masked_index=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="masked_index must be a 1-D int64 tensor"):
+        m(x, mask, masked_index=torch.zeros(1, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="no mask token"):
         create_model("beit_test_patch4_32").forward_features(x, torch.zeros(2, 64, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn_impl"):

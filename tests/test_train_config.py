@@ -84,6 +84,8 @@ def test_missing_files_fail_before_any_work(tmp_path, monkeypatch):
         finetune(dataclasses.replace(preset("finetune"), init=str(tmp_path / "missing.pt")))
     with pytest.raises(ConfigError, match="apex"):
         finetune(dataclasses.replace(preset("finetune"), optimizer="apex_lamb"))
+    with pytest.raises(ConfigError, match="optimizer=apex_adam is not supported with distributed=fsdp"):
+        pretrain(dataclasses.replace(preset("pretrain"), optimizer="apex_adam", distributed="fsdp"))
     assert not (tmp_path / "a").exists()
 
 

@@ -1,5 +1,6 @@
 """Two gloo processes under torchrun (the real CLI), with DDP and with FSDP, match one process with the same
 global batch; an FSDP run stopped and resumed matches one that never stopped."""
+import contextlib
 import json
 import os
 import signal
@@ -32,13 +33,33 @@ def _run(cmd, out):
     try:
         stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
+        # torchrun starts each worker in a session of its own: kill them by ancestry, then torchrun's group
+        for pid in _descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        stdout, stderr = proc.communicate(timeout=60)
         raise AssertionError("timed out:\n" + stdout[-2000:] + stderr[-3000:]) from None
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     evals = [r["eval"] for r in rows if "eval" in r]
     return [r["loss"] for r in rows if "eval" not in r], evals[-1] if evals else None
+
+
+def _descendants(root: int) -> list:
+    """PIDs of every live process descended from `root` (Linux /proc)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
 
 
 def _torchrun():
@@ -89,8 +110,12 @@ def test_two_process_gloo_fsdp_matches_single_process(tmp_path, single, fused):
 
 @needs_cpu_fsdp
 def test_fsdp_stop_and_resume_matches_uninterrupted(tmp_path):
-    fsdp = ARGS + ["--batch-size", "8", "--distributed", "fsdp", "--fused", "true"]
-    whole, _ = _run(_torchrun() + fsdp, tmp_path / "whole")
+    # 359 held-out images in batches of 2 x 179: the last global batch holds one image, so rank 1 has none;
+    # FSDP's forwards are collectives, and that rank must still run one (a deadlock otherwise)
+    fsdp = ARGS + ["--batch-size", "8", "--distributed", "fsdp", "--fused", "true", "--val-subset", "359",
+                   "--eval-batch-size", "179"]
+    whole, whole_eval = _run(_torchrun() + fsdp, tmp_path / "whole")
+    assert whole_eval["n"] == 359
     _run(_torchrun() + fsdp + ["--stop-at-step", "2"], tmp_path / "parts")
     resumed, _ = _run(_torchrun() + fsdp + ["--resume"], tmp_path / "parts")
     assert len(whole) == 4 and resumed == whole, (whole, resumed)   # the log holds steps 1-2, then 3-4: exact

@@ -124,7 +124,7 @@ def test_fp16_loss_scaling_skips_an_injected_inf_step(tmp_path, device):
                         save_every_steps=1, keep_last=10, mixup=0.0, cutmix=0.0, drop_path=0.0, device=device)
     finetune(cfg)
     rows = {r["step"]: r for r in map(json.loads, open(tmp_path / "fp16" / "log.jsonl")) if "eval" not in r}
-    assert rows[3]["skipped"] is True and all(not rows[s]["skipped"] for s in (1, 2, 4))
+    assert rows[3]["skipped"] == 1 and all(rows[s]["skipped"] == 0 for s in (1, 2, 4))   # updates skipped
     assert rows[3]["scale"] == rows[2]["scale"] / 2                           # dynamic scale backed off
     assert all(rows[s]["loss"] == rows[s]["loss"] and abs(rows[s]["loss"]) != float("inf") for s in (1, 2, 4))
     ck = {int(os.path.basename(p)[11:18]): load(p)["model"] for p in step_checkpoints(str(tmp_path / "fp16"))}
@@ -144,3 +144,27 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_file):
     with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
         result = pretrain(cfg)
     assert result["skipped_images"] >= 1 and result["step"] == 3
+
+
+def test_a_non_finite_loss_without_loss_scaling_stops_the_run(tmp_path):
+    cfg = tiny_finetune(tmp_path / "fp32", inject_nonfinite_at_step=1, epochs=1, mixup=0.0, cutmix=0.0)
+    with pytest.raises(FloatingPointError, match="non-finite loss in 1 of the last 1 micro-batches"):
+        finetune(cfg)
+
+
+def test_resume_keeps_the_optimizer_implementation_flags():
+    """A checkpoint's param groups carry the flags of the optimizer that wrote it (fused=None on the CPU);
+    loading it must not switch the running optimizer's implementation."""
+    from beit_fast.train.engine import load_optimizer_state
+    model = torch.nn.Linear(4, 3)
+    written = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    model(torch.randn(2, 4)).sum().backward()
+    written.step()
+    running = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    load_optimizer_state(model, running, written.state_dict())
+    assert running.param_groups[0]["fused"] is True and running.param_groups[0]["foreach"] is None
+    assert running.param_groups[0]["lr"] == 1e-3 and len(running.state) == 2
+    # what load_state_dict alone does (the reason for the helper): the saved flags win
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    plain.load_state_dict(written.state_dict())
+    assert not plain.param_groups[0]["fused"]

@@ -391,14 +391,28 @@ class BeitForMaskedImageModeling(Beit):
         self._init_weights(pretraining=True)
 
     def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor,
-                return_all_tokens: bool = False) -> torch.Tensor:
+                return_all_tokens: bool = False, masked_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """images (B, C, H, W), bool_masked_pos (B, P) bool -> logits (M, vocab) of the masked patches in
         row-major order of bool_masked_pos (labels = token_ids[bool_masked_pos]); with
-        return_all_tokens, (B, P, vocab)."""
+        return_all_tokens, (B, P, vocab).
+
+        masked_index: optional (M,) int64, `bool_masked_pos.flatten().nonzero().squeeze(1)` computed by the
+        caller where it is cheap (on the CPU, before the mask goes to the GPU): selecting the masked tokens
+        through it needs no host sync (a bool index on a CUDA tensor waits for the GPU to count them) and
+        no graph break under torch.compile. It is trusted to match bool_masked_pos."""
         if bool_masked_pos is None:
             raise ValueError(f"bool_masked_pos (B, {self.num_patches}) bool is required for pretraining")
-        x = self.forward_features(images, bool_masked_pos, final_norm=self.norm)[:, 1:]
+        x = self.forward_features(images, bool_masked_pos, final_norm=self.norm)
         if return_all_tokens:
-            return self.lm_head(x)
-        mask = bool_masked_pos.flatten(1) if bool_masked_pos.dim() == 3 else bool_masked_pos
-        return self.lm_head(x[mask])
+            return self.lm_head(x[:, 1:])
+        if masked_index is None:
+            mask = bool_masked_pos.flatten(1) if bool_masked_pos.dim() == 3 else bool_masked_pos
+            return self.lm_head(x[:, 1:][mask])
+        P = self.num_patches
+        if masked_index.dim() != 1 or masked_index.dtype != torch.int64 or masked_index.device != x.device:
+            raise ValueError(f"masked_index must be a 1-D int64 tensor on {x.device} (flat positions in "
+                             f"(B, {P}) of the masked patches), got {tuple(masked_index.shape)} "
+                             f"{masked_index.dtype} on {masked_index.device}")
+        # flat patch position b*P + p -> token row b*(P+1) + p + 1 of the contiguous (B, 1+P, C) output
+        rows = masked_index + masked_index.div(P, rounding_mode="floor") + 1
+        return self.lm_head(x.reshape(-1, x.shape[-1]).index_select(0, rows))

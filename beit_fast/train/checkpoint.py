@@ -59,7 +59,9 @@ def rng_state() -> dict:
                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own GPU only (the current device): with one GPU per rank, and whatever
+        # CUDA_VISIBLE_DEVICES says, the resumed rank restores the generator it will draw from
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -70,7 +72,9 @@ def set_rng_state(state: dict) -> None:
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        # a list: written by an earlier version, one state per visible GPU
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 def step_checkpoints(folder: str) -> list:

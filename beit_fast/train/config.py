@@ -117,6 +117,7 @@ class FinetuneConfig(RunConfig):
     re_prob: float = 0.25
     crop_pct: float = 0.875
     eval_batch_size: int = 0             # 0: same as batch_size
+    val_subset: int = 0                  # >0: evaluate on the first N held-out images only (tests, smoke runs)
     eval_every_epochs: int = 1
     ema: bool = False
     ema_decay: float = 0.9999
@@ -407,6 +408,10 @@ def check(config):
                 raise ConfigError(f"device={cfg.device!r} but CUDA is not available here; use device=auto or cpu")
         elif cfg.device not in ("auto", "cpu"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+        if cfg.distributed == "fsdp" and cfg.optimizer.startswith("apex"):
+            raise ConfigError(f"optimizer={cfg.optimizer} is not supported with distributed=fsdp (apex's fused "
+                              f"kernels take plain tensors, not FSDP's sharded DTensors, and LAMB's trust ratio "
+                              f"would be computed per shard); use optimizer=adamw")
         if cfg.distributed == "fsdp" and getattr(cfg, "ema", False):
             raise ConfigError("ema=true is not supported with distributed=fsdp (the EMA copy would be a full, "
                               "unsharded model on every rank); use distributed=ddp, or ema=false")

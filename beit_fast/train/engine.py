@@ -3,7 +3,6 @@ checkpoint save / resume, evaluation. The loops themselves live in pretrain.py a
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 from typing import Optional
@@ -64,10 +63,12 @@ def training_state(cfg, rt, model, ema=None, **optimizer_kw):
 def optimizer_step(model, optimizer, scaler, clip_grad: Optional[float]):
     """Unscale, clip, step (skipped by the scaler on inf/nan gradients), update the scale, zero grads.
 
-    Returns (grad_norm tensor, skipped: bool). `skipped` needs the scale value, read only in fp16 runs
-    (where GradScaler.step already waits for its inf check)."""
+    Returns (grad_norm, skipped), both 0-dim tensors on the gradients' device; skipped is 1.0 when the loss
+    scaler skipped this update (fp16, non-finite gradients), else 0.0. Neither is read back here: the loops
+    add them up and read them on logging steps only, so a step never waits for the GPU."""
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    device = params[0].grad.device if params else torch.device("cpu")
     if not params:
         grad_norm = torch.zeros(())
     elif clip_grad or runtime.is_sharded(model):
@@ -76,13 +77,29 @@ def optimizer_step(model, optimizer, scaler, clip_grad: Optional[float]):
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
     else:
-        grad_norm = torch.norm(torch.stack([p.grad.detach().float().norm() for p in params]))
-    before = scaler.get_scale() if scaler.is_enabled() else None
+        grad_norm = _total_norm([p.grad for p in params])
+    skipped = _found_inf(scaler, optimizer, device)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    skipped = before is not None and scaler.get_scale() < before
     return grad_norm, skipped
+
+
+def _total_norm(grads) -> torch.Tensor:
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)   # torch >= 2.6: grouped (foreach) norms
+    if get_total_norm is not None:
+        return get_total_norm(grads, 2.0)
+    return torch.norm(torch.stack([g.detach().float().norm() for g in grads]))
+
+
+def _found_inf(scaler, optimizer, device) -> torch.Tensor:
+    """1.0 when the scaler's inf/nan check (made by unscale_) will skip this optimizer's step, else 0.0; a
+    device tensor (GradScaler.get_scale() would be a host sync). Under FSDP the check is already reduced
+    over ranks; DDP gradients are identical on every rank."""
+    if not scaler.is_enabled():
+        return torch.zeros((), device=device)
+    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values()
+    return (sum(f.to(device, non_blocking=True).sum() for f in found) > 0).float()
 
 
 def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch_in_epoch: int, kind: str,
@@ -122,13 +139,22 @@ def resume_path(cfg) -> Optional[str]:
     return ckpt.resolve_checkpoint(cfg.resume)
 
 
+def _resume_path_everywhere(cfg, rt) -> Optional[str]:
+    """Rank 0 picks the checkpoint and every rank loads that one (ranks on other nodes must see the same
+    output folder: one that cannot read the file fails with its name, rather than silently starting over)."""
+    return runtime.broadcast_object(resume_path(cfg) if rt.is_main else None, rt)
+
+
 def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
     """Restore model, optimizer, scaler, EMA, RNG states; returns (step, epoch, batch_in_epoch, metrics).
 
     Call it after `runtime.wrap` and after building the optimizer (FSDP shards the loaded state)."""
-    path = resume_path(cfg)
+    path = _resume_path_everywhere(cfg, rt)
     if path is None:
         return 0, 0, 0, {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"rank {rt.rank} cannot read the checkpoint rank 0 resumes from: {path} (the "
+                                f"output folder must be shared by every node)")
     state = ckpt.load(path)
     if state.get("world", 1) != rt.world:
         raise RuntimeError(f"{path} was written by a run with {state.get('world')} processes; resume it with "
@@ -138,7 +164,7 @@ def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
         raise RuntimeError(f"{path} was written with {was}; resume it the same way (its optimizer state is "
                            f"laid out for that), or start a new run with --init from it")
     runtime.load_model_state(model, state["model"])
-    runtime.load_optimizer_state(model, optimizer, state["optimizer"])
+    load_optimizer_state(model, optimizer, state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     if ema is not None and "model_ema" in state:
         ema.module.load_state_dict(state["model_ema"])
@@ -146,11 +172,22 @@ def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
     return state["step"], state["epoch"], state["batch_in_epoch"], dict(state.get("metrics") or {})
 
 
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Load a saved optimizer state, keeping this optimizer's implementation flags: load_state_dict
+    replaces each param group by the saved one, flags included, so a checkpoint written on the CPU would
+    turn CUDA's fused AdamW off (and GradScaler would then pass it arguments the foreach path rejects)."""
+    flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
+    runtime.load_optimizer_state(model, optimizer, state)
+    for group, kept in zip(optimizer.param_groups, flags):
+        group.update(kept)
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, precision: str, rt) -> dict:
     """Top-1 / top-5 accuracy and mean cross-entropy over the loader (summed over ranks)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    batches, images = 0, None
     for batch in loader:
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         with runtime.autocast(device, precision):
@@ -160,10 +197,70 @@ def evaluate(model, loader, device, precision: str, rt) -> dict:
         hit = top5 == labels[:, None]
         sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
                              hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                             torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+                             torch.full((), len(labels), dtype=torch.float64, device=device)])
+        batches += 1
+    _even_out_forwards(model, rt, batches, loader, images, device, precision)
     sums = runtime.all_reduce(sums, rt, op="sum").tolist()
     n = max(sums[3], 1.0)
     return {"loss": sums[0] / n, "top1": 100.0 * sums[1] / n, "top5": 100.0 * sums[2] / n, "n": int(sums[3])}
+
+
+def host_nonzero(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Flat positions (int64) of the True entries of a CPU bool mask, pinned when they go on to a GPU (a
+    non_blocking copy from pageable memory would wait for the GPU)."""
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    return idx.pin_memory() if device.type == "cuda" else idx
+
+
+def log_sums(device) -> torch.Tensor:
+    """What the loops add up between logging steps, on the device: [sum of the finite losses, sum of the
+    accuracies, finite micro-batches, micro-batches, skipped updates]."""
+    return torch.zeros(5, device=device)
+
+
+def add_micro(sums: torch.Tensor, loss: torch.Tensor, acc: Optional[torch.Tensor] = None) -> None:
+    """Add one micro-batch's loss (and accuracy) to the running sums; no host sync."""
+    loss = loss.detach().float()
+    finite = torch.isfinite(loss)
+    acc = torch.zeros_like(loss) if acc is None else acc.float()
+    sums[:4] += torch.stack([torch.where(finite, loss, torch.zeros_like(loss)), acc, finite.float(),
+                             torch.ones_like(loss)])
+
+
+def read_sums(sums: torch.Tensor, rt, scaler, step: int, report) -> dict:
+    """Read the running sums over all ranks (the one host sync, on logging steps) and zero them.
+
+    Returns loss (mean over the finite micro-batches), acc, skipped (updates the loss scaler skipped since
+    the last log) and scale. A non-finite loss with no loss scaler to skip its update stops the run."""
+    loss_sum, acc_sum, finite, micro, skipped = runtime.all_reduce(sums, rt, op="sum").tolist()
+    sums.zero_()
+    skipped = round(skipped / rt.world)          # every rank skips the same updates
+    if micro > finite and not scaler.is_enabled():
+        raise FloatingPointError(f"non-finite loss in {micro - finite:.0f} of the last {micro:.0f} micro-batches "
+                                 f"(step {step}); stopping (try precision=fp16 with loss scaling, a lower lr "
+                                 f"or clip_grad)")
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    if skipped:
+        report.message(f"step {step}: {skipped} update(s) since the previous log skipped (non-finite "
+                       f"gradients); loss scale now {scale:g}")
+    return {"loss": loss_sum / finite if finite else float("nan"), "acc": acc_sum / micro if micro else float("nan"),
+            "skipped": skipped, "scale": scale}
+
+
+def _even_out_forwards(model, rt, batches: int, loader, images, device, precision) -> None:
+    """A rank whose share of the uneven last batch is empty ran one forward fewer than the others; under
+    FSDP every forward all-gathers parameters, so it runs discarded ones until it has run len(loader)
+    (the number of global batches, the same on every rank: the count needs no collective)."""
+    if not (rt.distributed and runtime.is_sharded(model)):
+        return
+    missing = len(loader) - batches
+    if missing > 0:
+        cfg = runtime.unwrap(model).config
+        dummy = (images[:1] if images is not None else
+                 torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=device))
+        for _ in range(missing):
+            with runtime.autocast(device, precision):
+                model(dummy)
 
 
 def steps_per_epoch(n_images: int, global_batch: int, accum: int) -> int:
@@ -172,7 +269,3 @@ def steps_per_epoch(n_images: int, global_batch: int, accum: int) -> int:
         raise ValueError(f"{n_images} training images are fewer than one optimizer step needs "
                          f"({global_batch} per batch x {accum} accumulation steps); lower batch_size")
     return steps
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -47,6 +47,8 @@ def _finetune(cfg, rt) -> dict:
                             cfg.num_classes, cfg.seed)
     if cfg.train_subset:
         train_set = Subset(train_set, cfg.train_subset)
+    if cfg.val_subset:
+        val_set = Subset(val_set, cfg.val_subset)
     if len(train_set.classes) > cfg.num_classes:
         raise config_mod.ConfigError(f"the training data has {len(train_set.classes)} classes but num_classes="
                                      f"{cfg.num_classes}")
@@ -87,7 +89,7 @@ def _finetune(cfg, rt) -> dict:
     best_top1 = metrics.get("best_top1", -1.0)
 
     report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "finetune")
-    report.advance_to(step)
+    report.advance_to(step, images=step * global_batch * cfg.accum_steps)
     report.message(f"fine-tuning {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
                    f"from {init_note}\n{len(train_set)} train / {len(val_set)} held-out images, "
                    f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch "
@@ -95,7 +97,7 @@ def _finetune(cfg, rt) -> dict:
                    + (f"; resumed at step {step}" if step else ""))
     flops = train_flops_per_image(model.config)
     peak = peak_flops(device, cfg.precision)
-    sums = torch.zeros(2, device=device)     # loss, micro-batches since the last log
+    sums = engine.log_sums(device)
     last = {"loss": float("nan")}
     result = {}
     t_start = time.perf_counter()
@@ -122,30 +124,24 @@ def _finetune(cfg, rt) -> dict:
                 if step == cfg.inject_nonfinite_at_step:
                     loss = loss * float("inf")
                 scaler.scale(loss / cfg.accum_steps).backward()
-            sums += torch.stack([loss.detach(), torch.ones((), device=device)])
+            engine.add_micro(sums, loss)
             if micro < cfg.accum_steps - 1:
                 continue
 
             grad_norm, skipped_step = engine.optimizer_step(train_model, optimizer, scaler, cfg.clip_grad)
+            sums[-1] += skipped_step
             step += 1
             if ema is not None:
                 ema.update(runtime.unwrap(train_model), step=step)
-            if skipped_step:
-                report.message(f"step {step}: non-finite gradients, update skipped; loss scale now "
-                               f"{scaler.get_scale():g}")
             end_of_epoch = batch_index + 1 == sampler.num_batches
-            if step % cfg.log_every == 0 or skipped_step or end_of_epoch:
-                s = runtime.all_reduce(sums, rt).tolist()
-                last = {"loss": s[0] / s[1]}
-                if not skipped_step and not engine.is_finite(last["loss"]):
-                    raise FloatingPointError(f"loss is {last['loss']} at step {step}; stopping")
+            if step % cfg.log_every == 0 or end_of_epoch:
+                got = engine.read_sums(sums, rt, scaler, step, report)
+                last = {"loss": got["loss"]}
                 img_s = report.throughput(step * global_batch * cfg.accum_steps)
                 report.log({"step": step, "epoch": epoch, **last, "lr": schedule.lr_at(step - 1),
                             "wd": schedule.wd_at(step - 1), "grad_norm": float(grad_norm),
-                            "scale": scaler.get_scale() if scaler.is_enabled() else None,
-                            "skipped": skipped_step, "img_s": img_s,
+                            "scale": got["scale"], "skipped": got["skipped"], "img_s": img_s,
                             "mfu": flops * img_s / (peak * rt.world) if peak else None}, step)
-                sums.zero_()
             stop = cfg.stop_at_step and step >= cfg.stop_at_step
             if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or stop:
                 engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch,

@@ -18,7 +18,7 @@ from . import engine, runtime
 from .data import EpochBatchSampler, Samples, Subset, TwoViewTransform, build_dataset, make_loader, seed_for
 from .feedback import Reporter, peak_flops, train_flops_per_image
 from .optim import Schedule, apply_schedule
-from .tokenizer import choose_dtype, encode, load_tokenizer
+from .tokenizer import choose_dtype, encode, load_tokenizer, token_meta
 
 
 def pretrain(config: config_mod.PretrainConfig = None) -> dict:
@@ -83,10 +83,11 @@ def _pretrain(cfg, rt) -> dict:
 
     # --- optimisation state
     schedule = Schedule(cfg, steps_per_epoch)
-    train_model, optimizer, scaler, (step, start_epoch, start_batch, _) = engine.training_state(cfg, rt, model)
+    train_model, optimizer, scaler, (step, start_epoch, start_batch, resumed) = engine.training_state(cfg, rt, model)
+    resumed_token_dtype = resumed.get("tokenizer_dtype")
 
     report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "pretrain")
-    report.advance_to(step)
+    report.advance_to(step, images=step * global_batch * cfg.accum_steps)
     report.message(f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
                    f"{len(dataset)} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
                    f"global batch {global_batch * cfg.accum_steps}, {cfg.precision}, {rt.world} process(es), "
@@ -95,7 +96,7 @@ def _pretrain(cfg, rt) -> dict:
     flops = train_flops_per_image(model.config, cfg.num_mask_patches)
     peak = peak_flops(device, cfg.precision)
     token_dtype = None
-    sums = torch.zeros(3, device=device)     # loss, masked-token accuracy, micro-batches (since last log)
+    sums = engine.log_sums(device)
     skipped_images = 0
     last = {"loss": float("nan"), "mlm_acc": float("nan")}
     t_start = time.perf_counter()
@@ -106,57 +107,54 @@ def _pretrain(cfg, rt) -> dict:
         train_model.train()
         t_epoch = time.perf_counter()
         for batch_index, (images, views, _labels, bool_masked_pos, skipped) in enumerate(loader, sampler.start):
+            # the masked positions counted on the CPU: selecting them on the GPU needs no host sync
+            masked_index = engine.host_nonzero(bool_masked_pos, device)
             images = images.to(device, non_blocking=True)
             views = views.to(device, non_blocking=True)
             bool_masked_pos = bool_masked_pos.to(device, non_blocking=True)
+            masked_index = masked_index.to(device, non_blocking=True)
             skipped_images += int(skipped.sum())
             micro = batch_index % cfg.accum_steps
             if micro == 0:
                 apply_schedule(optimizer, schedule.lr_at(step), schedule.wd_at(step))
 
-            if token_dtype is None:              # decided once, on the first batch (one host sync)
-                token_dtype, why = choose_dtype(tokenizer, views, cfg.tokenizer_dtype)
+            if token_dtype is None:              # decided once (one host sync), the same on every rank
+                token_dtype, why = choose_dtype(tokenizer, views, cfg.tokenizer_dtype, rt, resumed_token_dtype)
                 report.message(f"tokenizer runs in {why}")
-            labels = encode(tokenizer, views, token_dtype)[bool_masked_pos]       # (M,)
+            labels = encode(tokenizer, views, token_dtype).reshape(-1).index_select(0, masked_index)   # (M,)
 
             sync = runtime.no_sync(train_model, rt, active=micro < cfg.accum_steps - 1)
             with sync:
                 with runtime.autocast(device, cfg.precision):
-                    logits = train_model(images, bool_masked_pos)                 # (M, vocab)
+                    logits = train_model(images, bool_masked_pos, masked_index=masked_index)   # (M, vocab)
                 loss = F.cross_entropy(logits.float(), labels)
                 if step == cfg.inject_nonfinite_at_step:
                     loss = loss * float("inf")
                 scaler.scale(loss / cfg.accum_steps).backward()
             with torch.no_grad():
                 acc = (logits.argmax(-1) == labels).float().mean()
-                sums += torch.stack([loss.detach(), acc, torch.ones((), device=device)])
+                engine.add_micro(sums, loss, acc)
             if micro < cfg.accum_steps - 1:
                 continue
 
             grad_norm, skipped_step = engine.optimizer_step(train_model, optimizer, scaler, cfg.clip_grad)
+            sums[-1] += skipped_step
             step += 1
-            if skipped_step:
-                report.message(f"step {step}: non-finite gradients, update skipped; loss scale now "
-                               f"{scaler.get_scale():g}")
             end_of_epoch = batch_index + 1 == sampler.num_batches
-            if step % cfg.log_every == 0 or skipped_step or end_of_epoch:
-                s = runtime.all_reduce(sums, rt).tolist()
-                last = {"loss": s[0] / s[2], "mlm_acc": s[1] / s[2]}
-                if not skipped_step and not engine.is_finite(last["loss"]):
-                    raise FloatingPointError(f"loss is {last['loss']} at step {step}; stopping "
-                                             f"(try precision=fp16 with loss scaling, a lower lr or clip_grad)")
+            if step % cfg.log_every == 0 or end_of_epoch:
+                got = engine.read_sums(sums, rt, scaler, step, report)
+                last = {"loss": got["loss"], "mlm_acc": got["acc"]}
                 img_s = report.throughput(step * global_batch * cfg.accum_steps)
                 report.log({"step": step, "epoch": epoch, **last, "lr": schedule.lr_at(step - 1),
                             "wd": schedule.wd_at(step - 1), "grad_norm": float(grad_norm),
-                            "scale": scaler.get_scale() if scaler.is_enabled() else None,
-                            "skipped": skipped_step, "img_s": img_s, "skipped_images": skipped_images,
+                            "scale": got["scale"], "skipped": got["skipped"], "img_s": img_s,
+                            "skipped_images": skipped_images,
                             "mfu": flops * img_s / (peak * rt.world) if peak else None},
                            step)
-                sums.zero_()
             stop = cfg.stop_at_step and step >= cfg.stop_at_step
             if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or stop:
                 engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch,
-                            batch_in_epoch=batch_index + 1, kind="pretrain", metrics=last)
+                            batch_in_epoch=batch_index + 1, kind="pretrain", metrics={**last, **token_meta(token_dtype)})
             if stop:
                 done = True
                 break
@@ -166,7 +164,7 @@ def _pretrain(cfg, rt) -> dict:
                        f"{last['mlm_acc']:.3f} ({time.perf_counter() - t_epoch:.1f} s)")
         if not cfg.save_every_steps or step % cfg.save_every_steps:
             engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch + 1,
-                        batch_in_epoch=0, kind="pretrain", metrics=last)
+                        batch_in_epoch=0, kind="pretrain", metrics={**last, **token_meta(token_dtype)})
 
     report.close()
     found = ckpt.step_checkpoints(cfg.output_dir)

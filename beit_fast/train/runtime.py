@@ -86,11 +86,13 @@ def barrier(rt: Runtime) -> None:
 
 
 def all_reduce(t: torch.Tensor, rt: Runtime, op: str = "mean") -> torch.Tensor:
-    """Sum or mean over ranks (a no-op in a world of one); returns the reduced tensor."""
+    """Sum, mean or max over ranks (a no-op in a world of one); returns the reduced tensor."""
+    if op not in ("mean", "sum", "max"):
+        raise ValueError(f"op must be 'mean', 'sum' or 'max', got {op!r}")
     if not rt.distributed:
         return t
     t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t / rt.world if op == "mean" else t
 
 
@@ -133,16 +135,21 @@ def wrap(model: torch.nn.Module, rt: Runtime, mode: str = "ddp"):
     if not rt.distributed:
         return model
     if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        # the mesh names the run's device: without one FSDP shards onto the accelerator whenever there is
+        # one, also for a CPU (gloo) run on a GPU machine
+        mesh = init_device_mesh(rt.device.type, (rt.world,))
         for blk in model.blocks:
-            fully_shard(blk)
+            fully_shard(blk, mesh=mesh)
             register_fsdp_forward_method(blk, "forward_fused")
-        fully_shard(model)
+        fully_shard(model, mesh=mesh)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [rt.device.index] if rt.device.type == "cuda" else None
-    # every parameter takes part in every step (unilm's find_unused_parameters=True only costs time)
-    return DDP(model, device_ids=ids, find_unused_parameters=False)
+    # every parameter takes part in every step (unilm's find_unused_parameters=True only costs time); the
+    # model's buffers are constants (index tables), so no per-forward broadcast
+    return DDP(model, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

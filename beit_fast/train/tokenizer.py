@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -167,19 +168,37 @@ def encode(tokenizer: nn.Module, view: torch.Tensor, dtype: torch.dtype = torch.
         return tokenizer(view).flatten(1)
 
 
-def choose_dtype(tokenizer: nn.Module, view: torch.Tensor, requested: str = "auto") -> tuple:
-    """(dtype, reason). 'auto': bf16 iff it reproduces the fp32 codes on this batch exactly (one host sync)."""
+def choose_dtype(tokenizer: nn.Module, view: torch.Tensor, requested: str = "auto", rt=None,
+                 resumed: Optional[str] = None) -> tuple:
+    """(dtype, reason). 'auto': bf16 iff it reproduces the fp32 codes on this batch exactly (one host sync);
+    in a distributed run bf16 only if it did so on every rank's batch; a resumed run keeps the decision
+    its checkpoint recorded (`resumed`, see token_meta)."""
     if requested == "fp32":
         return torch.float32, "fp32 (requested)"
     if requested == "bf16":
         return torch.bfloat16, "bf16 (requested)"
+    if resumed in _TOKEN_DTYPES:
+        return _TOKEN_DTYPES[resumed], f"{resumed} (as decided before the run was resumed)"
     ref = encode(tokenizer, view, torch.float32)
     try:
         low = encode(tokenizer, view, torch.bfloat16)
+        mismatch = (low != ref).float().mean()
     except RuntimeError as e:  # bf16 autocast unsupported for an op on this device
-        return torch.float32, f"fp32 (bf16 failed: {e})"
-    mismatch = (low != ref).float().mean().item()
+        low, mismatch, failure = None, torch.ones((), device=view.device), e
+    if rt is not None and rt.distributed:
+        from . import runtime
+        mismatch = runtime.all_reduce(mismatch, rt, op="max")
+    mismatch = mismatch.item()
     if mismatch == 0.0:
         return torch.bfloat16, "bf16 (identical codes to fp32 on a check batch)"
-    return torch.float32, f"fp32 (bf16 changed {mismatch:.2%} of the codes on a check batch)"
+    if low is None:
+        return torch.float32, f"fp32 (bf16 failed: {failure})"
+    return torch.float32, f"fp32 (bf16 changed up to {mismatch:.2%} of the codes on a rank's check batch)"
 
+
+_TOKEN_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def token_meta(dtype: Optional[torch.dtype]) -> dict:
+    """The tokenizer dtype decision as a checkpoint records it."""
+    return {} if dtype is None else {"tokenizer_dtype": str(dtype).replace("torch.", "")}
