@@ -54,6 +54,18 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def tf32_matmul() -> bool:
+    """torch's TF32 switch for fp32 matmuls, whichever API set it. torch >= 2.9 has `fp32_precision` (the
+    legacy `allow_tf32` setter updates it too), and reading `allow_tf32` raises once the new API was used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:                      # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if precision == "none":                    # inherit the global setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def _version_tuple(v: str) -> tuple:
     """'2.4.1' -> (2, 4); '3.6.0+git...' -> (3, 6)."""
     m = re.match(r"(\d+)\.(\d+)", v)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from beit_fast._backend import tf32_matmul
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Rows per bias-gradient partial in recompute mode; every GEMM config's BLOCK_M is a multiple of it, so
@@ -167,21 +169,9 @@ def _dgelu_kernel(
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: honour torch's TF32 switch (off by default), so fp32 matches F.linear's accuracy.
-    if dtype == torch.float32 and not _tf32_matmul():
+    if dtype == torch.float32 and not tf32_matmul():
         return "ieee"
     return "tf32"
-
-
-def _tf32_matmul() -> bool:
-    """torch's TF32 switch for fp32 matmuls, whichever API set it. torch >= 2.9 has `fp32_precision` (the
-    legacy `allow_tf32` setter updates it too), and reading `allow_tf32` raises once the new API was used."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is None:                      # torch < 2.9
-        return bool(matmul.allow_tf32)
-    if precision == "none":                    # inherit the global setting
-        precision = getattr(torch.backends, "fp32_precision", "none")
-    return precision == "tf32"
 
 
 def _sm_count(device: torch.device) -> int:

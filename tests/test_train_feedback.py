@@ -30,12 +30,34 @@ def test_flop_formula_equals_counted_forward_flops(name):
 
 def test_peak_table_per_gpu_and_precision(monkeypatch):
     assert peak_flops(torch.device("cpu"), "bf16") is None
-    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "Some Future GPU"])
+    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "Some Future GPU"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
     assert peak_flops(torch.device("cuda:0"), "bf16") == 989e12
-    assert peak_flops(torch.device("cuda:0"), "fp32") == 494e12       # TF32 tensor cores
+    import beit_fast._backend as backend
+    with monkeypatch.context() as m:     # fp32 runs: TF32 tensor cores only when TF32 matmuls are on
+        m.setattr(backend, "tf32_matmul", lambda: True)
+        assert peak_flops(torch.device("cuda:0"), "fp32") == 494e12
+    with monkeypatch.context() as m:
+        m.setattr(backend, "tf32_matmul", lambda: False)
+        assert peak_flops(torch.device("cuda:0"), "fp32") == 67e12
     assert peak_flops(torch.device("cuda:0"), "fp16") == 312e12
     assert peak_flops(torch.device("cuda:0"), "bf16") is None          # unknown: no MFU rather than a wrong one
+
+
+@pytest.mark.parametrize("name, bf16", [
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12),
+    ("NVIDIA A10G", None), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA GeForce RTX 4090", 165e12)])
+def test_peak_names_match_whole_words(name, bf16):
+    from beit_fast.train.feedback import _peak_for_name
+    assert _peak_for_name(name, "bf16") == bf16
+
+
+def test_throughput_after_a_resume_counts_only_new_images():
+    report = Reporter("unused", total_steps=10, enabled=False)
+    report.advance_to(1000, images=64000)          # resumed at step 1000
+    rate = report.throughput(64000 + 64)
+    assert 0 < rate and report._seen == 64064
 
 
 def test_tensorboard_gets_every_numeric_metric(tmp_path):

@@ -8,26 +8,43 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Optional
 
 import torch
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) per GPU, for MFU; fp32 runs use the TF32 peak.
-_PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
-                "A10": (125.0, 62.5), "L4": (121.0, 60.0), "4090": (165.0, 82.6), "V100": (125.0, 15.7)}
+# Vendor datasheet peaks (TFLOP/s, dense) per GPU name, for MFU: (bf16/fp16 tensor cores, TF32 tensor
+# cores, plain fp32). The longest name found in the device name as a whole word wins ("H100 PCIe" over
+# "H100"); a GPU not listed (A10G, say) gets no MFU.
+_PEAK_TFLOPS = {
+    "H200 NVL": (835.0, 418.0, 60.0), "H200": (989.0, 494.0, 67.0),
+    "H100 PCIe": (756.0, 378.0, 51.0), "H100 NVL": (835.0, 418.0, 60.0), "H100": (989.0, 494.0, 67.0),
+    "A100": (312.0, 156.0, 19.5), "L40S": (362.0, 183.0, 91.6), "L40": (181.0, 90.5, 90.5),
+    "L4": (121.0, 60.0, 30.3), "A10": (125.0, 62.5, 31.2), "4090": (165.0, 82.6, 82.6),
+    "V100": (125.0, 15.7, 15.7),
+}
 
 
 def peak_flops(device: torch.device, precision: str) -> Optional[float]:
-    """Peak FLOP/s of this GPU for the run's precision; None on CPU or an unknown GPU."""
+    """Peak FLOP/s of this GPU for the run's precision (fp32: the TF32 peak when TF32 matmuls are enabled,
+    the plain fp32 peak otherwise); None on CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, (half, tf32) in _PEAK_TFLOPS.items():
-        if key in name:
-            return 1e12 * (tf32 if precision == "fp32" else half)
-    return None
+    from beit_fast._backend import tf32_matmul
+    return _peak_for_name(torch.cuda.get_device_name(device), precision, tf32_matmul())
+
+
+def _peak_for_name(name: str, precision: str, tf32: bool = False) -> Optional[float]:
+    # a key counts as a whole word: "A10" is not in "A100" or "A10G", "L4" not in "L40S"
+    keys = [k for k in _PEAK_TFLOPS if re.search(re.escape(k) + r"(?![0-9A-Za-z])", name)]
+    if not keys:
+        return None
+    half, tf32_peak, fp32 = _PEAK_TFLOPS[max(keys, key=len)]
+    if precision != "fp32":
+        return 1e12 * half
+    return 1e12 * (tf32_peak if tf32 else fp32)
 
 
 def train_flops_per_image(cfg, masked_tokens: float = 0.0) -> float:
@@ -82,7 +99,11 @@ class Reporter:
         self._t0, self._seen = now, images
         return rate
 
-    def advance_to(self, step: int) -> None:
+    def advance_to(self, step: int, images: Optional[int] = None) -> None:
+        """Move the bar to `step`; with `images` (those done by then, e.g. before a resume), also restart
+        the images/s clock there, so the first rate after a resume counts only new images."""
+        if images is not None:
+            self._t0, self._seen = time.perf_counter(), images
         if self.bar is not None and step > self.bar.n:
             self.bar.update(step - self.bar.n)
 
