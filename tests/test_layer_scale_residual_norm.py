@@ -232,6 +232,20 @@ def test_auto_backend_on_cpu_is_cpp():
     assert not_supported_reasons("cuda", x, y, gamma, scale, w, b)  # CPU tensors
 
 
+def test_long_rows_need_aligned_data_for_the_cuda_kernel():
+    """Rows over 8192 elements run only on the 16-byte vector path: a misaligned view is a reason, so
+    backend="auto" falls back instead of the kernel raising."""
+    C = 16384
+    base = torch.zeros(2 * C + 8, dtype=torch.bfloat16)
+    aligned, shifted = base[:2 * C].view(1, 2, C), base[1:2 * C + 1].view(1, 2, C)
+    gamma, w = torch.ones(C), torch.ones(C)
+    assert shifted.data_ptr() % 16 != 0
+    why = " ".join(not_supported_reasons("cuda", shifted, aligned, gamma, None, w, None))
+    assert "needs x and y contiguous from 16-byte aligned addresses" in why
+    why = " ".join(not_supported_reasons("cuda", aligned, aligned, gamma, None, w, None))
+    assert "aligned" not in why and "row limit" not in why
+
+
 # ------------------------------------------------------------------------------------------------- GPU only
 @needs_cuda
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -264,6 +278,19 @@ def test_cuda_misaligned_inputs_use_the_scalar_path():
     inputs64 = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
     ref64 = forward_backward(layer_scale_residual_norm_ref, inputs64, [g.double() for g in grads])
     check_every_tensor(ours, ref_lp, ref64, torch.bfloat16)
+
+
+@needs_cuda
+def test_cuda_long_misaligned_rows_fall_back_and_long_aligned_rows_run():
+    B, N, C = 1, 3, 12288
+    shifted = torch.randn(B * N * C + 1, device="cuda", dtype=torch.bfloat16)[1:].view(B, N, C)
+    y = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16)
+    gamma, w, b = (torch.randn(C, device="cuda") for _ in range(3))
+    for x in (shifted, shifted.clone()):
+        s, n = layer_scale_residual_norm(x, y, gamma, None, w, b)
+        s_ref, n_ref = layer_scale_residual_norm_ref(x, y, gamma, None, w, b)
+        torch.testing.assert_close(s.float(), s_ref.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(n.float(), n_ref.float(), atol=5e-2, rtol=5e-2)
 
 
 @needs_cuda
