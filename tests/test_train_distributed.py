@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from beit_fast.train.config import fsdp_runs_on_cpu
 
@@ -126,3 +127,16 @@ def test_fsdp_stop_and_resume_matches_uninterrupted(tmp_path):
     assert out.returncode != 0 and "written with distributed=fsdp" in out.stdout + out.stderr, out.stderr[-3000:]
     assert not os.path.exists(tmp_path / "ddp" / "log.jsonl") or \
         all('"step"' not in r for r in open(tmp_path / "ddp" / "log.jsonl"))
+
+
+@needs_cpu_fsdp
+def test_fsdp_mixed_precision_matches_single_process(tmp_path):
+    """bf16: FSDP gathers the parameters in bf16 and reduces gradients in fp32 into fp32 shards; losses track
+    a one-process bf16 autocast run, and the saved weights stay fp32."""
+    bf16 = ARGS + ["--precision", "bf16"]
+    one = _run([sys.executable, "-m", "beit_fast.cli"] + bf16 + ["--batch-size", "16"], tmp_path / "one")
+    two = _run(_torchrun() + bf16 + ["--batch-size", "8", "--distributed", "fsdp", "--fused", "true"], tmp_path / "two")
+    _assert_matches(one, two)
+    from beit_fast.train.checkpoint import load
+    state = load(str(tmp_path / "two" / "checkpoint-0000004.pt"))
+    assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float32}

@@ -112,12 +112,14 @@ def broadcast_object(obj, rt: Runtime, src: int = 0):
     return box[0]
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 / fp16 autocast, or nothing for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def grad_scaler(device: torch.device, precision: str):
@@ -125,7 +127,7 @@ def grad_scaler(device: torch.device, precision: str):
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def wrap(model: torch.nn.Module, rt: Runtime, mode: str = "ddp"):
+def wrap(model: torch.nn.Module, rt: Runtime, mode: str = "ddp", precision: str = "fp32"):
     """DDP (default) or FSDP when running distributed. Build the optimizer after this call (FSDP replaces
     the parameters by their shards).
 
@@ -140,10 +142,16 @@ def wrap(model: torch.nn.Module, rt: Runtime, mode: str = "ddp"):
         # the mesh names the run's device: without one FSDP shards onto the accelerator whenever there is
         # one, also for a CPU (gloo) run on a GPU machine
         mesh = init_device_mesh(rt.device.type, (rt.world,))
+        kw = dict(mesh=mesh)
+        if precision in ("bf16", "fp16"):
+            # gather parameters in the autocast dtype (half the traffic; autocast would cast them anyway),
+            # reduce gradients in fp32 into the fp32 shards the optimizer updates
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=AUTOCAST_DTYPES[precision], reduce_dtype=torch.float32)
         for blk in model.blocks:
-            fully_shard(blk, mesh=mesh)
+            fully_shard(blk, **kw)
             register_fsdp_forward_method(blk, "forward_fused")
-        fully_shard(model, mesh=mesh)
+        fully_shard(model, **kw)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [rt.device.index] if rt.device.type == "cuda" else None
