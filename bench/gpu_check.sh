@@ -64,10 +64,15 @@ step tests_gpu 170 "$OUT/tests.log" "${PYTEST[@]}" ${GPU_WORKERS[@]+"${GPU_WORKE
 step bench_attention 100 "$OUT/bench.log" "$PY" bench/bench_attention.py --out "$OUT" --dtypes bf16 --quick
 step bench_blocks 90 "$OUT/bench.log" "$PY" bench/bench_blocks.py --out "$OUT" --dtypes bf16 --quick
 step bench_model 60 "$OUT/bench.log" "$PY" bench/bench_model.py --out "$OUT" --dtypes bf16 --quick
-# attention tile sweep at the target shape (BEiT-B, B=128, bf16): it stops starting tiles 20 s before its cap
+# attention tile sweep at the target shape (BEiT-B, B=128, bf16): it stops starting tiles 20 s before its cap;
+# under 45 s it could not time one tile per kernel (imports, the fp32 reference, compiles), so it is not run
 TUNE_CAP=90 TUNE_LEFT=$(( DEADLINE - $(date +%s) - 5 ))
 (( TUNE_LEFT < TUNE_CAP )) && TUNE_CAP=$TUNE_LEFT
-step tune_attention $TUNE_CAP "$OUT/bench.log" "$PY" bench/tune_attention.py --out "$OUT" --seconds $(( TUNE_CAP > 30 ? TUNE_CAP - 20 : 10 ))
+if (( TUNE_CAP >= 45 )); then
+  step tune_attention $TUNE_CAP "$OUT/bench.log" "$PY" bench/tune_attention.py --out "$OUT" --seconds $(( TUNE_CAP - 20 ))
+else
+  echo "| tune_attention | not run (${TUNE_CAP} s left; run bench/tune_attention.py by hand) | 0 s |" >>"$SUMMARY"
+fi
 
 # 4. the rest of the suite (CPU-side tests that CI also runs) in the time left
 # shellcheck disable=SC2086

@@ -17,10 +17,13 @@ over the default, and the CONFIGS entry to commit when the gain is worth it.
     python bench/tune_attention.py --out bench/out [--dtypes bf16] [--seconds 150] [--full]
     TRITON_INTERPRET=1 python bench/tune_attention.py --smoke --out /tmp/t   # CPU: two tiles per kernel
 """
-import dataclasses
-import os
-import sys
 import time
+
+_STARTED = time.monotonic()   # --seconds counts from here, imports included
+
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,9 +119,10 @@ def run_candidate(K, cfgs, kernel, qkv, table, grad, window, scale, expected, dt
         return time_ms(call, device, **rep)
 
 
-def sweep(K, shape_key, case, window, scale, dtype, device, env, args, deadline, rows, outcomes):
+def sweep(K, shape_key, case, window, scale, dtype, device, env, args, deadline, rows, outcomes, done):
     """All candidates of one (dtype, shape), interleaved across kernels, default first. Returns the
-    per-kernel results {kernel: [(ms, tile)]} (default first)."""
+    per-kernel results {kernel: [(ms, tile, is_default)]}. The report (with the summary so far, `done`
+    being the finished sweeps) is rewritten after every tile, so a run cut short keeps both."""
     qkv, table, grad = case
     B, N, _, H, D = qkv.shape
     base = K.pick_configs(D, dtype, qkv.device)
@@ -145,9 +149,9 @@ def sweep(K, shape_key, case, window, scale, dtype, device, env, args, deadline,
                 flops = fwd_flops * (1.0 if kernel == "fwd" else 2.5)
                 rows.append(make_row(f"attention_tile_{kernel}", tile_str(tile), mode, shape_key_dict(shape_key),
                                      dtype, t, env, flops=flops, default=(i == 0)))
-                results[kernel].append((t["median_ms"], tile))
+                results[kernel].append((t["median_ms"], tile, i == 0))
                 print(f"  {label:45s} {t['median_ms']:8.3f} ms" + ("  (default)" if i == 0 else ""))
-            write_report(rows, args.out, "tune_attention", outcomes)
+            write_report(rows, args.out, "tune_attention", outcomes, notes=[summary(done + [(dtype, shape_key, results)])])
     return results
 
 
@@ -156,22 +160,26 @@ def shape_key_dict(key):
     return {"model": model, "B": B, "H": H, "N": N, "D": D}
 
 
-def summary(K, all_results) -> list[str]:
-    """The best tile per kernel next to the default, and the CONFIGS line it implies."""
+def summary(sweeps) -> str:
+    """The best tile per kernel next to the default, and the CONFIGS line it implies; `sweeps` is a list of
+    (dtype, shape_key, {kernel: [(ms, tile, is_default)]})."""
     lines = ["Best tile per kernel (median ms; speed-up over the current default):", "",
              "| dtype | shape | kernel | default | ms | best | ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
     suggestions = []
-    for (dtype, key), results in all_results.items():
+    for dtype, key, results in sweeps:
         best = {}
         for kernel in KERNELS:
             res = results.get(kernel) or []
             if not res:
                 continue
-            d_ms, d_tile = res[0]
-            b_ms, b_tile = min(res, key=lambda r: r[0])
+            b_ms, b_tile, _ = min(res, key=lambda r: r[0])
             best[kernel] = b_tile
+            default = [r for r in res if r[2]]
+            d_cells = (f"{tile_str(default[0][1])} | {default[0][0]:.4g}" if default
+                       else "(failed or not run) | ")
+            gain = f"{default[0][0] / b_ms:.3f}x" if default else ""
             lines.append(f"| {str(dtype).replace('torch.', '')} | {' '.join(map(str, key))} | {kernel} | "
-                         f"{tile_str(d_tile)} | {d_ms:.4g} | {tile_str(b_tile)} | {b_ms:.4g} | {d_ms / b_ms:.3f}x |")
+                         f"{d_cells} | {tile_str(b_tile)} | {b_ms:.4g} | {gain} |")
         if len(best) == len(KERNELS):
             fmt = ", ".join(f"TileConfig({t.block_m}, {t.block_n}, {t.num_warps}, {t.num_stages})"
                             for t in (best[k] for k in KERNELS))
@@ -179,7 +187,7 @@ def summary(K, all_results) -> list[str]:
     if suggestions:
         lines += ["", "CONFIGS entries the measurements suggest (commit only gains beyond run-to-run noise):", ""]
         lines += [f"    {s}" for s in suggestions]
-    return lines
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -189,11 +197,11 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="also BEiT-L, N=577 and head dim 128 shapes")
     p.add_argument("--rep-ms", type=int, default=50, help="CUDA: milliseconds of calls timed per tile")
     args = p.parse_args(argv)
-    deadline = time.monotonic() + args.seconds
+    deadline = _STARTED + args.seconds
     device, dtypes = device_and_dtypes(args)
     from beit_fast.kernels import rel_pos_attention as K
     env = environment(device)
-    rows, outcomes, all_results = [], Outcomes(), {}
+    rows, outcomes, done = [], Outcomes(), []
     shapes = SMOKE_SHAPES if args.smoke else FULL_SHAPES if args.full else QUICK_SHAPES
     for dtype in dtypes:
         for model, B, H, window, D in shapes:
@@ -206,10 +214,11 @@ def main(argv=None):
                                             case[1], window_size=window)
                 if why:
                     raise Skip("; ".join(why))
-                all_results[(dtype, key)] = sweep(K, key, case, window, D ** -0.5, dtype, device, env, args,
-                                                  deadline, rows, outcomes)
+                results = sweep(K, key, case, window, D ** -0.5, dtype, device, env, args, deadline, rows,
+                                outcomes, done)
+                done.append((dtype, key, results))
                 del case
-    finish(rows, args.out, "tune_attention", outcomes, notes=["\n".join(summary(K, all_results))])
+    finish(rows, args.out, "tune_attention", outcomes, notes=[summary(done)])
 
 
 if __name__ == "__main__":

@@ -150,6 +150,12 @@ def test_a_non_finite_loss_without_loss_scaling_stops_the_run(tmp_path):
     cfg = tiny_finetune(tmp_path / "fp32", inject_nonfinite_at_step=1, epochs=1, mixup=0.0, cutmix=0.0)
     with pytest.raises(FloatingPointError, match="non-finite loss in 1 of the last 1 micro-batches"):
         finetune(cfg)
+    # the sums are read before every save, not only on log steps: the bad update is never checkpointed
+    cfg = tiny_finetune(tmp_path / "save", inject_nonfinite_at_step=3, epochs=2, mixup=0.0, cutmix=0.0,
+                        log_every=100, save_every_steps=2, keep_last=10)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss in 1 of the last 2 micro-batches \(step 4\)"):
+        finetune(cfg)
+    assert [os.path.basename(p) for p in step_checkpoints(str(tmp_path / "save"))] == ["checkpoint-0000002.pt"]
 
 
 def test_resume_keeps_the_optimizer_implementation_flags():

@@ -1,5 +1,5 @@
 """Pieces both training loops share: output folder, seeding, model building, the optimizer step,
-checkpoint save / resume, evaluation. The loops themselves live in pretrain.py and finetune.py."""
+checkpoint save / resume, evaluation. The loops themselves live in pretraining.py and finetuning.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -141,8 +141,21 @@ def resume_path(cfg) -> Optional[str]:
 
 def _resume_path_everywhere(cfg, rt) -> Optional[str]:
     """Rank 0 picks the checkpoint and every rank loads that one (ranks on other nodes must see the same
-    output folder: one that cannot read the file fails with its name, rather than silently starting over)."""
-    return runtime.broadcast_object(resume_path(cfg) if rt.is_main else None, rt)
+    output folder: one that cannot read the file fails with its name, rather than silently starting over).
+    When rank 0 cannot pick one, every rank raises (none is left waiting in a collective)."""
+    path = failure = None
+    if rt.is_main:
+        try:
+            path = resume_path(cfg)
+        except Exception as e:  # raised again below, on every rank
+            failure = e
+    path, why = runtime.broadcast_object((path, None if failure is None else f"{type(failure).__name__}: {failure}"),
+                                         rt)
+    if failure is not None:
+        raise failure
+    if why is not None:
+        raise RuntimeError(f"rank 0 could not pick the checkpoint to resume from: {why}")
+    return path
 
 
 def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
@@ -177,9 +190,10 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     replaces each param group by the saved one, flags included, so a checkpoint written on the CPU would
     turn CUDA's fused AdamW off (and GradScaler would then pass it arguments the foreach path rejects)."""
     flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
+    # into the saved groups before loading: load_state_dict places each state's `step` by the saved flags
+    # (a fused / capturable step tensor lives on the parameter's device)
+    state = {**state, "param_groups": [{**g, **kept} for g, kept in zip(state["param_groups"], flags)]}
     runtime.load_optimizer_state(model, optimizer, state)
-    for group, kept in zip(optimizer.param_groups, flags):
-        group.update(kept)
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ def peak_flops(device: torch.device, precision: str) -> Optional[float]:
 
 def _peak_for_name(name: str, precision: str, tf32: bool = False) -> Optional[float]:
     # a key counts as a whole word: "A10" is not in "A100" or "A10G", "L4" not in "L40S"
-    keys = [k for k in _PEAK_TFLOPS if re.search(re.escape(k) + r"(?![0-9A-Za-z])", name)]
+    keys = [k for k in _PEAK_TFLOPS if re.search(r"(?<![0-9A-Za-z])" + re.escape(k) + r"(?![0-9A-Za-z])", name)]
     if not keys:
         return None
     half, tf32_peak, fp32 = _PEAK_TFLOPS[max(keys, key=len)]

@@ -98,7 +98,7 @@ def _finetune(cfg, rt) -> dict:
     flops = train_flops_per_image(model.config)
     peak = peak_flops(device, cfg.precision)
     sums = engine.log_sums(device)
-    last = {"loss": float("nan")}
+    last = {"loss": metrics.get("loss", float("nan"))}
     result = {}
     t_start = time.perf_counter()
     done = False
@@ -134,7 +134,10 @@ def _finetune(cfg, rt) -> dict:
             if ema is not None:
                 ema.update(runtime.unwrap(train_model), step=step)
             end_of_epoch = batch_index + 1 == sampler.num_batches
-            if step % cfg.log_every == 0 or end_of_epoch:
+            stop = cfg.stop_at_step and step >= cfg.stop_at_step
+            save_now = (cfg.save_every_steps and step % cfg.save_every_steps == 0) or stop
+            # also before every save: a non-finite loss stops the run before it is written to a checkpoint
+            if step % cfg.log_every == 0 or end_of_epoch or save_now:
                 got = engine.read_sums(sums, rt, scaler, step, report)
                 last = {"loss": got["loss"]}
                 img_s = report.throughput(step * global_batch * cfg.accum_steps)
@@ -142,8 +145,7 @@ def _finetune(cfg, rt) -> dict:
                             "wd": schedule.wd_at(step - 1), "grad_norm": float(grad_norm),
                             "scale": got["scale"], "skipped": got["skipped"], "img_s": img_s,
                             "mfu": flops * img_s / (peak * rt.world) if peak else None}, step)
-            stop = cfg.stop_at_step and step >= cfg.stop_at_step
-            if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or stop:
+            if save_now:
                 engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch,
                             batch_in_epoch=batch_index + 1, kind="finetune",
                             metrics={**last, "best_top1": best_top1})

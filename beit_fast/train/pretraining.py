@@ -84,7 +84,6 @@ def _pretrain(cfg, rt) -> dict:
     # --- optimisation state
     schedule = Schedule(cfg, steps_per_epoch)
     train_model, optimizer, scaler, (step, start_epoch, start_batch, resumed) = engine.training_state(cfg, rt, model)
-    resumed_token_dtype = resumed.get("tokenizer_dtype")
 
     report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "pretrain")
     report.advance_to(step, images=step * global_batch * cfg.accum_steps)
@@ -95,10 +94,13 @@ def _pretrain(cfg, rt) -> dict:
                    + (f"; resumed at step {step}" if step else ""))
     flops = train_flops_per_image(model.config, cfg.num_mask_patches)
     peak = peak_flops(device, cfg.precision)
-    token_dtype = None
+    token_dtype = None                       # decided on the first batch, or kept from the resumed run
+    if resumed.get("tokenizer_dtype"):
+        token_dtype, why = choose_dtype(tokenizer, None, cfg.tokenizer_dtype, rt, resumed["tokenizer_dtype"])
+        report.message(f"tokenizer runs in {why}")
     sums = engine.log_sums(device)
     skipped_images = 0
-    last = {"loss": float("nan"), "mlm_acc": float("nan")}
+    last = {k: resumed.get(k, float("nan")) for k in ("loss", "mlm_acc")}
     t_start = time.perf_counter()
     done = False
 
@@ -119,7 +121,7 @@ def _pretrain(cfg, rt) -> dict:
                 apply_schedule(optimizer, schedule.lr_at(step), schedule.wd_at(step))
 
             if token_dtype is None:              # decided once (one host sync), the same on every rank
-                token_dtype, why = choose_dtype(tokenizer, views, cfg.tokenizer_dtype, rt, resumed_token_dtype)
+                token_dtype, why = choose_dtype(tokenizer, views, cfg.tokenizer_dtype, rt)
                 report.message(f"tokenizer runs in {why}")
             labels = encode(tokenizer, views, token_dtype).reshape(-1).index_select(0, masked_index)   # (M,)
 
@@ -141,7 +143,10 @@ def _pretrain(cfg, rt) -> dict:
             sums[-1] += skipped_step
             step += 1
             end_of_epoch = batch_index + 1 == sampler.num_batches
-            if step % cfg.log_every == 0 or end_of_epoch:
+            stop = cfg.stop_at_step and step >= cfg.stop_at_step
+            save_now = (cfg.save_every_steps and step % cfg.save_every_steps == 0) or stop
+            # also before every save: a non-finite loss stops the run before it is written to a checkpoint
+            if step % cfg.log_every == 0 or end_of_epoch or save_now:
                 got = engine.read_sums(sums, rt, scaler, step, report)
                 last = {"loss": got["loss"], "mlm_acc": got["acc"]}
                 img_s = report.throughput(step * global_batch * cfg.accum_steps)
@@ -151,8 +156,7 @@ def _pretrain(cfg, rt) -> dict:
                             "skipped_images": skipped_images,
                             "mfu": flops * img_s / (peak * rt.world) if peak else None},
                            step)
-            stop = cfg.stop_at_step and step >= cfg.stop_at_step
-            if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or stop:
+            if save_now:
                 engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch,
                             batch_in_epoch=batch_index + 1, kind="pretrain", metrics={**last, **token_meta(token_dtype)})
             if stop:
