@@ -51,12 +51,14 @@ def candidates(K, kernel: str, smoke: bool) -> list:
     T = K.TileConfig
     if smoke:   # the interpreter: two tiles, enough to exercise the sweep on the CPU
         return [T(64, 64), T(32, 32)]
+    # the likelier winners on Hopper first (a run cut short by --seconds has tried those): large query
+    # tiles, 8 warps, deeper pipelining
     grids = {
-        "fwd": [(m, n) for m in (64, 128) for n in (32, 64, 128)],
-        "dkdv": [(m, n) for m in (16, 32, 64) for n in (64, 128)],
-        "dq": [(m, n) for m in (64, 128) for n in (32, 64)],
+        "fwd": [(128, 64), (128, 128), (64, 64), (128, 32), (64, 128), (64, 32)],
+        "dkdv": [(32, 64), (64, 64), (32, 128), (16, 64), (64, 128), (16, 128)],
+        "dq": [(64, 32), (128, 32), (64, 64), (128, 64)],
     }[kernel]
-    return [T(m, n, w, s) for m, n in grids for w in (4, 8) for s in (2, 3)]
+    return [T(m, n, w, s) for m, n in grids for w in (8, 4) for s in (3, 2)]
 
 
 def tile_str(t) -> str:
