@@ -39,9 +39,10 @@ step() {  # step NAME CAP_S LOG CMD...: run within min(CAP_S, time left), record
   echo "|---|---|---|"
 } >"$SUMMARY"
 
-# 1. build: CUDA required, Hopper only to keep the build short (sm_80 is built by the default install)
+# 1. build: CUDA required, Hopper only to keep the build short (sm_80 is built by the default install). The
+#    cap is generous because nothing else can run without the build (its time on 16 cores is not measured yet).
 BEIT_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-  step build 180 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
+  step build "${GPU_CHECK_BUILD_SECONDS:-300}" "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
   || { echo "build failed: see build.log" >>"$SUMMARY"; cat "$SUMMARY"; exit 1; }
 
 # 2. the GPU-facing tests first (kernels compiled by Triton / nvcc, the fused model, CUDA training)
