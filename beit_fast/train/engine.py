@@ -98,8 +98,11 @@ def _found_inf(scaler, optimizer, device) -> torch.Tensor:
     over ranks; DDP gradients are identical on every rank."""
     if not scaler.is_enabled():
         return torch.zeros((), device=device)
-    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values()
-    return (sum(f.to(device, non_blocking=True).sum() for f in found) > 0).float()
+    found = [f.to(device, non_blocking=True).sum()
+             for f in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values()]
+    if not found:   # no gradients at all: nothing to skip
+        return torch.zeros((), device=device)
+    return (torch.stack(found).sum() > 0).float()
 
 
 def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch_in_epoch: int, kind: str,
