@@ -97,7 +97,7 @@ def _extensions():
             define_macros=[("BEIT_FAST_WITH_CUDA", "1")],
             # -fmad=false: no contraction of a*b+c into one FMA, as g++ compiles the CPU twins on x86-64,
             # so the shared __host__ __device__ formulas round the same way on both (memory-bound kernels:
-            # the extra instructions cost nothing measurable)
+            # the extra instructions should cost little; not yet measured on a GPU)
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-fmad=false",
                                                            "-U__CUDA_NO_HALF_OPERATORS__",
                                                            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]},

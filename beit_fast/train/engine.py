@@ -244,6 +244,19 @@ def add_micro(sums: torch.Tensor, loss: torch.Tensor, acc: Optional[torch.Tensor
                              torch.ones_like(loss)])
 
 
+def add_update(sums: torch.Tensor, skipped: torch.Tensor) -> None:
+    """Count one optimizer update (skipped: optimizer_step's flag) in the running sums; no host sync."""
+    sums[4] += skipped
+
+
+def step_events(cfg, step: int, end_of_epoch: bool) -> tuple:
+    """(log, save, stop) after optimizer step `step`. Every save also logs: the sums are read first, so a
+    non-finite loss stops the run before it is written to a checkpoint."""
+    stop = bool(cfg.stop_at_step and step >= cfg.stop_at_step)
+    save = bool(cfg.save_every_steps and step % cfg.save_every_steps == 0) or stop
+    return step % cfg.log_every == 0 or end_of_epoch or save, save, stop
+
+
 def read_sums(sums: torch.Tensor, rt, scaler, step: int, report) -> dict:
     """Read the running sums over all ranks (the one host sync, on logging steps) and zero them.
 

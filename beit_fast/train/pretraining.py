@@ -140,13 +140,11 @@ def _pretrain(cfg, rt) -> dict:
                 continue
 
             grad_norm, skipped_step = engine.optimizer_step(train_model, optimizer, scaler, cfg.clip_grad)
-            sums[-1] += skipped_step
+            engine.add_update(sums, skipped_step)
             step += 1
             end_of_epoch = batch_index + 1 == sampler.num_batches
-            stop = cfg.stop_at_step and step >= cfg.stop_at_step
-            save_now = (cfg.save_every_steps and step % cfg.save_every_steps == 0) or stop
-            # also before every save: a non-finite loss stops the run before it is written to a checkpoint
-            if step % cfg.log_every == 0 or end_of_epoch or save_now:
+            log_now, save_now, stop = engine.step_events(cfg, step, end_of_epoch)
+            if log_now:
                 got = engine.read_sums(sums, rt, scaler, step, report)
                 last = {"loss": got["loss"], "mlm_acc": got["acc"]}
                 img_s = report.throughput(step * global_batch * cfg.accum_steps)
