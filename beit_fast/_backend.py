@@ -38,6 +38,7 @@ def _load_extension():
 # Resolved once at import, so that the backend choice is plain attribute reads that torch.compile can
 # trace without a graph break.
 _EXTENSION = _load_extension()
+_EXTENSION_HAS_CUDA = bool(_EXTENSION[0] is not None and _EXTENSION[0].built_with_cuda())
 
 
 def extension():
@@ -46,8 +47,8 @@ def extension():
 
 
 def extension_has_cuda() -> bool:
-    mod, _ = extension()
-    return bool(mod is not None and mod.built_with_cuda())
+    """Whether beit_fast._C has its CUDA sources (read once at import: a pybind call is a graph break)."""
+    return _EXTENSION_HAS_CUDA
 
 
 def interpret_mode() -> bool:
@@ -128,7 +129,7 @@ def common_reasons(backend: str, tensors: Sequence, *, auto: bool = False) -> li
         mod, err = extension()
         if err:
             why.append(err)
-        elif not mod.built_with_cuda():
+        elif not extension_has_cuda():
             why.append("beit_fast._C was built without its CUDA sources (see the build log line 'skipping CUDA sources')")
         if dev != "cuda":
             why.append(f"the cuda backend needs CUDA tensors, got {dev} tensors")
@@ -184,12 +185,20 @@ def choose(op: str, backend: str, reasons: Callable[[str, bool], list[str]], pre
     return backend
 
 
+_HAS_KERNEL: dict = {}
+
+
 def has_kernel(qualname: str, dispatch_key: str) -> bool:
-    """Whether the extension registered a kernel for `beit_fast::op` under CPU / CUDA."""
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key))
-    except RuntimeError:  # no such op
-        return False
+    """Whether the extension registered a kernel for `beit_fast::op` under CPU / CUDA. Remembered per
+    (op, key), and filled for both keys when an op module registers its op at import, so that the backend
+    choice under torch.compile is a dict read (the dispatcher query is a graph break)."""
+    key = (qualname, dispatch_key)
+    if key not in _HAS_KERNEL:
+        try:
+            _HAS_KERNEL[key] = bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key))
+        except RuntimeError:  # no such op
+            _HAS_KERNEL[key] = False
+    return _HAS_KERNEL[key]
 
 
 def register_extension_op(op: str, fake_forward, fake_backward, backward, setup_context) -> bool:
@@ -199,6 +208,7 @@ def register_extension_op(op: str, fake_forward, fake_backward, backward, setup_
     mod, _ = extension()
     if mod is None or not has_kernel(f"beit_fast::{op}", "CPU"):
         return False
+    has_kernel(f"beit_fast::{op}", "CUDA")   # remembered now, read by extension_op_reasons at call time
     torch.library.register_fake(f"beit_fast::{op}")(fake_forward)
     torch.library.register_fake(f"beit_fast::{op}_backward")(fake_backward)
     torch.library.register_autograd(f"beit_fast::{op}", backward, setup_context=setup_context)

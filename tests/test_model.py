@@ -48,11 +48,11 @@ def test_logits_match_timm(name):
 @pytest.mark.parametrize("impl", ["eager", "sdpa", "fused", "fused-triton"])
 def test_attention_paths_agree_logits_and_grads(impl, monkeypatch):
     """attn_impl is a config choice; all paths give the same logits and gradients. "fused-triton" forces
-    the Triton kernel (the interpreter on CPU)."""
+    the Triton kernel through the interpreter (CPU tensors; on a GPU test_fused_model's bf16 test covers it)."""
     if impl == "fused-triton":
         import os
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("runs the Triton kernel on CPU tensors: needs TRITON_INTERPRET=1")
         monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
         impl = "fused"
     base = randomize_(create_model("beit_test_patch4_32", attn_impl="eager", fused=False))
