@@ -30,6 +30,10 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "no images in" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["fit-tokenizer", "--dataset", "folder", "--data-path", str(tmp_path)]) == 2
+    assert "no images in" in capsys.readouterr().err
+    assert main(["fit-tokenizer", "--dataset", "folder"]) == 2
+    assert "data_path" in capsys.readouterr().err
 
 
 def test_list_presets(capsys):

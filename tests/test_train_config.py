@@ -89,6 +89,50 @@ def test_missing_files_fail_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "a").exists()
 
 
+def test_a_new_run_refuses_a_used_output_dir(tmp_path):
+    """Only a resumed run may write into a folder that holds another run's checkpoints or tokenizer: step
+    pruning would delete the new run's checkpoints and keep the old ones, and the old tokenizer would be reused."""
+    used = tmp_path / "used"
+    used.mkdir()
+    cfg = dataclasses.replace(preset("pretrain"), output_dir=str(used))
+    C.check(cfg)                                   # an empty folder is fine
+    for name in ("tokenizer.safetensors", "checkpoint-0000660.pt"):
+        (used / name).write_bytes(b"")
+        with pytest.raises(ConfigError, match=f"already holds an earlier run .*{name}.*--resume"):
+            C.check(cfg)
+    C.check(dataclasses.replace(cfg, resume="auto"))
+    C.check(dataclasses.replace(cfg, resume=str(used / "checkpoint-0000660.pt")))
+    C.check(dataclasses.replace(cfg, resume=str(used)))
+    elsewhere = tmp_path / "other" / "checkpoint-0000010.pt"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"")
+    with pytest.raises(ConfigError, match="already holds an earlier run"):
+        C.check(dataclasses.replace(cfg, resume=str(elsewhere)))
+    fine = dataclasses.replace(preset("finetune"), output_dir=str(used))
+    with pytest.raises(ConfigError, match="already holds an earlier run"):
+        C.check(fine)
+
+
+def test_finetune_warns_when_init_was_pretrained_with_other_normalisation(tmp_path):
+    """The BEiT-B presets follow the reference (ImageNet mean/std for IN-1k pretraining, 0.5/0.5 for
+    fine-tuning pt22k weights): fine-tuning this package's own pretraining checkpoint says when they differ,
+    and the flags it suggests parse to the pretraining values."""
+    from beit_fast.train.finetuning import normalisation_mismatch
+    run = tmp_path / "pre"
+    run.mkdir()
+    C.save(preset("pretrain", "beit_base_224"), str(run))
+    path = str(run / "checkpoint-0000010.pt")
+    fine = preset("finetune", "beit_base_224")
+    msg = normalisation_mismatch(fine, path)
+    assert msg and "mean=[0.485, 0.456, 0.406]" in msg and "mean=[0.5, 0.5, 0.5]" in msg
+    flags = dict(zip(*[iter(msg.split("pass ")[1].split(" to match")[0].split())] * 2))
+    fixed = resolve("finetune", "beit_base_224", overrides={"mean": flags["--mean"], "std": flags["--std"]})
+    assert normalisation_mismatch(fixed, path) is None
+    assert normalisation_mismatch(fine, str(tmp_path / "unilm.pth")) is None      # no config beside it
+    C.save(fine, str(run))                         # a fine-tuning run's folder: nothing to compare with
+    assert normalisation_mismatch(preset("finetune", "beit_base_224"), path) is None
+
+
 def test_cosine_schedule_matches_unilm_array():
     import numpy as np
     base, final, epochs, niter, warm = 1e-3, 1e-5, 3, 7, 4

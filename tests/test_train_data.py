@@ -1,4 +1,5 @@
 """Data order and per-sample randomness are pure functions of (seed, epoch, index)."""
+import os
 import random
 
 import numpy as np
@@ -53,3 +54,28 @@ def test_samples_do_not_depend_on_global_rng_and_leave_it_untouched():
     samples[(2, 7)]
     assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
     assert (np.random.get_state()[1] == state[2]).all()
+
+
+def test_held_out_labels_follow_the_training_class_folders(tmp_path):
+    """val/ takes train/'s class list: a class folder missing from val/ cannot shift the labels of the
+    others, and a class folder train/ lacks is a clear error (also at the early config check)."""
+    import pytest
+    from PIL import Image
+    from beit_fast.train.data import _scan_folder, build_dataset, check_dataset
+
+    def make(split, classes):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
+
+    make("train", ["ant", "bee", "cat"])
+    make("val", ["ant", "cat"])                    # no bee in the held-out split
+    train = build_dataset("folder", "train", str(tmp_path))
+    val = build_dataset("folder", "val", str(tmp_path))
+    assert train.classes == val.classes == ["ant", "bee", "cat"]
+    assert sorted((os.path.basename(os.path.dirname(p)), label) for p, label in val.samples) == [("ant", 0), ("cat", 2)]
+    check_dataset("folder", str(tmp_path), ("train", "val"))
+    make("val", ["dog"])
+    _scan_folder.cache_clear()                     # the scan is cached per process; the tree changed
+    with pytest.raises(ValueError, match="class folders the training split does not have: dog"):
+        check_dataset("folder", str(tmp_path), ("train", "val"))

@@ -133,17 +133,28 @@ def test_fp16_loss_scaling_skips_an_injected_inf_step(tmp_path, device):
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_file):
+    """Pretraining and fine-tuning both skip the unreadable image with a warning and count it, in the log rows
+    and the result (one broken file among 21, read once per epoch)."""
     from PIL import Image
-    for c in ("a", "b"):
-        (tmp_path / "data" / "train" / c).mkdir(parents=True)
-        for i in range(10):
-            Image.new("RGB", (20, 20), (i * 20, 50, 100 if c == "a" else 200)).save(tmp_path / "data" / "train" / c / f"{i}.png")
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(10):
+                Image.new("RGB", (20, 20), (i * 20, 50, 100 if c == "a" else 200)).save(
+                    tmp_path / "data" / split / c / f"{i}.png")
     (tmp_path / "data" / "train" / "a" / "broken.png").write_bytes(b"\x89PNG not really")
     cfg = tiny_pretrain(tmp_path / "run", dataset="folder", data_path=str(tmp_path / "data"), train_subset=0,
                         batch_size=7, epochs=1, tokenizer_path=tokenizer_file)
     with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
         result = pretrain(cfg)
-    assert result["skipped_images"] >= 1 and result["step"] == 3
+    assert result["skipped_images"] == 1 and result["step"] == 3
+    assert losses(tmp_path / "run", "skipped_images")[-1][1] == 1
+    cfg = tiny_finetune(tmp_path / "ft", dataset="folder", data_path=str(tmp_path / "data"), train_subset=0,
+                        batch_size=7, epochs=2, mixup=0.0, cutmix=0.0, num_classes=2)
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+        result = finetune(cfg)
+    assert result["skipped_images"] == 2 and result["step"] == 6
+    assert losses(tmp_path / "ft", "skipped_images")[-1][1] == 2
 
 
 def test_a_non_finite_loss_without_loss_scaling_stops_the_run(tmp_path):

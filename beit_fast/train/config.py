@@ -390,6 +390,29 @@ def fsdp_runs_on_cpu() -> bool:
     return hasattr(torch.cpu, "Stream") and hasattr(torch.cpu.Stream, "record_event")
 
 
+def _check_output_dir_is_free(cfg) -> None:
+    """A run that does not continue the run in output_dir must not write into it: its checkpoint pruning
+    (by step) would delete the new checkpoints and keep the old ones, `latest` would name the old run's, a
+    k-means tokenizer fit there would be reused whatever tokenizer_vocab says, and the logs would mix."""
+    from .checkpoint import step_checkpoints
+    folder = cfg.output_dir
+    found = step_checkpoints(folder) if os.path.isdir(folder) else []
+    found += [os.path.join(folder, f) for f in ("checkpoint-best.pt", "tokenizer.safetensors")
+              if os.path.isfile(os.path.join(folder, f))]
+    if not found:
+        return
+    if cfg.resume and cfg.resume != "auto":
+        target = cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(cfg.resume) or "."
+        if os.path.realpath(target) == os.path.realpath(folder):
+            return
+    elif cfg.resume == "auto":
+        return
+    names = ", ".join(os.path.basename(p) for p in found[-3:])
+    raise ConfigError(f"output_dir {folder!r} already holds an earlier run ({names}); pass --resume (resume=auto) to "
+                      f"continue that run, or choose another --output-dir (a new run there would delete or reuse "
+                      f"its files)")
+
+
 def check(config):
     """Validate a run config; raises ConfigError naming the field to change. Returns the config."""
     from .data import check_dataset
@@ -480,4 +503,6 @@ def check(config):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(str(e)) from None
+    if isinstance(cfg, RunConfig):
+        _check_output_dir_is_free(cfg)    # last: the errors above say more about what to fix
     return cfg

@@ -96,9 +96,11 @@ class SyntheticDataset:
 class FolderDataset:
     """An ImageFolder tree (root/<class>/<image>); images that cannot be read are skipped at load time."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, classes: Optional[tuple] = None):
+        """classes: the class names that define the labels (a held-out split takes train/'s, so that a class
+        folder missing from it cannot shift the labels of the others); None: root's own class folders."""
         self.root = root
-        self.classes, self.samples = _scan_folder(os.path.abspath(root))
+        self.classes, self.samples = _scan_folder(os.path.abspath(root), classes)
         if not self.samples:
             raise FileNotFoundError(
                 f"no images in {root!r}: expected an ImageFolder tree {root}/<class>/<image> with extensions "
@@ -115,16 +117,25 @@ class FolderDataset:
 
 
 @functools.lru_cache(maxsize=8)
-def _scan_folder(root: str):
-    """(classes, [(path, label)]) of an ImageFolder tree; cached so the early check and the run share one scan."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+def _scan_folder(root: str, classes: Optional[tuple] = None):
+    """(classes, [(path, label)]) of an ImageFolder tree, labelled by position in `classes` (default: root's
+    sorted class folders); cached so the early check and the run share one scan."""
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if classes is None:
+        classes = tuple(found)
+    extra = [c for c in found if c not in classes]
+    if extra:
+        raise ValueError(f"{root!r} has class folders the training split does not have: {', '.join(extra[:5])}"
+                         + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
+                         + "; labels follow the class folders of train/")
+    label_of = {c: i for i, c in enumerate(classes)}
     samples = []
-    for label, cls in enumerate(classes):
+    for cls in found:
         for folder, _, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
             for name in sorted(files):
                 if name.lower().endswith(IMG_EXTENSIONS):
-                    samples.append((os.path.join(folder, name), label))
-    return classes, samples
+                    samples.append((os.path.join(folder, name), label_of[cls]))
+    return list(classes), samples
 
 
 def folder_split(data_path: str, split: str) -> Optional[str]:
@@ -146,7 +157,11 @@ def build_dataset(dataset: str, split: str, data_path: str = "", img_size: int =
         root = folder_split(data_path, split)
         if root is None:
             raise FileNotFoundError(f"no {split}/ folder under {data_path!r}")
-        return FolderDataset(root)
+        train_root = os.path.join(data_path, "train")
+        classes = None
+        if split != "train" and os.path.isdir(train_root):
+            classes = tuple(_scan_folder(os.path.abspath(train_root))[0])
+        return FolderDataset(root, classes)
     raise ValueError(f"unknown dataset {dataset!r} (digits | folder | synthetic)")
 
 
@@ -161,10 +176,9 @@ def check_dataset(dataset: str, data_path: str, splits=("train",)) -> None:
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"data_path {data_path!r} is not a folder")
     for split in splits:
-        root = folder_split(data_path, split)
-        if root is None:
+        if folder_split(data_path, split) is None:
             raise FileNotFoundError(f"dataset=folder: {data_path!r} has no {split}/ subfolder")
-        FolderDataset(root)  # raises when there are no images
+        build_dataset("folder", split, data_path)  # raises when there are no images or unknown classes
 
 
 class Subset:

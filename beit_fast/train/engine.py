@@ -231,8 +231,8 @@ def host_nonzero(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def log_sums(device) -> torch.Tensor:
     """What the loops add up between logging steps, on the device: [sum of the finite losses, sum of the
-    accuracies, finite micro-batches, micro-batches, skipped updates]."""
-    return torch.zeros(5, device=device)
+    accuracies, finite micro-batches, micro-batches, skipped updates, skipped unreadable images]."""
+    return torch.zeros(6, device=device)
 
 
 def add_micro(sums: torch.Tensor, loss: torch.Tensor, acc: Optional[torch.Tensor] = None) -> None:
@@ -249,6 +249,13 @@ def add_update(sums: torch.Tensor, skipped: torch.Tensor) -> None:
     sums[4] += skipped
 
 
+def add_skipped_images(sums: torch.Tensor, skipped: torch.Tensor) -> None:
+    """Count the unreadable images a batch skipped (the loader's per-sample CPU counts); no host sync."""
+    n = int(skipped.sum())
+    if n:
+        sums[5] += n
+
+
 def step_events(cfg, step: int, end_of_epoch: bool) -> tuple:
     """(log, save, stop) after optimizer step `step`. Every save also logs: the sums are read first, so a
     non-finite loss stops the run before it is written to a checkpoint."""
@@ -261,8 +268,9 @@ def read_sums(sums: torch.Tensor, rt, scaler, step: int, report) -> dict:
     """Read the running sums over all ranks (the one host sync, on logging steps) and zero them.
 
     Returns loss (mean over the finite micro-batches), acc, skipped (updates the loss scaler skipped since
-    the last log) and scale. A non-finite loss with no loss scaler to skip its update stops the run."""
-    loss_sum, acc_sum, finite, micro, skipped = runtime.all_reduce(sums, rt, op="sum").tolist()
+    the last log), skipped_images (unreadable images skipped since the last log, all ranks) and scale. A
+    non-finite loss with no loss scaler to skip its update stops the run."""
+    loss_sum, acc_sum, finite, micro, skipped, bad_images = runtime.all_reduce(sums, rt, op="sum").tolist()
     sums.zero_()
     skipped = round(skipped / rt.world)          # every rank skips the same updates
     if micro > finite and not scaler.is_enabled():
@@ -274,7 +282,7 @@ def read_sums(sums: torch.Tensor, rt, scaler, step: int, report) -> dict:
         report.message(f"step {step}: {skipped} update(s) since the previous log skipped (non-finite "
                        f"gradients); loss scale now {scale:g}")
     return {"loss": loss_sum / finite if finite else float("nan"), "acc": acc_sum / micro if micro else float("nan"),
-            "skipped": skipped, "scale": scale}
+            "skipped": skipped, "skipped_images": round(bad_images), "scale": scale}
 
 
 def _even_out_forwards(model, rt, batches: int, loader, images, device, precision) -> None:

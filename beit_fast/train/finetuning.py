@@ -7,7 +7,10 @@ held-out split after every `eval_every_epochs` epochs; the best top-1 is kept as
 """
 from __future__ import annotations
 
+import json
+import os
 import time
+import warnings
 
 import torch
 
@@ -17,6 +20,28 @@ from . import engine, runtime
 from .data import EpochBatchSampler, Samples, Subset, build_dataset, classify_transform, make_loader, seed_for
 from .feedback import Reporter, peak_flops, train_flops_per_image
 from .optim import Schedule, apply_schedule
+
+
+def normalisation_mismatch(cfg, init_path: str):
+    """A warning text when `init_path` comes from a beit_fast pretraining run (its config.json lies beside it)
+    that normalised images with another mean/std than this fine-tuning will (the BEiT-B/L presets follow the
+    reference: ImageNet mean/std for the IN-1k pretraining recipe, 0.5/0.5 for fine-tuning pt22k weights);
+    None otherwise."""
+    saved = os.path.join(os.path.dirname(os.path.abspath(init_path)), "config.json")
+    try:
+        with open(saved) as f:
+            pre = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if pre.get("kind") != "PretrainConfig" or "mean" not in pre or "std" not in pre:
+        return None
+    was = (tuple(pre["mean"]), tuple(pre["std"]))
+    now = (tuple(cfg.mean), tuple(cfg.std))
+    if all(abs(a - b) < 1e-6 for x, y in zip(was, now) for a, b in zip(x, y)):
+        return None
+    return (f"init checkpoint {init_path} was pretrained on images normalised with mean={list(was[0])} "
+            f"std={list(was[1])}, but this fine-tuning uses mean={list(now[0])} std={list(now[1])}; pass "
+            f"--mean {','.join(map(str, was[0]))} --std {','.join(map(str, was[1]))} to match it")
 
 
 def finetune(config: config_mod.FinetuneConfig = None) -> dict:
@@ -62,6 +87,9 @@ def _finetune(cfg, rt) -> dict:
         path = ckpt.resolve_checkpoint(cfg.init)
         load_report = load_checkpoint(model, path)
         init_note = f"{path}\n{load_report}"
+        mismatch = normalisation_mismatch(cfg, path)
+        if mismatch and rt.is_main:
+            warnings.warn(mismatch, stacklevel=2)
     engine.seed_all(seed_for(cfg.seed, rt.rank))
     ema = None
     if cfg.ema:
@@ -98,6 +126,7 @@ def _finetune(cfg, rt) -> dict:
     flops = train_flops_per_image(model.config)
     peak = peak_flops(device, cfg.precision)
     sums = engine.log_sums(device)
+    skipped_images = 0
     last = {"loss": metrics.get("loss", float("nan"))}
     result = {}
     t_start = time.perf_counter()
@@ -110,6 +139,7 @@ def _finetune(cfg, rt) -> dict:
         for batch_index, (images, targets, skipped) in enumerate(loader, sampler.start):
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
+            engine.add_skipped_images(sums, skipped)
             micro = batch_index % cfg.accum_steps
             if micro == 0:
                 apply_schedule(optimizer, schedule.lr_at(step), schedule.wd_at(step))
@@ -138,11 +168,12 @@ def _finetune(cfg, rt) -> dict:
             if log_now:
                 got = engine.read_sums(sums, rt, scaler, step, report)
                 last = {"loss": got["loss"]}
+                skipped_images += got["skipped_images"]
                 img_s = report.throughput(step * global_batch * cfg.accum_steps)
                 report.log({"step": step, "epoch": epoch, **last, "lr": schedule.lr_at(step - 1),
                             "wd": schedule.wd_at(step - 1), "grad_norm": float(grad_norm),
                             "scale": got["scale"], "skipped": got["skipped"], "img_s": img_s,
-                            "mfu": flops * img_s / (peak * rt.world) if peak else None}, step)
+                            "skipped_images": skipped_images, "mfu": flops * img_s / (peak * rt.world) if peak else None}, step)
             if save_now:
                 engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch,
                             batch_in_epoch=batch_index + 1, kind="finetune",
@@ -173,7 +204,7 @@ def _finetune(cfg, rt) -> dict:
     report.close()
     found = ckpt.step_checkpoints(cfg.output_dir)
     out = {**last, **result, "best_top1": best_top1, "step": step, "checkpoint": found[-1] if found else None,
-           "seconds": time.perf_counter() - t_start, "output_dir": cfg.output_dir}
+           "seconds": time.perf_counter() - t_start, "skipped_images": skipped_images, "output_dir": cfg.output_dir}
     if rt.is_main and result:
         print(f"fine-tuning done: {step} steps, held-out top-1 {result['top1']:.2f}% (best {best_top1:.2f}%), "
               f"top-5 {result['top5']:.2f}%, {out['seconds']:.0f} s; checkpoint {out['checkpoint']}", flush=True)

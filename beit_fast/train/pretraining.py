@@ -115,7 +115,7 @@ def _pretrain(cfg, rt) -> dict:
             views = views.to(device, non_blocking=True)
             bool_masked_pos = bool_masked_pos.to(device, non_blocking=True)
             masked_index = masked_index.to(device, non_blocking=True)
-            skipped_images += int(skipped.sum())
+            engine.add_skipped_images(sums, skipped)
             micro = batch_index % cfg.accum_steps
             if micro == 0:
                 apply_schedule(optimizer, schedule.lr_at(step), schedule.wd_at(step))
@@ -147,6 +147,7 @@ def _pretrain(cfg, rt) -> dict:
             if log_now:
                 got = engine.read_sums(sums, rt, scaler, step, report)
                 last = {"loss": got["loss"], "mlm_acc": got["acc"]}
+                skipped_images += got["skipped_images"]
                 img_s = report.throughput(step * global_batch * cfg.accum_steps)
                 report.log({"step": step, "epoch": epoch, **last, "lr": schedule.lr_at(step - 1),
                             "wd": schedule.wd_at(step - 1), "grad_norm": float(grad_norm),

@@ -7,7 +7,7 @@ import time
 import torch
 
 from . import config as config_mod
-from .data import EpochBatchSampler, Samples, build_dataset, check_dataset, make_loader, seed_for
+from .data import EpochBatchSampler, Samples, build_dataset, make_loader, seed_for
 from .tokenizer import KMeansTokenizer, fit_kmeans, patchify
 
 
@@ -46,8 +46,7 @@ def fit_on_dataset(dataset, view_size: int, patch_size: int, vocab_size: int, ma
 
 def fit_tokenizer(config: config_mod.TokenizerFitConfig = None) -> str:
     """Fit and save a k-means tokenizer; returns the path written."""
-    cfg = config if config is not None else config_mod.TokenizerFitConfig()
-    check_dataset(cfg.dataset, cfg.data_path)
+    cfg = config_mod.check(config if config is not None else config_mod.TokenizerFitConfig())
     if cfg.img_size % cfg.patch_size:
         raise config_mod.ConfigError(f"img_size {cfg.img_size} must be a multiple of patch_size {cfg.patch_size}")
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
