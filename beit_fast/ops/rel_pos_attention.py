@@ -3,9 +3,11 @@
     out = softmax((q * scale) @ k^T + table[index].permute(2, 0, 1)) @ v
 
 The Triton path gathers the bias from the table inside the kernel (index computed arithmetically for
-BEiT's window layout, or read from an explicit (N, N) index), never materializes the (H, N, N) bias or any
-(B, H, N, N) tensor, and computes the table gradient deterministically (G per-batch-group fp32 partials
-(G, H, N, N), each tile owned by one program, then a fixed-order segment sum; no atomics). No torch.compile needed; the
+BEiT's window layout, or read from an explicit (N, N) index), never materializes the (H, N, N) bias, the
+probabilities or their gradient, and computes the table gradient deterministically (G per-batch-group fp32
+partials (G, H, N, N), each tile owned by one program, then a fixed-order segment sum; no atomics). G does not
+grow with the batch beyond about 4 programs per SM, so that buffer is bounded (64 MiB); at batch sizes below
+G it has G = B rows. No torch.compile needed; the
 ops are registered through torch.library, so a compiled model keeps them in one graph.
 """
 from __future__ import annotations
@@ -325,7 +327,9 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     the gradients, and G fp32 dBias partials (G, H, N, N), G = kernels.rel_pos_attention.num_batch_groups:
     about 4 programs per SM, at most B, at most 64 MiB of partials unless one partial (H*N*N*4 bytes) is
     larger (H100: BEiT-B N=197 B=128 -> G=11, 20 MB; BEiT-L N=577 -> G=3, 64 MB); plus a cached inverse
-    index (3 int32 arrays of about N*N per window). Never a (B, H, N, N) tensor. The table gradient is
+    index (3 int32 arrays of about N*N per window). The partials are the only N*N-sized buffer; they stop
+    growing with the batch at G (below G they have G = B rows, as large as one (B, H, N, N) fp32 tensor,
+    which the reference paths allocate several times over). The table gradient is
     bitwise reproducible for the same inputs on the same GPU model (G depends on the SM count).
     """
     wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
