@@ -5,8 +5,10 @@ Ops and providers (each provider checked against the eager reference on the time
                               ours (beit_fast extension: gather + cuBLAS + fused epilogue)
   layer_scale_residual_norm   eager (x + s * (g * y) then F.layer_norm), compile, ours (extension kernel),
                               apex (the eager residual + apex FusedLayerNorm, when apex imports)
-  linear_gelu                 eager (F.gelu(F.linear)), compile, ours (beit_fast.ops.linear_gelu, Triton),
-                              apex (FusedDense + F.gelu), when the op module imports
+  linear_gelu                 eager (F.gelu(F.linear)), compile, ours (beit_fast.ops.linear_gelu, Triton,
+                              pre-activation stored for the backward: the default), ours_recompute (the
+                              same op with recompute=True: the backward reruns the GEMM), apex (FusedDense
+                              + F.gelu), when the op module imports
   layer_norm                  eager (F.layer_norm), compile, ours (beit_fast.ops.layer_norm, Triton), apex
                               (FusedLayerNorm), when the op module imports
   block                       eager (beit_fast.models.beit.Block.forward, SDPA attention, as timm),
@@ -44,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 
 OPS = ("layer_scale_residual_norm", "layer_norm", "masked_patch_embed", "linear_gelu", "block")
 MEMORY_BOUND = ("layer_scale_residual_norm", "layer_norm")   # measured against the copy bandwidth
-PROVIDERS = ("eager", "ours", "apex", "compile")   # the compiled ones last (time limits)
+PROVIDERS = ("eager", "ours", "ours_recompute", "apex", "compile")   # the compiled ones last (time limits)
 # (B, N or image size, C, heads): BEiT-B at batch 128 (and BEiT-L at 64 in the full sweep)
 FULL = [dict(model="base", B=128, C=768, H=12), dict(model="large", B=64, C=1024, H=16)]
 QUICK = [dict(model="base", B=128, C=768, H=12)]
@@ -163,11 +165,11 @@ def case_linear_gelu(cfg, dtype, device, smoke):
     e = x.element_size()
     eager = lambda x, W, b: F.gelu(F.linear(x, W, b))  # noqa: E731
 
-    def ours():
+    def ours(recompute=False):
         why = mod.not_supported_reasons("triton", x, W, bias)
         if why:
             raise Skip("; ".join(why))
-        return lambda *a: mod.linear_gelu(*a, backend="triton")
+        return lambda *a: mod.linear_gelu(*a, backend="triton", recompute=recompute)
 
     def apex():
         dense = _apex("FusedDense")(Kd, Nd).to(device=device, dtype=dtype)
@@ -181,7 +183,7 @@ def case_linear_gelu(cfg, dtype, device, smoke):
                 nbytes=dict(fwd=fwd_b, bwd=bwd_b, fwd_bwd=fwd_b + bwd_b),
                 flops=dict(fwd=2.0 * M * Nd * Kd, bwd=4.0 * M * Nd * Kd, fwd_bwd=6.0 * M * Nd * Kd),
                 providers=dict(eager=lambda: eager, compile=lambda: torch.compile(eager, dynamic=False), ours=ours,
-                               apex=apex))
+                               ours_recompute=lambda: ours(recompute=True), apex=apex))
 
 
 def case_layer_norm(cfg, dtype, device, smoke):

@@ -14,7 +14,8 @@ Backward: store or recompute the pre-activation Z = x W^T + b?
 Rough H100 arithmetic for BEiT-B fc1 (M = 64*197, K = 768, N = 3072, bf16): storing moves about 4*M*N*2
 bytes (~0.1 ms), recomputing costs one more GEMM (~0.09 ms at 700 TFLOP/s) plus reading dY and writing dZ
 (~0.05 ms). Store is expected to win by a little and costs memory; the choice is pending a GPU
-measurement (bench/), and `recompute=True` or BEIT_FAST_LINEAR_GELU_RECOMPUTE=1 selects the other.
+measurement (bench/bench_blocks.py times both: providers `ours` and `ours_recompute`), and
+`recompute=True` or BEIT_FAST_LINEAR_GELU_RECOMPUTE=1 selects the other.
 Either way dX = dZ W and dW = dZ^T X are cuBLAS matmuls and db is a fixed-order sum of fp32 partials.
 """
 from __future__ import annotations
