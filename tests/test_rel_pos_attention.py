@@ -446,14 +446,42 @@ def test_torch_compile_fullgraph_reference():
                                             (3, 4, (8, 8), 80, False), (2, 4, (14, 14), 128, True),
                                             (2, 4, (14, 14), 32, False)])
 def test_cuda_low_precision_two_x_rule(dtype, B, H, W, D, packed):
-    N, R = W[0] * W[1] + 1, num_relative_distance(W)
-    inputs, table, grad = make_inputs(B, H, N, D, dtype, R, packed=packed, device="cuda")
+    _check_two_x(B, H, W, D, dtype, packed)
+
+
+def _check_two_x(B, H, shape, D, dtype, packed, dropout_p=0.0, device="cuda"):
+    """Triton on CUDA against fp64 within 2x the error of PyTorch's same-dtype attention (+ atol); shape is a
+    window (wh, ww) or N with an explicit random index. With dropout both references use the kernel's mask."""
+    if isinstance(shape, tuple):
+        N, R = shape[0] * shape[1] + 1, num_relative_distance(shape)
+        kw = {"window_size": shape}
+    else:
+        N, R = shape, 11
+        kw = {"rel_index": random_index(N, R).to(device)}
+    inputs, table, grad = make_inputs(B, H, N, D, dtype, R, packed=packed, device=device)
     fn = rel_pos_attention_qkvpacked if packed else rel_pos_attention
-    out, grads = run(fn, inputs, table, grad, window_size=W, backend="triton")
-    out_t, grads_t = run(ref_fn(packed), inputs, table, grad, window_size=W)              # torch, same dtype
-    out64, grads64 = run(ref_fn(packed), [t.double() for t in inputs], table.double(), grad.double(), window_size=W)
+    ref_kw = dict(kw)
+    if dropout_p:
+        kw.update(dropout_p=dropout_p, dropout_seed=77)
+        ref_kw["dropout_mask"] = dropout_keep_mask(77, B, H, N, dropout_p, device=device).double() / (1 - dropout_p)
+    out, grads = run(fn, inputs, table, grad, backend="triton", **kw)
+    out_t, grads_t = run(ref_fn(packed), inputs, table, grad, **ref_kw)                  # torch, same dtype
+    out64, grads64 = run(ref_fn(packed), [t.double() for t in inputs], table.double(), grad.double(), **ref_kw)
     for name, a, b, c in zip(["out"] + names(packed), [out] + grads, [out_t] + grads_t, [out64] + grads64):
         assert_two_x(name, a, b, c, tolerance("rel_pos_attention.two_x", dtype).atol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,H,shape,D,dtype,packed", CASES)
+def test_cuda_bf16_on_every_case(B, H, shape, D, dtype, packed):
+    """The interpreter cases (odd N, explicit index, batch 1-3, head dims 32-128) in bf16 on the GPU."""
+    _check_two_x(B, H, shape, D, torch.bfloat16, packed)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_dropout_two_x_rule(dtype):
+    _check_two_x(2, 4, (14, 14), 64, dtype, False, dropout_p=0.1)
 
 
 @needs_cuda
