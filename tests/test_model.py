@@ -174,12 +174,22 @@ def test_drop_path_and_grad_checkpointing():
     (lambda: torch.randn(2, 1, 32, 32), r"\(B, 3, 32, 32\)"),
     (lambda: torch.randn(3, 32, 32), "4-D"),
     (lambda: torch.randint(0, 255, (2, 3, 32, 32)), "floating-point"),
-    (lambda: torch.randn(2, 3, 32, 32, device="meta"), "model is on cpu"),
+    (lambda: torch.randn(2, 3, 32, 32, device="meta"), r"\(B, 3, 32, 32\) must be on the model's device cpu"),
+    (lambda: torch.randn(2, 3, 32, 32, dtype=torch.float64), r"\(B, 3, 32, 32\) must have the model's dtype "
+                                                             r"torch.float32 .*got torch.float64"),
 ])
-def test_bad_images(bad, match):
-    m = create_model("beit_test_patch4_32")
+@pytest.mark.parametrize("fused", [False, True])
+def test_bad_images(bad, match, fused):
+    m = create_model("beit_test_patch4_32", fused=fused)
     with pytest.raises(ValueError, match=match):
         m(bad())
+
+
+def test_low_precision_images_under_autocast():
+    """bf16 images into an fp32 model are fine under autocast (the usual mixed-precision setup)."""
+    m = create_model("beit_test_patch4_32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)).shape == (2, 10)
 
 
 def test_bad_masks():

@@ -70,7 +70,10 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"images must be a floating-point tensor, got dtype {x.dtype}")
         w = self.proj.weight
         if x.device != w.device:
-            raise ValueError(f"images are on {x.device} but the model is on {w.device}")
+            raise ValueError(f"images {expected} must be on the model's device {w.device}, got {x.device}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"images {expected} must have the model's dtype {w.dtype} (or run under "
+                             f"torch.autocast), got {x.dtype}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
