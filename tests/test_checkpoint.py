@@ -203,3 +203,22 @@ def test_pickled_code_is_never_executed(tmp_path):
     with pytest.raises(ValueError, match="weights-only"):
         load_checkpoint(create_model("beit_test_patch4_32"), path)
     assert not os.path.exists("/tmp/beit_fast_pwned")
+
+
+def test_unilm_training_checkpoint_with_args(tmp_path):
+    """unilm's run scripts save {'model', 'optimizer', 'epoch', 'scaler', 'args': argparse.Namespace}; the
+    Namespace is allowed, other objects still are not."""
+    import argparse
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": src.state_dict(), "epoch": 799, "scaler": {"scale": 1024.0},
+                "args": argparse.Namespace(lr=1.5e-3, model="beit_base_patch16_224_8k_vocab")}, path)
+    dst = create_model("beit_test_patch4_32", attn_impl="eager")
+    load_checkpoint(dst, str(path))
+    _same_outputs(src, dst, X())
+    torch.save({"model": src.state_dict(), "args": _Evil()}, path)
+    if os.path.exists("/tmp/beit_fast_pwned"):
+        os.remove("/tmp/beit_fast_pwned")
+    with pytest.raises(ValueError, match="weights-only"):
+        load_checkpoint(dst, str(path))
+    assert not os.path.exists("/tmp/beit_fast_pwned")

@@ -4,6 +4,7 @@ Never executes pickled code: torch files are read with weights_only=True, safete
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass, field
@@ -43,7 +44,10 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
         from safetensors.torch import load_file
         return load_file(path, device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # unilm's own training checkpoints also hold the run's argparse.Namespace ('args'): plain attributes,
+        # allowed; anything else that is not weights still refuses to load
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # an UnpicklingError names the global that weights_only refused
         raise ValueError(f"{path} could not be read as a weights-only torch file (pickled code is never executed): {e}") from None
 
