@@ -45,7 +45,8 @@ BEIT_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MA
   step build "${GPU_CHECK_BUILD_SECONDS:-300}" "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
   || { echo "build failed: see build.log" >>"$SUMMARY"; cat "$SUMMARY"; exit 1; }
 
-# 2. the GPU-facing tests first (kernels compiled by Triton / nvcc, the fused model, CUDA training)
+# 2. the tests: the GPU-facing ones (kernels compiled by Triton / nvcc, the fused model, CUDA training) and,
+#    alongside, the rest
 GPU_TESTS="tests/test_extension.py tests/test_rel_pos_attention.py tests/test_masked_patch_embed.py
   tests/test_layer_scale_residual_norm.py tests/test_linear_gelu.py tests/test_layer_norm.py
   tests/test_fused_model.py tests/test_model.py tests/test_train_loop.py"
@@ -56,10 +57,18 @@ PYTEST=("$PY" -m pytest -q -rfEs --durations=15 -p no:cacheprovider)
 GPU_WORKERS=() REST_WORKERS=()
 CORES=$(nproc 2>/dev/null || echo 1)
 if "$PY" -c "import xdist" 2>/dev/null && (( CORES >= 4 )); then
-  GPU_WORKERS=(-n $(( CORES / 4 < 4 ? CORES / 4 : 4 ))) REST_WORKERS=(-n $(( CORES / 2 < 8 ? CORES / 2 : 8 )))
+  GPU_WORKERS=(-n $(( CORES / 4 < 4 ? CORES / 4 : 4 ))) REST_WORKERS=(-n $(( CORES / 2 < 6 ? CORES / 2 : 6 )))
 fi
+# The rest of the suite (the CPU-side tests CI also runs) at the same time, niced, with its own workers, so
+# that the whole suite runs before the benchmarks, which then have the machine to themselves.
+REST_LOG="$OUT/tests_rest.log"
+# shellcheck disable=SC2086
+step tests_rest 170 "$REST_LOG" nice -n 10 "${PYTEST[@]}" ${REST_WORKERS[@]+"${REST_WORKERS[@]}"} $REST_TESTS &
+REST_PID=$!
 # shellcheck disable=SC2086
 step tests_gpu 170 "$OUT/tests.log" "${PYTEST[@]}" ${GPU_WORKERS[@]+"${GPU_WORKERS[@]}"} $GPU_TESTS
+wait $REST_PID
+[ -f "$REST_LOG" ] && { cat "$REST_LOG" >>"$OUT/tests.log"; rm -f "$REST_LOG"; }
 
 # 3. benchmarks: BEiT-B/L training shapes in bf16 (full sweeps: run the scripts by hand)
 step bench_attention 100 "$OUT/bench.log" "$PY" bench/bench_attention.py --out "$OUT" --dtypes bf16 --quick
@@ -75,9 +84,6 @@ else
   echo "| tune_attention | not run (${TUNE_CAP} s left; run bench/tune_attention.py by hand) | 0 s |" >>"$SUMMARY"
 fi
 
-# 4. the rest of the suite (CPU-side tests that CI also runs) in the time left
-# shellcheck disable=SC2086
-step tests_rest 600 "$OUT/tests.log" "${PYTEST[@]}" ${REST_WORKERS[@]+"${REST_WORKERS[@]}"} $REST_TESTS
 {
   echo
   echo "tests (GPU-facing; rest): $(grep -E '(passed|failed|error|skipped).* in [0-9.]+s' "$OUT/tests.log" \

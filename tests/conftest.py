@@ -39,6 +39,9 @@ import zlib  # noqa: E402
 # Fresh random inputs every run; the session seed is printed so a failure can be replayed with
 # BEIT_FAST_TEST_SEED=<seed>.
 SESSION_SEED = int(os.environ.get("BEIT_FAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
+# pytest-xdist workers start after this runs in the controller and inherit its environment: one seed, the
+# printed one, for all of them
+os.environ["BEIT_FAST_TEST_SEED"] = str(SESSION_SEED)
 
 
 def pytest_report_header(config):
