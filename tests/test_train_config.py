@@ -133,6 +133,25 @@ def test_finetune_warns_when_init_was_pretrained_with_other_normalisation(tmp_pa
     assert normalisation_mismatch(preset("finetune", "beit_base_224"), path) is None
 
 
+def test_init_from_a_hugging_face_model_folder(tmp_path):
+    """--init accepts a save_pretrained / hub snapshot folder (model.safetensors preferred over
+    pytorch_model.bin); a folder with neither says what it looked for."""
+    from beit_fast.train.checkpoint import resolve_checkpoint
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    with pytest.raises(FileNotFoundError, match="model.safetensors / pytorch_model.bin"):
+        resolve_checkpoint(str(hf), weights_folder=True)
+    with pytest.raises(ConfigError, match="init: no checkpoint"):
+        C.check(dataclasses.replace(preset("finetune"), init=str(hf), output_dir=str(tmp_path / "ft")))
+    (hf / "pytorch_model.bin").write_bytes(b"")
+    assert resolve_checkpoint(str(hf), weights_folder=True) == str(hf / "pytorch_model.bin")
+    (hf / "model.safetensors").write_bytes(b"")
+    assert resolve_checkpoint(str(hf), weights_folder=True) == str(hf / "model.safetensors")
+    C.check(dataclasses.replace(preset("finetune"), init=str(hf), output_dir=str(tmp_path / "ft")))
+    with pytest.raises(FileNotFoundError, match="no checkpoint-"):
+        resolve_checkpoint(str(hf))                # resume / eval want a run's checkpoint
+
+
 def test_cosine_schedule_matches_unilm_array():
     import numpy as np
     base, final, epochs, niter, warm = 1e-3, 1e-5, 3, 7, 4

@@ -78,6 +78,24 @@ def test_fused_and_reference_training_give_matching_losses(tmp_path, tokenizer_f
     torch.testing.assert_close(torch.tensor(runs["fused"]), torch.tensor(runs["reference"]), rtol=1e-4, atol=1e-5)
 
 
+def test_accumulation_and_activation_checkpointing_change_nothing(tmp_path):
+    """Two micro-batches of 8 accumulated give the losses and gradient norms of one batch of 16 (the same
+    images); activation checkpointing (with drop path: the recompute replays the RNG) gives the same run."""
+    kw = dict(epochs=1, mixup=0.0, cutmix=0.0, drop_path=0.0, train_subset=96)
+    finetune(tiny_finetune(tmp_path / "b16", batch_size=16, **kw))
+    finetune(tiny_finetune(tmp_path / "b8x2", batch_size=8, accum_steps=2, **kw))
+    for key in ("loss", "grad_norm"):
+        one, two = losses(tmp_path / "b16", key), losses(tmp_path / "b8x2", key)
+        assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 7))
+        torch.testing.assert_close(torch.tensor([v for _, v in two]), torch.tensor([v for _, v in one]),
+                                   rtol=1e-5, atol=1e-6)
+    kw["drop_path"] = 0.2
+    finetune(tiny_finetune(tmp_path / "plain", batch_size=16, **kw))
+    finetune(tiny_finetune(tmp_path / "ckpt", batch_size=16, grad_checkpointing=True, **kw))
+    for key in ("loss", "grad_norm"):
+        assert losses(tmp_path / "ckpt", key) == losses(tmp_path / "plain", key)
+
+
 @needs_cuda
 def test_cuda_bf16_fused_training_tracks_the_reference(tmp_path, tokenizer_file):
     """On a GPU: bf16 autocast, fused kernels (Triton attention, CUDA block ops) and torch's fused AdamW
@@ -130,6 +148,27 @@ def test_fp16_loss_scaling_skips_an_injected_inf_step(tmp_path, device):
     ck = {int(os.path.basename(p)[11:18]): load(p)["model"] for p in step_checkpoints(str(tmp_path / "fp16"))}
     assert all(torch.equal(ck[2][k], ck[3][k]) for k in ck[2])               # the bad step changed nothing
     assert not all(torch.equal(ck[3][k], ck[4][k]) for k in ck[3])            # training went on
+
+
+def test_a_loss_scale_below_the_floor_stops_the_run():
+    """fp16 updates skipped over and over halve GradScaler's scale without end: below MIN_LOSS_SCALE the run
+    stops (before the next save) instead of training nothing; at the floor it goes on."""
+    from beit_fast.train import engine
+    from beit_fast.train.runtime import Runtime
+
+    class Report:
+        def message(self, text):
+            pass
+    rt = Runtime(torch.device("cpu"))
+    sums = engine.log_sums("cpu")
+    engine.add_micro(sums, torch.tensor(float("inf")))
+    engine.add_update(sums, torch.tensor(1.0))
+    low = torch.amp.GradScaler("cpu", init_scale=engine.MIN_LOSS_SCALE / 2)
+    with pytest.raises(FloatingPointError, match="loss scale fell to 0.5.*1 update"):
+        engine.read_sums(sums, rt, low, 40, Report())
+    engine.add_update(sums, torch.tensor(1.0))
+    got = engine.read_sums(sums, rt, torch.amp.GradScaler("cpu", init_scale=engine.MIN_LOSS_SCALE), 41, Report())
+    assert got["skipped"] == 1 and got["scale"] == engine.MIN_LOSS_SCALE
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_file):

@@ -87,8 +87,13 @@ def step_checkpoints(folder: str) -> list:
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(path: str, prefer_best: bool = False) -> str:
-    """A checkpoint file from a file or a run folder (latest step checkpoint; or best when prefer_best)."""
+# the weights file of a Hugging Face model folder (save_pretrained / a hub snapshot), in its preference order
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def resolve_checkpoint(path: str, prefer_best: bool = False, weights_folder: bool = False) -> str:
+    """A checkpoint file from a file or a run folder (latest step checkpoint; or best when prefer_best).
+    weights_folder: a folder without run checkpoints may also be a Hugging Face model folder (for --init)."""
     if os.path.isfile(path):
         return path
     if os.path.isdir(path):
@@ -100,6 +105,12 @@ def resolve_checkpoint(path: str, prefer_best: bool = False) -> str:
             return steps[-1]
         if os.path.isfile(best):
             return best
+        if weights_folder:
+            found = [os.path.join(path, f) for f in HF_WEIGHTS if os.path.isfile(os.path.join(path, f))]
+            if found:
+                return found[0]
+            raise FileNotFoundError(f"no checkpoint-*.pt (a beit_fast run) or {' / '.join(HF_WEIGHTS)} (a Hugging "
+                                    f"Face model folder) in folder {path!r}; pass the checkpoint file itself")
         raise FileNotFoundError(f"no checkpoint-*.pt in folder {path!r}")
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
 

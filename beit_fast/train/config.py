@@ -489,7 +489,7 @@ def check(config):
             if cfg.init:
                 from .checkpoint import resolve_checkpoint
                 try:
-                    resolve_checkpoint(cfg.init)
+                    resolve_checkpoint(cfg.init, weights_folder=True)
                 except FileNotFoundError as e:
                     raise ConfigError(f"init: {e}") from None
             if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:

@@ -84,7 +84,7 @@ def _finetune(cfg, rt) -> dict:
     init_note = "random initialisation"
     if cfg.init:
         from beit_fast.models import load_checkpoint
-        path = ckpt.resolve_checkpoint(cfg.init)
+        path = ckpt.resolve_checkpoint(cfg.init, weights_folder=True)
         load_report = load_checkpoint(model, path)
         init_note = f"{path}\n{load_report}"
         mismatch = normalisation_mismatch(cfg, path)
