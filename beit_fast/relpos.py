@@ -49,18 +49,20 @@ def gather_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _geometric_ratio(src_half: int, dst_half: int) -> float:
-    # unilm: find q with 1 + q + ... + q^(src_half-1) = dst_half by bisection on [1.01, 1.5].
+    # unilm: find q with 1 + q + ... + q^(src_half-1) = dst_half by bisection on [1.01, 1.5]; like unilm,
+    # the ratio used is the last midpoint evaluated (not the final interval's centre), so tables resample
+    # bit for bit as unilm's fine-tuning and segmentation code resamples them.
     def series(r):
         return (1.0 - r ** src_half) / (1.0 - r)
 
     lo, hi = 1.01, 1.5
     while hi - lo > 1e-6:
-        mid = (lo + hi) / 2
-        if series(mid) > dst_half:
-            hi = mid
+        q = (lo + hi) / 2.0
+        if series(q) > dst_half:
+            hi = q
         else:
-            lo = mid
-    return (lo + hi) / 2
+            lo = q
+    return q
 
 
 def _source_coords(src: int, dst: int) -> list[float]:

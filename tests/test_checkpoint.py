@@ -222,3 +222,39 @@ def test_unilm_training_checkpoint_with_args(tmp_path):
     with pytest.raises(ValueError, match="weights-only"):
         load_checkpoint(dst, str(path))
     assert not os.path.exists("/tmp/beit_fast_pwned")
+
+
+def _unilm_resample(table, src_w, dst_w):
+    """unilm's resampling loop (beit/run_class_finetuning.py) as written there, with SciPy's named successor
+    RectBivariateSpline in place of the removed interp2d(kind='cubic')."""
+    import numpy as np
+    from scipy.interpolate import RectBivariateSpline
+    src_size, dst_size = 2 * src_w - 1, 2 * dst_w - 1
+    extra, rel = table[-3:], table[:-3]
+
+    def geometric_progression(a, r, n):
+        return a * (1.0 - r ** n) / (1.0 - r)
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if geometric_progression(1, q, src_size // 2) > dst_size // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1
+    for i in range(src_size // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    x = [-d for d in reversed(dis)] + [0] + dis
+    t = dst_size // 2.0
+    dx = np.arange(-t, t + 0.1, 1.0)
+    cols = [torch.from_numpy(RectBivariateSpline(x, x, rel[:, h].reshape(src_size, src_size).numpy(), kx=3, ky=3)(dx, dx))
+            .reshape(-1, 1) for h in range(rel.shape[1])]
+    return torch.cat([torch.cat(cols, 1), extra], 0)
+
+
+@pytest.mark.parametrize("src, dst", [(14, 24), (8, 12), (14, 32)])
+def test_table_resampling_equals_unilm(src, dst):
+    table = torch.randn(num_relative_distance((src, src)), 3, dtype=torch.float64)
+    ours = resize_rel_pos_bias_table(table, (src, src), (dst, dst))
+    assert torch.equal(ours, _unilm_resample(table, src, dst))
