@@ -123,7 +123,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "timm", "numpy", "safetensors",
-                      "pyyaml", "pillow", "tqdm", "scikit-learn"],
+                      "pyyaml", "pillow", "tqdm", "scikit-learn", "scipy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
     entry_points={"console_scripts": ["beit-fast=beit_fast.cli:entry"]},
     zip_safe=False,
