@@ -44,6 +44,9 @@ def test_list_presets(capsys):
 def test_bench_lists_and_explains_a_missing_folder(tmp_path, monkeypatch, capsys):
     assert main(["bench"]) == 0
     assert "benchmarks in" in capsys.readouterr().out
+    from beit_fast.train import bench                # the Python API of `beit-fast bench`
+    assert bench() == 0 and "attention" in capsys.readouterr().out
+    assert bench("no_such_thing") == 2 and "no bench/bench_no_such_thing.py" in capsys.readouterr().err
     assert main(["bench", "no_such_thing"]) == 2
     monkeypatch.setattr(beit_fast, "__file__", str(tmp_path / "site-packages" / "beit_fast" / "__init__.py"))
     assert main(["bench", "attention"]) == 2
