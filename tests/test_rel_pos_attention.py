@@ -147,6 +147,18 @@ def test_reference_matches_plain_eager():
 # Triton against float64
 # ----------------------------------------------------------------------------------------------------------
 
+def case_inputs(B, H, shape, D, dtype, packed, device):
+    """N, the index keyword ({'window_size': shape}, or an explicit random rel_index when shape is an int N)
+    and make_inputs(...) for one case."""
+    if isinstance(shape, tuple):
+        N, R = shape[0] * shape[1] + 1, num_relative_distance(shape)
+        kw = {"window_size": shape}
+    else:
+        N, R = shape, 11
+        kw = {"rel_index": random_index(N, R).to(device)}
+    return N, kw, make_inputs(B, H, N, D, dtype, R, packed=packed, device=device)
+
+
 # (B, H, window or N, D, dtype, packed); N given as an int means an explicit random rel_index.
 CASES = [
     pytest.param(2, 2, (14, 14), 64, torch.float32, False, id="N197-d64-fp32"),
@@ -167,13 +179,7 @@ CASES = [
 @needs_triton
 @pytest.mark.parametrize("B,H,shape,D,dtype,packed", CASES)
 def test_triton_matches_fp64_reference(B, H, shape, D, dtype, packed):
-    if isinstance(shape, tuple):
-        N, R = shape[0] * shape[1] + 1, num_relative_distance(shape)
-        kw = {"window_size": shape}
-    else:
-        N, R = shape, 11
-        kw = {"rel_index": random_index(N, R).to(DEVICE)}
-    inputs, table, grad = make_inputs(B, H, N, D, dtype, R, packed=packed)
+    N, kw, (inputs, table, grad) = case_inputs(B, H, shape, D, dtype, packed, DEVICE)
     fn = rel_pos_attention_qkvpacked if packed else rel_pos_attention
     out, grads = run(fn, inputs, table, grad, backend="triton", **kw)
     assert out.shape == grad.shape and out.dtype == dtype
@@ -452,13 +458,7 @@ def test_cuda_low_precision_two_x_rule(dtype, B, H, W, D, packed):
 def _check_two_x(B, H, shape, D, dtype, packed, dropout_p=0.0, device="cuda"):
     """Triton on CUDA against fp64 within 2x the error of PyTorch's same-dtype attention (+ atol); shape is a
     window (wh, ww) or N with an explicit random index. With dropout both references use the kernel's mask."""
-    if isinstance(shape, tuple):
-        N, R = shape[0] * shape[1] + 1, num_relative_distance(shape)
-        kw = {"window_size": shape}
-    else:
-        N, R = shape, 11
-        kw = {"rel_index": random_index(N, R).to(device)}
-    inputs, table, grad = make_inputs(B, H, N, D, dtype, R, packed=packed, device=device)
+    N, kw, (inputs, table, grad) = case_inputs(B, H, shape, D, dtype, packed, device)
     fn = rel_pos_attention_qkvpacked if packed else rel_pos_attention
     ref_kw = dict(kw)
     if dropout_p:
