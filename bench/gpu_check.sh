@@ -61,7 +61,7 @@ if "$PY" -c "import xdist" 2>/dev/null && (( CORES >= 4 )); then
 fi
 # The rest of the suite (the CPU-side tests CI also runs) at the same time, niced, with its own workers, so
 # that the whole suite runs before the benchmarks, which then have the machine to themselves.
-REST_LOG="$OUT/tests_rest.log"
+REST_LOG=$(mktemp)   # outside OUTDIR: a run stopped midway leaves no extra file there
 # shellcheck disable=SC2086
 step tests_rest 170 "$REST_LOG" nice -n 10 "${PYTEST[@]}" ${REST_WORKERS[@]+"${REST_WORKERS[@]}"} $REST_TESTS &
 REST_PID=$!

@@ -472,7 +472,8 @@ def _check_two_x(B, H, shape, D, dtype, packed, dropout_p=0.0, device="cuda"):
 
 
 @needs_cuda
-@pytest.mark.parametrize("B,H,shape,D,dtype,packed", CASES)
+@pytest.mark.parametrize("B,H,shape,D,dtype,packed", [   # the same cases, named for the dtype they run in
+    pytest.param(*c.values, id=c.id.replace("fp32", "bf16").replace("fp16", "bf16"), marks=c.marks) for c in CASES])
 def test_cuda_bf16_on_every_case(B, H, shape, D, dtype, packed):
     """The interpreter cases (odd N, explicit index, batch 1-3, head dims 32-128) in bf16 on the GPU."""
     _check_two_x(B, H, shape, D, torch.bfloat16, packed)

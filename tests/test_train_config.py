@@ -96,7 +96,10 @@ def test_a_new_run_refuses_a_used_output_dir(tmp_path):
     used.mkdir()
     cfg = dataclasses.replace(preset("pretrain"), output_dir=str(used))
     C.check(cfg)                                   # an empty folder is fine
-    for name in ("tokenizer.safetensors", "checkpoint-0000660.pt"):
+    (used / "tokenizer.safetensors").write_bytes(b"")  # a tokenizer fit there, named by the run: fine
+    C.check(dataclasses.replace(cfg, tokenizer_path=str(used / "tokenizer.safetensors")))
+    C.check(dataclasses.replace(preset("finetune"), output_dir=str(used)))
+    for name in ("tokenizer.safetensors", "log.jsonl", "checkpoint-0000660.pt"):
         (used / name).write_bytes(b"")
         with pytest.raises(ConfigError, match=f"already holds an earlier run .*{name}.*--resume"):
             C.check(cfg)

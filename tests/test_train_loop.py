@@ -151,8 +151,9 @@ def test_fp16_loss_scaling_skips_an_injected_inf_step(tmp_path, device):
 
 
 def test_a_loss_scale_below_the_floor_stops_the_run():
-    """fp16 updates skipped over and over halve GradScaler's scale without end: below MIN_LOSS_SCALE the run
-    stops (before the next save) instead of training nothing; at the floor it goes on."""
+    """fp16 updates skipped over and over halve GradScaler's scale without end: updates still skipped below
+    MIN_LOSS_SCALE stop the run (before the next save) instead of training nothing; at the floor, or below it
+    with every update applied, it goes on."""
     from beit_fast.train import engine
     from beit_fast.train.runtime import Runtime
 
@@ -169,6 +170,10 @@ def test_a_loss_scale_below_the_floor_stops_the_run():
     engine.add_update(sums, torch.tensor(1.0))
     got = engine.read_sums(sums, rt, torch.amp.GradScaler("cpu", init_scale=engine.MIN_LOSS_SCALE), 41, Report())
     assert got["skipped"] == 1 and got["scale"] == engine.MIN_LOSS_SCALE
+    engine.add_micro(sums, torch.tensor(2.0))
+    engine.add_update(sums, torch.tensor(0.0))
+    got = engine.read_sums(sums, rt, low, 42, Report())
+    assert got["skipped"] == 0 and got["loss"] == 2.0
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_file):

@@ -116,11 +116,16 @@ class FolderDataset:
             return img.convert("RGB"), label
 
 
+def class_folders(root: str) -> list:
+    """The class folders of an ImageFolder tree (its sorted top-level subfolders; nothing below is read)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
 @functools.lru_cache(maxsize=8)
 def _scan_folder(root: str, classes: Optional[tuple] = None):
     """(classes, [(path, label)]) of an ImageFolder tree, labelled by position in `classes` (default: root's
     sorted class folders); cached so the early check and the run share one scan."""
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    found = class_folders(root)
     if classes is None:
         classes = tuple(found)
     extra = [c for c in found if c not in classes]
@@ -160,7 +165,7 @@ def build_dataset(dataset: str, split: str, data_path: str = "", img_size: int =
         train_root = os.path.join(data_path, "train")
         classes = None
         if split != "train" and os.path.isdir(train_root):
-            classes = tuple(_scan_folder(os.path.abspath(train_root))[0])
+            classes = tuple(class_folders(train_root))
         return FolderDataset(root, classes)
     raise ValueError(f"unknown dataset {dataset!r} (digits | folder | synthetic)")
 

@@ -264,8 +264,9 @@ def step_events(cfg, step: int, end_of_epoch: bool) -> tuple:
     return step % cfg.log_every == 0 or end_of_epoch or save, save, stop
 
 
-# GradScaler halves its scale at every skipped update; below this (DeepSpeed's default minimum, which unilm's
-# fp16 runs use) the updates are not failing from an fp16 overflow that a smaller scale can cure
+# GradScaler halves its scale at every skipped update. Updates still being skipped once it is below this
+# (DeepSpeed's default minimum scale; unilm's fine-tuning runs use DeepSpeed) are not failing from an fp16
+# overflow that a smaller scale can cure.
 MIN_LOSS_SCALE = 1.0
 
 
@@ -274,8 +275,8 @@ def read_sums(sums: torch.Tensor, rt, scaler, step: int, report) -> dict:
 
     Returns loss (mean over the finite micro-batches), acc, skipped (updates the loss scaler skipped since
     the last log), skipped_images (unreadable images skipped since the last log, all ranks) and scale. A
-    non-finite loss with no loss scaler to skip its update stops the run, and so does a loss scale that fell
-    below MIN_LOSS_SCALE (fp16 updates skipped again and again)."""
+    non-finite loss with no loss scaler to skip its update stops the run, and so do updates still skipped
+    with a loss scale below MIN_LOSS_SCALE."""
     loss_sum, acc_sum, finite, micro, skipped, bad_images = runtime.all_reduce(sums, rt, op="sum").tolist()
     sums.zero_()
     skipped = round(skipped / rt.world)          # every rank skips the same updates
@@ -284,7 +285,7 @@ def read_sums(sums: torch.Tensor, rt, scaler, step: int, report) -> dict:
                                  f"(step {step}); stopping (try precision=fp16 with loss scaling, a lower lr "
                                  f"or clip_grad)")
     scale = scaler.get_scale() if scaler.is_enabled() else None
-    if scale is not None and scale < MIN_LOSS_SCALE:
+    if scale is not None and scale < MIN_LOSS_SCALE and skipped:
         raise FloatingPointError(f"the fp16 loss scale fell to {scale:g}, below {MIN_LOSS_SCALE:g} (step {step}, "
                                  f"{skipped} update(s) skipped since the previous log): the loss or its gradients "
                                  f"are non-finite at any scale; stopping (try a lower lr, clip_grad, or "
