@@ -79,3 +79,15 @@ def test_held_out_labels_follow_the_training_class_folders(tmp_path):
     _scan_folder.cache_clear()                     # the scan is cached per process; the tree changed
     with pytest.raises(ValueError, match="class folders the training split does not have: dog"):
         check_dataset("folder", str(tmp_path), ("train", "val"))
+
+
+def test_a_root_with_val_but_no_train_folder_is_refused(tmp_path):
+    import pytest
+    from PIL import Image
+    from beit_fast.train.data import check_dataset
+    for folder in ("cat", "val/cat"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "0.png")
+    check_dataset("folder", str(tmp_path / "val"), ("train",))      # class folders directly: fine
+    with pytest.raises(FileNotFoundError, match="has a val/ folder but no train/ folder"):
+        check_dataset("folder", str(tmp_path), ("train",))

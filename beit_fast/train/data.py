@@ -144,10 +144,14 @@ def _scan_folder(root: str, classes: Optional[tuple] = None):
 
 
 def folder_split(data_path: str, split: str) -> Optional[str]:
-    """root/train or root/val when they exist; for train, a root holding class folders directly."""
+    """root/train or root/val when they exist; for train, a root holding class folders directly (not one
+    that has a val/ split: its class folders would include val)."""
     sub = os.path.join(data_path, split)
     if os.path.isdir(sub):
         return sub
+    if split == "train" and os.path.isdir(os.path.join(data_path, "val")):
+        raise FileNotFoundError(f"{data_path!r} has a val/ folder but no train/ folder beside it: expected "
+                                f"{data_path}/train/<class>/<image> and {data_path}/val/<class>/<image>")
     return data_path if split == "train" else None
 
 
