@@ -16,7 +16,7 @@ Triton's own binder exactly as a launch on a GPU would. An autotuned kernel is e
 configs. Identical specializations are compiled once.
 
 Shapes: BEiT-B (B=2, N=197 tokens, window 14x14, H=12, C=768, MLP 768 -> 3072); head dims 64 and 128 (the
-two 16-bit attention configs; 128 = MAX_HEAD_DIM) and 32; LayerNorm at one C per tile _tile() can return
+two 16-bit attention configs; 128 = MAX_HEAD_DIM), 32 and 80 (padded); LayerNorm at one C per tile _tile() can return
 (C = 1, 2, 4, .. MAX_C) and C = 768.
 
 Budget (the whole file takes 2.5-3 min on 2 busy cores: compiling is CPU-heavy, a 128x256 fp32 GEMM alone takes
@@ -25,7 +25,7 @@ Budget (the whole file takes 2.5-3 min on 2 busy cores: compiling is CPU-heavy, 
   saved pre-activation, and x bf16 for the recompute backward with bias gradient; every attention config
   (d64, d128, fp32) x dtype with the heaviest flags (explicit index, dropout, fp32 table, table gradient)
   and, in bf16 and fp32, BEiT's training path (arithmetic index, no dropout, fp32 table, table gradient),
-  plus head dim 32 (bf16, heaviest flags); every LayerNorm tile x dtype with all parameters and
+  plus head dims 32 and 80 (bf16, heaviest flags); every LayerNorm tile x dtype with all parameters and
   gradients, and at C = 768 (bf16, fp32) every parameter / gradient combination; every _dgelu_kernel
   variant (_delta, _table_grad and _keep_mask come with the attention scenarios).
   sm_80 (representative subset): every GEMM config x bf16 and fp32+TF32 (forward, heaviest flags), the
@@ -193,8 +193,9 @@ def _scenarios_rel_pos_attention(K):
     inverse = (_meta((N * N,), torch.int32), _meta((R,), torch.int32), _meta((R,), torch.int32), 64)
     for fam, dt in _dtypes().items():
         tdts = (dt,) if dt == torch.float32 else (dt, torch.float32)   # table in q's dtype, or fp32 (AMP)
-        # 64 (BEiT) and 128: the two 16-bit config families, 128 = MAX_HEAD_DIM; 32: a smaller BLOCK_D
-        for D in (32, 64, 128):
+        # 64 (BEiT) and 128: the two 16-bit config families, 128 = MAX_HEAD_DIM; 32: a smaller BLOCK_D; 80: a
+        # head dim padded to BLOCK_D = 128 (HEAD_D is a constexpr: its masks are another compile)
+        for D in (32, 64, 80, 128):
             # the packed (B, N, 3, H, D) qkv layout and (B, N, H*D) output the model uses
             qkv = _meta((B, N, 3, H, D), dt)
             q, k, v = (qkv.select(2, i).permute(0, 2, 1, 3) for i in range(3))
@@ -213,7 +214,7 @@ def _scenarios_rel_pos_attention(K):
                         # BEiT's training path (arithmetic index, no dropout, fp32 table): sm_90
                         heavy = idx is not None and p > 0 and tdt == torch.float32
                         common = idx is None and p == 0 and tdt == torch.float32
-                        if D == 32:   # a smaller BLOCK_D of the d64 configs: heaviest flags, bf16, sm_90
+                        if D in (32, 80):   # a smaller / padded BLOCK_D: heaviest flags, bf16, sm_90
                             lvl = SM90 if heavy and fam == "bf16" else FULL
                         else:
                             lvl = ALL if heavy else (SM90 if common and fam != "fp16" else FULL)
