@@ -66,6 +66,10 @@ def test_pretrain_then_finetune_then_eval(tmp_path):
     ev = evaluate(EvalConfig(checkpoint=str(tmp_path / "ft"), num_workers=0, precision="fp32", device="cpu"))
     assert ev["n"] == 360 and abs(ev["top1"] - ft["best_top1"]) < 1e-9
     assert json.load(open(tmp_path / "ft" / "eval.json"))["top1"] == ev["top1"]
+    # fine-tuning that init with another normalisation says so (and still runs)
+    with pytest.warns(UserWarning, match="pretrained on images normalised with mean=.*--mean 0.5,0.5,0.5"):
+        finetune(tiny_finetune(tmp_path / "ft2", init=str(tmp_path / "pt"), epochs=1, train_subset=32,
+                               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
 
 
 def test_fused_and_reference_training_give_matching_losses(tmp_path, tokenizer_file):
