@@ -97,17 +97,20 @@ def test_fused_residual_stream_stays_fp32_under_autocast():
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_fused_model_compiles_without_graph_breaks(device):
     """The whole fused training step (auto backends: C++ / reference ops on CPU, CUDA / Triton kernels on a
-    GPU) traces into one graph, forward and backward, and computes what the eager fused model computes."""
+    GPU) traces into one graph, forward and backward, and computes what the eager fused model computes. The
+    masked positions come as masked_index, as the trainer passes them (selecting by the bool mask alone has
+    a data-dependent size: a graph break in older torch, e.g. 2.6)."""
     torch._dynamo.reset()
     m = randomize_(create_model("beit_test_patch4_32_mim", fused=True, attn_impl="auto",
                                 drop_path_rate=0.1)).to(device).train()
     x = torch.randn(2, 3, 32, 32, device=device)
     mask = torch.rand(2, 64, device=device) < 0.4
+    index = mask.reshape(-1).nonzero().squeeze(1)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
     for model in (m, compiled):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(0)   # drop path draws the same scales in both runs
-        out = model(x, mask)
+        out = model(x, mask, masked_index=index)
         out.float().square().mean().backward()
         if model is m:
             eager_out, eager_grads = out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
