@@ -33,5 +33,3 @@ def run(name: str = "", *script_args: str) -> int:
     cmd = [sys.executable, os.path.join(bench_dir, f"bench_{name}.py"), *script_args]
     print("+ " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, cwd=os.path.dirname(bench_dir))
-
-

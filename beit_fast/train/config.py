@@ -409,8 +409,8 @@ def _check_output_dir_is_free(cfg) -> None:
             return
     elif cfg.resume == "auto":
         return
-    names = ", ".join(os.path.basename(p) for p in found[-3:])
-    raise ConfigError(f"output_dir {folder!r} already holds an earlier run ({names}); pass --resume (resume=auto) to "
+    listed = ", ".join(os.path.basename(p) for p in found[-3:])
+    raise ConfigError(f"output_dir {folder!r} already holds an earlier run ({listed}); pass --resume (resume=auto) to "
                       f"continue that run, or choose another --output-dir (a new run there would delete or reuse "
                       f"its files)")
 

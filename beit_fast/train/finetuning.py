@@ -173,7 +173,8 @@ def _finetune(cfg, rt) -> dict:
                 report.log({"step": step, "epoch": epoch, **last, "lr": schedule.lr_at(step - 1),
                             "wd": schedule.wd_at(step - 1), "grad_norm": float(grad_norm),
                             "scale": got["scale"], "skipped": got["skipped"], "img_s": img_s,
-                            "skipped_images": skipped_images, "mfu": flops * img_s / (peak * rt.world) if peak else None}, step)
+                            "skipped_images": skipped_images,
+                            "mfu": flops * img_s / (peak * rt.world) if peak else None}, step)
             if save_now:
                 engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch,
                             batch_in_epoch=batch_index + 1, kind="finetune",
