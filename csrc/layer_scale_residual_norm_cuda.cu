@@ -1,334 +1,26 @@
-// beit_fast::layer_scale_residual_norm, CUDA kernels (fp32 / fp16 / bf16 with fp32 accumulation, and x fp32
-// with y fp16/bf16 for the AMP residual stream). Per-element math: layer_scale_residual_norm.cuh.
-//
-// Forward: one block per row; each thread keeps NV vectors of VEC elements of the row in registers, so x and y
-// are read once and s and n written once; mean and variance come from two block reductions over the values
-// held in registers (two-pass variance, no cancellation).
-// Backward: a grid of G blocks walks the rows (row = blockIdx.x + i * G) with the same thread-to-column map.
-// Each thread accumulates the gamma / ln_weight / ln_bias gradient of its columns in registers over its
-// block's rows and writes them to row blockIdx.x of a (G, C) fp32 partial buffer; column_sum_cuda then adds
-// the G rows in a fixed order. No atomics: deterministic for a given shape and GPU model.
+// beit_fast::layer_scale_residual_norm on CUDA: device checks, the stream, the grid size from the GPU model,
+// and the registration. Kernels and their launch: layer_scale_residual_norm_kernels.cuh.
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs the cuSPARSE/cuBLAS headers
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <limits>
-
-#include "layer_scale_residual_norm.cuh"
-#include "layer_scale_residual_norm.h"
+#include "launch.cuh"
+#include "layer_scale_residual_norm_kernels.cuh"
 #include "partial_sums.h"
-#include "vec.cuh"
 
 namespace beit_fast {
 namespace lsrn {
 namespace {
 
-constexpr const char* kOp = "layer_scale_residual_norm (CUDA)";
-constexpr int kMaxThreadsVec = 256;      // vectorized kernels: up to 256 threads x NV vectors per row
-constexpr int kMaxThreadsScalar = 1024;  // scalar fallback (C not a multiple of the vector width)
-constexpr int kScalarNV = 8;
-constexpr int64_t kMinRowsPerBlock = 16;  // backward: bounds the (G, C) partial buffer
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32); every thread gets the same value, added in warp order.
-__device__ __forceinline__ float block_sum(float v, float* smem) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-  __syncthreads();  // an earlier reduction may still be reading smem
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  float t = 0.f;
-  for (int i = 0; i < nw; ++i) t += smem[i];
-  return t;
-}
-
-__device__ __forceinline__ void block_sum2(float& a, float& b, float* smem) {
-  a = warp_sum(a);
-  b = warp_sum(b);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-  __syncthreads();
-  if (lane == 0) {
-    smem[warp] = a;
-    smem[32 + warp] = b;
-  }
-  __syncthreads();
-  a = 0.f;
-  b = 0.f;
-  for (int i = 0; i < nw; ++i) {
-    a += smem[i];
-    b += smem[32 + i];
-  }
-}
-
-template <typename Tx, typename Ty, int VEC, int NV>
-__global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
-    forward_kernel(const Tx* __restrict__ x, const Ty* __restrict__ y, const float* __restrict__ gamma,
-                   const float* __restrict__ scale, const float* __restrict__ w, const float* __restrict__ b,
-                   Tx* __restrict__ s, Tx* __restrict__ n, float* __restrict__ mean, float* __restrict__ rstd,
-                   int64_t N, int C, float eps) {
-  __shared__ float smem[32];
-  const int64_t row = blockIdx.x;
-  const int64_t base = row * C;
-  const float sc = scale ? scale[row / N] : 1.f;
-  const int nvec = C / VEC;
-  float v[NV][VEC];
-  float total = 0.f;
-#pragma unroll
-  for (int i = 0; i < NV; ++i) {
-    const int vi = threadIdx.x + i * blockDim.x;
-    if (vi < nvec) {
-      const int c0 = vi * VEC;
-      const Vec<Tx, VEC> xv = load_vec<Tx, VEC>(x + base + c0);
-      const Vec<Ty, VEC> yv = load_vec<Ty, VEC>(y + base + c0);
-      Vec<Tx, VEC> sv;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float r = residual<float>(static_cast<float>(xv.v[j]), static_cast<float>(yv.v[j]),
-                                        gamma ? gamma[c0 + j] : 1.f, sc);
-        sv.v[j] = static_cast<Tx>(r);
-        v[i][j] = static_cast<float>(sv.v[j]);
-        total += v[i][j];
-      }
-      store_vec<Tx, VEC>(s + base + c0, sv);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[i][j] = 0.f;
-    }
-  }
-  if (n == nullptr) return;  // uniform over the block: no LayerNorm requested
-  const float mu = block_sum(total, smem) / static_cast<float>(C);
-  float sq = 0.f;
-#pragma unroll
-  for (int i = 0; i < NV; ++i) {
-    if (threadIdx.x + i * blockDim.x < nvec) {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) sq += (v[i][j] - mu) * (v[i][j] - mu);
-    }
-  }
-  const float rs = rstd_from<float>(block_sum(sq, smem), C, eps);
-  if (threadIdx.x == 0) {
-    mean[row] = mu;
-    rstd[row] = rs;
-  }
-#pragma unroll
-  for (int i = 0; i < NV; ++i) {
-    const int vi = threadIdx.x + i * blockDim.x;
-    if (vi < nvec) {
-      const int c0 = vi * VEC;
-      Vec<Tx, VEC> nv;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        nv.v[j] = static_cast<Tx>(normalize<float>(v[i][j], mu, rs, w[c0 + j], b ? b[c0 + j] : 0.f));
-      store_vec<Tx, VEC>(n + base + c0, nv);
-    }
-  }
-}
-
-template <typename Tx, typename Ty, int VEC, int NV>
-__global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
-    backward_kernel(const Tx* __restrict__ gs, const Tx* __restrict__ gn, const Tx* __restrict__ s,
-                    const Ty* __restrict__ y, const float* __restrict__ gamma, const float* __restrict__ scale,
-                    const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ rstd,
-                    Tx* __restrict__ dx, Ty* __restrict__ dy, float* __restrict__ pg, float* __restrict__ pw,
-                    float* __restrict__ pb, int64_t rows, int64_t N, int C) {
-  __shared__ float smem[64];
-  const int nvec = C / VEC;
-  float acc_g[NV][VEC], acc_w[NV][VEC], acc_b[NV][VEC];
-#pragma unroll
-  for (int i = 0; i < NV; ++i)
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) acc_g[i][j] = acc_w[i][j] = acc_b[i][j] = 0.f;
-
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t base = row * C;
-    const float sc = scale ? scale[row / N] : 1.f;
-    // All four row loads are issued before the block reduction, to keep more bytes in flight.
-    Vec<Tx, VEC> sv[NV], nv[NV], gsv[NV];
-    Vec<Ty, VEC> yv[NV];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int vi = threadIdx.x + i * blockDim.x;
-      if (vi < nvec) {
-        const int64_t o = base + vi * VEC;
-        if (gn != nullptr) {
-          sv[i] = load_vec<Tx, VEC>(s + o);
-          nv[i] = load_vec<Tx, VEC>(gn + o);
-        }
-        if (gs != nullptr) gsv[i] = load_vec<Tx, VEC>(gs + o);
-        if (pg != nullptr) yv[i] = load_vec<Ty, VEC>(y + o);
-      }
-    }
-    float xh[NV][VEC], g[NV][VEC];
-    float sum_g = 0.f, sum_gx = 0.f, rs = 0.f;
-    if (gn != nullptr) {  // uniform over the grid
-      const float mu = mean[row];
-      rs = rstd[row];
-#pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        const int vi = threadIdx.x + i * blockDim.x;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          if (vi < nvec) {
-            const float d = static_cast<float>(nv[i].v[j]);
-            xh[i][j] = xhat_of<float>(static_cast<float>(sv[i].v[j]), mu, rs);
-            g[i][j] = d * w[vi * VEC + j];
-            sum_g += g[i][j];
-            sum_gx += g[i][j] * xh[i][j];
-            acc_w[i][j] += d * xh[i][j];
-            acc_b[i][j] += d;
-          } else {
-            xh[i][j] = g[i][j] = 0.f;
-          }
-        }
-      }
-      block_sum2(sum_g, sum_gx, smem);
-    }
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int vi = threadIdx.x + i * blockDim.x;
-      if (vi >= nvec) continue;
-      const int c0 = vi * VEC;
-      Vec<Tx, VEC> dxv;
-      Vec<Ty, VEC> dyv;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float dsum = gs != nullptr ? static_cast<float>(gsv[i].v[j]) : 0.f;
-        const float ds =
-            gn != nullptr ? residual_grad<float>(dsum, g[i][j], xh[i][j], rs, sum_g, sum_gx, C) : dsum;
-        dxv.v[j] = static_cast<Tx>(ds);
-        dyv.v[j] = static_cast<Ty>(branch_grad<float>(ds, gamma ? gamma[c0 + j] : 1.f, sc));
-        if (pg != nullptr) acc_g[i][j] += gamma_grad_term<float>(ds, static_cast<float>(yv[i].v[j]), sc);
-      }
-      if (dx != nullptr) store_vec<Tx, VEC>(dx + base + c0, dxv);
-      if (dy != nullptr) store_vec<Ty, VEC>(dy + base + c0, dyv);
-    }
-  }
-  const int64_t prow = static_cast<int64_t>(blockIdx.x) * C;
-#pragma unroll
-  for (int i = 0; i < NV; ++i) {
-    const int vi = threadIdx.x + i * blockDim.x;
-    if (vi >= nvec) continue;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const int c = vi * VEC + j;
-      if (pg != nullptr) pg[prow + c] = acc_g[i][j];
-      if (pw != nullptr) pw[prow + c] = acc_w[i][j];
-      if (pb != nullptr) pb[prow + c] = acc_b[i][j];
-    }
-  }
-}
-
-// How a row of C elements maps onto a block: VEC elements per access, NV accesses per thread. The (C,)
-// parameters are read as scalars (they stay in L1), so only the (B, N, C) tensors need 16-byte alignment.
-struct Plan {
-  int vec, nv, threads;
-};
-
-Plan make_plan(int64_t C, int vec_width, bool vec_ok) {
-  if (vec_ok && C % vec_width == 0) {
-    const int64_t nvec = C / vec_width;
-    for (int nv : {1, 2, 4, 8}) {
-      const int64_t threads = (nvec + nv - 1) / nv;
-      if (threads <= kMaxThreadsVec) return {vec_width, nv, static_cast<int>((threads + 31) / 32 * 32)};
-    }
-  }
-  const int64_t threads = (C + kScalarNV - 1) / kScalarNV;
-  TORCH_CHECK(threads <= kMaxThreadsScalar, kOp, ": C = ", C, " is too large (at most ", kMaxThreadsScalar * kScalarNV,
-              ", or ", kMaxThreadsVec * 8 * vec_width, " when C is a multiple of ", vec_width, ")");
-  return {1, kScalarNV, static_cast<int>((threads + 31) / 32 * 32)};
-}
-
-template <typename T>
-const T* cptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
-template <typename T>
-T* mptr(at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
-
-// Calls f.template operator()<VEC, NV> for the plan's instantiation (C++17: through a tag pair).
-template <int VW, typename F>
-void dispatch_plan(const Plan& p, F&& f) {
-  if (p.vec == 1) return f(IntTag<1>{}, IntTag<kScalarNV>{});
-  switch (p.nv) {
-    case 1: return f(IntTag<VW>{}, IntTag<1>{});
-    case 2: return f(IntTag<VW>{}, IntTag<2>{});
-    case 4: return f(IntTag<VW>{}, IntTag<4>{});
-    default: return f(IntTag<VW>{}, IntTag<8>{});
-  }
-}
-
-template <typename Tx, typename Ty>
-void launch_forward(const Forward& a, at::Tensor& s, at::Tensor& n, at::Tensor& mean, at::Tensor& rstd) {
-  constexpr int VW = 16 / sizeof(Tx);
-  const bool vec_ok = aligned_to(a.x.data_ptr(), 16) && aligned_to(a.y.data_ptr(), VW * sizeof(Ty)) &&
-                      aligned_to(s.data_ptr(), 16) && (!n.defined() || aligned_to(n.data_ptr(), 16));
-  const Plan plan = make_plan(a.C, VW, vec_ok);
-  const int64_t rows = a.B * a.N;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_plan<VW>(plan, [&](auto vec, auto nv) {
-    forward_kernel<Tx, Ty, decltype(vec)::value, decltype(nv)::value>
-        <<<static_cast<unsigned>(rows), plan.threads, 0, stream>>>(
-            a.x.data_ptr<Tx>(), a.y.data_ptr<Ty>(), cptr<float>(a.gamma), cptr<float>(a.scale), cptr<float>(a.w),
-            cptr<float>(a.b), s.data_ptr<Tx>(), mptr<Tx>(n), mptr<float>(mean), mptr<float>(rstd), a.N,
-            static_cast<int>(a.C), static_cast<float>(a.eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-template <typename Tx, typename Ty>
-void launch_backward(const Backward& a, at::Tensor& dx, at::Tensor& dy, at::Tensor& pg, at::Tensor& pw,
-                     at::Tensor& pb, int64_t grid) {
-  constexpr int VW = 16 / sizeof(Tx);
-  const bool vec_ok = aligned_to(cptr<Tx>(a.grad_sum), 16) && aligned_to(cptr<Tx>(a.grad_norm), 16) &&
-                      aligned_to(a.sum.data_ptr(), 16) && aligned_to(cptr<Ty>(a.y), VW * sizeof(Ty)) &&
-                      aligned_to(cptr<Tx>(dx), 16) && aligned_to(cptr<Ty>(dy), VW * sizeof(Ty));
-  const Plan plan = make_plan(a.C, VW, vec_ok);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_plan<VW>(plan, [&](auto vec, auto nv) {
-    backward_kernel<Tx, Ty, decltype(vec)::value, decltype(nv)::value>
-        <<<static_cast<unsigned>(grid), plan.threads, 0, stream>>>(
-            cptr<Tx>(a.grad_sum), cptr<Tx>(a.grad_norm), a.sum.data_ptr<Tx>(), cptr<Ty>(a.y), cptr<float>(a.gamma),
-            cptr<float>(a.scale), cptr<float>(a.w), cptr<float>(a.mean), cptr<float>(a.rstd), mptr<Tx>(dx),
-            mptr<Ty>(dy), mptr<float>(pg), mptr<float>(pw), mptr<float>(pb), a.B * a.N, a.N,
-            static_cast<int>(a.C));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-void check_rows(int64_t rows) {
-  TORCH_CHECK(rows <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()), kOp, ": B * N = ", rows,
-              " rows exceed the grid limit 2^31 - 1");
-}
-
 ForwardResult forward_cuda(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& gamma,
                            const c10::optional<at::Tensor>& drop_path_scale,
                            const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
                            double eps) {
-  TORCH_CHECK_VALUE(x.is_cuda(), kOp, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.is_cuda(), dev::kOp, ": x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is registered from Python
-  const Forward a = prepare_forward(x, y, gamma, drop_path_scale, ln_weight, ln_bias, eps, /*allow_double=*/false);
-  at::Tensor s = at::empty_like(a.x);
-  at::Tensor n, mean, rstd;
-  if (a.w.defined()) {
-    n = at::empty_like(a.x);
-    mean = at::empty({a.B, a.N}, a.x.options().dtype(at::kFloat));
-    rstd = at::empty_like(mean);
-  }
-  const int64_t rows = a.B * a.N;
-  check_rows(rows);
-  if (rows > 0) {
-    dispatch_pair(a.x.scalar_type(), a.y.scalar_type(), false, kOp, [&](auto tx, auto ty) {
-      launch_forward<typename decltype(tx)::type, typename decltype(ty)::type>(a, s, n, mean, rstd);
-    });
-  }
-  if (!a.w.defined()) return {s, c10::nullopt, c10::nullopt, c10::nullopt};
-  return {s, n, mean, rstd};
+  return dev::forward_on(CudaLaunch{c10::cuda::getCurrentCUDAStream()}, x, y, gamma, drop_path_scale, ln_weight,
+                         ln_bias, eps);
 }
 
 BackwardResult backward_cuda(const c10::optional<at::Tensor>& grad_sum, const c10::optional<at::Tensor>& grad_norm,
@@ -337,39 +29,12 @@ BackwardResult backward_cuda(const c10::optional<at::Tensor>& grad_sum, const c1
                              const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
                              const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& rstd,
                              std::array<bool, 5> output_mask) {
-  TORCH_CHECK_VALUE(sum.is_cuda(), kOp, "_backward: sum must be a CUDA tensor, got ", sum.device());
+  TORCH_CHECK_VALUE(sum.is_cuda(), dev::kOp, "_backward: sum must be a CUDA tensor, got ", sum.device());
   const c10::cuda::CUDAGuard guard(sum.device());
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Backward a = prepare_backward(grad_sum, grad_norm, sum, y, y_dtype, gamma, drop_path_scale, ln_weight,
-                                      ln_bias, mean, rstd, output_mask, /*allow_double=*/false);
-  const int64_t rows = a.B * a.N;
-  check_rows(rows);
-  const bool ln_grads = a.grad_norm.defined();
-  auto opts = a.sum.options();
-  at::Tensor dx = a.need[0] ? at::empty_like(a.sum) : at::Tensor();
-  at::Tensor dy = a.need[1] ? at::empty_like(a.sum, opts.dtype(a.y_dtype)) : at::Tensor();
-  // The grid is a function of the shape and the GPU model only (determinism).
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t grid =
-      std::max<int64_t>(1, std::min<int64_t>(int64_t{sms} * 8, (rows + kMinRowsPerBlock - 1) / kMinRowsPerBlock));
-  auto partial = [&](bool need) { return need ? at::empty({grid, a.C}, opts.dtype(at::kFloat)) : at::Tensor(); };
-  at::Tensor pg = partial(a.need[2] && rows > 0), pw = partial(a.need[3] && ln_grads && rows > 0),
-             pb = partial(a.need[4] && ln_grads && rows > 0);
-  if (rows > 0 && (dx.defined() || dy.defined() || pg.defined() || pw.defined() || pb.defined())) {
-    dispatch_pair(a.sum.scalar_type(), a.y_dtype, false, kOp, [&](auto tx, auto ty) {
-      launch_backward<typename decltype(tx)::type, typename decltype(ty)::type>(a, dx, dy, pg, pw, pb, grid);
-    });
-  }
-  auto param_grad = [&](bool need, const at::Tensor& part, at::ScalarType dtype) -> c10::optional<at::Tensor> {
-    if (!need) return c10::nullopt;
-    if (!part.defined()) return at::zeros({a.C}, opts.dtype(dtype));
-    return column_sum_cuda(part).to(dtype);
-  };
-  return {a.need[0] ? c10::optional<at::Tensor>(dx) : c10::nullopt,
-          a.need[1] ? c10::optional<at::Tensor>(dy) : c10::nullopt,
-          param_grad(a.need[2], pg, a.gamma_dtype), param_grad(a.need[3], pw, a.w_dtype),
-          param_grad(a.need[4], pb, a.b_dtype)};
+  return dev::backward_on(CudaLaunch{c10::cuda::getCurrentCUDAStream()}, sms, &column_sum_cuda, grad_sum, grad_norm,
+                          sum, y, y_dtype, gamma, drop_path_scale, ln_weight, ln_bias, mean, rstd, output_mask);
 }
 
 }  // namespace

@@ -1,208 +1,27 @@
-// beit_fast::masked_patch_embed, CUDA kernels (fp32 / fp16 / bf16; fp32 epilogue math). The GEMMs are cuBLAS
-// (at::mm on the current stream); these kernels do what surrounds them:
-//   gather      images -> patch matrix (B*(1+P), K), 16-byte accesses along the patch rows; cls and masked
-//               rows are written as zeros without reading pixels
-//   epilogue    in place on the GEMM output: + bias, mask_token at masked patches, cls_token in row 0,
-//               + pos_embed, one read and one write per element
-//   token_sums  grad (B, 1+P, C) -> per-token sums over the batch, split by masked / unmasked, in fixed
-//               order over b (gives d_bias, d_mask_token, d_cls_token, d_pos_embed deterministically)
-//   scatter     d_patches -> d_images, zero at masked patches
-// Index math is int32 (the host checks that every tensor has fewer than 2^31 elements).
+// beit_fast::masked_patch_embed on CUDA: device checks, the stream and the registration. The flow (checks,
+// GEMMs, kernel order) is masked_patch_embed.cpp's forward_impl / backward_impl; the kernels and their
+// launch: masked_patch_embed_kernels.cuh.
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs the cuSPARSE/cuBLAS headers
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <limits>
-
-#include "dtype_dispatch.h"
-#include "masked_patch_embed.cuh"
-#include "masked_patch_embed.h"
+#include "launch.cuh"
+#include "masked_patch_embed_kernels.cuh"
 #include "partial_sums.h"
-#include "vec.cuh"
 
 namespace beit_fast {
 namespace mpe {
 namespace {
 
-constexpr const char* kOp = "masked_patch_embed (CUDA)";
-constexpr int kThreads = 256;
+CudaLaunch on_stream() { return CudaLaunch{c10::cuda::getCurrentCUDAStream()}; }
 
-int32_t i32(int64_t v, const char* what) {
-  TORCH_CHECK(v <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()), kOp, ": ", what, " has ", v,
-              " elements; at most 2^31 - 1 are supported");
-  return static_cast<int32_t>(v);
-}
-
-PatchGeom<int32_t> geom32(const Prepared& p) {
-  i32(p.images.numel(), "images");
-  return {static_cast<int32_t>(p.Cin), static_cast<int32_t>(p.H), static_cast<int32_t>(p.W),
-          static_cast<int32_t>(p.ph), static_cast<int32_t>(p.pw), static_cast<int32_t>(p.Wp),
-          static_cast<int32_t>(p.P), static_cast<int32_t>(p.K)};
-}
-
-unsigned blocks_for(int32_t n) { return static_cast<unsigned>((static_cast<int64_t>(n) + kThreads - 1) / kThreads); }
-
-const bool* mask_ptr(const Prepared& p) { return p.mask.defined() ? p.mask.data_ptr<bool>() : nullptr; }
-
-// Pixel runs are VEC-contiguous when the patch width and the image width are multiples of VEC.
-template <typename T>
-int pixel_vec(const Prepared& p, const void* a, const void* b) {
-  constexpr int VW = 16 / sizeof(T);
-  return (p.pw % VW == 0 && p.W % VW == 0 && aligned_to(a, 16) && aligned_to(b, 16)) ? VW : 1;
-}
-
-template <typename T, int VEC>
-__global__ void gather_kernel(const T* __restrict__ img, T* __restrict__ patches, const bool* __restrict__ mask,
-                              PatchGeom<int32_t> g, int32_t total_vecs) {
-  const int32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= total_vecs) return;
-  const int32_t kv = g.K / VEC;
-  const int32_t row = idx / kv, k = (idx - row * kv) * VEC;
-  const int32_t b = row / (g.P + 1), t = row - b * (g.P + 1);
-  Vec<T, VEC> v;
-  if (t == 0 || token_masked<int32_t>(mask, b, t, g.P)) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v.v[j] = static_cast<T>(0.f);
-  } else {
-    v = load_vec<T, VEC>(img + pixel_offset<int32_t>(g, b, t - 1, k));
-  }
-  store_vec<T, VEC>(patches + static_cast<int64_t>(idx) * VEC, v);
-}
-
-template <typename T, int VEC>
-__global__ void epilogue_kernel(T* __restrict__ out, const float* __restrict__ bias,
-                                const float* __restrict__ mask_token, const float* __restrict__ cls_token,
-                                const float* __restrict__ pos, const bool* __restrict__ mask, int32_t P, int32_t C,
-                                int32_t total_vecs) {
-  const int32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= total_vecs) return;
-  const int32_t cv = C / VEC;
-  const int32_t row = idx / cv, c0 = (idx - row * cv) * VEC;
-  const int32_t b = row / (P + 1), t = row - b * (P + 1);
-  const bool masked = token_masked<int32_t>(mask, b, t, P);
-  T* dst = out + static_cast<int64_t>(idx) * VEC;
-  Vec<T, VEC> v = load_vec<T, VEC>(dst);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    const int32_t c = c0 + j;
-    v.v[j] = static_cast<T>(token_value<float>(t == 0, masked, static_cast<float>(v.v[j]), bias[c], mask_token[c],
-                                               cls_token[c], pos ? pos[t * C + c] : 0.f));
-  }
-  store_vec<T, VEC>(dst, v);
-}
-
-template <typename T>
-__global__ void token_sums_kernel(const T* __restrict__ grad, const bool* __restrict__ mask,
-                                  float* __restrict__ unmasked, float* __restrict__ masked, int32_t B, int32_t P,
-                                  int32_t C) {
-  const int32_t idx = blockIdx.x * blockDim.x + threadIdx.x;  // over (1+P) * C
-  if (idx >= (P + 1) * C) return;
-  const int32_t t = idx / C;
-  const int64_t stride = static_cast<int64_t>(P + 1) * C;
-  float u = 0.f, m = 0.f;
-#pragma unroll 4
-  for (int32_t b = 0; b < B; ++b) {
-    const float v = static_cast<float>(grad[b * stride + idx]);
-    if (token_masked<int32_t>(mask, b, t, P)) m += v;
-    else u += v;
-  }
-  unmasked[idx] = u;
-  masked[idx] = m;
-}
-
-template <typename T, int VEC>
-__global__ void scatter_kernel(const T* __restrict__ dpatches, T* __restrict__ dimg, const bool* __restrict__ mask,
-                               PatchGeom<int32_t> g, int32_t total_vecs) {
-  const int32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= total_vecs) return;
-  const int32_t pix = idx * VEC;
-  const int32_t xx = pix % g.W, rest = pix / g.W;
-  const int32_t yy = rest % g.H, rest2 = rest / g.H;
-  const int32_t ci = rest2 % g.Cin, b = rest2 / g.Cin;
-  int32_t patch, k;
-  patch_of_pixel<int32_t>(g, ci, yy, xx, patch, k);
-  Vec<T, VEC> v;
-  if (token_masked<int32_t>(mask, b, 1 + patch, g.P)) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v.v[j] = static_cast<T>(0.f);
-  } else {
-    v = load_vec<T, VEC>(dpatches + (static_cast<int64_t>(b) * (g.P + 1) + 1 + patch) * g.K + k);
-  }
-  store_vec<T, VEC>(dimg + static_cast<int64_t>(pix), v);
-}
-
-void gather_cuda(const Prepared& p, at::Tensor& patches) {
-  const PatchGeom<int32_t> g = geom32(p);
-  i32(patches.numel(), "the patch matrix");
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(p.images.scalar_type(), false, kOp, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    constexpr int VW = 16 / sizeof(T);
-    if (pixel_vec<T>(p, p.images.data_ptr(), patches.data_ptr()) == VW) {
-      const int32_t n = static_cast<int32_t>(patches.numel() / VW);
-      gather_kernel<T, VW><<<blocks_for(n), kThreads, 0, stream>>>(p.images.data_ptr<T>(), patches.data_ptr<T>(),
-                                                                   mask_ptr(p), g, n);
-    } else {
-      const int32_t n = static_cast<int32_t>(patches.numel());
-      gather_kernel<T, 1><<<blocks_for(n), kThreads, 0, stream>>>(p.images.data_ptr<T>(), patches.data_ptr<T>(),
-                                                                  mask_ptr(p), g, n);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-void epilogue_cuda(const Prepared& p, at::Tensor& out) {
-  const int32_t numel = i32(out.numel(), "the output");
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const float* pos = p.pos_embed.defined() ? p.pos_embed.data_ptr<float>() : nullptr;
-  dispatch_float(p.images.scalar_type(), false, kOp, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    constexpr int VW = 16 / sizeof(T);
-    auto launch = [&](auto vec_tag) {
-      constexpr int V = decltype(vec_tag)::value;
-      const int32_t n = numel / V;
-      epilogue_kernel<T, V><<<blocks_for(n), kThreads, 0, stream>>>(
-          out.data_ptr<T>(), p.bias.data_ptr<float>(), p.mask_token.data_ptr<float>(), p.cls_token.data_ptr<float>(),
-          pos, mask_ptr(p), static_cast<int32_t>(p.P), static_cast<int32_t>(p.C), n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (p.C % VW == 0 && aligned_to(out.data_ptr(), 16)) launch(IntTag<VW>{});
-    else launch(IntTag<1>{});
-  });
-}
-
+void gather_cuda(const Prepared& p, at::Tensor& patches) { dev::gather_on(on_stream(), p, patches); }
+void epilogue_cuda(const Prepared& p, at::Tensor& out) { dev::epilogue_on(on_stream(), p, out); }
 void token_sums_cuda(const Prepared& p, const at::Tensor& grad, at::Tensor& unmasked, at::Tensor& masked) {
-  i32(grad.numel(), "grad_out");
-  const int32_t n = i32(unmasked.numel(), "the token sums");
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(p.images.scalar_type(), false, kOp, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    token_sums_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        grad.data_ptr<T>(), mask_ptr(p), unmasked.data_ptr<float>(), masked.data_ptr<float>(),
-        static_cast<int32_t>(p.B), static_cast<int32_t>(p.P), static_cast<int32_t>(p.C));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  dev::token_sums_on(on_stream(), p, grad, unmasked, masked);
 }
-
 void scatter_cuda(const Prepared& p, const at::Tensor& dpatches, at::Tensor& dimages) {
-  const PatchGeom<int32_t> g = geom32(p);
-  i32(dpatches.numel(), "the patch-matrix gradient");
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(p.images.scalar_type(), false, kOp, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    constexpr int VW = 16 / sizeof(T);
-    if (pixel_vec<T>(p, dpatches.data_ptr(), dimages.data_ptr()) == VW) {
-      const int32_t n = static_cast<int32_t>(dimages.numel() / VW);
-      scatter_kernel<T, VW><<<blocks_for(n), kThreads, 0, stream>>>(dpatches.data_ptr<T>(), dimages.data_ptr<T>(),
-                                                                    mask_ptr(p), g, n);
-    } else {
-      const int32_t n = static_cast<int32_t>(dimages.numel());
-      scatter_kernel<T, 1><<<blocks_for(n), kThreads, 0, stream>>>(dpatches.data_ptr<T>(), dimages.data_ptr<T>(),
-                                                                   mask_ptr(p), g, n);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  dev::scatter_on(on_stream(), p, dpatches, dimages);
 }
 
 const Kernels kCudaKernels{&gather_cuda, &epilogue_cuda, &token_sums_cuda, &scatter_cuda, &column_sum_cuda};
@@ -210,7 +29,7 @@ const Kernels kCudaKernels{&gather_cuda, &epilogue_cuda, &token_sums_cuda, &scat
 at::Tensor forward_cuda(const at::Tensor& images, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& bool_masked_pos, const c10::optional<at::Tensor>& mask_token,
                         const at::Tensor& cls_token, const c10::optional<at::Tensor>& pos_embed) {
-  TORCH_CHECK_VALUE(images.is_cuda(), kOp, ": images must be a CUDA tensor, got ", images.device());
+  TORCH_CHECK_VALUE(images.is_cuda(), dev::kOp, ": images must be a CUDA tensor, got ", images.device());
   const c10::cuda::CUDAGuard guard(images.device());
   return forward_impl(kCudaKernels, images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, false);
 }
@@ -219,7 +38,7 @@ BackwardResult backward_cuda(const at::Tensor& grad_out, const at::Tensor& image
                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bool_masked_pos,
                              const c10::optional<at::Tensor>& mask_token, const at::Tensor& cls_token,
                              const c10::optional<at::Tensor>& pos_embed, std::array<bool, 6> output_mask) {
-  TORCH_CHECK_VALUE(images.is_cuda(), kOp, ": images must be a CUDA tensor, got ", images.device());
+  TORCH_CHECK_VALUE(images.is_cuda(), dev::kOp, ": images must be a CUDA tensor, got ", images.device());
   const c10::cuda::CUDAGuard guard(images.device());
   return backward_impl(kCudaKernels, grad_out, images, weight, bias, bool_masked_pos, mask_token, cls_token,
                        pos_embed, output_mask, false);

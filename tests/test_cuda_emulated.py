@@ -1,0 +1,244 @@
+"""The CUDA kernels of csrc/ (layer_scale_residual_norm, masked_patch_embed, the column sum) run on the CPU by
+the emulator in tests/cuda_emulator, through the same launch code as on a GPU, and compared with the C++ CPU ops.
+
+The CPU ops are the tested twins (test_layer_scale_residual_norm.py, test_masked_patch_embed.py check them
+against the PyTorch references); the per-element formulas are shared, so what differs, and what these tests
+check, is the CUDA side: thread/vector index math, launch geometry, block and warp reductions, the grid-stride
+backward and its partial sums, the vectorized and scalar paths. Skipped where a GPU runs the real kernels."""
+import os
+
+import pytest
+import torch
+
+from beit_fast._backend import extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = [
+    pytest.mark.skipif(extension()[0] is None, reason="beit_fast._C is not built"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the CUDA kernels run for real there"),
+]
+fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """Builds (once per torch version, cached by torch) and loads torch.ops.beit_fast_emulated."""
+    from torch.utils.cpp_extension import load
+    csrc = os.path.join(ROOT, "csrc")
+    here = os.path.join(ROOT, "tests", "cuda_emulator")
+    load(name="beit_fast_cuda_emulated",
+         sources=[os.path.join(here, "emulated_ops.cpp"), os.path.join(csrc, "masked_patch_embed.cpp"),
+                  os.path.join(csrc, "layer_scale_residual_norm.cpp")],
+         extra_include_paths=[csrc, here], extra_cflags=["-O2", "-DBEIT_FAST_NO_OP_REGISTRATION"],
+         is_python_module=False, verbose=False)
+    return torch.ops.beit_fast_emulated
+
+
+class Counted:
+    """What the emulator ran inside the with-block: launches, blocks, barriers, shuffles."""
+
+    def __init__(self, emu):
+        self.emu = emu
+
+    def __enter__(self):
+        self.start = self.emu.launch_stats()
+        return self
+
+    def __exit__(self, *exc):
+        end = self.emu.launch_stats()
+        self.launches, self.blocks, self.barriers, self.shuffles = (b - a for a, b in zip(self.start, end))
+
+
+def close(actual, expected, dtype, name):
+    # Same formulas, different summation order in the reductions: fp32 to a few ulps; low-precision outputs may
+    # round to the neighbouring value.
+    tol = {fp32: (2e-5, 2e-5), fp16: (2e-3, 2e-3), bf16: (1.6e-2, 1.6e-2)}[dtype]
+    torch.testing.assert_close(actual, expected, atol=tol[0], rtol=tol[1], msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------------------ column sum
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (33, 31), (100, 70), (7, 64)])
+def test_column_sum(emu, rows, cols):
+    part = torch.randn(rows, cols)
+    with Counted(emu) as c:
+        out = emu.column_sum(part)
+    torch.testing.assert_close(out.double(), part.double().sum(0), atol=1e-5, rtol=1e-5)
+    assert c.blocks == (cols + 31) // 32 and c.barriers == c.blocks
+
+
+# ---------------------------------------------------------------------------- layer_scale_residual_norm
+
+DTYPES = {"fp32": (fp32, fp32), "fp16": (fp16, fp16), "bf16": (bf16, bf16), "fp32+fp16": (fp32, fp16),
+          "fp32+bf16": (fp32, bf16)}
+# C chosen for each launch plan: vectorized with 1, 2 or 4 vectors per thread (768, 3072, 4096), the scalar
+# fallback (C not a multiple of the vector width: 7, 1001).
+CHANNELS = [768, 3072, 4096, 7, 1001]
+
+
+def lsrn_inputs(B, N, C, tx, ty, gamma=True, scale=True, ln=True, ln_bias=True, misaligned=False):
+    x = torch.randn(B, N, C).to(tx)
+    if misaligned:  # contiguous, but one element past a 16-byte boundary: the scalar path of any C
+        buf = torch.empty(B * N * C + 1, dtype=tx)
+        buf[1:] = x.flatten()
+        x = buf[1:].view(B, N, C)
+    y = torch.randn(B, N, C).to(ty)
+    keep = torch.rand(B) < 0.7
+    keep[0] = False
+    return (x, y, 0.5 + torch.rand(C) if gamma else None, keep.float() / 0.7 if scale else None,
+            1 + 0.2 * torch.randn(C) if ln else None, 0.2 * torch.randn(C) if ln and ln_bias else None)
+
+
+@pytest.mark.parametrize("C", CHANNELS)
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_lsrn_forward(emu, dt, C):
+    tx, ty = DTYPES[dt]
+    args = lsrn_inputs(2, 5, C, tx, ty)
+    with Counted(emu) as c:
+        s, n, mean, rstd = emu.layer_scale_residual_norm(*args, 1e-6)
+    s_ref, n_ref, mean_ref, rstd_ref = torch.ops.beit_fast.layer_scale_residual_norm(*args, 1e-6)
+    assert torch.equal(s, s_ref), "the residual sum is elementwise: it must match bit for bit"
+    close(mean, mean_ref, fp32, "mean")
+    close(rstd, rstd_ref, fp32, "rstd")
+    close(n, n_ref, tx, "n")
+    assert c.blocks == 10 and c.barriers == 4 * 10  # one block per row, two block sums of two barriers each
+    assert c.shuffles == 10 * 2 * 5 * (_threads(C, tx) // 32)  # per row, two warp sums of 5 shuffles per warp
+
+
+def _threads(C, tx):
+    """The forward's block size, as make_plan picks it (vector width 16 bytes)."""
+    vw = 16 // (torch.finfo(tx).bits // 8)
+    if C % vw == 0:
+        for nv in (1, 2, 4, 8):
+            t = -(-(C // vw) // nv)
+            if t <= 256:
+                return -(-t // 32) * 32
+    return -(-(-(-C // 8)) // 32) * 32  # 8 scalars per thread
+
+
+@pytest.mark.parametrize("variant", ["no_norm", "no_layer_scale", "norm_without_bias", "misaligned"])
+def test_lsrn_forward_variants(emu, variant):
+    kw = {"no_norm": dict(ln=False), "no_layer_scale": dict(gamma=False, scale=False),
+          "norm_without_bias": dict(ln_bias=False), "misaligned": dict(misaligned=True)}[variant]
+    args = lsrn_inputs(3, 4, 768, fp32, fp32, **kw)
+    got = emu.layer_scale_residual_norm(*args, 1e-5)
+    ref = torch.ops.beit_fast.layer_scale_residual_norm(*args, 1e-5)
+    assert torch.equal(got[0], ref[0])
+    for name, a, b in zip(["n", "mean", "rstd"], got[1:], ref[1:]):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            close(a, b, fp32, name)
+
+
+def lsrn_backward_both(emu, args, grads, mask, sms, y_dtype):
+    """The emulated and the CPU backward on the CPU forward's saved tensors."""
+    x, y, gamma, scale, w, b = args
+    s, _, mean, rstd = torch.ops.beit_fast.layer_scale_residual_norm(*args, 1e-6)
+    common = (grads[0], grads[1], s, y, y_dtype, gamma, scale, w, b, mean, rstd, mask)
+    with Counted(emu) as c:
+        got = emu.layer_scale_residual_norm_backward(*common, sms)
+    ref = torch.ops.beit_fast.layer_scale_residual_norm_backward(*common)
+    return got, ref, c
+
+
+@pytest.mark.parametrize("C", [768, 3072, 7, 1001])
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_lsrn_backward(emu, dt, C):
+    tx, ty = DTYPES[dt]
+    B, N = 3, 37  # 111 rows: with sms=1 the grid is 7 blocks, each walking ~16 rows (the grid-stride loop)
+    args = lsrn_inputs(B, N, C, tx, ty)
+    grads = (torch.randn(B, N, C).to(tx), torch.randn(B, N, C).to(tx))
+    got, ref, c = lsrn_backward_both(emu, args, grads, [True] * 5, 1, ty)
+    assert c.launches == 4  # the row kernel, then one column sum per parameter gradient
+    for name, a, b, dtype in zip(["dx", "dy", "dgamma", "dln_weight", "dln_bias"], got, ref,
+                                 [tx, ty, fp32, fp32, fp32]):
+        if dtype == fp32 and name.startswith("d") and name != "dx" and name != "dy":
+            # sums over 111 rows in another order: relative to the size of the terms
+            torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item() + 1e-5, rtol=1e-4,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            close(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("case", ["no_grad_norm", "no_grad_sum", "only_dx", "no_gamma_no_scale", "many_sms",
+                                  "one_row"])
+def test_lsrn_backward_variants(emu, case):
+    B, N, C = (1, 1, 768) if case == "one_row" else (2, 50, 768)
+    args = lsrn_inputs(B, N, C, fp32, fp32, gamma=case != "no_gamma_no_scale", scale=case != "no_gamma_no_scale")
+    gs, gn = torch.randn(B, N, C), torch.randn(B, N, C)
+    grads = (None if case == "no_grad_sum" else gs, None if case == "no_grad_norm" else gn)
+    mask = [True, False, False, False, False] if case == "only_dx" else [True] * 5
+    if case == "no_gamma_no_scale":
+        mask[2] = False
+    got, ref, _ = lsrn_backward_both(emu, args, grads, mask, 132 if case == "many_sms" else 2, fp32)
+    for name, a, b in zip(["dx", "dy", "dgamma", "dln_weight", "dln_bias"], got, ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-4 * (b.abs().max().item() + 1), rtol=1e-4,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_lsrn_backward_is_deterministic(emu):
+    args = lsrn_inputs(2, 40, 768, fp32, fp32)
+    grads = (torch.randn(2, 40, 768), torch.randn(2, 40, 768))
+    first, _, _ = lsrn_backward_both(emu, args, grads, [True] * 5, 1, fp32)
+    again, _, _ = lsrn_backward_both(emu, args, grads, [True] * 5, 1, fp32)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+# -------------------------------------------------------------------------------------- masked_patch_embed
+
+# (image size, patch, Cin, C): vectorized pixel runs (patch width a multiple of 16 bytes' worth of elements:
+# 4 for fp32, 8 for fp16/bf16) and the scalar path (patch 3, C = 7).
+MPE_SHAPES = {"p8": (32, 8, 3, 48), "p4": (16, 4, 3, 40), "p3_c7": (12, 3, 2, 7)}
+
+
+def mpe_inputs(B, size, patch, Cin, C, dtype, masked=True, pos=True, bias=True):
+    P = (size // patch) ** 2
+    images = torch.randn(B, Cin, size, size).to(dtype)
+    weight = (0.1 * torch.randn(C, Cin, patch, patch)).to(dtype)
+    mask = torch.rand(B, P) < 0.4 if masked else None
+    return (images, weight, 0.1 * torch.randn(C) if bias else None, mask,
+            torch.randn(1, 1, C) if masked else None, torch.randn(1, 1, C),
+            0.1 * torch.randn(1, 1 + P, C) if pos else None)
+
+
+@pytest.mark.parametrize("shape", list(MPE_SHAPES))
+@pytest.mark.parametrize("dtype", [fp32, fp16, bf16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("variant", ["masked", "unmasked_no_pos_no_bias"])
+def test_masked_patch_embed(emu, shape, dtype, variant):
+    size, patch, Cin, C = MPE_SHAPES[shape]
+    masked = variant == "masked"
+    args = mpe_inputs(3, size, patch, Cin, C, dtype, masked=masked, pos=masked, bias=masked)
+    with Counted(emu) as c:
+        out = emu.masked_patch_embed(*args)
+    ref = torch.ops.beit_fast.masked_patch_embed(*args)
+    assert c.launches == 2  # gather, then the epilogue on the GEMM output
+    close(out, ref, dtype, "out")
+    grad = torch.randn_like(out)
+    need = [True, True] + [t is not None for t in (args[2], args[4])] + [True, args[6] is not None]
+    with Counted(emu) as c:
+        got = emu.masked_patch_embed_backward(grad, *args, need)
+    want = torch.ops.beit_fast.masked_patch_embed_backward(grad, *args, need)
+    assert c.launches == 3 + need[2] + need[3]  # scatter, gather, token sums; column sums for dbias, dmask_token
+    names = ["dimages", "dweight", "dbias", "dmask_token", "dcls_token", "dpos_embed"]
+    for name, a, b in zip(names, got, want):
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        if name == "dimages":
+            assert torch.equal(a, b), "d_images is a scatter of d_patches: bit for bit"
+        else:
+            tol = 1e-4 if dtype == fp32 else 2e-2
+            torch.testing.assert_close(a.float(), b.float(), atol=tol * (b.abs().max().item() + 1), rtol=tol,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------------- the emulator itself
+
+def test_emulator_reports_a_broken_barrier(emu):
+    """A kernel where one lane waits at __syncthreads while its warp shuffles can never finish on a GPU; the
+    emulator must say so instead of hanging or passing."""
+    with pytest.raises(RuntimeError, match="deadlock"):
+        emu.broken_kernel_for_tests()
