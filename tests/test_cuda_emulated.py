@@ -26,11 +26,15 @@ def emu():
     from torch.utils.cpp_extension import load
     csrc = os.path.join(ROOT, "csrc")
     here = os.path.join(ROOT, "tests", "cuda_emulator")
-    load(name="beit_fast_cuda_emulated",
+    # BEIT_FAST_EMULATOR_ASAN=1 builds it with AddressSanitizer, which then reports any kernel access outside
+    # its tensors; run pytest with LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0.
+    asan = os.environ.get("BEIT_FAST_EMULATOR_ASAN", "0") not in ("", "0")
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
+    load(name="beit_fast_cuda_emulated" + ("_asan" if asan else ""),
          sources=[os.path.join(here, "emulated_ops.cpp"), os.path.join(csrc, "masked_patch_embed.cpp"),
                   os.path.join(csrc, "layer_scale_residual_norm.cpp")],
-         extra_include_paths=[csrc, here], extra_cflags=["-O2", "-DBEIT_FAST_NO_OP_REGISTRATION"],
-         is_python_module=False, verbose=False)
+         extra_include_paths=[csrc, here], extra_cflags=["-O2", "-DBEIT_FAST_NO_OP_REGISTRATION"] + sanitize,
+         extra_ldflags=sanitize, is_python_module=False, verbose=False)
     return torch.ops.beit_fast_emulated
 
 
@@ -242,3 +246,35 @@ def test_emulator_reports_a_broken_barrier(emu):
     emulator must say so instead of hanging or passing."""
     with pytest.raises(RuntimeError, match="deadlock"):
         emu.broken_kernel_for_tests()
+
+
+def _libasan():
+    import shutil
+    import subprocess
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        return None
+    paths = [subprocess.run([gcc, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+             for lib in ("libasan.so", "libstdc++.so")]
+    return paths if all(os.path.isabs(p) and os.path.exists(p) for p in paths) else None
+
+
+@pytest.mark.skipif(os.environ.get("BEIT_FAST_EMULATOR_ASAN", "0") not in ("", "0"), reason="this is that run")
+def test_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
+    """Every test above again, with the emulated module built with AddressSanitizer: a kernel that reads or
+    writes outside its tensors (a missing bounds check, a wrong vector width or stride) stops the run."""
+    import subprocess
+    import sys
+    libs = _libasan()
+    if libs is None:
+        pytest.skip("needs gcc's libasan.so")
+    env = dict(os.environ, BEIT_FAST_EMULATOR_ASAN="1", LD_PRELOAD=" ".join(libs),
+               ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / 'asan'}")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                          "not address_sanitizer", __file__],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    reports = "".join(p.read_text() for p in tmp_path.glob("asan*"))
+    assert "ERROR: AddressSanitizer" not in reports, reports[:4000]
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    summary = run.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, run.stdout[-2000:]
