@@ -14,7 +14,7 @@ struct CudaLaunch {
 
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) const {
-    kernel<<<grid, block, 0, stream>>>(static_cast<Params>(args)...);
+    kernel<<<grid, block, 0, stream>>>(args...);  // implicit conversions only, as in a direct launch
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

@@ -75,6 +75,7 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
                    Tx* __restrict__ s, Tx* __restrict__ n, float* __restrict__ mean, float* __restrict__ rstd,
                    int64_t N, int C, float eps) {
   __shared__ float smem[32];
+  BEIT_SHARED_ARRAY(smem);
   const int64_t row = blockIdx.x;
   const int64_t base = row * C;
   const float sc = scale ? scale[row / N] : 1.f;
@@ -140,6 +141,7 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
                     Tx* __restrict__ dx, Ty* __restrict__ dy, float* __restrict__ pg, float* __restrict__ pw,
                     float* __restrict__ pb, int64_t rows, int64_t N, int C) {
   __shared__ float smem[64];
+  BEIT_SHARED_ARRAY(smem);
   const int nvec = C / VEC;
   float acc_g[NV][VEC], acc_w[NV][VEC], acc_b[NV][VEC];
 #pragma unroll

@@ -6,14 +6,18 @@
 
 #include <cstdint>
 
+#include "device_hooks.cuh"
+
 namespace beit_fast {
 namespace colsum {
+namespace {
 
 // Block (32, 32): threadIdx.x picks the column, threadIdx.y a row group (rows y, y+32, ...); the 32 group
 // sums are then added in order of y. The order depends only on the shape: bitwise reproducible.
 __global__ void column_sum_kernel(const float* __restrict__ part, int64_t rows, int64_t cols,
                                   float* __restrict__ out) {
   __shared__ float sums[32][33];
+  BEIT_SHARED_ARRAY(sums);
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float acc = 0.f;
   if (c < cols) {
@@ -27,6 +31,8 @@ __global__ void column_sum_kernel(const float* __restrict__ part, int64_t rows, 
     out[c] = t;
   }
 }
+
+}  // namespace
 
 // (R, C) contiguous float32 -> (C), on part's device.
 template <typename Launch>

@@ -75,17 +75,29 @@ def test_column_sum(emu, rows, cols):
 
 DTYPES = {"fp32": (fp32, fp32), "fp16": (fp16, fp16), "bf16": (bf16, bf16), "fp32+fp16": (fp32, fp16),
           "fp32+bf16": (fp32, bf16)}
-# C chosen for each launch plan: vectorized with 1, 2 or 4 vectors per thread (768, 3072, 4096), the scalar
-# fallback (C not a multiple of the vector width: 7, 1001).
-CHANNELS = [768, 3072, 4096, 7, 1001]
+# C for each launch plan. Vectorized (16-byte accesses: 4 fp32 or 8 fp16/bf16 elements), NV vectors per
+# thread: fp32 768 / 1536 / 4096 / 6144 give NV = 1 / 2 / 4 / 8, fp16 768 / 3072 / 6144 / 12288 the same
+# (fp32 3072 is NV 4; fp32 12288 is beyond the kernel: a clear error). Scalar fallback (C not a multiple of
+# the vector width): 7 (one warp), 1001 (4 warps), 8191 (1024 threads, 32 warps: the whole shared array).
+CHANNELS = [768, 1536, 3072, 4096, 6144, 12288, 7, 1001, 8191]
+
+
+def plan_threads(C, tx, aligned=True):
+    """The block size make_plan picks (None: C too large for the CUDA kernel)."""
+    vw = 16 // (torch.finfo(tx).bits // 8)
+    if aligned and C % vw == 0:
+        for nv in (1, 2, 4, 8):
+            t = -(-(C // vw) // nv)
+            if t <= 256:
+                return -(-t // 32) * 32
+    t = -(-C // 8)  # 8 scalars per thread
+    return -(-t // 32) * 32 if t <= 1024 else None
 
 
 def lsrn_inputs(B, N, C, tx, ty, gamma=True, scale=True, ln=True, ln_bias=True, misaligned=False):
     x = torch.randn(B, N, C).to(tx)
-    if misaligned:  # contiguous, but one element past a 16-byte boundary: the scalar path of any C
-        buf = torch.empty(B * N * C + 1, dtype=tx)
-        buf[1:] = x.flatten()
-        x = buf[1:].view(B, N, C)
+    if misaligned:
+        x = misalign(x)
     y = torch.randn(B, N, C).to(ty)
     keep = torch.rand(B) < 0.7
     keep[0] = False
@@ -93,11 +105,25 @@ def lsrn_inputs(B, N, C, tx, ty, gamma=True, scale=True, ln=True, ln_bias=True, 
             1 + 0.2 * torch.randn(C) if ln else None, 0.2 * torch.randn(C) if ln and ln_bias else None)
 
 
+def misalign(t):
+    """A contiguous copy of t that starts one element past a 16-byte boundary: the kernels' scalar paths."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    buf[1:] = t.flatten()
+    out = buf[1:].view(t.shape)
+    assert out.is_contiguous() and out.data_ptr() % 16 != 0
+    return out
+
+
 @pytest.mark.parametrize("C", CHANNELS)
 @pytest.mark.parametrize("dt", list(DTYPES))
 def test_lsrn_forward(emu, dt, C):
     tx, ty = DTYPES[dt]
     args = lsrn_inputs(2, 5, C, tx, ty)
+    threads = plan_threads(C, tx)
+    if threads is None:
+        with pytest.raises(RuntimeError, match="too large"):
+            emu.layer_scale_residual_norm(*args, 1e-6)
+        return
     with Counted(emu) as c:
         s, n, mean, rstd = emu.layer_scale_residual_norm(*args, 1e-6)
     s_ref, n_ref, mean_ref, rstd_ref = torch.ops.beit_fast.layer_scale_residual_norm(*args, 1e-6)
@@ -106,18 +132,7 @@ def test_lsrn_forward(emu, dt, C):
     close(rstd, rstd_ref, fp32, "rstd")
     close(n, n_ref, tx, "n")
     assert c.blocks == 10 and c.barriers == 4 * 10  # one block per row, two block sums of two barriers each
-    assert c.shuffles == 10 * 2 * 5 * (_threads(C, tx) // 32)  # per row, two warp sums of 5 shuffles per warp
-
-
-def _threads(C, tx):
-    """The forward's block size, as make_plan picks it (vector width 16 bytes)."""
-    vw = 16 // (torch.finfo(tx).bits // 8)
-    if C % vw == 0:
-        for nv in (1, 2, 4, 8):
-            t = -(-(C // vw) // nv)
-            if t <= 256:
-                return -(-t // 32) * 32
-    return -(-(-(-C // 8)) // 32) * 32  # 8 scalars per thread
+    assert c.shuffles == 10 * 2 * 5 * (threads // 32)  # per row, two warp sums of 5 shuffles per warp
 
 
 @pytest.mark.parametrize("variant", ["no_norm", "no_layer_scale", "norm_without_bias", "misaligned"])
@@ -125,13 +140,16 @@ def test_lsrn_forward_variants(emu, variant):
     kw = {"no_norm": dict(ln=False), "no_layer_scale": dict(gamma=False, scale=False),
           "norm_without_bias": dict(ln_bias=False), "misaligned": dict(misaligned=True)}[variant]
     args = lsrn_inputs(3, 4, 768, fp32, fp32, **kw)
-    got = emu.layer_scale_residual_norm(*args, 1e-5)
+    with Counted(emu) as c:
+        got = emu.layer_scale_residual_norm(*args, 1e-5)
     ref = torch.ops.beit_fast.layer_scale_residual_norm(*args, 1e-5)
     assert torch.equal(got[0], ref[0])
     for name, a, b in zip(["n", "mean", "rstd"], got[1:], ref[1:]):
         assert (a is None) == (b is None), name
         if a is not None:
             close(a, b, fp32, name)
+    threads = plan_threads(768, fp32, aligned=variant != "misaligned")
+    assert c.shuffles == (0 if variant == "no_norm" else 12 * 2 * 5 * threads // 32)
 
 
 def lsrn_backward_both(emu, args, grads, mask, sms, y_dtype):
@@ -145,7 +163,19 @@ def lsrn_backward_both(emu, args, grads, mask, sms, y_dtype):
     return got, ref, c
 
 
-@pytest.mark.parametrize("C", [768, 3072, 7, 1001])
+def check_backward(got, ref, dtypes):
+    for name, a, b, dtype in zip(["dx", "dy", "dgamma", "dln_weight", "dln_bias"], got, ref, dtypes):
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        if name in ("dx", "dy"):
+            close(a, b, dtype, name)
+        else:  # fp32 sums over the rows in another order: relative to the size of the terms
+            torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item() + 1e-5, rtol=1e-4,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("C", [768, 1536, 6144, 7, 8191])
 @pytest.mark.parametrize("dt", list(DTYPES))
 def test_lsrn_backward(emu, dt, C):
     tx, ty = DTYPES[dt]
@@ -153,33 +183,37 @@ def test_lsrn_backward(emu, dt, C):
     args = lsrn_inputs(B, N, C, tx, ty)
     grads = (torch.randn(B, N, C).to(tx), torch.randn(B, N, C).to(tx))
     got, ref, c = lsrn_backward_both(emu, args, grads, [True] * 5, 1, ty)
-    assert c.launches == 4  # the row kernel, then one column sum per parameter gradient
-    for name, a, b, dtype in zip(["dx", "dy", "dgamma", "dln_weight", "dln_bias"], got, ref,
-                                 [tx, ty, fp32, fp32, fp32]):
-        if dtype == fp32 and name.startswith("d") and name != "dx" and name != "dy":
-            # sums over 111 rows in another order: relative to the size of the terms
-            torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item() + 1e-5, rtol=1e-4,
-                                       msg=lambda m, name=name: f"{name}: {m}")
-        else:
-            close(a, b, dtype, name)
+    check_backward(got, ref, [tx, ty, fp32, fp32, fp32])
+    colsum_blocks = 3 * -(-C // 32)  # a column sum per parameter gradient, one barrier per block
+    assert c.launches == 4 and c.blocks == 7 + colsum_blocks
+    assert c.barriers == 2 * 111 + colsum_blocks  # one block sum pair (2 barriers) per row
+    assert c.shuffles == 111 * 2 * 5 * plan_threads(C, tx) // 32
 
 
-@pytest.mark.parametrize("case", ["no_grad_norm", "no_grad_sum", "only_dx", "no_gamma_no_scale", "many_sms",
-                                  "one_row"])
+@pytest.mark.parametrize("case", ["no_grad_norm", "no_grad_sum", "only_dx", "no_gamma_no_scale", "sm_limited",
+                                  "row_limited", "one_row", "misaligned_grad", "misaligned_y"])
 def test_lsrn_backward_variants(emu, case):
-    B, N, C = (1, 1, 768) if case == "one_row" else (2, 50, 768)
+    B, N, C = {"one_row": (1, 1, 768), "sm_limited": (3, 100, 768), "row_limited": (3, 100, 768)}.get(
+        case, (2, 50, 768))
     args = lsrn_inputs(B, N, C, fp32, fp32, gamma=case != "no_gamma_no_scale", scale=case != "no_gamma_no_scale")
     gs, gn = torch.randn(B, N, C), torch.randn(B, N, C)
+    if case == "misaligned_grad":
+        gn = misalign(gn)
+    if case == "misaligned_y":  # y is read for the gamma gradient only
+        args = (args[0], misalign(args[1])) + args[2:]
     grads = (None if case == "no_grad_sum" else gs, None if case == "no_grad_norm" else gn)
     mask = [True, False, False, False, False] if case == "only_dx" else [True] * 5
     if case == "no_gamma_no_scale":
         mask[2] = False
-    got, ref, _ = lsrn_backward_both(emu, args, grads, mask, 132 if case == "many_sms" else 2, fp32)
-    for name, a, b in zip(["dx", "dy", "dgamma", "dln_weight", "dln_bias"], got, ref):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            torch.testing.assert_close(a, b, atol=1e-4 * (b.abs().max().item() + 1), rtol=1e-4,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+    sms = {"sm_limited": 1, "row_limited": 132}.get(case, 2)
+    got, ref, c = lsrn_backward_both(emu, args, grads, mask, sms, fp32)
+    check_backward(got, ref, [fp32] * 5)
+    rows = B * N
+    grid = max(1, min(8 * sms, -(-rows // 16)))
+    colsum_blocks = sum(mask[2:]) * -(-C // 32) if case not in ("no_grad_norm",) else -(-C // 32)
+    assert c.blocks == grid + colsum_blocks, (c.blocks, grid, colsum_blocks)
+    aligned = not case.startswith("misaligned")
+    assert c.shuffles == (0 if case == "no_grad_norm" else rows * 2 * 5 * plan_threads(C, fp32, aligned) // 32)
 
 
 def test_lsrn_backward_is_deterministic(emu):
@@ -210,15 +244,22 @@ def mpe_inputs(B, size, patch, Cin, C, dtype, masked=True, pos=True, bias=True):
 
 @pytest.mark.parametrize("shape", list(MPE_SHAPES))
 @pytest.mark.parametrize("dtype", [fp32, fp16, bf16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("variant", ["masked", "unmasked_no_pos_no_bias"])
+@pytest.mark.parametrize("variant", ["masked", "unmasked_no_pos_no_bias", "misaligned_images"])
 def test_masked_patch_embed(emu, shape, dtype, variant):
     size, patch, Cin, C = MPE_SHAPES[shape]
-    masked = variant == "masked"
+    masked = variant != "unmasked_no_pos_no_bias"
     args = mpe_inputs(3, size, patch, Cin, C, dtype, masked=masked, pos=masked, bias=masked)
+    if variant == "misaligned_images":
+        args = (misalign(args[0]),) + args[1:]
     with Counted(emu) as c:
         out = emu.masked_patch_embed(*args)
     ref = torch.ops.beit_fast.masked_patch_embed(*args)
     assert c.launches == 2  # gather, then the epilogue on the GEMM output
+    B, P, K = 3, (size // patch) ** 2, Cin * patch * patch
+    vw = 16 // (torch.finfo(dtype).bits // 8)
+    gather_vec = vw if patch % vw == 0 and size % vw == 0 and variant != "misaligned_images" else 1
+    epilogue_vec = vw if C % vw == 0 else 1
+    assert c.blocks == -(-B * (1 + P) * K // gather_vec // 256) + -(-B * (1 + P) * C // epilogue_vec // 256)
     close(out, ref, dtype, "out")
     grad = torch.randn_like(out)
     need = [True, True] + [t is not None for t in (args[2], args[4])] + [True, args[6] is not None]

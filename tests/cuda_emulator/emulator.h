@@ -3,11 +3,19 @@
 // block runs as a fiber (ucontext) on one OS thread; __syncthreads() and the warp shuffles are scheduling
 // points. The blocks of a grid run one after another, so `static` stands in for __shared__.
 //
-// What it checks: the index math, the launch geometry, the vectorized accesses, the reductions (block sums,
-// warp shuffles, partial-sum buffers) and that every barrier is reached by all live threads of the block and
-// every full-mask shuffle by all 32 lanes of the warp (otherwise: an error naming the kernel's barrier state).
-// What it does not: timing, memory coalescing, races between blocks (blocks never overlap here), and device
-// arithmetic differences (the CUDA build uses -fmad=false, and the shared per-element formulas run in both).
+// Scheduling: within a block, the warps run in a pseudo-random order (seeded, so a run is reproducible), each
+// warp for as long as it can: its shuffles complete at once and it runs on to the next barrier. A warp thus
+// races ahead of the others exactly where a GPU may let it, and a missing __syncthreads between a shared-memory
+// read and the next write shows up as a wrong result.
+//
+// What it checks: the index math, the launch geometry, the reductions (block sums, warp shuffles, partial-sum
+// buffers), that every barrier can be reached by all live threads of the block and every full-mask shuffle by
+// all 32 lanes of the warp (else: an error describing where the threads wait), that vectorized accesses are
+// aligned to their size (BEIT_VECTOR_ACCESS), and reads of shared memory the block has not written (shared
+// arrays are filled with NaN bytes at the start of each block: BEIT_SHARED_ARRAY). Threads that have exited do
+// not hold a barrier up (as on current GPUs). What it does not check: timing, coalescing, races between
+// blocks (blocks never overlap here), __launch_bounds__, and device arithmetic (the CUDA build uses
+// -fmad=false, and the per-element formulas are shared with the CPU twins).
 #pragma once
 
 #include <ucontext.h>
@@ -15,9 +23,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #define __global__
@@ -37,7 +47,7 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace cuda_emulator {
 
-enum class State { kReady, kBarrier, kShuffle, kDone };
+enum class State { kReady, kBarrier, kShuffle, kDone, kFailed };
 
 struct Fiber {
   ucontext_t ctx{};
@@ -48,15 +58,18 @@ struct Fiber {
   int shfl_src = 0;
 };
 
-constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackBytes = 64 * 1024;  // the kernels need a few KiB; AddressSanitizer clears the whole stack at each switch
 
 struct Scheduler {
   ucontext_t main{};
   std::vector<Fiber> fibers;
+  size_t n = 0;  // threads of the current block
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
+  std::vector<const void*> shared_seen;  // shared arrays already filled with NaN in this block
+  uint64_t rng = 0x9E3779B97F4A7C15ull;
   int64_t launches = 0, blocks = 0, barriers = 0, shuffles = 0;  // counted since the module was loaded
-  std::string error;                   // set inside a fiber (which cannot throw across its context)
+  std::string error;                                             // set by a fiber (which cannot throw)
 
   ~Scheduler() {
     for (Fiber& f : fibers) std::free(f.stack);
@@ -81,27 +94,59 @@ inline void yield_to_scheduler(State st) {
   swapcontext(&self->ctx, &s.main);
 }
 
-inline std::string describe(const std::vector<Fiber>& fs) {
-  int ready = 0, bar = 0, shfl = 0, done = 0;
-  for (const Fiber& f : fs) {
-    if (f.state == State::kReady) ++ready;
-    if (f.state == State::kBarrier) ++bar;
-    if (f.state == State::kShuffle) ++shfl;
-    if (f.state == State::kDone) ++done;
-  }
-  return std::to_string(bar) + " threads at __syncthreads, " + std::to_string(shfl) + " at a warp shuffle, " +
-         std::to_string(done) + " exited, " + std::to_string(ready) + " ready";
+// Stops the calling thread for good and makes the launch fail with msg (the first message wins).
+[[noreturn]] inline void fail(const std::string& msg) {
+  Scheduler& s = scheduler();
+  if (s.error.empty()) s.error = msg;
+  yield_to_scheduler(State::kFailed);
+  std::abort();  // never resumed
 }
 
-// Runs body once per thread of the grid; throws std::runtime_error on a deadlock or a shuffle with lanes
-// missing (undefined behaviour on a GPU).
+inline std::string describe(const Scheduler& s) {
+  int ready = 0, bar = 0, shfl = 0, done = 0;
+  for (size_t i = 0; i < s.n; ++i) {
+    const State st = s.fibers[i].state;
+    ready += st == State::kReady;
+    bar += st == State::kBarrier;
+    shfl += st == State::kShuffle;
+    done += st == State::kDone;
+  }
+  return "block of " + std::to_string(s.n) + " threads: " + std::to_string(bar) + " at __syncthreads, " +
+         std::to_string(shfl) + " at a warp shuffle, " + std::to_string(done) + " exited, " +
+         std::to_string(ready) + " ready";
+}
+
+// Runs one warp's ready lanes, completing its shuffles as they come, until it waits at a barrier, exits, or
+// is stuck (lanes split between a shuffle and something else).
+inline void run_warp(Scheduler& s, size_t lo, size_t hi) {
+  for (;;) {
+    for (size_t i = lo; i < hi; ++i) {
+      Fiber& f = s.fibers[i];
+      if (f.state != State::kReady) continue;
+      s.current = &f;
+      threadIdx = f.tid;
+      swapcontext(&s.main, &f.ctx);
+      if (!s.error.empty()) return;
+    }
+    bool all_shuffle = hi - lo == 32;
+    for (size_t i = lo; i < hi; ++i) all_shuffle = all_shuffle && s.fibers[i].state == State::kShuffle;
+    if (!all_shuffle) return;
+    for (size_t i = lo; i < hi; ++i) s.fibers[i].shfl_result = s.fibers[lo + s.fibers[i].shfl_src].shfl_value;
+    for (size_t i = lo; i < hi; ++i) s.fibers[i].state = State::kReady;
+    ++s.shuffles;
+  }
+}
+
+// Runs body once per thread of the grid; throws std::runtime_error on a deadlock, a shuffle with lanes
+// missing, or a failed check (misaligned vector access, ...).
 inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   Scheduler& s = scheduler();
   const size_t n = static_cast<size_t>(block.x) * block.y * block.z;
-  if (n == 0 || n > 1024) throw std::runtime_error("cuda_emulator: block of " + std::to_string(n) +
-                                                   " threads (a CUDA block has 1 to 1024)");
-  if (block.z > 64 || grid.y > 65535 || grid.z > 65535)
-    throw std::runtime_error("cuda_emulator: launch dimensions beyond CUDA's limits");
+  if (n == 0 || n > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
+      grid.z > 65535)
+    throw std::runtime_error("cuda_emulator: launch with grid (" + std::to_string(grid.x) + ", " +
+                             std::to_string(grid.y) + ", " + std::to_string(grid.z) + ") and block of " +
+                             std::to_string(n) + " threads is beyond CUDA's limits");
   if (s.fibers.size() < n) {
     const size_t old = s.fibers.size();
     s.fibers.resize(n);
@@ -110,17 +155,20 @@ inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
       if (s.fibers[i].stack == nullptr) throw std::bad_alloc();
     }
   }
+  s.n = n;
   s.body = &body;
-  ++s.launches;
   s.error.clear();
+  ++s.launches;
   blockDim = block;
   gridDim = grid;
   const size_t warps = (n + 31) / 32;
+  std::vector<size_t> order(warps);
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         blockIdx = dim3(bx, by, bz);
         ++s.blocks;
+        s.shared_seen.clear();
         for (size_t i = 0; i < n; ++i) {
           Fiber& f = s.fibers[i];
           f.tid = dim3(static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
@@ -133,58 +181,59 @@ inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
           makecontext(&f.ctx, fiber_entry, 0);
         }
         for (;;) {
-          for (size_t i = 0; i < n; ++i) {
-            Fiber& f = s.fibers[i];
-            if (f.state != State::kReady) continue;
-            s.current = &f;
-            threadIdx = f.tid;
-            swapcontext(&s.main, &f.ctx);
+          for (size_t w = 0; w < warps; ++w) order[w] = w;
+          for (size_t w = warps; w > 1; --w) {  // Fisher-Yates with a 64-bit LCG
+            s.rng = s.rng * 6364136223846793005ull + 1442695040888963407ull;
+            std::swap(order[w - 1], order[(s.rng >> 33) % w]);
           }
-          bool released = false, live = false;
-          // A warp whose lanes all wait at a shuffle exchanges values; a lane that exited or waits at a barrier
-          // while others shuffle is an error once nothing else can move.
-          for (size_t w = 0; w < warps; ++w) {
-            const size_t lo = w * 32, hi = std::min(n, lo + 32);
-            bool any = false, all = hi - lo == 32;
-            for (size_t i = lo; i < hi; ++i) {
-              any = any || s.fibers[i].state == State::kShuffle;
-              all = all && s.fibers[i].state == State::kShuffle;
-            }
-            if (!any || !all) continue;
-            for (size_t i = lo; i < hi; ++i) s.fibers[i].shfl_result = s.fibers[lo + s.fibers[i].shfl_src].shfl_value;
-            for (size_t i = lo; i < hi; ++i) s.fibers[i].state = State::kReady;
-            ++s.shuffles;
-            released = true;
+          for (size_t w : order) {
+            run_warp(s, w * 32, std::min(n, w * 32 + 32));
+            if (!s.error.empty()) throw std::runtime_error("cuda_emulator: " + s.error);
           }
-          bool all_at_barrier = true;
+          bool live = false, all_at_barrier = true;
           for (size_t i = 0; i < n; ++i) {
             const State st = s.fibers[i].state;
             live = live || st != State::kDone;
             all_at_barrier = all_at_barrier && (st == State::kBarrier || st == State::kDone);
           }
-          if (!s.error.empty()) throw std::runtime_error("cuda_emulator: " + s.error);
           if (!live) break;
-          if (!released && all_at_barrier) {  // threads that exited do not hold a barrier up (as on sm_70+)
-            for (size_t i = 0; i < n; ++i)
-              if (s.fibers[i].state == State::kBarrier) s.fibers[i].state = State::kReady;
-            ++s.barriers;
-            released = true;
-          }
-          if (!released)
+          if (!all_at_barrier)
             throw std::runtime_error("cuda_emulator: deadlock in block (" + std::to_string(bx) + ", " +
-                                     std::to_string(by) + ", " + std::to_string(bz) + "): " + describe(s.fibers));
+                                     std::to_string(by) + ", " + std::to_string(bz) + "), " + describe(s));
+          for (size_t i = 0; i < n; ++i)
+            if (s.fibers[i].state == State::kBarrier) s.fibers[i].state = State::kReady;
+          ++s.barriers;
         }
       }
 }
 
+// BEIT_SHARED_ARRAY: the first thread of a block to declare the array fills it with NaN bytes.
+inline void shared_array(const void* p, size_t bytes) {
+  Scheduler& s = scheduler();
+  if (std::find(s.shared_seen.begin(), s.shared_seen.end(), p) != s.shared_seen.end()) return;
+  s.shared_seen.push_back(p);
+  std::memset(const_cast<void*>(p), 0xFF, bytes);
+}
+
+// BEIT_VECTOR_ACCESS: a vector access must be aligned to its size.
+inline void vector_access(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes == 0) return;
+  fail("misaligned " + std::to_string(bytes) + "-byte vector access at address " +
+       std::to_string(reinterpret_cast<uintptr_t>(p)) + " by thread " + std::to_string(threadIdx.x) +
+       " of block " + std::to_string(blockIdx.x));
+}
+
 }  // namespace cuda_emulator
+
+#define BEIT_SHARED_ARRAY(a) ::cuda_emulator::shared_array(&(a), sizeof(a))
+#define BEIT_VECTOR_ACCESS(p, bytes) ::cuda_emulator::vector_access((p), (bytes))
 
 inline void __syncthreads() { cuda_emulator::yield_to_scheduler(cuda_emulator::State::kBarrier); }
 
 // Full-warp shuffles only (the kernels use mask 0xffffffff).
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 32) {
+  if (mask != 0xffffffffu || width != 32) cuda_emulator::fail("only full-warp shuffles are emulated");
   cuda_emulator::Scheduler& s = cuda_emulator::scheduler();
-  if (mask != 0xffffffffu || width != 32) s.error = "only full-warp shuffles are emulated";
   cuda_emulator::Fiber* self = s.current;
   const size_t lane = static_cast<size_t>(self - s.fibers.data()) % 32;
   self->shfl_value = v;
@@ -195,12 +244,12 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 
 
 namespace cuda_emulator {
 
-// The launcher the kernel headers call (see csrc/launch.cuh): the kernel's arguments are converted to its
-// parameter types exactly as a CUDA launch would, then every thread of the grid runs it.
+// The launcher the kernel headers call (see csrc/launch.cuh): the arguments convert implicitly to the
+// kernel's parameter types, as in a CUDA launch, then every thread of the grid runs it.
 struct EmulatedLaunch {
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) const {
-    const std::function<void()> body = [&] { kernel(static_cast<Params>(args)...); };
+    const std::function<void()> body = [&] { kernel(args...); };
     run_grid(grid, block, body);
   }
 };
