@@ -131,8 +131,8 @@ def test_fsdp_stop_and_resume_matches_uninterrupted(tmp_path):
 
 @needs_cpu_fsdp
 def test_fsdp_mixed_precision_matches_single_process(tmp_path):
-    """bf16: FSDP gathers the parameters in bf16 and reduces gradients in fp32 into fp32 shards; losses track
-    a one-process bf16 autocast run, and the saved weights stay fp32."""
+    """bf16: FSDP gathers the parameters and reduces gradients in fp32, autocast casts the GEMM weights; losses
+    track a one-process bf16 autocast run, and the saved weights stay fp32."""
     bf16 = ARGS + ["--precision", "bf16"]
     one = _run([sys.executable, "-m", "beit_fast.cli"] + bf16 + ["--batch-size", "16"], tmp_path / "one")
     two = _run(_torchrun() + bf16 + ["--batch-size", "8", "--distributed", "fsdp", "--fused", "true"], tmp_path / "two")
@@ -140,3 +140,37 @@ def test_fsdp_mixed_precision_matches_single_process(tmp_path):
     from beit_fast.train.checkpoint import load
     state = load(str(tmp_path / "two" / "checkpoint-0000004.pt"))
     assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float32}
+
+
+# sitecustomize.py for the workers of the run below: records, in every fused block call, the dtypes of the
+# residual stream, the layer-scale gamma and the block's table, and rank 0 prints each new combination
+_DTYPE_PROBE = """
+import os
+from beit_fast.models import beit
+seen = set()
+forward_fused = beit.Block.forward_fused
+def probe(self, x, *args, **kwargs):
+    table = self.attn.relative_position_bias_table
+    key = (str(x.dtype), str(self.gamma_1.dtype), str(table.dtype) if table is not None else "shared")
+    if key not in seen and os.environ.get("RANK") == "0":
+        print("SEEN", key, flush=True)
+    seen.add(key)
+    return forward_fused(self, x, *args, **kwargs)
+beit.Block.forward_fused = probe
+"""
+
+
+@needs_cpu_fsdp
+def test_fsdp_keeps_the_residual_stream_and_layer_scale_in_fp32(tmp_path):
+    """A bf16 FSDP run of the trainer: every block gets the fp32 residual stream and fp32 gammas and tables, as
+    in a one-process run (a bf16 stream or gamma rounds away BEiT-L's 1e-5 layer-scaled updates)."""
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "sitecustomize.py").write_text(_DTYPE_PROBE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "probe")] + sys.path))
+    cmd = _torchrun() + ARGS + ["--precision", "bf16", "--batch-size", "8", "--distributed", "fsdp",
+                                "--fused", "true", "--train-subset", "16", "--output-dir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    seen = {line for line in out.stdout.splitlines() if line.startswith("SEEN")}
+    assert seen == {"SEEN ('torch.float32', 'torch.float32', 'torch.float32')"}, out.stdout[-2000:]

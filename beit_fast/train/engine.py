@@ -51,7 +51,7 @@ def training_state(cfg, rt, model, ema=None, **optimizer_kw):
 
     Returns (train_model, optimizer, scaler, (step, epoch, batch_in_epoch, metrics))."""
     from .optim import build_optimizer
-    train_model = runtime.wrap(model, rt, cfg.distributed, cfg.precision)
+    train_model = runtime.wrap(model, rt, cfg.distributed)
     optimizer = build_optimizer(cfg, model, device_type=rt.device.type, **optimizer_kw)
     scaler = runtime.grad_scaler(rt.device, cfg.precision)
     position = resume(cfg, rt, train_model, optimizer, scaler, ema)
