@@ -133,7 +133,14 @@ def test_fp32_dot_precision_follows_either_tf32_switch(api):
         else:
             matmul.allow_tf32 = True
         assert K._dot_precision(torch.float32) == "tf32"
-        _check_against_reference((9,), 16, 24, torch.float32)      # a launch with the switch on
+        # a launch with the switch on, against fp64 (TF32 is coarser than the fp32 tolerance)
+        x, w, b = _inputs((9,), 16, 24, torch.float32, True)
+        dy = torch.randn(9, 24, device=DEVICE)
+        ours = _run(lambda *a: linear_gelu(*a, backend="triton"), x, w, b, dy)
+        exact = _run(linear_gelu_ref, *(t.detach().double().requires_grad_() for t in (x, w, b)), dy.double())
+        for name, o, e in zip(["y", "dx", "dw", "db"], ours, exact):
+            assert o.dtype == torch.float32, name
+            assert_close(name, o.double(), e, tolerance("linear_gelu.tf32", torch.float32))
     finally:
         if hasattr(matmul, "fp32_precision"):
             matmul.fp32_precision = saved

@@ -45,6 +45,12 @@ TOLERANCES = {
         fp16: Close(atol=1e-2, rtol=1e-2),
         bf16: Close(atol=1e-2, rtol=1e-2),
     },
+    # fp32 with torch's TF32 switch on: Triton's tf32 dots (operands cut to 10 mantissa bits) against the fp64
+    # reference. cuBLAS rounds the operands where Triton truncates, so the two TF32 results are not compared
+    # with each other; on the CPU the interpreter computes in fp32.
+    "linear_gelu.tf32": {
+        fp32: Close(atol=3e-2, rtol=1e-2),
+    },
     # Triton against the fp64 reference. fp32 runs the dots in IEEE fp32; fp16 rounds p and dS to fp16 before
     # the dots (as flash-attention does). The packed dqkv uses dq's bound.
     "rel_pos_attention": {
