@@ -44,7 +44,8 @@ def _hf_model(name, mode, cfg):
 
 
 def build(provider, name, mode):
-    """-> (model, loss_fn(model, x, mask, target)) for one provider, plus the weights it was built with."""
+    """-> (model, loss_fn(model, x, mask, target, masked_index)) for one provider. masked_index: the flat
+    positions of the masked patches, which our model takes as the trainer passes them; the others use the mask."""
     if provider in ("ours_reference", "torch_compile"):
         m = create_model(name, fused=False, attn_impl="sdpa")
     elif provider == "ours_fused":
@@ -62,15 +63,16 @@ def build(provider, name, mode):
     else:
         raise ValueError(provider)
     if provider == "hf":
-        def loss(model, x, mask, target):
+        def loss(model, x, mask, target, masked_index):
             if mode == "pretrain":
                 logits = model(pixel_values=x, bool_masked_pos=mask).logits[mask]
             else:
                 logits = model(pixel_values=x).logits
             return F.cross_entropy(logits.float(), target)
     else:
-        def loss(model, x, mask, target):
-            logits = model(x, mask) if mode == "pretrain" else model(x)
+        def loss(model, x, mask, target, masked_index):
+            # the masked positions as the trainer passes them (found on the host, no GPU wait in the step)
+            logits = model(x, mask, masked_index=masked_index) if mode == "pretrain" else model(x)
             return F.cross_entropy(logits.float(), target)
     return m, loss
 
@@ -102,6 +104,7 @@ def main(argv=None):
             x = torch.randn(batch, 3, img, img, device=device)
             mask = torch.zeros(batch, ref.num_patches, dtype=torch.bool, device=device)
             mask[:, torch.randperm(ref.num_patches)[: int(0.38 * ref.num_patches)]] = True
+            masked_index = mask.flatten().nonzero().squeeze(1)
             n_out = int(mask.sum()) if mode == "pretrain" else batch
             classes = ref.config.vocab_size if mode == "pretrain" else ref.config.num_classes
             target = torch.randint(0, classes, (n_out,), device=device)
@@ -115,15 +118,15 @@ def main(argv=None):
                         load_checkpoint(ref, model.state_dict(), strict=False)
                         run = torch.compile(model) if prov == "torch_compile" else model
                         with torch.no_grad(), torch.autocast(**autocast):
-                            want = ref_loss(ref, x, mask, target).item()
-                            got = loss_fn(run.eval(), x, mask, target).item()
+                            want = ref_loss(ref, x, mask, target, masked_index).item()
+                            got = loss_fn(run.eval(), x, mask, target, masked_index).item()
                         if abs(got - want) > tol[dtype] * max(1.0, abs(want)):
                             raise CheckFailed(f"loss {got} differs from the reference's {want}")
                         run.train()
 
                         def step():
                             with torch.autocast(**autocast):
-                                loss = loss_fn(run, x, mask, target)
+                                loss = loss_fn(run, x, mask, target, masked_index)
                             loss.backward()
                             for q in model.parameters():
                                 q.grad = None

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -73,8 +74,14 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
-        # a list: written by an earlier version, one state per visible GPU
-        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, (list, tuple)) else cuda)
+        if isinstance(cuda, (list, tuple)):  # written by an earlier version: one state per visible GPU
+            i = torch.cuda.current_device()
+            if i >= len(cuda):
+                warnings.warn(f"the checkpoint holds CUDA RNG states for {len(cuda)} GPUs, none for GPU {i}: "
+                              "its CUDA generator is not restored")
+                return
+            cuda = cuda[i]
+        torch.cuda.set_rng_state(cuda)
 
 
 def step_checkpoints(folder: str) -> list:
