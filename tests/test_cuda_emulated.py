@@ -27,7 +27,8 @@ def emu():
     csrc = os.path.join(ROOT, "csrc")
     here = os.path.join(ROOT, "tests", "cuda_emulator")
     # BEIT_FAST_EMULATOR_ASAN=1 builds it with AddressSanitizer, which then reports any kernel access outside
-    # its tensors; run pytest with LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0.
+    # its tensors. The last test below runs this file so; by hand: LD_PRELOAD="$(gcc -print-file-name=libasan.so)
+    # $(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 (libstdc++ too: ASan must see it).
     asan = os.environ.get("BEIT_FAST_EMULATOR_ASAN", "0") not in ("", "0")
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
     load(name="beit_fast_cuda_emulated" + ("_asan" if asan else ""),
