@@ -12,33 +12,59 @@ namespace beit_fast {
 template <typename T> struct TypeTag { using type = T; };
 template <int V> struct IntTag { static constexpr int value = V; };
 
-// Calls f(TypeTag<T>{}) for T in {float, Half, BFloat16} (and double when allow_double).
-template <typename F>
-void dispatch_float(at::ScalarType t, bool allow_double, const char* op, F&& f) {
+// Calls f(TypeTag<T>{}) for T in {float, Half, BFloat16} (and double when AllowDouble). A template flag, so that
+// the GPU code does not compile double kernels it can never launch.
+template <bool AllowDouble, typename F>
+void dispatch_float_impl(at::ScalarType t, const char* op, F&& f) {
   switch (t) {
     case at::kFloat: f(TypeTag<float>{}); return;
     case at::kHalf: f(TypeTag<at::Half>{}); return;
     case at::kBFloat16: f(TypeTag<at::BFloat16>{}); return;
     case at::kDouble:
-      if (allow_double) { f(TypeTag<double>{}); return; }
+      if constexpr (AllowDouble) {
+        f(TypeTag<double>{});
+        return;
+      }
       break;
     default: break;
   }
   TORCH_CHECK_VALUE(false, op, ": unsupported dtype ", t, " (supported: float32, float16, bfloat16",
-              allow_double ? ", float64)" : "; float64 only on the CPU)");
+              AllowDouble ? ", float64)" : "; float64 only on the CPU)");
 }
 
 // Calls f(TypeTag<Tx>{}, TypeTag<Ty>{}) for Ty == Tx, or Tx == float with Ty in {Half, BFloat16}.
-template <typename F>
-void dispatch_pair(at::ScalarType tx, at::ScalarType ty, bool allow_double, const char* op, F&& f) {
+template <bool AllowDouble, typename F>
+void dispatch_pair_impl(at::ScalarType tx, at::ScalarType ty, const char* op, F&& f) {
   if (tx == ty) {
-    dispatch_float(tx, allow_double, op, [&](auto tag) { f(tag, tag); });
+    dispatch_float_impl<AllowDouble>(tx, op, [&](auto tag) { f(tag, tag); });
     return;
   }
   TORCH_CHECK_VALUE(tx == at::kFloat && (ty == at::kHalf || ty == at::kBFloat16), op,
               ": y must have x's dtype, or be float16/bfloat16 when x is float32; got x ", tx, ", y ", ty);
   if (ty == at::kHalf) f(TypeTag<float>{}, TypeTag<at::Half>{});
   else f(TypeTag<float>{}, TypeTag<at::BFloat16>{});
+}
+
+// The CPU code (double allowed where allow_double) ...
+template <typename F>
+void dispatch_float(at::ScalarType t, bool allow_double, const char* op, F&& f) {
+  if (allow_double) dispatch_float_impl<true>(t, op, f);
+  else dispatch_float_impl<false>(t, op, f);
+}
+
+template <typename F>
+void dispatch_pair(at::ScalarType tx, at::ScalarType ty, bool allow_double, const char* op, F&& f) {
+  if (allow_double) dispatch_pair_impl<true>(tx, ty, op, f);
+  else dispatch_pair_impl<false>(tx, ty, op, f);
+}
+
+// ... and the GPU kernels' launch code (no double).
+template <typename F>
+void dispatch_float_no_double(at::ScalarType t, const char* op, F&& f) { dispatch_float_impl<false>(t, op, f); }
+
+template <typename F>
+void dispatch_pair_no_double(at::ScalarType tx, at::ScalarType ty, const char* op, F&& f) {
+  dispatch_pair_impl<false>(tx, ty, op, f);
 }
 
 }  // namespace beit_fast

@@ -322,7 +322,7 @@ ForwardResult forward_on(const Launch& launch, const at::Tensor& x, const at::Te
   const int64_t rows = a.B * a.N;
   check_rows(rows);
   if (rows > 0) {
-    dispatch_pair(a.x.scalar_type(), a.y.scalar_type(), false, kOp, [&](auto tx, auto ty) {
+    dispatch_pair_no_double(a.x.scalar_type(), a.y.scalar_type(), kOp, [&](auto tx, auto ty) {
       launch_forward<typename decltype(tx)::type, typename decltype(ty)::type>(launch, a, s, n, mean, rstd);
     });
   }
@@ -356,7 +356,7 @@ BackwardResult backward_on(const Launch& launch, int sms, ColumnSum column_sum,
   at::Tensor pg = partial(a.need[2] && rows > 0), pw = partial(a.need[3] && ln_grads && rows > 0),
              pb = partial(a.need[4] && ln_grads && rows > 0);
   if (rows > 0 && (dx.defined() || dy.defined() || pg.defined() || pw.defined() || pb.defined())) {
-    dispatch_pair(a.sum.scalar_type(), a.y_dtype, false, kOp, [&](auto tx, auto ty) {
+    dispatch_pair_no_double(a.sum.scalar_type(), a.y_dtype, kOp, [&](auto tx, auto ty) {
       launch_backward<typename decltype(tx)::type, typename decltype(ty)::type>(launch, a, dx, dy, pg, pw, pb, grid);
     });
   }

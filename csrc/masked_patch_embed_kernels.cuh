@@ -139,7 +139,7 @@ template <typename Launch>
 void gather_on(const Launch& launch, const Prepared& p, at::Tensor& patches) {
   const PatchGeom<int32_t> g = geom32(p);
   i32(patches.numel(), "the patch matrix");
-  dispatch_float(p.images.scalar_type(), false, kOp, [&](auto tag) {
+  dispatch_float_no_double(p.images.scalar_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int VW = 16 / sizeof(T);
     const bool vec = pixel_vec<T>(p, p.images.data_ptr(), patches.data_ptr()) == VW;
@@ -157,7 +157,7 @@ template <typename Launch>
 void epilogue_on(const Launch& launch, const Prepared& p, at::Tensor& out) {
   const int32_t numel = i32(out.numel(), "the output");
   const float* pos = p.pos_embed.defined() ? p.pos_embed.data_ptr<float>() : nullptr;
-  dispatch_float(p.images.scalar_type(), false, kOp, [&](auto tag) {
+  dispatch_float_no_double(p.images.scalar_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int VW = 16 / sizeof(T);
     auto run = [&](auto vec_tag) {
@@ -177,7 +177,7 @@ void token_sums_on(const Launch& launch, const Prepared& p, const at::Tensor& gr
                    at::Tensor& masked) {
   i32(grad.numel(), "grad_out");
   const int32_t n = i32(unmasked.numel(), "the token sums");
-  dispatch_float(p.images.scalar_type(), false, kOp, [&](auto tag) {
+  dispatch_float_no_double(p.images.scalar_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
     launch(token_sums_kernel<T>, dim3(blocks_for(n)), dim3(kThreads), grad.data_ptr<T>(), mask_ptr(p),
            unmasked.data_ptr<float>(), masked.data_ptr<float>(), static_cast<int32_t>(p.B),
@@ -189,7 +189,7 @@ template <typename Launch>
 void scatter_on(const Launch& launch, const Prepared& p, const at::Tensor& dpatches, at::Tensor& dimages) {
   const PatchGeom<int32_t> g = geom32(p);
   i32(dpatches.numel(), "the patch-matrix gradient");
-  dispatch_float(p.images.scalar_type(), false, kOp, [&](auto tag) {
+  dispatch_float_no_double(p.images.scalar_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int VW = 16 / sizeof(T);
     const bool vec = pixel_vec<T>(p, dpatches.data_ptr(), dimages.data_ptr()) == VW;
