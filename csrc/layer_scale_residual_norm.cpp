@@ -136,6 +136,25 @@ Backward prepare_backward(const c10::optional<at::Tensor>& grad_sum, const c10::
   return a;
 }
 
+std::pair<at::Tensor, at::Tensor> allocate_input_grads(const Backward& a) {
+  return {a.need[0] ? at::empty_like(a.sum) : at::Tensor(),
+          a.need[1] ? at::empty_like(a.sum, a.sum.options().dtype(a.y_dtype)) : at::Tensor()};
+}
+
+BackwardResult backward_result(const Backward& a, const at::Tensor& dx, const at::Tensor& dy, const at::Tensor& pg,
+                               const at::Tensor& pw, const at::Tensor& pb,
+                               at::Tensor (*column_sum)(const at::Tensor&)) {
+  auto param_grad = [&](bool need, const at::Tensor& part, at::ScalarType dtype) -> c10::optional<at::Tensor> {
+    if (!need) return c10::nullopt;
+    if (!part.defined()) return at::zeros({a.C}, a.sum.options().dtype(dtype));
+    return column_sum(part).to(dtype);
+  };
+  return {a.need[0] ? c10::optional<at::Tensor>(dx) : c10::nullopt,
+          a.need[1] ? c10::optional<at::Tensor>(dy) : c10::nullopt,
+          param_grad(a.need[2], pg, a.gamma_dtype), param_grad(a.need[3], pw, a.w_dtype),
+          param_grad(a.need[4], pb, a.b_dtype)};
+}
+
 namespace {
 
 template <typename T>
@@ -257,23 +276,16 @@ BackwardResult backward_cpu(const c10::optional<at::Tensor>& grad_sum, const c10
                                 mean, rstd, output_mask, /*allow_double=*/true);
   const int64_t rows = a.B * a.N, chunks = (rows + kChunkRows - 1) / kChunkRows;
   const bool ln_grads = a.grad_norm.defined();
-  auto opts = a.sum.options();
-  at::Tensor dx = a.need[0] ? at::empty_like(a.sum) : at::Tensor();
-  at::Tensor dy = a.need[1] ? at::empty_like(a.sum, opts.dtype(a.y_dtype)) : at::Tensor();
-  auto partial = [&](bool need) { return need ? at::zeros({chunks, a.C}, opts.dtype(a.acc_dtype)) : at::Tensor(); };
+  at::Tensor dx, dy;  // not a structured binding: the kernel lambda captures them (C++17)
+  std::tie(dx, dy) = allocate_input_grads(a);
+  auto partial = [&](bool need) {
+    return need ? at::zeros({chunks, a.C}, a.sum.options().dtype(a.acc_dtype)) : at::Tensor();
+  };
   at::Tensor pg = partial(a.need[2]), pw = partial(a.need[3] && ln_grads), pb = partial(a.need[4] && ln_grads);
   dispatch_pair(a.sum.scalar_type(), a.y_dtype, true, kOp, [&](auto tx, auto ty) {
     backward_rows<typename decltype(tx)::type, typename decltype(ty)::type>(a, dx, dy, pg, pw, pb);
   });
-  auto param_grad = [&](bool need, const at::Tensor& part, at::ScalarType dtype) -> c10::optional<at::Tensor> {
-    if (!need) return c10::nullopt;
-    if (!part.defined()) return at::zeros({a.C}, opts.dtype(dtype));  // no norm gradient: exactly zero
-    return column_sum_cpu(part).to(dtype);
-  };
-  return {a.need[0] ? c10::optional<at::Tensor>(dx) : c10::nullopt,
-          a.need[1] ? c10::optional<at::Tensor>(dy) : c10::nullopt,
-          param_grad(a.need[2], pg, a.gamma_dtype), param_grad(a.need[3], pw, a.w_dtype),
-          param_grad(a.need[4], pb, a.b_dtype)};
+  return backward_result(a, dx, dy, pg, pw, pb, &column_sum_cpu);  // no norm gradient (pw, pb undefined): zero
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <tuple>
+#include <utility>
 
 #include "dtype_dispatch.h"
 
@@ -44,6 +45,16 @@ using ForwardResult = std::tuple<at::Tensor, c10::optional<at::Tensor>, c10::opt
                                  c10::optional<at::Tensor>>;
 using BackwardResult = std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
                                   c10::optional<at::Tensor>, c10::optional<at::Tensor>>;
+
+// dx and dy as output_mask asks (undefined where not asked for), on the device of a.sum.
+std::pair<at::Tensor, at::Tensor> allocate_input_grads(const Backward& a);
+
+// The backward's result from the device's dx, dy and the (R, C) partial sums of the gamma / ln_weight / ln_bias
+// gradients, each summed over its rows by the device's fixed-order column_sum and cast to its parameter's
+// dtype; an asked-for gradient whose partials are undefined (none were written) is exactly zero.
+BackwardResult backward_result(const Backward& a, const at::Tensor& dx, const at::Tensor& dy, const at::Tensor& pg,
+                               const at::Tensor& pw, const at::Tensor& pb,
+                               at::Tensor (*column_sum)(const at::Tensor&));
 
 }  // namespace lsrn
 }  // namespace beit_fast

@@ -333,8 +333,8 @@ ForwardResult forward_on(const Launch& launch, const at::Tensor& x, const at::Te
 // The backward on the launcher's device. The grid is a function of the shape and of sms (the GPU's
 // multiprocessor count) only, which makes the parameter gradients deterministic; column_sum adds the
 // (grid, C) partial rows in a fixed order.
-template <typename Launch, typename ColumnSum>
-BackwardResult backward_on(const Launch& launch, int sms, ColumnSum column_sum,
+template <typename Launch>
+BackwardResult backward_on(const Launch& launch, int sms, at::Tensor (*column_sum)(const at::Tensor&),
                            const c10::optional<at::Tensor>& grad_sum, const c10::optional<at::Tensor>& grad_norm,
                            const at::Tensor& sum, const c10::optional<at::Tensor>& y, at::ScalarType y_dtype,
                            const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& drop_path_scale,
@@ -347,12 +347,13 @@ BackwardResult backward_on(const Launch& launch, int sms, ColumnSum column_sum,
   const int64_t rows = a.B * a.N;
   check_rows(rows);
   const bool ln_grads = a.grad_norm.defined();
-  auto opts = a.sum.options();
-  at::Tensor dx = a.need[0] ? at::empty_like(a.sum) : at::Tensor();
-  at::Tensor dy = a.need[1] ? at::empty_like(a.sum, opts.dtype(a.y_dtype)) : at::Tensor();
+  at::Tensor dx, dy;  // not a structured binding: the kernel lambda captures them (C++17)
+  std::tie(dx, dy) = allocate_input_grads(a);
   const int64_t grid =
       std::max<int64_t>(1, std::min<int64_t>(int64_t{sms} * 8, (rows + kMinRowsPerBlock - 1) / kMinRowsPerBlock));
-  auto partial = [&](bool need) { return need ? at::empty({grid, a.C}, opts.dtype(at::kFloat)) : at::Tensor(); };
+  auto partial = [&](bool need) {
+    return need ? at::empty({grid, a.C}, a.sum.options().dtype(at::kFloat)) : at::Tensor();
+  };
   at::Tensor pg = partial(a.need[2] && rows > 0), pw = partial(a.need[3] && ln_grads && rows > 0),
              pb = partial(a.need[4] && ln_grads && rows > 0);
   if (rows > 0 && (dx.defined() || dy.defined() || pg.defined() || pw.defined() || pb.defined())) {
@@ -360,15 +361,7 @@ BackwardResult backward_on(const Launch& launch, int sms, ColumnSum column_sum,
       launch_backward<typename decltype(tx)::type, typename decltype(ty)::type>(launch, a, dx, dy, pg, pw, pb, grid);
     });
   }
-  auto param_grad = [&](bool need, const at::Tensor& part, at::ScalarType dtype) -> c10::optional<at::Tensor> {
-    if (!need) return c10::nullopt;
-    if (!part.defined()) return at::zeros({a.C}, opts.dtype(dtype));
-    return column_sum(part).to(dtype);
-  };
-  return {a.need[0] ? c10::optional<at::Tensor>(dx) : c10::nullopt,
-          a.need[1] ? c10::optional<at::Tensor>(dy) : c10::nullopt,
-          param_grad(a.need[2], pg, a.gamma_dtype), param_grad(a.need[3], pw, a.w_dtype),
-          param_grad(a.need[4], pb, a.b_dtype)};
+  return backward_result(a, dx, dy, pg, pw, pb, column_sum);
 }
 
 }  // namespace dev

@@ -403,12 +403,12 @@ def _check_output_dir_is_free(cfg) -> None:
     found += [os.path.join(folder, f) for f in names if os.path.isfile(os.path.join(folder, f))]
     if not found:
         return
-    if cfg.resume and cfg.resume != "auto":
+    if cfg.resume == "auto":
+        return
+    if cfg.resume:
         target = cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(cfg.resume) or "."
         if os.path.realpath(target) == os.path.realpath(folder):
             return
-    elif cfg.resume == "auto":
-        return
     listed = ", ".join(os.path.basename(p) for p in found[-3:])
     raise ConfigError(f"output_dir {folder!r} already holds an earlier run ({listed}); pass --resume (resume=auto) to "
                       f"continue that run, or choose another --output-dir (a new run there would delete or reuse "
