@@ -106,10 +106,28 @@ def _linear_gelu_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
+    # Epilogue in two column halves (BLOCK_N / 2 each): GELU's erf/exp temporaries then live for half the
+    # tile at a time, which keeps the big tiles free of register spills (tests/test_triton_compile.py).
+    acc_a, acc_b = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    offs_h = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    _epilogue(acc_a, offs_m, offs_h, b_ptr, out_ptr, z_ptr, dy_ptr, part_ptr, pid_m, M, N,
+              stride_om, stride_on, stride_zm, stride_zn, stride_dym, stride_dyn,
+              HAS_BIAS, STORE_Z, BACKWARD, WITH_DB, DB_CHUNK, BLOCK_M)
+    _epilogue(acc_b, offs_m, offs_h + BLOCK_N // 2, b_ptr, out_ptr, z_ptr, dy_ptr, part_ptr, pid_m, M, N,
+              stride_om, stride_on, stride_zm, stride_zn, stride_dym, stride_dyn,
+              HAS_BIAS, STORE_Z, BACKWARD, WITH_DB, DB_CHUNK, BLOCK_M)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, b_ptr, out_ptr, z_ptr, dy_ptr, part_ptr, pid_m, M, N,
+              stride_om, stride_on, stride_zm, stride_zn, stride_dym, stride_dyn,
+              HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, BACKWARD: tl.constexpr, WITH_DB: tl.constexpr,
+              DB_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Bias, GELU (or dGELU) and the stores for the columns offs_n of the tile's fp32 accumulator."""
+    mask_n = offs_n < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-
-    mask = mask_m[:, None] & mask_n[None, :]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     if BACKWARD:
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
@@ -117,7 +135,7 @@ def _linear_gelu_kernel(
         dz = dy * _gelu_grad(acc)  # rows past M have dy = 0, hence dz = 0
         tl.store(out_ptrs, dz.to(out_ptr.dtype.element_ty), mask=mask)
         if WITH_DB:
-            chunk_sums = tl.sum(tl.reshape(dz, (BLOCK_M // DB_CHUNK, DB_CHUNK, BLOCK_N)), axis=1)
+            chunk_sums = tl.sum(tl.reshape(dz, (BLOCK_M // DB_CHUNK, DB_CHUNK, acc.shape[1])), axis=1)
             chunks = pid_m * (BLOCK_M // DB_CHUNK) + tl.arange(0, BLOCK_M // DB_CHUNK)
             part_ptrs = part_ptr + chunks[:, None] * N + offs_n[None, :]
             tl.store(part_ptrs, chunk_sums,

@@ -40,8 +40,9 @@ Checks: every variant compiles (ptxas included); shared memory fits the target (
 sm_80); every kernel launched by the modules has at least one compiled variant. An autotuned config
 over the shared-memory limit is not an error (Triton's autotuner skips it, OutOfResources) as long as
 another config of the same specialization fits; it is reported as a warning. A ptxas or lowering error
-fails even for an autotuned config. Register spills (from the ptxas -v log) are reported as warnings (one
-per test, listing the variants), not failures.
+fails even for an autotuned config. On sm_90 every 16-bit kernel with a tl.dot uses Hopper's warpgroup MMA
+(wgmma) and no warp-level mma.sync (counted in the PTX). Register spills (from the ptxas -v log) are
+reported as warnings (one per test, listing the variants), not failures.
 
 Skips (never false failures): no triton CUDA backend / ptxas, or a Triton whose private compile API
 (binder, _pack_args, ASTSource, GPUTarget) is not the one this file was written against (3.8).
@@ -283,6 +284,9 @@ def _specialize(jit, backend, args, kwargs):
 
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
+# tensor-core instructions in the PTX: wgmma (Hopper's warpgroup MMA, what sm_90 needs for full speed) or
+# the older warp-level mma.sync (what Triton falls back to when a tile cannot use wgmma)
+_PTX_MMA = {"wgmma": re.compile(r"^\s*wgmma\.mma_async", re.M), "mma_sync": re.compile(r"^\s*mma\.sync", re.M)}
 
 
 def _short(v):
@@ -375,7 +379,7 @@ def worker(module_name: str, target_name: str, out_path: str) -> int:
             variants[key] = dict(kernel=name, family=fam, level=level, config=cfg, autotuned=cfg is not None,
                                  scenarios=[desc], constexprs=named, num_warps=options.num_warps,
                                  num_stages=options.num_stages, compiled=False, error=None, shared=None,
-                                 regs=None, spill_stores=None, spill_loads=None, seconds=None,
+                                 regs=None, mma=None, spill_stores=None, spill_loads=None, seconds=None,
                                  spec=(jit, sig, constexprs, attrs, options))
 
     out = []
@@ -393,6 +397,8 @@ def worker(module_name: str, target_name: str, out_path: str) -> int:
                                       options=options.__dict__)
             v["compiled"] = True
             v["shared"] = int(kern.metadata.shared)
+            ptx = kern.asm.get("ptx", "")
+            v["mma"] = {kind: len(pat.findall(ptx)) for kind, pat in _PTX_MMA.items()}
         except Exception as e:  # noqa: BLE001 - every failure is reported with its variant
             msg = f"{type(e).__name__}: {e}"   # ptxas: the cause comes first; CompilationError: last
             v["error"] = msg if len(msg) <= 2500 else f"{msg[:1200]}\n[...]\n{msg[-1200:]}"
@@ -413,22 +419,31 @@ def worker(module_name: str, target_name: str, out_path: str) -> int:
 # pytest side
 # ==========================================================================================================
 
-def _launched_kernels(module_name: str) -> list[str]:
-    """Names of the @triton.jit functions of kernels/<module>.py that the module launches (`name[grid](...)`),
-    read from the source (no import: triton must not load here under the interpreter)."""
+def _jit_functions(module_name: str) -> dict:
+    """{name: FunctionDef} of the @triton.jit functions of kernels/<module>.py, read from the source (no
+    import: triton must not load here under the interpreter)."""
     tree = ast.parse((KERNEL_DIR / f"{module_name}.py").read_text())
-    jit = set()
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef):
-            for dec in node.decorator_list:
-                if ast.unparse(dec).startswith(("triton.jit", "triton.autotune", "triton.heuristics", "jit")):
-                    jit.add(node.name)
+    return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)
+            and any(ast.unparse(dec).startswith(("triton.jit", "triton.autotune", "triton.heuristics", "jit"))
+                    for dec in node.decorator_list)}
+
+
+def _launched_kernels(module_name: str) -> list[str]:
+    """Names of the @triton.jit functions of kernels/<module>.py that the module launches (`name[grid](...)`)."""
+    jit = _jit_functions(module_name)
+    tree = ast.parse((KERNEL_DIR / f"{module_name}.py").read_text())
     launched = set()
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
                 and isinstance(node.func.value, ast.Name) and node.func.value.id in jit):
             launched.add(node.func.value.id)
     return sorted(launched)
+
+
+def _dot_kernels(module_name: str) -> set:
+    """The @triton.jit functions of kernels/<module>.py that call tl.dot in their own body."""
+    return {name for name, fn in _jit_functions(module_name).items()
+            if any(isinstance(n, ast.Call) and ast.unparse(n.func) == "tl.dot" for n in ast.walk(fn))}
 
 
 if __name__ != "__main__":
@@ -535,6 +550,15 @@ if __name__ != "__main__":
         msg += [f"{k} ({s}): no autotune config fits in {smem_limit} B of shared memory"
                 for (k, s), vs in groups.items() if all(v["shared"] > smem_limit for v in vs)]
         assert not msg, f"{module_name} on {target_name}:\n" + "\n".join(msg)
+        # Tensor cores: on sm_90 every 16-bit tl.dot must lower to Hopper's warpgroup MMA (wgmma); Triton falls
+        # back to the warp-level mma.sync (about half the peak) for tiles wgmma cannot take (fewer than 64
+        # rows per warpgroup, num_warps not a multiple of 4).
+        if target_name == "sm90" and family != "fp32":
+            dots = _dot_kernels(module_name)
+            assert dots or module_name == "layer_norm", f"no tl.dot found in kernels/{module_name}.py"
+            slow = [f"{_describe(v)}: PTX has {v['mma']['wgmma']} wgmma, {v['mma']['mma_sync']} mma.sync"
+                    for v in mine if v["kernel"] in dots and (v["mma"]["wgmma"] == 0 or v["mma"]["mma_sync"])]
+            assert not slow, f"{module_name} on sm_90 without wgmma:\n" + "\n".join(slow)
         notes = [f"autotune config skipped at run time, shared {v['shared']} B > {smem_limit} B: {_describe(v)}"
                  for v in over]
         notes += [f"register spills {v['spill_stores']} B stores / {v['spill_loads']} B loads, {v['regs']} "
