@@ -5,6 +5,7 @@ The CPU ops are the tested twins (test_layer_scale_residual_norm.py, test_masked
 against the PyTorch references); the per-element formulas are shared, so what differs, and what these tests
 check, is the CUDA side: thread/vector index math, launch geometry, block and warp reductions, the grid-stride
 backward and its partial sums, the vectorized and scalar paths. Skipped where a GPU runs the real kernels."""
+import contextlib
 import os
 
 import pytest
@@ -22,8 +23,7 @@ fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
 @pytest.fixture(scope="module")
 def emu():
-    """Builds (once per torch version, cached by torch) and loads torch.ops.beit_fast_emulated."""
-    from torch.utils.cpp_extension import load
+    """Builds (once per torch version; ninja rebuilds what changed) and loads torch.ops.beit_fast_emulated."""
     csrc = os.path.join(ROOT, "csrc")
     here = os.path.join(ROOT, "tests", "cuda_emulator")
     # BEIT_FAST_EMULATOR_ASAN=1 builds it with AddressSanitizer, which then reports any kernel access outside
@@ -31,12 +31,39 @@ def emu():
     # $(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 (libstdc++ too: ASan must see it).
     asan = os.environ.get("BEIT_FAST_EMULATOR_ASAN", "0") not in ("", "0")
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
-    load(name="beit_fast_cuda_emulated" + ("_asan" if asan else ""),
-         sources=[os.path.join(here, "emulated_ops.cpp"), os.path.join(csrc, "masked_patch_embed.cpp"),
-                  os.path.join(csrc, "layer_scale_residual_norm.cpp")],
-         extra_include_paths=[csrc, here], extra_cflags=["-O2", "-DBEIT_FAST_NO_OP_REGISTRATION"] + sanitize,
-         extra_ldflags=sanitize, is_python_module=False, verbose=False)
+    name = "beit_fast_cuda_emulated" + ("_asan" if asan else "")
+    with _build_directory(f"{name}-torch{torch.__version__}") as build_dir:
+        from torch.utils.cpp_extension import load
+        load(name=name, build_directory=build_dir,
+             sources=[os.path.join(here, "emulated_ops.cpp"), os.path.join(csrc, "masked_patch_embed.cpp"),
+                      os.path.join(csrc, "layer_scale_residual_norm.cpp")],
+             extra_include_paths=[csrc, here], extra_cflags=["-O2", "-DBEIT_FAST_NO_OP_REGISTRATION"] + sanitize,
+             extra_ldflags=sanitize, is_python_module=False, verbose=False)
     return torch.ops.beit_fast_emulated
+
+
+@contextlib.contextmanager
+def _build_directory(tag: str):
+    """build/cuda_emulator/<tag> in this checkout, held under an exclusive flock while torch builds and loads.
+
+    torch's JIT loader guards a build with a `lock` file that it deletes when done; a build killed midway (a
+    test run interrupted during the build) leaves that file behind, and every later load of the same
+    directory then waits for it forever. Here only this fixture builds in the directory, always under the
+    flock, which the OS releases when its holder dies: a `lock` file found while holding the flock is such a
+    leftover and is removed. A private directory also keeps two torch versions (same Python and CUDA, so the
+    same ~/.cache/torch_extensions folder) from sharing objects."""
+    import fcntl
+    path = os.path.join(ROOT, "build", "cuda_emulator", tag.replace("+", "_"))
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "flock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(path, "lock")
+            if os.path.exists(stale):
+                os.remove(stale)
+            yield path
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 class Counted:
