@@ -10,8 +10,9 @@ Flash-attention-2 structure, non-causal, masked on every edge (N = 197 is the co
   _table_grad_kernel  dTable[r, h] = sum_g sum_{(i,j): index[i,j] = r} dBias_g[h, j, i] in a fixed order,
                    through a padded inverse index (CSR: sorted flat positions, start, count).
 
-The bias index is computed arithmetically from (query, key, Wh, Ww) for BEiT's layout (cls token first,
-the 3 cls entries last in the table), or loaded from an explicit (N, N) index when one is given.
+For BEiT's layout (cls token first, the 3 cls entries last in the table) the bias index is computed from
+per-token parts (an (N,) array per window: index = part(query) + centre - part(key)), with no (N, N) index
+load; an explicit (N, N) index is loaded when one is given.
 q, k, v, o and their gradients are addressed through strides, so the packed (B, N, 3, H, D) qkv layout
 and the (B, N, H*D) output are read and written without copies.
 """
@@ -47,9 +48,10 @@ class AttnConfigs:
 
 # Few, named configs chosen by padded head dim and dtype (no autotune: the dBias partial layout depends on
 # block_n, and a fixed choice keeps the table gradient reproducible across processes). Chosen so that the
-# main sm_90 builds (window-derived index, no dropout) have no register spills; the explicit-index + dropout
-# variants spill a little (tests/test_triton_compile.py reports it: up to 72 B with Triton 3.8, 192 B with
-# 3.6). Not yet tuned on a GPU.
+# main sm_90 builds (window-derived index, no dropout, fp16/bf16) have no register spills with Triton 3.6 and
+# 3.8; the explicit-index + dropout variants spill a little (up to 72 B with Triton 3.8, 192 B with 3.6), and
+# with Triton 3.6 so does the fp32 forward at head dim 128 (1 KB; other fp32 tiles spill more there).
+# tests/test_triton_compile.py reports all of these. Not yet tuned on a GPU.
 CONFIGS = {
     "interpret": AttnConfigs(TileConfig(64, 64), TileConfig(64, 64), TileConfig(64, 64)),
     "16bit_d64": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(32, 64, 8, 2), TileConfig(64, 32, 4, 3)),
@@ -75,21 +77,32 @@ def _block_d(head_dim: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bias_tile(TBL, IDX, h, qi, kj, N, R, Wh, Ww, s_tr, s_th, s_ii, s_ij, HAS_INDEX: tl.constexpr):
-    """fp32 tile of table[index[i, j], h], 0 outside the N x N square. qi / kj: query / key indices, one
-    a column and the other a row vector (the tile is (queries, keys) or (keys, queries) accordingly)."""
-    valid = (qi < N) & (kj < N)
+def _token_part(IDX, t, N, add, HAS_INDEX: tl.constexpr):
+    """BEiT's layout: the part of the relative-position index that depends on token t alone (IDX is then the
+    launcher's (N,) int32 array, see _window_parts), plus `add`; 0 + add past N. Unused (zeros) with an
+    explicit index."""
     if HAS_INDEX:
-        idx = tl.load(IDX + qi * s_ii + kj * s_ij, mask=valid, other=0).to(tl.int32)
+        part = tl.zeros(t.shape, tl.int32)
     else:
-        # patch tokens i, j >= 1 at grid positions p = i - 1, q = j - 1 (row-major over Wh x Ww)
-        pi = tl.maximum(qi - 1, 0)
-        pj = tl.maximum(kj - 1, 0)
-        idx = ((pi // Ww) - (pj // Ww) + Wh - 1) * (2 * Ww - 1) + ((pi % Ww) - (pj % Ww) + Ww - 1)
-        idx = tl.where(kj == 0, R - 2, idx)                # any query -> cls key
-        idx = tl.where(qi == 0, R - 3, idx)                # cls query -> any key
-        idx = tl.where((qi == 0) & (kj == 0), R - 1, idx)  # cls -> cls
-    return tl.load(TBL + h * s_th + idx * s_tr, mask=valid, other=0.0).to(tl.float32)
+        part = tl.load(IDX + t, mask=t < N, other=0) + add
+    return part
+
+
+@triton.jit
+def _bias_tile(TBL, IDX, h, qi, kj, qpart, kpart, N, R, s_tr, s_th, s_ii, s_ij, HAS_INDEX: tl.constexpr):
+    """fp32 tile of log2(e) * table[index[i, j], h] (the launchers pass the table pre-scaled, see _bias_args).
+    qi / kj: query / key indices, one a column and the other a row vector (the tile is (queries, keys) or
+    (keys, queries) accordingly); qpart / kpart: their _token_part values (query side with the centre added).
+    Outside the N x N square the values are finite but arbitrary: the callers mask those rows and columns."""
+    if HAS_INDEX:
+        valid = (qi < N) & (kj < N)
+        idx = tl.load(IDX + qi * s_ii + kj * s_ij, mask=valid, other=0).to(tl.int32)
+        return tl.load(TBL + h * s_th + idx * s_tr, mask=valid, other=0.0)
+    # unilm's index for patch tokens is part(i) + centre - part(j) (see _window_parts), in [0, 2 * centre]
+    # also past N, where the parts are 0: the gather needs no mask.
+    idx = tl.where(kj == 0, R - 2, qpart - kpart)                  # any query -> cls key
+    idx = tl.where(qi == 0, tl.where(kj == 0, R - 1, R - 3), idx)  # cls query -> cls key / any other key
+    return tl.load(TBL + h * s_th + idx * s_tr)
 
 
 @triton.jit
@@ -108,7 +121,7 @@ def _dropout_keep(seed, bh, qi, kj, N, dropout_p):
 def _fwd_kernel(Q, K, V, TBL, IDX, SEED, O, LSE,
                 s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                 s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
-                H, N, R, Wh, Ww, qk_scale, dropout_p,
+                H, N, R, centre, qk_scale, dropout_p,
                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -127,14 +140,16 @@ def _fwd_kernel(Q, K, V, TBL, IDX, SEED, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qpart = _token_part(IDX, offs_m, N, centre, HAS_INDEX)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < N) & d_ok
         k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+        kpart = _token_part(IDX, offs_n, N, 0, HAS_INDEX)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s += _bias_tile(TBL, IDX, h, offs_m[:, None], offs_n[None, :], N, R, Wh, Ww, s_tr, s_th, s_ii, s_ij,
-                        HAS_INDEX) * 1.4426950408889634
+        s += _bias_tile(TBL, IDX, h, offs_m[:, None], offs_n[None, :], qpart[:, None], kpart[None, :], N, R,
+                        s_tr, s_th, s_ii, s_ij, HAS_INDEX)
         s = tl.where(offs_n[None, :] < N, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -176,7 +191,7 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
                  s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                  s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
                  s_tr, s_th, s_ii, s_ij,
-                 B, H, N, R, Wh, Ww, G, sm_scale, qk_scale, dropout_p,
+                 B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_DBIAS: tl.constexpr,
                  DOT_PREC: tl.constexpr):
@@ -192,6 +207,7 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
         seed = tl.load(SEED)
     # this program owns dBias_g[h, K-block, :] (stored key-major): the group's first batch writes, later ones add
     DB += (g * H + h).to(tl.int64) * N * N
+    kpart = _token_part(IDX, offs_n, N, 0, HAS_INDEX)
     for b32 in range(g, B, G):
         b = tl.cast(b32, tl.int64)
         bh = b32 * H + h
@@ -211,9 +227,10 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
                          mask=row_mask, other=0.0)
             lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
+            qpart = _token_part(IDX, offs_m, N, centre, HAS_INDEX)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-            st += _bias_tile(TBL, IDX, h, offs_m[None, :], offs_n[:, None], N, R, Wh, Ww, s_tr, s_th, s_ii, s_ij,
-                             HAS_INDEX) * 1.4426950408889634
+            st += _bias_tile(TBL, IDX, h, offs_m[None, :], offs_n[:, None], qpart[None, :], kpart[:, None], N, R,
+                             s_tr, s_th, s_ii, s_ij, HAS_INDEX)
             valid = m_ok[None, :] & n_ok[:, None]
             pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -245,7 +262,7 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
 def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
                s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd, s_tr, s_th, s_ii, s_ij,
-               H, N, R, Wh, Ww, sm_scale, qk_scale, dropout_p,
+               H, N, R, centre, sm_scale, qk_scale, dropout_p,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -266,14 +283,16 @@ def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qpart = _token_part(IDX, offs_m, N, centre, HAS_INDEX)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < N) & d_ok
         k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+        kpart = _token_part(IDX, offs_n, N, 0, HAS_INDEX)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s += _bias_tile(TBL, IDX, h, offs_m[:, None], offs_n[None, :], N, R, Wh, Ww, s_tr, s_th, s_ii, s_ij,
-                        HAS_INDEX) * 1.4426950408889634
+        s += _bias_tile(TBL, IDX, h, offs_m[:, None], offs_n[None, :], qpart[:, None], kpart[None, :], N, R,
+                        s_tr, s_th, s_ii, s_ij, HAS_INDEX)
         p = tl.where(m_ok[:, None] & (offs_n[None, :] < N), tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if HAS_DROPOUT:
@@ -331,16 +350,36 @@ def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+_PARTS_CACHE: dict = {}
+
+
+def _window_parts(wh: int, ww: int, device: torch.device) -> torch.Tensor:
+    """(N,) int32, N = wh*ww + 1: for patch token t >= 1 at grid position p = t - 1 (row-major over wh x ww),
+    part(t) = (p // ww) * (2 ww - 1) + p % ww; 0 for the cls token (t = 0). unilm's index of (query i, key j)
+    for patch tokens, (p_i // ww - p_j // ww + wh - 1) * (2 ww - 1) + (p_i % ww - p_j % ww + ww - 1), is then
+    part(i) + centre - part(j) with centre = (wh - 1) * (2 ww - 1) + ww - 1: the kernels gather through one
+    subtraction per element and divide nothing. Built once per window and device."""
+    key = (wh, ww, str(device))
+    if key not in _PARTS_CACHE:
+        p = torch.arange(wh * ww, dtype=torch.int32)
+        parts = torch.cat([torch.zeros(1, dtype=torch.int32), (p // ww) * (2 * ww - 1) + p % ww])
+        _PARTS_CACHE[key] = parts.to(device)
+    return _PARTS_CACHE[key]
+
+
 def _bias_args(table, rel_index, window_size):
-    """(table as a contiguous (H, R) copy, index tensor (or the table as an unused pointer), table strides,
-    index strides, R, Wh, Ww). The transposed copy is tiny (R*H) and makes one head's row contiguous, so the
-    gather of neighbouring keys (neighbouring table rows) hits one or two cache lines instead of ~H."""
-    table_hr = table.t().contiguous()
+    """(table as a contiguous fp32 (H, R) copy scaled by log2(e), the explicit (N, N) index or the window's
+    (N,) parts (_window_parts), table strides, index strides, R, centre). The copy is tiny (R*H): one head's
+    row is contiguous, so the gather of neighbouring keys (neighbouring table rows) hits one or two cache lines
+    instead of ~H, and the kernels, which work in base 2, add the gathered values without a multiply (the fp32
+    product is the one they would compute)."""
+    table_hr = (table.t().to(torch.float32) * LOG2E).contiguous()
     s_th, s_tr = table_hr.stride()
     if rel_index is not None:
-        return table_hr, rel_index, s_tr, s_th, rel_index.stride(0), rel_index.stride(1), table.shape[0], 1, 1
+        return table_hr, rel_index, s_tr, s_th, rel_index.stride(0), rel_index.stride(1), table.shape[0], 0
     wh, ww = window_size
-    return table_hr, table_hr, s_tr, s_th, 0, 0, table.shape[0], wh, ww
+    centre = (wh - 1) * (2 * ww - 1) + ww - 1
+    return table_hr, _window_parts(wh, ww, table.device), s_tr, s_th, 0, 0, table.shape[0], centre
 
 
 def _seed_arg(seed, table):
@@ -353,14 +392,14 @@ def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout
     B, H, N, D = q.shape
     cfg = pick_configs(D, q.dtype, q.device).fwd
     lse = _alloc((B, H, N), torch.float32, q.device)
-    table, idx, s_tr, s_th, s_ii, s_ij, R, wh, ww = _bias_args(table, rel_index, window_size)
+    table, idx, s_tr, s_th, s_ii, s_ij, R, centre = _bias_args(table, rel_index, window_size)
     if rel_index is not None:
         check_index_range(rel_index, R)
     grid = (triton.cdiv(N, cfg.block_m), B * H)
     _fwd_kernel[grid](
         q, k, v, table, idx, _seed_arg(seed, table), out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_tr, s_th, s_ii, s_ij,
-        H, N, R, wh, ww, scale * LOG2E, float(dropout_p),
+        H, N, R, centre, scale * LOG2E, float(dropout_p),
         HEAD_D=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_INDEX=rel_index is not None, HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -389,7 +428,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     BLOCK_D = _block_d(D)
     prec = _dot_prec(q.dtype)
     has_drop = dropout_p > 0
-    table, idx, s_tr, s_th, s_ii, s_ij, R, wh, ww = _bias_args(table, rel_index, window_size)
+    table, idx, s_tr, s_th, s_ii, s_ij, R, centre = _bias_args(table, rel_index, window_size)
     seed_t = _seed_arg(seed, table)
 
     delta = _alloc((B, H, N), torch.float32, q.device)
@@ -403,7 +442,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     _dkdv_kernel[(triton.cdiv(N, c.block_n), H, G)](
         q, k, v, table, idx, seed_t, do, lse, delta, dk, dv, dbias,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_tr, s_th, s_ii, s_ij,
-        B, H, N, R, wh, ww, G, scale, scale * LOG2E, float(dropout_p),
+        B, H, N, R, centre, G, scale, scale * LOG2E, float(dropout_p),
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, HAS_INDEX=rel_index is not None,
         HAS_DROPOUT=has_drop, NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
 
@@ -411,7 +450,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     _dq_kernel[(triton.cdiv(N, c.block_m), B * H)](
         q, k, v, table, idx, seed_t, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_tr, s_th, s_ii, s_ij,
-        H, N, R, wh, ww, scale, scale * LOG2E, float(dropout_p),
+        H, N, R, centre, scale, scale * LOG2E, float(dropout_p),
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, HAS_INDEX=rel_index is not None,
         HAS_DROPOUT=has_drop, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
 

@@ -2,8 +2,9 @@
 
     out = softmax((q * scale) @ k^T + table[index].permute(2, 0, 1)) @ v
 
-The Triton path gathers the bias from the table inside the kernel (index computed arithmetically for
-BEiT's window layout, or read from an explicit (N, N) index), never materializes the (H, N, N) bias, the
+The Triton path gathers the bias from the table inside the kernel (for BEiT's window layout the index is
+part(query) + centre - part(key), from an (N,) array of per-token parts, with no (N, N) index load; or read
+from an explicit (N, N) index), never materializes the (H, N, N) bias, the
 probabilities or their gradient, and computes the table gradient deterministically (G per-batch-group fp32
 partials (G, H, N, N), each tile owned by one program, then a fixed-order segment sum; no atomics). G does not
 grow with the batch beyond about 4 programs per SM, so that buffer is bounded (64 MiB); at batch sizes below
@@ -316,7 +317,7 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
       strides. Triton: D <= 128 (any D, padded to a power of two inside), any N >= 1.
     bias_table: (R, H) learnable, any float dtype; its gradient comes back in its dtype (summed in fp32).
     window_size: (Wh, Ww) for BEiT's layout: N = Wh*Ww + 1 (cls token first), R = (2Wh-1)(2Ww-1) + 3, the
-      index computed in-kernel. Or rel_index: (N, N) integer tensor for any other layout (exactly one).
+      index derived in-kernel (from an (N,) int32 array of per-token parts, cached per window). Or rel_index: (N, N) integer tensor for any other layout (exactly one).
     scale: default D ** -0.5. dropout_p: attention-probability dropout (pass 0 in eval); dropout_seed
       (int or int64 tensor) fixes the in-kernel RNG, else one is drawn from torch's generator.
     backend: "auto" (triton for GPU tensors, else reference), "triton", "reference"; BEIT_FAST_BACKEND
