@@ -93,7 +93,8 @@ def _bias_tile(TBL, IDX, h, qi, kj, qpart, kpart, N, R, s_tr, s_th, s_ii, s_ij, 
     """fp32 tile of log2(e) * table[index[i, j], h] (the launchers pass the table pre-scaled, see _bias_args).
     qi / kj: query / key indices, one a column and the other a row vector (the tile is (queries, keys) or
     (keys, queries) accordingly); qpart / kpart: their _token_part values (query side with the centre added).
-    Outside the N x N square the values are finite but arbitrary: the callers mask those rows and columns."""
+    Outside the N x N square the values are table entries at arbitrary in-range indices: the callers mask
+    those rows and columns (with selects, so even a non-finite entry cannot leak)."""
     if HAS_INDEX:
         valid = (qi < N) & (kj < N)
         idx = tl.load(IDX + qi * s_ii + kj * s_ij, mask=valid, other=0).to(tl.int32)
@@ -360,10 +361,9 @@ def _window_parts(wh: int, ww: int, device: torch.device) -> torch.Tensor:
     part(i) + centre - part(j) with centre = (wh - 1) * (2 ww - 1) + ww - 1: the kernels gather through one
     subtraction per element and divide nothing. Built once per window and device."""
     key = (wh, ww, str(device))
-    if key not in _PARTS_CACHE:
-        p = torch.arange(wh * ww, dtype=torch.int32)
-        parts = torch.cat([torch.zeros(1, dtype=torch.int32), (p // ww) * (2 * ww - 1) + p % ww])
-        _PARTS_CACHE[key] = parts.to(device)
+    if key not in _PARTS_CACHE:   # built on the device: no host-to-device copy
+        p = torch.arange(-1, wh * ww, dtype=torch.int32, device=device).clamp_(min=0)
+        _PARTS_CACHE[key] = ((p // ww) * (2 * ww - 1) + p % ww).contiguous()
     return _PARTS_CACHE[key]
 
 

@@ -53,8 +53,14 @@ def _build_directory(tag: str):
     leftover and is removed. A private directory also keeps two torch versions (same Python and CUDA, so the
     same ~/.cache/torch_extensions folder) from sharing objects."""
     import fcntl
-    path = os.path.join(ROOT, "build", "cuda_emulator", tag.replace("+", "_"))
-    os.makedirs(path, exist_ok=True)
+    import tempfile
+    tag = tag.replace("+", "_")
+    path = os.path.join(ROOT, "build", "cuda_emulator", tag)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:   # a read-only checkout: a per-user folder instead
+        path = os.path.join(tempfile.gettempdir(), f"beit_fast_cuda_emulator_{os.getuid()}", tag)
+        os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "flock"), "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         try:

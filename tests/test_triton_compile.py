@@ -24,7 +24,7 @@ Budget (the whole file takes 2.5-3 min on 2 busy cores: compiling is CPU-heavy, 
   sm_90 (all of these): every GEMM config x fp16 / bf16 / fp32 / fp32+TF32 for the forward with bias and
   saved pre-activation, and x bf16 for the recompute backward with bias gradient; every attention config
   (d64, d128, fp32) x dtype with the heaviest flags (explicit index, dropout, fp32 table, table gradient)
-  and, in bf16 and fp32, BEiT's training path (arithmetic index, no dropout, fp32 table, table gradient),
+  and, in bf16 and fp32, BEiT's training path (window index, no dropout, fp32 table, table gradient),
   plus head dims 32 and 80 (bf16, heaviest flags); every LayerNorm tile x dtype with all parameters and
   gradients, and at C = 768 (bf16, fp32) every parameter / gradient combination; every _dgelu_kernel
   variant (_delta, _table_grad and _keep_mask come with the attention scenarios).
@@ -212,7 +212,8 @@ def _scenarios_rel_pos_attention(K):
                         s = seed if p > 0 else None
                         d = f"D={D} table={tn} index={idx is not None} dropout={p > 0}"
                         # heaviest flags (explicit index, dropout, fp32 table, table gradient): everywhere;
-                        # BEiT's training path (arithmetic index, no dropout, fp32 table): sm_90
+                        # BEiT's training path (window index, no dropout, fp32 table): sm_90. (The launchers
+                        # pass the kernels an fp32 copy of any table, so both table dtypes give one variant.)
                         heavy = idx is not None and p > 0 and tdt == torch.float32
                         common = idx is None and p == 0 and tdt == torch.float32
                         if D in (32, 80):   # a smaller / padded BLOCK_D: heaviest flags, bf16, sm_90
@@ -441,9 +442,16 @@ def _launched_kernels(module_name: str) -> list[str]:
 
 
 def _dot_kernels(module_name: str) -> set:
-    """The @triton.jit functions of kernels/<module>.py that call tl.dot in their own body."""
-    return {name for name, fn in _jit_functions(module_name).items()
-            if any(isinstance(n, ast.Call) and ast.unparse(n.func) == "tl.dot" for n in ast.walk(fn))}
+    """The @triton.jit functions of kernels/<module>.py that call tl.dot, in their own body or through the
+    module's other @triton.jit functions."""
+    jit = _jit_functions(module_name)
+    calls = {name: {ast.unparse(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)} for name, fn in jit.items()}
+    dots = {name for name, called in calls.items() if "tl.dot" in called}
+    while True:
+        more = {name for name, called in calls.items() if name not in dots and called & dots}
+        if not more:
+            return dots
+        dots |= more
 
 
 if __name__ != "__main__":

@@ -317,7 +317,8 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
       strides. Triton: D <= 128 (any D, padded to a power of two inside), any N >= 1.
     bias_table: (R, H) learnable, any float dtype; its gradient comes back in its dtype (summed in fp32).
     window_size: (Wh, Ww) for BEiT's layout: N = Wh*Ww + 1 (cls token first), R = (2Wh-1)(2Ww-1) + 3, the
-      index derived in-kernel (from an (N,) int32 array of per-token parts, cached per window). Or rel_index: (N, N) integer tensor for any other layout (exactly one).
+      index derived in-kernel (from an (N,) int32 array of per-token parts, cached per window). Or
+      rel_index: (N, N) integer tensor for any other layout (exactly one).
     scale: default D ** -0.5. dropout_p: attention-probability dropout (pass 0 in eval); dropout_seed
       (int or int64 tensor) fixes the in-kernel RNG, else one is drawn from torch's generator.
     backend: "auto" (triton for GPU tensors, else reference), "triton", "reference"; BEIT_FAST_BACKEND
