@@ -373,7 +373,8 @@ def _bias_args(table, rel_index, window_size):
     row is contiguous, so the gather of neighbouring keys (neighbouring table rows) hits one or two cache lines
     instead of ~H, and the kernels, which work in base 2, add the gathered values without a multiply (the fp32
     product is the one they would compute)."""
-    table_hr = (table.t().to(torch.float32) * LOG2E).contiguous()
+    table_hr = torch.empty((table.shape[1], table.shape[0]), dtype=torch.float32, device=table.device)
+    torch.mul(table.t().to(torch.float32), LOG2E, out=table_hr)   # one kernel for an fp32 table
     s_th, s_tr = table_hr.stride()
     if rel_index is not None:
         return table_hr, rel_index, s_tr, s_th, rel_index.stride(0), rel_index.stride(1), table.shape[0], 0

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import io
 import json
 import os
@@ -420,11 +421,15 @@ def worker(module_name: str, target_name: str, out_path: str) -> int:
 # pytest side
 # ==========================================================================================================
 
+@functools.lru_cache(maxsize=None)
+def _module_tree(module_name: str) -> ast.Module:
+    """The parsed source of kernels/<module>.py (no import: triton must not load here under the interpreter)."""
+    return ast.parse((KERNEL_DIR / f"{module_name}.py").read_text())
+
+
 def _jit_functions(module_name: str) -> dict:
-    """{name: FunctionDef} of the @triton.jit functions of kernels/<module>.py, read from the source (no
-    import: triton must not load here under the interpreter)."""
-    tree = ast.parse((KERNEL_DIR / f"{module_name}.py").read_text())
-    return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)
+    """{name: FunctionDef} of the @triton.jit functions of kernels/<module>.py."""
+    return {node.name: node for node in _module_tree(module_name).body if isinstance(node, ast.FunctionDef)
             and any(ast.unparse(dec).startswith(("triton.jit", "triton.autotune", "triton.heuristics", "jit"))
                     for dec in node.decorator_list)}
 
@@ -432,9 +437,8 @@ def _jit_functions(module_name: str) -> dict:
 def _launched_kernels(module_name: str) -> list[str]:
     """Names of the @triton.jit functions of kernels/<module>.py that the module launches (`name[grid](...)`)."""
     jit = _jit_functions(module_name)
-    tree = ast.parse((KERNEL_DIR / f"{module_name}.py").read_text())
     launched = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(_module_tree(module_name)):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
                 and isinstance(node.func.value, ast.Name) and node.func.value.id in jit):
             launched.add(node.func.value.id)
