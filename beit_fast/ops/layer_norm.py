@@ -120,6 +120,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, _eps = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # mean's and rstd's gradients arrive as None, not as zero tensors
     ctx.save_for_backward(x, weight, mean, rstd)
     param = weight if weight is not None else bias
     ctx.param_dtype = param.dtype if param is not None else x.dtype
@@ -127,6 +128,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_dw = need_dw and weight is not None

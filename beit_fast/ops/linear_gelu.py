@@ -144,10 +144,13 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, save_preact = inputs
     _, z = output
     ctx.mark_non_differentiable(z)
+    ctx.set_materialize_grads(False)  # z's gradient arrives as None, not as an (M, N) zero tensor
     ctx.save_for_backward(x, weight, bias, z if save_preact else None)
 
 
 def _backward(ctx, dy, _dz_unused):
+    if dy is None:
+        return None, None, None, None
     x, weight, bias, z = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     dx, dw, db = torch.ops.beit_fast.linear_gelu_triton_bwd(

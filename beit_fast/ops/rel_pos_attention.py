@@ -216,13 +216,23 @@ def _(grad, q, k, v, out, lse, table, rel_index, wh, ww, scale, dropout_p, seed,
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), table.new_empty(table.shape)
 
 
+def _no_zero_grads(ctx, output):
+    """lse is an internal output: not differentiable, and the backward gets None for it (and for an unused
+    out) instead of a zero tensor the autograd engine would allocate and fill every step."""
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
 def _attn_setup(ctx, inputs, output):
     q, k, v, table, rel_index, wh, ww, scale, dropout_p, seed = inputs
+    _no_zero_grads(ctx, output)
     ctx.save_for_backward(q, k, v, table, rel_index, seed, *output)
     ctx.args = (wh, ww, scale, dropout_p)
 
 
 def _attn_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 10
     q, k, v, table, rel_index, seed, out, lse = ctx.saved_tensors
     wh, ww, scale, dropout_p = ctx.args
     dq, dk, dv, dtable = _attn_bwd_op(grad_out, q, k, v, out, lse, table, rel_index, wh, ww, scale, dropout_p,
@@ -277,11 +287,14 @@ def _(grad, qkv, out, lse, table, rel_index, wh, ww, scale, dropout_p, seed, nee
 
 def _packed_setup(ctx, inputs, output):
     qkv, table, rel_index, wh, ww, scale, dropout_p, seed = inputs
+    _no_zero_grads(ctx, output)
     ctx.save_for_backward(qkv, table, rel_index, seed, *output)
     ctx.args = (wh, ww, scale, dropout_p)
 
 
 def _packed_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 8
     qkv, table, rel_index, seed, out, lse = ctx.saved_tensors
     wh, ww, scale, dropout_p = ctx.args
     dqkv, dtable = _packed_bwd_op(grad_out, qkv, out, lse, table, rel_index, wh, ww, scale, dropout_p, seed,
