@@ -47,9 +47,10 @@ SMOKE_SHAPES = [("tiny", 2, 2, (4, 4), 16)]
 
 def candidates(K, kernel: str, smoke: bool) -> list:
     """Tiles to try for one kernel. block_m / block_n mean what the kernel's TileConfig says (dkdv: query
-    step of the inner loop / the program's key block; dq: the program's query block / key step)."""
+    step of the inner loop / the program's key block; dq: the program's query block / key step); each with
+    the inner loop's tail peeled and not (TileConfig.tail)."""
     T = K.TileConfig
-    if smoke:   # the interpreter: two tiles, enough to exercise the sweep on the CPU
+    if smoke:   # the interpreter: a few tiles, enough to exercise the sweep on the CPU
         return [T(64, 64), T(32, 32)]
     # the likelier winners on Hopper first (a run cut short by --seconds has tried those): large query
     # tiles, 8 warps, deeper pipelining
@@ -58,11 +59,18 @@ def candidates(K, kernel: str, smoke: bool) -> list:
         "dkdv": [(32, 64), (64, 64), (32, 128), (16, 64), (64, 128), (16, 128)],
         "dq": [(64, 32), (128, 32), (64, 64), (128, 64)],
     }[kernel]
-    return [T(m, n, w, s) for m, n in grids for w in (8, 4) for s in (3, 2)]
+    return [T(m, n, w, s, tail) for m, n in grids for w in (8, 4) for s in (3, 2) for tail in (True, False)]
 
 
 def tile_str(t) -> str:
-    return f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"
+    return f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}" + ("" if t.tail else " masked")
+
+
+def queue(K, kernel: str, default, smoke: bool) -> list:
+    """The default tile, then the same tile with its tail choice flipped (the A/B the CONFIGS comment asks
+    a GPU for), then the other candidates."""
+    first = [default, dataclasses.replace(default, tail=not default.tail)]
+    return first + [t for t in candidates(K, kernel, smoke) if t not in first]
 
 
 class _Configs:
@@ -129,8 +137,7 @@ def sweep(K, shape_key, case, window, scale, dtype, device, env, args, deadline,
     B, N, _, H, D = qkv.shape
     base = K.pick_configs(D, dtype, qkv.device)
     expected = reference(qkv, table, grad, window, scale)
-    queues = {k: [getattr(base, k)] + [t for t in candidates(K, k, args.smoke) if t != getattr(base, k)]
-              for k in KERNELS}
+    queues = {k: queue(K, k, getattr(base, k), args.smoke) for k in KERNELS}
     results = {k: [] for k in KERNELS}
     fwd_flops = 4.0 * B * H * N * N * D
     longest = max(len(q) for q in queues.values())
@@ -183,8 +190,8 @@ def summary(sweeps) -> str:
             lines.append(f"| {str(dtype).replace('torch.', '')} | {' '.join(map(str, key))} | {kernel} | "
                          f"{d_cells} | {tile_str(b_tile)} | {b_ms:.4g} | {gain} |")
         if len(best) == len(KERNELS):
-            fmt = ", ".join(f"TileConfig({t.block_m}, {t.block_n}, {t.num_warps}, {t.num_stages})"
-                            for t in (best[k] for k in KERNELS))
+            fmt = ", ".join(f"TileConfig({t.block_m}, {t.block_n}, {t.num_warps}, {t.num_stages}"
+                            + ("" if t.tail else ", tail=False") + ")" for t in (best[k] for k in KERNELS))
             suggestions.append(f"{str(dtype).replace('torch.', '')} {' '.join(map(str, key))}: AttnConfigs({fmt})")
     if suggestions:
         lines += ["", "CONFIGS entries the measurements suggest (commit only gains beyond run-to-run noise):", ""]

@@ -10,6 +10,11 @@ Flash-attention-2 structure, non-causal, masked on every edge (N = 197 is the co
   _table_grad_kernel  dTable[r, h] = sum_g sum_{(i,j): index[i,j] = r} dBias_g[h, j, i] in a fixed order,
                    through a padded inverse index (CSR: sorted flat positions, start, count).
 
+Inner loops (keys in the forward and dQ kernels, queries in dK/dV) run N // BLOCK whole blocks with no mask on
+that axis, then, where the tile config peels it (TileConfig.tail), the N % BLOCK remaining tokens in the
+smallest power-of-two tile >= 16 that holds them (_tail): BEiT's N = 197 = 3 * 64 + 5 costs 3 * 64 + 16 = 208
+columns per row instead of 256. The programs' own blocks keep their full tile (the MMA's row count).
+
 For BEiT's layout (cls token first, the 3 cls entries last in the table) the bias index is computed from
 per-token parts (an (N,) array per window: index = part(query) + centre - part(key)), with no (N, N) index
 load; an explicit (N, N) index is loaded when one is given.
@@ -37,6 +42,7 @@ class TileConfig:
     block_n: int   # key columns per tile
     num_warps: int = 4
     num_stages: int = 2
+    tail: bool = True  # peel the inner loop's last N % block tokens into a smaller tile (_tail); else mask every step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +57,17 @@ class AttnConfigs:
 # main sm_90 builds (window-derived index, no dropout, fp16/bf16) have no register spills with Triton 3.6 and
 # 3.8; the explicit-index + dropout variants spill a little (up to 72 B with Triton 3.8, 192 B with 3.6), and
 # with Triton 3.6 so does the fp32 forward at head dim 128 (1 KB; other fp32 tiles spill more there).
+# Peeled tails (TileConfig.tail) where they cost no spills on sm_90 with Triton 3.8: the 16-bit forward and
+# dQ kernels (their registers stay within a few of the masked loop's); not dK/dV (238 -> 255 registers and
+# 92 B of spills at head dim 64) nor fp32 (up to 1.5 KB of spills).
 # tests/test_triton_compile.py reports all of these. Not yet tuned on a GPU.
+_NO_TAIL = dict(tail=False)
 CONFIGS = {
     "interpret": AttnConfigs(TileConfig(64, 64), TileConfig(64, 64), TileConfig(64, 64)),
-    "16bit_d64": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(32, 64, 8, 2), TileConfig(64, 32, 4, 3)),
-    "16bit_d128": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(16, 64, 8, 2), TileConfig(64, 32, 8, 2)),
-    "fp32": AttnConfigs(TileConfig(64, 32, 8, 2), TileConfig(32, 32, 8, 2), TileConfig(32, 32, 8, 2)),
+    "16bit_d64": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(32, 64, 8, 2, **_NO_TAIL), TileConfig(64, 32, 4, 3)),
+    "16bit_d128": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(16, 64, 8, 2, **_NO_TAIL), TileConfig(64, 32, 8, 2)),
+    "fp32": AttnConfigs(TileConfig(64, 32, 8, 2, **_NO_TAIL), TileConfig(32, 32, 8, 2, **_NO_TAIL),
+                        TileConfig(32, 32, 8, 2, **_NO_TAIL)),
 }
 
 
@@ -70,6 +81,18 @@ def pick_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> Att
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def _tail(n: int, block: int, peel: bool = True) -> int:
+    """Tile of the last step of a kernel's inner loop: the loop runs N // block whole blocks without masks,
+    then the N % block remaining tokens in the smallest power of two >= 16 that holds them (0: none). BEiT's
+    N = 197 = 3 * 64 + 5 then does 3 * 64 + 16 = 208 columns of work instead of 4 * 64 = 256. 16 is the
+    smallest tile an sm_90 wgmma takes as its N or K extent (the tail never sets M, the MMA's row count).
+    -1 when not `peel`: the loop masks every step (the tile configs say which kernels peel; see CONFIGS)."""
+    if not peel:
+        return -1
+    rem = n % block
+    return 0 if rem == 0 else min(block, max(16, triton.next_power_of_2(rem)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,12 +142,54 @@ def _dropout_keep(seed, bh, qi, kj, N, dropout_p):
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _kv_scores(q, K, V, TBL, IDX, h, offs_m, qpart, offs_n, kv_mask, offs_d, s_kn, s_kd, s_vn, s_vd,
+               s_tr, s_th, s_ii, s_ij, N, R, qk_scale, HAS_INDEX: tl.constexpr, DOT_PREC: tl.constexpr):
+    """k and v of one key block (rows offs_n, loaded under kv_mask) and the (queries, keys) logits in base 2,
+    q.k * qk_scale + log2(e) * bias, for the forward and dQ loops."""
+    k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+    kpart = _token_part(IDX, offs_n, N, 0, HAS_INDEX)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s += _bias_tile(TBL, IDX, h, offs_m[:, None], offs_n[None, :], qpart[:, None], kpart[None, :], N, R,
+                    s_tr, s_th, s_ii, s_ij, HAS_INDEX)
+    return k, v, s
+
+
+@triton.jit
+def _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, start_n, offs_d, d_ok,
+              s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
+              BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """One key block of the online softmax. MASK_N: the block may reach past N (the tail), else every key
+    is valid and no key mask is built."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASK_N:
+        kv_mask = (offs_n[:, None] < N) & d_ok
+    else:
+        kv_mask = d_ok
+    k, v, s = _kv_scores(q, K, V, TBL, IDX, h, offs_m, qpart, offs_n, kv_mask, offs_d, s_kn, s_kd, s_vn, s_vd,
+                         s_tr, s_th, s_ii, s_ij, N, R, qk_scale, HAS_INDEX, DOT_PREC)
+    if MASK_N:
+        s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N, dropout_p)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, TBL, IDX, SEED, O, LSE,
                 s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                 s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
                 H, N, R, centre, qk_scale, dropout_p,
                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                TAIL_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -136,31 +201,28 @@ def _fwd_kernel(Q, K, V, TBL, IDX, SEED, O, LSE,
                 mask=(offs_m[:, None] < N) & d_ok, other=0.0)
     K += b * s_kb + h * s_kh
     V += b * s_vb + h * s_vh
+    seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qpart = _token_part(IDX, offs_m, N, centre, HAS_INDEX)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < N) & d_ok
-        k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
-        kpart = _token_part(IDX, offs_n, N, 0, HAS_INDEX)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s += _bias_tile(TBL, IDX, h, offs_m[:, None], offs_n[None, :], qpart[:, None], kpart[None, :], N, R,
-                        s_tr, s_th, s_ii, s_ij, HAS_INDEX)
-        s = tl.where(offs_n[None, :] < N, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N, dropout_p)
-            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+    if TAIL_N < 0:   # no peeled tail: every key block masked
+        for start_n in range(0, N, BLOCK_N):
+            m_i, l_i, acc = _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, start_n, offs_d,
+                                      d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
+                                      BLOCK_N, True, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    if TAIL_N >= 0:
+        for start_n in range(0, n_full, BLOCK_N):    # whole key blocks: no key mask
+            m_i, l_i, acc = _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, start_n, offs_d,
+                                      d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
+                                      BLOCK_N, False, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+    if TAIL_N > 0:   # the N % BLOCK_N last keys, in the smallest tile that holds them (see _tail)
+        m_i, l_i, acc = _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, n_full, offs_d,
+                                  d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
+                                  TAIL_N, True, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
     acc = acc / l_i[:, None]
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od,
              acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & d_ok)
@@ -188,14 +250,62 @@ def _delta_kernel(O, DO, DELTA, s_ob, s_oh, s_on, s_od, s_gb, s_gh, s_gn, s_gd, 
 
 
 @triton.jit
+def _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok, kpart, dk, dv, start_m,
+               offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn, s_gd, s_tr, s_th, s_ii, s_ij,
+               N, R, centre, qk_scale, dropout_p,
+               BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One query block of the dK/dV loop (and the program's dBias tile for it). Transposed tiles (keys x
+    queries): p^T and dS^T come out of the MMA in the layout the dK/dV products consume, and the dBias
+    partial (stored key-major) is written along contiguous queries. MASK_M: the block may reach past N."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if MASK_M:
+        m_ok = offs_m < N
+        row_mask = m_ok[:, None] & d_ok
+        valid = m_ok[None, :] & n_ok[:, None]
+    else:
+        row_mask = d_ok
+        valid = n_ok[:, None]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=row_mask, other=0.0)
+    do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd, mask=row_mask, other=0.0)
+    if MASK_M:
+        lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
+    else:
+        lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m)
+        delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m)
+    qpart = _token_part(IDX, offs_m, N, centre, HAS_INDEX)
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    st += _bias_tile(TBL, IDX, h, offs_m[None, :], offs_n[:, None], qpart[None, :], kpart[:, None], N, R,
+                     s_tr, s_th, s_ii, s_ij, HAS_INDEX)
+    pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], N, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        pt_drop = tl.where(keep, pt * inv_keep, 0.0)
+        dpt = tl.where(keep, dpt * inv_keep, 0.0)
+    else:
+        pt_drop = pt
+    dv += tl.dot(pt_drop.to(do.dtype), do, input_precision=DOT_PREC)
+    dst = pt * (dpt - delta[None, :])   # gradient w.r.t. the natural-unit logits scale*q.k + bias
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    if NEED_DBIAS:
+        db_ptr = DB + offs_n[:, None] * N + offs_m[None, :]
+        prev = tl.load(db_ptr, mask=valid & (b32 != g), other=0.0)
+        tl.store(db_ptr, prev + dst, mask=valid)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
                  s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                  s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
                  s_tr, s_th, s_ii, s_ij,
                  B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_DBIAS: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 TAIL_M: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.program_id(2)
@@ -204,11 +314,13 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
     d_ok = offs_d[None, :] < HEAD_D
     n_ok = offs_n < N
     kv_mask = n_ok[:, None] & d_ok
+    seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     # this program owns dBias_g[h, K-block, :] (stored key-major): the group's first batch writes, later ones add
     DB += (g * H + h).to(tl.int64) * N * N
     kpart = _token_part(IDX, offs_n, N, 0, HAS_INDEX)
+    m_full = (N // BLOCK_M) * BLOCK_M
     for b32 in range(g, B, G):
         b = tl.cast(b32, tl.int64)
         bh = b32 * H + h
@@ -216,39 +328,23 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
         v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for start_m in range(0, N, BLOCK_M):
-            # transposed tiles (keys x queries): p^T and dS^T come out of the MMA in the layout the dK/dV
-            # products consume, and the dBias partial (stored key-major) is written along contiguous queries
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < N
-            row_mask = m_ok[:, None] & d_ok
-            q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd,
-                        mask=row_mask, other=0.0)
-            do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd,
-                         mask=row_mask, other=0.0)
-            lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
-            delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
-            qpart = _token_part(IDX, offs_m, N, centre, HAS_INDEX)
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-            st += _bias_tile(TBL, IDX, h, offs_m[None, :], offs_n[:, None], qpart[None, :], kpart[:, None], N, R,
-                             s_tr, s_th, s_ii, s_ij, HAS_INDEX)
-            valid = m_ok[None, :] & n_ok[:, None]
-            pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], N, dropout_p)
-                inv_keep = 1.0 / (1.0 - dropout_p)
-                pt_drop = tl.where(keep, pt * inv_keep, 0.0)
-                dpt = tl.where(keep, dpt * inv_keep, 0.0)
-            else:
-                pt_drop = pt
-            dv += tl.dot(pt_drop.to(do.dtype), do, input_precision=DOT_PREC)
-            dst = pt * (dpt - delta[None, :])   # gradient w.r.t. the natural-unit logits scale*q.k + bias
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
-            if NEED_DBIAS:
-                db_ptr = DB + offs_n[:, None] * N + offs_m[None, :]
-                prev = tl.load(db_ptr, mask=valid & (b32 != g), other=0.0)
-                tl.store(db_ptr, prev + dst, mask=valid)
+        if TAIL_M < 0:   # no peeled tail: every query block masked
+            for start_m in range(0, N, BLOCK_M):
+                dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok,
+                                    kpart, dk, dv, start_m, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn,
+                                    s_gd, s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
+                                    BLOCK_M, True, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+        else:
+            for start_m in range(0, m_full, BLOCK_M):    # whole query blocks: no query mask
+                dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok,
+                                    kpart, dk, dv, start_m, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn,
+                                    s_gd, s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
+                                    BLOCK_M, False, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+        if TAIL_M > 0:   # the N % BLOCK_M last queries, in the smallest tile that holds them (see _tail)
+            dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok, kpart,
+                                dk, dv, m_full, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn, s_gd,
+                                s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
+                                TAIL_M, True, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
         if NEED_DBIAS:
             # the next batch reads this program's dBias tiles back with another thread layout: make the
             # stores visible to the whole CTA first (one barrier per batch)
@@ -260,12 +356,38 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
 
 
 @triton.jit
+def _dq_step(q, do, lse, delta, K, V, TBL, IDX, seed, bh, h, offs_m, m_ok, qpart, dq, start_n, offs_d, d_ok,
+             s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
+             BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+             DOT_PREC: tl.constexpr):
+    """One key block of the dQ loop. MASK_N: the block may reach past N (the tail)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASK_N:
+        kv_mask = (offs_n[:, None] < N) & d_ok
+        valid = m_ok[:, None] & (offs_n[None, :] < N)
+    else:
+        kv_mask = d_ok
+        valid = m_ok[:, None]
+    k, v, s = _kv_scores(q, K, V, TBL, IDX, h, offs_m, qpart, offs_n, kv_mask, offs_d, s_kn, s_kd, s_vn, s_vd,
+                         s_tr, s_th, s_ii, s_ij, N, R, qk_scale, HAS_INDEX, DOT_PREC)
+    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N, dropout_p)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
 def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
                s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd, s_tr, s_th, s_ii, s_ij,
                H, N, R, centre, sm_scale, qk_scale, dropout_p,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+               TAIL_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -281,26 +403,26 @@ def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
     delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
     K += b * s_kb + h * s_kh
     V += b * s_vb + h * s_vh
+    seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qpart = _token_part(IDX, offs_m, N, centre, HAS_INDEX)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < N) & d_ok
-        k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
-        kpart = _token_part(IDX, offs_n, N, 0, HAS_INDEX)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s += _bias_tile(TBL, IDX, h, offs_m[:, None], offs_n[None, :], qpart[:, None], kpart[None, :], N, R,
-                        s_tr, s_th, s_ii, s_ij, HAS_INDEX)
-        p = tl.where(m_ok[:, None] & (offs_n[None, :] < N), tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N, dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    if TAIL_N < 0:   # no peeled tail: every key block masked
+        for start_n in range(0, N, BLOCK_N):
+            dq = _dq_step(q, do, lse, delta, K, V, TBL, IDX, seed, bh, h, offs_m, m_ok, qpart, dq, start_n, offs_d,
+                          d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
+                          BLOCK_N, True, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+    else:
+        for start_n in range(0, n_full, BLOCK_N):    # whole key blocks: no key mask
+            dq = _dq_step(q, do, lse, delta, K, V, TBL, IDX, seed, bh, h, offs_m, m_ok, qpart, dq, start_n, offs_d,
+                          d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
+                          BLOCK_N, False, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+    if TAIL_N > 0:   # the N % BLOCK_N last keys, in the smallest tile that holds them (see _tail)
+        dq = _dq_step(q, do, lse, delta, K, V, TBL, IDX, seed, bh, h, offs_m, m_ok, qpart, dq, n_full, offs_d,
+                      d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
+                      TAIL_N, True, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqn + offs_d[None, :] * s_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
 
@@ -401,7 +523,7 @@ def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout
         q, k, v, table, idx, _seed_arg(seed, table), out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_tr, s_th, s_ii, s_ij,
         H, N, R, centre, scale * LOG2E, float(dropout_p),
-        HEAD_D=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_D=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TAIL_N=_tail(N, cfg.block_n, cfg.tail),
         HAS_INDEX=rel_index is not None, HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return lse
@@ -444,16 +566,16 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
         q, k, v, table, idx, seed_t, do, lse, delta, dk, dv, dbias,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_tr, s_th, s_ii, s_ij,
         B, H, N, R, centre, G, scale, scale * LOG2E, float(dropout_p),
-        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, HAS_INDEX=rel_index is not None,
-        HAS_DROPOUT=has_drop, NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
+        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, TAIL_M=_tail(N, c.block_m, c.tail),
+        HAS_INDEX=rel_index is not None, HAS_DROPOUT=has_drop, NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
 
     c = cfgs.dq
     _dq_kernel[(triton.cdiv(N, c.block_m), B * H)](
         q, k, v, table, idx, seed_t, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_tr, s_th, s_ii, s_ij,
         H, N, R, centre, scale, scale * LOG2E, float(dropout_p),
-        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, HAS_INDEX=rel_index is not None,
-        HAS_DROPOUT=has_drop, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
+        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, TAIL_N=_tail(N, c.block_n, c.tail),
+        HAS_INDEX=rel_index is not None, HAS_DROPOUT=has_drop, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
 
     if not need_dbias:
         return None

@@ -199,6 +199,30 @@ def test_gpu_tile_configs(monkeypatch, config, D, dtype):
     assert_matches_fp64(False, inputs, table, grad, out, grads, dtype, {"window_size": W})
 
 
+def test_tail_tiles():
+    """The inner loops run N // block whole blocks unmasked, then the rest in the smallest power of two >= 16
+    (wgmma's smallest N / K extent) that holds it; -1 = no peeling (every step masked)."""
+    from beit_fast.kernels.rel_pos_attention import _tail
+    assert [_tail(n, 64) for n in (197, 273, 50, 64, 128, 1, 577, 97)] == [16, 32, 64, 0, 0, 16, 16, 64]
+    assert [_tail(n, 32) for n in (197, 7, 32)] == [16, 16, 0]
+    assert _tail(197, 16) == 16 and _tail(197, 64, peel=False) == -1
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,tail", [(64, 0), (128, 0), ((7, 7), 64), (97, 64), (273, 32)])
+@pytest.mark.parametrize("peel", [True, False])
+def test_inner_loop_tails(monkeypatch, shape, tail, peel):
+    """Every inner-loop ending of the three kernels (the interpreter's 64-wide blocks): N a multiple of the
+    block (no tail step), tails of 32 and of a whole masked block, and the unpeeled masked loop."""
+    from beit_fast.kernels import rel_pos_attention as K
+    cfg = K.TileConfig(64, 64, tail=peel)
+    monkeypatch.setattr(K, "pick_configs", lambda *a: K.AttnConfigs(cfg, cfg, cfg))
+    N, kw, (inputs, table, grad) = case_inputs(2, 1, shape, 16, torch.float32, False, DEVICE)
+    assert K._tail(N, 64) == tail
+    out, grads = run(rel_pos_attention, inputs, table, grad, backend="triton", **kw)
+    assert_matches_fp64(False, inputs, table, grad, out, grads, torch.float32, kw)
+
+
 @needs_triton
 @pytest.mark.parametrize("groups", [1, 3, 5])
 def test_batch_groups(monkeypatch, groups):
