@@ -13,7 +13,9 @@ Flash-attention-2 structure, non-causal, masked on every edge (N = 197 is the co
 Inner loops (keys in the forward and dQ kernels, queries in dK/dV) run N // BLOCK whole blocks with no mask on
 that axis, then, where the tile config peels it (TileConfig.tail), the N % BLOCK remaining tokens in the
 smallest power-of-two tile >= 16 that holds them (_tail): BEiT's N = 197 = 3 * 64 + 5 costs 3 * 64 + 16 = 208
-columns per row instead of 256. The programs' own blocks keep their full tile (the MMA's row count).
+columns per row instead of 256. The programs' own blocks keep their full tile (the MMA's row count), except
+dK/dV's program of the last N % BLOCK_N keys where the config asks (TileConfig.key_tail): a 16- or 32-row
+key tile, on mma.sync (sm_90's wgmma needs 64 rows), for 5 keys instead of a 64-row tile.
 
 For BEiT's layout (cls token first, the 3 cls entries last in the table) the bias index is computed from
 per-token parts (an (N,) array per window: index = part(query) + centre - part(key)), with no (N, N) index
@@ -43,6 +45,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 2
     tail: bool = True  # peel the inner loop's last N % block tokens into a smaller tile (_tail); else mask every step
+    key_tail: bool = False  # dK/dV only: the program holding the last N % block_n keys uses a smaller key tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +62,16 @@ class AttnConfigs:
 # with Triton 3.6 so does the fp32 forward at head dim 128 (1 KB; other fp32 tiles spill more there).
 # Peeled tails (TileConfig.tail) where they cost no spills on sm_90 with Triton 3.8: the 16-bit forward and
 # dQ kernels (their registers stay within a few of the masked loop's); not dK/dV (238 -> 255 registers and
-# 92 B of spills at head dim 64) nor fp32 (up to 1.5 KB of spills).
+# 92 B of spills at head dim 64) nor fp32 (up to 1.5 KB of spills). dK/dV's key tail (TileConfig.key_tail:
+# the program of the last N % 64 keys runs a 16- or 32-row tile on mma.sync, wgmma needing 64 rows) at head
+# dim 64 only: same registers there (238 with 3.8, 255 with 3.6, no spills), while at 128 Triton 3.6 spills
+# 24 B. For BEiT's N = 197 that program's inner loop is 326 SASS instructions per step instead of 722.
 # tests/test_triton_compile.py reports all of these. Not yet tuned on a GPU.
 _NO_TAIL = dict(tail=False)
 CONFIGS = {
     "interpret": AttnConfigs(TileConfig(64, 64), TileConfig(64, 64), TileConfig(64, 64)),
-    "16bit_d64": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(32, 64, 8, 2, **_NO_TAIL), TileConfig(64, 32, 4, 3)),
+    "16bit_d64": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(32, 64, 8, 2, tail=False, key_tail=True),
+                             TileConfig(64, 32, 4, 3)),
     "16bit_d128": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(16, 64, 8, 2, **_NO_TAIL), TileConfig(64, 32, 8, 2)),
     "fp32": AttnConfigs(TileConfig(64, 32, 8, 2, **_NO_TAIL), TileConfig(32, 32, 8, 2, **_NO_TAIL),
                         TileConfig(32, 32, 8, 2, **_NO_TAIL)),
@@ -298,27 +305,19 @@ def _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, of
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
-                 s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                 s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
-                 s_tr, s_th, s_ii, s_ij,
-                 B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
-                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TAIL_M: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    g = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, start_n,
+               s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+               s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
+               s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
+               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               TAIL_M: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK, dV of keys [start_n, start_n + BLOCK_N) for the batches of group g, and their dBias tiles."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_D
     n_ok = offs_n < N
     kv_mask = n_ok[:, None] & d_ok
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
-    # this program owns dBias_g[h, K-block, :] (stored key-major): the group's first batch writes, later ones add
-    DB += (g * H + h).to(tl.int64) * N * N
     kpart = _token_part(IDX, offs_n, N, 0, HAS_INDEX)
     m_full = (N // BLOCK_M) * BLOCK_M
     for b32 in range(g, B, G):
@@ -353,6 +352,45 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :] * s_dvd,
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
+                 s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                 s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
+                 s_tr, s_th, s_ii, s_ij,
+                 B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
+                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TAIL_M: tl.constexpr, KEY_TAIL: tl.constexpr, HAS_INDEX: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.program_id(2)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    # this program owns dBias_g[h, K-block, :] (stored key-major): the group's first batch writes, later ones add
+    DB += (g * H + h).to(tl.int64) * N * N
+    # (three calls: a tile shape is a compile-time constant, and a KEY_TAIL of 0 must not be compiled)
+    if KEY_TAIL > 0:   # the program of the last N % BLOCK_N keys uses a KEY_TAIL-row tile (_key_tail)
+        if pid_n == N // BLOCK_N:
+            _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
+                       s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                       s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
+                       s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
+                       HEAD_D, BLOCK_D, BLOCK_M, KEY_TAIL, TAIL_M, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+        else:
+            _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
+                       s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                       s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
+                       s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
+                       HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+    else:
+        _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
+                   s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                   s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
+                   s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
+                   HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
 
 
 @triton.jit
@@ -505,6 +543,12 @@ def _bias_args(table, rel_index, window_size):
     return table_hr, _window_parts(wh, ww, table.device), s_tr, s_th, 0, 0, table.shape[0], centre
 
 
+def _key_tail(n: int, cfg: TileConfig) -> int:
+    """Rows of the dK/dV program that holds the last N % block_n keys when cfg.key_tail (0: a full block)."""
+    t = _tail(n, cfg.block_n, cfg.key_tail)
+    return t if 0 < t < cfg.block_n else 0
+
+
 def _seed_arg(seed, table):
     return seed if seed is not None else table   # never read when dropout is off
 
@@ -567,7 +611,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_tr, s_th, s_ii, s_ij,
         B, H, N, R, centre, G, scale, scale * LOG2E, float(dropout_p),
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, TAIL_M=_tail(N, c.block_m, c.tail),
-        HAS_INDEX=rel_index is not None, HAS_DROPOUT=has_drop, NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
+        KEY_TAIL=_key_tail(N, c), HAS_INDEX=rel_index is not None, HAS_DROPOUT=has_drop, NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
 
     c = cfgs.dq
     _dq_kernel[(triton.cdiv(N, c.block_m), B * H)](
