@@ -14,8 +14,9 @@ Inner loops (keys in the forward and dQ kernels, queries in dK/dV) run N // BLOC
 that axis, then, where the tile config peels it (TileConfig.tail), the N % BLOCK remaining tokens in the
 smallest power-of-two tile >= 16 that holds them (_tail): BEiT's N = 197 = 3 * 64 + 5 costs 3 * 64 + 16 = 208
 columns per row instead of 256. The programs' own blocks keep their full tile (the MMA's row count), except
-dK/dV's program of the last N % BLOCK_N keys where the config asks (TileConfig.key_tail): a 16- or 32-row
-key tile, on mma.sync (sm_90's wgmma needs 64 rows), for 5 keys instead of a 64-row tile.
+the program of the last N % BLOCK rows of its own axis (queries; dK/dV: keys) where the config asks
+(TileConfig.block_tail): a 16- or 32-row tile, on mma.sync (sm_90's wgmma needs 64 rows), for BEiT's 5 last
+tokens instead of a 64-row tile.
 
 For BEiT's layout (cls token first, the 3 cls entries last in the table) the bias index is computed from
 per-token parts (an (N,) array per window: index = part(query) + centre - part(key)), with no (N, N) index
@@ -45,7 +46,8 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 2
     tail: bool = True  # peel the inner loop's last N % block tokens into a smaller tile (_tail); else mask every step
-    key_tail: bool = False  # dK/dV only: the program holding the last N % block_n keys uses a smaller key tile
+    block_tail: bool = False  # the program holding the last N % block rows of its own axis (queries; dK/dV: keys)
+    #                           uses a smaller tile (_block_tail), on mma.sync where it has fewer than 64 rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +64,21 @@ class AttnConfigs:
 # with Triton 3.6 so does the fp32 forward at head dim 128 (1 KB; other fp32 tiles spill more there).
 # Peeled tails (TileConfig.tail) where they cost no spills on sm_90 with Triton 3.8: the 16-bit forward and
 # dQ kernels (their registers stay within a few of the masked loop's); not dK/dV (238 -> 255 registers and
-# 92 B of spills at head dim 64) nor fp32 (up to 1.5 KB of spills). dK/dV's key tail (TileConfig.key_tail:
-# the program of the last N % 64 keys runs a 16- or 32-row tile on mma.sync, wgmma needing 64 rows) at head
-# dim 64 only: same registers there (238 with 3.8, 255 with 3.6, no spills), while at 128 Triton 3.6 spills
-# 24 B. For BEiT's N = 197 that program's inner loop is 326 SASS instructions per step instead of 722.
+# 92 B of spills at head dim 64) nor fp32 (up to 1.5 KB of spills). Block tails (TileConfig.block_tail: the
+# program of the last N % block rows of its own axis runs a 16- or 32-row tile on mma.sync, wgmma needing 64
+# rows) for dQ and, at head dim 64, dK/dV: for BEiT's N = 197 the 5 last queries / keys then cost a 16-row
+# tile instead of a 64-row one (dK/dV's tail program: 326 SASS instructions per inner step instead of 722).
+# No new spills on the BEiT path (dK/dV 238 registers with Triton 3.8, 255 with 3.6; dQ 164 / 120, still 3
+# CTAs per SM); dK/dV at head dim 128 would spill 24 B with 3.6, so it stays off there. The forward's
+# 128-row blocks gain nothing from one at N = 197 (69 rows left).
 # tests/test_triton_compile.py reports all of these. Not yet tuned on a GPU.
 _NO_TAIL = dict(tail=False)
 CONFIGS = {
     "interpret": AttnConfigs(TileConfig(64, 64), TileConfig(64, 64), TileConfig(64, 64)),
-    "16bit_d64": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(32, 64, 8, 2, tail=False, key_tail=True),
-                             TileConfig(64, 32, 4, 3)),
-    "16bit_d128": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(16, 64, 8, 2, **_NO_TAIL), TileConfig(64, 32, 8, 2)),
+    "16bit_d64": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(32, 64, 8, 2, tail=False, block_tail=True),
+                             TileConfig(64, 32, 4, 3, block_tail=True)),
+    "16bit_d128": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(16, 64, 8, 2, **_NO_TAIL),
+                              TileConfig(64, 32, 8, 2, block_tail=True)),
     "fp32": AttnConfigs(TileConfig(64, 32, 8, 2, **_NO_TAIL), TileConfig(32, 32, 8, 2, **_NO_TAIL),
                         TileConfig(32, 32, 8, 2, **_NO_TAIL)),
 }
@@ -190,27 +196,30 @@ def _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, star
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, TBL, IDX, SEED, O, LSE,
-                s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
-                H, N, R, centre, qk_scale, dropout_p,
-                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                TAIL_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                DOT_PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
+def _bh_program(K, V, SEED, H, s_kb, s_kh, s_vb, s_vh, HAS_DROPOUT: tl.constexpr):
+    """For a program on grid axis 1 = b*H + h: (b*H + h, b, h, K and V moved to that batch and head, the
+    dropout seed (0 without dropout))."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    return bh, b, h, K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh, seed
+
+
+@triton.jit
+def _fwd_rows(Q, K, V, TBL, IDX, O, LSE, seed, b, h, bh, start_m,
+              s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
+              N, R, centre, qk_scale, dropout_p,
+              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              TAIL_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Output rows [start_m, start_m + BLOCK_M) of one (batch, head); K and V point at that (batch, head)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_D
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd,
                 mask=(offs_m[:, None] < N) & d_ok, other=0.0)
-    K += b * s_kb + h * s_kh
-    V += b * s_vb + h * s_vh
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -234,6 +243,35 @@ def _fwd_kernel(Q, K, V, TBL, IDX, SEED, O, LSE,
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od,
              acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & d_ok)
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, TBL, IDX, SEED, O, LSE,
+                s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
+                H, N, R, centre, qk_scale, dropout_p,
+                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                TAIL_N: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_INDEX: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh, b, h, K, V, seed = _bh_program(K, V, SEED, H, s_kb, s_kh, s_vb, s_vh, HAS_DROPOUT)
+    # (a tile shape is a compile-time constant: one call per shape, none compiled with a BLOCK_TAIL of 0)
+    if BLOCK_TAIL > 0:   # the program of the last N % BLOCK_M queries uses a BLOCK_TAIL-row tile (_block_tail)
+        if pid_m == N // BLOCK_M:
+            _fwd_rows(Q, K, V, TBL, IDX, O, LSE, seed, b, h, bh, pid_m * BLOCK_M,
+                      s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
+                      N, R, centre, qk_scale, dropout_p,
+                      HEAD_D, BLOCK_D, BLOCK_TAIL, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+        else:
+            _fwd_rows(Q, K, V, TBL, IDX, O, LSE, seed, b, h, bh, pid_m * BLOCK_M,
+                      s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
+                      N, R, centre, qk_scale, dropout_p,
+                      HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+    else:
+        _fwd_rows(Q, K, V, TBL, IDX, O, LSE, seed, b, h, bh, pid_m * BLOCK_M,
+                  s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
+                  N, R, centre, qk_scale, dropout_p,
+                  HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -361,7 +399,7 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
                  s_tr, s_th, s_ii, s_ij,
                  B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TAIL_M: tl.constexpr, KEY_TAIL: tl.constexpr, HAS_INDEX: tl.constexpr,
+                 TAIL_M: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_INDEX: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
@@ -371,14 +409,14 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
         seed = tl.load(SEED)
     # this program owns dBias_g[h, K-block, :] (stored key-major): the group's first batch writes, later ones add
     DB += (g * H + h).to(tl.int64) * N * N
-    # (three calls: a tile shape is a compile-time constant, and a KEY_TAIL of 0 must not be compiled)
-    if KEY_TAIL > 0:   # the program of the last N % BLOCK_N keys uses a KEY_TAIL-row tile (_key_tail)
+    # (a tile shape is a compile-time constant: one call per shape, none compiled with a BLOCK_TAIL of 0)
+    if BLOCK_TAIL > 0:   # the program of the last N % BLOCK_N keys uses a BLOCK_TAIL-row tile (_block_tail)
         if pid_n == N // BLOCK_N:
             _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
                        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                        s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
                        s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
-                       HEAD_D, BLOCK_D, BLOCK_M, KEY_TAIL, TAIL_M, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+                       HEAD_D, BLOCK_D, BLOCK_M, BLOCK_TAIL, TAIL_M, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
         else:
             _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
                        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
@@ -419,18 +457,13 @@ def _dq_step(q, do, lse, delta, K, V, TBL, IDX, seed, bh, h, offs_m, m_ok, qpart
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
-               s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-               s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd, s_tr, s_th, s_ii, s_ij,
-               H, N, R, centre, sm_scale, qk_scale, dropout_p,
-               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TAIL_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               DOT_PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _dq_rows(Q, K, V, TBL, IDX, DO, LSE, DELTA, DQ, seed, b, h, bh, start_m,
+             s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd,
+             s_tr, s_th, s_ii, s_ij, N, R, centre, sm_scale, qk_scale, dropout_p,
+             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             TAIL_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ rows [start_m, start_m + BLOCK_M) of one (batch, head); K and V point at that (batch, head)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_D
     m_ok = offs_m < N
@@ -439,11 +472,6 @@ def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
     do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd, mask=row_mask, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
-    K += b * s_kb + h * s_kh
-    V += b * s_vb + h * s_vh
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qpart = _token_part(IDX, offs_m, N, centre, HAS_INDEX)
     n_full = (N // BLOCK_N) * BLOCK_N
@@ -463,6 +491,35 @@ def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
                       TAIL_N, True, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqn + offs_d[None, :] * s_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
+               s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+               s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd, s_tr, s_th, s_ii, s_ij,
+               H, N, R, centre, sm_scale, qk_scale, dropout_p,
+               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               TAIL_N: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_INDEX: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh, b, h, K, V, seed = _bh_program(K, V, SEED, H, s_kb, s_kh, s_vb, s_vh, HAS_DROPOUT)
+    # (a tile shape is a compile-time constant: one call per shape, none compiled with a BLOCK_TAIL of 0)
+    if BLOCK_TAIL > 0:   # the program of the last N % BLOCK_M queries uses a BLOCK_TAIL-row tile (_block_tail)
+        if pid_m == N // BLOCK_M:
+            _dq_rows(Q, K, V, TBL, IDX, DO, LSE, DELTA, DQ, seed, b, h, bh, pid_m * BLOCK_M,
+                     s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd,
+                     s_tr, s_th, s_ii, s_ij, N, R, centre, sm_scale, qk_scale, dropout_p,
+                     HEAD_D, BLOCK_D, BLOCK_TAIL, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+        else:
+            _dq_rows(Q, K, V, TBL, IDX, DO, LSE, DELTA, DQ, seed, b, h, bh, pid_m * BLOCK_M,
+                     s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd,
+                     s_tr, s_th, s_ii, s_ij, N, R, centre, sm_scale, qk_scale, dropout_p,
+                     HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+    else:
+        _dq_rows(Q, K, V, TBL, IDX, DO, LSE, DELTA, DQ, seed, b, h, bh, pid_m * BLOCK_M,
+                 s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd,
+                 s_tr, s_th, s_ii, s_ij, N, R, centre, sm_scale, qk_scale, dropout_p,
+                 HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
 
 
 @triton.jit
@@ -543,10 +600,11 @@ def _bias_args(table, rel_index, window_size):
     return table_hr, _window_parts(wh, ww, table.device), s_tr, s_th, 0, 0, table.shape[0], centre
 
 
-def _key_tail(n: int, cfg: TileConfig) -> int:
-    """Rows of the dK/dV program that holds the last N % block_n keys when cfg.key_tail (0: a full block)."""
-    t = _tail(n, cfg.block_n, cfg.key_tail)
-    return t if 0 < t < cfg.block_n else 0
+def _block_tail(n: int, block: int, on: bool) -> int:
+    """Rows of the program that holds the last N % block rows of its own axis (queries in the forward and dQ
+    kernels, keys in dK/dV) when `on` and a smaller power-of-two tile holds them (0: a full block)."""
+    t = _tail(n, block, on)
+    return t if 0 < t < block else 0
 
 
 def _seed_arg(seed, table):
@@ -567,7 +625,8 @@ def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout
         q, k, v, table, idx, _seed_arg(seed, table), out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_tr, s_th, s_ii, s_ij,
         H, N, R, centre, scale * LOG2E, float(dropout_p),
-        HEAD_D=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TAIL_N=_tail(N, cfg.block_n, cfg.tail),
+        HEAD_D=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        TAIL_N=_tail(N, cfg.block_n, cfg.tail), BLOCK_TAIL=_block_tail(N, cfg.block_m, cfg.block_tail),
         HAS_INDEX=rel_index is not None, HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return lse
@@ -611,7 +670,8 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_tr, s_th, s_ii, s_ij,
         B, H, N, R, centre, G, scale, scale * LOG2E, float(dropout_p),
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, TAIL_M=_tail(N, c.block_m, c.tail),
-        KEY_TAIL=_key_tail(N, c), HAS_INDEX=rel_index is not None, HAS_DROPOUT=has_drop, NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
+        BLOCK_TAIL=_block_tail(N, c.block_n, c.block_tail), HAS_INDEX=rel_index is not None, HAS_DROPOUT=has_drop,
+        NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
 
     c = cfgs.dq
     _dq_kernel[(triton.cdiv(N, c.block_m), B * H)](
@@ -619,7 +679,8 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_tr, s_th, s_ii, s_ij,
         H, N, R, centre, scale, scale * LOG2E, float(dropout_p),
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, TAIL_N=_tail(N, c.block_n, c.tail),
-        HAS_INDEX=rel_index is not None, HAS_DROPOUT=has_drop, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
+        BLOCK_TAIL=_block_tail(N, c.block_m, c.block_tail), HAS_INDEX=rel_index is not None, HAS_DROPOUT=has_drop,
+        DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
 
     if not need_dbias:
         return None

@@ -76,7 +76,7 @@ def test_one_provider_error_does_not_end_the_benchmark(tmp_path):
 @pytest.mark.skipif(bool(INTERPRETER_PROBLEM), reason=f"the Triton interpreter cannot run here: {INTERPRETER_PROBLEM}")
 def test_tune_attention_smoke(tmp_path):
     """The tile sweep on the CPU through the Triton interpreter: every kernel gets its default, the default
-    with its tail choice flipped (dK/dV: also its key-tail choice) and one other tile, each checked against the reference before it is timed; the report names the best per kernel."""
+    with its tail choice flipped, with its block-tail choice flipped, and one other tile, each checked against the reference before it is timed; the report names the best per kernel."""
     env = {k: v for k, v in os.environ.items() if k != "BEIT_FAST_BACKEND"}
     env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "bench/tune_attention.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
@@ -91,8 +91,8 @@ def test_tune_attention_smoke(tmp_path):
         by_kernel.setdefault(r_["op"], []).append(r_)
     assert set(by_kernel) == {"attention_tile_fwd", "attention_tile_dkdv", "attention_tile_dq"}
     for op, rs in by_kernel.items():
-        flips = ["64x64 w4 s2 keytail"] if op == "attention_tile_dkdv" else []
-        assert [x["provider"] for x in rs] == ["64x64 w4 s2", "64x64 w4 s2 masked"] + flips + ["32x32 w4 s2"], op
+        assert [x["provider"] for x in rs] == ["64x64 w4 s2", "64x64 w4 s2 masked", "64x64 w4 s2 blocktail",
+                                               "32x32 w4 s2"], op
         assert [x["default"] for x in rs] == [True] + [False] * (len(rs) - 1), op
     md = (tmp_path / "tune_attention.md").read_text()
     assert "Best tile per kernel" in md and md.count("AttnConfigs(TileConfig(") == 1

@@ -206,11 +206,10 @@ def test_tail_tiles():
     assert [_tail(n, 64) for n in (197, 273, 50, 64, 128, 1, 577, 97)] == [16, 32, 64, 0, 0, 16, 16, 64]
     assert [_tail(n, 32) for n in (197, 7, 32)] == [16, 16, 0]
     assert _tail(197, 16) == 16 and _tail(197, 64, peel=False) == -1
-    # dK/dV's last program: a smaller key tile only when it saves rows, and only when the config asks
-    from beit_fast.kernels.rel_pos_attention import TileConfig, _key_tail
-    on = TileConfig(32, 64, key_tail=True)
-    assert [_key_tail(n, on) for n in (197, 273, 50, 128, 1)] == [16, 32, 0, 0, 16]
-    assert _key_tail(197, TileConfig(32, 64)) == 0
+    # the last program's own tile: smaller only when that saves rows, and only when the config asks
+    from beit_fast.kernels.rel_pos_attention import _block_tail
+    assert [_block_tail(n, 64, True) for n in (197, 273, 50, 128, 1)] == [16, 32, 0, 0, 16]
+    assert _block_tail(197, 128, True) == 0 and _block_tail(197, 64, False) == 0
 
 
 @needs_triton
@@ -218,10 +217,10 @@ def test_tail_tiles():
 @pytest.mark.parametrize("peel", [True, False])
 def test_inner_loop_tails(monkeypatch, shape, tail, peel):
     """Every inner-loop ending of the three kernels (the interpreter's 64-wide blocks): N a multiple of the
-    block (no tail step), tails of 32 and of a whole masked block, and the unpeeled masked loop; dK/dV's last
-    program with its smaller key tile (key_tail) under both."""
+    block (no tail step), tails of 32 and of a whole masked block, and the unpeeled masked loop; each kernel's
+    last program with its smaller own tile (block_tail) under both."""
     from beit_fast.kernels import rel_pos_attention as K
-    cfg = K.TileConfig(64, 64, tail=peel, key_tail=True)
+    cfg = K.TileConfig(64, 64, tail=peel, block_tail=True)
     monkeypatch.setattr(K, "pick_configs", lambda *a: K.AttnConfigs(cfg, cfg, cfg))
     N, kw, (inputs, table, grad) = case_inputs(2, 1, shape, 16, torch.float32, False, DEVICE)
     assert K._tail(N, 64) == tail

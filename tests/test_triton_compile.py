@@ -568,11 +568,11 @@ if __name__ != "__main__":
         if target_name == "sm90" and family != "fp32":
             dots = _dot_kernels(module_name)
             assert dots or module_name == "layer_norm", f"no tl.dot found in kernels/{module_name}.py"
-            # A dK/dV variant with a key tail (KEY_TAIL: its last program's key tile has fewer than 64 rows)
-            # runs that one program on mma.sync by design; its full blocks must still use wgmma.
+            # A variant with a block tail (BLOCK_TAIL: the last program's tile has fewer than 64 rows) runs that
+            # one program on mma.sync by design; its full blocks must still use wgmma.
             slow = [f"{_describe(v)}: PTX has {v['mma']['wgmma']} wgmma, {v['mma']['mma_sync']} mma.sync"
                     for v in mine if v["kernel"] in dots and (v["mma"]["wgmma"] == 0 or (
-                        v["mma"]["mma_sync"] and not 0 < int(v["constexprs"].get("KEY_TAIL", 0)) < 64))]
+                        v["mma"]["mma_sync"] and not 0 < int(v["constexprs"].get("BLOCK_TAIL", 0)) < 64))]
             assert not slow, f"{module_name} on sm_90 without wgmma:\n" + "\n".join(slow)
         notes = [f"autotune config skipped at run time, shared {v['shared']} B > {smem_limit} B: {_describe(v)}"
                  for v in over]
