@@ -47,8 +47,8 @@ SMOKE_SHAPES = [("tiny", 2, 2, (4, 4), 16)]
 
 def candidates(K, kernel: str, smoke: bool) -> list:
     """Tiles to try for one kernel. block_m / block_n mean what the kernel's TileConfig says (dkdv: query
-    step of the inner loop / the program's key block; dq: the program's query block / key step); each with
-    the inner loop's tail peeled and not (TileConfig.tail)."""
+    step of the inner loop / the program's key block; dq: the program's query block / key step); on a GPU
+    each with the inner loop's tail peeled and not (TileConfig.tail; --smoke: two tiles, peeled)."""
     T = K.TileConfig
     if smoke:   # the interpreter: a few tiles, enough to exercise the sweep on the CPU
         return [T(64, 64), T(32, 32)]
