@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from beit_fast._backend import INTERPRETER_PROBLEM
 
@@ -47,11 +48,7 @@ def test_smoke(script, extra, providers, tmp_path):
 def test_one_provider_error_does_not_end_the_benchmark(tmp_path):
     """A provider that raises (an API difference, a compile error) or fails its check is recorded and the run
     goes on; the report lists it and the exit status is non-zero."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import common
-    finally:
-        sys.path.pop(0)
+    common = _bench_module("common")
     out = common.Outcomes()
     env = common.environment("cpu")
     timing = {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0}
@@ -71,6 +68,42 @@ def test_one_provider_error_does_not_end_the_benchmark(tmp_path):
     md = (tmp_path / "x.md").read_text()
     assert "| op | good | fwd |" in md
     assert "Errors (not timed): broken: TypeError" in md and "Failed the reference check (not timed): wrong" in md
+
+
+def _bench_module(name):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import importlib
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_model_benchmark_check_catches_a_wrong_model(mode, monkeypatch):
+    """bench_model checks logits of randomized weights: a provider that computes something else (here the
+    attention's qkv projection scaled) fails its check and is not timed; the unchanged one passes."""
+    bm = _bench_module("bench_model")
+    env = bm.environment("cpu")
+    name = "beit_test_patch4_32_mim" if mode == "pretrain" else "beit_test_patch4_32"
+    ref, ref_logits = bm.build("ours_reference", name, mode)
+    ref.eval()
+    x, mask = torch.randn(2, 3, 32, 32), torch.zeros(2, ref.num_patches, dtype=torch.bool)
+    mask[:, :20] = True
+    inputs = (x, mask, torch.zeros(40 if mode == "pretrain" else 2, dtype=torch.long), mask.flatten().nonzero()[:, 0])
+    tol = {torch.float32: 1e-3}
+    row = bm.time_provider("ours_reference", name, mode, ref, ref_logits, inputs, torch.float32, 2, "cpu", env, tol)
+    assert row["provider"] == "ours_reference"
+    build = bm.build
+
+    def wrong(provider, name, mode):
+        model, fn = build(provider, name, mode)
+        fwd = model.blocks[0].attn.forward
+        model.blocks[0].attn.forward = lambda h, *a, **k: fwd(1.5 * h, *a, **k)
+        return model, fn
+    monkeypatch.setattr(bm, "build", wrong)
+    with pytest.raises(bm.CheckFailed, match="of the largest logit"):
+        bm.time_provider("ours_reference", name, mode, ref, ref_logits, inputs, torch.float32, 2, "cpu", env, tol)
 
 
 @pytest.mark.skipif(bool(INTERPRETER_PROBLEM), reason=f"the Triton interpreter cannot run here: {INTERPRETER_PROBLEM}")
