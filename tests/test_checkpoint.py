@@ -1,6 +1,7 @@
 """Checkpoint loading: timm/unilm, Hugging Face (4.x file names and 5.x in-memory names), mmseg, files."""
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -46,7 +47,8 @@ def test_unilm_pretraining_checkpoint_into_finetuning_model():
     mim = randomize_(create_model("beit_test_patch4_32_mim"))
     ck = _unilm_pretraining_state_dict(mim)
     cls = create_model("beit_test_patch4_32")
-    report = load_checkpoint(cls, ck)
+    with pytest.warns(UserWarning, match="4 model keys missing from the checkpoint .fc_norm.weight"):
+        report = load_checkpoint(cls, ck, warn=True)   # a new head, the pretraining heads unused: said once
     shared = mim.rel_pos_bias.relative_position_bias_table
     for blk, mblk in zip(cls.blocks, mim.blocks):
         torch.testing.assert_close(blk.attn.relative_position_bias_table, shared)
@@ -70,7 +72,10 @@ def test_wrappers(wrap):
         ck = {"state_dict": {**{f"backbone.{k}": v for k, v in sd.items() if not k.startswith(("head", "fc_norm"))},
                              "decode_head.conv_seg.weight": torch.randn(150, 64, 1, 1)}}
     dst = create_model("beit_test_patch4_32", attn_impl="eager")
-    report = load_checkpoint(dst, ck)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        report = load_checkpoint(dst, ck)
+    assert [str(w.message).count("checkpoint keys unused") for w in seen] == ([1] if wrap == "mmseg" else [])
     if wrap == "mmseg":
         assert report.unexpected_keys == ["decode_head.conv_seg.weight"]
         assert set(report.missing_keys) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
@@ -181,12 +186,41 @@ def test_table_and_pos_embed_resize():
 def test_shape_mismatch_and_new_head():
     src = randomize_(create_model("beit_test_patch4_32", num_classes=5))
     dst = create_model("beit_test_patch4_32", num_classes=10)
-    report = load_checkpoint(dst, src.state_dict())
+    with pytest.warns(UserWarning, match=r"2 keys of another shape skipped \(head.weight, head.bias\)"):
+        report = load_checkpoint(dst, src.state_dict())
     assert set(report.skipped_keys) == {"head.weight", "head.bias"}
     with pytest.raises(ValueError, match=r"cls_token: checkpoint shape \(1, 1, 64\) does not fit"):
         load_checkpoint(create_model("beit_test_patch4_32", embed_dim=32), src.state_dict())
     with pytest.raises(FileNotFoundError):
         load_checkpoint(dst, "/nonexistent/ckpt.pth")
+
+
+def test_compiled_and_ddp_prefixes_are_stripped():
+    """A torch.compile'd model's state dict ('_orig_mod.'), also inside DDP ('module._orig_mod.'), loads."""
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        dst = create_model("beit_test_patch4_32", attn_impl="eager")
+        report = load_checkpoint(dst, {prefix + k: v for k, v in src.state_dict().items()}, strict=True)
+        assert not report.missing_keys and not report.unexpected_keys
+        _same_outputs(src, dst, X())
+
+
+def test_nothing_loaded_is_an_error_and_partial_loads_warn():
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    dst = create_model("beit_test_patch4_32", attn_impl="eager")
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match="none of the checkpoint's .* tensors matches a parameter of this model"):
+        load_checkpoint(dst, {"model." + k: v for k, v in src.state_dict().items()})   # a Lightning-style prefix
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    partial = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
+    partial["extra.weight"] = torch.zeros(1)
+    with pytest.warns(UserWarning, match=r"2 model keys missing from the checkpoint \(head.weight, head.bias\); "
+                                         r"1 checkpoint keys unused \(extra.weight\)"):
+        report = load_checkpoint(dst, partial)
+    assert report.unexpected_keys == ["extra.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(dst, partial, warn=False)
 
 
 class _Evil:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
@@ -35,6 +36,14 @@ class LoadReport:
                 lines.append(f"  {name.replace('_', ' ')} ({len(keys)}): {', '.join(keys)}")
         return "\n".join(lines)
 
+    def summary(self) -> str:
+        """One line: what did not load (str() lists every key)."""
+        parts = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                 for what, keys in (("model keys missing from the checkpoint", self.missing_keys),
+                                    ("checkpoint keys unused", self.unexpected_keys),
+                                    ("keys of another shape skipped", self.skipped_keys)) if keys]
+        return f"load_checkpoint ({self.source_format}): " + "; ".join(parts)
+
 
 def read_state_dict(path: Union[str, os.PathLike]) -> dict:
     path = os.fspath(path)
@@ -62,8 +71,12 @@ def unwrap(obj) -> dict:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError("expected a state dict of tensors (possibly under 'model', 'module' or 'state_dict')")
     sd = dict(obj)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    # DDP / deepspeed ('module.') and torch.compile ('_orig_mod.') wrappers, in any nesting
+    while sd:
+        prefix = next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 
@@ -219,18 +232,26 @@ def _resize_pos_embed(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     return torch.cat([cls, g.permute(0, 2, 3, 1).reshape(1, dst * dst, -1).to(pos.dtype)], dim=1)
 
 
-def load_checkpoint(model, path_or_state_dict, strict: bool = False) -> LoadReport:
+def load_checkpoint(model, path_or_state_dict, strict: bool = False, warn: bool = True) -> LoadReport:
     """Load a checkpoint (path to .pth/.pt/.bin/.safetensors, or a (wrapped) state dict) into `model`.
 
     Returns a LoadReport listing missing, unexpected and skipped keys and the conversions applied; with
-    strict=True any missing or unexpected key raises ValueError."""
+    strict=True any missing or unexpected key raises ValueError, else (when `warn`) a one-line warning names
+    them. A checkpoint none of whose tensors fits a key of the model raises ValueError."""
     obj = path_or_state_dict
     if isinstance(obj, (str, os.PathLike)):
         obj = read_state_dict(obj)
     sd, report = convert_state_dict(obj, model)
+    target = model.state_dict()
+    if sd and not any(k in target for k in sd):
+        raise ValueError(f"none of the checkpoint's {len(sd)} tensors matches a parameter of this model, so nothing "
+                         f"would load (checkpoint keys: {', '.join(sorted(sd)[:4])}, ...; the model's: "
+                         f"{', '.join(list(target)[:4])}, ...): is it a checkpoint of another kind of model?")
     result = model.load_state_dict(sd, strict=False)
     report.missing_keys = list(result.missing_keys)
     report.unexpected_keys = list(result.unexpected_keys)
     if strict and (report.missing_keys or report.unexpected_keys or report.skipped_keys):
         raise ValueError(f"strict load failed:\n{report}")
+    if warn and (report.missing_keys or report.unexpected_keys or report.skipped_keys):
+        warnings.warn(report.summary(), stacklevel=2)
     return report

@@ -85,7 +85,7 @@ def _finetune(cfg, rt) -> dict:
     if cfg.init:
         from beit_fast.models import load_checkpoint
         path = ckpt.resolve_checkpoint(cfg.init, weights_folder=True)
-        load_report = load_checkpoint(model, path)
+        load_report = load_checkpoint(model, path, warn=False)   # logged whole in init_note
         init_note = f"{path}\n{load_report}"
         mismatch = normalisation_mismatch(cfg, path)
         if mismatch and rt.is_main:
