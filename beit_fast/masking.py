@@ -10,6 +10,7 @@ ratio in [0.3, 1/0.3], up to 10 tries per block. The count is at most the target
 from __future__ import annotations
 
 import math
+import operator
 import random
 from typing import Optional
 
@@ -22,15 +23,25 @@ from ._backend import choose, common_reasons, has_kernel
 def _check_args(input_size, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect):
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
-    height, width = (int(v) for v in input_size)
+    try:
+        height, width = (int(v) for v in input_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_size must be an int or two ints (height, width), got {input_size!r}") from None
     if height <= 0 or width <= 0:
         raise ValueError(f"input_size must be two positive ints (height, width), got {input_size}")
+    for name, v in (("num_masking_patches", num_masking_patches), ("min_num_patches", min_num_patches)):
+        try:
+            operator.index(v)   # ints, numpy ints; not floats
+        except TypeError:
+            raise ValueError(f"{name} must be an int, got {v!r}") from None
     if not 0 <= num_masking_patches <= height * width:
         raise ValueError(f"num_masking_patches must be in [0, {height * width}] for a {height}x{width} grid, "
                          f"got {num_masking_patches}")
     if min_num_patches < 1:
         raise ValueError(f"min_num_patches must be >= 1, got {min_num_patches}")
     max_num_patches = num_masking_patches if max_num_patches is None or max_num_patches <= 0 else max_num_patches
+    if not min_aspect > 0:
+        raise ValueError(f"min_aspect must be > 0, got {min_aspect}")
     max_aspect = max_aspect or 1.0 / min_aspect
     if not 0 < min_aspect <= max_aspect:
         raise ValueError(f"need 0 < min_aspect <= max_aspect, got {min_aspect}, {max_aspect}")

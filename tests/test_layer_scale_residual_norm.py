@@ -203,12 +203,27 @@ def test_no_norm_returns_none():
     (lambda x, y, g, w: (x, y[:, :3], g, w), r"y must have x's shape"),
     (lambda x, y, g, w: (x, y, g[:5], w), r"gamma must have shape \(C,\) = \(8,\)"),
     (lambda x, y, g, w: (x, y, g, w[None]), r"ln_weight must have shape \(C,\)"),
+    (lambda x, y, g, w: (x, y[:1], g, w), r"y must have x's shape \(2, 4, 8\), got \(1, 4, 8\)"),
+    (lambda x, y, g, w: (x, y, g.view(1, 1, 8), w), r"gamma must have shape \(C,\) = \(8,\), got \(1, 1, 8\)"),
+    (lambda x, y, g, w: (x, y, g.to("meta"), w), r"gamma is on meta but x is on cpu"),
+    (lambda x, y, g, w: (x.long(), y, g, w), r"x must be floating point"),
 ])
-def test_bad_shapes_raise_clear_errors(bad, match):
+@pytest.mark.parametrize("backend", ["cpp", "reference", "auto"])
+def test_bad_shapes_raise_clear_errors(bad, match, backend):
+    """Checked in Python before a backend is chosen, so the reference refuses what the C++ op refuses."""
     x, y, gamma, _, w, _ = make_inputs((2, 4, 8), torch.float32, "full", requires_grad=False)
     x, y, gamma, w = bad(x, y, gamma, w)
     with pytest.raises(ValueError, match=match):
-        layer_scale_residual_norm(x, y, gamma, None, w, None, backend="cpp")
+        layer_scale_residual_norm(x, y, gamma, None, w, None, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_bias_without_weight_and_negative_eps_are_refused(backend):
+    x, y, gamma, _, w, _ = make_inputs((2, 4, 8), torch.float32, "full", requires_grad=False)
+    with pytest.raises(ValueError, match="ln_bias was given without ln_weight"):
+        layer_scale_residual_norm(x, y, gamma, None, None, w, backend=backend)
+    with pytest.raises(ValueError, match="eps must be >= 0, got -1"):
+        layer_scale_residual_norm(x, y, gamma, None, w, None, -1.0, backend=backend)
 
 
 def test_bad_dtype_and_device_raise_clear_errors():
@@ -221,9 +236,6 @@ def test_bad_dtype_and_device_raise_clear_errors():
         ops.layer_scale_residual_norm(x, y, gamma, torch.ones(3), w, None, 1e-6)
     with pytest.raises(ValueError, match="ln_bias was given without ln_weight"):
         ops.layer_scale_residual_norm(x, y, gamma, None, None, w, 1e-6)
-    # mixed devices: refused by the chooser with a reason naming them
-    with pytest.raises(BackendUnavailable, match="several device types"):
-        layer_scale_residual_norm(x, y, gamma.to("meta"), None, w, None, backend="cpp")
 
 
 def test_auto_backend_on_cpu_is_cpp():

@@ -217,21 +217,28 @@ def _bad(**change):
     (dict(bool_masked_pos=lambda t: t[:, :10]), r"bool_masked_pos must have shape \(B, P\) = \(2, 64\)"),
     (dict(bool_masked_pos=lambda t: t.to(torch.uint8)), r"bool_masked_pos must be bool"),
     (dict(mask_token=lambda t: t[0]), r"mask_token must have shape \(1, 1, C\)"),
-    (dict(pos_embed=lambda t: t[:, 1:]), r"pos_embed must have shape \(1, 1 \+ P, C\) = \[1, 65, 7\]"),
+    (dict(pos_embed=lambda t: t[:, 1:]), r"pos_embed must have shape \(1, 1 \+ P, C\) = \(1, 65, 7\)"),
+    (dict(mask_token=lambda t: None), r"bool_masked_pos was given without mask_token"),
+    (dict(bool_masked_pos=lambda t: t[:1]), r"bool_masked_pos must have shape \(B, P\) = \(2, 64\), got \(1, 64\)"),
+    (dict(cls_token=lambda t: t.to("meta")), r"cls_token is on meta but images is on cpu"),
+    (dict(images=lambda t: t.long()), r"images must be floating point"),
 ])
-def test_bad_inputs_raise_clear_errors(change, match):
+@pytest.mark.parametrize("backend", ["cpp", "reference", "auto"])
+def test_bad_inputs_raise_clear_errors(change, match, backend):
+    """Checked in Python before a backend is chosen: the reference (the fallback without the extension)
+    refuses what the C++ op refuses instead of broadcasting a (1, P) mask or a (C,) token."""
     with pytest.raises(ValueError, match=match):
-        masked_patch_embed(**_bad(**change), backend="cpp")
+        masked_patch_embed(**_bad(**change), backend=backend)
 
 
 def test_bad_dtype_and_device_raise_clear_errors():
     args = _bad(weight=lambda t: t.double())
-    with pytest.raises(BackendUnavailable, match=r"differ in dtype"):
-        masked_patch_embed(**args, backend="cpp")
+    for backend in ("cpp", "reference"):
+        with pytest.raises(ValueError, match=r"weight must have the dtype of images \(torch.float32\), got "
+                                             r"torch.float64"):
+            masked_patch_embed(**args, backend=backend)
     with pytest.raises(ValueError, match=r"weight must have the dtype of images"):
         ops.masked_patch_embed(*args.values())
-    with pytest.raises(BackendUnavailable, match="several device types"):
-        masked_patch_embed(**_bad(cls_token=lambda t: t.to("meta")), backend="cpp")
     with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
         masked_patch_embed(**_bad(), backend="cuda")
 

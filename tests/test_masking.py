@@ -99,6 +99,9 @@ def test_cpp_matches_reference_distribution():
     (dict(num_masking_patches=197), r"\[0, 196\]"),
     (dict(min_num_patches=0), "min_num_patches"),
     (dict(min_aspect=-1.0), "min_aspect"),
+    (dict(min_aspect=0.0), r"min_aspect must be > 0, got 0.0"),
+    (dict(input_size=(14, 14, 3)), r"input_size must be an int or two ints"),
+    (dict(num_masking_patches=75.0), r"num_masking_patches must be an int, got 75.0"),
 ])
 def test_bad_arguments(kwargs, match):
     args = dict(input_size=(14, 14), num_masking_patches=75)

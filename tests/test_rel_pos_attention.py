@@ -346,6 +346,8 @@ def _good(B=2, H=2, W=(2, 2), D=16):
     (lambda a, kw: a.__setitem__(0, a[0].long()), r"dtype"),
     (lambda a, kw: a.__setitem__(3, a[3].long()), r"floating"),
     (lambda a, kw: kw.update(dropout_p=1.0), r"dropout_p"),
+    (lambda a, kw: a.__setitem__(3, a[3].to("meta")), r"bias_table is on meta but q is on cpu"),
+    (lambda a, kw: a.__setitem__(1, a[1].to("meta")), r"k is on meta but q is on cpu"),
 ])
 def test_bad_inputs_raise_value_error(mutate, match):
     (q, k, v), table = _good()

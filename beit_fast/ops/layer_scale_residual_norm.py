@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import _checks as checks
 from .._backend import choose, common_reasons, extension_op_reasons, register_extension_op
 
 OP = "layer_scale_residual_norm"
@@ -138,6 +139,31 @@ def _backward(ctx, grad_sum, grad_norm, _grad_mean, _grad_rstd):
 register_extension_op(OP, _fake_forward, _fake_backward, _backward, _setup_context)
 
 
+def _check_inputs(x, y, gamma, drop_path_scale, ln_weight, ln_bias, eps):
+    """The C++ op's checks (csrc/layer_scale_residual_norm.cpp, prepare_forward), for every backend."""
+    op = OP
+    x, y = checks.tensor(op, "x", x), checks.tensor(op, "y", y)
+    gamma, drop_path_scale = checks.tensor(op, "gamma", gamma, True), checks.tensor(op, "drop_path_scale", drop_path_scale, True)
+    ln_weight, ln_bias = checks.tensor(op, "ln_weight", ln_weight, True), checks.tensor(op, "ln_bias", ln_bias, True)
+    if x.dim() != 3 or x.shape[2] < 1:
+        raise ValueError(f"{op}: x must have shape (B, N, C) with C >= 1, got {tuple(x.shape)}")
+    B, _, Cx = x.shape
+    if y.shape != x.shape:
+        raise ValueError(f"{op}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    for name, t in (("x", x), ("y", y), ("gamma", gamma), ("drop_path_scale", drop_path_scale),
+                    ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        checks.floating(op, name, t)
+    for name, t in (("gamma", gamma), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        checks.shape(op, name, t, (Cx,), "(C,)")
+    checks.shape(op, "drop_path_scale", drop_path_scale, (B,), "(B,)")
+    if ln_bias is not None and ln_weight is None:
+        raise ValueError(f"{op}: ln_bias was given without ln_weight")
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    checks.one_device(op, "x", x, y=y, gamma=gamma, drop_path_scale=drop_path_scale, ln_weight=ln_weight,
+                 ln_bias=ln_bias)
+
+
 def layer_scale_residual_norm(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor] = None,
                               drop_path_scale: Optional[torch.Tensor] = None,
                               ln_weight: Optional[torch.Tensor] = None, ln_bias: Optional[torch.Tensor] = None,
@@ -161,6 +187,7 @@ def layer_scale_residual_norm(x: torch.Tensor, y: torch.Tensor, gamma: Optional[
 
     Gradients flow to x, y, gamma, ln_weight, ln_bias (and drop_path_scale, unfused, if it requires grad).
     """
+    _check_inputs(x, y, gamma, drop_path_scale, ln_weight, ln_bias, eps)
     chosen = choose(OP, backend, lambda b, auto: not_supported_reasons(
         b, x, y, gamma, drop_path_scale, ln_weight, ln_bias, auto=auto), PREFERENCE)
     if chosen == "reference":

@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import _checks as checks
 from .._backend import choose, common_reasons, extension_op_reasons, register_extension_op
 
 OP = "masked_patch_embed"
@@ -129,6 +130,43 @@ def _backward(ctx, grad_out):
 register_extension_op(OP, _fake_forward, _fake_backward, _backward, _setup_context)
 
 
+def _check_inputs(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed):
+    """The C++ op's checks (csrc/masked_patch_embed.cpp, prepare), for every backend: ValueError."""
+    op = OP
+    images, weight = checks.tensor(op, "images", images), checks.tensor(op, "weight", weight)
+    bias, bool_masked_pos = checks.tensor(op, "bias", bias, True), checks.tensor(op, "bool_masked_pos", bool_masked_pos, True)
+    mask_token, pos_embed = checks.tensor(op, "mask_token", mask_token, True), checks.tensor(op, "pos_embed", pos_embed, True)
+    cls_token = checks.tensor(op, "cls_token", cls_token)
+    if images.dim() != 4:
+        raise ValueError(f"{op}: images must have shape (B, Cin, H, W), got {tuple(images.shape)}")
+    B, Cin, H, W = images.shape
+    if weight.dim() != 4 or weight.shape[1] != Cin or min(weight.shape) < 1:
+        raise ValueError(f"{op}: weight must have shape (C, Cin, ph, pw) with Cin = images.size(1) = {Cin}, got "
+                         f"weight {tuple(weight.shape)} for images {tuple(images.shape)}")
+    Cout, _, ph, pw = weight.shape
+    if H < 1 or W < 1 or H % ph or W % pw:
+        raise ValueError(f"{op}: the image size {H}x{W} must be a positive multiple of the patch size {ph}x{pw} "
+                         f"(images {tuple(images.shape)}, weight {tuple(weight.shape)})")
+    P = (H // ph) * (W // pw)
+    for name, t in (("images", images), ("weight", weight), ("bias", bias), ("mask_token", mask_token),
+                    ("cls_token", cls_token), ("pos_embed", pos_embed)):
+        checks.floating(op, name, t)
+    if images.dtype != weight.dtype and not _autocast_on(images):
+        raise ValueError(f"{op}: weight must have the dtype of images ({images.dtype}), got {weight.dtype}")
+    checks.shape(op, "bias", bias, (Cout,), "(C,)")
+    checks.shape(op, "mask_token", mask_token, (1, 1, Cout), "(1, 1, C)")
+    checks.shape(op, "cls_token", cls_token, (1, 1, Cout), "(1, 1, C)")
+    checks.shape(op, "pos_embed", pos_embed, (1, 1 + P, Cout), "(1, 1 + P, C)")
+    if bool_masked_pos is not None:
+        if mask_token is None:
+            raise ValueError(f"{op}: bool_masked_pos was given without mask_token")
+        if bool_masked_pos.dtype != torch.bool:
+            raise ValueError(f"{op}: bool_masked_pos must be bool, got {bool_masked_pos.dtype}")
+        checks.shape(op, "bool_masked_pos", bool_masked_pos, (B, P), "(B, P)")
+    checks.one_device(op, "images", images, weight=weight, bias=bias, bool_masked_pos=bool_masked_pos,
+                 mask_token=mask_token, cls_token=cls_token, pos_embed=pos_embed)
+
+
 def masked_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        bool_masked_pos: Optional[torch.Tensor], mask_token: Optional[torch.Tensor],
                        cls_token: torch.Tensor,
@@ -151,6 +189,7 @@ def masked_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optiona
         (B, 1+P, C): row 0 = cls_token (+ pos_embed[:, 0]); row 1+p = mask_token if patch p is masked, else
         conv(patch p) + bias; then + pos_embed[:, 1+p]. dtype: images' (the compute dtype under autocast).
     """
+    _check_inputs(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed)
     chosen = choose(OP, backend, lambda b, auto: not_supported_reasons(
         b, images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, auto=auto), PREFERENCE)
     if chosen == "reference":

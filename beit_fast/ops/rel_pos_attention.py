@@ -96,6 +96,9 @@ def _check_inputs(q, k, v, table, window_size, rel_index, scale, dropout_p, what
         raise ValueError(f"bias_table must have shape (R, H) = (R, {H}), got {tuple(table.shape)}")
     if table.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"bias_table must be floating (fp16, bf16, fp32, fp64), got {table.dtype}")
+    for name, t in (("k", k), ("v", v), ("bias_table", table), ("rel_index", rel_index)):
+        if isinstance(t, Tensor) and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
     if (window_size is None) == (rel_index is None):
         raise ValueError("give exactly one of window_size=(Wh, Ww) (BEiT's layout) or rel_index (N, N)")
     wh = ww = 0

@@ -1,0 +1,35 @@
+"""Input checks shared by the ops' Python front ends: a caller's bad shape, dtype or device is a ValueError
+naming what was expected, raised before a backend is chosen, so the PyTorch reference (the fallback when the
+extension is missing) refuses what the C++ / CUDA kernels refuse instead of broadcasting it."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def tensor(op: str, name: str, t, optional: bool = False) -> Optional[torch.Tensor]:
+    if t is None and optional:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
+                         f"got {type(t).__name__}")
+    return t
+
+
+def floating(op: str, name: str, t: Optional[torch.Tensor]) -> None:
+    if t is not None and not t.dtype.is_floating_point:
+        raise ValueError(f"{op}: {name} must be floating point, got {t.dtype}")
+
+
+def shape(op: str, name: str, t: Optional[torch.Tensor], want: Sequence[int], described: str) -> None:
+    """t (when given) must have exactly the shape `want`, described symbolically as `described`."""
+    if t is not None and tuple(t.shape) != tuple(want):
+        raise ValueError(f"{op}: {name} must have shape {described} = {tuple(want)}, got {tuple(t.shape)}")
+
+
+def one_device(op: str, ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must "
+                             f"be on one device")
