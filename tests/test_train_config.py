@@ -195,3 +195,68 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
         ["checkpoint-0000003.pt", "checkpoint-0000004.pt"]
     atomic_torch_save({"x": 1}, str(tmp_path / "other.pt"))
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    """mkstemp creates 0600 files; checkpoints, configs and tokenizers get 0666 less the umask, like open()."""
+    from beit_fast.train.checkpoint import atomic_torch_save, atomic_write_bytes
+    old = os.umask(umask)
+    try:
+        atomic_torch_save({"t": torch.ones(3)}, str(tmp_path / "ck.pt"))
+        atomic_write_bytes(str(tmp_path / "config.yaml"), b"a: 1\n")
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    want = os.stat(tmp_path / "plain").st_mode & 0o777
+    assert want == 0o666 & ~umask
+    for name in ("ck.pt", "config.yaml"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == want, name
+    assert torch.equal(torch.load(tmp_path / "ck.pt", weights_only=True)["t"], torch.ones(3))
+
+
+def test_naming_another_model_drops_the_presets_architecture():
+    """--model without --preset: the demo preset's architecture changes (width 128, 4 blocks, abs. position
+    embeddings) and 16 px images belong to its own model; the named model is built as registered."""
+    from beit_fast.train.config import model_fields, resolve
+    demo = resolve("finetune")
+    assert demo.model_overrides and demo.img_size == 16
+    cfg = resolve("finetune", overrides={"model": "beit_base_patch16_224"})
+    f = model_fields(cfg)
+    assert cfg.model_overrides == {} and cfg.img_size == 224 and (f["embed_dim"], f["depth"]) == (768, 12)
+    assert resolve("finetune", overrides={"model": "beit_large_patch16_384"}).img_size == 384
+    pre = resolve("pretrain", overrides={"model": "beit_base_patch16_224_8k_vocab"})
+    assert pre.model_overrides == {} and pre.img_size == 224 and pre.second_img_size == 0
+    # what the user sets alongside is kept
+    cfg = resolve("finetune", overrides={"model": "beit_base_patch16_224", "img_size": 256,
+                                         "model_overrides.depth": 6})
+    assert cfg.img_size == 256 and cfg.model_overrides == {"depth": 6}
+    assert resolve("finetune", overrides={"model": demo.model}).model_overrides == demo.model_overrides
+
+
+def test_apex_optimizers_are_built_without_their_own_clipping(monkeypatch):
+    """apex is not installable here: a stand-in module records what the trainer passes. FusedLAMB clips at
+    max_grad_norm=1.0 by default; the trainer clips itself (clip_grad), so LAMB's clipping must be off."""
+    import sys
+    import types
+
+    from beit_fast.models import create_model
+    from beit_fast.train.config import preset
+    from beit_fast.train.optim import build_optimizer
+    made = {}
+
+    def recorder(kind):
+        def make(groups, **kw):
+            made[kind] = kw
+            return torch.optim.SGD(groups, lr=kw["lr"])
+        return make
+    apex = types.ModuleType("apex")
+    apex.optimizers = types.SimpleNamespace(FusedAdam=recorder("adam"), FusedLAMB=recorder("lamb"))
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", apex.optimizers)
+    model = create_model("beit_test_patch4_32")
+    for name in ("apex_lamb", "apex_adam"):
+        build_optimizer(dataclasses.replace(preset("finetune"), optimizer=name, clip_grad=3.0), model)
+    assert made["lamb"]["max_grad_norm"] == float("inf")
+    assert made["adam"]["adam_w_mode"] is True and "max_grad_norm" not in made["adam"]

@@ -91,3 +91,19 @@ def test_a_root_with_val_but_no_train_folder_is_refused(tmp_path):
     check_dataset("folder", str(tmp_path / "val"), ("train",))      # class folders directly: fine
     with pytest.raises(FileNotFoundError, match="has a val/ folder but no train/ folder"):
         check_dataset("folder", str(tmp_path), ("train",))
+
+
+def test_eval_transform_follows_unilm_crop_pct():
+    """Resize(int(size / crop_pct)) + CenterCrop(size); crop_pct None: 224/256 below 384 px, 1 from 384 px."""
+    import pytest
+    from torchvision import transforms as T
+
+    from beit_fast.train.data import eval_transform
+
+    def resize(size, pct):
+        return next(t.size for t in eval_transform(size, pct, "bicubic", (0.5,) * 3, (0.5,) * 3).transforms
+                    if isinstance(t, T.Resize))
+    assert resize(224, None) == 256 and resize(384, None) == 384 and resize(512, None) == 512
+    assert resize(224, 0.9) == 248 and resize(16, 1.0) == 16   # int(), as unilm: 224 / 0.9 = 248.9
+    with pytest.raises(ValueError, match=r"crop_pct must be in \(0, 1\]"):
+        eval_transform(224, 0.0, "bicubic", (0.5,) * 3, (0.5,) * 3)

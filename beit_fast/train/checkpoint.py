@@ -10,7 +10,6 @@ crash never leaves a truncated checkpoint under the final name.
 from __future__ import annotations
 
 import glob
-import io
 import os
 import random
 import re
@@ -23,13 +22,24 @@ import torch
 _STEP_FILE = re.compile(r"checkpoint-(\d+)\.pt$")
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, write) -> None:
+    """write(f) fills a temporary file in path's folder, which is fsync'ed and renamed over `path`: readers see
+    the old file or the whole new one, never a part. The file gets the permissions a plain open() would give
+    (0666 less the umask; mkstemp's own are 0600, which would hide checkpoints from the other users of a
+    shared cluster)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,10 +57,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         pass
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_torch_save(obj, path: str) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    """torch.save straight into the temporary file (no in-memory copy of the whole checkpoint)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def rng_state() -> dict:

@@ -115,7 +115,7 @@ class FinetuneConfig(RunConfig):
     mixup_mode: str = "batch"
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.25
-    crop_pct: float = 0.875
+    crop_pct: Optional[float] = None     # eval resize = img_size / crop_pct; None: 224/256 below 384 px, else 1
     eval_batch_size: int = 0             # 0: same as batch_size
     val_subset: int = 0                  # >0: evaluate on the first N held-out images only (tests, smoke runs)
     eval_every_epochs: int = 1
@@ -204,7 +204,7 @@ def _finetune_beit(size: str) -> FinetuneConfig:
         warmup_epochs=20 if base else 5, epochs=100 if base else 50, batch_size=128 if base else 64,
         accum_steps=1 if base else 2, weight_decay=0.05, min_lr=1e-6, smoothing=0.1, mixup=0.8, cutmix=1.0,
         auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, color_jitter=0.4, hflip=0.5,
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.875, precision="fp16", num_workers=10,
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=None, precision="fp16", num_workers=10,
         clip_grad=None, log_every=50)
 
 
@@ -340,8 +340,31 @@ def resolve(kind: str, preset_name: str = "", yaml_path: str = "", overrides: Op
     saved_kind = from_file.pop("kind", None)        # written by save(): config.yaml of an earlier run
     if saved_kind and saved_kind != type(config).__name__:
         raise ConfigError(f"{yaml_path} holds a {saved_kind}, not a {type(config).__name__}")
+    config = _follow_model(config, {**from_file, **overrides})
     config = apply_overrides(config, from_file)
     return apply_overrides(config, overrides)
+
+
+def _follow_model(config, given: dict):
+    """When the user names another model than the preset's, the preset's architecture changes (model_overrides,
+    e.g. the demo's width-128 4-block BEiT) and image size belong to the preset's model, not to the named one:
+    they are dropped (the named model's registered img_size is used, and a PretrainConfig's tokenizer view
+    is sized automatically) unless the user sets them too (a dotted model_overrides.<field> then changes
+    the named model). The recipe (lr, masking, augmentation) stays the
+    preset's: --preset beit_base_224 gives the reference recipe."""
+    keys = {k.replace("-", "_") for k in given}   # dotted model_overrides.<field> keys change one field
+    if "model" not in given or given["model"] == config.model:
+        return config
+    from beit_fast.models import PRESETS as MODELS
+    name = given["model"]
+    changes = {}
+    if "model_overrides" not in keys:
+        changes["model_overrides"] = {}
+    if "img_size" not in keys and name in MODELS and "img_size" in MODELS[name]:
+        changes["img_size"] = MODELS[name]["img_size"]
+    if isinstance(config, PretrainConfig) and "second_img_size" not in keys:
+        changes["second_img_size"] = 0
+    return dataclasses.replace(config, **changes)
 
 
 def to_dict(config) -> dict:
@@ -498,6 +521,9 @@ def check(config):
                 raise ConfigError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
             if cfg.num_classes < 1:
                 raise ConfigError("num_classes must be >= 1")
+            if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
+                raise ConfigError(f"crop_pct must be in (0, 1] (evaluation resizes to img_size / crop_pct), or "
+                                  f"null for unilm's choice, got {cfg.crop_pct}")
             check_dataset(cfg.dataset, cfg.data_path, ("train", "val"))
         elif isinstance(cfg, TokenizerFitConfig):
             check_dataset(cfg.dataset, cfg.data_path, ("train",))

@@ -257,9 +257,15 @@ def classify_transform(cfg, train: bool):
     return eval_transform(cfg.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
 
 
-def eval_transform(img_size: int, crop_pct: float, interpolation: str, mean, std):
+def eval_transform(img_size: int, crop_pct: Optional[float], interpolation: str, mean, std):
+    """unilm's evaluation: Resize(int(size / crop_pct)) and a centre crop, crop_pct 224/256 below 384 px and 1
+    from 384 px on when None."""
     from torchvision import transforms as T
-    return T.Compose([T.Resize(int(round(img_size / crop_pct)), interpolation=_interp(interpolation)),
+    if crop_pct is None:
+        crop_pct = 224 / 256 if img_size < 384 else 1.0
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return T.Compose([T.Resize(int(img_size / crop_pct), interpolation=_interp(interpolation)),
                       T.CenterCrop(img_size), T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 

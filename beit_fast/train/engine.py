@@ -109,10 +109,14 @@ def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch
          metrics: Optional[dict] = None, best: bool = False, keep: bool = True) -> Optional[str]:
     """Collective: every rank calls it (RNG states are gathered); rank 0 writes the file(s)."""
     rngs = runtime.gather_objects(ckpt.rng_state(), rt)
-    model_sd = runtime.model_state_dict(model)
-    optim_sd = runtime.optimizer_state_dict(model, optimizer)
+    if runtime.is_sharded(model):   # collective: every rank takes part in the gathers
+        model_sd = runtime.model_state_dict(model)
+        optim_sd = runtime.optimizer_state_dict(model, optimizer)
     if not rt.is_main:
         return None
+    if not runtime.is_sharded(model):   # rank 0 alone copies the model to host memory
+        model_sd = runtime.model_state_dict(model)
+        optim_sd = runtime.optimizer_state_dict(model, optimizer)
     inner = runtime.unwrap(model)
     state = {
         "model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(),

@@ -105,5 +105,8 @@ def build_optimizer(config, model, layer_decay: Optional[float] = None, device_t
                                f"({e}); install apex or use optimizer=adamw") from e
         if config.optimizer == "apex_adam":
             return FusedAdam(groups, adam_w_mode=True, **kw)
-        return FusedLAMB(groups, **kw)
+        # FusedLAMB clips the global gradient norm inside step() (max_grad_norm, default 1.0); the trainer
+        # already clips (clip_grad, after unscaling fp16 gradients), so LAMB's own clipping is switched off
+        # (a norm is never above inf) rather than silently clipping at 1.0 when clip_grad says otherwise
+        return FusedLAMB(groups, max_grad_norm=float("inf"), **kw)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")

@@ -71,17 +71,14 @@ class KMeansTokenizer(nn.Module):
         return scores.argmax(-1).view(b, h // self.patch_size, w // self.patch_size)
 
     def save(self, path: str) -> None:
-        from .checkpoint import atomic_write_bytes
+        from .checkpoint import atomic_torch_save, atomic_write_bytes
         meta = {"kind": "kmeans", "patch_size": str(self.patch_size), "in_chans": str(self.in_chans)}
         tensors = {"centroids": self.centroids, "mean": self.mean, "std": self.std}
         if path.endswith(".safetensors"):
             from safetensors.torch import save as save_bytes
             atomic_write_bytes(path, save_bytes({k: v.cpu().contiguous() for k, v in tensors.items()}, metadata=meta))
         else:
-            import io
-            buf = io.BytesIO()
-            torch.save({**{k: v.cpu() for k, v in tensors.items()}, "meta": meta}, buf)
-            atomic_write_bytes(path, buf.getvalue())
+            atomic_torch_save({**{k: v.cpu() for k, v in tensors.items()}, "meta": meta}, path)
 
     @classmethod
     def load(cls, path: str) -> "KMeansTokenizer":
