@@ -140,6 +140,21 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, kind, tokenizer_file):
         assert torch.equal(v, sb["model"][k]), k
 
 
+def test_resume_after_a_crash_logs_each_step_once(tmp_path, tokenizer_file):
+    """A crash between two saves: the rows logged after the last checkpoint are dropped when the run resumes
+    from it (log.jsonl and TensorBoard), so every step is in the log once, with the resumed run's values."""
+    extra = {"epochs": 3, "tokenizer_path": tokenizer_file, "log_every": 1}
+    pretrain(tiny_pretrain(tmp_path / "straight", **extra))
+    pretrain(tiny_pretrain(tmp_path / "crashed", stop_at_step=6, **extra))
+    os.remove(tmp_path / "crashed" / "checkpoint-0000006.pt")       # as if it crashed before saving step 6
+    assert [s for s, _ in losses(tmp_path / "crashed")][-2:] == [5, 6]
+    pretrain(tiny_pretrain(tmp_path / "crashed", resume="auto", **extra))   # resumes from step 4
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "crashed")
+    assert [s for s, _ in b] == list(range(1, 13)) and a == b
+    rows = [json.loads(line) for line in open(tmp_path / "crashed" / "log.jsonl")]
+    assert sum(1 for r in rows if r.get("step") == 5) == 1
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_fp16_loss_scaling_skips_an_injected_inf_step(tmp_path, device):
     cfg = tiny_finetune(tmp_path / "fp16", precision="fp16", inject_nonfinite_at_step=2, epochs=1,

@@ -60,18 +60,41 @@ def train_flops_per_image(cfg, masked_tokens: float = 0.0) -> float:
     return 3.0 * fwd
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrite the JSON-lines log without the rows of steps > `step` (atomically; unreadable lines kept)."""
+    from .checkpoint import atomic_write_bytes
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            row_step = 0
+        if not (isinstance(row_step, int) and row_step > step):
+            keep.append(line if line.endswith(b"\n") else line + b"\n")
+    if len(keep) != len(lines):
+        atomic_write_bytes(path, b"".join(keep))
+
+
 class Reporter:
     """Progress bar + log.jsonl + TensorBoard for rank 0; a silent stand-in elsewhere."""
 
     def __init__(self, output_dir: str, total_steps: int, enabled: bool = True, progress: bool = True,
-                 tensorboard: bool = True, desc: str = "train"):
+                 tensorboard: bool = True, desc: str = "train", resume_step: int = 0):
+        """resume_step: the step of the checkpoint a resumed run starts from. Rows an interrupted run logged
+        after it (a crash between two saves) are dropped from log.jsonl and TensorBoard, so that the steps
+        the resumed run repeats are not logged twice."""
         self.enabled = enabled
         self.bar = self.tb = self.file = None
         self._t0, self._seen = time.perf_counter(), 0
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.file = open(os.path.join(output_dir, "log.jsonl"), "a")
+        path = os.path.join(output_dir, "log.jsonl")
+        if resume_step > 0 and os.path.isfile(path):
+            _drop_rows_after(path, resume_step)
+        self.file = open(path, "a")
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, desc=desc, dynamic_ncols=True, file=sys.stderr,
@@ -79,7 +102,9 @@ class Reporter:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
+                # purge_step: TensorBoard hides the events an earlier writer logged at steps >= it
+                self.tb = SummaryWriter(os.path.join(output_dir, "tb"),
+                                        purge_step=resume_step + 1 if resume_step > 0 else None)
             except Exception:  # tensorboard not installed: JSON lines only
                 self.tb = None
                 self.message(f"TensorBoard is not installed; metrics go to {output_dir}/log.jsonl only")

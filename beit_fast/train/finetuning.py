@@ -116,7 +116,8 @@ def _finetune(cfg, rt) -> dict:
         cfg, rt, model, ema, layer_decay=cfg.layer_decay)
     best_top1 = metrics.get("best_top1", -1.0)
 
-    report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "finetune")
+    report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "finetune",
+                      resume_step=step)
     report.advance_to(step, images=step * global_batch * cfg.accum_steps)
     report.message(f"fine-tuning {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
                    f"from {init_note}\n{len(train_set)} train / {len(val_set)} held-out images, "

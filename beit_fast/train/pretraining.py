@@ -85,7 +85,8 @@ def _pretrain(cfg, rt) -> dict:
     schedule = Schedule(cfg, steps_per_epoch)
     train_model, optimizer, scaler, (step, start_epoch, start_batch, resumed) = engine.training_state(cfg, rt, model)
 
-    report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "pretrain")
+    report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "pretrain",
+                      resume_step=step)
     report.advance_to(step, images=step * global_batch * cfg.accum_steps)
     report.message(f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
                    f"{len(dataset)} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
