@@ -72,6 +72,27 @@ def test_pretrain_then_finetune_then_eval(tmp_path):
                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
 
 
+def test_ema_keeps_its_own_best_checkpoint(tmp_path):
+    """With EMA the best epoch of the EMA weights is kept as checkpoint-best-ema.pt (unilm keeps both), and
+    `eval --use-ema` on the run folder evaluates it; checkpoint-best.pt stays the raw weights' best."""
+    ft = finetune(tiny_finetune(tmp_path / "ft", epochs=4, train_subset=128, ema=True, ema_decay=0.5,
+                                mixup=0.0, cutmix=0.0, val_subset=64))
+    evals = [json.loads(line) for line in open(tmp_path / "ft" / "log.jsonl")]
+    evals = [r for r in evals if "eval" in r]
+    assert len(evals) == 4
+    ema_top1 = [r["eval"]["ema_top1"] for r in evals]
+    best_ema = load(str(tmp_path / "ft" / "checkpoint-best-ema.pt"))
+    first_best = ema_top1.index(max(ema_top1))
+    assert best_ema["epoch"] == first_best + 1 and best_ema["metrics"]["ema_top1"] == max(ema_top1)
+    assert best_ema["metrics"]["best_ema_top1"] == max(ema_top1) == ft["best_ema_top1"]
+    top1 = [r["top1"] for r in evals]
+    assert load(str(tmp_path / "ft" / "checkpoint-best.pt"))["epoch"] == top1.index(max(top1)) + 1
+    kw = dict(checkpoint=str(tmp_path / "ft"), num_workers=0, precision="fp32", device="cpu")
+    ev = evaluate(EvalConfig(use_ema=True, **kw))
+    assert ev["checkpoint"].endswith("checkpoint-best-ema.pt")
+    assert evaluate(EvalConfig(**kw))["checkpoint"].endswith("checkpoint-best.pt")
+
+
 def test_fused_and_reference_training_give_matching_losses(tmp_path, tokenizer_file):
     runs = {}
     for name, fused, attn in (("fused", True, "fused"), ("reference", False, "eager")):

@@ -1,6 +1,6 @@
 """Checkpoints: atomic writes, RNG state capture, keep-last-N and best, finding the one to resume.
 
-A checkpoint is one torch file `checkpoint-<step>.pt` (or `checkpoint-best.pt`) holding
+A checkpoint is one torch file `checkpoint-<step>.pt` (or `checkpoint-best.pt`, `checkpoint-best-ema.pt`) holding
   model (state dict, the key load_checkpoint looks for), model_ema, optimizer, scaler,
   step (optimizer updates done), epoch, batch_in_epoch (global batches of `epoch` already consumed),
   rng (per rank: python, numpy, torch, cuda), config (the resolved run config), model_config, kind, metrics.
@@ -111,13 +111,15 @@ def step_checkpoints(folder: str) -> list:
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-def resolve_checkpoint(path: str, prefer_best: bool = False, weights_folder: bool = False) -> str:
-    """A checkpoint file from a file or a run folder (latest step checkpoint; or best when prefer_best).
+def resolve_checkpoint(path: str, prefer_best: bool = False, weights_folder: bool = False,
+                       best_name: str = "checkpoint-best.pt") -> str:
+    """A checkpoint file from a file or a run folder (latest step checkpoint; or best when prefer_best;
+    best_name: checkpoint-best-ema.pt for the EMA weights' best epoch).
     weights_folder: a folder without run checkpoints may also be a Hugging Face model folder (for --init)."""
     if os.path.isfile(path):
         return path
     if os.path.isdir(path):
-        best = os.path.join(path, "checkpoint-best.pt")
+        best = os.path.join(path, best_name)
         steps = step_checkpoints(path)
         if prefer_best and os.path.isfile(best):
             return best

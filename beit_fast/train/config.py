@@ -420,7 +420,7 @@ def _check_output_dir_is_free(cfg) -> None:
     from .checkpoint import step_checkpoints
     folder = cfg.output_dir
     found = step_checkpoints(folder) if os.path.isdir(folder) else []
-    names = ["checkpoint-best.pt", "log.jsonl"]
+    names = ["checkpoint-best.pt", "checkpoint-best-ema.pt", "log.jsonl"]
     if isinstance(cfg, PretrainConfig) and cfg.tokenizer == "kmeans" and not cfg.tokenizer_path:
         names.append("tokenizer.safetensors")    # the file this run would fit, or silently reuse
     found += [os.path.join(folder, f) for f in names if os.path.isfile(os.path.join(folder, f))]

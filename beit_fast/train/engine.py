@@ -106,7 +106,8 @@ def _found_inf(scaler, optimizer, device) -> torch.Tensor:
 
 
 def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch_in_epoch: int, kind: str,
-         metrics: Optional[dict] = None, best: bool = False, keep: bool = True) -> Optional[str]:
+         metrics: Optional[dict] = None, best: bool = False, best_ema: bool = False,
+         keep: bool = True) -> Optional[str]:
     """Collective: every rank calls it (RNG states are gathered); rank 0 writes the file(s)."""
     rngs = runtime.gather_objects(ckpt.rng_state(), rt)
     if runtime.is_sharded(model):   # collective: every rank takes part in the gathers
@@ -130,10 +131,11 @@ def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch
     path = None
     if keep:
         path = ckpt.save_step_checkpoint(state, cfg.output_dir, step, cfg.keep_last)
-    if best:
-        path_best = os.path.join(cfg.output_dir, "checkpoint-best.pt")
-        ckpt.atomic_torch_save(state, path_best)
-        path = path or path_best
+    for wanted, name in ((best, "checkpoint-best.pt"), (best_ema, "checkpoint-best-ema.pt")):
+        if wanted:
+            path_best = os.path.join(cfg.output_dir, name)
+            ckpt.atomic_torch_save(state, path_best)
+            path = path or path_best
     return path
 
 

@@ -14,7 +14,9 @@ def evaluate(config: config_mod.EvalConfig = None) -> dict:
     """Evaluate a fine-tuned checkpoint of this package (file, or a run folder: best, else latest)."""
     cfg = config if config is not None else config_mod.EvalConfig()
     try:
-        path = ckpt.resolve_checkpoint(cfg.checkpoint, prefer_best=True)
+        # a run folder: the best epoch of the weights evaluated (of the EMA weights with use_ema)
+        path = ckpt.resolve_checkpoint(cfg.checkpoint, prefer_best=True,
+                                       best_name="checkpoint-best-ema.pt" if cfg.use_ema else "checkpoint-best.pt")
     except FileNotFoundError as e:
         raise config_mod.ConfigError(f"checkpoint: {e}") from None
     state = ckpt.load(path)

@@ -115,6 +115,7 @@ def _finetune(cfg, rt) -> dict:
     train_model, optimizer, scaler, (step, start_epoch, start_batch, metrics) = engine.training_state(
         cfg, rt, model, ema, layer_decay=cfg.layer_decay)
     best_top1 = metrics.get("best_top1", -1.0)
+    best_ema_top1 = metrics.get("best_ema_top1", -1.0)
 
     report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "finetune",
                       resume_step=step)
@@ -179,7 +180,7 @@ def _finetune(cfg, rt) -> dict:
             if save_now:
                 engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch,
                             batch_in_epoch=batch_index + 1, kind="finetune",
-                            metrics={**last, "best_top1": best_top1})
+                            metrics={**last, "best_top1": best_top1, "best_ema_top1": best_ema_top1})
             if stop:
                 done = True
                 break
@@ -188,20 +189,23 @@ def _finetune(cfg, rt) -> dict:
 
         # --- end of epoch: evaluate, keep the best, save
         is_last = epoch + 1 == cfg.epochs
-        best = False
+        best = best_ema = False
         if is_last or (cfg.eval_every_epochs and (epoch + 1) % cfg.eval_every_epochs == 0):
             result = engine.evaluate(train_model, val_loader, device, cfg.precision, rt)
-            if ema is not None:
-                result["ema_top1"] = engine.evaluate(ema.module, val_loader, device, cfg.precision, rt)["top1"]
             best = result["top1"] > best_top1
             best_top1 = max(best_top1, result["top1"])
+            if ema is not None:   # the EMA weights' best epoch is kept apart (checkpoint-best-ema.pt), as unilm's
+                result["ema_top1"] = engine.evaluate(ema.module, val_loader, device, cfg.precision, rt)["top1"]
+                best_ema = result["ema_top1"] > best_ema_top1
+                best_ema_top1 = max(best_ema_top1, result["ema_top1"])
+                result["best_ema_top1"] = best_ema_top1
             report.log({"step": step, "epoch": epoch, "eval": result, "top1": result["top1"],
                         "best_top1": best_top1}, step)
             report.message(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['loss']:.4f}, held-out top-1 "
                            f"{result['top1']:.2f}% top-5 {result['top5']:.2f}% ({time.perf_counter() - t_epoch:.1f} s)")
-        metrics = {**last, **result, "best_top1": best_top1}
+        metrics = {**last, **result, "best_top1": best_top1, "best_ema_top1": best_ema_top1}
         engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch + 1, batch_in_epoch=0,
-                    kind="finetune", metrics=metrics, best=best)
+                    kind="finetune", metrics=metrics, best=best, best_ema=best_ema)
 
     report.close()
     found = ckpt.step_checkpoints(cfg.output_dir)
