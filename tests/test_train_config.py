@@ -260,3 +260,22 @@ def test_apex_optimizers_are_built_without_their_own_clipping(monkeypatch):
         build_optimizer(dataclasses.replace(preset("finetune"), optimizer=name, clip_grad=3.0), model)
     assert made["lamb"]["max_grad_norm"] == float("inf")
     assert made["adam"]["adam_w_mode"] is True and "max_grad_norm" not in made["adam"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_saved_kmeans_tokenizer_sizes_the_tokenizer_view(tmp_path, suffix):
+    """A k-means tokenizer file fit with 4 px patches, named in a config whose tokenizer_patch says 8: the
+    view is sized from the file (4 px per code), and a view size that does not fit is refused by check()."""
+    from beit_fast.train.config import ConfigError, check, tokenizer_downsample
+    from beit_fast.train.tokenizer import KMeansTokenizer
+    path = str(tmp_path / f"kmeans{suffix}")
+    KMeansTokenizer(torch.rand(16, 48), torch.zeros(48), torch.ones(48), 4, 3).save(path)
+    cfg = dataclasses.replace(preset("pretrain"), output_dir=str(tmp_path / "run"), tokenizer_path=path,
+                              tokenizer_patch=8, second_img_size=0)
+    assert tokenizer_downsample(cfg) == 4
+    check(cfg)
+    with pytest.raises(ConfigError, match=r"one code per 4px, so a 4x4 patch grid needs a 16px view"):
+        check(dataclasses.replace(cfg, second_img_size=32))
+    torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="is not a k-means tokenizer file"):
+        check(dataclasses.replace(cfg, tokenizer_path=str(tmp_path / "other.pt")))

@@ -402,6 +402,20 @@ def model_patch_size(cfg) -> int:
     return int(model_fields(cfg)["patch_size"])
 
 
+def tokenizer_downsample(cfg) -> int:
+    """Pixels per visual token in the tokenizer view: 8 for the DALL-E encoder; for k-means the saved file's
+    patch size when tokenizer_path names one, else tokenizer_patch (the one to fit)."""
+    if cfg.tokenizer == "dvae":
+        return 8
+    if cfg.tokenizer_path:
+        from .tokenizer import KMeansTokenizer
+        try:
+            return KMeansTokenizer.file_patch_size(cfg.tokenizer_path)
+        except Exception as e:
+            raise ConfigError(f"tokenizer_path {cfg.tokenizer_path!r}: {e}") from None
+    return cfg.tokenizer_patch
+
+
 def _one_of(name, value, choices):
     if value not in choices:
         raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -498,9 +512,8 @@ def check(config):
                                      " (nothing is downloaded at run time: fetch "
                                      "https://cdn.openai.com/dall-e/encoder.pkl yourself)"))
             grid = fields["img_size"] // fields["patch_size"]
-            per_code = 8 if cfg.tokenizer == "dvae" else cfg.tokenizer_patch
-            if cfg.second_img_size and not (cfg.tokenizer == "kmeans" and cfg.tokenizer_path) and \
-                    cfg.second_img_size != grid * per_code:
+            per_code = tokenizer_downsample(cfg)
+            if cfg.second_img_size and cfg.second_img_size != grid * per_code:
                 raise ConfigError(f"second_img_size={cfg.second_img_size}: the tokenizer gives one code per "
                                   f"{per_code}px, so a {grid}x{grid} patch grid needs a {grid * per_code}px view "
                                   f"(or second_img_size=0 for automatic)")

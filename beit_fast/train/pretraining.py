@@ -55,7 +55,7 @@ def _pretrain(cfg, rt) -> dict:
 
     # --- tokenizer and model: the tokenizer's vocabulary sizes the model's lm_head
     grid = cfg.img_size // config_mod.model_patch_size(cfg)
-    downsample = 8 if cfg.tokenizer == "dvae" else cfg.tokenizer_patch
+    downsample = config_mod.tokenizer_downsample(cfg)
     second_size = cfg.second_img_size or grid * downsample
     tokenizer, tokenizer_path = _tokenizer(cfg, rt, dataset, second_size)
     tokenizer = tokenizer.to(device)

@@ -82,17 +82,30 @@ class KMeansTokenizer(nn.Module):
 
     @classmethod
     def load(cls, path: str) -> "KMeansTokenizer":
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                t = {k: f.get_tensor(k) for k in f.keys()}
-        else:
-            t = torch.load(path, map_location="cpu", weights_only=True)
-            meta = t.pop("meta", {})
-        if meta.get("kind", "kmeans") != "kmeans" or "centroids" not in t:
-            raise ValueError(f"{path} is not a k-means tokenizer file (metadata {meta})")
+        t, meta = _read_kmeans(path)
         return cls(t["centroids"], t["mean"], t["std"], int(meta["patch_size"]), int(meta.get("in_chans", 3)))
+
+    @staticmethod
+    def file_patch_size(path: str) -> int:
+        """Pixels per token side of a saved tokenizer (what the tokenizer view's size must be a multiple of)."""
+        return int(_read_kmeans(path)[1]["patch_size"])
+
+
+def _read_kmeans(path: str) -> tuple:
+    """(tensors, metadata) of a k-means tokenizer file; ValueError when it is not one."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    else:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+        meta = t.pop("meta", {}) if isinstance(t, dict) else {}
+    if not isinstance(t, dict) or meta.get("kind", "kmeans") != "kmeans" or "centroids" not in t \
+            or "patch_size" not in meta:
+        raise ValueError(f"{path} is not a k-means tokenizer file (metadata {meta}); make one with "
+                         f"`beit-fast fit-tokenizer`")
+    return t, meta
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
