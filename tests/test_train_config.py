@@ -96,7 +96,8 @@ def test_a_new_run_refuses_a_used_output_dir(tmp_path):
     used.mkdir()
     cfg = dataclasses.replace(preset("pretrain"), output_dir=str(used))
     C.check(cfg)                                   # an empty folder is fine
-    (used / "tokenizer.safetensors").write_bytes(b"")  # a tokenizer fit there, named by the run: fine
+    from beit_fast.train.tokenizer import KMeansTokenizer   # a tokenizer fit there, named by the run: fine
+    KMeansTokenizer(torch.rand(16, 48), torch.zeros(48), torch.ones(48), 4, 3).save(str(used / "tokenizer.safetensors"))
     C.check(dataclasses.replace(cfg, tokenizer_path=str(used / "tokenizer.safetensors")))
     C.check(dataclasses.replace(preset("finetune"), output_dir=str(used)))
     for name in ("tokenizer.safetensors", "log.jsonl", "checkpoint-0000660.pt"):
