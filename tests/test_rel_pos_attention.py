@@ -296,6 +296,28 @@ def test_dropout_without_seed_draws_from_torch_generator():
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_reference_dropout_follows_its_seed(packed):
+    """The reference backend's dropout is reproducible from dropout_seed (its own generator; the global
+    generator neither decides the mask nor advances), and different seeds give different masks."""
+    W = (2, 2)
+    inputs, table, _ = make_inputs(1, 2, 5, 16, torch.float32, num_relative_distance(W), packed=packed)
+    fn = rel_pos_attention_qkvpacked if packed else rel_pos_attention
+
+    def go(seed):
+        return fn(*inputs, table, window_size=W, dropout_p=0.5, backend="reference", dropout_seed=seed)
+    torch.manual_seed(1)
+    a = go(3)
+    state = torch.get_rng_state()
+    torch.manual_seed(2)
+    b = go(torch.tensor([3]))
+    assert torch.equal(a, b) and not torch.equal(a, go(4))
+    torch.manual_seed(2)
+    go(3)
+    torch.manual_seed(1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @needs_triton
 @pytest.mark.parametrize("packed", [False, True])
 def test_table_gradient_is_bitwise_deterministic(packed):

@@ -56,10 +56,16 @@ def rel_pos_attention_ref(q, k, v, bias_table, window_size=None, rel_index=None,
     return out.to(dtype)
 
 
-def _reference(q, k, v, table, window_size, rel_index, scale, dropout_p):
+def _reference(q, k, v, table, window_size, rel_index, scale, dropout_p, dropout_seed=None):
+    """With dropout_seed the keep-mask comes from a generator seeded with it (reproducible, though not the
+    Triton kernels' mask: they hash positions in-kernel), else from torch's default generator."""
     mask = None
     if dropout_p > 0:
-        keep = torch.rand(q.shape[:-1] + (q.shape[-2],), device=q.device) >= dropout_p
+        gen = None
+        if dropout_seed is not None:
+            gen = torch.Generator(device=q.device)
+            gen.manual_seed(int(dropout_seed.reshape(-1)[0]) if isinstance(dropout_seed, Tensor) else int(dropout_seed))
+        keep = torch.rand(q.shape[:-1] + (q.shape[-2],), device=q.device, generator=gen) >= dropout_p
         mask = keep.to(torch.float32) / (1.0 - dropout_p)
     return rel_pos_attention_ref(q, k, v, table, window_size, rel_index, scale, dropout_mask=mask)
 
@@ -336,7 +342,8 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
       index derived in-kernel (from an (N,) int32 array of per-token parts, cached per window). Or
       rel_index: (N, N) integer tensor for any other layout (exactly one).
     scale: default D ** -0.5. dropout_p: attention-probability dropout (pass 0 in eval); dropout_seed
-      (int or int64 tensor) fixes the in-kernel RNG, else one is drawn from torch's generator.
+      (int or int64 tensor) fixes the in-kernel RNG, else one is drawn from torch's generator (the reference
+      backend seeds a generator of its own with it: reproducible, but another mask than the kernels').
     backend: "auto" (triton for GPU tensors, else reference), "triton", "reference"; BEIT_FAST_BACKEND
       overrides "auto". A forced backend that cannot run raises BackendUnavailable with the reasons.
     Returns (B, H, N, D) in q's dtype, contiguous.
@@ -354,7 +361,7 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = _choose(q, k, v, bias_table, window_size, rel_index, dropout_p, backend)
     if chosen == "reference":
-        return _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
+        return _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p, dropout_seed)
     seed = _seed_tensor(dropout_p, dropout_seed, q.device)
     out, _ = _attn_op(q, k, v, bias_table, rel_index, wh, ww, scale, float(dropout_p), seed)
     return out
@@ -377,7 +384,7 @@ def rel_pos_attention_qkvpacked(qkv: Tensor, bias_table: Tensor, *, window_size=
     scale = D ** -0.5 if scale is None else float(scale)
     chosen = _choose(q, k, v, bias_table, window_size, rel_index, dropout_p, backend)
     if chosen == "reference":
-        out = _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
+        out = _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p, dropout_seed)
         return out.transpose(1, 2).reshape(B, N, H * D)
     seed = _seed_tensor(dropout_p, dropout_seed, qkv.device)
     out, _ = _packed_op(qkv, bias_table, rel_index, wh, ww, scale, float(dropout_p), seed)
