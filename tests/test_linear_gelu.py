@@ -125,7 +125,8 @@ def test_fp32_dot_precision_follows_either_tf32_switch(api):
     matmul = torch.backends.cuda.matmul
     if api == "new" and not hasattr(matmul, "fp32_precision"):
         pytest.skip("torch < 2.9 has no fp32_precision API")
-    saved = matmul.fp32_precision if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    saved_new = getattr(matmul, "fp32_precision", None)
+    saved_legacy = matmul.allow_tf32   # readable: no test leaves the two APIs mixed (asserted below)
     try:
         assert K._dot_precision(torch.float32) == "ieee" and K._dot_precision(torch.float16) == "tf32"
         if api == "new":
@@ -142,10 +143,13 @@ def test_fp32_dot_precision_follows_either_tf32_switch(api):
             assert o.dtype == torch.float32, name
             assert_close(name, o.double(), e, tolerance("linear_gelu.tf32", torch.float32))
     finally:
-        if hasattr(matmul, "fp32_precision"):
-            matmul.fp32_precision = saved
+        # restored through the API that changed it: mixing them (legacy set, new restore) leaves torch >= 2.9
+        # in a state where reading the legacy flag raises, as inductor's matmul lowering did up to torch 2.10
+        if api == "new":
+            matmul.fp32_precision = saved_new
         else:
-            matmul.allow_tf32 = saved
+            matmul.allow_tf32 = saved_legacy
+    assert matmul.allow_tf32 == saved_legacy
 
 
 @needs_triton
