@@ -40,7 +40,7 @@ def _gemm_config(name, bm, bn, bk, warps, stages):
 
 # Few, named configs. The big tiles are for BEiT's MLP (M = B*197, K 768/1024, N 3072/4096) in bf16/fp16;
 # the 64-row ones for small batches. Under the interpreter one config keeps tests fast (no tuning).
-GEMM_CONFIGS = {
+GPU_GEMM_CONFIGS = GEMM_CONFIGS = {
     "m128_n256_k64_w8_s3": _gemm_config("m128_n256_k64_w8_s3", 128, 256, 64, 8, 3),
     "m128_n128_k64_w8_s4": _gemm_config("m128_n128_k64_w8_s4", 128, 128, 64, 8, 4),
     "m128_n128_k32_w4_s4": _gemm_config("m128_n128_k32_w4_s4", 128, 128, 32, 4, 4),
@@ -147,11 +147,28 @@ def _epilogue(acc, offs_m, offs_n, b_ptr, out_ptr, z_ptr, dy_ptr, part_ptr, pid_
                      acc.to(z_ptr.dtype.element_ty), mask=mask)
 
 
+# fp32 without TF32 (DOT_PRECISION "ieee") runs on the FMA units, and the large tiles only spill there (sm_90,
+# ptxas: 1.7 KB at 128x256, 384 B at 128x128/k32) and add compiles (8 s and 5 s of the 24 s that all five
+# take on the CI machine): the tuner tries the tiles of at most 128x128 with K steps of 64 only.
+_IEEE_MAX_TILE = 128 * 128
+
+
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """early_config_prune of the autotuner: the configs worth timing for this launch's dot precision."""
+    if kwargs.get("DOT_PRECISION") != "ieee":
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= _IEEE_MAX_TILE
+             and c.kwargs["BLOCK_K"] == 64]
+    return small or configs
+
+
 if not _INTERPRET:
     # Under the interpreter the one config is passed at launch: no tuner (Triton < 3.4 builds a tuner's
     # benchmarker from the GPU driver when it is created, and the interpreter has none).
     _linear_gelu_kernel = triton.autotune(configs=list(GEMM_CONFIGS.values()),
-                                          key=["M", "N", "K", "BACKWARD", "STORE_Z", "DOT_PRECISION"])(_linear_gelu_kernel)
+                                          key=["M", "N", "K", "BACKWARD", "STORE_Z", "DOT_PRECISION"],
+                                          prune_configs_by={"early_config_prune": prune_gemm_configs},
+                                          )(_linear_gelu_kernel)
 
 
 @triton.jit

@@ -282,3 +282,13 @@ def test_bad_inputs_raise_value_error(backend):
 @pytest.mark.parametrize("shape", [((8, 197), 768, 3072), ((4, 197), 1024, 4096), ((273,), 7, 33)], ids=str)
 def test_bf16_two_x_rule_cuda(shape, recompute):
     _check_against_reference(*shape, torch.bfloat16, recompute=recompute)
+
+
+def test_fp32_ieee_gemms_tune_only_the_tiles_that_fit():
+    """The tuner's early prune: fp32 without TF32 (FMA units) tries only tiles of at most 128x128 with K steps
+    of 64 (the others spill on sm_90); 16-bit and TF32 launches try every config."""
+    from beit_fast.kernels import linear_gelu as K
+    configs = list(K.GPU_GEMM_CONFIGS.values())
+    kept = K.prune_gemm_configs(configs, {}, DOT_PRECISION="ieee")
+    assert [c.name for c in kept] == ["m128_n128_k64_w8_s4", "m64_n128_k64_w4_s4", "m64_n64_k64_w4_s3"]
+    assert K.prune_gemm_configs(configs, {}, DOT_PRECISION="tf32") == configs

@@ -10,7 +10,8 @@ rel_pos_attention_fwd / _bwd, dropout_keep_mask) on `meta`-device tensors with e
 pass (dtype fp16/bf16/fp32, fp32 with TF32 on, bias / no bias, saved or recomputed pre-activation,
 weight/bias present, mixed fp32 parameters, explicit index, dropout, table gradient, ...). Each
 `kernel[grid](...)` launch is intercepted; block sizes, num_warps and num_stages are therefore those the
-launchers pick (CONFIGS / pick_configs, GEMM_CONFIGS of the autotuner, _tile, the _DGELU_* constants),
+launchers pick (CONFIGS / pick_configs, GEMM_CONFIGS of the autotuner as its early_config_prune leaves
+them, _tile, the _DGELU_* constants),
 and the argument specialization (16-byte alignment, stride == 1, divisibility by 16) is computed by
 Triton's own binder exactly as a launch on a GPU would. An autotuned kernel is expanded over all its
 configs. Identical specializations are compiled once.
@@ -262,7 +263,10 @@ def _capture(module):
         jit.run = record
         if isinstance(obj, Autotuner):
             def expand(*args, _tuner=obj, grid=None, warmup=False, **kwargs):
-                for cfg in _tuner.configs:
+                configs = _tuner.configs   # those its early_config_prune keeps for this launch
+                if getattr(_tuner, "early_config_prune", None):
+                    configs = _tuner.early_config_prune(configs, dict(zip(_tuner.arg_names, args)), **kwargs)
+                for cfg in configs:
                     current_config[0] = getattr(cfg, "name", None) or str(cfg)
                     try:
                         _tuner.fn.run(*args, grid=grid, warmup=warmup, **{**kwargs, **cfg.all_kwargs()})
