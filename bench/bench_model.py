@@ -138,7 +138,7 @@ def main(argv=None):
     # up to summation order; a wrong model is off by O(1))
     tol = {torch.float32: 1e-3, torch.bfloat16: 8e-2, torch.float16: 2e-2}
     rows, outcomes = [], Outcomes()
-    cases = []   # (model name, mode, reference model and its loss, inputs)
+    cases = []   # (model name, mode, reference model, its logits function, inputs)
     for cls_name in names:
         for mode in ("pretrain", "finetune"):
             name = cls_name if mode == "finetune" else (
