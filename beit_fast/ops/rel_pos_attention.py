@@ -64,7 +64,7 @@ def _reference(q, k, v, table, window_size, rel_index, scale, dropout_p, dropout
         gen = None
         if dropout_seed is not None:
             gen = torch.Generator(device=q.device)
-            gen.manual_seed(int(dropout_seed.reshape(-1)[0]) if isinstance(dropout_seed, Tensor) else int(dropout_seed))
+            gen.manual_seed(int(_seed_tensor(dropout_p, dropout_seed, torch.device("cpu"))))
         keep = torch.rand(q.shape[:-1] + (q.shape[-2],), device=q.device, generator=gen) >= dropout_p
         mask = keep.to(torch.float32) / (1.0 - dropout_p)
     return rel_pos_attention_ref(q, k, v, table, window_size, rel_index, scale, dropout_mask=mask)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 _STEP_FILE = re.compile(r"checkpoint-(\d+)\.pt$")
+BEST = "checkpoint-best.pt"            # fine-tuning: the best held-out top-1
+BEST_EMA = "checkpoint-best-ema.pt"    # fine-tuning with EMA: the EMA weights' best
 
 
 def _umask() -> int:
@@ -112,7 +114,7 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def resolve_checkpoint(path: str, prefer_best: bool = False, weights_folder: bool = False,
-                       best_name: str = "checkpoint-best.pt") -> str:
+                       best_name: str = BEST) -> str:
     """A checkpoint file from a file or a run folder (latest step checkpoint; or best when prefer_best;
     best_name: checkpoint-best-ema.pt for the EMA weights' best epoch).
     weights_folder: a folder without run checkpoints may also be a Hugging Face model folder (for --init)."""

@@ -431,10 +431,10 @@ def _check_output_dir_is_free(cfg) -> None:
     """A run that does not continue the run in output_dir must not write into it: its checkpoint pruning
     (by step) would delete the new checkpoints and keep the old ones, `latest` would name the old run's, a
     k-means tokenizer fit there would be reused whatever tokenizer_vocab says, and the logs would mix."""
-    from .checkpoint import step_checkpoints
+    from .checkpoint import BEST, BEST_EMA, step_checkpoints
     folder = cfg.output_dir
     found = step_checkpoints(folder) if os.path.isdir(folder) else []
-    names = ["checkpoint-best.pt", "checkpoint-best-ema.pt", "log.jsonl"]
+    names = [BEST, BEST_EMA, "log.jsonl"]
     if isinstance(cfg, PretrainConfig) and cfg.tokenizer == "kmeans" and not cfg.tokenizer_path:
         names.append("tokenizer.safetensors")    # the file this run would fit, or silently reuse
     found += [os.path.join(folder, f) for f in names if os.path.isfile(os.path.join(folder, f))]

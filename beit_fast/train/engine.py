@@ -110,14 +110,12 @@ def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch
          keep: bool = True) -> Optional[str]:
     """Collective: every rank calls it (RNG states are gathered); rank 0 writes the file(s)."""
     rngs = runtime.gather_objects(ckpt.rng_state(), rt)
-    if runtime.is_sharded(model):   # collective: every rank takes part in the gathers
+    # under FSDP a collective every rank takes part in; a plain model is copied to host memory by rank 0 alone
+    if rt.is_main or runtime.is_sharded(model):
         model_sd = runtime.model_state_dict(model)
         optim_sd = runtime.optimizer_state_dict(model, optimizer)
     if not rt.is_main:
         return None
-    if not runtime.is_sharded(model):   # rank 0 alone copies the model to host memory
-        model_sd = runtime.model_state_dict(model)
-        optim_sd = runtime.optimizer_state_dict(model, optimizer)
     inner = runtime.unwrap(model)
     state = {
         "model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(),
@@ -131,7 +129,7 @@ def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch
     path = None
     if keep:
         path = ckpt.save_step_checkpoint(state, cfg.output_dir, step, cfg.keep_last)
-    for wanted, name in ((best, "checkpoint-best.pt"), (best_ema, "checkpoint-best-ema.pt")):
+    for wanted, name in ((best, ckpt.BEST), (best_ema, ckpt.BEST_EMA)):
         if wanted:
             path_best = os.path.join(cfg.output_dir, name)
             ckpt.atomic_torch_save(state, path_best)

@@ -16,7 +16,7 @@ def evaluate(config: config_mod.EvalConfig = None) -> dict:
     try:
         # a run folder: the best epoch of the weights evaluated (of the EMA weights with use_ema)
         path = ckpt.resolve_checkpoint(cfg.checkpoint, prefer_best=True,
-                                       best_name="checkpoint-best-ema.pt" if cfg.use_ema else "checkpoint-best.pt")
+                                       best_name=ckpt.BEST_EMA if cfg.use_ema else ckpt.BEST)
     except FileNotFoundError as e:
         raise config_mod.ConfigError(f"checkpoint: {e}") from None
     state = ckpt.load(path)
