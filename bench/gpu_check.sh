@@ -70,10 +70,13 @@ PYTEST=("$PY" -m pytest -q -rfEs --durations=15 -p no:cacheprovider)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
 GPU_WORKERS=() REST_WORKERS=()
 CORES=$(nproc 2>/dev/null || echo 1)
-# The GPU-facing tests are bound by Triton's compiles (one per kernel specialization, on the CPU): counted
-# with the tests' launches replayed under the interpreter, about 170 attention kernels (3.5 s each on this
-# project's 2-core CPU machine), 24 autotuned GEMM specializations x 5 configs and ~100 small kernels, so
-# most cores go to them (8 workers on 16 cores); the rest of the suite is lighter (no AOT compile test).
+# The GPU-facing tests are bound by Triton's compiles (one per kernel specialization, on the CPU). A one-off
+# count on the 2-core CI machine (2026-11-29; the replay script was not kept: the GPU test files run under the
+# interpreter with the GPU tile configs patched in and every launch's specialization key logged, plus the
+# CUDA-only attention cases called the same way) found about 170 attention kernels (3.5 s each there, from
+# test_triton_compile's BEIT_FAST_AOT_REPORT timings), 24 autotuned GEMM specializations x their configs and
+# ~100 small kernels, so most cores go to them (8 workers on 16 cores); the rest of the suite is lighter (no
+# AOT compile test).
 if "$PY" -c "import xdist" 2>/dev/null && (( CORES >= 4 )); then
   GPU_WORKERS=(-n $(( CORES / 2 < 8 ? CORES / 2 : 8 ))) REST_WORKERS=(-n $(( CORES / 4 < 4 ? CORES / 4 : 4 )))
 fi
