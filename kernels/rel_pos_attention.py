@@ -1,6 +1,7 @@
 """Triton kernels: attention with a relative position bias gathered from a learnable (R, H) table.
 
-Flash-attention-2 structure, non-causal, masked on every edge (N = 197 is the common case):
+Flash-attention-2 structure, non-causal, any N (N = 197 is the common case; the partial last block of each axis
+is masked or peeled, see below):
   _fwd_kernel      one program per (Q-block, b*h): online softmax in base 2, saves lse (log2 units).
   _delta_kernel    Delta = rowsum(O * dO), fp32.
   _dkdv_kernel     one program per (K-block, h, batch group g): loops over its batches and all Q blocks,
@@ -13,7 +14,9 @@ Flash-attention-2 structure, non-causal, masked on every edge (N = 197 is the co
 Inner loops (keys in the forward and dQ kernels, queries in dK/dV) run N // BLOCK whole blocks with no mask on
 that axis, then, where the tile config peels it (TileConfig.tail), the N % BLOCK remaining tokens in the
 smallest power-of-two tile >= 16 that holds them (_tail): BEiT's N = 197 = 3 * 64 + 5 costs 3 * 64 + 16 = 208
-columns per row instead of 256. The programs' own blocks keep their full tile (the MMA's row count), except
+columns per row instead of 256. Where the config does not peel (dK/dV, fp32: see CONFIGS), every step of the
+inner loop is masked. The programs' own blocks keep their full tile (the MMA's row count; rows past N are
+masked on load and store), except
 the program of the last N % BLOCK rows of its own axis (queries; dK/dV: keys) where the config asks
 (TileConfig.block_tail): a 16- or 32-row tile, on mma.sync (sm_90's wgmma needs 64 rows), for BEiT's 5 last
 tokens instead of a 64-row tile.

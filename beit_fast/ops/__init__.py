@@ -15,7 +15,9 @@ OPS = {
 }
 
 # Imported eagerly: `import beit_fast.ops.linear_gelu` would otherwise bind the submodule, not the function,
-# to `beit_fast.ops.linear_gelu`. The op modules import only torch (Triton and _C are loaded on first use).
+# to `beit_fast.ops.linear_gelu`. Triton and the kernels in `kernels/` are imported on first use; the C++
+# extension beit_fast._C is not: beit_fast._backend, which the op modules import, imports it at import time
+# (and records why when it cannot).
 from .layer_norm import layer_norm  # noqa: E402
 from .layer_scale_residual_norm import layer_scale_residual_norm  # noqa: E402
 from .linear_gelu import linear_gelu  # noqa: E402
