@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -53,6 +54,18 @@ def extension_has_cuda() -> bool:
 
 def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_bf16_problem(tensors) -> Optional[str]:
+    """Why the Triton interpreter cannot run a kernel on these CPU tensors in bf16 (None: it can, or none is
+    bf16). The interpreter keeps bf16 as raw bits and computes on them as integers; the test suite installs an
+    emulation (tests/interpreter_bf16.py) that marks the interpreter module, and then bf16 runs."""
+    if not any(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
+        return None
+    module = sys.modules.get("triton.runtime.interpreter")
+    if module is not None and getattr(module, "BEIT_FAST_BF16_EMULATED", False):
+        return None
+    return "the Triton interpreter (CPU) cannot do bf16 arithmetic"
 
 
 def tf32_matmul() -> bool:

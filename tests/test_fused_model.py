@@ -1,8 +1,11 @@
 """Model level: the fused model (fused attention + fused block kernels) against the reference model,
 logits and every parameter gradient; on CPU through the C++ twins / Triton interpreter, on CUDA in bf16."""
+import os
+
 import pytest
 import torch
 
+import interpreter_bf16
 from beit_fast.models import create_model
 from test_model import randomize_
 from tolerances import assert_close, assert_two_x, tolerance
@@ -130,19 +133,26 @@ def test_auto_attention_without_relative_bias():
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("device", [
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1" or interpreter_bf16.problem() is not None,
+        reason=f"the Triton interpreter with bf16 emulated: {interpreter_bf16.problem()}"))])
 @pytest.mark.parametrize("name", ["beit_test_patch4_32", "beit_test_patch4_32_mim"])
-def test_fused_model_bf16_cuda_2x_rule(name):
+def test_fused_model_bf16_2x_rule(name, device, monkeypatch):
     """Error of the fused bf16 model against the fp32 reference at most 2x the error of the reference
-    model run in bf16 (plus a small atol)."""
+    model run in bf16 (plus a small atol). On the CPU every Triton op runs its kernel through the interpreter
+    with bf16 emulated (tests/interpreter_bf16.py), the C++ ops their CPU kernels."""
+    if device == "cpu":
+        monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
     ref32, fused = _pair(name, {})
-    ref32, fused = ref32.cuda().eval(), fused.cuda().eval()
-    ref16 = create_model(name, attn_impl="eager", fused=False).cuda().eval()
+    ref32, fused = ref32.to(device).eval(), fused.to(device).eval()
+    ref16 = create_model(name, attn_impl="eager", fused=False).to(device).eval()
     ref16.load_state_dict(ref32.state_dict())
-    x = torch.randn(4, 3, 32, 32, device="cuda")
-    mask = (torch.rand(4, 64, device="cuda") < 0.4) if name.endswith("_mim") else None
+    x = torch.randn(4, 3, 32, 32, device=device)
+    mask = (torch.rand(4, 64, device=device) < 0.4) if name.endswith("_mim") else None
     o32, g32 = _run(ref32, x, mask, 0)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         o16, g16 = _run(ref16, x, mask, 0)
         of, gf = _run(fused, x, mask, 0)
     assert_two_x("logits", of, o16, o32, tolerance("fused_model", torch.bfloat16, "logits").atol)

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 
 from beit_fast._backend import BackendUnavailable, interpret_mode  # noqa: E402
 from beit_fast.ops.layer_norm import layer_norm, layer_norm_ref, not_supported_reasons  # noqa: E402
+from interpreter_bf16 import needs_bf16, refused_without_emulation  # noqa: E402
 from poison import PoisonedTorch  # noqa: E402
 from tolerances import assert_close, assert_two_x, tolerance  # noqa: E402
 
@@ -184,10 +185,12 @@ def test_unsupported_inputs_raise_on_triton():
         layer_norm(x, w, b, backend="triton")
     with pytest.raises(BackendUnavailable, match="16384"):
         layer_norm(torch.randn(1, 16385, device=DEVICE), backend="triton")
-    if DEVICE == "cpu":
+    if DEVICE == "cpu":   # the stock interpreter computes on bf16's raw bits
         x, w, b = _inputs((5, 8), torch.bfloat16)
-        with pytest.raises(BackendUnavailable, match="bfloat16"):
-            layer_norm(x, w, b, backend="triton")
+        with pytest.MonkeyPatch.context() as m:
+            refused_without_emulation(m)
+            with pytest.raises(BackendUnavailable, match="bf16"):
+                layer_norm(x, w, b, backend="triton")
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -211,8 +214,11 @@ def test_bad_inputs_raise_value_error(backend):
 
 # ------------------------------------------------------------------------------------------- GPU only
 
-@needs_cuda
+@needs_bf16()
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", [(64, 197, 768), (32, 197, 1024), (273, 7), (1, 1024)], ids=str)
-def test_bf16_two_x_rule_cuda(shape, param_dtype):
+@pytest.mark.parametrize("shape", [(64, 197, 768), (32, 197, 1024), (273, 7), (1, 1024)] if DEVICE == "cuda" else
+                         BEIT + AWKWARD, ids=str)
+def test_bf16_two_x_rule(shape, param_dtype):
+    """bf16 against fp64 within 2x PyTorch's own bf16 error: BEiT-B/L batches on a GPU; one image and the awkward
+    shapes on the CPU (the interpreter with bf16 emulated, tests/interpreter_bf16.py)."""
     _check_against_reference(shape, torch.bfloat16, param_dtype=param_dtype)

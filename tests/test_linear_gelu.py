@@ -11,6 +11,7 @@ import torch  # noqa: E402
 
 from beit_fast._backend import BackendUnavailable, interpret_mode  # noqa: E402
 from beit_fast.ops.linear_gelu import linear_gelu, linear_gelu_ref, not_supported_reasons  # noqa: E402
+from interpreter_bf16 import needs_bf16, refused_without_emulation  # noqa: E402
 from poison import PoisonedTorch  # noqa: E402
 from tolerances import assert_close, assert_two_x, tolerance  # noqa: E402
 
@@ -183,8 +184,8 @@ def test_every_output_element_written(monkeypatch, recompute):
 
 
 @needs_triton
-def test_autocast_casts_like_f_linear():
-    dt = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter cannot do bf16
+@pytest.mark.parametrize("dt", [pytest.param(torch.bfloat16, marks=needs_bf16()), torch.float16], ids=str)
+def test_autocast_casts_like_f_linear(dt):
     x, w, b = _inputs((2, 9), 16, 24, torch.float32)
     dy = torch.randn(2, 9, 24, device=DEVICE, dtype=dt)
     with torch.autocast(DEVICE, dtype=dt):
@@ -250,10 +251,12 @@ def test_unsupported_dtypes_raise_on_triton():
     x, w, b = _inputs((5,), 8, 6, torch.float64)
     with pytest.raises(BackendUnavailable, match="float64"):
         linear_gelu(x, w, b, backend="triton")
-    if DEVICE == "cpu":
+    if DEVICE == "cpu":   # the stock interpreter computes on bf16's raw bits
         x, w, b = _inputs((5,), 8, 6, torch.bfloat16)
-        with pytest.raises(BackendUnavailable, match="bfloat16"):
-            linear_gelu(x, w, b, backend="triton")
+        with pytest.MonkeyPatch.context() as m:
+            refused_without_emulation(m)
+            with pytest.raises(BackendUnavailable, match="bf16"):
+                linear_gelu(x, w, b, backend="triton")
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -277,10 +280,13 @@ def test_bad_inputs_raise_value_error(backend):
 
 # ------------------------------------------------------------------------------------------- GPU only
 
-@needs_cuda
+@needs_bf16()
 @pytest.mark.parametrize("recompute", [False, True])
-@pytest.mark.parametrize("shape", [((8, 197), 768, 3072), ((4, 197), 1024, 4096), ((273,), 7, 33)], ids=str)
-def test_bf16_two_x_rule_cuda(shape, recompute):
+@pytest.mark.parametrize("shape", [((8, 197), 768, 3072), ((4, 197), 1024, 4096), ((273,), 7, 33)] if DEVICE == "cuda" else
+                         [BEIT_B] + AWKWARD, ids=str)
+def test_bf16_two_x_rule(shape, recompute):
+    """bf16 against fp64 within 2x PyTorch's own bf16 error: BEiT-B/L batches on a GPU; one image and the awkward
+    shapes on the CPU (the interpreter with bf16 emulated, tests/interpreter_bf16.py)."""
     _check_against_reference(*shape, torch.bfloat16, recompute=recompute)
 
 

@@ -20,6 +20,7 @@ op_mod = importlib.import_module("beit_fast.ops.rel_pos_attention")  # the modul
 from beit_fast.ops.rel_pos_attention import (  # noqa: E402
     dropout_keep_mask, not_supported_reasons, num_relative_distance, rel_pos_attention, rel_pos_attention_qkvpacked,
     rel_pos_attention_ref, relative_position_index)
+from interpreter_bf16 import needs_bf16, refused_without_emulation  # noqa: E402
 from tolerances import assert_close, assert_two_x, tolerance  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -413,8 +414,11 @@ def test_backend_selection_errors(monkeypatch):
     with pytest.raises(BackendUnavailable, match="not one of this op's backends"):
         rel_pos_attention(q, k, v, table, window_size=(2, 2), backend="cuda")
     if not CUDA:
-        with pytest.raises(BackendUnavailable, match="bf16"):
-            rel_pos_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), table, window_size=(2, 2), backend="triton")
+        with monkeypatch.context() as m:   # the stock interpreter computes on bf16's raw bits
+            refused_without_emulation(m)
+            with pytest.raises(BackendUnavailable, match="bf16"):
+                rel_pos_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), table, window_size=(2, 2),
+                                  backend="triton")
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
             rel_pos_attention(q, k, v, table, window_size=(2, 2), backend="triton")
@@ -510,7 +514,7 @@ def test_cuda_low_precision_two_x_rule(dtype, B, H, W, D, packed):
 
 
 def _check_two_x(B, H, shape, D, dtype, packed, dropout_p=0.0, device="cuda"):
-    """Triton on CUDA against fp64 within 2x the error of PyTorch's same-dtype attention (+ atol); shape is a
+    """Triton against fp64 within 2x the error of PyTorch's same-dtype attention (+ atol); shape is a
     window (wh, ww) or N with an explicit random index. With dropout both references use the kernel's mask."""
     N, kw, (inputs, table, grad) = case_inputs(B, H, shape, D, dtype, packed, device)
     fn = rel_pos_attention_qkvpacked if packed else rel_pos_attention
@@ -525,18 +529,19 @@ def _check_two_x(B, H, shape, D, dtype, packed, dropout_p=0.0, device="cuda"):
         assert_two_x(name, a, b, c, tolerance("rel_pos_attention.two_x", dtype).atol)
 
 
-@needs_cuda
+@needs_bf16()
 @pytest.mark.parametrize("B,H,shape,D,dtype,packed", [   # the same cases, named for the dtype they run in
     pytest.param(*c.values, id=c.id.replace("fp32", "bf16").replace("fp16", "bf16"), marks=c.marks) for c in CASES])
-def test_cuda_bf16_on_every_case(B, H, shape, D, dtype, packed):
-    """The interpreter cases (odd N, explicit index, batch 1-3, head dims 32-128) in bf16 on the GPU."""
-    _check_two_x(B, H, shape, D, torch.bfloat16, packed)
+def test_bf16_on_every_case(B, H, shape, D, dtype, packed):
+    """The interpreter cases (odd N, explicit index, batch 1-3, head dims 32-128) in bf16: on the GPU, or on
+    the CPU through the interpreter with bf16 emulated (tests/interpreter_bf16.py)."""
+    _check_two_x(B, H, shape, D, torch.bfloat16, packed, device=DEVICE)
 
 
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_dropout_two_x_rule(dtype):
-    _check_two_x(2, 4, (14, 14), 64, dtype, False, dropout_p=0.1)
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.bfloat16, marks=needs_bf16()), pytest.param(torch.float16, marks=needs_triton)], ids=str)
+def test_dropout_two_x_rule(dtype):
+    _check_two_x(2, 4, (14, 14), 64, dtype, False, dropout_p=0.1, device=DEVICE)
 
 
 @needs_cuda
