@@ -290,6 +290,17 @@ def test_bf16_two_x_rule(shape, recompute):
     _check_against_reference(*shape, torch.bfloat16, recompute=recompute)
 
 
+@pytest.mark.skipif(DEVICE == "cuda" or not interpret_mode(), reason="interpreter check of the GPU tile shapes")
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=needs_bf16())], ids=str)
+@pytest.mark.parametrize("config", ["m128_n256_k64_w8_s3", "m128_n128_k32_w4_s4", "m64_n64_k64_w4_s3"])
+def test_gpu_gemm_configs(monkeypatch, config, dtype):
+    """The GPU's GEMM tiles (the autotuner's candidates) on a shape with a partial tile on every edge (M, N and
+    the K loop), forward and backward, under the 2x rule."""
+    from beit_fast.kernels import linear_gelu as K
+    monkeypatch.setattr(K, "_INTERPRET_CONFIG", K.GPU_GEMM_CONFIGS[config])
+    _check_against_reference((273,), 100, 300, dtype)
+
+
 def test_fp32_ieee_gemms_tune_only_the_tiles_that_fit():
     """The tuner's early prune: fp32 without TF32 (FMA units) tries only tiles of at most 128x128 with K steps
     of 64 (the others spill on sm_90); 16-bit and TF32 launches try every config."""

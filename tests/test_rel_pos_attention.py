@@ -188,13 +188,19 @@ def test_triton_matches_fp64_reference(B, H, shape, D, dtype, packed):
 
 
 @pytest.mark.skipif(CUDA or not INTERPRET, reason="interpreter check of the GPU tile shapes")
-@pytest.mark.parametrize("config,D,dtype", [("16bit_d64", 64, torch.float16), ("16bit_d128", 80, torch.float16),
-                                            ("fp32", 128, torch.float32)])
+@pytest.mark.parametrize("config,D,dtype", [
+    ("16bit_d64", 64, torch.float16), ("16bit_d128", 80, torch.float16), ("fp32", 128, torch.float32),
+    pytest.param("16bit_d64", 64, torch.bfloat16, marks=needs_bf16()),
+    pytest.param("16bit_d128", 80, torch.bfloat16, marks=needs_bf16())], ids=str)
 def test_gpu_tile_configs(monkeypatch, config, D, dtype):
-    """The GPU's tile shapes (128-row forward, 32x64 dK/dV, 64x32 dQ, ...) run through the same masks here."""
+    """The GPU's tile shapes (128-row forward, 32x64 dK/dV, 64x32 dQ, ...) run through the same masks here;
+    in bf16 (emulated) under the 2x rule."""
     from beit_fast.kernels import rel_pos_attention as K
     monkeypatch.setattr(K, "pick_configs", lambda *a: K.CONFIGS[config])
     W = (8, 8)
+    if dtype == torch.bfloat16:
+        _check_two_x(2, 1, W, D, dtype, False, device=DEVICE)
+        return
     inputs, table, grad = make_inputs(2, 1, 65, D, dtype, num_relative_distance(W))
     out, grads = run(rel_pos_attention, inputs, table, grad, window_size=W, backend="triton")
     assert_matches_fp64(False, inputs, table, grad, out, grads, dtype, {"window_size": W})
