@@ -58,7 +58,7 @@ GPU_TESTS="tests/test_extension.py tests/test_rel_pos_attention.py tests/test_ma
   tests/test_layer_scale_residual_norm.py tests/test_linear_gelu.py tests/test_layer_norm.py
   tests/test_fused_model.py tests/test_model.py"
 # test_train_loop.py: its two CUDA training tests run with the GPU tests, its CPU training runs with the rest
-TRAIN_CUDA="tests/test_train_loop.py::test_cuda_bf16_fused_training_tracks_the_reference
+TRAIN_CUDA="tests/test_train_loop.py::test_bf16_fused_training_tracks_the_reference[cuda]
   tests/test_train_loop.py::test_fp16_loss_scaling_skips_an_injected_inf_step[cuda]"
 # tests/test_triton_compile.py is left out: it compiles every kernel variant ahead of time for sm_80/sm_90
 # without a GPU (minutes of CPU, and every xdist worker that got one of its tests would start all of its

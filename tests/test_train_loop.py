@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+import interpreter_bf16
+
 from beit_fast.train import EvalConfig, evaluate, finetune, preset, pretrain
 from beit_fast.train.checkpoint import load, step_checkpoints
 
@@ -121,18 +123,27 @@ def test_accumulation_and_activation_checkpointing_change_nothing(tmp_path):
         assert losses(tmp_path / "ckpt", key) == losses(tmp_path / "plain", key)
 
 
-@needs_cuda
-def test_cuda_bf16_fused_training_tracks_the_reference(tmp_path, tokenizer_file):
-    """On a GPU: bf16 autocast, fused kernels (Triton attention, CUDA block ops) and torch's fused AdamW
-    against the unfused eager model, same data and initialisation; MFU is reported."""
+@pytest.mark.parametrize("device", [
+    pytest.param("cuda", marks=needs_cuda),
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1" or interpreter_bf16.problem() is not None,
+        reason=f"the Triton interpreter with bf16 emulated: {interpreter_bf16.problem()}"))])
+def test_bf16_fused_training_tracks_the_reference(tmp_path, tokenizer_file, device, monkeypatch):
+    """bf16 autocast, fused kernels and AdamW (torch's fused one on a GPU) against the unfused eager model,
+    same data and initialisation; on a GPU MFU is reported. On the CPU the Triton kernels run through the
+    interpreter with bf16 emulated (tests/interpreter_bf16.py) and the block ops their C++ CPU kernels."""
+    epochs = 2
+    if device == "cpu":
+        monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
+        epochs = 1                                                # the interpreter is slow: 4 steps
     runs = {}
     wide = {"embed_dim": 64, "depth": 2, "num_heads": 2}          # head dim 32, as the fused kernel supports
     for name, fused, attn in (("fused", True, "fused"), ("reference", False, "eager")):
-        pretrain(tiny_pretrain(tmp_path / name, fused=fused, attn_impl=attn, epochs=2, drop_path=0.0,
-                               tokenizer_path=tokenizer_file, device="cuda", precision="bf16",
+        pretrain(tiny_pretrain(tmp_path / name, fused=fused, attn_impl=attn, epochs=epochs, drop_path=0.0,
+                               tokenizer_path=tokenizer_file, device=device, precision="bf16",
                                model_overrides=wide))
         runs[name] = [v for _, v in losses(tmp_path / name)]
-    assert len(runs["fused"]) == 8 and all(v == v for v in runs["fused"])
+    assert len(runs["fused"]) == 4 * epochs and all(v == v for v in runs["fused"])
     torch.testing.assert_close(torch.tensor(runs["fused"]), torch.tensor(runs["reference"]), rtol=2e-2, atol=1e-2)
     mfu = [v for _, v in losses(tmp_path / "fused", "mfu")]
     if mfu[0] is not None:                                       # a GPU of the peak table (H100, H200, A100...)
