@@ -40,10 +40,11 @@ TOLERANCES = {
         fp16: TwoX(atol=1e-3),
         bf16: TwoX(atol=1e-3),
     },
-    # under autocast (16-bit compute, fp32 parameters): Triton against the reference, both autocast
+    # under autocast (16-bit compute, fp32 parameters): the 2x rule, against fp64 on the inputs autocast
+    # rounds (an elementwise bound between two 16-bit results failed once: db 0.0112 off at |db| 0.06, bf16)
     "linear_gelu.autocast": {
-        fp16: Close(atol=1e-2, rtol=1e-2),
-        bf16: Close(atol=1e-2, rtol=1e-2),
+        fp16: TwoX(atol=1e-3),
+        bf16: TwoX(atol=1e-3),
     },
     # fp32 with torch's TF32 switch on: Triton's tf32 dots (operands cut to 10 mantissa bits) against the fp64
     # reference. cuBLAS rounds the operands where Triton truncates, so the two TF32 results are not compared
