@@ -6,8 +6,8 @@ they were integers (tl.dot, +, *, exp, ...), and its fp32 -> bf16 cast truncates
 nearest even. `install()` wraps the interpreter's builder so that each arithmetic operation on bf16 operands
 decodes them to fp32, computes, and rounds a bf16 result back to nearest even through torch; tl.dot of bf16
 operands multiplies the (exact) fp32 values and accumulates in fp32, which is what a tensor core does. Data
-movement (loads, stores, tl.where, reshapes, transposes) moves bits and stays as it is. A bf16 reduction or
-atomic (which our kernels never do: they reduce in fp32) raises rather than return a wrong number.
+movement (loads, stores, tl.where, reshapes, transposes) moves bits and stays as it is. A bf16 reduction, scan
+or atomic (which our kernels never do: they reduce in fp32) raises rather than return a wrong number.
 
 It is test infrastructure, not a fast path: beit_fast itself refuses bf16 under the interpreter unless this
 has been installed (beit_fast._backend.interpreter_bf16_problem).
@@ -169,6 +169,14 @@ def install() -> Optional[str]:
                      ("create_atomic_cas", refuse("create_atomic_cas"))):
         wrap(name, fn)
     R.sum, R.min_max = functools.wraps(orig_sum)(reduce_sum), functools.wraps(orig_min_max)(reduce_min_max)
+    S = getattr(ti, "ScanOps", None)
+    for name in ("cumsum", "cumprod"):
+        if S is not None and hasattr(S, name):
+            def scan(self, input, _orig=getattr(S, name), _name=name):
+                if input.dtype.scalar == bf16:
+                    raise NotImplementedError(f"tl.{_name} of bf16 values is not emulated (tests/interpreter_bf16.py)")
+                return _orig(self, input)
+            setattr(S, name, functools.wraps(getattr(S, name))(scan))
     if not hasattr(B, "get_bf16"):   # a bf16 scalar constant (`x * 2` with x bf16)
         B.get_bf16 = lambda self, value: TH(_to_bits(np.array([value], dtype=np.float64)), bf16)
     setattr(ti, MARK, True)

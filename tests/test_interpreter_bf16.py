@@ -70,6 +70,11 @@ if triton is not None:
     def _sum_kernel(X, OUT, BLOCK: tl.constexpr):
         tl.store(OUT, tl.sum(tl.load(X + tl.arange(0, BLOCK))))
 
+    @triton.jit
+    def _cumsum_kernel(X, OUT, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        tl.store(OUT + o, tl.cumsum(tl.load(X + o), 0))
+
 
 BLOCK = 256
 bf16 = torch.bfloat16
@@ -131,17 +136,20 @@ def test_dot_multiplies_exactly_and_accumulates_in_fp32():
     torch.testing.assert_close(c.double(), exact, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_reductions_refuse_or_are_promoted():
-    """A reduction over bf16 values is not emulated and refuses, unless this Triton promotes bf16 to fp32
-    before reducing (3.2 does): then the result is the fp32 sum rounded once."""
+@pytest.mark.parametrize("kind", ["sum", "cumsum"])
+def test_bf16_reductions_refuse_or_are_promoted(kind):
+    """A reduction or scan over bf16 values is not emulated and refuses, unless this Triton promotes bf16 to
+    fp32 first (3.2 does for tl.sum): then the result is the fp32 one rounded once."""
     from triton.runtime.errors import InterpreterError
-    x, out = torch.randn(BLOCK).to(bf16), torch.empty(1, dtype=bf16)
+    x = torch.randn(BLOCK).to(bf16)
+    kernel, out, want = ((_sum_kernel, torch.empty(1, dtype=bf16), x.float().sum().reshape(1)) if kind == "sum" else
+                         (_cumsum_kernel, torch.empty(BLOCK, dtype=bf16), x.float().cumsum(0)))
     try:
-        _sum_kernel[(1,)](x, out, BLOCK=BLOCK)
+        kernel[(1,)](x, out, BLOCK=BLOCK)
     except InterpreterError as e:
         assert "not emulated" in str(e)
         return
-    torch.testing.assert_close(out.float(), x.float().sum().reshape(1).to(bf16).float(), rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(out.float(), want.to(bf16).float(), rtol=2 ** -7, atol=1e-3)
 
 
 def test_the_stock_interpreter_gets_bf16_wrong():
