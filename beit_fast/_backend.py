@@ -57,15 +57,16 @@ def interpret_mode() -> bool:
 
 
 def interpreter_bf16_problem(tensors) -> Optional[str]:
-    """Why the Triton interpreter cannot run a kernel on these CPU tensors in bf16 (None: it can, or none is
-    bf16). The interpreter keeps bf16 as raw bits and computes on them as integers; the test suite installs an
-    emulation (tests/interpreter_bf16.py) that marks the interpreter module, and then bf16 runs."""
-    if not any(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
+    """Why the Triton interpreter cannot run a kernel on these tensors in bf16 (None: it can, the interpreter
+    is off, or none is bf16). The interpreter (whatever the tensors' device: it copies them to the host) keeps
+    bf16 as raw bits and computes on them as integers; the test suite installs an emulation
+    (tests/interpreter_bf16.py) that marks the interpreter module, and then bf16 runs."""
+    if not interpret_mode() or not any(t.dtype == torch.bfloat16 for t in tensors):
         return None
     module = sys.modules.get("triton.runtime.interpreter")
     if module is not None and getattr(module, "BEIT_FAST_BF16_EMULATED", False):
         return None
-    return "the Triton interpreter (CPU) cannot do bf16 arithmetic"
+    return "the Triton interpreter cannot do bf16 arithmetic"
 
 
 def tf32_matmul() -> bool:

@@ -32,11 +32,26 @@ def _bits_to_f32(bits) -> np.ndarray:
     return torch.from_numpy(a).view(torch.bfloat16).float().numpy()
 
 
+def _f64_to_f32(x, odd: bool) -> np.ndarray:
+    """float64 -> float32 toward zero; odd=True: round to odd (an inexact result gets its last bit set), so that
+    rounding that to bf16 to nearest even rounds the float64 value once (torch's float64 -> bf16 goes through
+    float32 to nearest, which rounds twice)."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = x.astype(np.float32)
+        away = np.isfinite(x) & (np.abs(f.astype(np.float64)) > np.abs(x))
+    f = np.where(away, np.nextafter(f, np.float32(0)), f).astype(np.float32)
+    if odd:
+        inexact = np.isfinite(x) & (f.astype(np.float64) != x)
+        f = (f.view(np.uint32) | inexact.astype(np.uint32)).view(np.float32)
+    return f
+
+
 def _to_bits(x) -> np.ndarray:
     """float array (any float dtype) -> bf16 bits, rounded to nearest even once."""
     a = np.array(x)
-    t = torch.from_numpy(a if a.dtype in (np.float32, np.float64) else a.astype(np.float32))
-    return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    a = _f64_to_f32(a, odd=True) if a.dtype == np.float64 else a.astype(np.float32)
+    return torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
 def problem() -> Optional[str]:
@@ -51,8 +66,18 @@ def problem() -> Optional[str]:
     return None
 
 
+INSTALL_PROBLEM: Optional[str] = "install() was not called"
+
+
 def install() -> Optional[str]:
-    """Patch the interpreter of the imported Triton; returns why it could not (None: installed)."""
+    """Patch the interpreter of the imported Triton; returns why it could not (None: installed), and keeps
+    that in INSTALL_PROBLEM."""
+    global INSTALL_PROBLEM
+    INSTALL_PROBLEM = _install()
+    return INSTALL_PROBLEM
+
+
+def _install() -> Optional[str]:
     try:
         import triton.language as tl
         from triton.runtime import interpreter as ti
@@ -125,13 +150,20 @@ def install() -> Optional[str]:
             return TH(_to_bits(val(src).astype(np.float64) if src.data.dtype.kind in "iub" else val(src)), bf16)
         return TH(val(src).astype(ti._get_np_dtype(dst_type)), dst)
 
+    def is_fp8(t) -> bool:
+        return t.primitive_bitwidth == 8 and t.is_floating()
+
     def create_fp_to_fp(self, src, dst_type, rounding_mode):
         dst = dst_type.scalar
         if not (is_bf16(src) or dst == bf16):
             return orig["create_fp_to_fp"](self, src, dst_type, rounding_mode)
+        if is_fp8(dst):      # bf16 -> fp32 (exact), then the stock fp32 -> fp8
+            return orig["create_fp_to_fp"](self, TH(val(src), tl.float32), dst_type, rounding_mode)
+        if is_fp8(src.dtype.scalar):   # the stock fp8 -> fp32 (exact), then to bf16
+            return TH(_to_bits(orig["create_fp_to_fp"](self, src, tl.float32, rounding_mode).data), bf16)
         if dst == bf16 and rounding_mode is not None and "RTZ" in str(rounding_mode):
-            f = np.array(val(src), dtype=np.float32)
-            return TH((f.view(np.uint32) >> 16).astype(np.uint16), bf16)   # toward zero: drop the low bits
+            f = _f64_to_f32(val(src), odd=False)                         # toward zero, then drop the low bits
+            return TH((f.view(np.uint32) >> 16).astype(np.uint16), bf16)
         return cast_impl(self, src, dst_type)
 
     def create_erf(self, arg):

@@ -10,9 +10,19 @@ import torch
 
 import interpreter_bf16
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1" or interpreter_bf16.problem() is not None,
-    reason=f"checks the interpreter's bf16 emulation on the CPU: {interpreter_bf16.problem()}")
+from beit_fast._backend import INTERPRETER_PROBLEM  # noqa: E402
+
+INTERPRETING = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1" and not INTERPRETER_PROBLEM
+emulated = pytest.mark.skipif(not INTERPRETING or interpreter_bf16.problem() is not None,
+                              reason=f"checks the interpreter's bf16 emulation on the CPU: {interpreter_bf16.problem()}")
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the Triton interpreter is not in use here")
+def test_the_emulation_is_installed():
+    """Where the interpreter runs the kernels, the bf16 tests must not all skip because the emulation failed to
+    install (for example a Triton whose interpreter renamed what it wraps)."""
+    assert interpreter_bf16.INSTALL_PROBLEM is None and interpreter_bf16.problem() is None, (
+        interpreter_bf16.INSTALL_PROBLEM or interpreter_bf16.problem())
 
 try:
     import triton
@@ -75,11 +85,26 @@ if triton is not None:
         o = tl.arange(0, BLOCK)
         tl.store(OUT + o, tl.cumsum(tl.load(X + o), 0))
 
+    @triton.jit
+    def _scan_kernel(X, OUT, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        tl.store(OUT + o, tl.associative_scan(tl.load(X + o), 0, tl.standard._sum_combine))
+
+    @triton.jit
+    def _max_kernel(X, OUT, BLOCK: tl.constexpr):
+        tl.store(OUT, tl.reduce(tl.load(X + tl.arange(0, BLOCK)), 0, tl.standard._elementwise_max))
+
+    @triton.jit
+    def _fp8_kernel(X, OUT, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        tl.store(OUT + o, tl.load(X + o).to(tl.float8e5).to(OUT.dtype.element_ty))
+
 
 BLOCK = 256
 bf16 = torch.bfloat16
 
 
+@emulated
 def test_elementwise_ops_round_like_torch():
     x = (torch.randn(BLOCK) * 4).to(bf16)
     y = (torch.randn(BLOCK) * 4).to(bf16)
@@ -99,24 +124,46 @@ def test_elementwise_ops_round_like_torch():
         assert torch.equal(outs[name], want[name]), name
 
 
+@emulated
 def test_casts_round_to_nearest_even():
     # exact ties between two bf16 values (spacing 2^-7 at 1): 1 + 2^-8 -> 1 (even), 1 + 3 * 2^-8 -> 1 + 2^-6
     ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 3 * 2 ** -8), 2 ** -130, 4097.0, 0.0, -0.0])
     f32 = torch.cat([ties, torch.randn(BLOCK - ties.numel()) * 100])
-    f64 = f32.double() + torch.randn(BLOCK, dtype=torch.float64) * 1e-9
+    # float64 values just above or below the midpoint of two neighbouring bf16 values: rounding once picks the
+    # side, rounding through float32 first (torch's own double -> bf16) would land on the midpoint and tie
+    lo = (torch.randn(BLOCK) * 100).to(bf16)
+    hi = (lo.view(torch.int16) + 1).view(bf16)          # the next bf16 away from zero
+    side = torch.randint(0, 2, (BLOCK,)).bool()
+    mid = (lo.double() + hi.double()) / 2
+    f64 = mid + torch.where(side, 1.0, -1.0).double() * (hi.double() - lo.double()).abs() * 2 ** -30
+    f64_want = torch.where(side == (lo.double() > 0), hi, lo)
+    f64_want = torch.where(lo.double() == 0, lo, f64_want)   # keep the test's zero-free construction honest
     i32 = torch.randint(-100000, 100000, (BLOCK,), dtype=torch.int32)
     bf_f32, bf_f64, bf_i32 = (torch.empty(BLOCK, dtype=bf16) for _ in range(3))
     f32_bf, f16_bf, i32_bf = torch.empty(BLOCK), torch.empty(BLOCK, dtype=torch.float16), torch.empty_like(i32)
     _cast_kernel[(1,)](f32, f64, i32, bf_f32, bf_f64, bf_i32, f32_bf, f16_bf, i32_bf, BLOCK=BLOCK)
     assert torch.equal(bf_f32, f32.to(bf16))
     assert bf_f32[0].item() == 1.0 and bf_f32[1].item() == 1 + 2 ** -6
-    assert torch.equal(bf_f64, f64.to(bf16))
+    nonzero = lo.double() != 0
+    assert torch.equal(bf_f64[nonzero], f64_want[nonzero])
     assert torch.equal(bf_i32, i32.to(bf16))
     assert torch.equal(f32_bf, f32.to(bf16).float())
     assert torch.equal(f16_bf, f32.to(bf16).half())
     assert torch.equal(i32_bf, f32.to(bf16).to(torch.int32))
 
 
+@emulated
+def test_fp8_conversions_go_through_the_stock_ones():
+    """bf16 -> fp8 (e5m2) -> bf16 gives what the stock interpreter gives for the same values in fp32: the
+    emulation hands fp8 conversions to it through exact fp32 (it does not judge the stock fp8 rounding)."""
+    x = (torch.randn(BLOCK) * 4).to(bf16)
+    via_bf16, via_fp32 = torch.empty(BLOCK, dtype=bf16), torch.empty(BLOCK)
+    _fp8_kernel[(1,)](x, via_bf16, BLOCK=BLOCK)
+    _fp8_kernel[(1,)](x.float(), via_fp32, BLOCK=BLOCK)
+    assert torch.equal(via_bf16.float(), via_fp32)
+
+
+@emulated
 def test_unary_ops_match_torch():
     """(exp, sqrt, erf, ... take only fp32 / fp64 in Triton: the kernels upcast before them.)"""
     x = (torch.randn(BLOCK) * 2).to(bf16)
@@ -127,6 +174,7 @@ def test_unary_ops_match_torch():
         assert torch.equal(o, w), name
 
 
+@emulated
 def test_dot_multiplies_exactly_and_accumulates_in_fp32():
     a, b = torch.randn(32, 64).to(bf16), torch.randn(64, 16).to(bf16)
     c = torch.empty(32, 16)
@@ -136,22 +184,31 @@ def test_dot_multiplies_exactly_and_accumulates_in_fp32():
     torch.testing.assert_close(c.double(), exact, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sum", "cumsum"])
+@emulated
+@pytest.mark.parametrize("kind", ["sum", "cumsum", "scan", "max"])
 def test_bf16_reductions_refuse_or_are_promoted(kind):
-    """A reduction or scan over bf16 values is not emulated and refuses, unless this Triton promotes bf16 to
-    fp32 first (3.2 does for tl.sum): then the result is the fp32 one rounded once."""
+    """A reduction or scan the interpreter computes with numpy over bf16 values is not emulated and refuses,
+    unless this Triton promotes bf16 to fp32 first (tl.cumsum and tl.max always do, tl.sum on 3.2): then the
+    result is the fp32 one rounded once. tl.reduce / tl.associative_scan with Triton's own combine functions
+    reach the refusals on every version."""
     from triton.runtime.errors import InterpreterError
     x = torch.randn(BLOCK).to(bf16)
-    kernel, out, want = ((_sum_kernel, torch.empty(1, dtype=bf16), x.float().sum().reshape(1)) if kind == "sum" else
-                         (_cumsum_kernel, torch.empty(BLOCK, dtype=bf16), x.float().cumsum(0)))
+    kernel, out, want, must_refuse = {
+        "sum": (_sum_kernel, torch.empty(1, dtype=bf16), x.float().sum().reshape(1), False),
+        "cumsum": (_cumsum_kernel, torch.empty(BLOCK, dtype=bf16), x.float().cumsum(0), False),
+        "scan": (_scan_kernel, torch.empty(BLOCK, dtype=bf16), None, True),
+        "max": (_max_kernel, torch.empty(1, dtype=bf16), None, True),
+    }[kind]
     try:
         kernel[(1,)](x, out, BLOCK=BLOCK)
     except InterpreterError as e:
         assert "not emulated" in str(e)
         return
+    assert not must_refuse, f"{kind} of bf16 values ran without the emulation's refusal"
     torch.testing.assert_close(out.float(), want.to(bf16).float(), rtol=2 ** -7, atol=1e-3)
 
 
+@emulated
 def test_the_stock_interpreter_gets_bf16_wrong():
     """Why the emulation exists: without it (a fresh process) the same dot is far off."""
     code = (
@@ -167,3 +224,22 @@ def test_the_stock_interpreter_gets_bf16_wrong():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert float(r.stdout.split()[-1]) > 1.0
+
+
+def test_beit_fast_refuses_bf16_under_the_stock_interpreter(monkeypatch):
+    """beit_fast._backend.interpreter_bf16_problem: a reason exactly when the interpreter is on, a tensor is bf16
+    (on any device: the interpreter copies them to the host) and the emulation has not marked the interpreter."""
+    import triton.runtime.interpreter as ti
+
+    from beit_fast._backend import interpreter_bf16_problem
+    cpu, meta, f32 = (torch.empty(1, dtype=bf16), torch.empty(1, dtype=bf16, device="meta"), torch.empty(1))
+    monkeypatch.setattr(ti, interpreter_bf16.MARK, False, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "cannot do bf16" in interpreter_bf16_problem([f32, cpu])
+    assert "cannot do bf16" in interpreter_bf16_problem([meta])
+    assert interpreter_bf16_problem([f32]) is None
+    monkeypatch.setattr(ti, interpreter_bf16.MARK, True)
+    assert interpreter_bf16_problem([cpu, meta]) is None
+    monkeypatch.setattr(ti, interpreter_bf16.MARK, False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert interpreter_bf16_problem([cpu]) is None      # not the interpreter: the other reasons apply

@@ -294,9 +294,10 @@ def test_bf16_two_x_rule(shape, recompute):
 
 @pytest.mark.skipif(DEVICE == "cuda" or not interpret_mode(), reason="interpreter check of the GPU tile shapes")
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=needs_bf16())], ids=str)
-@pytest.mark.parametrize("config", ["m128_n256_k64_w8_s3", "m128_n128_k32_w4_s4", "m64_n64_k64_w4_s3"])
+@pytest.mark.parametrize("config", ["m128_n256_k64_w8_s3", "m128_n128_k64_w8_s4", "m128_n128_k32_w4_s4",
+                                    "m64_n128_k64_w4_s4", "m64_n64_k64_w4_s3"])
 def test_gpu_gemm_configs(monkeypatch, config, dtype):
-    """The GPU's GEMM tiles (the autotuner's candidates) on a shape with a partial tile on every edge (M, N and
+    """Every GPU GEMM tile (the autotuner's candidates) on a shape with a partial tile on every edge (M, N and
     the K loop), forward and backward, under the 2x rule."""
     from beit_fast.kernels import linear_gelu as K
     monkeypatch.setattr(K, "_INTERPRET_CONFIG", K.GPU_GEMM_CONFIGS[config])
