@@ -56,15 +56,19 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# set on triton.runtime.interpreter by the test suite's bf16 emulation (tests/interpreter_bf16.py)
+BF16_EMULATION_MARK = "BEIT_FAST_BF16_EMULATED"
+
+
 def interpreter_bf16_problem(tensors) -> Optional[str]:
     """Why the Triton interpreter cannot run a kernel on these tensors in bf16 (None: it can, the interpreter
     is off, or none is bf16). The interpreter (whatever the tensors' device: it copies them to the host) keeps
     bf16 as raw bits and computes on them as integers; the test suite installs an emulation
     (tests/interpreter_bf16.py) that marks the interpreter module, and then bf16 runs."""
-    if not interpret_mode() or not any(t.dtype == torch.bfloat16 for t in tensors):
+    if not interpret_mode() or not any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in tensors):
         return None
     module = sys.modules.get("triton.runtime.interpreter")
-    if module is not None and getattr(module, "BEIT_FAST_BF16_EMULATED", False):
+    if module is not None and getattr(module, BF16_EMULATION_MARK, False):
         return None
     return "the Triton interpreter cannot do bf16 arithmetic"
 
@@ -166,6 +170,9 @@ def common_reasons(backend: str, tensors: Sequence, *, auto: bool = False) -> li
                 why.append("auto never picks the Triton interpreter for CPU tensors; pass backend='triton'")
         elif dev != "cuda":
             why.append(f"the triton backend needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {dev}")
+        bf16_problem = interpreter_bf16_problem(tensors)
+        if bf16_problem:
+            why.append(bf16_problem)
     elif backend != "reference":
         why.append(f"unknown backend {backend!r}; expected one of {BACKENDS + ('auto',)}")
     return why

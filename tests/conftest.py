@@ -34,11 +34,11 @@ if _INTERPRETER_PROBLEM and _forced is None:   # the interpreter tests skip, say
 
 
 # bf16 under the interpreter: an emulation of bf16 arithmetic (tests/interpreter_bf16.py) lets the kernels'
-# bf16 paths run on the CPU; INTERPRETER_BF16_PROBLEM says why not when it could not be installed.
-INTERPRETER_BF16_PROBLEM = "the Triton interpreter is not in use (a GPU runs bf16 itself)"
+# bf16 paths run on the CPU; its INSTALL_PROBLEM says why not when it could not be installed.
+import interpreter_bf16  # noqa: E402
+
 if os.environ.get("TRITON_INTERPRET") == "1" and not _INTERPRETER_PROBLEM:
-    from interpreter_bf16 import install as _install_bf16  # noqa: E402
-    INTERPRETER_BF16_PROBLEM = _install_bf16()
+    interpreter_bf16.install()
 
 import random  # noqa: E402
 import zlib  # noqa: E402
@@ -55,8 +55,8 @@ def pytest_report_header(config):
     lines = [f"beit_fast: BEIT_FAST_TEST_SEED={SESSION_SEED}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
     if _INTERPRETER_PROBLEM:
         lines.append(f"beit_fast: Triton kernel tests on the CPU skipped: {_INTERPRETER_PROBLEM}")
-    elif os.environ.get("TRITON_INTERPRET") == "1" and INTERPRETER_BF16_PROBLEM:
-        lines.append(f"beit_fast: bf16 Triton kernel tests on the CPU skipped: {INTERPRETER_BF16_PROBLEM}")
+    elif os.environ.get("TRITON_INTERPRET") == "1" and interpreter_bf16.INSTALL_PROBLEM:
+        lines.append(f"beit_fast: bf16 Triton kernel tests on the CPU skipped: {interpreter_bf16.INSTALL_PROBLEM}")
     return lines
 
 

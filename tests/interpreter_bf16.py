@@ -22,7 +22,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-MARK = "BEIT_FAST_BF16_EMULATED"   # beit_fast._backend.interpreter_bf16_problem reads it
+from beit_fast._backend import INTERPRETER_PROBLEM, BF16_EMULATION_MARK
+
+MARK = BF16_EMULATION_MARK   # defined and read by beit_fast._backend (interpreter_bf16_problem)
 _PATCHED = ("binary_op", "unary_op", "ternary_op", "create_fma", "create_dot", "cast_impl", "create_fp_to_fp",
             "create_erf", "create_rsqrt", "create_atomic_rmw", "create_atomic_cas")
 
@@ -220,6 +222,20 @@ def needs_bf16():
     import pytest
     why = problem()
     return pytest.mark.skipif(why is not None, reason=f"bf16 Triton kernels: {why}")
+
+
+def interpreting() -> bool:
+    """Whether this test process runs the Triton kernels through the interpreter (no GPU, TRITON_INTERPRET=1,
+    an interpreter that works with this numpy)."""
+    return (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
+            and not INTERPRETER_PROBLEM)
+
+
+def needs_cpu_bf16():
+    """pytest mark: skip unless bf16 Triton kernels run on CPU tensors here (the interpreter, emulated)."""
+    import pytest
+    why = problem() if interpreting() else "the Triton interpreter is not in use here"
+    return pytest.mark.skipif(why is not None, reason=f"bf16 Triton kernels on the CPU: {why}")
 
 
 def refused_without_emulation(monkeypatch):

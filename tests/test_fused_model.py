@@ -1,7 +1,5 @@
 """Model level: the fused model (fused attention + fused block kernels) against the reference model,
 logits and every parameter gradient; on CPU through the C++ twins / Triton interpreter, on CUDA in bf16."""
-import os
-
 import pytest
 import torch
 
@@ -135,9 +133,7 @@ def test_auto_attention_without_relative_bias():
 
 @pytest.mark.parametrize("device", [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1" or interpreter_bf16.problem() is not None,
-        reason=f"the Triton interpreter with bf16 emulated: {interpreter_bf16.problem()}"))])
+    pytest.param("cpu", marks=interpreter_bf16.needs_cpu_bf16())])
 @pytest.mark.parametrize("name", ["beit_test_patch4_32", "beit_test_patch4_32_mim"])
 def test_fused_model_bf16_2x_rule(name, device, monkeypatch):
     """Error of the fused bf16 model against the fp32 reference at most 2x the error of the reference

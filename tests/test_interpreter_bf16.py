@@ -10,14 +10,10 @@ import torch
 
 import interpreter_bf16
 
-from beit_fast._backend import INTERPRETER_PROBLEM  # noqa: E402
-
-INTERPRETING = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1" and not INTERPRETER_PROBLEM
-emulated = pytest.mark.skipif(not INTERPRETING or interpreter_bf16.problem() is not None,
-                              reason=f"checks the interpreter's bf16 emulation on the CPU: {interpreter_bf16.problem()}")
+emulated = interpreter_bf16.needs_cpu_bf16()
 
 
-@pytest.mark.skipif(not INTERPRETING, reason="the Triton interpreter is not in use here")
+@pytest.mark.skipif(not interpreter_bf16.interpreting(), reason="the Triton interpreter is not in use here")
 def test_the_emulation_is_installed():
     """Where the interpreter runs the kernels, the bf16 tests must not all skip because the emulation failed to
     install (for example a Triton whose interpreter renamed what it wraps)."""

@@ -125,9 +125,7 @@ def test_accumulation_and_activation_checkpointing_change_nothing(tmp_path):
 
 @pytest.mark.parametrize("device", [
     pytest.param("cuda", marks=needs_cuda),
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1" or interpreter_bf16.problem() is not None,
-        reason=f"the Triton interpreter with bf16 emulated: {interpreter_bf16.problem()}"))])
+    pytest.param("cpu", marks=interpreter_bf16.needs_cpu_bf16())])
 def test_bf16_fused_training_tracks_the_reference(tmp_path, tokenizer_file, device, monkeypatch):
     """bf16 autocast, fused kernels and AdamW (torch's fused one on a GPU) against the unfused eager model,
     same data and initialisation; on a GPU MFU is reported. On the CPU the Triton kernels run through the

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from beit_fast._backend import choose, common_reasons, interpreter_bf16_problem
+from beit_fast._backend import choose, common_reasons
 
 PREFERENCE = ("triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -65,9 +65,6 @@ def not_supported_reasons(backend: str, x, weight=None, bias=None, *, auto: bool
         dtypes = {t.dtype for t in tensors}
         if not dtypes <= set(TRITON_DTYPES):
             why.append(f"the Triton kernel supports {[str(d) for d in TRITON_DTYPES]}, got {sorted(map(str, dtypes))}")
-        bf16_problem = interpreter_bf16_problem(tensors)
-        if bf16_problem:
-            why.append(bf16_problem)
         if x.shape[-1] > MAX_TRITON_C:
             why.append(f"C = {x.shape[-1]} > {MAX_TRITON_C}: the kernel keeps a whole row in registers")
         if x.numel() >= 2**31:

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from beit_fast._backend import choose, common_reasons, interpreter_bf16_problem
+from beit_fast._backend import choose, common_reasons
 
 PREFERENCE = ("triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -88,9 +88,6 @@ def not_supported_reasons(backend: str, x, weight=None, bias=None, *, auto: bool
     if backend == "triton" and isinstance(x, torch.Tensor):
         if x.dtype not in TRITON_DTYPES:
             why.append(f"the Triton kernel supports {[str(d) for d in TRITON_DTYPES]}, got {x.dtype}")
-        bf16_problem = interpreter_bf16_problem(tensors)
-        if bf16_problem:
-            why.append(bf16_problem)
         if isinstance(weight, torch.Tensor) and x.dim() >= 1 and weight.dim() == 2:
             rows = x.numel() // max(x.shape[-1], 1)
             if max(x.numel(), rows * weight.shape[0]) >= 2**31:

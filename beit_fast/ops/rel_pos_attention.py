@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from beit_fast._backend import choose, common_reasons, interpreter_bf16_problem
+from beit_fast._backend import choose, common_reasons
+from . import _checks as checks
 from beit_fast.relpos import _index_cpu, num_relative_distance, relative_position_index  # noqa: F401 (re-exported)
 
 BACKENDS = ("triton", "reference")
@@ -102,9 +103,8 @@ def _check_inputs(q, k, v, table, window_size, rel_index, scale, dropout_p, what
         raise ValueError(f"bias_table must have shape (R, H) = (R, {H}), got {tuple(table.shape)}")
     if table.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"bias_table must be floating (fp16, bf16, fp32, fp64), got {table.dtype}")
-    for name, t in (("k", k), ("v", v), ("bias_table", table), ("rel_index", rel_index)):
-        if isinstance(t, Tensor) and t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
+    checks.one_device("rel_pos_attention", "q", q, k=k, v=v, bias_table=table,
+                      rel_index=rel_index if isinstance(rel_index, Tensor) else None)
     if (window_size is None) == (rel_index is None):
         raise ValueError("give exactly one of window_size=(Wh, Ww) (BEiT's layout) or rel_index (N, N)")
     wh = ww = 0
@@ -145,9 +145,6 @@ def not_supported_reasons(backend: str, q, k, v, table, window_size=None, rel_in
             why.append(f"the Triton kernel takes an fp16, bf16 or fp32 bias_table, got {table.dtype}")
         if q.shape[-1] > MAX_HEAD_DIM:
             why.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
-        bf16_problem = interpreter_bf16_problem([q, table])
-        if bf16_problem:
-            why.append(bf16_problem)
         if q.shape[0] * q.shape[1] > MAX_GRID_Y:
             why.append(f"B*H = {q.shape[0] * q.shape[1]} programs exceed the CUDA grid's y limit {MAX_GRID_Y} "
                        "the kernels launch on (split the batch)")
@@ -354,8 +351,8 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     about 4 programs per SM, at most B, at most 64 MiB of partials unless one partial (H*N*N*4 bytes) is
     larger (H100: BEiT-B N=197 B=128 -> G=11, 20 MB; BEiT-L N=577 -> G=3, 64 MB); plus a cached inverse
     index per window (an N*N int32 permutation and two (R,) int32 arrays). Apart from that cached index the
-    partials are the only N*N-sized buffer; they stop growing with the batch at G (below G they have G = B rows, as large as one (B, H, N, N) fp32 tensor,
-    which the reference paths allocate several times over). The table gradient is
+    partials are the only N*N-sized buffer; they stop growing with the batch at G (below G they have G = B
+    rows, as large as one (B, H, N, N) fp32 tensor, which the reference paths allocate several times over). The table gradient is
     bitwise reproducible for the same inputs on the same GPU model (G depends on the SM count).
     """
     wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
