@@ -88,16 +88,19 @@ def _extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")   # +PTX: newer GPUs JIT-compile it
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for (C++17 up to 2.9, C++20 after)
+    # The C++ standard is the one torch asks for (C++17 up to 2.9, C++20 after). -ffp-contract=off: g++ would
+    # contract a*b+c into an FMA wherever the target has one (aarch64 hosts such as Grace, x86-64 with -mfma),
+    # and the CUDA side is built with -fmad=false, so the shared __host__ __device__ formulas round alike.
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     if use_cuda:
         print(f"beit_fast setup: building CUDA sources with {detail} for TORCH_CUDA_ARCH_LIST="
               f"{os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
         ext = CUDAExtension(
             "beit_fast._C", cpp + cu,
             define_macros=[("BEIT_FAST_WITH_CUDA", "1")],
-            # -fmad=false: no contraction of a*b+c into one FMA, as g++ compiles the CPU twins on x86-64,
-            # so the shared __host__ __device__ formulas round the same way on both (memory-bound kernels:
-            # the extra instructions should cost little; not yet measured on a GPU)
+            # -fmad=false: no contraction of a*b+c into one FMA, as the CPU twins are compiled
+            # (-ffp-contract=off), so the shared __host__ __device__ formulas round the same way on both
+            # (memory-bound kernels: the extra instructions should cost little; not yet measured on a GPU)
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-fmad=false",
                                                            "-U__CUDA_NO_HALF_OPERATORS__",
                                                            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]},

@@ -29,9 +29,13 @@ namespace dev {
 constexpr const char* kOp = "masked_patch_embed (CUDA)";
 constexpr int kThreads = 256;
 
+// The kernels index in int32, and a launch over n elements rounds up to whole blocks of kThreads: the last
+// block's thread indices reach n + kThreads - 1, which must not wrap, so n is at most 2^31 - 1 - kThreads.
+constexpr int64_t kMaxElements = static_cast<int64_t>(std::numeric_limits<int32_t>::max()) - kThreads;
+
 inline int32_t i32(int64_t v, const char* what) {
-  TORCH_CHECK(v <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()), kOp, ": ", what, " has ", v,
-              " elements; at most 2^31 - 1 are supported");
+  TORCH_CHECK(v <= kMaxElements, kOp, ": ", what, " has ", v, " elements; at most 2^31 - 1 - ", kThreads,
+              " = ", kMaxElements, " are supported (int32 indexing)");
   return static_cast<int32_t>(v);
 }
 

@@ -37,7 +37,8 @@ def emu():
         load(name=name, build_directory=build_dir,
              sources=[os.path.join(here, "emulated_ops.cpp"), os.path.join(csrc, "masked_patch_embed.cpp"),
                       os.path.join(csrc, "layer_scale_residual_norm.cpp")],
-             extra_include_paths=[csrc, here], extra_cflags=["-O2", "-DBEIT_FAST_NO_OP_REGISTRATION"] + sanitize,
+             extra_include_paths=[csrc, here],
+             extra_cflags=["-O2", "-ffp-contract=off", "-DBEIT_FAST_NO_OP_REGISTRATION"] + sanitize,
              extra_ldflags=sanitize, is_python_module=False, verbose=False)
     return torch.ops.beit_fast_emulated
 

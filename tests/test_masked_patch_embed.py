@@ -250,6 +250,21 @@ def test_bad_dtype_and_device_raise_clear_errors():
         masked_patch_embed(**_bad(), backend="cuda")
 
 
+@pytest.mark.parametrize("extra", [0, 1], ids=["at_limit", "over_limit"])
+def test_cuda_refuses_more_elements_than_int32_indexing_takes(extra):
+    """Shapes only (meta tensors): a patch matrix of exactly CUDA_MAX_ELEMENTS is taken, one more is refused
+    with the reason, before any kernel could index past int32."""
+    from beit_fast.ops.masked_patch_embed import CUDA_MAX_ELEMENTS
+    # 1x1 patches of 1 channel on a (1, 1, 1, W) image: images and patch matrix hold W elements, the output
+    # (1 + W) * C with C = 1; W chosen so the largest (the output) is the limit plus `extra`
+    W = CUDA_MAX_ELEMENTS - 1 + extra
+    meta = dict(device="meta")
+    images, weight = torch.empty(1, 1, 1, W, **meta), torch.empty(1, 1, 1, 1, **meta)
+    why = " ".join(not_supported_reasons("cuda", images, weight, torch.empty(1, **meta), None, None,
+                                         torch.empty(1, 1, 1, **meta)))
+    assert (f"at most 2^31 - 1 - 256 = {CUDA_MAX_ELEMENTS}" in why) == bool(extra), why
+
+
 def test_auto_backend_on_cpu_is_cpp():
     args = _bad()
     assert not_supported_reasons("cpp", *args.values()) == []

@@ -41,6 +41,8 @@ PREFERENCE = ("cuda", "cpp", "reference")
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPP_DTYPES = _CUDA_DTYPES + (torch.float64,)
+# csrc/masked_patch_embed_kernels.cuh's kMaxElements: int32 indices, and the last block of 256 threads must not wrap
+CUDA_MAX_ELEMENTS = 2**31 - 1 - 256
 
 
 def masked_patch_embed_ref(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -85,8 +87,10 @@ def not_supported_reasons(backend: str, images: torch.Tensor, weight: torch.Tens
             B, _, H, W = images.shape
             P = (H // max(weight.shape[2], 1)) * (W // max(weight.shape[3], 1))
             rows = B * (1 + P)
-            if max(images.numel(), rows * weight[0].numel(), rows * weight.shape[0]) >= 2**31:
-                why.append("a tensor of 2^31 or more elements (the CUDA kernels index with int32)")
+            largest = max(images.numel(), rows * weight[0].numel(), rows * weight.shape[0])
+            if largest > CUDA_MAX_ELEMENTS:
+                why.append(f"a tensor of {largest} elements; the CUDA kernels index with int32 and take at most "
+                           f"2^31 - 1 - 256 = {CUDA_MAX_ELEMENTS}")
     return why
 
 

@@ -14,8 +14,12 @@
 // aligned to their size (BEIT_VECTOR_ACCESS), and reads of shared memory the block has not written (shared
 // arrays are filled with NaN bytes at the start of each block: BEIT_SHARED_ARRAY). Threads that have exited do
 // not hold a barrier up (as on current GPUs). What it does not check: timing, coalescing, races between
-// blocks (blocks never overlap here), __launch_bounds__, and device arithmetic (the CUDA build uses
-// -fmad=false, and the per-element formulas are shared with the CPU twins).
+// blocks (blocks run one after another), races inside a warp (its lanes run in ascending order, so a lane
+// reading a lower lane's shared-memory write without __syncwarp passes), read-modify-write races between warps
+// within one barrier phase (each warp runs to its next barrier uninterrupted, so unsynchronized += adds up),
+// barriers or shuffles reached from different call sites (they count as one), __launch_bounds__, register
+// use, grid limits, streams and devices, and device arithmetic (the CUDA build uses -fmad=false, the CPU
+// twins -ffp-contract=off, and the per-element formulas are shared).
 #pragma once
 
 #include <ucontext.h>
