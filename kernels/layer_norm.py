@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_device_of_first_arg
+
 # A whole row lives in registers; past this the kernels would spill (a looped variant is not written).
 MAX_C = 16384
 
@@ -111,6 +113,7 @@ def _num_programs(device: torch.device) -> int:
     return 4  # interpreter
 
 
+@on_device_of_first_arg
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
     """x (M, C) fp16/bf16/fp32; weight, bias (C,) or None, in x.dtype or fp32.
 
@@ -132,6 +135,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     return y, mean, rstd
 
 
+@on_device_of_first_arg
 def layer_norm_bwd(dy, x, weight, mean, rstd, need_dx=True, need_dw=True, need_db=True):
     """dy, x (M, C); weight (C,) or None; mean, rstd (M,) fp32 from layer_norm_fwd.
 

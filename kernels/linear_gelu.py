@@ -24,6 +24,8 @@ import triton.language as tl
 
 from beit_fast._backend import tf32_matmul
 
+from ._device import on_device_of_first_arg
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Rows per bias-gradient partial in recompute mode; every GEMM config's BLOCK_M is a multiple of it, so
@@ -234,6 +236,7 @@ def _gemm(x, weight, bias, out, z, dy, part, backward):
     )
 
 
+@on_device_of_first_arg
 def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     save_preact: bool = True):
     """x (M, K), weight (N, K), bias (N,) or None, one dtype (fp16/bf16/fp32).
@@ -253,6 +256,7 @@ def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 _DGELU_BLOCK_M, _DGELU_BLOCK_N, _DGELU_WARPS = 32, 128, 4
 
 
+@on_device_of_first_arg
 def linear_gelu_dz(dy, x, weight, bias, preact=None, with_db=True):
     """dZ = dY * GELU'(Z) (M, N) in x.dtype, and db (N,) fp32 (None unless with_db).
 
@@ -283,6 +287,7 @@ def linear_gelu_dz(dy, x, weight, bias, preact=None, with_db=True):
     return dz, (part.sum(0) if with_db else None)
 
 
+@on_device_of_first_arg
 def linear_gelu_bwd(dy, x, weight, bias, preact=None, need_dx=True, need_dw=True, need_db=True):
     """Gradients of y = GELU(x W^T + b) for dy (M, N).
 

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_device_of_first_arg
+
 LOG2E = 1.4426950408889634
 
 # Tests set this to fill outputs with NaN before the kernels write them (catches unwritten elements).
@@ -614,6 +616,7 @@ def _seed_arg(seed, table):
     return seed if seed is not None else table   # never read when dropout is off
 
 
+@on_device_of_first_arg
 def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout_p, seed, out):
     """q, k, v: (B, H, N, D) views with any strides; out: (B, H, N, D) view to write (any strides).
     Returns lse (B, H, N) fp32 in log2 units of the scaled logits."""
@@ -646,6 +649,7 @@ def num_batch_groups(B: int, H: int, N: int, device: torch.device) -> int:
     return max(1, min(B, want, cap))
 
 
+@on_device_of_first_arg
 def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, scale, dropout_p, seed,
                           dq, dk, dv, inverse_index=None):
     """Writes dq, dk, dv (views with any strides, same shapes as q, k, v). When `inverse_index`
@@ -721,6 +725,7 @@ def build_inverse_index(index: torch.Tensor, num_rel: int):
     return perm, start.to(torch.int32), count.to(torch.int32), max_count
 
 
+@on_device_of_first_arg
 def dropout_keep_mask(seed: torch.Tensor, B: int, H: int, N: int, dropout_p: float) -> torch.Tensor:
     """(B, H, N, N) bool keep-mask the kernels use for this seed (test-only: it materializes B*H*N*N)."""
     out = torch.empty((B, H, N, N), dtype=torch.int8, device=seed.device)

@@ -1,0 +1,22 @@
+"""Triton launches a kernel on torch's *current* CUDA device and its current stream, whatever device the
+arguments live on. A caller holding tensors on cuda:1 while cuda:0 is current (a model moved with
+`.to("cuda:1")` in a process that never called `torch.cuda.set_device`) would otherwise get kernels on the
+wrong GPU reading foreign pointers. The CUDA C++ ops take a device guard for the same reason."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def on_device_of_first_arg(launcher):
+    """Run `launcher(t, ...)` with t's CUDA device current (and so its current stream): a no-op for CPU
+    tensors and when that device is current already."""
+    @functools.wraps(launcher)
+    def run(t, *args, **kwargs):
+        dev = t.device
+        if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return launcher(t, *args, **kwargs)
+        return launcher(t, *args, **kwargs)
+    return run
