@@ -60,3 +60,14 @@ def test_bf16_used_only_when_codes_are_identical():
     assert dtype == torch.float32 and "fp32" in why
     assert choose_dtype(near, view, "bf16")[0] == torch.bfloat16       # forced
     assert choose_dtype(far, imgs, "fp32")[0] == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_is_deterministic_for_a_seed():
+    """Many patches per cluster: float atomics would add them in a different order on each run."""
+    g = torch.Generator().manual_seed(1)
+    patches = torch.rand(200_000, 48, generator=g).cuda()
+    before = torch.are_deterministic_algorithms_enabled()
+    fits = [fit_kmeans(patches, vocab_size=64, patch_size=4, iters=5, seed=0).centroids for _ in range(3)]
+    assert all(torch.equal(f, fits[0]) for f in fits[1:])
+    assert torch.are_deterministic_algorithms_enabled() == before      # the global switch is restored

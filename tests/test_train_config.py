@@ -280,3 +280,55 @@ def test_a_saved_kmeans_tokenizer_sizes_the_tokenizer_view(tmp_path, suffix):
     torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="is not a k-means tokenizer file"):
         check(dataclasses.replace(cfg, tokenizer_path=str(tmp_path / "other.pt")))
+
+
+def _gpus(monkeypatch, count):
+    """Stand in for a machine with `count` GPUs (only torch.cuda's device queries are answered)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_cuda_device_checks(monkeypatch):
+    cfg = preset("finetune")
+    _gpus(monkeypatch, 2)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for ok in ("cuda", "cuda:1", "auto"):
+        C.check(dataclasses.replace(cfg, device=ok))
+    with pytest.raises(ConfigError, match=r"device='cuda:2' but this machine has 2 GPU\(s\): cuda:0 \.\. cuda:1"):
+        C.check(dataclasses.replace(cfg, device="cuda:2"))
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'cuda1'"):
+        C.check(dataclasses.replace(cfg, device="cuda1"))
+    monkeypatch.setenv("WORLD_SIZE", "2")   # under torchrun an explicit GPU would be every process's GPU
+    with pytest.raises(ConfigError, match="device='cuda:0' would put every torchrun process on the same GPU"):
+        C.check(dataclasses.replace(cfg, device="cuda:0"))
+    C.check(dataclasses.replace(cfg, device="cuda"))
+    _gpus(monkeypatch, 0)
+    with pytest.raises(ConfigError, match="CUDA is not available here"):
+        C.check(dataclasses.replace(cfg, device="cuda"))
+
+
+def test_each_process_takes_its_own_gpu(monkeypatch):
+    from beit_fast.train.runtime import pick_device
+    _gpus(monkeypatch, 4)
+    assert [pick_device("cuda", r) for r in range(4)] == [torch.device(f"cuda:{r}") for r in range(4)]
+    assert pick_device("cuda:2", 0) == torch.device("cuda:2")
+    with pytest.raises(RuntimeError, match="local rank 4 has no GPU of its own: this process sees 4 GPUs"):
+        pick_device("cuda", 4)
+    _gpus(monkeypatch, 1)   # one GPU per process (the launcher set CUDA_VISIBLE_DEVICES per task)
+    assert pick_device("cuda", 3) == torch.device("cuda:0")
+    assert pick_device("cpu", 3) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("backend,failed,destroyed", [("nccl", False, True), ("nccl", True, False),
+                                                      ("gloo", True, True), ("gloo", False, True)])
+def test_a_failed_rank_does_not_wait_on_nccl_shutdown(monkeypatch, backend, failed, destroyed):
+    import torch.distributed as dist
+
+    from beit_fast.train import runtime
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: backend)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: calls.append("destroy"))
+    runtime.teardown(runtime.Runtime(torch.device("cpu"), rank=1, world=2, owns_group=True), failed=failed)
+    assert calls == ([] if failed else ["barrier"]) + (["destroy"] if destroyed else [])

@@ -47,10 +47,16 @@ def test_peak_table_per_gpu_and_precision(monkeypatch):
 @pytest.mark.parametrize("name, bf16", [
     ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12),
     ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12),
-    ("NVIDIA A10G", None), ("NVIDIA GH200 480GB", None), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA GeForce RTX 4090", 165e12)])
+    ("NVIDIA A10G", None), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA GeForce RTX 4090", 165e12), ("Tesla V100-SXM2-16GB", None)])
 def test_peak_names_match_whole_words(name, bf16):
     from beit_fast.train.feedback import _peak_for_name
     assert _peak_for_name(name, "bf16") == bf16
+
+
+def test_fp16_only_gpu_has_an_fp16_peak():
+    from beit_fast.train.feedback import _peak_for_name
+    assert _peak_for_name("Tesla V100-SXM2-16GB", "fp16") == 125e12
 
 
 def test_throughput_after_a_resume_counts_only_new_images():

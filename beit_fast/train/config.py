@@ -452,6 +452,23 @@ def _check_output_dir_is_free(cfg) -> None:
                       f"its files)")
 
 
+def _check_cuda_device(device: str) -> None:
+    import torch
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here; use device=auto or cpu")
+    if device == "cuda":
+        return
+    index = device[len("cuda:"):] if device.startswith("cuda:") else ""
+    if not index.isdigit():
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"device={device!r} would put every torchrun process on the same GPU; use device=cuda "
+                          f"(each process takes cuda:LOCAL_RANK) or auto")
+    if int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r} but this machine has {torch.cuda.device_count()} GPU(s): "
+                          f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
 def check(config):
     """Validate a run config; raises ConfigError naming the field to change. Returns the config."""
     from .data import check_dataset
@@ -465,9 +482,7 @@ def check(config):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.device.startswith("cuda"):
-            import torch
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device={cfg.device!r} but CUDA is not available here; use device=auto or cpu")
+            _check_cuda_device(cfg.device)
         elif cfg.device not in ("auto", "cpu"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
         if cfg.distributed == "fsdp" and cfg.optimizer.startswith("apex"):

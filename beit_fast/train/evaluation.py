@@ -52,7 +52,7 @@ def _evaluate(cfg, state: dict, path: str, dataset: str, data_path: str, rt) -> 
                                run["mean"], run["std"])
     sampler = EpochBatchSampler(len(val), cfg.batch_size * rt.world, 0, rt.rank, rt.world, shuffle=False,
                                 drop_last=False)
-    loader = make_loader(Samples(val, transform, 0), sampler, cfg.num_workers)
+    loader = make_loader(Samples(val, transform, 0), sampler, cfg.num_workers, pin_memory=rt.device.type == "cuda")
     result = engine.evaluate(model, loader, rt.device, cfg.precision, rt)
     result["checkpoint"] = path
     if rt.is_main:

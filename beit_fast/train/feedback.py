@@ -17,14 +17,17 @@ import torch
 
 # Vendor datasheet peaks (TFLOP/s, dense) per GPU name, for MFU: (bf16/fp16 tensor cores, TF32 tensor
 # cores, plain fp32). The longest name found in the device name as a whole word wins ("H100 PCIe" over
-# "H100"); a GPU not listed (A10G, say) gets no MFU.
+# "H100"); a GPU not listed (A10G, say) gets no MFU, nor does bf16 on a GPU without bf16 tensor cores
+# (_NO_BF16). A MIG slice reports its whole GPU's name, so its MFU reads low. The FLOPs counted are the
+# model's (train_flops_per_image): pretraining's tokenizer forward is not in them.
 _PEAK_TFLOPS = {
-    "H200 NVL": (835.0, 418.0, 60.0), "H200": (989.0, 494.0, 67.0),
+    "H200 NVL": (835.0, 418.0, 60.0), "H200": (989.0, 494.0, 67.0), "GH200": (989.0, 494.0, 67.0),
     "H100 PCIe": (756.0, 378.0, 51.0), "H100 NVL": (835.0, 418.0, 60.0), "H100": (989.0, 494.0, 67.0),
     "A100": (312.0, 156.0, 19.5), "L40S": (362.0, 183.0, 91.6), "L40": (181.0, 90.5, 90.5),
     "L4": (121.0, 60.0, 30.3), "A10": (125.0, 62.5, 31.2), "4090": (165.0, 82.6, 82.6),
     "V100": (125.0, 15.7, 15.7),
 }
+_NO_BF16 = ("V100",)   # fp16 tensor cores only
 
 
 def peak_flops(device: torch.device, precision: str) -> Optional[float]:
@@ -41,7 +44,10 @@ def _peak_for_name(name: str, precision: str, tf32: bool = False) -> Optional[fl
     keys = [k for k in _PEAK_TFLOPS if re.search(r"(?<![0-9A-Za-z])" + re.escape(k) + r"(?![0-9A-Za-z])", name)]
     if not keys:
         return None
-    half, tf32_peak, fp32 = _PEAK_TFLOPS[max(keys, key=len)]
+    key = max(keys, key=len)
+    half, tf32_peak, fp32 = _PEAK_TFLOPS[key]
+    if precision == "bf16" and key in _NO_BF16:
+        return None
     if precision != "fp32":
         return 1e12 * half
     return 1e12 * (tf32_peak if tf32 else fp32)

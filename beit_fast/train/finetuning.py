@@ -107,7 +107,7 @@ def _finetune(cfg, rt) -> dict:
     val_sampler = EpochBatchSampler(len(val_set), eval_batch, cfg.seed, rt.rank, rt.world, shuffle=False,
                                     drop_last=False)
     val_loader = make_loader(Samples(val_set, classify_transform(cfg, train=False), cfg.seed), val_sampler,
-                             cfg.num_workers)
+                             cfg.num_workers, pin_memory=device.type == "cuda")
     mixup, criterion = _loss_fn(cfg)
 
     # --- optimisation state

@@ -32,13 +32,19 @@ class Runtime:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto / cpu / cuda / cuda:N. `cuda` is this process's GPU: cuda:LOCAL_RANK, or cuda:0 when the process
+    sees a single GPU (a launcher giving each task its own CUDA_VISIBLE_DEVICES)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+        count = torch.cuda.device_count()
         if name == "cuda":
-            name = f"cuda:{local_rank}"
+            if local_rank >= count and count != 1:
+                raise RuntimeError(f"local rank {local_rank} has no GPU of its own: this process sees {count} "
+                                   f"GPUs (cuda:0 .. cuda:{count - 1}); start at most {count} processes per node")
+            name = f"cuda:{local_rank if local_rank < count else 0}"
     return torch.device(name)
 
 
@@ -60,11 +66,14 @@ def setup(device: str = "auto") -> Runtime:
 
 
 def teardown(rt: Runtime, failed: bool = False) -> None:
-    """Leave the process group (after a barrier, unless this rank failed: then the others may never arrive)."""
+    """Leave the process group (after a barrier, unless this rank failed: then the others may never arrive).
+    A failed rank leaves an NCCL group without destroying it: NCCL's shutdown waits for the rank's in-flight
+    collectives, which peers that never issue theirs would never complete, so the failure would hang until
+    the group's timeout instead of reaching torchrun (which then stops the other ranks)."""
     if rt.distributed and dist.is_initialized():
         if not failed:
             dist.barrier()
-        if rt.owns_group:
+        if rt.owns_group and not (failed and dist.get_backend() == "nccl"):
             dist.destroy_process_group()
 
 

@@ -115,6 +115,19 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(b, (h // p) * (w // p), c * p * p)
 
 
+def _cluster_sums(c: torch.Tensor, idx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-cluster sums of z, the same bits on every run: CUDA's index_add_ accumulates with float atomics
+    (order-dependent) unless deterministic algorithms are on, when torch sorts the indices instead."""
+    if z.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+        return torch.zeros_like(c).index_add_(0, idx, z)
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return torch.zeros_like(c).index_add_(0, idx, z)
+    finally:
+        torch.use_deterministic_algorithms(False, warn_only=warn_only)
+
+
 def fit_kmeans(patches: torch.Tensor, vocab_size: int, patch_size: int, in_chans: int = 3, iters: int = 25,
                seed: int = 0, chunk: int = 8192) -> KMeansTokenizer:
     """Lloyd's k-means (k-means++ start) on (N, C*p*p) raw patch vectors in [0, 1]; deterministic for a seed."""
@@ -148,7 +161,7 @@ def fit_kmeans(patches: torch.Tensor, vocab_size: int, patch_size: int, in_chans
     c = torch.stack(centers)
     for _ in range(iters):
         idx, dist = nearest(c)
-        sums = torch.zeros_like(c).index_add_(0, idx, z)
+        sums = _cluster_sums(c, idx, z)
         counts = torch.bincount(idx, minlength=vocab_size).to(z.dtype)
         new = sums / counts.clamp_min(1).unsqueeze(1)
         empty = (counts == 0).nonzero().flatten()
