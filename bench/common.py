@@ -21,12 +21,12 @@ import torch
 
 QUANTILES = (0.5, 0.2, 0.8)
 
-# "bwd" mode runs backward twice over one graph (retain_graph=True). A torch.compile'd backward that donates
-# its saved buffers (torch >= 2.6) refuses that, so the benchmarks keep them.
+# A compiled provider that hits Dynamo's recompile limit would fall back to eager (FlexAttention to its unfused
+# version) and still pass its check: make that an error the benchmark records instead of a row it times.
 try:
-    import torch._functorch.config as _functorch_config
-    if hasattr(_functorch_config, "donated_buffer"):
-        _functorch_config.donated_buffer = False
+    import torch._dynamo.config as _dynamo_config
+    if hasattr(_dynamo_config, "fail_on_recompile_limit_hit"):
+        _dynamo_config.fail_on_recompile_limit_hit = True
 except ImportError:
     pass
 
@@ -92,9 +92,13 @@ def environment(device: str) -> dict:
 
 
 def _git_sha() -> Optional[str]:
+    """The commit measured, "-dirty" when the tree had changes; BEIT_FAST_GIT_SHA when set (a copy of the
+    working tree without .git, as on a lent GPU machine, cannot say)."""
+    if os.environ.get("BEIT_FAST_GIT_SHA"):
+        return os.environ["BEIT_FAST_GIT_SHA"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=here,
                                        stderr=subprocess.DEVNULL, text=True).strip()
     except Exception:
         return None
@@ -108,34 +112,67 @@ def _driver_version() -> Optional[str]:
         return None
 
 
-def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 10, rep: int = 50,
-            cuda_rep_ms: int = 100) -> dict:
-    """median / p20 / p80 in milliseconds. CUDA: triton.testing.do_bench (CUDA events, L2 flushed) over
-    about `cuda_rep_ms` ms of calls; CPU: wall clock over `rep` calls after `warmup`."""
-    if device == "cuda":
+def time_ms(fn: Callable, device: str, *, warmup: int = 10, rep: int = 50, cuda_rep_ms: int = 100,
+            setup: Optional[Callable[[], object]] = None) -> dict:
+    """median / p20 / p80 in milliseconds of fn() or, with `setup`, of fn(setup()) with setup() run before
+    each call and not timed (the backward alone: setup runs the forward, fn the backward over its fresh
+    graph, so no graph is reused with retain_graph and compiled backwards keep their buffer donation).
+    CUDA: CUDA events with L2 flushed before each call, over about `cuda_rep_ms` ms of calls
+    (triton.testing.do_bench without setup); CPU: wall clock over `rep` calls after `warmup`."""
+    if device == "cuda" and setup is None:
         import triton.testing
         med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=cuda_rep_ms, quantiles=list(QUANTILES))
         return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rep):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+    if device == "cuda":
+        times = _cuda_times_with_setup(fn, setup, cuda_rep_ms)
+    else:
+        call = (lambda: fn(setup())) if setup is not None else fn
+        for _ in range(warmup):
+            call()
+        times = []
+        for _ in range(rep):
+            arg = setup() if setup is not None else None
+            t0 = time.perf_counter()
+            fn(arg) if setup is not None else fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
-def peak_mb(fn: Callable[[], object], device: str) -> Optional[float]:
-    """Peak memory allocated during one call, above what was allocated before it (CUDA only)."""
+def _cuda_times_with_setup(fn, setup, rep_ms: float) -> list[float]:
+    """do_bench's method for fn(setup()): a few untimed calls, an estimate, then as many calls as fit in
+    rep_ms (5 to 1000), each preceded by setup() and an L2 flush outside its pair of CUDA events."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+
+    def timed(n):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            arg = setup()
+            flush.zero_()
+            start.record()
+            fn(arg)
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+
+    for _ in range(3):
+        fn(setup())
+    estimate = statistics.median(timed(5))
+    return timed(max(5, min(1000, int(rep_ms / max(estimate, 1e-3)))))
+
+
+def peak_mb(fn: Callable, device: str, setup: Optional[Callable[[], object]] = None) -> Optional[float]:
+    """Peak memory allocated during one call of fn() (or of fn(setup()), setup's allocations counted as
+    already there), above what was allocated before it (CUDA only)."""
     if device != "cuda":
         return None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
+    arg = setup() if setup is not None else None
+    torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    fn()
+    fn(arg) if setup is not None else fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 

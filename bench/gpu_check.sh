@@ -17,6 +17,8 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 BEIT_FAST_TRITON_INTERPRET=0 BEIT_FAST_INSTAFAIL=1
 unset TRITON_INTERPRET
 SUMMARY="$OUT/summary.md"
+# the commit every row names: BEIT_FAST_GIT_SHA when given (a copy of the tree without .git cannot say)
+export BEIT_FAST_GIT_SHA=${BEIT_FAST_GIT_SHA:-$(git describe --always --dirty --abbrev=7 2>/dev/null || echo unknown)}
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-580} ))   # every step ends by then (the summary: 5 s more)
 step() {  # step NAME CAP_S LOG CMD...: run within min(CAP_S, time left), record status and wall time
   local name=$1 limit=$2 log=$3; shift 3
@@ -33,7 +35,7 @@ step() {  # step NAME CAP_S LOG CMD...: run within min(CAP_S, time left), record
   return $rc
 }
 {
-  echo "# gpu_check $(date -u +%FT%TZ) git $(git rev-parse --short HEAD 2>/dev/null)"
+  echo "# gpu_check $(date -u +%FT%TZ) git $BEIT_FAST_GIT_SHA"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
   echo
   echo "| step | status | wall |"
@@ -116,4 +118,11 @@ fi
   echo '```'; timeout $INFO_CAP "$PY" -m beit_fast.info 2>&1; echo '```'; echo
 } >>"$SUMMARY"
 for md in "$OUT"/bench_*.md "$OUT"/tune_*.md; do [ -f "$md" ] && { echo; cat "$md"; } >>"$SUMMARY" && rm "$md"; done
+# the issues' ratios in one place: each group's speed-up over the SDPA path, compiled FlexAttention, eager,
+# torch.compile and timm, where the group has them
+if compgen -G "$OUT/bench_*.jsonl" >/dev/null; then
+  { echo; echo "## Speed-ups (bench/report.py)"; echo
+    timeout 20 "$PY" bench/report.py "$OUT"/bench_*.jsonl --baseline sdpa,flex,eager,compile,timm,torch_compile 2>&1
+  } >>"$SUMMARY"
+fi
 cat "$SUMMARY"

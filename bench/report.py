@@ -1,9 +1,12 @@
 """Turn benchmark JSON rows into markdown tables (and PNG bar charts when matplotlib is installed).
 
-    python bench/report.py bench/results/<run> [more dirs or .jsonl files] [--baseline sdpa] [--png DIR]
+    python bench/report.py bench/results/<run> [more dirs or .jsonl files] [--baseline sdpa,flex,compile]
+                           [--png DIR] [--out FILE]
 
-For every (op, mode, shape, dtype) group it lists each provider's median time, TFLOP/s or GB/s, peak
-memory, and its speed-up over the baseline provider measured in the same run.
+For every (op, mode, shape, dtype, GPU) group it lists each provider's median time, TFLOP/s or GB/s, the
+percentage of a same-bytes copy's bandwidth (memory-bound ops), peak memory, and its speed-up over each
+baseline provider of the group (measured in the same run, on the same GPU). --baseline names them (a comma
+list); by default the first of sdpa, eager, reference, timm, ours_reference, torch_compile found.
 """
 import argparse
 import glob
@@ -26,27 +29,41 @@ def _fmt(v, digits=4):
     return "" if v is None else (f"{v:.{digits}g}" if isinstance(v, float) else str(v))
 
 
+DEFAULT_BASELINES = ("sdpa", "eager", "reference", "timm", "ours_reference", "torch_compile")
+
+
 def grouped(rows):
+    """Rows by (op, mode, shape, dtype, GPU): speed-ups never compare two machines."""
     groups = OrderedDict()
     for r in rows:
-        key = (r["op"], r["mode"], json.dumps(r["shape"], sort_keys=True), r["dtype"])
+        key = (r["op"], r["mode"], json.dumps(r["shape"], sort_keys=True), r["dtype"],
+               r.get("gpu") or f"CPU {r.get('cpu')}")
         groups.setdefault(key, []).append(r)
     return groups
 
 
-def markdown(rows, baselines=("sdpa", "eager", "reference", "timm", "ours_reference", "torch_compile")):
+def markdown(rows, baselines=None):
+    """baselines=None: one speed-up column, against the first of DEFAULT_BASELINES in the group; else a
+    column per named baseline present in the group."""
     out = []
-    for (op, mode, shape, dtype), rs in grouped(rows).items():
-        base = next((r for b in baselines for r in rs if r["provider"] == b), None)
-        out.append(f"### {op} {mode} {' '.join(f'{k}={v}' for k, v in json.loads(shape).items())} {dtype}")
-        out.append("| provider | median ms | p20 | p80 | TFLOP/s | GB/s | peak MB | speed-up vs " +
-                   (base["provider"] if base else "-") + " |")
-        out.append("|---|---|---|---|---|---|---|---|")
+    for (op, mode, shape, dtype, hw), rs in grouped(rows).items():
+        if baselines is None:
+            bases = [next((r for b in DEFAULT_BASELINES for r in rs if r["provider"] == b), None)][:1]
+            bases = [b for b in bases if b is not None]
+        else:
+            bases = [r for b in baselines for r in rs if r["provider"] == b]
+        pct = any(r.get("pct_copy_bw") is not None for r in rs)
+        out.append(f"### {op} {mode} {' '.join(f'{k}={v}' for k, v in json.loads(shape).items())} {dtype} ({hw})")
+        cols = ["provider", "median ms", "p20", "p80", "TFLOP/s", "GB/s"] + (["% of copy"] if pct else []) + \
+            ["peak MB"] + [f"speed-up vs {b['provider']}" for b in bases]
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|" + "---|" * len(cols))
         for r in sorted(rs, key=lambda r: r["median_ms"]):
-            sp = base["median_ms"] / r["median_ms"] if base else None
-            out.append(f"| {r['provider']} | {_fmt(r['median_ms'])} | {_fmt(r.get('p20_ms'))} | {_fmt(r.get('p80_ms'))} | "
-                       f"{_fmt(r.get('tflops'))} | {_fmt(r.get('gbps'))} | {_fmt(r.get('peak_mb'))} | "
-                       f"{_fmt(sp, 3)}{'x' if sp else ''} |")
+            cells = [r["provider"], _fmt(r["median_ms"]), _fmt(r.get("p20_ms")), _fmt(r.get("p80_ms")),
+                     _fmt(r.get("tflops")), _fmt(r.get("gbps"))] + ([_fmt(r.get("pct_copy_bw"), 3)] if pct else [])
+            cells.append(_fmt(r.get("peak_mb")))
+            cells += [f"{_fmt(b['median_ms'] / r['median_ms'], 3)}x" for b in bases]
+            out.append("| " + " | ".join(cells) + " |")
         out.append("")
     hw = sorted({(r.get("gpu") or f"CPU {r.get('cpu')}", r.get("torch"), r.get("triton"), r.get("git_sha")) for r in rows})
     for gpu, tv, trv, sha in hw:
@@ -63,7 +80,7 @@ def plots(rows, out_dir):
         print("matplotlib not installed: no PNG plots")
         return
     os.makedirs(out_dir, exist_ok=True)
-    for i, ((op, mode, shape, dtype), rs) in enumerate(grouped(rows).items()):
+    for i, ((op, mode, shape, dtype, _hw), rs) in enumerate(grouped(rows).items()):
         fig, ax = plt.subplots(figsize=(6, 2 + 0.3 * len(rs)))
         ax.barh([r["provider"] for r in rs], [r["median_ms"] for r in rs])
         ax.set_xlabel("median ms (lower is better)")
@@ -78,11 +95,15 @@ def main(argv=None):
     p.add_argument("paths", nargs="+")
     p.add_argument("--png", default=None, help="folder for PNG bar charts")
     p.add_argument("--out", default=None, help="write the markdown here instead of stdout")
+    p.add_argument("--baseline", default=None,
+                   help="comma list of providers to give a speed-up column each (default: the first of "
+                        f"{', '.join(DEFAULT_BASELINES)} in each group)")
     args = p.parse_args(argv)
     rows = load_rows(args.paths)
     if not rows:
         raise SystemExit(f"no benchmark rows found in {args.paths}")
-    md = markdown(rows)
+    baselines = [b.strip() for b in args.baseline.split(",") if b.strip()] if args.baseline else None
+    md = markdown(rows, baselines)
     if args.out:
         with open(args.out, "w") as f:
             f.write(md)

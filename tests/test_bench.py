@@ -43,6 +43,41 @@ def test_smoke(script, extra, providers, tmp_path):
     rep = subprocess.run([sys.executable, "bench/report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert rep.returncode == 0 and "speed-up vs" in rep.stdout, rep.stderr
+    if script == "bench_blocks":   # memory-bound rows against a copy of their own bytes, logged as copy rows
+        copies = {r["shape"]["bytes"]: r["gbps"] for r in rows if r["op"] == "copy"}
+        bound = [r for r in rows if r["op"] in ("layer_scale_residual_norm", "layer_norm")]
+        assert bound and all(r["pct_copy_bw"] > 0 for r in bound) and len(copies) >= 3
+
+
+def test_time_ms_with_setup_times_only_the_call():
+    """bwd rows: setup (the forward) runs before every call, untimed, and hands the call its result."""
+    common = _bench_module("common")
+    made, got = [], []
+
+    def setup():
+        made.append(len(made))
+        return made[-1]
+
+    t = common.time_ms(got.append, "cpu", warmup=2, rep=5, setup=setup)
+    assert made == list(range(7)) and got == made
+    assert 0 <= t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
+
+
+def test_report_baselines_and_machines():
+    """--baseline gives one speed-up column per named provider; rows of two GPUs are never compared."""
+    report = _bench_module("report")
+    row = lambda prov, ms, gpu, **kw: dict(op="attn", mode="fwd_bwd", shape={"B": 1}, dtype="bfloat16",  # noqa: E731
+                                           provider=prov, median_ms=ms, gpu=gpu, **kw)
+    rows = [row("ours", 1.0, "H100"), row("flex", 2.0, "H100"), row("sdpa", 3.0, "H100"),
+            row("ours", 4.0, "A100", pct_copy_bw=85.0), row("sdpa", 8.0, "A100")]
+    md = report.markdown(rows, ["flex", "sdpa"])
+    h100, a100 = md.split("### ")[1:3]
+    assert "(H100)" in h100 and "speed-up vs flex | speed-up vs sdpa" in h100 and "| ours | 1 |" in h100
+    assert h100.splitlines()[3].endswith("| 2x | 3x |")          # ours, the fastest, sorted first
+    assert "speed-up vs flex" not in a100 and "% of copy" in a100 and "| 85 |" in a100
+    assert "| ours | 4 |" in a100 and a100.splitlines()[3].endswith("| 2x |")
+    default = report.markdown(rows)
+    assert default.count("speed-up vs sdpa") == 2 and "speed-up vs flex" not in default
 
 
 def test_one_provider_error_does_not_end_the_benchmark(tmp_path):
