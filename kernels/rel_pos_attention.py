@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 
 import torch
 import triton
@@ -625,7 +626,7 @@ def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout
     lse = _alloc((B, H, N), torch.float32, q.device)
     table, idx, s_tr, s_th, s_ii, s_ij, R, centre = _bias_args(table, rel_index, window_size)
     if rel_index is not None:
-        check_index_range(rel_index, R)
+        check_index_range_once(rel_index, R)
     grid = (triton.cdiv(N, cfg.block_m), B * H)
     _fwd_kernel[grid](
         q, k, v, table, idx, _seed_arg(seed, table), out, lse,
@@ -711,11 +712,58 @@ def check_index_range(index: torch.Tensor, num_rel: int) -> None:
                          f"got values in [{lo}, {hi}]")
 
 
+class _PerIndexTensor:
+    """A value per live index tensor and version counter. Keyed by id() with a weak reference whose callback
+    drops the entry when the tensor dies (before its id can be reused), so an index freed and another
+    allocated in its place is never a stale hit; an in-place change bumps the version: a miss. (Tensors
+    cannot be WeakKeyDictionary keys: weakref equality compares them elementwise.)"""
+
+    def __init__(self):
+        self._entries = {}
+
+    def get(self, t: torch.Tensor, tag):
+        entry = self._entries.get(id(t))
+        if entry is None or entry[0]() is not t or entry[1] != (t._version, tag):
+            return None
+        return entry[2]
+
+    def put(self, t: torch.Tensor, tag, value) -> None:
+        if t.device.type == "meta":
+            return
+        key, entries = id(t), self._entries
+
+        def forget(ref):
+            if entries.get(key, (None,))[0] is ref:
+                del entries[key]
+        entries[key] = (weakref.ref(t, forget), (t._version, tag), value)
+
+
+_CHECKED_INDEXES = _PerIndexTensor()     # explicit index -> True once its values are checked against R
+_INVERSE_INDEXES = _PerIndexTensor()     # explicit index -> its build_inverse_index(index, R)
+
+
+def check_index_range_once(index: torch.Tensor, num_rel: int) -> None:
+    """check_index_range, once per index tensor and version: a model passing the same index every step
+    pays the host sync on the first call only."""
+    if _CHECKED_INDEXES.get(index, num_rel) is None:
+        check_index_range(index, num_rel)
+        _CHECKED_INDEXES.put(index, num_rel, True)
+
+
+def inverse_index_once(index: torch.Tensor, num_rel: int):
+    """build_inverse_index, once per index tensor and version (the argsort and its host sync)."""
+    inverse = _INVERSE_INDEXES.get(index, num_rel)
+    if inverse is None:
+        inverse = build_inverse_index(index, num_rel)
+        _INVERSE_INDEXES.put(index, num_rel, inverse)
+    return inverse
+
+
 def build_inverse_index(index: torch.Tensor, num_rel: int):
     """Padded inverse of an (N, N) query-by-key index into [0, num_rel), over the key-major dBias layout:
     (perm, start, count, max_count) with perm the flat positions j*N + i sorted by index value (stable),
     start / count per table row. Built once per window."""
-    check_index_range(index, num_rel)
+    check_index_range_once(index, num_rel)
     flat = index.t().reshape(-1).to(torch.int64)
     perm = torch.argsort(flat, stable=True).to(torch.int32)
     count = torch.zeros(num_rel, dtype=torch.int64, device=flat.device)

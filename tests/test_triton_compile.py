@@ -17,8 +17,9 @@ Triton's own binder exactly as a launch on a GPU would. An autotuned kernel is e
 configs. Identical specializations are compiled once.
 
 Shapes: BEiT-B (B=2, N=197 tokens, window 14x14, H=12, C=768, MLP 768 -> 3072); head dims 64 and 128 (the
-two 16-bit attention configs; 128 = MAX_HEAD_DIM), 32 and 80 (padded); LayerNorm at one C per tile _tile() can return
-(C = 1, 2, 4, .. MAX_C) and C = 768.
+two 16-bit attention configs; 128 = MAX_HEAD_DIM), 32 and 80 (padded); attention also at N = 50, 145 and 785
+(other loop tails; bf16, sm_90); LayerNorm at one C per tile _tile() can return (C = 1, 2, 4, .. MAX_C) and
+C = 768.
 
 Budget (the whole file takes 2.5-3 min on 2 busy cores: compiling is CPU-heavy, a 128x256 fp32 GEMM alone takes
 10-20 s; everything for both targets, ~1400 variants, takes ~40 min of CPU). Each scenario has a level:
@@ -232,6 +233,23 @@ def _scenarios_rel_pos_attention(K):
                                    K.rel_pos_attention_bwd(do, q, k, v, out, lse, table, idx, (wh, ww), D ** -0.5,
                                                            p, s, gq, gk, gv, inv))
     yield ("fp32", ALL, "dropout_keep_mask", lambda: K.dropout_keep_mask(seed, B, H, N, 0.1))
+    # other token counts give other tails (TAIL_N, BLOCK_TAIL are constexprs): 7x7 (N = 50), 12x12 (145),
+    # 28x28 (785, 448 px); BEiT's bf16 training path at head dim 64, sm_90
+    for wh, ww in ((7, 7), (12, 12), (28, 28)):
+        N, R, D, dt = wh * ww + 1, (2 * wh - 1) * (2 * ww - 1) + 3, 64, torch.bfloat16
+        qkv = _meta((B, N, 3, H, D), dt)
+        q, k, v = (qkv.select(2, i).permute(0, 2, 1, 3) for i in range(3))
+        out, do = (_meta((B, N, H * D), dt).view(B, N, H, D).permute(0, 2, 1, 3) for _ in range(2))
+        gq, gk, gv = (_meta((B, N, 3, H, D), dt).select(2, i).permute(0, 2, 1, 3) for i in range(3))
+        lse, table = _meta((B, H, N), torch.float32), _meta((R, H), torch.float32)
+        inv = (_meta((N * N,), torch.int32), _meta((R,), torch.int32), _meta((R,), torch.int32), 64)
+        w = (wh, ww)
+        yield ("bf16", SM90, f"fwd N={N} D=64",
+               lambda q=q, k=k, v=v, table=table, out=out, w=w:
+               K.rel_pos_attention_fwd(q, k, v, table, None, w, 0.125, 0.0, None, out))
+        yield ("bf16", SM90, f"bwd N={N} D=64 dtable=True",
+               lambda q=q, k=k, v=v, table=table, out=out, do=do, lse=lse, inv=inv, gq=gq, gk=gk, gv=gv, w=w:
+               K.rel_pos_attention_bwd(do, q, k, v, out, lse, table, None, w, 0.125, 0.0, None, gq, gk, gv, inv))
 
 
 SCENARIOS = {"linear_gelu": _scenarios_linear_gelu, "layer_norm": _scenarios_layer_norm,

@@ -171,11 +171,12 @@ _INVERSE_CACHE: dict = {}
 
 
 def _inverse_index(table, rel_index, wh, ww):
-    """CSR inverse of the index (cached per window and device; rebuilt per call for an explicit index)."""
+    """CSR inverse of the index: cached per window and device, and per explicit index tensor (rebuilt when it
+    is changed in place), so the argsort and its host sync run once rather than every backward."""
     K = _kernels()
     R = table.shape[0]
     if rel_index is not None:
-        return K.build_inverse_index(rel_index, R)
+        return K.inverse_index_once(rel_index, R)
     key = (wh, ww, str(table.device))
     if key not in _INVERSE_CACHE:
         idx = _index_cpu(wh, ww).to(table.device)
