@@ -136,6 +136,14 @@ def _devices(tensors: Iterable) -> set:
     return out
 
 
+def offset_span(t: torch.Tensor) -> int:
+    """1 + the largest element offset a kernel computes for `t` (sum of (size - 1) x |stride|): what its int32
+    index x stride products must hold. A view with gaps (a slice of a wider tensor) spans more than its numel."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+
+
 def common_reasons(backend: str, tensors: Sequence, *, auto: bool = False) -> list[str]:
     """Reasons, shared by all ops, why `backend` cannot run on these tensors (or devices, for `info`)."""
     devs = _devices(tensors)

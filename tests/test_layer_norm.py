@@ -110,6 +110,8 @@ def test_int32_offset_limit_is_a_reason():
     huge = torch.empty((2**21, 1024), device="meta")
     assert any("int32" in r for r in not_supported_reasons("triton", huge))
     assert not any("int32" in r for r in not_supported_reasons("triton", torch.empty((2**20, 1024), device="meta")))
+    gapped = torch.empty((2**20, 4096), device="meta")[:, :1024]   # 2**30 elements spanning ~2**32
+    assert any("int32" in r for r in not_supported_reasons("triton", gapped))
 
 
 @needs_triton

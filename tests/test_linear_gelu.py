@@ -115,6 +115,14 @@ def test_int32_offset_limit_is_a_reason():
     x = torch.empty((2**19, 768), device="meta")
     assert any("int32" in r for r in not_supported_reasons("triton", x, torch.empty((4096, 768), device="meta")))
     assert not any("int32" in r for r in not_supported_reasons("triton", x, torch.empty((3072, 768), device="meta")))
+    # a view with gaps: 2**20 rows of 768 taken from rows of 4096 elements (the last row starts 4.3e9 in)
+    # has only 8e8 elements, but the kernel's row offset x stride products pass 2**31
+    gapped = torch.empty((2**20, 4096), device="meta")[:, :768]
+    w = torch.empty((64, 768), device="meta")
+    assert any("'x'" in r and "'weight'" not in r for r in not_supported_reasons("triton", gapped, w))
+    assert not any("int32" in r for r in not_supported_reasons("triton", gapped.contiguous(), w))
+    wide_w = torch.empty((64, 2**26), device="meta")[:, :768]   # so for the weight
+    assert any("'weight'" in r for r in not_supported_reasons("triton", torch.empty((8, 768), device="meta"), wide_w))
 
 
 @needs_triton

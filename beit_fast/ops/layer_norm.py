@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from beit_fast._backend import choose, common_reasons
+from beit_fast._backend import choose, common_reasons, offset_span
 
 PREFERENCE = ("triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,8 +67,9 @@ def not_supported_reasons(backend: str, x, weight=None, bias=None, *, auto: bool
             why.append(f"the Triton kernel supports {[str(d) for d in TRITON_DTYPES]}, got {sorted(map(str, dtypes))}")
         if x.shape[-1] > MAX_TRITON_C:
             why.append(f"C = {x.shape[-1]} > {MAX_TRITON_C}: the kernel keeps a whole row in registers")
-        if x.numel() >= 2**31:
-            why.append(f"{x.numel()} elements: the kernel's int32 offsets need fewer than 2**31")
+        if offset_span(x) >= 2**31:
+            why.append(f"x spans {offset_span(x)} elements (numel {x.numel()}): the kernel's int32 offsets need "
+                       "fewer than 2**31")
     return why
 
 

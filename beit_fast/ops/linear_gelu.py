@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from beit_fast._backend import choose, common_reasons
+from beit_fast._backend import choose, common_reasons, offset_span
 
 PREFERENCE = ("triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -90,9 +90,11 @@ def not_supported_reasons(backend: str, x, weight=None, bias=None, *, auto: bool
             why.append(f"the Triton kernel supports {[str(d) for d in TRITON_DTYPES]}, got {x.dtype}")
         if isinstance(weight, torch.Tensor) and x.dim() >= 1 and weight.dim() == 2:
             rows = x.numel() // max(x.shape[-1], 1)
-            if max(x.numel(), rows * weight.shape[0]) >= 2**31:
-                why.append(f"{rows} rows x {max(x.shape[-1], weight.shape[0])} columns: the kernel's int32 "
-                           f"offsets need fewer than 2**31 elements per operand")
+            spans = {"x": offset_span(x), "weight": offset_span(weight), "output": rows * weight.shape[0]}
+            big = {k: v for k, v in spans.items() if v >= 2**31}
+            if big:
+                why.append(f"{rows} rows x {x.shape[-1]} -> {weight.shape[0]} columns: the kernel's int32 offsets "
+                           f"need every operand to span fewer than 2**31 elements, got {big}")
     return why
 
 
