@@ -42,8 +42,10 @@ step() {  # step NAME CAP_S LOG CMD...: run within min(CAP_S, time left), record
   echo "|---|---|---|"
 } >"$SUMMARY"
 
-# 1. build: CUDA required, Hopper only to keep the build short (sm_80 is built by the default install). The
-#    cap is generous because nothing else can run without the build (its time on 16 cores is not measured yet).
+# 1. build: CUDA required, Hopper only to keep the build short (sm_80 is built by the default install). With
+#    16 jobs every source compiles at once, so the build takes about its slowest file: nvcc needs 81 s for
+#    layer_scale_residual_norm_cuda.cu at sm_90 alone on one core of the 2-core CI machine (2026-11-29; the
+#    other sources are shorter). The cap is generous because nothing else can run without the build.
 #    If the CUDA build fails, the C++ ops are built without it, so that the Triton kernels, the model, the
 #    trainer and the benchmarks still run on the GPU (the summary says so; the CUDA kernel tests then fail).
 INSTALL=("$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .)
