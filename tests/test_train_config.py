@@ -23,6 +23,18 @@ def test_presets_and_reference_recipes():
     assert (fb.lr, fb.layer_decay, fb.epochs, fb.warmup_epochs, fb.drop_path, fb.mixup, fb.cutmix) == \
         (4e-3, 0.65, 100, 20, 0.1, 0.8, 1.0)
     assert (fl.lr, fl.layer_decay, fl.epochs, fl.drop_path, fl.batch_size * fl.accum_steps) == (1e-3, 0.75, 50, 0.2, 128)
+    # ImageNet-22k pretraining (§5.1) and fine-tuning a pt22k_ft22k checkpoint on ImageNet-1k (§6.1)
+    p22 = preset("pretrain", "beit_base_224_in22k")
+    assert (p22.epochs, p22.warmup_steps, p22.mean, p22.std, p22.lr) == (150, 10000, (0.5,) * 3, (0.5,) * 3, 1.5e-3)
+    assert b.mean == (0.485, 0.456, 0.406) and b.warmup_steps == -1
+    for size, decay, dp, per_gpu in (("base", 0.85, 0.1, 64), ("large", 0.9, 0.4, 64)):
+        f = preset("finetune", f"beit_{size}_224_ft22k")
+        assert (f.lr, f.layer_decay, f.epochs, f.warmup_epochs, f.drop_path, f.weight_decay, f.mixup, f.cutmix,
+                f.batch_size * f.accum_steps) == (2e-5, decay, 30, 5, dp, 1e-8, 0.0, 0.0, per_gpu)
+    # the reference recipes decay as unilm did; the demo and the plain defaults exclude tokens and tables
+    for kind in ("pretrain", "finetune"):
+        assert {preset(kind, n).weight_decay_exclusions for n in C.list_presets(kind) if n != "demo"} == {"unilm"}
+        assert preset(kind).weight_decay_exclusions == "all"
     assert preset("pretrain").preset == "demo" and preset("finetune").preset == "demo"
 
 
@@ -178,6 +190,20 @@ def test_param_groups_decay_and_layer_scales():
                  "blocks.0.norm1.weight", "blocks.0.attn.q_bias", "blocks.1.mlp.fc1.bias", "norm.weight"):
         assert name in no_decay, name
     assert {"blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "lm_head.weight", "patch_embed.proj.weight"} <= decay
+    assert len(no_decay) + len(decay) == len(list(model.parameters()))
+    # unilm's optimizer factory (reference §1.7): the mask token and the relative position table are decayed,
+    # everything else as above
+    groups = param_groups(model, 0.05, exclusions="unilm")
+    no_decay_unilm = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    assert no_decay - no_decay_unilm == {"mask_token", "rel_pos_bias.relative_position_bias_table"}
+    assert no_decay_unilm <= no_decay and "cls_token" in no_decay_unilm
+    per_layer = beit_fast.create_model("beit_test_patch4_32")   # fine-tuning: one table per block
+    decayed = {n for g in param_groups(per_layer, 0.05, exclusions="unilm") if g["decayed"] for n in g["names"]}
+    assert {f"blocks.{i}.attn.relative_position_bias_table" for i in range(len(per_layer.blocks))} <= decayed
+    with pytest.raises(ValueError, match=r"weight_decay_exclusions must be one of \['all', 'unilm'\], got 'timm'"):
+        param_groups(model, 0.05, exclusions="timm")
+    with pytest.raises(ConfigError, match="weight_decay_exclusions must be one of"):
+        C.check(dataclasses.replace(preset("finetune"), weight_decay_exclusions="none"))
     cls = beit_fast.create_model("beit_test_patch4_32")
     depth = len(cls.blocks)
     assert layer_id("patch_embed.proj.weight", depth) == 0 and layer_id("blocks.1.attn.qkv.weight", depth) == 2
@@ -305,6 +331,9 @@ def test_cuda_device_checks(monkeypatch):
     _gpus(monkeypatch, 0)
     with pytest.raises(ConfigError, match="CUDA is not available here"):
         C.check(dataclasses.replace(cfg, device="cuda"))
+    for bad in ("cuda:", "cuda:x", "gpu", "cuda1"):   # the format is checked first, with or without a GPU
+        with pytest.raises(ConfigError, match=f"device must be auto, cpu, cuda or cuda:N, got '{bad}'"):
+            C.check(dataclasses.replace(cfg, device=bad))
 
 
 def test_each_process_takes_its_own_gpu(monkeypatch):

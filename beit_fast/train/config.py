@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -64,6 +65,7 @@ class RunConfig:
     warmup_steps: int = -1               # >=0 overrides warmup_epochs
     weight_decay: float = 0.05
     weight_decay_end: Optional[float] = None   # None: constant weight decay
+    weight_decay_exclusions: str = "all"  # all: no decay for tokens and position tables | unilm: as unilm (optim.py)
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
     clip_grad: Optional[float] = 3.0
@@ -171,16 +173,23 @@ def _pretrain_demo() -> PretrainConfig:
         clip_grad=3.0, precision="fp32", num_workers=0, num_threads=1, log_every=10)
 
 
-def _pretrain_beit(size: str) -> PretrainConfig:
-    """unilm BEiT pretraining (reference §5.1): 16 GPUs x 128 images, DALL-E tokenizer on a 112px view."""
+def _pretrain_beit(size: str, data: str = "in1k") -> PretrainConfig:
+    """unilm BEiT pretraining (reference §5.1): 16 GPUs x 128 images, DALL-E tokenizer on a 112px view.
+    in1k: 800 epochs with 10 warmup epochs, ImageNet mean/std (--imagenet_default_mean_and_std);
+    in22k: 150 epochs with 10000 warmup steps, mean/std 0.5 (the script's default)."""
+    in1k = data == "in1k"
+    schedule = (dict(epochs=800, warmup_epochs=10, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) if in1k
+                else dict(epochs=150, warmup_steps=10000, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    suffix = "" if in1k else "_in22k"
     return PretrainConfig(
-        preset=f"beit_{size}_224", output_dir=f"runs/pretrain-beit-{size}", dataset="folder", img_size=224,
-        model=f"beit_{size}_patch16_224_8k_vocab", drop_path=0.1, layer_scale=0.1 if size == "base" else 1e-5,
+        preset=f"beit_{size}_224{suffix}", output_dir=f"runs/pretrain-beit-{size}{suffix.replace('_', '-')}",
+        dataset="folder", img_size=224, model=f"beit_{size}_patch16_224_8k_vocab", drop_path=0.1,
+        layer_scale=0.1 if size == "base" else 1e-5,
         tokenizer="dvae", tokenizer_vocab=8192, second_img_size=112, second_interpolation="lanczos",
-        crop_scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225), num_mask_patches=75, min_mask_patches=16, batch_size=128, epochs=800,
-        lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, betas=(0.9, 0.999), clip_grad=3.0,
-        precision="fp16", num_workers=10, save_every_steps=5000, log_every=50)
+        crop_scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, num_mask_patches=75, min_mask_patches=16,
+        batch_size=128, lr=1.5e-3, min_lr=1e-5, weight_decay=0.05, weight_decay_exclusions="unilm",
+        betas=(0.9, 0.999), clip_grad=3.0, precision="fp16", num_workers=10, save_every_steps=5000, log_every=50,
+        **schedule)
 
 
 def _finetune_demo() -> FinetuneConfig:
@@ -194,18 +203,31 @@ def _finetune_demo() -> FinetuneConfig:
         clip_grad=None, precision="fp32", num_workers=0, num_threads=1, log_every=10)
 
 
-def _finetune_beit(size: str) -> FinetuneConfig:
-    """unilm BEiT fine-tuning on ImageNet-1k from a pt22k checkpoint (reference §6.1)."""
-    base = size == "base"
+# unilm's ImageNet-1k fine-tuning recipes (reference §6.1), per (size, starting checkpoint), for 8 GPUs:
+# pt22k (self-supervised only): batch 1024, mixup/cutmix; pt22k_ft22k (also fine-tuned on ImageNet-22k):
+# batch 512, a short run at a small lr, no mixup
+_FINETUNE_RECIPES = {
+    ("base", "pt22k"): dict(lr=4e-3, warmup_epochs=20, epochs=100, layer_decay=0.65, drop_path=0.1,
+                            batch_size=128, accum_steps=1, weight_decay=0.05, mixup=0.8, cutmix=1.0),
+    ("large", "pt22k"): dict(lr=1e-3, warmup_epochs=5, epochs=50, layer_decay=0.75, drop_path=0.2,
+                             batch_size=64, accum_steps=2, weight_decay=0.05, mixup=0.8, cutmix=1.0),
+    ("base", "pt22k_ft22k"): dict(lr=2e-5, warmup_epochs=5, epochs=30, layer_decay=0.85, drop_path=0.1,
+                                  batch_size=64, accum_steps=1, weight_decay=1e-8, mixup=0.0, cutmix=0.0),
+    ("large", "pt22k_ft22k"): dict(lr=2e-5, warmup_epochs=5, epochs=30, layer_decay=0.9, drop_path=0.4,
+                                   batch_size=32, accum_steps=2, weight_decay=1e-8, mixup=0.0, cutmix=0.0),
+}
+
+
+def _finetune_beit(size: str, start: str = "pt22k") -> FinetuneConfig:
+    """unilm BEiT fine-tuning on ImageNet-1k from a `start` checkpoint (_FINETUNE_RECIPES)."""
+    suffix = "" if start == "pt22k" else "_ft22k"
     return FinetuneConfig(
-        preset=f"beit_{size}_224", output_dir=f"runs/finetune-beit-{size}", dataset="folder", img_size=224,
-        model=f"beit_{size}_patch16_224", num_classes=1000, drop_path=0.1 if base else 0.2,
-        layer_scale=0.1 if base else 1e-5, layer_decay=0.65 if base else 0.75, lr=4e-3 if base else 1e-3,
-        warmup_epochs=20 if base else 5, epochs=100 if base else 50, batch_size=128 if base else 64,
-        accum_steps=1 if base else 2, weight_decay=0.05, min_lr=1e-6, smoothing=0.1, mixup=0.8, cutmix=1.0,
-        auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, color_jitter=0.4, hflip=0.5,
+        preset=f"beit_{size}_224{suffix}", output_dir=f"runs/finetune-beit-{size}{suffix.replace('_', '-')}",
+        dataset="folder", img_size=224, model=f"beit_{size}_patch16_224", num_classes=1000,
+        layer_scale=0.1 if size == "base" else 1e-5, weight_decay_exclusions="unilm", min_lr=1e-6,
+        smoothing=0.1, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, color_jitter=0.4, hflip=0.5,
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=None, precision="fp16", num_workers=10,
-        clip_grad=None, log_every=50)
+        clip_grad=None, log_every=50, **_FINETUNE_RECIPES[size, start])
 
 
 # The demo architecture: the registered test-sized model, made a little wider and deeper. On a 4x4 patch
@@ -217,9 +239,13 @@ DEMO_ARCH = {"embed_dim": 128, "depth": 4, "num_heads": 4, "use_abs_pos_emb": Tr
 
 PRESETS = {
     "pretrain": {"demo": _pretrain_demo, "beit_base_224": lambda: _pretrain_beit("base"),
-                 "beit_large_224": lambda: _pretrain_beit("large")},
+                 "beit_large_224": lambda: _pretrain_beit("large"),
+                 "beit_base_224_in22k": lambda: _pretrain_beit("base", "in22k"),
+                 "beit_large_224_in22k": lambda: _pretrain_beit("large", "in22k")},
     "finetune": {"demo": _finetune_demo, "beit_base_224": lambda: _finetune_beit("base"),
-                 "beit_large_224": lambda: _finetune_beit("large")},
+                 "beit_large_224": lambda: _finetune_beit("large"),
+                 "beit_base_224_ft22k": lambda: _finetune_beit("base", "pt22k_ft22k"),
+                 "beit_large_224_ft22k": lambda: _finetune_beit("large", "pt22k_ft22k")},
     "eval": {"default": EvalConfig},
     "fit-tokenizer": {"default": TokenizerFitConfig,
                       "dall_e_like": lambda: TokenizerFitConfig(img_size=112, patch_size=8, vocab_size=8192,
@@ -458,9 +484,7 @@ def _check_cuda_device(device: str) -> None:
         raise ConfigError(f"device={device!r} but CUDA is not available here; use device=auto or cpu")
     if device == "cuda":
         return
-    index = device[len("cuda:"):] if device.startswith("cuda:") else ""
-    if not index.isdigit():
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    index = device[len("cuda:"):]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"device={device!r} would put every torchrun process on the same GPU; use device=cuda "
                           f"(each process takes cuda:LOCAL_RANK) or auto")
@@ -478,13 +502,14 @@ def check(config):
         _one_of("optimizer", cfg.optimizer, ("adamw", "apex_adam", "apex_lamb"))
         _one_of("distributed", cfg.distributed, ("ddp", "fsdp"))
         _one_of("attn_impl", cfg.attn_impl, ("auto", "eager", "sdpa", "fused"))
+        _one_of("weight_decay_exclusions", cfg.weight_decay_exclusions, ("all", "unilm"))
         for name in ("batch_size", "accum_steps", "epochs", "log_every"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
         if cfg.device.startswith("cuda"):
             _check_cuda_device(cfg.device)
-        elif cfg.device not in ("auto", "cpu"):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
         if cfg.distributed == "fsdp" and cfg.optimizer.startswith("apex"):
             raise ConfigError(f"optimizer={cfg.optimizer} is not supported with distributed=fsdp (apex's fused "
                               f"kernels take plain tensors, not FSDP's sharded DTensors, and LAMB's trust ratio "

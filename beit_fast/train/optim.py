@@ -51,12 +51,21 @@ def apply_schedule(optimizer, lr: float, wd: float) -> None:
             group["weight_decay"] = wd
 
 
-_NO_DECAY_NAMES = re.compile(r"(^|\.)(cls_token|mask_token|pos_embed|relative_position_bias_table|gamma_[12])$")
+# Parameters never decayed besides the 1-D ones (biases, norms, layer-scale gammas) and names ending in
+# `.bias`, per `weight_decay_exclusions`:
+#   "all"    tokens and position tables too (the default): timm's convention (its no_weight_decay() names
+#            every relative position table) plus the mask token
+#   "unilm"  only unilm's no_weight_decay() = {pos_embed, cls_token}: its optimizer factory decays the mask token
+#            and the relative position tables (beit_reference.md §1.7), as the BEiT recipes were trained
+NO_DECAY_NAMES = {
+    "all": re.compile(r"(^|\.)(cls_token|mask_token|pos_embed|relative_position_bias_table|gamma_[12])$"),
+    "unilm": re.compile(r"(^|\.)(cls_token|pos_embed)$"),
+}
 
 
-def wants_weight_decay(name: str, param: torch.Tensor, skip: set) -> bool:
-    """No decay for biases, norms (1-D), layer-scale gammas, tokens and position tables."""
-    return not (param.ndim <= 1 or name.endswith(".bias") or name in skip or _NO_DECAY_NAMES.search(name))
+def wants_weight_decay(name: str, param: torch.Tensor, exclusions: str = "all") -> bool:
+    """Whether `name` is decayed under the `exclusions` rule (see NO_DECAY_NAMES)."""
+    return not (param.ndim <= 1 or name.endswith(".bias") or NO_DECAY_NAMES[exclusions].search(name))
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -71,15 +80,17 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups(model, weight_decay: float, layer_decay: Optional[float] = None) -> list:
-    """Groups keyed by (layer, decay) with 'weight_decay' and 'lr_scale' (= layer_decay ** (depth + 1 - id))."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+def param_groups(model, weight_decay: float, layer_decay: Optional[float] = None, exclusions: str = "all") -> list:
+    """Groups keyed by (layer, decay) with 'weight_decay' and 'lr_scale' (= layer_decay ** (depth + 1 - id));
+    `exclusions` names the parameters without weight decay (NO_DECAY_NAMES)."""
+    if exclusions not in NO_DECAY_NAMES:
+        raise ValueError(f"weight_decay_exclusions must be one of {sorted(NO_DECAY_NAMES)}, got {exclusions!r}")
     depth = len(model.blocks) if hasattr(model, "blocks") else 0
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = wants_weight_decay(name, p, skip)
+        decay = wants_weight_decay(name, p, exclusions)
         lid = layer_id(name, depth) if layer_decay is not None and layer_decay != 1.0 else 0
         scale = layer_decay ** (depth + 1 - lid) if layer_decay is not None and layer_decay != 1.0 else 1.0
         key = (lid, decay)
@@ -93,7 +104,7 @@ def param_groups(model, weight_decay: float, layer_decay: Optional[float] = None
 
 def build_optimizer(config, model, layer_decay: Optional[float] = None, device_type: str = "cpu"):
     """AdamW (torch's fused kernel on CUDA), or apex FusedAdam / FusedLAMB when asked for."""
-    groups = param_groups(model, config.weight_decay, layer_decay)
+    groups = param_groups(model, config.weight_decay, layer_decay, config.weight_decay_exclusions)
     kw = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, fused=(device_type == "cuda") or None, **kw)
