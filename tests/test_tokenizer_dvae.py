@@ -55,6 +55,37 @@ def test_small_encoder_112px_view_gives_14x14_grid(tmp_path):
     assert tok(dee.map_pixels(torch.rand(3, 3, 112, 112))).shape == (3, 14, 14)
 
 
+def test_fp16_runs_every_conv_but_the_last_in_fp16_as_dall_e_does():
+    """tokenizer_dtype=fp16: DALL-E's own numerics on CUDA (dall_e.utils.Conv2d with use_float16=True casts
+    input and weights to fp16; the output conv has use_float16=False and computes in fp32), as unilm made its
+    targets. Checked through the dtypes every conv sees and returns, and against the fp64 encoder."""
+    from beit_fast.train.tokenizer import choose_dtype, token_meta
+    enc = dee.Encoder(n_hid=16, n_blk_per_group=1, vocab_size=64)
+    tok = DalleTokenizer(enc)
+    seen = []
+    for m in enc.modules():
+        if isinstance(m, dee.Conv2d):
+            m.register_forward_hook(lambda m, i, o: seen.append((m.use_float16, i[0].dtype, o.dtype)))
+    view = dee.map_pixels(torch.rand(2, 3, 32, 32))
+    codes = encode(tok, view, torch.float16)
+    convs = [m for m in enc.modules() if isinstance(m, dee.Conv2d)]
+    assert len(seen) == len(convs) and [s[0] for s in seen].count(False) == 1 and seen[-1][0] is False
+    assert all(s[1:] == (torch.float16, torch.float16) for s in seen[:-1])
+    assert seen[-1][1:] == (torch.float16, torch.float32)          # fp16 activations, fp32 output conv
+    assert codes.shape == (2, 16) and codes.dtype == torch.int64
+    seen.clear()
+    assert torch.equal(encode(tok, view, torch.float32), tok(view).flatten(1))
+    assert all(s[1:] == (torch.float32, torch.float32) for s in seen)   # fp32 stays fp32 throughout
+    with torch.no_grad():
+        logits16 = enc(view.half())
+        logits64 = enc.double()(view.double())
+    assert logits16.dtype == torch.float32
+    err = (logits16.double() - logits64).abs().max() / logits64.abs().max()
+    assert 2e-5 < err < 1e-2, err   # fp16 rounding (5e-4 to 1e-3 of the largest logit; fp32 gives ~3e-7)
+    assert choose_dtype(tok, None, "fp16")[0] == torch.float16
+    assert choose_dtype(tok, None, "auto", resumed=token_meta(torch.float16)["tokenizer_dtype"])[0] == torch.float16
+
+
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_tokenizer("dvae", str(tmp_path / "encoder.pkl"))

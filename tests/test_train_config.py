@@ -18,6 +18,7 @@ def test_presets_and_reference_recipes():
     assert (b.lr, b.batch_size, b.epochs, b.warmup_epochs, b.clip_grad, b.drop_path, b.layer_scale) == \
         (1.5e-3, 128, 800, 10, 3.0, 0.1, 0.1)
     assert (b.num_mask_patches, b.min_mask_patches, b.second_img_size, b.tokenizer) == (75, 16, 112, "dvae")
+    assert b.tokenizer_dtype == "fp16" and preset("pretrain").tokenizer_dtype == "auto"   # DALL-E's own on CUDA
     assert preset("pretrain", "beit_large_224").layer_scale == 1e-5
     fb, fl = preset("finetune", "beit_base_224"), preset("finetune", "beit_large_224")
     assert (fb.lr, fb.layer_decay, fb.epochs, fb.warmup_epochs, fb.drop_path, fb.mixup, fb.cutmix) == \

@@ -93,7 +93,7 @@ class PretrainConfig(RunConfig):
     tokenizer_vocab: int = 8192          # kmeans vocabulary when it is fitted here
     tokenizer_patch: int = 8             # kmeans: pixels per token side in the tokenizer view
     tokenizer_fit_images: int = 10000
-    tokenizer_dtype: str = "auto"        # auto (bf16 when it gives identical codes) | bf16 | fp32
+    tokenizer_dtype: str = "auto"        # auto (bf16 when it gives identical codes) | bf16 | fp32 | fp16 (DALL-E's own)
     second_img_size: int = 0             # tokenizer view; 0: window size x tokenizer downsampling
     second_interpolation: str = "lanczos"
     num_mask_patches: int = 75
@@ -185,8 +185,9 @@ def _pretrain_beit(size: str, data: str = "in1k") -> PretrainConfig:
         preset=f"beit_{size}_224{suffix}", output_dir=f"runs/pretrain-beit-{size}{suffix.replace('_', '-')}",
         dataset="folder", img_size=224, model=f"beit_{size}_patch16_224_8k_vocab", drop_path=0.1,
         layer_scale=0.1 if size == "base" else 1e-5,
-        tokenizer="dvae", tokenizer_vocab=8192, second_img_size=112, second_interpolation="lanczos",
-        crop_scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, num_mask_patches=75, min_mask_patches=16,
+        tokenizer="dvae", tokenizer_dtype="fp16", tokenizer_vocab=8192, second_img_size=112,
+        second_interpolation="lanczos", crop_scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, num_mask_patches=75,
+        min_mask_patches=16,
         batch_size=128, lr=1.5e-3, min_lr=1e-5, weight_decay=0.05, weight_decay_exclusions="unilm",
         betas=(0.9, 0.999), clip_grad=3.0, precision="fp16", num_workers=10, save_every_steps=5000, log_every=50,
         **schedule)
@@ -541,7 +542,7 @@ def check(config):
                 raise ConfigError(f"model {cfg.model!r} is a classification model; pretraining needs a masked-image-"
                                   f"modeling model (a name ending in _8k_vocab or _mim)")
             _one_of("tokenizer", cfg.tokenizer, ("kmeans", "dvae"))
-            _one_of("tokenizer_dtype", cfg.tokenizer_dtype, ("auto", "bf16", "fp32"))
+            _one_of("tokenizer_dtype", cfg.tokenizer_dtype, ("auto", "bf16", "fp32", "fp16"))
             if cfg.tokenizer == "dvae" and not cfg.tokenizer_path:
                 raise ConfigError("tokenizer=dvae needs tokenizer_path=<DALL-E encoder.pkl or state dict>; nothing "
                                   "is downloaded at run time (or use tokenizer=kmeans, fit on your own images)")

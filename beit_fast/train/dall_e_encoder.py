@@ -43,6 +43,12 @@ class Conv2d(nn.Module):
         self.b = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp16 input: DALL-E's numerics on CUDA (dall_e.utils.Conv2d), every conv in fp16 but the output one
+        # (use_float16=False), which returns to fp32; fp32 input (and bf16 under autocast) as it comes
+        if x.dtype == torch.float16:
+            if self.use_float16:
+                return F.conv2d(x, self.w.half(), self.b.half(), padding=(self.kw - 1) // 2)
+            x = x.float()
         return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
 
 

@@ -9,7 +9,8 @@ Two kinds, one interface (`vocab_size`, `downsample` = view pixels per code, `pi
 
 `encode(tokenizer, view, dtype)` runs under no_grad (and bf16 autocast when dtype is bf16) and never reads
 a value back to the host; `choose_dtype` decides bf16 vs fp32 once, on one batch: bf16 only if it gives
-the same codes as fp32.
+the same codes as fp32. fp16 (only when asked for) runs the dVAE as DALL-E's own code runs it on CUDA, as
+unilm's targets were made: every convolution in fp16 but the last.
 """
 from __future__ import annotations
 
@@ -186,7 +187,13 @@ def load_tokenizer(kind: str, path: str) -> nn.Module:
 
 def encode(tokenizer: nn.Module, view: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, C, H, W) tokenizer view -> (B, h*w) int64 codes; no grad, no host sync."""
-    ctx = torch.autocast(view.device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    if dtype == torch.float16 and isinstance(tokenizer, DalleTokenizer):
+        view = view.half()                # the encoder's Conv2d then follows DALL-E's use_float16 flags
+        ctx = nullcontext()
+    elif dtype in (torch.bfloat16, torch.float16):
+        ctx = torch.autocast(view.device.type, dtype=dtype)
+    else:
+        ctx = nullcontext()
     with torch.no_grad(), ctx:
         return tokenizer(view).flatten(1)
 
@@ -200,6 +207,8 @@ def choose_dtype(tokenizer: nn.Module, view: torch.Tensor, requested: str = "aut
         return torch.float32, "fp32 (requested)"
     if requested == "bf16":
         return torch.bfloat16, "bf16 (requested)"
+    if requested == "fp16":
+        return torch.float16, "fp16 (requested)"
     if resumed in _TOKEN_DTYPES:
         return _TOKEN_DTYPES[resumed], f"{resumed} (as decided before the run was resumed)"
     ref = encode(tokenizer, view, torch.float32)
@@ -219,7 +228,7 @@ def choose_dtype(tokenizer: nn.Module, view: torch.Tensor, requested: str = "aut
     return torch.float32, f"fp32 (bf16 changed up to {mismatch:.2%} of the codes on a rank's check batch)"
 
 
-_TOKEN_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_TOKEN_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def token_meta(dtype: Optional[torch.dtype]) -> dict:
