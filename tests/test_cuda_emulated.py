@@ -135,7 +135,8 @@ def lsrn_inputs(B, N, C, tx, ty, gamma=True, scale=True, ln=True, ln_bias=True, 
         x = misalign(x)
     y = torch.randn(B, N, C).to(ty)
     keep = torch.rand(B) < 0.7
-    keep[0] = False
+    keep[-1] = True                       # one sample kept (else the branch would be all zero) ...
+    keep[0] = keep[0] if B == 1 else False   # ... and with B > 1 one dropped
     return (x, y, 0.5 + torch.rand(C) if gamma else None, keep.float() / 0.7 if scale else None,
             1 + 0.2 * torch.randn(C) if ln else None, 0.2 * torch.randn(C) if ln and ln_bias else None)
 

@@ -36,10 +36,11 @@ def make_inputs(shape, dtype, variant, device="cpu", y_dtype=None, param_dtype=N
     y = leaf(torch.randn(B, N, C), y_dtype)
     gamma = leaf(0.5 + torch.rand(C), param_dtype) if has_gamma else None
     scale = None
-    if has_scale:  # DropPath with keep_prob 0.8: zeros and 1/0.8, at least one zero
-        keep = torch.rand(B) < 0.8
-        keep[0] = False
-        scale = (keep.float() / 0.8).to(device=device, dtype=param_dtype)
+    if has_scale:  # DropPath with keep_prob 0.8: zeros and 1/0.8; one sample kept (else the branch and its
+        keep = torch.rand(B) < 0.8          # gradients would all be zero), and with B > 1 one dropped
+        keep[-1] = True
+        keep[0] = keep[0] if B == 1 else False
+        scale = leaf(keep.float() / 0.8, param_dtype)
     w = leaf(1 + 0.2 * torch.randn(C), param_dtype) if has_ln else None
     b = leaf(0.2 * torch.randn(C), param_dtype) if has_bias else None
     return x, y, gamma, scale, w, b

@@ -293,14 +293,45 @@ def test_dropout_matches_reference_with_reproduced_mask(dtype):
 
 
 @needs_triton
+def test_dropout_mask_statistics():
+    """The keep-mask the kernels draw (the oracle of the dropout tests is this same draw, so its randomness is
+    checked here): keep rate 1 - p in every (batch, head) and across rows and columns, a different mask in
+    every (batch, head) and for every seed, and rows uncorrelated (agreement p^2 + (1-p)^2). Binomial bounds
+    at 6 sigma or more."""
+    B, H, N, p = 2, 3, 64, 0.3
+    keep = dropout_keep_mask(4321, B, H, N, p, device=DEVICE).float().reshape(B * H, N, N)
+    assert torch.allclose(keep.mean((1, 2)), torch.full((B * H,), 1 - p, device=DEVICE), atol=0.05)
+    for dim in (1, 2):   # every row / column keeps 1 - p of its N entries on average over the masks
+        assert (keep.mean((0, dim)) - (1 - p)).abs().max().item() < 0.15
+    agree = 1 - p * (1 - p) * 2                                  # chance two independent entries agree
+    flat = keep.reshape(B * H, -1)
+    for i in range(B * H):
+        for j in range(i):
+            assert abs((flat[i] == flat[j]).float().mean().item() - agree) < 0.05, (i, j)
+    rows = (keep[:, 1:] == keep[:, :-1]).float().mean().item()   # neighbouring rows, and columns
+    cols = (keep[:, :, 1:] == keep[:, :, :-1]).float().mean().item()
+    assert abs(rows - agree) < 0.02 and abs(cols - agree) < 0.02, (rows, cols)
+    other = dropout_keep_mask(4322, B, H, N, p, device=DEVICE).float().reshape(B * H, -1)
+    assert abs((other == flat).float().mean().item() - agree) < 0.02
+
+
+@needs_triton
 def test_dropout_without_seed_draws_from_torch_generator():
+    """Without dropout_seed the kernel's seed is drawn from torch's generator: replayed by manual_seed,
+    different for another seed, and the generator advances; dropout really applies."""
     W = (2, 2)
     inputs, table, _ = make_inputs(1, 2, 5, 16, torch.float32, num_relative_distance(W))
+    rng_state = torch.cuda.get_rng_state if DEVICE == "cuda" else torch.get_rng_state
     torch.manual_seed(7)
+    before = rng_state()
     a = rel_pos_attention(*inputs, table, window_size=W, dropout_p=0.5, backend="triton")
+    assert not torch.equal(rng_state(), before)
     torch.manual_seed(7)
     b = rel_pos_attention(*inputs, table, window_size=W, dropout_p=0.5, backend="triton")
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.manual_seed(8)
+    assert not torch.equal(rel_pos_attention(*inputs, table, window_size=W, dropout_p=0.5, backend="triton"), a)
+    assert not torch.equal(rel_pos_attention(*inputs, table, window_size=W, backend="triton"), a)
 
 
 @pytest.mark.parametrize("packed", [False, True])
