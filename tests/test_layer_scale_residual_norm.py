@@ -85,7 +85,7 @@ def compare_to_reference(shape, dtype, variant, backend, device="cpu", y_dtype=N
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_cpp_matches_reference(shape, dtype, variant):
     compare_to_reference(shape, dtype, variant, "cpp")
@@ -299,8 +299,11 @@ def test_cuda_long_misaligned_rows_fall_back_and_long_aligned_rows_run():
     shifted = torch.randn(B * N * C + 1, device="cuda", dtype=torch.bfloat16)[1:].view(B, N, C)
     y = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16)
     gamma, w, b = (torch.randn(C, device="cuda") for _ in range(3))
-    for x in (shifted, shifted.clone()):
-        s, n = layer_scale_residual_norm(x, y, gamma, None, w, b)
+    from beit_fast.ops.layer_scale_residual_norm import not_supported_reasons
+    for x, runs in ((shifted, False), (shifted.clone(), True)):
+        why = not_supported_reasons("cuda", x, y, gamma, None, w, b)
+        assert (why == []) == runs and (runs or any("16-byte aligned" in r for r in why)), why
+        s, n = layer_scale_residual_norm(x, y, gamma, None, w, b, backend="cuda" if runs else "auto")
         s_ref, n_ref = layer_scale_residual_norm_ref(x, y, gamma, None, w, b)
         torch.testing.assert_close(s.float(), s_ref.float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(n.float(), n_ref.float(), atol=5e-2, rtol=5e-2)

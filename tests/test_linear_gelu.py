@@ -304,12 +304,14 @@ def test_bf16_two_x_rule(shape, recompute):
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=needs_bf16())], ids=str)
 @pytest.mark.parametrize("config", ["m128_n256_k64_w8_s3", "m128_n128_k64_w8_s4", "m128_n128_k32_w4_s4",
                                     "m64_n128_k64_w4_s4", "m64_n64_k64_w4_s3"])
-def test_gpu_gemm_configs(monkeypatch, config, dtype):
+@pytest.mark.parametrize("recompute", [False, True], ids=["store", "recompute"])
+def test_gpu_gemm_configs(monkeypatch, config, dtype, recompute):
     """Every GPU GEMM tile (the autotuner's candidates) on a shape with a partial tile on every edge (M, N and
-    the K loop), forward and backward, under the 2x rule."""
+    the K loop), forward and backward under the 2x rule; with recompute the backward's GEMM (dGELU epilogue,
+    bias-gradient partials per 32 rows) runs in the tile too."""
     from beit_fast.kernels import linear_gelu as K
     monkeypatch.setattr(K, "_INTERPRET_CONFIG", K.GPU_GEMM_CONFIGS[config])
-    _check_against_reference((273,), 100, 300, dtype)
+    _check_against_reference((273,), 100, 300, dtype, recompute=recompute)
 
 
 def test_fp32_ieee_gemms_tune_only_the_tiles_that_fit():

@@ -99,7 +99,7 @@ def compare_to_reference(geometry, dtype, masked, with_pos, backend, device="cpu
 
 @pytest.mark.parametrize("with_pos", [False, True], ids=["no_pos", "pos"])
 @pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 def test_cpp_matches_reference(geometry, dtype, masked, with_pos):
     compare_to_reference(geometry, dtype, masked, with_pos, "cpp")
@@ -284,16 +284,23 @@ def test_cuda_matches_reference(geometry, dtype, masked, with_pos):
         compare_to_reference(geometry, dtype, masked, with_pos, "cuda", device="cuda")
 
 
-@needs_cuda
-def test_cuda_autocast():
-    inputs = make_inputs("beit_b_224", torch.float32, True, False, device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = masked_patch_embed(*inputs, backend="cuda")
-        ref = masked_patch_embed_ref(*inputs)
-    assert out.dtype == torch.bfloat16
-    assert_close("out", out.float(), ref.float(), tolerance("masked_patch_embed.autocast", torch.bfloat16))
-    out.float().sum().backward()
-    assert inputs[1].grad is not None and inputs[1].grad.dtype == torch.float32
+@pytest.mark.parametrize("with_pos", [False, True], ids=["no_pos", "pos"])
+@pytest.mark.parametrize("device, backend", [pytest.param("cuda", "cuda", marks=needs_cuda), ("cpu", "cpp")])
+def test_autocast(device, backend, with_pos):
+    """Under bf16 autocast the op casts images, weight and bias as conv2d would, returns bf16, and gives fp32
+    gradients. Output and every gradient by the 2x rule against fp64 on the inputs autocast rounds, with
+    PyTorch's reference under the same autocast as the baseline (it promotes its output to the fp32 tokens,
+    so check_every_tensor's one-ulp slack covers ours rounding to bf16)."""
+    inputs = make_inputs("beit_b_224", torch.float32, True, with_pos, device=device)
+    grad = torch.randn(masked_patch_embed_ref(*inputs).shape, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ours = forward_backward(lambda *a: masked_patch_embed(*a, backend=backend), inputs, grad)
+        ref = forward_backward(masked_patch_embed_ref, inputs, grad)
+    assert ours[0].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in ours[1:] if g is not None)
+    rounded = [t.detach().to(torch.bfloat16).requires_grad_() for t in inputs[:3]]   # what autocast's conv sees
+    exact = forward_backward(masked_patch_embed_ref, as64(rounded + list(inputs[3:])), grad.double())
+    check_every_tensor(ours, ref, exact, torch.bfloat16)
 
 
 @needs_cuda

@@ -154,16 +154,24 @@ def test_registry_names():
 
 
 def test_drop_path_and_grad_checkpointing():
+    """Activation checkpointing recomputes each block with the drop-path draws of its first run (the RNG state
+    is preserved), so outputs and every gradient equal the plain run's."""
     m = randomize_(create_model("beit_test_patch4_32", drop_path_rate=0.5, attn_impl="eager"))
     x = torch.randn(4, 3, 32, 32)
     m.train()
-    torch.manual_seed(1)
-    a = m(x)
-    m.set_grad_checkpointing(True)
-    torch.manual_seed(1)
-    b = m(x)
+    grads = []
+    for checkpointing in (False, True):
+        m.set_grad_checkpointing(checkpointing)
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = m(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = grads
     torch.testing.assert_close(a, b)
-    b.sum().backward()
+    assert ga.keys() == gb.keys() and len(ga) == len(list(m.parameters()))
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], msg=lambda msg: f"grad of {n}: {msg}")
     m.eval()
     with torch.no_grad():
         torch.testing.assert_close(m(x), m(x))

@@ -552,26 +552,32 @@ def test_opcheck(packed, dropout):
 @needs_triton
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph_triton(compile_backend):
-    """The Triton path (custom ops) inside a compiled model: one graph, no breaks, same loss and dTable."""
+    """The Triton path (custom ops) inside a compiled model: one graph, no breaks, the same loss and gradients
+    (of the table bitwise; of the projection and its input through the packed qkv)."""
     W = (2, 2)
     B, H, N, D = 2, 2, 5, 16
     qkv_proj = torch.nn.Linear(H * D, 3 * H * D).to(DEVICE)
     table = torch.nn.Parameter(torch.randn(num_relative_distance(W), H, device=DEVICE))
+    weight = torch.randn(B, N, H * D, device=DEVICE)                 # a loss whose dO is not uniform
 
     def block(x):
         qkv = qkv_proj(x).view(B, N, 3, H, D)
-        return rel_pos_attention_qkvpacked(qkv, table, window_size=W, backend="triton").sum()
+        return (rel_pos_attention_qkvpacked(qkv, table, window_size=W, backend="triton") * weight).sum()
 
-    x = torch.randn(B, N, H * D, device=DEVICE)
-    compiled = torch.compile(block, fullgraph=True, backend=compile_backend)
-    loss = compiled(x)
-    loss.backward()
-    g_compiled = table.grad.clone()
-    table.grad = None
-    eager = block(x)
-    eager.backward()
+    x = torch.randn(B, N, H * D, device=DEVICE, requires_grad=True)
+    leaves = {"table": table, "qkv_proj.weight": qkv_proj.weight, "qkv_proj.bias": qkv_proj.bias, "x": x}
+    results = []
+    for fn in (torch.compile(block, fullgraph=True, backend=compile_backend), block):
+        for t in leaves.values():
+            t.grad = None
+        loss = fn(x)
+        loss.backward()
+        results.append((loss.detach(), {n: t.grad.clone() for n, t in leaves.items()}))
+    (loss, grads), (eager, eager_grads) = results
     torch.testing.assert_close(loss, eager)
-    torch.testing.assert_close(g_compiled, table.grad, atol=0, rtol=0)
+    torch.testing.assert_close(grads["table"], eager_grads["table"], atol=0, rtol=0)
+    for n in ("qkv_proj.weight", "qkv_proj.bias", "x"):
+        torch.testing.assert_close(grads[n], eager_grads[n], msg=lambda m: f"{n}: {m}")
 
 
 def test_torch_compile_fullgraph_reference():
