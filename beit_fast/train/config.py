@@ -176,7 +176,8 @@ def _pretrain_demo() -> PretrainConfig:
 def _pretrain_beit(size: str, data: str = "in1k") -> PretrainConfig:
     """unilm BEiT pretraining (reference §5.1): 16 GPUs x 128 images, DALL-E tokenizer on a 112px view.
     in1k: 800 epochs with 10 warmup epochs, ImageNet mean/std (--imagenet_default_mean_and_std);
-    in22k: 150 epochs with 10000 warmup steps, mean/std 0.5 (the script's default)."""
+    in22k: 150 epochs with 10000 warmup steps, mean/std 0.5 (the script's default). The reference gives one
+    command (BEiT-B) and layer scale 1e-5 for BEiT-L: the large presets take that and BEiT-B's other values."""
     in1k = data == "in1k"
     schedule = (dict(epochs=800, warmup_epochs=10, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) if in1k
                 else dict(epochs=150, warmup_steps=10000, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
