@@ -7,7 +7,7 @@ import torch
 
 from beit_fast._backend import BackendUnavailable, extension
 from beit_fast.ops.masked_patch_embed import masked_patch_embed, masked_patch_embed_ref, not_supported_reasons
-from tolerances import assert_close, assert_two_x, tolerance
+from tolerances import assert_two_x, tolerance
 
 pytestmark = pytest.mark.skipif(extension()[0] is None, reason="beit_fast._C is not built")
 ops = torch.ops.beit_fast
