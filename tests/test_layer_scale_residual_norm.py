@@ -60,15 +60,23 @@ def forward_backward(fn, inputs, grads, eps=1e-6):
 NAMES = ["s", "n", "dx", "dy", "dgamma", "ddrop_path_scale", "dln_weight", "dln_bias"]
 
 
-def check_every_tensor(ours, ref_lp, ref64, dtype):
+def check_every_tensor(ours, ref_lp, ref64, dtype, inputs64):
     """Each output and gradient is present exactly where the reference has one and obeys the 2x rule, with
-    the slack scaled by the tensor's magnitude: atol * (1 + max|fp64 value|)."""
+    the slack scaled by the tensor's magnitude: atol * (1 + max|fp64 value|). The drop-path scale's gradient
+    is one sum of N*C products dx * gamma * y per sample, computed from the 16-bit dx and branch: its rounding
+    error grows like eps * ||those products||_2, and over B = 1 or 2 values the 2x rule's maximum does not
+    average it out (ours failed it once at 1.46x), so its slack adds 4 eps ||products||_2 (ours reached 1.38
+    eps, PyTorch's bf16 1.92 eps, in 160 draws). inputs64: the fp64 inputs."""
     for name, o, r, r64 in zip(NAMES, ours, ref_lp, ref64):
         assert (o is None) == (r64 is None), f"{name}: presence differs (ours {o is None}, reference {r64 is None})"
         if o is None:
             continue
         assert o.shape == r64.shape, f"{name}: shape {tuple(o.shape)} vs {tuple(r64.shape)}"
         atol = tolerance("layer_scale_residual_norm", dtype).atol * (1.0 + r64.abs().max().item())
+        if name == "ddrop_path_scale":
+            y, gamma = inputs64[1], inputs64[2]
+            products = ref64[2] * (y if gamma is None else gamma * y).detach()
+            atol += 4 * torch.finfo(o.dtype).eps * products.flatten(1).norm(dim=1).max().item()
         assert_two_x(name, o, r, r64, atol)
 
 
@@ -81,7 +89,7 @@ def compare_to_reference(shape, dtype, variant, backend, device="cpu", y_dtype=N
     ref_lp = forward_backward(layer_scale_residual_norm_ref, inputs, grads)
     ref64 = forward_backward(layer_scale_residual_norm_ref, inputs64, [g.double() for g in grads])
     assert ours[0].dtype == inputs[0].dtype
-    check_every_tensor(ours, ref_lp, ref64, dtype)
+    check_every_tensor(ours, ref_lp, ref64, dtype, inputs64)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -290,7 +298,7 @@ def test_cuda_misaligned_inputs_use_the_scalar_path():
     ref_lp = forward_backward(layer_scale_residual_norm_ref, inputs, grads)
     inputs64 = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
     ref64 = forward_backward(layer_scale_residual_norm_ref, inputs64, [g.double() for g in grads])
-    check_every_tensor(ours, ref_lp, ref64, torch.bfloat16)
+    check_every_tensor(ours, ref_lp, ref64, torch.bfloat16, inputs64)
 
 
 @needs_cuda
