@@ -148,15 +148,17 @@ def test_bf16_fused_training_tracks_the_reference(tmp_path, tokenizer_file, devi
         weights[name] = load(step_checkpoints(str(tmp_path / name))[-1])["model"]
     assert len(runs["fused"]) == 4 * epochs and all(v == v for v in runs["fused"])
     torch.testing.assert_close(torch.tensor(runs["fused"]), torch.tensor(runs["reference"]), rtol=2e-2, atol=1e-2)
-    # The losses barely move in a few steps, so the trained weights carry the check of every gradient: each
-    # parameter's distance from the fp32 run at most 8x the bf16 reference's (Adam's steps amplify rounding
-    # differences; measured on the CPU: at most 2.5x; with the table's or the qkv's gradient cut off the
-    # fused run was 100-250x off).
+    # The losses barely move in a few steps, so the trained weights carry the check of every gradient: for each
+    # parameter, the median over its elements of |fused - fp32| at most 8x the bf16 reference's. The median,
+    # because Adam moves an element by about lr whatever its gradient's size, so an element whose gradient is
+    # near zero takes a sign from rounding: one such element put a norm-based distance at 17x on torch 2.6.
+    # Measured: at most 2.5x (torch 2.14) and 1.5x (2.6); with the table's or the qkv's gradient cut off, 337x
+    # and 1082x.
     for n, w32 in weights["fp32"].items():
         if w32.is_floating_point():
-            err = (weights["fused"][n].double() - w32.double()).norm().item()
-            base = (weights["reference"][n].double() - w32.double()).norm().item()
-            assert err <= 8 * base + 1e-5 * w32.double().norm().item(), f"{n}: {err:.3g} vs the reference's {base:.3g}"
+            err = (weights["fused"][n].double() - w32.double()).abs().median().item()
+            base = (weights["reference"][n].double() - w32.double()).abs().median().item()
+            assert err <= 8 * base + 1e-6, f"{n}: median error {err:.3g} vs the reference's {base:.3g}"
     mfu = [v for _, v in losses(tmp_path / "fused", "mfu")]
     if mfu[0] is not None:                                       # a GPU of the peak table (H100, H200, A100...)
         assert all(0 < v < 1 for v in mfu), mfu
