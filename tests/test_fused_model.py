@@ -1,14 +1,12 @@
 """Model level: the fused model (fused attention + fused block kernels) against the reference model,
 logits and every parameter gradient; on CPU through the C++ twins / Triton interpreter, on CUDA in bf16."""
-import math
-
 import pytest
 import torch
 
 import interpreter_bf16
 from beit_fast.models import create_model
 from test_model import randomize_
-from tolerances import assert_close, assert_two_x, tolerance
+from tolerances import assert_close, assert_two_x, tolerance, ulp
 
 CASES = [
     # name, overrides
@@ -159,13 +157,8 @@ def test_fused_model_bf16_2x_rule(name, device, monkeypatch):
     # 2 x 0.00114 + 0.001; the logits (4 x 10 values below 1) in 6 of 308 seeds (up to 1.23x the bound; with
     # the ulp the worst of 308 seeds per model was 0.75 of it).
     m = o32.abs().max().item()
-    assert_two_x("logits", of, o16, o32, tolerance("fused_model", torch.bfloat16, "logits").atol + _bf16_ulp(m))
+    assert_two_x("logits", of, o16, o32, tolerance("fused_model", torch.bfloat16, "logits").atol + ulp(m, torch.bfloat16))
     for n in g32:
         m = g32[n].abs().max().item()
-        atol = tolerance("fused_model", torch.bfloat16, "grads").atol * max(1.0, m) + _bf16_ulp(m)
+        atol = tolerance("fused_model", torch.bfloat16, "grads").atol * max(1.0, m) + ulp(m, torch.bfloat16)
         assert_two_x(f"grad of {n}", gf[n], g16[n], g32[n], atol)
-
-
-def _bf16_ulp(x: float) -> float:
-    """The spacing of bf16 numbers (8 significant bits) at magnitude x."""
-    return 2.0 ** (math.floor(math.log2(x)) - 7) if x > 0 else 0.0

@@ -8,6 +8,7 @@ key with a suffix ("linear_gelu.autocast") names one particular check of that op
   atol scaled by the reference's magnitude where the entry's comment says so (the test does the scaling).
 Look entries up with tolerance(op, dtype, name); a missing entry is a KeyError, never a default.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,11 @@ def assert_close(name, actual, expected, bound):
     """torch.testing.assert_close within a Close bound; its message starts with name."""
     assert isinstance(bound, Close), f"{name}: {bound} is not an (atol, rtol) bound"
     torch.testing.assert_close(actual, expected, atol=bound.atol, rtol=bound.rtol, msg=lambda m: f"{name}: {m}")
+
+
+def ulp(x: float, dtype: torch.dtype) -> float:
+    """The spacing of `dtype`'s numbers at magnitude x (0 for x = 0)."""
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(x)) if x > 0 else 0.0
 
 
 def max_error(t, ref):
