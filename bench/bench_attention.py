@@ -43,6 +43,31 @@ def _bias(table, index, N):
     return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)
 
 
+# What a FlexAttention user passes when inductor's default tiles do not fit in shared memory (torch 2.11 on an
+# H200 at BEiT's shapes with this score_mod: "out of resource ... Required: 278528 Hardware limit: 232448"):
+# 64-wide forward tiles, 32-wide backward tiles, one pipeline stage.
+FLEX_SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32,
+                    "num_stages": 1}
+
+
+def _flex_kernel_options(compiled, q, k, v, table, score_mod, scale):
+    """None (inductor's defaults) when they compile for a forward and backward at this shape, else
+    FLEX_SMALL_TILES (printed, so that the log says which ran)."""
+    leaves = [t for t in (q, k, v, table) if t.requires_grad]
+    try:
+        out = compiled(q, k, v, score_mod=score_mod, scale=scale)
+        if leaves:
+            torch.autograd.grad(out.float().sum(), leaves)
+        return None
+    except Exception as e:  # inductor raises its own error types; only shared memory is retried
+        if "out of resource" not in str(e):
+            raise
+        why = next(line for line in str(e).splitlines() if "out of resource" in line).strip()
+        print(f"  flex: default tiles do not fit ({why[:160]}); "
+              f"using kernel_options={FLEX_SMALL_TILES}")
+        return dict(FLEX_SMALL_TILES)
+
+
 def make_provider(name, window, scale, device, dtype):
     """fn(q, k, v, table) -> out (B, H, N, D) for one provider, or raise Skip."""
     N = window[0] * window[1] + 1
@@ -78,7 +103,9 @@ def make_provider(name, window, scale, device, dtype):
                 def score_mod(score, b, h, qi, ki):
                     return score + table[idx[qi, ki], h]
                 state.update(table=table, mod=score_mod)
-            return compiled(q, k, v, score_mod=state["mod"], scale=scale)
+            if "options" not in state:
+                state["options"] = _flex_kernel_options(compiled, q, k, v, table, state["mod"], scale)
+            return compiled(q, k, v, score_mod=state["mod"], scale=scale, kernel_options=state["options"])
         return flex
     if name == "xformers":
         try:

@@ -7,6 +7,10 @@ Providers (what a user would otherwise pick):
   ours_reference  beit_fast with fused=False, attn_impl="sdpa" (timm-equivalent math)
   torch_compile   ours_reference under torch.compile
   ours_fused      beit_fast with the fused kernels (fused=True, attn_impl="fused")
+Variants of ours_fused that swap one part for PyTorch's (which part costs what):
+  ours_fused_mlp_torch   fused_mlp=False: fc1 + GELU as nn.Linear + nn.GELU
+  ours_fused_attn_sdpa   attn_impl="sdpa": timm's SDPA float-mask attention in the fused blocks
+  ours_attn_only         fused=False, attn_impl="fused": the reference blocks with the fused attention
 Before it is timed, every provider's logits are checked against beit_fast's reference loaded with the
 provider's own (randomized) weights, under the same autocast as the timed step. bf16 autocast on CUDA; fp32 tiny models on CPU with
 --smoke. --quick: BEiT-B at batch 64 (what bench/gpu_check.sh runs); torch_compile comes last, as it
@@ -43,13 +47,21 @@ def _hf_model(name, mode, cfg):
     return transformers.BeitForImageClassification(hc)
 
 
+_OURS = {
+    "ours_fused": dict(fused=True, attn_impl="fused"),
+    "ours_fused_mlp_torch": dict(fused=True, attn_impl="fused", fused_mlp=False),
+    "ours_fused_attn_sdpa": dict(fused=True, attn_impl="sdpa"),
+    "ours_attn_only": dict(fused=False, attn_impl="fused"),
+}
+
+
 def build(provider, name, mode):
     """-> (model, logits_fn(model, x, mask, masked_index)) for one provider. masked_index: the flat
     positions of the masked patches, which our model takes as the trainer passes them; the others use the mask."""
     if provider in ("ours_reference", "torch_compile"):
         m = create_model(name, fused=False, attn_impl="sdpa")
-    elif provider == "ours_fused":
-        m = create_model(name, fused=True, attn_impl="fused")
+    elif provider in _OURS:
+        m = create_model(name, **_OURS[provider])
     elif provider == "timm":
         from timm.models.beit import Beit
         if mode == "pretrain":
@@ -133,7 +145,8 @@ def main(argv=None):
         names = (args.models or ("beit_base_patch16_224" if args.quick else
                                  "beit_base_patch16_224,beit_large_patch16_224")).split(",")
         batch = args.batch or 64
-    providers = selected_providers(args, ("ours_reference", "ours_fused", "timm", "hf", "torch_compile"))
+    providers = selected_providers(args, ("ours_reference", "ours_fused", "timm", "hf", "torch_compile")
+                                   + tuple(p for p in _OURS if p != "ours_fused"))
     # tolerance of the check: max logit error over the largest logit, per autocast dtype (fp32: the same math
     # up to summation order; a wrong model is off by O(1))
     tol = {torch.float32: 1e-3, torch.bfloat16: 8e-2, torch.float16: 2e-2}

@@ -5,9 +5,15 @@
 # it, at least 5 s; every benchmark keeps its rows as it goes).
 #   bash bench/gpu_check.sh OUTDIR
 # Works offline with the GPU image (Python 3.12, torch 2.11, Triton 3.6): nothing is downloaded.
-# At most 8 files are left (the device tool returns 8): summary.md (beit_fast.info and every benchmark's
-# markdown table), build.log, tests.log, bench.log and the JSON rows of each benchmark and of the attention
-# tile sweep.
+# At most 8 files are left (the device tool returns 8): summary.md (beit_fast.info, bench/cpp_errors.py and
+# every benchmark's markdown table), build.log, tests.log, bench.log and the JSON rows of each benchmark and of
+# the attention tile sweep.
+# A shorter re-check after a change (a second device call in the same lease) selects what runs:
+#   GPU_CHECK_TESTS="tests/test_x.py ..."   only these tests (and not the rest of the suite); "" = none
+#   GPU_CHECK_BENCH="attention model"       only these steps of: overhead attention model blocks tune
+#   GPU_CHECK_MODEL_ARGS="--providers ..."  extra arguments of bench_model.py
+#   GPU_CHECK_ALT_CXX=/usr/bin/g++          also build the C++ ops (no CUDA) with that compiler in a copy of the
+#                                           tree and run bench/cpp_errors.py against it (summary.md)
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -56,6 +62,27 @@ if ! BEIT_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS
     || { echo "build failed: see build.log" >>"$SUMMARY"; cat "$SUMMARY"; exit 1; }
 fi
 
+# 1b. do the extension's argument errors reach Python here (each case in its own process)? In the
+#     background, with the compiler the image sets up and, when asked, with another one
+DIAG_LOG=$(mktemp)
+{
+  echo "compilers: CC=${CC:-unset} CXX=${CXX:-unset}; $(${CXX:-c++} --version 2>&1 | head -1)"
+  echo "bench/cpp_errors.py (beit_fast._C as built above):"
+  timeout 120 "$PY" bench/cpp_errors.py 2>&1
+  if [ -n "${GPU_CHECK_ALT_CXX:-}" ]; then
+    ALT=$(mktemp -d)
+    cp -r beit_fast csrc kernels setup.py pyproject.toml "$ALT"/ && rm -f "$ALT"/beit_fast/_C*.so
+    echo "bench/cpp_errors.py with the C++ ops built by $GPU_CHECK_ALT_CXX ($("$GPU_CHECK_ALT_CXX" --version 2>&1 | head -1)):"
+    if (cd "$ALT" && CXX="$GPU_CHECK_ALT_CXX" CC="${GPU_CHECK_ALT_CXX%++}cc" BEIT_FAST_CUDA=0 MAX_JOBS=4 \
+          timeout 200 "$PY" setup.py -q build_ext --inplace >"$ALT/build.log" 2>&1); then
+      (cd "$ALT" && timeout 120 "$PY" "$OLDPWD/bench/cpp_errors.py" 2>&1)
+    else
+      echo "alternative build failed:"; tail -5 "$ALT/build.log"
+    fi
+  fi
+} >"$DIAG_LOG" 2>&1 &
+DIAG_PID=$!
+
 # 2. the tests: the GPU-facing ones (kernels compiled by Triton / nvcc, the fused model, CUDA training) and,
 #    alongside, the rest
 GPU_TESTS="tests/test_extension.py tests/test_rel_pos_attention.py tests/test_masked_patch_embed.py
@@ -70,6 +97,7 @@ TRAIN_CUDA="tests/test_train_loop.py::test_bf16_fused_training_tracks_the_refere
 REST_TESTS=$(ls tests/test_*.py | grep -vxF -f <(printf '%s\n' $GPU_TESTS tests/test_triton_compile.py))
 REST_TESTS="$REST_TESTS $(printf -- '--deselect %s ' $TRAIN_CUDA)"
 GPU_TESTS="$GPU_TESTS $TRAIN_CUDA"
+if [ -n "${GPU_CHECK_TESTS+set}" ]; then GPU_TESTS=$GPU_CHECK_TESTS REST_TESTS=""; fi
 PYTEST=("$PY" -m pytest -q -rfEs --durations=15 -p no:cacheprovider)
 # the GPU image has pytest-timeout and pytest-xdist: one hung test cannot eat the step, and the 16 cores help
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
@@ -88,25 +116,40 @@ fi
 # The rest of the suite (the CPU-side tests CI also runs) at the same time, niced, with its own workers, so
 # that the whole suite runs before the benchmarks, which then have the machine to themselves.
 REST_LOG=$(mktemp)   # outside OUTDIR: a run stopped midway leaves no extra file there
+TEST_CAP=${GPU_CHECK_TEST_SECONDS:-170}
 set -f               # no globbing of the test ids ("[cuda]")
+REST_PID=
 # shellcheck disable=SC2086
-step tests_rest 170 "$REST_LOG" nice -n 10 "${PYTEST[@]}" ${REST_WORKERS[@]+"${REST_WORKERS[@]}"} $REST_TESTS &
-REST_PID=$!
+[ -n "${REST_TESTS// /}" ] && { step tests_rest "$TEST_CAP" "$REST_LOG" nice -n 10 "${PYTEST[@]}" \
+  ${REST_WORKERS[@]+"${REST_WORKERS[@]}"} $REST_TESTS & REST_PID=$!; }
 # shellcheck disable=SC2086
-step tests_gpu 170 "$OUT/tests.log" "${PYTEST[@]}" ${GPU_WORKERS[@]+"${GPU_WORKERS[@]}"} $GPU_TESTS
-wait $REST_PID
+[ -n "${GPU_TESTS// /}" ] && step tests_gpu "$TEST_CAP" "$OUT/tests.log" "${PYTEST[@]}" \
+  ${GPU_WORKERS[@]+"${GPU_WORKERS[@]}"} $GPU_TESTS
+[ -n "$REST_PID" ] && wait "$REST_PID"
 set +f
-[ -f "$REST_LOG" ] && { cat "$REST_LOG" >>"$OUT/tests.log"; rm -f "$REST_LOG"; }
+[ -s "$REST_LOG" ] && cat "$REST_LOG" >>"$OUT/tests.log"
+rm -f "$REST_LOG"
+wait "$DIAG_PID"
 
 # 3. benchmarks: BEiT-B/L training shapes in bf16 (full sweeps: run the scripts by hand)
-step bench_attention 100 "$OUT/bench.log" "$PY" bench/bench_attention.py --out "$OUT" --dtypes bf16 --quick
-step bench_blocks 90 "$OUT/bench.log" "$PY" bench/bench_blocks.py --out "$OUT" --dtypes bf16 --quick
-step bench_model 60 "$OUT/bench.log" "$PY" bench/bench_model.py --out "$OUT" --dtypes bf16 --quick
+BENCH=" ${GPU_CHECK_BENCH:-attention blocks model tune} "
+# host against GPU time per call (a diagnostic: not in the default list, as its JSON rows would be a 9th file)
+[[ $BENCH == *" overhead "* ]] && \
+  step bench_overhead 60 "$OUT/bench.log" "$PY" bench/overhead.py --out "$OUT" --dtypes bf16
+[[ $BENCH == *" attention "* ]] && \
+  step bench_attention 100 "$OUT/bench.log" "$PY" bench/bench_attention.py --out "$OUT" --dtypes bf16 --quick
+[[ $BENCH == *" model "* ]] && \
+  step bench_model 60 "$OUT/bench.log" "$PY" bench/bench_model.py --out "$OUT" --dtypes bf16 --quick \
+    ${GPU_CHECK_MODEL_ARGS:-}
+[[ $BENCH == *" blocks "* ]] && \
+  step bench_blocks 90 "$OUT/bench.log" "$PY" bench/bench_blocks.py --out "$OUT" --dtypes bf16 --quick
 # attention tile sweep at the target shape (BEiT-B, B=128, bf16): it stops starting tiles 20 s before its cap;
 # under 45 s it could not time one tile per kernel (imports, the fp32 reference, compiles), so it is not run
 TUNE_CAP=90 TUNE_LEFT=$(( DEADLINE - $(date +%s) - 5 ))
 (( TUNE_LEFT < TUNE_CAP )) && TUNE_CAP=$TUNE_LEFT
-if (( TUNE_CAP >= 45 )); then
+if [[ $BENCH != *" tune "* ]]; then
+  :
+elif (( TUNE_CAP >= 45 )); then
   step tune_attention $TUNE_CAP "$OUT/bench.log" "$PY" bench/tune_attention.py --out "$OUT" --seconds $(( TUNE_CAP - 20 ))
 else
   echo "| tune_attention | not run (${TUNE_CAP} s left; run bench/tune_attention.py by hand) | 0 s |" >>"$SUMMARY"
@@ -118,7 +161,9 @@ fi
     | tr -d '=' | paste -sd ';' -)"
   INFO_CAP=$(( DEADLINE - $(date +%s) )); (( INFO_CAP > 30 )) && INFO_CAP=30; (( INFO_CAP < 5 )) && INFO_CAP=5
   echo '```'; timeout $INFO_CAP "$PY" -m beit_fast.info 2>&1; echo '```'; echo
+  echo '```'; cat "$DIAG_LOG"; echo '```'
 } >>"$SUMMARY"
+rm -f "$DIAG_LOG"
 for md in "$OUT"/bench_*.md "$OUT"/tune_*.md; do [ -f "$md" ] && { echo; cat "$md"; } >>"$SUMMARY" && rm "$md"; done
 # the issues' ratios in one place: each group's speed-up over the SDPA path, compiled FlexAttention, eager,
 # torch.compile and timm, where the group has them

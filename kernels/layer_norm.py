@@ -3,8 +3,8 @@
 Forward `_layer_norm_fwd_kernel`: each program normalises BLOCK_M whole rows (BLOCK_C >= C, so a row is
 read once), writes y and the per-row fp32 mean and rstd = 1 / sqrt(var + eps) (biased variance).
 
-Backward `_layer_norm_bwd_kernel` (the apex / Liger two-stage pattern): a fixed grid of about one program
-per SM; program p walks a contiguous run of rows, writes dx for them and accumulates dweight = sum dy*xhat
+Backward `_layer_norm_bwd_kernel` (the apex / Liger two-stage pattern): a fixed grid of about
+PROGRAMS_PER_SM programs per SM; program p walks a contiguous run of rows, writes dx for them and accumulates dweight = sum dy*xhat
 and dbias = sum dy in fp32 registers, then stores one partial row into (num_programs, C) fp32 buffers.
 The launcher sums the partials over dim 0. No atomics: bitwise deterministic for a given device.
 
@@ -107,9 +107,16 @@ def _tile(C: int):
     return block_m, block_c, num_warps
 
 
+# One program per SM leaves 8 warps per SM, each with one 4-row step of loads in flight: too few to stream dy
+# and x at full bandwidth (the first GPU run timed this backward at 0.62 ms for BEiT-B's 25216 x 768 rows
+# against 0.15 ms for F.layer_norm's, host time included). 4 per SM give 32 warps per SM, for 4x the
+# (programs, C) fp32 partials (1.6 MB on an H100); bench/overhead.py separates kernel from host time.
+PROGRAMS_PER_SM = 4
+
+
 def _num_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter
 
 

@@ -77,11 +77,16 @@ class AttnConfigs:
 # No new spills on the BEiT path (dK/dV 238 registers with Triton 3.8, 255 with 3.6; dQ 164 / 120, still 3
 # CTAs per SM); dK/dV at head dim 128 would spill 24 B with 3.6, so it stays off there. The forward's
 # 128-row blocks gain nothing from one at N = 197 (69 rows left).
-# tests/test_triton_compile.py reports all of these. Not yet tuned on a GPU.
+# tests/test_triton_compile.py reports all of these.
+# Tuned once on a GPU (bench/tune_attention.py, H200, Triton 3.6, BEiT-B B=128 bf16, one timing per tile:
+# bench/results/h200-gpu_check-2026-11-30): 4 warps beat 8 for the 128x64 forward (0.362 ms against 0.563 ms
+# for the former 8-warp default; its four 4-warp variants averaged 0.39 ms, its five 8-warp ones 0.48 ms) and
+# for the 32x64 dK/dV (0.772 ms against 1.057 ms, a single timing; the next GPU run re-times it); dQ's best
+# was within 1.3% of its default, which stays.
 _NO_TAIL = dict(tail=False)
 CONFIGS = {
     "interpret": AttnConfigs(TileConfig(64, 64), TileConfig(64, 64), TileConfig(64, 64)),
-    "16bit_d64": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(32, 64, 8, 2, tail=False, block_tail=True),
+    "16bit_d64": AttnConfigs(TileConfig(128, 64, 4, 2), TileConfig(32, 64, 4, 2, tail=False, block_tail=True),
                              TileConfig(64, 32, 4, 3, block_tail=True)),
     "16bit_d128": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(16, 64, 8, 2, **_NO_TAIL),
                               TileConfig(64, 32, 8, 2, block_tail=True)),

@@ -15,11 +15,13 @@ CASES = [
     ("beit_test_patch4_32", {"use_mean_pooling": False}),
     ("beit_test_patch4_32_mim", {}),
     ("beit_test_patch4_32", {"use_shared_rel_pos_bias": True}),
+    ("beit_test_patch4_32_mim", {"fused_mlp": False}),
 ]
 
 
 def _pair(name, overrides, fused_attn_impl="fused"):
-    ref = randomize_(create_model(name, attn_impl="eager", fused=False, **overrides))
+    ref = randomize_(create_model(name, attn_impl="eager", fused=False,
+                                  **{k: v for k, v in overrides.items() if k != "fused_mlp"}))
     fused = create_model(name, attn_impl=fused_attn_impl, fused=True, **overrides)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
@@ -48,6 +50,19 @@ def test_fused_model_matches_reference_cpu(name, overrides):
     x = torch.randn(2, 3, 32, 32)
     mask = (torch.rand(2, 64) < 0.4) if name.endswith("_mim") else None
     _compare(ref.eval(), fused.eval(), x, mask, tolerance("fused_model", torch.float32))
+
+
+def test_fused_mlp_switch_picks_the_mlp_path(monkeypatch):
+    """fused_mlp=False runs fc1 and GELU as the nn.Linear / nn.GELU modules, True through linear_gelu."""
+    import importlib
+    lg = importlib.import_module("beit_fast.ops.linear_gelu")   # the module (beit_fast.ops.linear_gelu is the op)
+    calls = []
+    monkeypatch.setattr(lg, "linear_gelu", lambda *a, **k: calls.append(1) or lg.linear_gelu_ref(*a))
+    x = torch.randn(1, 3, 32, 32)
+    for fused_mlp, expected in ((True, 2), (False, 0)):   # beit_test: 2 blocks
+        calls.clear()
+        create_model("beit_test_patch4_32", fused=True, fused_mlp=fused_mlp)(x)
+        assert len(calls) == expected, (fused_mlp, calls)
 
 
 def test_fused_model_drop_path_training_cpu():

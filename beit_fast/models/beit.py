@@ -165,7 +165,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  init_values: Optional[float] = 0.1, window_size=None, attn_impl: str = "auto",
-                 fused: Optional[bool] = None, eps: float = 1e-6):
+                 fused: Optional[bool] = None, eps: float = 1e-6, fused_mlp: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, window_size, attn_impl)
@@ -173,6 +173,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.fused = fused
+        self.fused_mlp = fused_mlp
         if init_values:
             self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
             self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
@@ -211,7 +212,9 @@ class Block(nn.Module):
         x, h2 = layer_scale_residual_norm(x, a, self.gamma_1, s1, self.norm2.weight, self.norm2.bias,
                                           self.norm2.eps)
         s2 = drop_path_scale(B, self.drop_path, self.training, x)
-        m = self.mlp.drop(self.mlp.fc2(linear_gelu(h2, self.mlp.fc1.weight, self.mlp.fc1.bias)))
+        fc1 = self.mlp.fc1
+        hidden = linear_gelu(h2, fc1.weight, fc1.bias) if self.fused_mlp else self.mlp.act(fc1(h2))
+        m = self.mlp.drop(self.mlp.fc2(hidden))
         if next_norm is None:
             return self._residual(x, m, self.gamma_2, s2), None
         return layer_scale_residual_norm(x, m, self.gamma_2, s2, next_norm.weight, next_norm.bias, next_norm.eps)
@@ -248,7 +251,7 @@ class Beit(nn.Module):
         self.blocks = nn.ModuleList([
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.drop_rate, c.attn_drop_rate, dpr[i],
                   c.init_values, self.window_size if c.use_rel_pos_bias else None, c.attn_impl, c.fused,
-                  c.layer_norm_eps)
+                  c.layer_norm_eps, c.fused_mlp)
             for i in range(c.depth)])
         self.grad_checkpointing = c.grad_checkpointing
 

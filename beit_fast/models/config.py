@@ -33,6 +33,8 @@ class BeitConfig:
     layer_norm_eps: float = 1e-6
     attn_impl: str = "auto"              # auto: fused on CUDA, sdpa elsewhere
     fused: Optional[bool] = None         # fused block kernels: None = on for CUDA inputs
+    fused_mlp: bool = True               # in the fused block, fc1 + GELU through linear_gelu (False: nn.Linear
+    #                                      and nn.GELU, i.e. cuBLAS and PyTorch's GELU)
     grad_checkpointing: bool = False
 
     def __post_init__(self):

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from beit_fast._backend import choose, common_reasons, offset_span
 
+from . import _eager
+
 PREFERENCE = ("triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_C = 16384  # kernels.layer_norm.MAX_C (not imported: that module needs triton)
@@ -80,11 +82,13 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("beit_fast::layer_norm_triton", mutates_args=())
-def _layer_norm_triton(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layer_norm_impl(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, C), weight/bias (C,)? -> y (M, C) x.dtype, mean (M,) fp32, rstd (M,) fp32."""
     return _kernels().layer_norm_fwd(x, weight, bias, eps)
+
+
+_layer_norm_triton = torch.library.custom_op("beit_fast::layer_norm_triton", mutates_args=())(_layer_norm_impl)
 
 
 @_layer_norm_triton.register_fake
@@ -93,17 +97,20 @@ def _(x, weight, bias, eps):
     return x.new_empty((M, C)), x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32)
 
 
-@torch.library.custom_op("beit_fast::layer_norm_triton_bwd", mutates_args=())
-def _layer_norm_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-                           mean: torch.Tensor, rstd: torch.Tensor, param_dtype: torch.dtype,
-                           need_dx: bool, need_dw: bool, need_db: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layer_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                         mean: torch.Tensor, rstd: torch.Tensor, param_dtype: torch.dtype,
+                         need_dx: bool, need_dw: bool, need_db: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx (M, C) x.dtype, dw (C,), db (C,) in param_dtype; a gradient not asked for is (0,)."""
     dx, dw, db = _kernels().layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
     empty = x.new_empty((0,))
     return (dx if dx is not None else empty,
             dw.to(param_dtype) if dw is not None else empty.clone(),
             db.to(param_dtype) if db is not None else empty.clone())
+
+
+_layer_norm_triton_bwd = torch.library.custom_op("beit_fast::layer_norm_triton_bwd",
+                                                 mutates_args=())(_layer_norm_bwd_impl)
 
 
 @_layer_norm_triton_bwd.register_fake
@@ -133,12 +140,13 @@ def _backward(ctx, dy, _dmean, _drstd):
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_dw = need_dw and weight is not None
     need_db = need_db and ctx.has_bias
-    dx, dw, db = torch.ops.beit_fast.layer_norm_triton_bwd(
-        dy, x, weight, mean, rstd, ctx.param_dtype, need_dx, need_dw, need_db)
+    dx, dw, db = _eager.call_raw(_layer_norm_bwd_impl, _layer_norm_triton_bwd,
+                                 dy, x, weight, mean, rstd, ctx.param_dtype, need_dx, need_dw, need_db)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None)
 
 
 _layer_norm_triton.register_autograd(_backward, setup_context=_setup_context)
+_LayerNormFn = _eager.AutogradOp("LayerNormTriton", _layer_norm_impl, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------- public op
@@ -165,5 +173,5 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Opt
     C = x.shape[-1]
     weight = weight.contiguous() if weight is not None else None    # the kernel reads them with unit stride
     bias = bias.contiguous() if bias is not None else None
-    y, _, _ = torch.ops.beit_fast.layer_norm_triton(x.reshape(-1, C), weight, bias, float(eps))
+    y, _, _ = _eager.call(_layer_norm_triton, _LayerNormFn, x.reshape(-1, C), weight, bias, float(eps))
     return y.view(x.shape)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as checks
+from . import _eager
 from .._backend import choose, common_reasons, extension_op_reasons, register_extension_op
 
 OP = "layer_scale_residual_norm"
@@ -137,6 +138,8 @@ def _backward(ctx, grad_sum, grad_norm, _grad_mean, _grad_rstd):
 
 
 register_extension_op(OP, _fake_forward, _fake_backward, _backward, _setup_context)
+_Fn = _eager.AutogradOp("LayerScaleResidualNorm", _eager.below_autograd(lambda *args: getattr(torch.ops.beit_fast, OP)(*args)),
+                        _setup_context, _backward)
 
 
 def _check_inputs(x, y, gamma, drop_path_scale, ln_weight, ln_bias, eps):
@@ -192,6 +195,6 @@ def layer_scale_residual_norm(x: torch.Tensor, y: torch.Tensor, gamma: Optional[
         b, x, y, gamma, drop_path_scale, ln_weight, ln_bias, auto=auto), PREFERENCE)
     if chosen == "reference":
         return layer_scale_residual_norm_ref(x, y, gamma, drop_path_scale, ln_weight, ln_bias, eps)
-    s, n, _, _ = torch.ops.beit_fast.layer_scale_residual_norm(x, y, gamma, drop_path_scale, ln_weight, ln_bias,
-                                                                float(eps))
+    s, n, _, _ = _eager.call(torch.ops.beit_fast.layer_scale_residual_norm, _Fn, x, y, gamma, drop_path_scale,
+                             ln_weight, ln_bias, float(eps))
     return s, n

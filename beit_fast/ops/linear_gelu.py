@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from beit_fast._backend import choose, common_reasons, offset_span
 
+from . import _eager
+
 PREFERENCE = ("triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -105,12 +107,14 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("beit_fast::linear_gelu_triton", mutates_args=())
-def _linear_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_gelu_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K), weight (N, K), bias (N,)? -> y (M, N), z (M, N) if save_preact else (0,)."""
     y, z = _kernels().linear_gelu_fwd(x, weight, bias, save_preact)
     return y, (z if z is not None else x.new_empty((0,)))
+
+
+_linear_gelu_triton = torch.library.custom_op("beit_fast::linear_gelu_triton", mutates_args=())(_linear_gelu_impl)
 
 
 @_linear_gelu_triton.register_fake
@@ -119,16 +123,19 @@ def _(x, weight, bias, save_preact):
     return x.new_empty((M, N)), (x.new_empty((M, N)) if save_preact else x.new_empty((0,)))
 
 
-@torch.library.custom_op("beit_fast::linear_gelu_triton_bwd", mutates_args=())
-def _linear_gelu_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            preact: Optional[torch.Tensor], need_dx: bool, need_dw: bool, need_db: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_gelu_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          preact: Optional[torch.Tensor], need_dx: bool, need_dw: bool, need_db: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx (M, K), dw (N, K), db (N,); a gradient not asked for (or db without bias) is (0,)."""
     dx, dw, db = _kernels().linear_gelu_bwd(dy, x, weight, bias, preact, need_dx, need_dw, need_db)
     empty = x.new_empty((0,))
     return (dx if dx is not None else empty,
             dw if dw is not None else empty.clone(),
             db if db is not None else empty.clone())
+
+
+_linear_gelu_triton_bwd = torch.library.custom_op("beit_fast::linear_gelu_triton_bwd",
+                                                  mutates_args=())(_linear_gelu_bwd_impl)
 
 
 @_linear_gelu_triton_bwd.register_fake
@@ -153,13 +160,14 @@ def _backward(ctx, dy, _dz_unused):
         return None, None, None, None
     x, weight, bias, z = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = torch.ops.beit_fast.linear_gelu_triton_bwd(
-        dy, x, weight, bias, z, need_dx, need_dw, need_db and bias is not None)
+    dx, dw, db = _eager.call_raw(_linear_gelu_bwd_impl, _linear_gelu_triton_bwd,
+                                 dy, x, weight, bias, z, need_dx, need_dw, need_db and bias is not None)
     return (dx if need_dx else None, dw if need_dw else None,
             db if need_db and bias is not None else None, None)
 
 
 _linear_gelu_triton.register_autograd(_backward, setup_context=_setup_context)
+_LinearGeluFn = _eager.AutogradOp("LinearGeluTriton", _linear_gelu_impl, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------- public op
@@ -195,5 +203,6 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     K, N = x.shape[-1], weight.shape[0]
     if bias is not None:
         bias = bias.contiguous()       # the kernel reads it with unit stride
-    y, _ = torch.ops.beit_fast.linear_gelu_triton(x.reshape(-1, K), weight, bias, needs_grad and not recompute)
+    y, _ = _eager.call(_linear_gelu_triton, _LinearGeluFn, x.reshape(-1, K), weight, bias,
+                       needs_grad and not recompute)
     return y.view(*x.shape[:-1], N)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as checks
+from . import _eager
 from .._backend import choose, common_reasons, extension_op_reasons, register_extension_op
 
 OP = "masked_patch_embed"
@@ -132,6 +133,8 @@ def _backward(ctx, grad_out):
 
 
 register_extension_op(OP, _fake_forward, _fake_backward, _backward, _setup_context)
+_Fn = _eager.AutogradOp("MaskedPatchEmbed", _eager.below_autograd(lambda *args: getattr(torch.ops.beit_fast, OP)(*args)),
+                        _setup_context, _backward)
 
 
 def _check_inputs(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed):
@@ -203,5 +206,5 @@ def masked_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optiona
         images, weight = images.to(dtype), weight.to(dtype)
     if bool_masked_pos is None:
         mask_token = None  # unused without a mask: no gradient, as in the reference
-    return torch.ops.beit_fast.masked_patch_embed(images, weight, bias, bool_masked_pos, mask_token, cls_token,
-                                                  pos_embed)
+    return _eager.call(torch.ops.beit_fast.masked_patch_embed, _Fn, images, weight, bias, bool_masked_pos,
+                       mask_token, cls_token, pos_embed)

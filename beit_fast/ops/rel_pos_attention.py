@@ -20,6 +20,7 @@ from torch import Tensor
 
 from beit_fast._backend import choose, common_reasons
 from . import _checks as checks
+from . import _eager
 from beit_fast.relpos import _index_cpu, num_relative_distance, relative_position_index  # noqa: F401 (re-exported)
 
 BACKENDS = ("triton", "reference")
@@ -193,12 +194,14 @@ def _packed_views(qkv):
     return [qkv.select(2, i).permute(0, 2, 1, 3) for i in range(3)]
 
 
-@torch.library.custom_op("beit_fast::rel_pos_attention", mutates_args=())
-def _attn_op(q: Tensor, k: Tensor, v: Tensor, table: Tensor, rel_index: Optional[Tensor], wh: int, ww: int,
+def _attn_impl(q: Tensor, k: Tensor, v: Tensor, table: Tensor, rel_index: Optional[Tensor], wh: int, ww: int,
              scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     out = _kernels()._alloc(q.shape, q.dtype, q.device)
     lse = _kernels().rel_pos_attention_fwd(q, k, v, table, rel_index, _window(wh, ww), scale, dropout_p, seed, out)
     return out, lse
+
+
+_attn_op = torch.library.custom_op("beit_fast::rel_pos_attention", mutates_args=())(_attn_impl)
 
 
 @_attn_op.register_fake
@@ -206,8 +209,7 @@ def _(q, k, v, table, rel_index, wh, ww, scale, dropout_p, seed):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("beit_fast::rel_pos_attention_backward", mutates_args=())
-def _attn_bwd_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: Tensor,
+def _attn_bwd_impl(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: Tensor,
                  rel_index: Optional[Tensor], wh: int, ww: int, scale: float, dropout_p: float,
                  seed: Optional[Tensor], need_dtable: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     K = _kernels()
@@ -217,6 +219,9 @@ def _attn_bwd_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                                      seed, dq, dk, dv, inv)
     dtable = dtable.to(table.dtype) if dtable is not None else table.new_zeros(table.shape)
     return dq, dk, dv, dtable
+
+
+_attn_bwd_op = torch.library.custom_op("beit_fast::rel_pos_attention_backward", mutates_args=())(_attn_bwd_impl)
 
 
 @_attn_bwd_op.register_fake
@@ -243,18 +248,18 @@ def _attn_backward(ctx, grad_out, grad_lse):
         return (None,) * 10
     q, k, v, table, rel_index, seed, out, lse = ctx.saved_tensors
     wh, ww, scale, dropout_p = ctx.args
-    dq, dk, dv, dtable = _attn_bwd_op(grad_out, q, k, v, out, lse, table, rel_index, wh, ww, scale, dropout_p,
-                                      seed, ctx.needs_input_grad[3])
+    dq, dk, dv, dtable = _eager.call_raw(_attn_bwd_impl, _attn_bwd_op, grad_out, q, k, v, out, lse, table,
+                                         rel_index, wh, ww, scale, dropout_p, seed, ctx.needs_input_grad[3])
     need = ctx.needs_input_grad
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
             dtable if need[3] else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("beit_fast::rel_pos_attention", _attn_backward, setup_context=_attn_setup)
+_AttnFn = _eager.AutogradOp("RelPosAttentionTriton", _attn_impl, _attn_setup, _attn_backward)
 
 
-@torch.library.custom_op("beit_fast::rel_pos_attention_qkvpacked", mutates_args=())
-def _packed_op(qkv: Tensor, table: Tensor, rel_index: Optional[Tensor], wh: int, ww: int, scale: float,
+def _packed_impl(qkv: Tensor, table: Tensor, rel_index: Optional[Tensor], wh: int, ww: int, scale: float,
                dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     B, N, _, H, D = qkv.shape
     q, k, v = _packed_views(qkv)
@@ -264,14 +269,16 @@ def _packed_op(qkv: Tensor, table: Tensor, rel_index: Optional[Tensor], wh: int,
     return out, lse
 
 
+_packed_op = torch.library.custom_op("beit_fast::rel_pos_attention_qkvpacked", mutates_args=())(_packed_impl)
+
+
 @_packed_op.register_fake
 def _(qkv, table, rel_index, wh, ww, scale, dropout_p, seed):
     B, N, _, H, D = qkv.shape
     return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("beit_fast::rel_pos_attention_qkvpacked_backward", mutates_args=())
-def _packed_bwd_op(grad: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, table: Tensor, rel_index: Optional[Tensor],
+def _packed_bwd_impl(grad: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, table: Tensor, rel_index: Optional[Tensor],
                    wh: int, ww: int, scale: float, dropout_p: float, seed: Optional[Tensor],
                    need_dtable: bool) -> tuple[Tensor, Tensor]:
     K = _kernels()
@@ -286,6 +293,10 @@ def _packed_bwd_op(grad: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, table: T
                                      seed, dq, dk, dv, inv)
     dtable = dtable.to(table.dtype) if dtable is not None else table.new_zeros(table.shape)
     return dqkv, dtable
+
+
+_packed_bwd_op = torch.library.custom_op("beit_fast::rel_pos_attention_qkvpacked_backward",
+                                         mutates_args=())(_packed_bwd_impl)
 
 
 @_packed_bwd_op.register_fake
@@ -305,14 +316,15 @@ def _packed_backward(ctx, grad_out, grad_lse):
         return (None,) * 8
     qkv, table, rel_index, seed, out, lse = ctx.saved_tensors
     wh, ww, scale, dropout_p = ctx.args
-    dqkv, dtable = _packed_bwd_op(grad_out, qkv, out, lse, table, rel_index, wh, ww, scale, dropout_p, seed,
-                                  ctx.needs_input_grad[1])
+    dqkv, dtable = _eager.call_raw(_packed_bwd_impl, _packed_bwd_op, grad_out, qkv, out, lse, table, rel_index,
+                                   wh, ww, scale, dropout_p, seed, ctx.needs_input_grad[1])
     need = ctx.needs_input_grad
     return dqkv if need[0] else None, dtable if need[1] else None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("beit_fast::rel_pos_attention_qkvpacked", _packed_backward,
                                 setup_context=_packed_setup)
+_PackedFn = _eager.AutogradOp("RelPosAttentionQKVPackedTriton", _packed_impl, _packed_setup, _packed_backward)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,7 +374,7 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     if chosen == "reference":
         return _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p, dropout_seed)
     seed = _seed_tensor(dropout_p, dropout_seed, q.device)
-    out, _ = _attn_op(q, k, v, bias_table, rel_index, wh, ww, scale, float(dropout_p), seed)
+    out, _ = _eager.call(_attn_op, _AttnFn, q, k, v, bias_table, rel_index, wh, ww, scale, float(dropout_p), seed)
     return out
 
 
@@ -386,7 +398,7 @@ def rel_pos_attention_qkvpacked(qkv: Tensor, bias_table: Tensor, *, window_size=
         out = _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p, dropout_seed)
         return out.transpose(1, 2).reshape(B, N, H * D)
     seed = _seed_tensor(dropout_p, dropout_seed, qkv.device)
-    out, _ = _packed_op(qkv, bias_table, rel_index, wh, ww, scale, float(dropout_p), seed)
+    out, _ = _eager.call(_packed_op, _PackedFn, qkv, bias_table, rel_index, wh, ww, scale, float(dropout_p), seed)
     return out
 
 

@@ -1,0 +1,71 @@
+"""The eager fast path of the fused ops: the same kernels and autograd formulas without the dispatcher.
+
+Every fused op is registered through torch.library (a custom op, or an extension op with a Python autograd
+formula), so that torch.compile keeps it in one graph. In eager mode that registration costs per call: the
+dispatcher, torch.library's Python autograd wrapper and its redispatch took about 25 us per op on the 2-core
+CI machine (measured with the kernel launches stubbed out: layer_norm's custom op with grad 39 us, its
+launcher 14 us), time in which a GPU running short kernels idles.
+
+`AutogradOp(name, forward, setup_context, backward)` is a torch.autograd.Function built from the very
+functions given to `register_autograd`: `forward(*args)` is the op's implementation (the custom op's body,
+or the extension op called below autograd), `setup_context(ctx, inputs, output)` and
+`backward(ctx, *grads)` are shared with the registration. `call(op, fn, *args)` runs the registered op
+`op(*args)` while torch.compile traces (and for tensor subclasses such as FakeTensor), else `fn.apply(*args)`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager(*args) -> bool:
+    """Whether the fast path may run: not under torch.compile's tracing, and every tensor argument a plain
+    tensor or parameter (a FakeTensor or a functorch wrapper goes through the dispatcher)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
+
+
+def call_raw(raw: Callable, op: Callable, *args):
+    """For a backward: the implementation `raw(*args)` itself when no graph is being built over the backward
+    (grad mode off, as in a plain .backward()) and `eager(*args)`, else the registered `op(*args)` (under
+    AOTAutograd's tracing, or with create_graph=True, where the op's own missing autograd then says so
+    instead of a silently non-differentiable result)."""
+    if torch.is_grad_enabled() or not eager(*args):
+        return op(*args)
+    return raw(*args)
+
+
+def below_autograd(op: Callable) -> Callable:
+    """`op(*args)` with autograd's dispatch keys skipped: an extension op's CPU/CUDA kernel without the
+    Python autograd wrapper that torch.library put in front of it (the caller records the autograd graph)."""
+    def run(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return run
+
+
+def AutogradOp(name: str, forward: Callable, setup_context: Callable, backward: Callable):
+    """A torch.autograd.Function class with the given implementation and autograd formula, in the classic
+    form (forward(ctx, *args) runs setup_context itself): a separate setup_context staticmethod makes
+    Function.apply bind the arguments through inspect.signature on every call (about 10 us)."""
+    def fwd(ctx, *args):
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(fwd),
+        "backward": staticmethod(backward),
+        "__doc__": f"Eager fast path of {name} (beit_fast.ops._eager).",
+    })
+
+
+def call(op: Callable, fn, *args):
+    """op(*args) through torch.library, or the same through the eager autograd.Function `fn`."""
+    if eager(*args):
+        return fn.apply(*args)
+    return op(*args)

@@ -1,0 +1,154 @@
+"""Where the time of a call goes: host (Python + launch) against GPU kernel time, ours against PyTorch's.
+
+For each op at BEiT-B training shapes (batch 128, bf16) and for a whole training step of the model, per call:
+  host_us   the host's time to issue one call, the GPU not waited for (perf_counter over back-to-back calls)
+  gpu_us    the time of the GPU work it launches (kernels, memsets and copies, from torch.profiler)
+  median_ms the wall time per call of back-to-back calls (CUDA events around the loop): about
+            max(host, gpu) once the queue is full; host-bound when host_us > gpu_us
+The timed benchmarks (bench_attention / bench_blocks) flush L2 before every call, so a host-bound op shows
+its host time there; this table says which ops are host-bound and by how much.
+
+    python bench/overhead.py --out DIR [--smoke]     (--smoke: tiny CPU shapes, host time only)
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import base_parser, device_and_dtypes, environment, finish, make_row, Outcomes  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import beit_fast.ops as ops  # noqa: E402
+from beit_fast.models import create_model  # noqa: E402
+from beit_fast.relpos import num_relative_distance, relative_position_index  # noqa: E402
+
+
+def per_call(fn, device, n=50):
+    """-> (host_us, median_ms of back-to-back calls, gpu_us)"""
+    for _ in range(5):
+        fn()
+    if device != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n * 1e6
+        return host, host / 1e3, None
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    wall_ms = start.elapsed_time(end) / n
+    reps = 10
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    gpu = sum(ev.time_range.elapsed_us() for ev in prof.events()
+              if ev.device_type == torch.autograd.DeviceType.CUDA) / reps
+    return host, wall_ms, gpu
+
+
+def with_backward(forward, leaves):
+    """fn() = forward, then backward of a fixed random gradient into `leaves` (their .grad reset)."""
+    grads = []
+
+    def fn():
+        out = forward()
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None]
+        if not grads:   # drawn once: the timed calls launch no RNG kernels
+            grads.extend(torch.randn_like(o) for o in outs)
+        torch.autograd.backward(outs, grads)
+        for t in leaves:
+            t.grad = None
+    return fn
+
+
+def cases(device, dtype, smoke):
+    B, N, C, H = (2, 17, 64, 2) if smoke else (128, 197, 768, 12)
+    wh = 4 if smoke else 14
+    hid = 4 * C
+    mk = lambda *s: torch.randn(*s, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
+    x, y = mk(B, N, C), mk(B, N, C)
+    w, b, g = (torch.randn(C, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    W1, b1 = mk(hid, C), mk(hid)
+    R = num_relative_distance((wh, wh))
+    qkv = mk(B, N, 3, H, C // H)
+    table = torch.randn(R, H, device=device, dtype=torch.float32, requires_grad=True)
+    index = relative_position_index((wh, wh)).to(device)
+
+    def sdpa_packed():
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        bias = table[index.view(-1)].view(N, N, H).permute(2, 0, 1).unsqueeze(0).to(dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(B, N, C)
+
+    def lsrn_eager():
+        s = x + g * y
+        return s, F.layer_norm(s, (C,), w, b, 1e-6)
+
+    yield "layer_norm", "ours", lambda: ops.layer_norm(x, w, b), [x, w, b]
+    yield "layer_norm", "eager", lambda: F.layer_norm(x, (C,), w, b, 1e-6), [x, w, b]
+    yield "layer_scale_residual_norm", "ours", lambda: ops.layer_scale_residual_norm(x, y, g, None, w, b), [x, y, g, w, b]
+    yield "layer_scale_residual_norm", "eager", lsrn_eager, [x, y, g, w, b]
+    yield "linear_gelu", "ours", lambda: ops.linear_gelu(x, W1, b1), [x, W1, b1]
+    yield "linear_gelu", "eager", lambda: F.gelu(F.linear(x, W1, b1)), [x, W1, b1]
+    yield ("rel_pos_attention_qkvpacked", "ours",
+           lambda: ops.rel_pos_attention_qkvpacked(qkv, table, window_size=(wh, wh)), [qkv, table])
+    yield "rel_pos_attention_qkvpacked", "sdpa", sdpa_packed, [qkv, table]
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    p.add_argument("--model", default="beit_base_patch16_224", help="model of the training-step rows")
+    p.add_argument("--batch", type=int, default=64, help="batch of the training-step rows")
+    args = p.parse_args(argv)
+    device, dtypes = device_and_dtypes(args)
+    env = environment(device)
+    rows, outcomes = [], Outcomes()
+
+    def add(op, prov, mode, shape, dtype, fn):
+        with outcomes.guard(f"{op} {prov} {mode}"):
+            host, wall_ms, gpu = per_call(fn, device)
+            rows.append(make_row(op, prov, mode, shape, dtype, {"median_ms": wall_ms, "p20_ms": None,
+                                                                  "p80_ms": None}, env,
+                                 host_us=round(host, 1), gpu_us=None if gpu is None else round(gpu, 1)))
+            print(f"{op} {prov} {mode}: host {host:.1f} us, gpu {gpu} us, back-to-back {wall_ms * 1e3:.1f} us")
+
+    for dtype in dtypes:
+        shape = {"B": 2, "N": 17, "C": 64} if args.smoke else {"B": 128, "N": 197, "C": 768}
+        for op, prov, fwd, leaves in cases(device, dtype, args.smoke):
+            add(op, prov, "fwd", shape, dtype, fwd)
+            add(op, prov, "fwd_bwd", shape, dtype, with_backward(fwd, leaves))
+        name = "beit_test_patch4_32" if args.smoke else args.model
+        batch = 2 if args.smoke else args.batch
+        for prov, kw in (("ours_fused", dict(fused=True, attn_impl="fused")),
+                         ("ours_reference", dict(fused=False, attn_impl="sdpa"))):
+            with outcomes.guard(f"train_step {prov}"):
+                model = create_model(name, **kw).to(device).train()
+                img = model.config.img_size
+                images = torch.randn(batch, 3, img, img, device=device)
+                target = torch.randint(0, model.config.num_classes, (batch,), device=device)
+                autocast = dict(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+
+                def step():
+                    with torch.autocast(**autocast):
+                        loss = F.cross_entropy(model(images).float(), target)
+                    loss.backward()
+                    for q in model.parameters():
+                        q.grad = None
+                add("train_step", prov, "fwd_bwd", {"model": name, "B": batch}, dtype, step)
+    finish(rows, args.out, "bench_overhead", outcomes)
+
+
+if __name__ == "__main__":
+    main()
