@@ -11,10 +11,13 @@ Variants of ours_fused that swap one part for PyTorch's (which part costs what):
   ours_fused_mlp_torch   fused_mlp=False: fc1 + GELU as nn.Linear + nn.GELU
   ours_fused_attn_sdpa   attn_impl="sdpa": timm's SDPA float-mask attention in the fused blocks
   ours_attn_only         fused=False, attn_impl="fused": the reference blocks with the fused attention
+  ours_fused_compile     ours_fused under torch.compile (the custom ops stay in the graph)
+  ours_fused_cudagraphs  ours_fused under torch.compile(mode="reduce-overhead"): CUDA graphs replay the step,
+                         so the host's per-op time (what bench/overhead.py measures) drops out
 Before it is timed, every provider's logits are checked against beit_fast's reference loaded with the
 provider's own (randomized) weights, under the same autocast as the timed step. bf16 autocast on CUDA; fp32 tiny models on CPU with
---smoke. --quick: BEiT-B at batch 64 (what bench/gpu_check.sh runs); torch_compile comes last, as it
-compiles the whole model.
+--smoke. --quick: BEiT-B at batch 128, the pretraining recipe's batch per GPU (what bench/gpu_check.sh runs);
+the compiled providers come last, as each compiles the whole model.
 
     python bench/bench_model.py --out bench/out [--quick] [--smoke]
 """
@@ -49,10 +52,16 @@ def _hf_model(name, mode, cfg):
 
 _OURS = {
     "ours_fused": dict(fused=True, attn_impl="fused"),
+    "ours_fused_compile": dict(fused=True, attn_impl="fused"),
+    "ours_fused_cudagraphs": dict(fused=True, attn_impl="fused"),
     "ours_fused_mlp_torch": dict(fused=True, attn_impl="fused", fused_mlp=False),
     "ours_fused_attn_sdpa": dict(fused=True, attn_impl="sdpa"),
     "ours_attn_only": dict(fused=False, attn_impl="fused"),
 }
+
+
+# provider -> torch.compile's keyword arguments
+_COMPILED = {"torch_compile": {}, "ours_fused_compile": {}, "ours_fused_cudagraphs": {"mode": "reduce-overhead"}}
 
 
 def build(provider, name, mode):
@@ -109,7 +118,7 @@ def time_provider(prov, name, mode, ref, ref_logits, inputs, dtype, batch, devic
     load_checkpoint(ref, model.state_dict(), strict=True)
     # one compile: the check runs in the mode and grad mode of the timed step (a no-grad or eval check would
     # compile the whole model a second time)
-    run = torch.compile(model) if prov == "torch_compile" else model
+    run = torch.compile(model, **_COMPILED[prov]) if prov in _COMPILED else model
     with torch.no_grad(), torch.autocast(**autocast):
         want = ref_logits(ref, x, mask, masked_index).float()
     with torch.autocast(**autocast):
@@ -144,9 +153,10 @@ def main(argv=None):
     else:
         names = (args.models or ("beit_base_patch16_224" if args.quick else
                                  "beit_base_patch16_224,beit_large_patch16_224")).split(",")
-        batch = args.batch or 64
+        batch = args.batch or 128
     providers = selected_providers(args, ("ours_reference", "ours_fused", "timm", "hf", "torch_compile")
-                                   + tuple(p for p in _OURS if p != "ours_fused"))
+                                   + tuple(p for p in _OURS if p != "ours_fused"),
+                                   smoke_default=("ours_reference", "ours_fused", "timm", "hf", "torch_compile"))
     # tolerance of the check: max logit error over the largest logit, per autocast dtype (fp32: the same math
     # up to summation order; a wrong model is off by O(1))
     tol = {torch.float32: 1e-3, torch.bfloat16: 8e-2, torch.float16: 2e-2}
@@ -167,9 +177,9 @@ def main(argv=None):
             classes = ref.config.vocab_size if mode == "pretrain" else ref.config.num_classes
             target = torch.randint(0, classes, (n_out,), device=device)
             cases.append((name, mode, ref, ref_logits, (x, mask, target, masked_index)))
-    # every other provider of every case first; torch_compile, which compiles each whole model, at the end,
+    # every other provider of every case first; the compiled ones, which compile each whole model, at the end,
     # so that a time limit (gpu_check.sh) cuts compiled rows rather than the fused fine-tuning ones
-    order = [p for p in providers if p != "torch_compile"] + [p for p in providers if p == "torch_compile"]
+    order = [p for p in providers if p not in _COMPILED] + [p for p in providers if p in _COMPILED]
     for prov in order:
         for name, mode, ref, ref_logits, inputs in cases:
             for dtype in dtypes:

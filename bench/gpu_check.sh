@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine: build the extension, run the whole test suite on CUDA, run the GPU
+# One command for a CUDA machine: build the extension, run the GPU-facing tests on CUDA, run the GPU
 # benchmarks, and write logs and a short summary under OUTDIR. Budget: under 10 minutes on one H100 / H200
 # (every step ends by GPU_CHECK_SECONDS, default 580, and the summary's beit_fast.info gets what is left of
 # it, at least 5 s; every benchmark keeps its rows as it goes).
@@ -10,10 +10,13 @@
 # the attention tile sweep.
 # A shorter re-check after a change (a second device call in the same lease) selects what runs:
 #   GPU_CHECK_TESTS="tests/test_x.py ..."   only these tests (and not the rest of the suite); "" = none
-#   GPU_CHECK_BENCH="attention model"       only these steps of: overhead attention model blocks tune
-#   GPU_CHECK_MODEL_ARGS="--providers ..."  extra arguments of bench_model.py
-#   GPU_CHECK_ALT_CXX=/usr/bin/g++          also build the C++ ops (no CUDA) with that compiler in a copy of the
-#                                           tree and run bench/cpp_errors.py against it (summary.md)
+#   GPU_CHECK_BENCH="attention model"       these steps of: overhead attention model blocks tune (default:
+#                                           all but tune)
+#   GPU_CHECK_REST=1                        the rest of the test suite too, alongside the GPU tests
+#   GPU_CHECK_MODEL_ARGS="--providers ..."  bench_model.py's arguments after --quick (default: four providers)
+#   GPU_CHECK_ALT_CXX=/usr/bin/g++          also build the C++ ops (no CUDA; GPU_CHECK_ALT_CUDA=1: with) with
+#                                           that compiler in a copy of the tree and run bench/cpp_errors.py
+#                                           against it (summary.md)
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -67,13 +70,16 @@ fi
 DIAG_LOG=$(mktemp)
 {
   echo "compilers: CC=${CC:-unset} CXX=${CXX:-unset}; $(${CXX:-c++} --version 2>&1 | head -1)"
+  echo "eh_frame of beit_fast._C: $(readelf -lW beit_fast/_C*.so 2>&1 | grep -c GNU_EH_FRAME) GNU_EH_FRAME header(s);" \
+    "sections: $(readelf -SW beit_fast/_C*.so 2>&1 | grep -o 'eh_frame[_a-z]* *[A-Z]* *[0-9a-f]* *[0-9a-f]* *[0-9a-f]*' | tr -s ' ' | paste -sd ';' -)"
   echo "bench/cpp_errors.py (beit_fast._C as built above):"
   timeout 120 "$PY" bench/cpp_errors.py 2>&1
   if [ -n "${GPU_CHECK_ALT_CXX:-}" ]; then
     ALT=$(mktemp -d)
     cp -r beit_fast csrc kernels setup.py pyproject.toml "$ALT"/ && rm -f "$ALT"/beit_fast/_C*.so
-    echo "bench/cpp_errors.py with the C++ ops built by $GPU_CHECK_ALT_CXX ($("$GPU_CHECK_ALT_CXX" --version 2>&1 | head -1)):"
-    if (cd "$ALT" && CXX="$GPU_CHECK_ALT_CXX" CC="${GPU_CHECK_ALT_CXX%++}cc" BEIT_FAST_CUDA=0 MAX_JOBS=4 \
+    echo "bench/cpp_errors.py with the ops built by $GPU_CHECK_ALT_CXX ($("$GPU_CHECK_ALT_CXX" --version 2>&1 | head -1)), BEIT_FAST_CUDA=${GPU_CHECK_ALT_CUDA:-0}:"
+    if (cd "$ALT" && CXX="$GPU_CHECK_ALT_CXX" CC="${GPU_CHECK_ALT_CXX%++}cc" BEIT_FAST_CUDA=${GPU_CHECK_ALT_CUDA:-0} \
+          TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8 \
           timeout 200 "$PY" setup.py -q build_ext --inplace >"$ALT/build.log" 2>&1); then
       (cd "$ALT" && timeout 120 "$PY" "$OLDPWD/bench/cpp_errors.py" 2>&1)
     else
@@ -84,7 +90,8 @@ DIAG_LOG=$(mktemp)
 DIAG_PID=$!
 
 # 2. the tests: the GPU-facing ones (kernels compiled by Triton / nvcc, the fused model, CUDA training) and,
-#    alongside, the rest
+#    with GPU_CHECK_REST=1, alongside, the rest (CI runs those: on the first GPU run they ran out of their 170 s
+#    and took cores from the GPU tests' Triton compiles)
 GPU_TESTS="tests/test_extension.py tests/test_rel_pos_attention.py tests/test_masked_patch_embed.py
   tests/test_layer_scale_residual_norm.py tests/test_linear_gelu.py tests/test_layer_norm.py
   tests/test_fused_model.py tests/test_model.py"
@@ -97,6 +104,7 @@ TRAIN_CUDA="tests/test_train_loop.py::test_bf16_fused_training_tracks_the_refere
 REST_TESTS=$(ls tests/test_*.py | grep -vxF -f <(printf '%s\n' $GPU_TESTS tests/test_triton_compile.py))
 REST_TESTS="$REST_TESTS $(printf -- '--deselect %s ' $TRAIN_CUDA)"
 GPU_TESTS="$GPU_TESTS $TRAIN_CUDA"
+[ "${GPU_CHECK_REST:-0}" = 1 ] || REST_TESTS=""
 if [ -n "${GPU_CHECK_TESTS+set}" ]; then GPU_TESTS=$GPU_CHECK_TESTS REST_TESTS=""; fi
 PYTEST=("$PY" -m pytest -q -rfEs --durations=15 -p no:cacheprovider)
 # the GPU image has pytest-timeout and pytest-xdist: one hung test cannot eat the step, and the 16 cores help
@@ -132,15 +140,17 @@ rm -f "$REST_LOG"
 wait "$DIAG_PID"
 
 # 3. benchmarks: BEiT-B/L training shapes in bf16 (full sweeps: run the scripts by hand)
-BENCH=" ${GPU_CHECK_BENCH:-attention blocks model tune} "
-# host against GPU time per call (a diagnostic: not in the default list, as its JSON rows would be a 9th file)
+# The default: host against GPU time per op and step, attention, whole training steps (the unfused and fused
+# model, timm, and the fused model under CUDA graphs), the block ops; the tile sweep (tune) only when asked.
+BENCH=" ${GPU_CHECK_BENCH:-overhead attention model blocks} "
+MODEL_ARGS=${GPU_CHECK_MODEL_ARGS:---providers ours_reference,ours_fused,timm,ours_fused_cudagraphs}
 [[ $BENCH == *" overhead "* ]] && \
   step bench_overhead 60 "$OUT/bench.log" "$PY" bench/overhead.py --out "$OUT" --dtypes bf16
 [[ $BENCH == *" attention "* ]] && \
   step bench_attention 100 "$OUT/bench.log" "$PY" bench/bench_attention.py --out "$OUT" --dtypes bf16 --quick
 [[ $BENCH == *" model "* ]] && \
-  step bench_model 60 "$OUT/bench.log" "$PY" bench/bench_model.py --out "$OUT" --dtypes bf16 --quick \
-    ${GPU_CHECK_MODEL_ARGS:-}
+  step bench_model 120 "$OUT/bench.log" "$PY" bench/bench_model.py --out "$OUT" --dtypes bf16 --quick \
+    $MODEL_ARGS
 [[ $BENCH == *" blocks "* ]] && \
   step bench_blocks 90 "$OUT/bench.log" "$PY" bench/bench_blocks.py --out "$OUT" --dtypes bf16 --quick
 # attention tile sweep at the target shape (BEiT-B, B=128, bf16): it stops starting tiles 20 s before its cap;

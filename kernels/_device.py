@@ -20,3 +20,15 @@ def on_device_of_first_arg(launcher):
                 return launcher(t, *args, **kwargs)
         return launcher(t, *args, **kwargs)
     return run
+
+
+# Host-side integer helpers for the launchers. triton.cdiv / triton.next_power_of_2 are ConstexprFunctions
+# from Triton 3.8 on (callable from kernels too), about 2 us a call from the host on the CI machine; a
+# launcher makes several per call.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2 for n >= 1."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

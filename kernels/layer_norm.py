@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import on_device_of_first_arg
+from ._device import cdiv, next_power_of_2, on_device_of_first_arg
 
 # A whole row lives in registers; past this the kernels would spill (a looped variant is not written).
 MAX_C = 16384
@@ -101,7 +101,7 @@ def _layer_norm_bwd_kernel(
 
 def _tile(C: int):
     """(BLOCK_M, BLOCK_C, num_warps): about 4096 elements per program, several rows when C is small."""
-    block_c = triton.next_power_of_2(max(C, 1))
+    block_c = next_power_of_2(max(C, 1))
     block_m = max(1, min(16, 4096 // block_c))
     num_warps = min(max(block_m * block_c // 512, 1), 8)
     return block_m, block_c, num_warps
@@ -133,7 +133,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     if M == 0 or C == 0:
         return y, mean, rstd
     block_m, block_c, num_warps = _tile(C)
-    _layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    _layer_norm_fwd_kernel[(cdiv(M, block_m),)](
         x, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
         M, C, eps, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
@@ -156,9 +156,9 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, need_dx=True, need_dw=True, need_d
         zeros = torch.zeros((C,), device=x.device, dtype=torch.float32)
         return dx, (zeros if need_dw else None), (zeros.clone() if need_db else None)
     block_m, block_c, num_warps = _tile(C)
-    rows_per_prog = triton.cdiv(M, min(_num_programs(x.device), M))
-    rows_per_prog = triton.cdiv(rows_per_prog, block_m) * block_m
-    progs = triton.cdiv(M, rows_per_prog)
+    rows_per_prog = cdiv(M, min(_num_programs(x.device), M))
+    rows_per_prog = cdiv(rows_per_prog, block_m) * block_m
+    progs = cdiv(M, rows_per_prog)
     dw_part = torch.empty((progs, C), device=x.device, dtype=torch.float32) if need_dw else None
     db_part = torch.empty((progs, C), device=x.device, dtype=torch.float32) if need_db else None
     dummy = mean

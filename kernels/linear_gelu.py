@@ -24,7 +24,7 @@ import triton.language as tl
 
 from beit_fast._backend import tf32_matmul
 
-from ._device import on_device_of_first_arg
+from ._device import cdiv, on_device_of_first_arg
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -223,7 +223,7 @@ def _gemm(x, weight, bias, out, z, dy, part, backward):
     dummy = out
     z_t = z if z is not None else dummy
     dy_t = dy if dy is not None else dummy
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     _linear_gelu_kernel[grid](
         x, weight, bias if bias is not None else dummy, out, z_t, dy_t,
         part if part is not None else dummy,
@@ -268,15 +268,15 @@ def linear_gelu_dz(dy, x, weight, bias, preact=None, with_db=True):
     if M == 0 or N == 0:
         return dz, (torch.zeros(N, device=x.device, dtype=torch.float32) if with_db else None)
     if preact is None:
-        part = torch.empty((triton.cdiv(M, DB_CHUNK_M), N), device=x.device, dtype=torch.float32) if with_db else None
+        part = torch.empty((cdiv(M, DB_CHUNK_M), N), device=x.device, dtype=torch.float32) if with_db else None
         _gemm(x, weight, bias, dz, None, dy, part, backward=True)
     else:
-        n_blocks_m = triton.cdiv(M, _DGELU_BLOCK_M)
-        n_blocks_n = triton.cdiv(N, _DGELU_BLOCK_N)
+        n_blocks_m = cdiv(M, _DGELU_BLOCK_M)
+        n_blocks_n = cdiv(N, _DGELU_BLOCK_N)
         # about 4 programs per SM in all; each walks blocks_per_prog row blocks
         progs_m = max(1, min(n_blocks_m, (4 * _sm_count(x.device)) // n_blocks_n))
-        blocks_per_prog = triton.cdiv(n_blocks_m, progs_m)
-        progs_m = triton.cdiv(n_blocks_m, blocks_per_prog)
+        blocks_per_prog = cdiv(n_blocks_m, progs_m)
+        progs_m = cdiv(n_blocks_m, blocks_per_prog)
         part = torch.empty((progs_m, N), device=x.device, dtype=torch.float32) if with_db else None
         _dgelu_kernel[(n_blocks_n, progs_m)](
             dy, preact, dz, part if part is not None else dz,

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import on_device_of_first_arg
+from ._device import cdiv, next_power_of_2, on_device_of_first_arg
 
 LOG2E = 1.4426950408889634
 
@@ -104,7 +104,7 @@ def pick_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> Att
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _tail(n: int, block: int, peel: bool = True) -> int:
@@ -116,7 +116,7 @@ def _tail(n: int, block: int, peel: bool = True) -> int:
     if not peel:
         return -1
     rem = n % block
-    return 0 if rem == 0 else min(block, max(16, triton.next_power_of_2(rem)))
+    return 0 if rem == 0 else min(block, max(16, next_power_of_2(rem)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -632,7 +632,7 @@ def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout
     table, idx, s_tr, s_th, s_ii, s_ij, R, centre = _bias_args(table, rel_index, window_size)
     if rel_index is not None:
         check_index_range_once(rel_index, R)
-    grid = (triton.cdiv(N, cfg.block_m), B * H)
+    grid = (cdiv(N, cfg.block_m), B * H)
     _fwd_kernel[grid](
         q, k, v, table, idx, _seed_arg(seed, table), out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_tr, s_th, s_ii, s_ij,
@@ -650,7 +650,7 @@ def num_batch_groups(B: int, H: int, N: int, device: torch.device) -> int:
     if device.type != "cuda":
         return min(B, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(4 * sms, H * triton.cdiv(N, 64))
+    want = cdiv(4 * sms, H * cdiv(N, 64))
     cap = max(1, (64 << 20) // (H * N * N * 4))
     return max(1, min(B, want, cap))
 
@@ -671,14 +671,14 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     seed_t = _seed_arg(seed, table)
 
     delta = _alloc((B, H, N), torch.float32, q.device)
-    _delta_kernel[(triton.cdiv(N, 64), B * H)](
+    _delta_kernel[(cdiv(N, 64), B * H)](
         out, do, delta, *out.stride(), *do.stride(), H, N, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=64)
 
     need_dbias = inverse_index is not None
     G = num_batch_groups(B, H, N, q.device)
     dbias = _alloc((G, H, N, N) if need_dbias else (1,), torch.float32, q.device)
     c = cfgs.dkdv
-    _dkdv_kernel[(triton.cdiv(N, c.block_n), H, G)](
+    _dkdv_kernel[(cdiv(N, c.block_n), H, G)](
         q, k, v, table, idx, seed_t, do, lse, delta, dk, dv, dbias,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_tr, s_th, s_ii, s_ij,
         B, H, N, R, centre, G, scale, scale * LOG2E, float(dropout_p),
@@ -687,7 +687,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
         NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
 
     c = cfgs.dq
-    _dq_kernel[(triton.cdiv(N, c.block_m), B * H)](
+    _dq_kernel[(cdiv(N, c.block_m), B * H)](
         q, k, v, table, idx, seed_t, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_tr, s_th, s_ii, s_ij,
         H, N, R, centre, scale, scale * LOG2E, float(dropout_p),
@@ -700,7 +700,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     perm, start, count, max_count = inverse_index
     dtable = _alloc((R, H), torch.float32, q.device)
     BLOCK_R, BLOCK_C = 16, 64
-    _table_grad_kernel[(triton.cdiv(R, BLOCK_R), H)](
+    _table_grad_kernel[(cdiv(R, BLOCK_R), H)](
         dbias, perm, start, count, dtable, G, H, N * N, R, max_count, *dtable.stride(),
         BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return dtable
@@ -783,7 +783,7 @@ def dropout_keep_mask(seed: torch.Tensor, B: int, H: int, N: int, dropout_p: flo
     """(B, H, N, N) bool keep-mask the kernels use for this seed (test-only: it materializes B*H*N*N)."""
     out = torch.empty((B, H, N, N), dtype=torch.int8, device=seed.device)
     BLOCK = 32
-    _keep_mask_kernel[(triton.cdiv(N, BLOCK), B * H)](seed, out, H, N, float(dropout_p), BLOCK=BLOCK)
+    _keep_mask_kernel[(cdiv(N, BLOCK), B * H)](seed, out, H, N, float(dropout_p), BLOCK=BLOCK)
     return out.bool()
 
 

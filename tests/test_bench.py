@@ -27,7 +27,9 @@ def _run(args, tmp_path):
     ("bench_attention", ["--check-determinism"], {"eager", "sdpa"}),
     ("bench_blocks", ["--providers", "eager,ours,compile"], {"eager", "ours", "compile"}),
     ("bench_masking", ["--batch", "16"], {"reference", "cpp"}),
-    ("bench_model", ["--providers", "timm,hf,ours_reference,ours_fused"], {"timm", "hf", "ours_reference", "ours_fused"}),
+    ("bench_model", ["--providers", "timm,hf,ours_reference,ours_fused,ours_fused_mlp_torch,ours_fused_attn_sdpa,"
+                                    "ours_attn_only"],
+     {"timm", "hf", "ours_reference", "ours_fused", "ours_fused_mlp_torch", "ours_fused_attn_sdpa", "ours_attn_only"}),
 ])
 def test_smoke(script, extra, providers, tmp_path):
     _run([f"bench/{script}.py", "--smoke"] + extra, tmp_path)
@@ -47,6 +49,29 @@ def test_smoke(script, extra, providers, tmp_path):
         copies = {r["shape"]["bytes"]: r["gbps"] for r in rows if r["op"] == "copy"}
         bound = [r for r in rows if r["op"] in ("layer_scale_residual_norm", "layer_norm")]
         assert bound and all(r["pct_copy_bw"] > 0 for r in bound) and len(copies) >= 3
+
+
+def test_overhead_smoke(tmp_path):
+    """bench/overhead.py on the CPU: host time per call of every op, ours and PyTorch's, and a training step."""
+    _run(["bench/overhead.py", "--smoke"], tmp_path)
+    with open(tmp_path / "bench_overhead.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    got = {(r["op"], r["provider"], r["mode"]) for r in rows}
+    for op, theirs in (("layer_norm", "eager"), ("layer_scale_residual_norm", "eager"), ("linear_gelu", "eager"),
+                       ("rel_pos_attention_qkvpacked", "sdpa")):
+        assert {(op, p, m) for p in ("ours", theirs) for m in ("fwd", "fwd_bwd")} <= got
+    assert {("train_step", p, "fwd_bwd") for p in ("ours_fused", "ours_reference")} <= got
+    assert all(r["host_us"] > 0 and r["median_ms"] > 0 and r["gpu_us"] is None for r in rows)
+
+
+def test_cpp_errors_reach_python():
+    """bench/cpp_errors.py: every argument error of the extension raised as its ValueError, case by case."""
+    r = subprocess.run([sys.executable, "bench/cpp_errors.py"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert lines[0].startswith("extension: ") and "_C" in lines[0]
+    assert len(lines) == 8 and all(line.rstrip().endswith(" ok") for line in lines[1:]), r.stdout
 
 
 def test_time_ms_with_setup_times_only_the_call():

@@ -362,3 +362,20 @@ def test_a_failed_rank_does_not_wait_on_nccl_shutdown(monkeypatch, backend, fail
     monkeypatch.setattr(dist, "destroy_process_group", lambda *a: calls.append("destroy"))
     runtime.teardown(runtime.Runtime(torch.device("cpu"), rank=1, world=2, owns_group=True), failed=failed)
     assert calls == ([] if failed else ["barrier"]) + (["destroy"] if destroyed else [])
+
+
+@pytest.mark.parametrize("mode, passed", [("default", None), ("reduce-overhead", "reduce-overhead")])
+def test_compile_mode_reaches_torch_compile(monkeypatch, mode, passed):
+    from beit_fast.train import engine, runtime
+    seen = []
+    monkeypatch.setattr(engine.torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    cfg = C.check(dataclasses.replace(preset("finetune"), compile=True, compile_mode=mode, device="cpu"))
+    rt = runtime.Runtime(torch.device("cpu"))
+    model = beit_fast.create_model("beit_test_patch4_32")
+    engine.training_state(cfg, rt, model)
+    assert seen == [{"mode": passed}]
+
+
+def test_bad_compile_mode_is_refused():
+    with pytest.raises(ConfigError, match=r"compile_mode must be one of \['default', 'reduce-overhead'"):
+        C.check(dataclasses.replace(preset("finetune"), compile_mode="fast"))

@@ -11,6 +11,7 @@ functions given to `register_autograd`: `forward(*args)` is the op's implementat
 or the extension op called below autograd), `setup_context(ctx, inputs, output)` and
 `backward(ctx, *grads)` are shared with the registration. `call(op, fn, *args)` runs the registered op
 `op(*args)` while torch.compile traces (and for tensor subclasses such as FakeTensor), else `fn.apply(*args)`.
+Under torch.func transforms (vmap) neither has a batching rule.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def eager(*args) -> bool:
     """Whether the fast path may run: not under torch.compile's tracing, and every tensor argument a plain
-    tensor or parameter (a FakeTensor or a functorch wrapper goes through the dispatcher)."""
+    tensor or parameter (a tensor subclass, such as FakeTensor or the FunctionalTensor of AOTAutograd's
+    tracing, goes through the dispatcher, whose fake and autograd registrations handle it)."""
     if torch.compiler.is_compiling():
         return False
     return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))

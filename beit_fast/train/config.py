@@ -54,6 +54,8 @@ class RunConfig:
     layer_scale: Optional[float] = 0.1   # LayerScale init (gamma); None or 0 disables it
     grad_checkpointing: bool = False
     compile: bool = False
+    compile_mode: str = "default"        # torch.compile mode: default | reduce-overhead (CUDA graphs: the
+    #                                      host's per-op time drops out) | max-autotune | max-autotune-no-cudagraphs
     # optimisation
     optimizer: str = "adamw"             # adamw | apex_adam | apex_lamb
     batch_size: int = 64                 # per process
@@ -444,6 +446,9 @@ def tokenizer_downsample(cfg) -> int:
     return cfg.tokenizer_patch
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _one_of(name, value, choices):
     if value not in choices:
         raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -505,6 +510,7 @@ def check(config):
         _one_of("distributed", cfg.distributed, ("ddp", "fsdp"))
         _one_of("attn_impl", cfg.attn_impl, ("auto", "eager", "sdpa", "fused"))
         _one_of("weight_decay_exclusions", cfg.weight_decay_exclusions, ("all", "unilm"))
+        _one_of("compile_mode", cfg.compile_mode, COMPILE_MODES)
         for name in ("batch_size", "accum_steps", "epochs", "log_every"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")

@@ -56,7 +56,7 @@ def training_state(cfg, rt, model, ema=None, **optimizer_kw):
     scaler = runtime.grad_scaler(rt.device, cfg.precision)
     position = resume(cfg, rt, train_model, optimizer, scaler, ema)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     return train_model, optimizer, scaler, position
 
 
