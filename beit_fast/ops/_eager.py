@@ -10,8 +10,7 @@ launcher 14 us), time in which a GPU running short kernels idles.
 functions given to `register_autograd`: `forward(*args)` is the op's implementation (the custom op's body,
 or the extension op called below autograd), `setup_context(ctx, inputs, output)` and
 `backward(ctx, *grads)` are shared with the registration. `call(op, fn, *args)` runs the registered op
-`op(*args)` while torch.compile traces (and for tensor subclasses such as FakeTensor), else `fn.apply(*args)`.
-Under torch.func transforms (vmap) neither has a batching rule.
+`op(*args)` when anything other than plain eager execution is going on (see `eager`), else `fn.apply(*args)`.
 """
 from __future__ import annotations
 
@@ -22,11 +21,21 @@ import torch
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def _forward_ad_level() -> int:
+    from torch.autograd import forward_ad
+    return getattr(forward_ad, "_current_level", -1)
+
+
 def eager(*args) -> bool:
-    """Whether the fast path may run: not under torch.compile's tracing, and every tensor argument a plain
-    tensor or parameter (a tensor subclass, such as FakeTensor or the FunctionalTensor of AOTAutograd's
-    tracing, goes through the dispatcher, whose fake and autograd registrations handle it)."""
+    """Whether the fast path may run: plain eager execution only. Everything that must see the op itself
+    takes the registered op: torch.compile's tracing; tensor subclasses (FakeTensor, AOTAutograd's
+    FunctionalTensor); torch.func transforms (vmap, grad, functionalize: their tensors are plain torch.Tensor
+    wrappers); torch.jit.trace; an active TorchDispatchMode (make_fx, FlopCounterMode, op logging, selective
+    checkpointing policies); a forward-mode AD dual level."""
     if torch.compiler.is_compiling():
+        return False
+    if (torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None
+            or torch._C._len_torch_dispatch_stack() > 0 or _forward_ad_level() >= 0):
         return False
     return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
 
