@@ -1,7 +1,9 @@
 """Where the time of a call goes: host (Python + launch) against GPU kernel time, ours against PyTorch's.
 
 For each op at BEiT-B training shapes (batch 128, bf16) and for a whole training step of the model, per call:
-  host_us   the host's time to issue one call, the GPU not waited for (perf_counter over back-to-back calls)
+  host_us   the host's time to issue one call, the GPU not waited for (perf_counter over back-to-back calls;
+            when the GPU is the slower side the host ends up waiting for queue space, so host_us is an upper
+            bound that approaches gpu_us there)
   gpu_us    the time of the GPU work it launches (kernels, memsets and copies, from torch.profiler)
   median_ms the wall time per call of back-to-back calls (CUDA events around the loop): about
             max(host, gpu) once the queue is full; host-bound when host_us > gpu_us
@@ -16,7 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import base_parser, device_and_dtypes, environment, finish, make_row, Outcomes  # noqa: E402
+from common import (Outcomes, base_parser, device_and_dtypes, environment, finish, make_row,  # noqa: E402
+                    write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -123,6 +126,7 @@ def main(argv=None):
                                                                   "p80_ms": None}, env,
                                  host_us=round(host, 1), gpu_us=None if gpu is None else round(gpu, 1)))
             print(f"{op} {prov} {mode}: host {host:.1f} us, gpu {gpu} us, back-to-back {wall_ms * 1e3:.1f} us")
+        write_report(rows, args.out, "bench_overhead", outcomes)   # a time limit keeps what ran
 
     for dtype in dtypes:
         shape = {"B": 2, "N": 17, "C": 64} if args.smoke else {"B": 128, "N": 197, "C": 768}

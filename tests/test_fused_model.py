@@ -177,3 +177,20 @@ def test_fused_model_bf16_2x_rule(name, device, monkeypatch):
         m = g32[n].abs().max().item()
         atol = tolerance("fused_model", torch.bfloat16, "grads").atol * max(1.0, m) + ulp(m, torch.bfloat16)
         assert_two_x(f"grad of {n}", gf[n], g16[n], g32[n], atol)
+
+
+def test_compiled_fused_model_compiles_once():
+    """A fresh process (Triton's import state not yet resolved): the second call of a compiled fused model
+    reuses the first compile (the backend choice reads state that creating the model resolves)."""
+    import subprocess
+    import sys
+    code = ("import torch, torch._dynamo\n"
+            "torch._dynamo.config.error_on_recompile = True\n"
+            "from beit_fast.models import create_model\n"
+            "m = create_model('beit_test_patch4_32', fused=True)\n"
+            "c = torch.compile(m, backend='eager')\n"
+            "x = torch.randn(1, 3, 32, 32)\n"
+            "c(x); c(x)\n"
+            "print('compiled once')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "compiled once" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

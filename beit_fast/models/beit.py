@@ -236,6 +236,11 @@ class Beit(nn.Module):
     def __init__(self, config: BeitConfig):
         super().__init__()
         config.validate()
+        if config.fused is not False:
+            # Resolved now (it imports Triton once): the backend choice reads it, and torch.compile's first
+            # trace of a model would otherwise record it unresolved and recompile the model on the next call.
+            from beit_fast._backend import triton_import_error
+            triton_import_error()
         self.config = c = config
         self.embed_dim = c.embed_dim
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
