@@ -10,8 +10,8 @@
 # the attention tile sweep.
 # A shorter re-check after a change (a second device call in the same lease) selects what runs:
 #   GPU_CHECK_TESTS="tests/test_x.py ..."   only these tests (and not the rest of the suite); "" = none
-#   GPU_CHECK_BENCH="attention model"       these steps of: overhead attention model blocks tune (default:
-#                                           all but tune; "" = none)
+#   GPU_CHECK_BENCH="attention model"       these steps of: overhead attention model train blocks tune
+#                                           (default: all but tune; "" = none)
 #   GPU_CHECK_REST=1                        the rest of the test suite too, alongside the GPU tests
 #   GPU_CHECK_MODEL_ARGS="--providers ..."  bench_model.py's arguments after --quick (default: four providers)
 #   GPU_CHECK_ALT_CXX=/usr/bin/g++          after the benchmarks, also build the C++ ops (no CUDA;
@@ -132,8 +132,9 @@ wait "$DIAG_PID"   # bounded: its one command has a 60 s timeout, and the tests 
 
 # 3. benchmarks: BEiT-B/L training shapes in bf16 (full sweeps: run the scripts by hand)
 # The default: host against GPU time per op and step, attention, whole training steps (the unfused and fused
-# model, timm, and the fused model under CUDA graphs), the block ops; the tile sweep (tune) only when asked.
-BENCH=" ${GPU_CHECK_BENCH-overhead attention model blocks} "   # set but empty: none
+# model, timm, and the fused model under CUDA graphs), the trainer's demo on the GPU, the block ops; the tile
+# sweep (tune) only when asked.
+BENCH=" ${GPU_CHECK_BENCH-overhead attention model train blocks} "   # set but empty: none
 MODEL_ARGS=${GPU_CHECK_MODEL_ARGS:---providers ours_reference,ours_fused,timm,ours_fused_cudagraphs}
 [[ $BENCH == *" overhead "* ]] && \
   step bench_overhead 60 "$OUT/bench.log" "$PY" bench/overhead.py --out "$OUT" --dtypes bf16
@@ -142,6 +143,18 @@ MODEL_ARGS=${GPU_CHECK_MODEL_ARGS:---providers ours_reference,ours_fused,timm,ou
 [[ $BENCH == *" model "* ]] && \
   step bench_model 120 "$OUT/bench.log" "$PY" bench/bench_model.py --out "$OUT" --dtypes bf16 --quick \
     $MODEL_ARGS
+# the trainer end to end on the GPU: the demo's pretraining, then fine-tuning from it, 2 epochs each in bf16
+# (images/s and MFU in the last rows of each log.jsonl, appended to bench.log)
+if [[ $BENCH == *" train "* ]]; then
+  TRAIN_DIR=$(mktemp -d)
+  step train_demo 75 "$OUT/bench.log" bash -c '
+    "$1" -m beit_fast.cli pretrain --device cuda --precision bf16 --epochs 2 --progress false --output-dir "$2/pt" &&
+    "$1" -m beit_fast.cli finetune --init "$2/pt" --device cuda --precision bf16 --epochs 2 --progress false \
+      --output-dir "$2/ft"; rc=$?
+    for f in "$2"/pt/log.jsonl "$2"/ft/log.jsonl; do [ -f "$f" ] && { echo "--- $f (last rows)"; tail -n 3 "$f"; }; done
+    exit $rc' _ "$PY" "$TRAIN_DIR"
+  rm -rf "$TRAIN_DIR"
+fi
 [[ $BENCH == *" blocks "* ]] && \
   step bench_blocks 90 "$OUT/bench.log" "$PY" bench/bench_blocks.py --out "$OUT" --dtypes bf16 --quick
 # attention tile sweep at the target shape (BEiT-B, B=128, bf16): it stops starting tiles 20 s before its cap;
