@@ -90,14 +90,23 @@ def test_dispatch_mode_sees_the_registered_op(name):
     assert op in log.names, log.names
 
 
-def test_vmap_over_a_fused_op():
+def test_vmap_over_a_fused_op(monkeypatch):
     """torch.func.vmap runs the registered op (through PyTorch's per-sample fallback); an autograd.Function
-    without a vmap rule would raise."""
+    without a vmap rule would raise. The fast path's Function is replaced by one that fails: a plain call
+    reaches it, the vmapped call does not."""
     _skip_unless_runnable("layer_norm")
     ln = importlib.import_module("beit_fast.ops.layer_norm")
+
+    class Refuse:
+        @staticmethod
+        def apply(*args):
+            raise AssertionError("the fast path ran")
+
+    monkeypatch.setattr(ln, "_LayerNormFn", Refuse)
     x, w, b = torch.randn(3, 2, 16, device=DEVICE), torch.randn(16, device=DEVICE), torch.randn(16, device=DEVICE)
-    with pytest.warns(UserWarning, match="batching rule for beit_fast::layer_norm_triton"):
-        out = torch.func.vmap(lambda t: ln.layer_norm(t, w, b, backend="triton"))(x)
+    with pytest.raises(AssertionError, match="the fast path ran"):
+        ln.layer_norm(x, w, b, backend="triton")
+    out = torch.func.vmap(lambda t: ln.layer_norm(t, w, b, backend="triton"))(x)
     assert torch.allclose(out, ln.layer_norm_ref(x, w, b), atol=1e-5, rtol=1e-5)
 
 
