@@ -50,12 +50,13 @@ def call_raw(raw: Callable, op: Callable, *args):
     return raw(*args)
 
 
-def below_autograd(op: Callable) -> Callable:
-    """`op(*args)` with autograd's dispatch keys skipped: an extension op's CPU/CUDA kernel without the
-    Python autograd wrapper that torch.library put in front of it (the caller records the autograd graph)."""
+def _below_autograd(op_name: str) -> Callable:
+    """`torch.ops.beit_fast.<op_name>(*args)` with autograd's dispatch keys skipped: the extension's CPU/CUDA
+    kernel without the Python autograd wrapper that torch.library put in front of it (the caller records the
+    autograd graph). The op is looked up at call time: the extension may not have loaded."""
     def run(*args):
         with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
+            return getattr(torch.ops.beit_fast, op_name)(*args)
     return run
 
 
@@ -73,6 +74,12 @@ def AutogradOp(name: str, forward: Callable, setup_context: Callable, backward: 
         "backward": staticmethod(backward),
         "__doc__": f"Eager fast path of {name} (beit_fast.ops._eager).",
     })
+
+
+def ExtensionOp(name: str, op_name: str, setup_context: Callable, backward: Callable):
+    """AutogradOp for the C++ extension's `beit_fast::<op_name>`, with the setup_context and backward given
+    to its registration (beit_fast._backend.register_extension_op)."""
+    return AutogradOp(name, _below_autograd(op_name), setup_context, backward)
 
 
 def call(op: Callable, fn, *args):

@@ -138,8 +138,7 @@ def _backward(ctx, grad_sum, grad_norm, _grad_mean, _grad_rstd):
 
 
 register_extension_op(OP, _fake_forward, _fake_backward, _backward, _setup_context)
-_Fn = _eager.AutogradOp("LayerScaleResidualNorm", _eager.below_autograd(lambda *args: getattr(torch.ops.beit_fast, OP)(*args)),
-                        _setup_context, _backward)
+_Fn = _eager.ExtensionOp("LayerScaleResidualNorm", OP, _setup_context, _backward)
 
 
 def _check_inputs(x, y, gamma, drop_path_scale, ln_weight, ln_bias, eps):

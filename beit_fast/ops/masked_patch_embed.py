@@ -133,8 +133,7 @@ def _backward(ctx, grad_out):
 
 
 register_extension_op(OP, _fake_forward, _fake_backward, _backward, _setup_context)
-_Fn = _eager.AutogradOp("MaskedPatchEmbed", _eager.below_autograd(lambda *args: getattr(torch.ops.beit_fast, OP)(*args)),
-                        _setup_context, _backward)
+_Fn = _eager.ExtensionOp("MaskedPatchEmbed", OP, _setup_context, _backward)
 
 
 def _check_inputs(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed):

@@ -195,7 +195,7 @@ def _packed_views(qkv):
 
 
 def _attn_impl(q: Tensor, k: Tensor, v: Tensor, table: Tensor, rel_index: Optional[Tensor], wh: int, ww: int,
-             scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+               scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     out = _kernels()._alloc(q.shape, q.dtype, q.device)
     lse = _kernels().rel_pos_attention_fwd(q, k, v, table, rel_index, _window(wh, ww), scale, dropout_p, seed, out)
     return out, lse
@@ -210,8 +210,8 @@ def _(q, k, v, table, rel_index, wh, ww, scale, dropout_p, seed):
 
 
 def _attn_bwd_impl(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: Tensor,
-                 rel_index: Optional[Tensor], wh: int, ww: int, scale: float, dropout_p: float,
-                 seed: Optional[Tensor], need_dtable: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   rel_index: Optional[Tensor], wh: int, ww: int, scale: float, dropout_p: float,
+                   seed: Optional[Tensor], need_dtable: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     K = _kernels()
     dq, dk, dv = (K._alloc(q.shape, q.dtype, q.device) for _ in range(3))
     inv = _inverse_index(table, rel_index, wh, ww) if need_dtable else None
@@ -260,7 +260,7 @@ _AttnFn = _eager.AutogradOp("RelPosAttentionTriton", _attn_impl, _attn_setup, _a
 
 
 def _packed_impl(qkv: Tensor, table: Tensor, rel_index: Optional[Tensor], wh: int, ww: int, scale: float,
-               dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                 dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     B, N, _, H, D = qkv.shape
     q, k, v = _packed_views(qkv)
     out = _kernels()._alloc((B, N, H * D), qkv.dtype, qkv.device)
@@ -278,9 +278,9 @@ def _(qkv, table, rel_index, wh, ww, scale, dropout_p, seed):
     return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=torch.float32)
 
 
-def _packed_bwd_impl(grad: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, table: Tensor, rel_index: Optional[Tensor],
-                   wh: int, ww: int, scale: float, dropout_p: float, seed: Optional[Tensor],
-                   need_dtable: bool) -> tuple[Tensor, Tensor]:
+def _packed_bwd_impl(grad: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, table: Tensor,
+                     rel_index: Optional[Tensor], wh: int, ww: int, scale: float, dropout_p: float,
+                     seed: Optional[Tensor], need_dtable: bool) -> tuple[Tensor, Tensor]:
     K = _kernels()
     B, N, _, H, D = qkv.shape
     dqkv = K._alloc(qkv.shape, qkv.dtype, qkv.device)
