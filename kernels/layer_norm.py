@@ -4,8 +4,9 @@ Forward `_layer_norm_fwd_kernel`: each program normalises BLOCK_M whole rows (BL
 read once), writes y and the per-row fp32 mean and rstd = 1 / sqrt(var + eps) (biased variance).
 
 Backward `_layer_norm_bwd_kernel` (the apex / Liger two-stage pattern): a fixed grid of about
-PROGRAMS_PER_SM programs per SM; program p walks a contiguous run of rows, writes dx for them and accumulates dweight = sum dy*xhat
-and dbias = sum dy in fp32 registers, then stores one partial row into (num_programs, C) fp32 buffers.
+PROGRAMS_PER_SM programs per SM; program p walks a contiguous run of rows, writes dx for them and
+accumulates dweight = sum dy*xhat and dbias = sum dy in fp32 registers, then stores one partial row into
+(num_programs, C) fp32 buffers.
 The launcher sums the partials over dim 0. No atomics: bitwise deterministic for a given device.
 
     xhat = (x - mean) * rstd,  g = dy * w
