@@ -64,6 +64,19 @@ def test_overhead_smoke(tmp_path):
     assert all(r["host_us"] > 0 and r["median_ms"] > 0 and r["gpu_us"] is None for r in rows)
 
 
+def test_eager_overhead_runs_both_paths():
+    """bench/eager_overhead.py: a row per op and mode with a time for the fast path and the registered op."""
+    r = subprocess.run([sys.executable, "bench/eager_overhead.py", "--rounds", "1", "--calls", "3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    got = {(c[0].strip(), c[1].strip()) for c in rows[1:]}
+    ops = ("layer_norm", "linear_gelu", "rel_pos_attention_qkvpacked", "layer_scale_residual_norm",
+           "masked_patch_embed")
+    assert got == {(op, m) for op in ops for m in ("fwd", "fwd_bwd")}, got
+    assert all(float(c[2]) > 0 and float(c[3]) > 0 for c in rows[1:])
+
+
 def test_cpp_errors_reach_python():
     """bench/cpp_errors.py: every argument error of the extension raised as its ValueError, case by case."""
     r = subprocess.run([sys.executable, "bench/cpp_errors.py"], cwd=ROOT, capture_output=True, text=True,

@@ -1,0 +1,89 @@
+"""Host time per call of the fused ops' Python layers on the CPU, kernel launches stubbed out: the eager fast
+path (beit_fast/ops/_eager.py) against the torch.library registration it bypasses.
+
+The Triton ops run under TRITON_INTERPRET=1 with the interpreter's launch replaced by a no-op, so what is
+timed is the wrapper, the argument checks, the backend choice, the autograd machinery and the launcher's own
+Python; the C++ ops (layer_scale_residual_norm, masked_patch_embed) run their CPU kernels on tiny inputs.
+Forward only and forward+backward, median of 7 rounds of 300 calls. CPU only (no GPU needed or used).
+
+    python bench/eager_overhead.py [--rounds 7] [--calls 300]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported
+
+import importlib  # noqa: E402
+
+import torch  # noqa: E402
+import triton.runtime.interpreter as _interpreter  # noqa: E402
+
+_interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None   # launches do nothing
+
+from beit_fast.ops import _eager  # noqa: E402
+
+
+def _inputs():
+    g = lambda *s: torch.randn(*s, requires_grad=True)  # noqa: E731
+    ln = importlib.import_module("beit_fast.ops.layer_norm")
+    lg = importlib.import_module("beit_fast.ops.linear_gelu")
+    at = importlib.import_module("beit_fast.ops.rel_pos_attention")
+    ls = importlib.import_module("beit_fast.ops.layer_scale_residual_norm")
+    mp = importlib.import_module("beit_fast.ops.masked_patch_embed")
+    x, w, b, W, bW = g(2, 4, 64), g(64), g(64), g(256, 64), g(256)
+    qkv, table = g(2, 5, 3, 2, 16), g(at.num_relative_distance((2, 2)), 2)
+    xs, ys, gs = g(1, 1, 8), g(1, 1, 8), g(8)
+    img, pw, pb, tok, cls = g(1, 3, 8, 8), g(4, 3, 4, 4), g(4), g(1, 1, 4), g(1, 1, 4)
+    mask = torch.tensor([[True, False, False, True]])
+    return {
+        "layer_norm": lambda: ln.layer_norm(x, w, b, backend="triton"),
+        "linear_gelu": lambda: lg.linear_gelu(x, W, bW, backend="triton"),
+        "rel_pos_attention_qkvpacked": lambda: at.rel_pos_attention_qkvpacked(qkv, table, window_size=(2, 2),
+                                                                               backend="triton"),
+        "layer_scale_residual_norm": lambda: ls.layer_scale_residual_norm(xs, ys, gs, None, gs, gs,
+                                                                           backend="cpp")[1],
+        "masked_patch_embed": lambda: mp.masked_patch_embed(img, pw, pb, mask, tok, cls, backend="cpp"),
+    }
+
+
+def _time_us(fn, rounds, calls):
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=300)
+    args = p.parse_args(argv)
+    ops = _inputs()
+    fast_eager = _eager.eager
+    print("| op | mode | fast path us | registered op us |\n|---|---|---|---|")
+    for name, fwd in ops.items():
+        def fwd_bwd(fwd=fwd):
+            out = fwd()
+            out.backward(torch.ones_like(out))
+        for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            got = []
+            for on in (True, False):
+                _eager.eager = fast_eager if on else (lambda *a: False)
+                try:
+                    got.append(_time_us(fn, args.rounds, args.calls))
+                finally:
+                    _eager.eager = fast_eager
+            print(f"| {name} | {mode} | {got[0]:.1f} | {got[1]:.1f} |")
+    print(f"\nCPU: {os.cpu_count()} cores; torch {torch.__version__}; Python {sys.version.split()[0]}")
+
+
+if __name__ == "__main__":
+    main()
