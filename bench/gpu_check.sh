@@ -73,8 +73,11 @@ fi
 DIAG_LOG=$(mktemp)
 {
   echo "compilers: CC=${CC:-unset} CXX=${CXX:-unset}; $(${CXX:-c++} --version 2>&1 | head -1)"
-  echo "eh_frame of beit_fast._C: $(readelf -lW beit_fast/_C*.so 2>&1 | grep -c GNU_EH_FRAME) GNU_EH_FRAME header(s);" \
-    "sections: $(readelf -SW beit_fast/_C*.so 2>&1 | grep -o 'eh_frame[_a-z]* *[A-Z]* *[0-9a-f]* *[0-9a-f]* *[0-9a-f]*' | tr -s ' ' | paste -sd ';' -)"
+  # what the compiler wrapper adds (a script is shown; the libstdc++ linkage line of cpp_errors.py says the rest)
+  WRAP=$(command -v "${CXX:-c++}")
+  if [ -n "$WRAP" ] && [ "$(head -c 2 "$WRAP" 2>/dev/null)" = "#!" ]; then
+    echo "$WRAP is a script:"; grep -v '^\s*#' "$WRAP" | head -c 1200; echo
+  fi
   echo "bench/cpp_errors.py (beit_fast._C as built above):"
   timeout 60 "$PY" bench/cpp_errors.py 2>&1
 } >"$DIAG_LOG" 2>&1 &

@@ -7,6 +7,8 @@
 
 #include <utility>
 
+#include "error_message.h"
+
 namespace beit_fast {
 
 template <typename T> struct TypeTag { using type = T; };
@@ -28,7 +30,7 @@ void dispatch_float_impl(at::ScalarType t, const char* op, F&& f) {
       break;
     default: break;
   }
-  TORCH_CHECK_VALUE(false, op, ": unsupported dtype ", t, " (supported: float32, float16, bfloat16",
+  BEIT_CHECK_VALUE(false, op, ": unsupported dtype ", t, " (supported: float32, float16, bfloat16",
               AllowDouble ? ", float64)" : "; float64 only on the CPU)");
 }
 
@@ -39,7 +41,7 @@ void dispatch_pair_impl(at::ScalarType tx, at::ScalarType ty, const char* op, F&
     dispatch_float_impl<AllowDouble>(tx, op, [&](auto tag) { f(tag, tag); });
     return;
   }
-  TORCH_CHECK_VALUE(tx == at::kFloat && (ty == at::kHalf || ty == at::kBFloat16), op,
+  BEIT_CHECK_VALUE(tx == at::kFloat && (ty == at::kHalf || ty == at::kBFloat16), op,
               ": y must have x's dtype, or be float16/bfloat16 when x is float32; got x ", tx, ", y ", ty);
   if (ty == at::kHalf) f(TypeTag<float>{}, TypeTag<at::Half>{});
   else f(TypeTag<float>{}, TypeTag<at::BFloat16>{});

@@ -3,6 +3,10 @@
 // autograd and fake (meta) functions are registered from Python, in beit_fast/ops/<op>.py.
 #include <torch/extension.h>
 
+#include <cstdint>
+#include <sstream>
+#include <string>
+
 TORCH_LIBRARY(beit_fast, m) {
   // Block-wise masking (BEiT's MaskingGenerator), one mask per row, seeded: (B, height*width) bool.
   m.def("block_mask(int batch, int height, int width, int num_masking_patches, int min_num_patches, "
@@ -40,7 +44,17 @@ static bool built_with_cuda() {
 #endif
 }
 
+// Diagnosis only (bench/cpp_errors.py, tests/test_cpp_messages.py): what a std::ostringstream made in this
+// library writes for 1234567 and 0.5. Not "1234567 0.5" (or a crash) when the extension carries its own
+// libstdc++; the ops' error messages do not depend on it (error_message.h).
+static std::string stream_format_probe() {
+  std::ostringstream ss;
+  ss << int64_t{1234567} << ' ' << 0.5;
+  return ss.str();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "beit_fast C++/CUDA extension; ops are registered under torch.ops.beit_fast";
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA sources were compiled in");
+  m.def("_stream_format_probe", &stream_format_probe, "diagnosis: an ostringstream's output for 1234567 and 0.5");
 }

@@ -19,7 +19,7 @@ constexpr const char* kOp = "layer_scale_residual_norm";
 at::ScalarType acc_dtype_for(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), kOp, ": ", name, " is on ", t.device(), " but x is on ", ref.device(),
+  BEIT_CHECK_VALUE(t.device() == ref.device(), kOp, ": ", name, " is on ", t.device(), " but x is on ", ref.device(),
               "; all tensors must be on one device");
 }
 
@@ -28,9 +28,9 @@ at::Tensor channel_param(const c10::optional<at::Tensor>& t, const at::Tensor& r
                          at::ScalarType acc) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
   check_device(ref, *t, name);
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, kOp, ": ", name, " must have shape (C,) = (", C, ",), got ",
+  BEIT_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, kOp, ": ", name, " must have shape (C,) = (", C, ",), got ",
               t->sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(t->scalar_type()), kOp, ": ", name, " must be floating point, got ",
+  BEIT_CHECK_VALUE(at::isFloatingType(t->scalar_type()), kOp, ": ", name, " must be floating point, got ",
               t->scalar_type());
   return t->to(acc).contiguous();
 }
@@ -38,9 +38,9 @@ at::Tensor channel_param(const c10::optional<at::Tensor>& t, const at::Tensor& r
 at::Tensor batch_scale(const c10::optional<at::Tensor>& t, const at::Tensor& ref, int64_t B, at::ScalarType acc) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
   check_device(ref, *t, "drop_path_scale");
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == B, kOp, ": drop_path_scale must have shape (B,) = (", B,
+  BEIT_CHECK_VALUE(t->dim() == 1 && t->size(0) == B, kOp, ": drop_path_scale must have shape (B,) = (", B,
               ",), got ", t->sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(t->scalar_type()), kOp, ": drop_path_scale must be floating point, got ",
+  BEIT_CHECK_VALUE(at::isFloatingType(t->scalar_type()), kOp, ": drop_path_scale must be floating point, got ",
               t->scalar_type());
   return t->to(acc).contiguous();
 }
@@ -52,12 +52,12 @@ bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->de
 Forward prepare_forward(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& gamma,
                         const c10::optional<at::Tensor>& drop_path_scale, const c10::optional<at::Tensor>& ln_weight,
                         const c10::optional<at::Tensor>& ln_bias, double eps, bool allow_double) {
-  TORCH_CHECK_VALUE(x.dim() == 3, kOp, ": x must have shape (B, N, C), got ", x.sizes());
-  TORCH_CHECK_VALUE(y.sizes() == x.sizes(), kOp, ": y must have x's shape ", x.sizes(), ", got ", y.sizes());
+  BEIT_CHECK_VALUE(x.dim() == 3, kOp, ": x must have shape (B, N, C), got ", x.sizes());
+  BEIT_CHECK_VALUE(y.sizes() == x.sizes(), kOp, ": y must have x's shape ", x.sizes(), ", got ", y.sizes());
   check_device(x, y, "y");
-  TORCH_CHECK_VALUE(x.size(2) > 0, kOp, ": the channel dimension C must be positive, got x ", x.sizes());
-  TORCH_CHECK_VALUE(!present(ln_bias) || present(ln_weight), kOp, ": ln_bias was given without ln_weight");
-  TORCH_CHECK_VALUE(eps >= 0, kOp, ": eps must be >= 0, got ", eps);
+  BEIT_CHECK_VALUE(x.size(2) > 0, kOp, ": the channel dimension C must be positive, got x ", x.sizes());
+  BEIT_CHECK_VALUE(!present(ln_bias) || present(ln_weight), kOp, ": ln_bias was given without ln_weight");
+  BEIT_CHECK_VALUE(eps >= 0, kOp, ": eps must be >= 0, got ", eps);
   // Fails with the dtype message before any work is done.
   dispatch_pair(x.scalar_type(), y.scalar_type(), allow_double, kOp, [](auto, auto) {});
   Forward a;
@@ -81,7 +81,7 @@ Backward prepare_backward(const c10::optional<at::Tensor>& grad_sum, const c10::
                           const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
                           const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& rstd,
                           std::array<bool, 5> output_mask, bool allow_double) {
-  TORCH_CHECK_VALUE(sum.dim() == 3 && sum.size(2) > 0, kOp, "_backward: sum must have shape (B, N, C) with C > 0, got ",
+  BEIT_CHECK_VALUE(sum.dim() == 3 && sum.size(2) > 0, kOp, "_backward: sum must have shape (B, N, C) with C > 0, got ",
               sum.sizes());
   dispatch_pair(sum.scalar_type(), y_dtype, allow_double, kOp, [](auto, auto) {});
   Backward a;
@@ -95,7 +95,7 @@ Backward prepare_backward(const c10::optional<at::Tensor>& grad_sum, const c10::
   auto grad = [&](const c10::optional<at::Tensor>& g, const char* name) {
     if (!present(g)) return at::Tensor();
     check_device(sum, *g, name);
-    TORCH_CHECK_VALUE(g->sizes() == sum.sizes() && g->scalar_type() == sum.scalar_type(), kOp, "_backward: ", name,
+    BEIT_CHECK_VALUE(g->sizes() == sum.sizes() && g->scalar_type() == sum.scalar_type(), kOp, "_backward: ", name,
                 " must match the forward output (", sum.sizes(), ", ", sum.scalar_type(), "), got (", g->sizes(),
                 ", ", g->scalar_type(), ")");
     return g->contiguous();
@@ -108,25 +108,25 @@ Backward prepare_backward(const c10::optional<at::Tensor>& grad_sum, const c10::
   if (present(gamma)) a.gamma_dtype = gamma->scalar_type();
   if (present(ln_weight)) a.w_dtype = ln_weight->scalar_type();
   if (present(ln_bias)) a.b_dtype = ln_bias->scalar_type();
-  TORCH_CHECK_VALUE(!a.need[2] || a.gamma.defined(), kOp, "_backward: the gamma gradient was requested without gamma");
-  TORCH_CHECK_VALUE(!(a.need[3] || a.need[4]) || a.w.defined(), kOp,
+  BEIT_CHECK_VALUE(!a.need[2] || a.gamma.defined(), kOp, "_backward: the gamma gradient was requested without gamma");
+  BEIT_CHECK_VALUE(!(a.need[3] || a.need[4]) || a.w.defined(), kOp,
               "_backward: LayerNorm parameter gradients were requested without ln_weight");
-  TORCH_CHECK_VALUE(!a.need[4] || present(ln_bias), kOp,
+  BEIT_CHECK_VALUE(!a.need[4] || present(ln_bias), kOp,
                     "_backward: the ln_bias gradient was requested without ln_bias");
-  TORCH_CHECK_VALUE(!a.grad_norm.defined() || a.w.defined(), kOp,
+  BEIT_CHECK_VALUE(!a.grad_norm.defined() || a.w.defined(), kOp,
                     "_backward: grad_norm given without ln_weight (there is no LayerNorm output to differentiate)");
   if (a.need[2]) {
-    TORCH_CHECK_VALUE(present(y), kOp, "_backward: the gamma gradient needs y");
+    BEIT_CHECK_VALUE(present(y), kOp, "_backward: the gamma gradient needs y");
     check_device(sum, *y, "y");
-    TORCH_CHECK_VALUE(y->sizes() == sum.sizes() && y->scalar_type() == y_dtype, kOp, "_backward: y must have shape ",
+    BEIT_CHECK_VALUE(y->sizes() == sum.sizes() && y->scalar_type() == y_dtype, kOp, "_backward: y must have shape ",
                 sum.sizes(), " and dtype ", y_dtype, ", got ", y->sizes(), " ", y->scalar_type());
     a.y = y->contiguous();
   }
   if (a.w.defined()) {
     for (const auto* stat : {&mean, &rstd}) {
-      TORCH_CHECK_VALUE(present(*stat), kOp, "_backward: mean and rstd are needed when ln_weight is given");
+      BEIT_CHECK_VALUE(present(*stat), kOp, "_backward: mean and rstd are needed when ln_weight is given");
       check_device(sum, **stat, "mean/rstd");
-      TORCH_CHECK_VALUE((*stat)->sizes() == sum.sizes().slice(0, 2) && (*stat)->scalar_type() == a.acc_dtype, kOp,
+      BEIT_CHECK_VALUE((*stat)->sizes() == sum.sizes().slice(0, 2) && (*stat)->scalar_type() == a.acc_dtype, kOp,
                   "_backward: mean and rstd must have shape (B, N) = ", sum.sizes().slice(0, 2), " and dtype ",
                   a.acc_dtype, ", got ", (*stat)->sizes(), " ", (*stat)->scalar_type());
     }

@@ -17,7 +17,7 @@ ForwardResult forward_cuda(const at::Tensor& x, const at::Tensor& y, const c10::
                            const c10::optional<at::Tensor>& drop_path_scale,
                            const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
                            double eps) {
-  TORCH_CHECK_VALUE(x.is_cuda(), dev::kOp, ": x must be a CUDA tensor, got ", x.device());
+  BEIT_CHECK_VALUE(x.is_cuda(), dev::kOp, ": x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return dev::forward_on(CudaLaunch{c10::cuda::getCurrentCUDAStream()}, x, y, gamma, drop_path_scale, ln_weight,
                          ln_bias, eps);
@@ -29,7 +29,7 @@ BackwardResult backward_cuda(const c10::optional<at::Tensor>& grad_sum, const c1
                              const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
                              const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& rstd,
                              std::array<bool, 5> output_mask) {
-  TORCH_CHECK_VALUE(sum.is_cuda(), dev::kOp, "_backward: sum must be a CUDA tensor, got ", sum.device());
+  BEIT_CHECK_VALUE(sum.is_cuda(), dev::kOp, "_backward: sum must be a CUDA tensor, got ", sum.device());
   const c10::cuda::CUDAGuard guard(sum.device());
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));

@@ -243,7 +243,7 @@ inline Plan make_plan(int64_t C, int vec_width, bool vec_ok) {
     }
   }
   const int64_t threads = (C + kScalarNV - 1) / kScalarNV;
-  TORCH_CHECK(threads <= kMaxThreadsScalar, kOp, ": C = ", C, " is too large (at most ", kMaxThreadsScalar * kScalarNV,
+  BEIT_CHECK(threads <= kMaxThreadsScalar, kOp, ": C = ", C, " is too large (at most ", kMaxThreadsScalar * kScalarNV,
               ", or ", kMaxThreadsVec * 8 * vec_width, " when C is a multiple of ", vec_width, ")");
   return {1, kScalarNV, static_cast<int>((threads + 31) / 32 * 32)};
 }
@@ -300,7 +300,7 @@ void launch_backward(const Launch& launch, const Backward& a, at::Tensor& dx, at
 }
 
 inline void check_rows(int64_t rows) {
-  TORCH_CHECK(rows <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()), kOp, ": B * N = ", rows,
+  BEIT_CHECK(rows <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()), kOp, ": B * N = ", rows,
               " rows exceed the grid limit 2^31 - 1");
 }
 

@@ -20,16 +20,16 @@ constexpr const char* kOp = "masked_patch_embed";
 bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 void check_device(const at::Tensor& images, const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == images.device(), kOp, ": ", name, " is on ", t.device(), " but images are on ",
+  BEIT_CHECK_VALUE(t.device() == images.device(), kOp, ": ", name, " is on ", t.device(), " but images are on ",
               images.device(), "; all tensors must be on one device");
 }
 
 at::Tensor small_param(const at::Tensor& t, const at::Tensor& images, at::IntArrayRef shape, const char* name,
                        const char* shape_name, at::ScalarType acc) {
   check_device(images, t, name);
-  TORCH_CHECK_VALUE(t.sizes() == shape, kOp, ": ", name, " must have shape ", shape_name, " = ", shape, ", got ",
+  BEIT_CHECK_VALUE(t.sizes() == shape, kOp, ": ", name, " must have shape ", shape_name, " = ", shape, ", got ",
                     t.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), kOp, ": ", name, " must be floating point, got ",
+  BEIT_CHECK_VALUE(at::isFloatingType(t.scalar_type()), kOp, ": ", name, " must be floating point, got ",
                     t.scalar_type());
   return t.to(acc).contiguous();
 }
@@ -39,8 +39,8 @@ at::Tensor small_param(const at::Tensor& t, const at::Tensor& images, at::IntArr
 Prepared prepare(const at::Tensor& images, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                  const c10::optional<at::Tensor>& bool_masked_pos, const c10::optional<at::Tensor>& mask_token,
                  const at::Tensor& cls_token, const c10::optional<at::Tensor>& pos_embed, bool allow_double) {
-  TORCH_CHECK_VALUE(images.dim() == 4, kOp, ": images must have shape (B, Cin, H, W), got ", images.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == images.size(1) && weight.size(0) > 0 && weight.size(1) > 0,
+  BEIT_CHECK_VALUE(images.dim() == 4, kOp, ": images must have shape (B, Cin, H, W), got ", images.sizes());
+  BEIT_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == images.size(1) && weight.size(0) > 0 && weight.size(1) > 0,
               kOp, ": weight must have shape (C, Cin, ph, pw) with Cin = images.size(1) = ", images.size(1),
               ", got weight ", weight.sizes(), " for images ", images.sizes());
   check_device(images, weight, "weight");
@@ -52,10 +52,10 @@ Prepared prepare(const at::Tensor& images, const at::Tensor& weight, const c10::
   p.C = weight.size(0);
   p.ph = weight.size(2);
   p.pw = weight.size(3);
-  TORCH_CHECK_VALUE(p.ph > 0 && p.pw > 0 && p.H % p.ph == 0 && p.W % p.pw == 0 && p.H > 0 && p.W > 0, kOp,
+  BEIT_CHECK_VALUE(p.ph > 0 && p.pw > 0 && p.H % p.ph == 0 && p.W % p.pw == 0 && p.H > 0 && p.W > 0, kOp,
               ": the image size ", p.H, "x", p.W, " must be a positive multiple of the patch size ", p.ph, "x", p.pw,
               " (images ", images.sizes(), ", weight ", weight.sizes(), ")");
-  TORCH_CHECK_VALUE(weight.scalar_type() == images.scalar_type(), kOp, ": weight must have the dtype of images (",
+  BEIT_CHECK_VALUE(weight.scalar_type() == images.scalar_type(), kOp, ": weight must have the dtype of images (",
               images.scalar_type(), "), got ", weight.scalar_type());
   dispatch_float(images.scalar_type(), allow_double, kOp, [](auto) {});
   p.Wp = p.W / p.pw;
@@ -67,7 +67,7 @@ Prepared prepare(const at::Tensor& images, const at::Tensor& weight, const c10::
   // An absent bias or mask_token reads as zeros: the kernels keep one code path.
   const auto zeros = [&] { return at::zeros({p.C}, images.options().dtype(p.acc_dtype)); };
   p.bias = present(bias) ? small_param(*bias, images, {p.C}, "bias", "(C,)", p.acc_dtype) : zeros();
-  TORCH_CHECK_VALUE(present(mask_token) || !present(bool_masked_pos), kOp,
+  BEIT_CHECK_VALUE(present(mask_token) || !present(bool_masked_pos), kOp,
                     ": bool_masked_pos was given without mask_token");
   p.mask_token = present(mask_token)
                      ? small_param(*mask_token, images, {1, 1, p.C}, "mask_token", "(1, 1, C)", p.acc_dtype).view({p.C})
@@ -79,8 +79,8 @@ Prepared prepare(const at::Tensor& images, const at::Tensor& weight, const c10::
   if (present(bool_masked_pos)) {
     const at::Tensor& m = *bool_masked_pos;
     check_device(images, m, "bool_masked_pos");
-    TORCH_CHECK_VALUE(m.scalar_type() == at::kBool, kOp, ": bool_masked_pos must be bool, got ", m.scalar_type());
-    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.P, kOp,
+    BEIT_CHECK_VALUE(m.scalar_type() == at::kBool, kOp, ": bool_masked_pos must be bool, got ", m.scalar_type());
+    BEIT_CHECK_VALUE(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.P, kOp,
                 ": bool_masked_pos must have shape (B, P) = (", p.B, ", ", p.P, ") for images ", images.sizes(),
                 " and patch ", p.ph, "x", p.pw, ", got ", m.sizes());
     p.mask = m.contiguous();
@@ -116,14 +116,14 @@ BackwardResult backward_impl(const Kernels& k, const at::Tensor& grad_out, const
   const Prepared p = prepare(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, allow_double);
   check_device(images, grad_out, "grad_out");
   const std::array<int64_t, 3> out_shape{p.B, 1 + p.P, p.C};
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape) && grad_out.scalar_type() == images.scalar_type(),
+  BEIT_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape) && grad_out.scalar_type() == images.scalar_type(),
                     kOp,
               "_backward: grad_out must have shape ", at::IntArrayRef(out_shape), " and dtype ", images.scalar_type(),
               ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
-  TORCH_CHECK_VALUE(!need[5] || p.pos_embed.defined(), kOp,
+  BEIT_CHECK_VALUE(!need[5] || p.pos_embed.defined(), kOp,
                     "_backward: the pos_embed gradient was requested without pos_embed");
-  TORCH_CHECK_VALUE(!need[2] || present(bias), kOp, "_backward: the bias gradient was requested without bias");
-  TORCH_CHECK_VALUE(!need[3] || present(mask_token), kOp,
+  BEIT_CHECK_VALUE(!need[2] || present(bias), kOp, "_backward: the bias gradient was requested without bias");
+  BEIT_CHECK_VALUE(!need[3] || present(mask_token), kOp,
                     "_backward: the mask_token gradient was requested without mask_token");
   const at::Tensor grad = grad_out.contiguous();
   const at::Tensor g2d = grad.view({p.B * (1 + p.P), p.C});

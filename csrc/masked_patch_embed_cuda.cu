@@ -29,7 +29,7 @@ const Kernels kCudaKernels{&gather_cuda, &epilogue_cuda, &token_sums_cuda, &scat
 at::Tensor forward_cuda(const at::Tensor& images, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& bool_masked_pos, const c10::optional<at::Tensor>& mask_token,
                         const at::Tensor& cls_token, const c10::optional<at::Tensor>& pos_embed) {
-  TORCH_CHECK_VALUE(images.is_cuda(), dev::kOp, ": images must be a CUDA tensor, got ", images.device());
+  BEIT_CHECK_VALUE(images.is_cuda(), dev::kOp, ": images must be a CUDA tensor, got ", images.device());
   const c10::cuda::CUDAGuard guard(images.device());
   return forward_impl(kCudaKernels, images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, false);
 }
@@ -38,7 +38,7 @@ BackwardResult backward_cuda(const at::Tensor& grad_out, const at::Tensor& image
                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bool_masked_pos,
                              const c10::optional<at::Tensor>& mask_token, const at::Tensor& cls_token,
                              const c10::optional<at::Tensor>& pos_embed, std::array<bool, 6> output_mask) {
-  TORCH_CHECK_VALUE(images.is_cuda(), dev::kOp, ": images must be a CUDA tensor, got ", images.device());
+  BEIT_CHECK_VALUE(images.is_cuda(), dev::kOp, ": images must be a CUDA tensor, got ", images.device());
   const c10::cuda::CUDAGuard guard(images.device());
   return backward_impl(kCudaKernels, grad_out, images, weight, bias, bool_masked_pos, mask_token, cls_token,
                        pos_embed, output_mask, false);

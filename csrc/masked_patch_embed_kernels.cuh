@@ -34,7 +34,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxElements = static_cast<int64_t>(std::numeric_limits<int32_t>::max()) - kThreads;
 
 inline int32_t i32(int64_t v, const char* what) {
-  TORCH_CHECK(v <= kMaxElements, kOp, ": ", what, " has ", v, " elements; at most 2^31 - 1 - ", kThreads,
+  BEIT_CHECK(v <= kMaxElements, kOp, ": ", what, " has ", v, " elements; at most 2^31 - 1 - ", kThreads,
               " = ", kMaxElements, " are supported (int32 indexing)");
   return static_cast<int32_t>(v);
 }

@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <random>
 
+#include "error_message.h"
+
 namespace beit_fast {
 namespace {
 
@@ -91,13 +93,13 @@ void fill_row(bool* mask, const MaskParams& p, RowRng& rng) {
 at::Tensor block_mask_cpu(int64_t batch, int64_t height, int64_t width, int64_t num_masking_patches,
                           int64_t min_num_patches, int64_t max_num_patches, double min_aspect, double max_aspect,
                           int64_t seed) {
-  TORCH_CHECK_VALUE(batch >= 0, "block_mask: batch must be >= 0, got ", batch);
-  TORCH_CHECK_VALUE(height > 0 && width > 0, "block_mask: height and width must be positive, got ", height, "x", width);
-  TORCH_CHECK_VALUE(num_masking_patches >= 0 && num_masking_patches <= height * width,
+  BEIT_CHECK_VALUE(batch >= 0, "block_mask: batch must be >= 0, got ", batch);
+  BEIT_CHECK_VALUE(height > 0 && width > 0, "block_mask: height and width must be positive, got ", height, "x", width);
+  BEIT_CHECK_VALUE(num_masking_patches >= 0 && num_masking_patches <= height * width,
               "block_mask: num_masking_patches must lie in [0, height*width = ", height * width, "], got ",
               num_masking_patches);
-  TORCH_CHECK_VALUE(min_num_patches >= 0, "block_mask: min_num_patches must be >= 0, got ", min_num_patches);
-  TORCH_CHECK_VALUE(min_aspect > 0 && min_aspect <= max_aspect,
+  BEIT_CHECK_VALUE(min_num_patches >= 0, "block_mask: min_num_patches must be >= 0, got ", min_num_patches);
+  BEIT_CHECK_VALUE(min_aspect > 0 && min_aspect <= max_aspect,
               "block_mask: need 0 < min_aspect <= max_aspect, got min_aspect=", min_aspect,
               ", max_aspect=", max_aspect);
   MaskParams p{height, width, num_masking_patches, min_num_patches,

@@ -7,11 +7,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "error_message.h"
+
 namespace beit_fast {
 
 // (R, C) float/double -> (C), each column summed from row 0 to row R-1.
 inline at::Tensor column_sum_cpu(const at::Tensor& part) {
-  TORCH_CHECK(part.dim() == 2 && part.is_contiguous() && part.device().is_cpu(),
+  BEIT_CHECK(part.dim() == 2 && part.is_contiguous() && part.device().is_cpu(),
               "column_sum_cpu: expected a contiguous (R, C) CPU tensor, got ", part.sizes());
   at::Tensor out = at::empty({part.size(1)}, part.options());
   AT_DISPATCH_FLOATING_TYPES(part.scalar_type(), "column_sum_cpu", [&] {

@@ -11,7 +11,7 @@
 namespace beit_fast {
 
 at::Tensor column_sum_cuda(const at::Tensor& part) {
-  TORCH_CHECK(part.is_cuda() && part.dim() == 2 && part.is_contiguous() && part.scalar_type() == at::kFloat,
+  BEIT_CHECK(part.is_cuda() && part.dim() == 2 && part.is_contiguous() && part.scalar_type() == at::kFloat,
               "column_sum_cuda: expected a contiguous (R, C) float32 CUDA tensor, got ", part.sizes(), " ",
               part.scalar_type(), " on ", part.device());
   const c10::cuda::CUDAGuard guard(part.device());
