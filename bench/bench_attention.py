@@ -7,6 +7,8 @@ Providers (each checked against the fp32 reference before it is timed):
   flex     FlexAttention under torch.compile, score_mod = score + table[index[q, k], h] (atomics for dTable)
   xformers memory_efficient_attention with the gathered bias expanded to (B, H, N, N), when importable
   ours     beit_fast.ops.rel_pos_attention, Triton (bias gathered in-kernel, deterministic dTable)
+  ours_dense_bias  the same, every kernel reading the bias from a per-call (H, N, N) fp32 expansion of the
+           table instead of gathering it (BEIT_FAST_ATTN_DENSE_BIAS=1; bitwise the same results)
 
 FLOPs (written down, as flash-attention counts them): fwd = 4 * B * H * N^2 * D (two matmuls),
 bwd = 2.5 * fwd (five matmuls, recompute included), fwd_bwd = 3.5 * fwd.
@@ -14,6 +16,8 @@ bwd = 2.5 * fwd (five matmuls, recompute included), fwd_bwd = 3.5 * fwd.
     python bench/bench_attention.py --out bench/out [--dtypes bf16,fp16] [--quick] [--check-determinism]
     python bench/bench_attention.py --smoke --out /tmp/b     # CPU: eager and sdpa at a tiny shape
 """
+import contextlib
+import importlib
 import os
 import sys
 
@@ -28,7 +32,9 @@ import torch.nn.functional as F  # noqa: E402
 from beit_fast.ops.rel_pos_attention import (not_supported_reasons, num_relative_distance,  # noqa: E402
                                              rel_pos_attention, rel_pos_attention_ref, relative_position_index)
 
-PROVIDERS = ("eager", "sdpa", "ours", "flex", "xformers")   # ours before the compiled ones (time limits)
+# ours before the compiled ones (time limits); ours_dense_bias: ours with every kernel reading the bias from
+# the per-call (H, N, N) expansion instead of gathering it from the table (TileConfig.dense_bias, an A/B)
+PROVIDERS = ("eager", "sdpa", "ours", "ours_dense_bias", "flex", "xformers")
 REFERENCE_PROVIDERS = ("eager", "sdpa")
 MODELS = {"base": 12, "large": 16}   # heads; D = 64
 # (model, B, window): BEiT-B/L at 224 (N = 197) and 384 (N = 577)
@@ -124,7 +130,7 @@ def make_provider(name, window, scale, device, dtype):
             out = xops.memory_efficient_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_bias=bias, scale=scale)
             return out.transpose(1, 2)
         return xformers_attn
-    if name == "ours":
+    if name in ("ours", "ours_dense_bias"):
         probe = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)
         why = not_supported_reasons("triton", probe, probe, probe, torch.empty(1, 1, device=device))
         if why:
@@ -134,6 +140,20 @@ def make_provider(name, window, scale, device, dtype):
             return rel_pos_attention(q, k, v, table, window_size=window, scale=scale, backend="triton")
         return ours
     raise ValueError(name)
+
+
+@contextlib.contextmanager
+def dense_bias(on: bool):
+    """The fused kernels read the dense bias expansion while `on` (kernels.rel_pos_attention.DENSE_BIAS)."""
+    if not on:
+        yield
+        return
+    K = importlib.import_module("beit_fast.kernels.rel_pos_attention")
+    saved, K.DENSE_BIAS = K.DENSE_BIAS, True
+    try:
+        yield
+    finally:
+        K.DENSE_BIAS = saved
 
 
 def make_inputs(B, H, N, D, R, dtype, device):
@@ -213,7 +233,7 @@ def main(argv=None):
             if expected is None:
                 continue
             for name in wanted:
-                with outcomes.guard(f"{name} {model} B={B} N={N} {dtype}"):
+                with outcomes.guard(f"{name} {model} B={B} N={N} {dtype}"), dense_bias(name == "ours_dense_bias"):
                     fn = make_provider(name, window, scale, device, dtype)
                     check_provider(name, fn, leaves, grad, expected, dtype)
                     rows += bench_one(name, fn, shape, leaves, grad, dtype, device, env, args)

@@ -64,16 +64,18 @@ def candidates(K, kernel: str, smoke: bool) -> list:
 
 def tile_str(t) -> str:
     return (f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}" + ("" if t.tail else " masked")
-            + (" blocktail" if t.block_tail else ""))
+            + (" blocktail" if t.block_tail else "") + (" dense" if t.dense_bias else ""))
 
 
 def queue(K, kernel: str, default, smoke: bool) -> list:
-    """The default tile, then the same tile with its tail choice flipped and with its block-tail choice
-    flipped (the A/Bs the CONFIGS comment asks a GPU for), then the other candidates, with the default's
-    block tail."""
-    first = [default, dataclasses.replace(default, tail=not default.tail),
+    """The default tile, then the same tile with its bias source (gathered in the kernel / dense expansion),
+    its tail choice and its block-tail choice flipped in turn (the A/Bs the CONFIGS comment asks a GPU for),
+    then the other candidates, with the default's block tail and bias source."""
+    first = [default, dataclasses.replace(default, dense_bias=not default.dense_bias),
+             dataclasses.replace(default, tail=not default.tail),
              dataclasses.replace(default, block_tail=not default.block_tail)]
-    rest = [dataclasses.replace(t, block_tail=default.block_tail) for t in candidates(K, kernel, smoke)]
+    rest = [dataclasses.replace(t, block_tail=default.block_tail, dense_bias=default.dense_bias)
+            for t in candidates(K, kernel, smoke)]
     return first + [t for t in rest if t not in first]
 
 
@@ -195,7 +197,8 @@ def summary(sweeps) -> str:
                          f"{d_cells} | {tile_str(b_tile)} | {b_ms:.4g} | {gain} |")
         if len(best) == len(KERNELS):
             fmt = ", ".join(f"TileConfig({t.block_m}, {t.block_n}, {t.num_warps}, {t.num_stages}"
-                            + ("" if t.tail else ", tail=False") + (", block_tail=True" if t.block_tail else "") + ")"
+                            + ("" if t.tail else ", tail=False") + (", block_tail=True" if t.block_tail else "")
+                            + (", dense_bias=True" if t.dense_bias else "") + ")"
                             for t in (best[k] for k in KERNELS))
             suggestions.append(f"{str(dtype).replace('torch.', '')} {' '.join(map(str, key))}: AttnConfigs({fmt})")
     if suggestions:

@@ -40,6 +40,12 @@ import triton.language as tl
 from ._device import cdiv, next_power_of_2, on_device_of_first_arg
 
 LOG2E = 1.4426950408889634
+# where the kernels take the bias from (their BIAS_SRC): BEiT's window layout, gathered through per-token
+# parts; an explicit (N, N) index, gathered; a dense (H, N, N_pad) expansion made per call (_expand_bias)
+SRC_WINDOW: tl.constexpr = tl.constexpr(0)
+SRC_INDEX: tl.constexpr = tl.constexpr(1)
+SRC_DENSE: tl.constexpr = tl.constexpr(2)
+LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
 
 # Tests set this to fill outputs with NaN before the kernels write them (catches unwritten elements).
 POISON_OUTPUTS = False
@@ -54,6 +60,8 @@ class TileConfig:
     tail: bool = True  # peel the inner loop's last N % block tokens into a smaller tile (_tail); else mask every step
     block_tail: bool = False  # the program holding the last N % block rows of its own axis (queries; dK/dV: keys)
     #                           uses a smaller tile (_block_tail), on mma.sync where it has fewer than 64 rows
+    dense_bias: bool = False  # read the bias from a per-call (H, N, N) expansion of the table (_expand_bias)
+    #                           instead of gathering each element from the table in the kernel; same values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +103,36 @@ CONFIGS = {
 }
 
 
+def _dense_bias_setting():
+    """BEIT_FAST_ATTN_DENSE_BIAS=1 / 0: every kernel reads the bias from the dense expansion / gathers it,
+    whatever the tile configs say (an A/B knob; unset: the configs decide)."""
+    v = os.environ.get("BEIT_FAST_ATTN_DENSE_BIAS", "").strip()
+    if v not in ("", "0", "1"):
+        raise ValueError(f"BEIT_FAST_ATTN_DENSE_BIAS must be 0 or 1 (or unset), got {v!r}")
+    return None if v == "" else v == "1"
+
+
+DENSE_BIAS = _dense_bias_setting()   # read once at import; bench/bench_attention.py sets it per provider
+_DENSE_VARIANTS: dict = {}
+
+
 def pick_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttnConfigs:
     if device.type == "cpu":
-        return CONFIGS["interpret"]
-    if dtype == torch.float32:
-        return CONFIGS["fp32"]
-    return CONFIGS["16bit_d64"] if _block_d(head_dim) <= 64 else CONFIGS["16bit_d128"]
+        cfgs = CONFIGS["interpret"]
+    elif dtype == torch.float32:
+        cfgs = CONFIGS["fp32"]
+    else:
+        cfgs = CONFIGS["16bit_d64"] if _block_d(head_dim) <= 64 else CONFIGS["16bit_d128"]
+    return cfgs if DENSE_BIAS is None else with_dense_bias(cfgs, DENSE_BIAS)
+
+
+def with_dense_bias(cfgs: AttnConfigs, dense: bool) -> AttnConfigs:
+    """`cfgs` with every kernel's TileConfig.dense_bias set to `dense` (cached: one object per input)."""
+    key = (cfgs, dense)
+    if key not in _DENSE_VARIANTS:
+        _DENSE_VARIANTS[key] = AttnConfigs(*(dataclasses.replace(getattr(cfgs, f.name), dense_bias=dense)
+                                             for f in dataclasses.fields(cfgs)))
+    return _DENSE_VARIANTS[key]
 
 
 def _block_d(head_dim: int) -> int:
@@ -124,11 +156,11 @@ def _tail(n: int, block: int, peel: bool = True) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _token_part(IDX, t, N, add, HAS_INDEX: tl.constexpr):
+def _token_part(IDX, t, N, add, BIAS_SRC: tl.constexpr):
     """BEiT's layout: the part of the relative-position index that depends on token t alone (IDX is then the
     launcher's (N,) int32 array, see _window_parts), plus `add`; 0 + add past N. Unused (zeros) with an
-    explicit index."""
-    if HAS_INDEX:
+    explicit index or a dense bias (BIAS_SRC 1, 2)."""
+    if BIAS_SRC != SRC_WINDOW:
         part = tl.zeros(t.shape, tl.int32)
     else:
         part = tl.load(IDX + t, mask=t < N, other=0) + add
@@ -136,13 +168,18 @@ def _token_part(IDX, t, N, add, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
-def _bias_tile(TBL, IDX, h, qi, kj, qpart, kpart, N, R, s_tr, s_th, s_ii, s_ij, HAS_INDEX: tl.constexpr):
-    """fp32 tile of log2(e) * table[index[i, j], h] (the launchers pass the table pre-scaled, see _bias_args).
+def _bias_tile(TBL, IDX, h, qi, kj, qpart, kpart, N, R, s_tr, s_th, s_ii, s_ij, BIAS_SRC: tl.constexpr):
+    """fp32 tile of log2(e) * table[index[i, j], h] (the launchers pass the table pre-scaled, see _BiasArgs).
     qi / kj: query / key indices, one a column and the other a row vector (the tile is (queries, keys) or
     (keys, queries) accordingly); qpart / kpart: their _token_part values (query side with the centre added).
-    Outside the N x N square the values are table entries at arbitrary in-range indices: the callers mask
-    those rows and columns (with selects, so even a non-finite entry cannot leak)."""
-    if HAS_INDEX:
+    Outside the N x N square the values are table entries at arbitrary in-range indices (zeros from a dense
+    bias): the callers mask those rows and columns (with selects, so even a non-finite entry cannot leak).
+    BIAS_SRC: SRC_WINDOW gathers through the window parts, SRC_INDEX through the explicit (N, N) index;
+    SRC_DENSE loads the launcher's (H, N, N_pad) expansion of the same values (_expand_bias; TBL is that
+    tensor, s_th / s_ii its head / row strides): a plain tile load, no gather."""
+    if BIAS_SRC == SRC_DENSE:
+        return tl.load(TBL + h * s_th + qi * s_ii + kj, mask=(qi < N) & (kj < N), other=0.0)
+    if BIAS_SRC == SRC_INDEX:
         valid = (qi < N) & (kj < N)
         idx = tl.load(IDX + qi * s_ii + kj * s_ij, mask=valid, other=0).to(tl.int32)
         return tl.load(TBL + h * s_th + idx * s_tr, mask=valid, other=0.0)
@@ -167,22 +204,22 @@ def _dropout_keep(seed, bh, qi, kj, N, dropout_p):
 
 @triton.jit
 def _kv_scores(q, K, V, TBL, IDX, h, offs_m, qpart, offs_n, kv_mask, offs_d, s_kn, s_kd, s_vn, s_vd,
-               s_tr, s_th, s_ii, s_ij, N, R, qk_scale, HAS_INDEX: tl.constexpr, DOT_PREC: tl.constexpr):
+               s_tr, s_th, s_ii, s_ij, N, R, qk_scale, BIAS_SRC: tl.constexpr, DOT_PREC: tl.constexpr):
     """k and v of one key block (rows offs_n, loaded under kv_mask) and the (queries, keys) logits in base 2,
     q.k * qk_scale + log2(e) * bias, for the forward and dQ loops."""
     k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
     v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
-    kpart = _token_part(IDX, offs_n, N, 0, HAS_INDEX)
+    kpart = _token_part(IDX, offs_n, N, 0, BIAS_SRC)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     s += _bias_tile(TBL, IDX, h, offs_m[:, None], offs_n[None, :], qpart[:, None], kpart[None, :], N, R,
-                    s_tr, s_th, s_ii, s_ij, HAS_INDEX)
+                    s_tr, s_th, s_ii, s_ij, BIAS_SRC)
     return k, v, s
 
 
 @triton.jit
 def _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, start_n, offs_d, d_ok,
               s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
-              BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, BIAS_SRC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PREC: tl.constexpr):
     """One key block of the online softmax. MASK_N: the block may reach past N (the tail), else every key
     is valid and no key mask is built."""
@@ -192,7 +229,7 @@ def _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, star
     else:
         kv_mask = d_ok
     k, v, s = _kv_scores(q, K, V, TBL, IDX, h, offs_m, qpart, offs_n, kv_mask, offs_d, s_kn, s_kd, s_vn, s_vd,
-                         s_tr, s_th, s_ii, s_ij, N, R, qk_scale, HAS_INDEX, DOT_PREC)
+                         s_tr, s_th, s_ii, s_ij, N, R, qk_scale, BIAS_SRC, DOT_PREC)
     if MASK_N:
         s = tl.where(offs_n[None, :] < N, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -224,7 +261,7 @@ def _fwd_rows(Q, K, V, TBL, IDX, O, LSE, seed, b, h, bh, start_m,
               s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
               N, R, centre, qk_scale, dropout_p,
               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              TAIL_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+              TAIL_N: tl.constexpr, BIAS_SRC: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """Output rows [start_m, start_m + BLOCK_M) of one (batch, head); K and V point at that (batch, head)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -234,22 +271,22 @@ def _fwd_rows(Q, K, V, TBL, IDX, O, LSE, seed, b, h, bh, start_m,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qpart = _token_part(IDX, offs_m, N, centre, HAS_INDEX)
+    qpart = _token_part(IDX, offs_m, N, centre, BIAS_SRC)
     if TAIL_N < 0:   # no peeled tail: every key block masked
         for start_n in range(0, N, BLOCK_N):
             m_i, l_i, acc = _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, start_n, offs_d,
                                       d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
-                                      BLOCK_N, True, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                                      BLOCK_N, True, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
     n_full = (N // BLOCK_N) * BLOCK_N
     if TAIL_N >= 0:
         for start_n in range(0, n_full, BLOCK_N):    # whole key blocks: no key mask
             m_i, l_i, acc = _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, start_n, offs_d,
                                       d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
-                                      BLOCK_N, False, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                                      BLOCK_N, False, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
     if TAIL_N > 0:   # the N % BLOCK_N last keys, in the smallest tile that holds them (see _tail)
         m_i, l_i, acc = _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, n_full, offs_d,
                                   d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
-                                  TAIL_N, True, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                                  TAIL_N, True, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
     acc = acc / l_i[:, None]
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od,
              acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & d_ok)
@@ -262,7 +299,7 @@ def _fwd_kernel(Q, K, V, TBL, IDX, SEED, O, LSE,
                 s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
                 H, N, R, centre, qk_scale, dropout_p,
                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                TAIL_N: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_INDEX: tl.constexpr,
+                TAIL_N: tl.constexpr, BLOCK_TAIL: tl.constexpr, BIAS_SRC: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh, b, h, K, V, seed = _bh_program(K, V, SEED, H, s_kb, s_kh, s_vb, s_vh, HAS_DROPOUT)
@@ -272,17 +309,17 @@ def _fwd_kernel(Q, K, V, TBL, IDX, SEED, O, LSE,
             _fwd_rows(Q, K, V, TBL, IDX, O, LSE, seed, b, h, bh, pid_m * BLOCK_M,
                       s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
                       N, R, centre, qk_scale, dropout_p,
-                      HEAD_D, BLOCK_D, BLOCK_TAIL, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                      HEAD_D, BLOCK_D, BLOCK_TAIL, BLOCK_N, TAIL_N, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
         else:
             _fwd_rows(Q, K, V, TBL, IDX, O, LSE, seed, b, h, bh, pid_m * BLOCK_M,
                       s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
                       N, R, centre, qk_scale, dropout_p,
-                      HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                      HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
     else:
         _fwd_rows(Q, K, V, TBL, IDX, O, LSE, seed, b, h, bh, pid_m * BLOCK_M,
                   s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_ob, s_oh, s_on, s_od, s_tr, s_th, s_ii, s_ij,
                   N, R, centre, qk_scale, dropout_p,
-                  HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                  HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,7 +346,7 @@ def _delta_kernel(O, DO, DELTA, s_ob, s_oh, s_on, s_od, s_gb, s_gh, s_gn, s_gd, 
 def _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok, kpart, dk, dv, start_m,
                offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn, s_gd, s_tr, s_th, s_ii, s_ij,
                N, R, centre, qk_scale, dropout_p,
-               BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, BIAS_SRC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     """One query block of the dK/dV loop (and the program's dBias tile for it). Transposed tiles (keys x
     queries): p^T and dS^T come out of the MMA in the layout the dK/dV products consume, and the dBias
@@ -330,10 +367,10 @@ def _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, of
     else:
         lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m)
         delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m)
-    qpart = _token_part(IDX, offs_m, N, centre, HAS_INDEX)
+    qpart = _token_part(IDX, offs_m, N, centre, BIAS_SRC)
     st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
     st += _bias_tile(TBL, IDX, h, offs_m[None, :], offs_n[:, None], qpart[None, :], kpart[:, None], N, R,
-                     s_tr, s_th, s_ii, s_ij, HAS_INDEX)
+                     s_tr, s_th, s_ii, s_ij, BIAS_SRC)
     pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     if HAS_DROPOUT:
@@ -359,7 +396,7 @@ def _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, start_
                s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
                s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TAIL_M: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               TAIL_M: tl.constexpr, BIAS_SRC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     """dK, dV of keys [start_n, start_n + BLOCK_N) for the batches of group g, and their dBias tiles."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -367,7 +404,7 @@ def _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, start_
     d_ok = offs_d[None, :] < HEAD_D
     n_ok = offs_n < N
     kv_mask = n_ok[:, None] & d_ok
-    kpart = _token_part(IDX, offs_n, N, 0, HAS_INDEX)
+    kpart = _token_part(IDX, offs_n, N, 0, BIAS_SRC)
     m_full = (N // BLOCK_M) * BLOCK_M
     for b32 in range(g, B, G):
         b = tl.cast(b32, tl.int64)
@@ -381,18 +418,18 @@ def _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, start_
                 dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok,
                                     kpart, dk, dv, start_m, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn,
                                     s_gd, s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
-                                    BLOCK_M, True, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+                                    BLOCK_M, True, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
         else:
             for start_m in range(0, m_full, BLOCK_M):    # whole query blocks: no query mask
                 dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok,
                                     kpart, dk, dv, start_m, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn,
                                     s_gd, s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
-                                    BLOCK_M, False, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+                                    BLOCK_M, False, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
         if TAIL_M > 0:   # the N % BLOCK_M last queries, in the smallest tile that holds them (see _tail)
             dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok, kpart,
                                 dk, dv, m_full, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn, s_gd,
                                 s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
-                                TAIL_M, True, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+                                TAIL_M, True, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
         if NEED_DBIAS:
             # the next batch reads this program's dBias tiles back with another thread layout: make the
             # stores visible to the whole CTA first (one barrier per batch)
@@ -410,7 +447,7 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
                  s_tr, s_th, s_ii, s_ij,
                  B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TAIL_M: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_INDEX: tl.constexpr,
+                 TAIL_M: tl.constexpr, BLOCK_TAIL: tl.constexpr, BIAS_SRC: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
@@ -427,25 +464,25 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
                        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                        s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
                        s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
-                       HEAD_D, BLOCK_D, BLOCK_M, BLOCK_TAIL, TAIL_M, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+                       HEAD_D, BLOCK_D, BLOCK_M, BLOCK_TAIL, TAIL_M, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
         else:
             _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
                        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                        s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
                        s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
-                       HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+                       HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
     else:
         _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
                    s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                    s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
                    s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
-                   HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, HAS_INDEX, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+                   HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
 
 
 @triton.jit
 def _dq_step(q, do, lse, delta, K, V, TBL, IDX, seed, bh, h, offs_m, m_ok, qpart, dq, start_n, offs_d, d_ok,
              s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
-             BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, BIAS_SRC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
              DOT_PREC: tl.constexpr):
     """One key block of the dQ loop. MASK_N: the block may reach past N (the tail)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -456,7 +493,7 @@ def _dq_step(q, do, lse, delta, K, V, TBL, IDX, seed, bh, h, offs_m, m_ok, qpart
         kv_mask = d_ok
         valid = m_ok[:, None]
     k, v, s = _kv_scores(q, K, V, TBL, IDX, h, offs_m, qpart, offs_n, kv_mask, offs_d, s_kn, s_kd, s_vn, s_vd,
-                         s_tr, s_th, s_ii, s_ij, N, R, qk_scale, HAS_INDEX, DOT_PREC)
+                         s_tr, s_th, s_ii, s_ij, N, R, qk_scale, BIAS_SRC, DOT_PREC)
     p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     if HAS_DROPOUT:
@@ -472,7 +509,7 @@ def _dq_rows(Q, K, V, TBL, IDX, DO, LSE, DELTA, DQ, seed, b, h, bh, start_m,
              s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd,
              s_tr, s_th, s_ii, s_ij, N, R, centre, sm_scale, qk_scale, dropout_p,
              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             TAIL_N: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+             TAIL_N: tl.constexpr, BIAS_SRC: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """dQ rows [start_m, start_m + BLOCK_M) of one (batch, head); K and V point at that (batch, head)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -484,22 +521,22 @@ def _dq_rows(Q, K, V, TBL, IDX, DO, LSE, DELTA, DQ, seed, b, h, bh, start_m,
     lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qpart = _token_part(IDX, offs_m, N, centre, HAS_INDEX)
+    qpart = _token_part(IDX, offs_m, N, centre, BIAS_SRC)
     n_full = (N // BLOCK_N) * BLOCK_N
     if TAIL_N < 0:   # no peeled tail: every key block masked
         for start_n in range(0, N, BLOCK_N):
             dq = _dq_step(q, do, lse, delta, K, V, TBL, IDX, seed, bh, h, offs_m, m_ok, qpart, dq, start_n, offs_d,
                           d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
-                          BLOCK_N, True, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                          BLOCK_N, True, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
     else:
         for start_n in range(0, n_full, BLOCK_N):    # whole key blocks: no key mask
             dq = _dq_step(q, do, lse, delta, K, V, TBL, IDX, seed, bh, h, offs_m, m_ok, qpart, dq, start_n, offs_d,
                           d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
-                          BLOCK_N, False, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                          BLOCK_N, False, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
     if TAIL_N > 0:   # the N % BLOCK_N last keys, in the smallest tile that holds them (see _tail)
         dq = _dq_step(q, do, lse, delta, K, V, TBL, IDX, seed, bh, h, offs_m, m_ok, qpart, dq, n_full, offs_d,
                       d_ok, s_kn, s_kd, s_vn, s_vd, s_tr, s_th, s_ii, s_ij, N, R, qk_scale, dropout_p,
-                      TAIL_N, True, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                      TAIL_N, True, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqn + offs_d[None, :] * s_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
 
@@ -510,7 +547,7 @@ def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
                s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd, s_tr, s_th, s_ii, s_ij,
                H, N, R, centre, sm_scale, qk_scale, dropout_p,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TAIL_N: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_INDEX: tl.constexpr,
+               TAIL_N: tl.constexpr, BLOCK_TAIL: tl.constexpr, BIAS_SRC: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh, b, h, K, V, seed = _bh_program(K, V, SEED, H, s_kb, s_kh, s_vb, s_vh, HAS_DROPOUT)
@@ -520,17 +557,17 @@ def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
             _dq_rows(Q, K, V, TBL, IDX, DO, LSE, DELTA, DQ, seed, b, h, bh, pid_m * BLOCK_M,
                      s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd,
                      s_tr, s_th, s_ii, s_ij, N, R, centre, sm_scale, qk_scale, dropout_p,
-                     HEAD_D, BLOCK_D, BLOCK_TAIL, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                     HEAD_D, BLOCK_D, BLOCK_TAIL, BLOCK_N, TAIL_N, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
         else:
             _dq_rows(Q, K, V, TBL, IDX, DO, LSE, DELTA, DQ, seed, b, h, bh, pid_m * BLOCK_M,
                      s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd,
                      s_tr, s_th, s_ii, s_ij, N, R, centre, sm_scale, qk_scale, dropout_p,
-                     HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                     HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
     else:
         _dq_rows(Q, K, V, TBL, IDX, DO, LSE, DELTA, DQ, seed, b, h, bh, pid_m * BLOCK_M,
                  s_qb, s_qh, s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gb, s_gh, s_gn, s_gd, s_dqb, s_dqh, s_dqn, s_dqd,
                  s_tr, s_th, s_ii, s_ij, N, R, centre, sm_scale, qk_scale, dropout_p,
-                 HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, HAS_INDEX, HAS_DROPOUT, DOT_PREC)
+                 HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, BIAS_SRC, HAS_DROPOUT, DOT_PREC)
 
 
 @triton.jit
@@ -565,6 +602,20 @@ def _keep_mask_kernel(SEED, OUT, H, N, dropout_p, BLOCK: tl.constexpr):
                  mask=(offs_m[:, None] < N) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _expand_bias_kernel(TBL, IDX, OUT, N, R, centre, s_tr, s_th, s_ii, s_ij, s_oh, s_oi,
+                        BIAS_SRC: tl.constexpr, BLOCK: tl.constexpr):
+    qi = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    kj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    h = tl.program_id(2)
+    qpart = _token_part(IDX, qi, N, centre, BIAS_SRC)
+    kpart = _token_part(IDX, kj, N, 0, BIAS_SRC)
+    vals = _bias_tile(TBL, IDX, h, qi[:, None], kj[None, :], qpart[:, None], kpart[None, :], N, R,
+                      s_tr, s_th, s_ii, s_ij, BIAS_SRC)
+    tl.store(OUT + h * s_oh + qi[:, None] * s_oi + kj[None, :], vals.to(tl.float32) * LOG2E_C,
+             mask=(qi[:, None] < N) & (kj[None, :] < N))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
@@ -595,20 +646,54 @@ def _window_parts(wh: int, ww: int, device: torch.device) -> torch.Tensor:
     return _PARTS_CACHE[key]
 
 
-def _bias_args(table, rel_index, window_size):
-    """(table as a contiguous fp32 (H, R) copy scaled by log2(e), the explicit (N, N) index or the window's
-    (N,) parts (_window_parts), table strides, index strides, R, centre). The copy is tiny (R*H): one head's
-    row is contiguous, so the gather of neighbouring keys (neighbouring table rows) hits one or two cache lines
-    instead of ~H, and the kernels, which work in base 2, add the gathered values without a multiply (the fp32
-    product is the one they would compute)."""
-    table_hr = torch.empty((table.shape[1], table.shape[0]), dtype=torch.float32, device=table.device)
-    torch.mul(table.t().to(torch.float32), LOG2E, out=table_hr)   # one kernel for an fp32 table
-    s_th, s_tr = table_hr.stride()
-    if rel_index is not None:
-        return table_hr, rel_index, s_tr, s_th, rel_index.stride(0), rel_index.stride(1), table.shape[0], 0
-    wh, ww = window_size
-    centre = (wh - 1) * (2 * ww - 1) + ww - 1
-    return table_hr, _window_parts(wh, ww, table.device), s_tr, s_th, 0, 0, table.shape[0], centre
+class _BiasArgs:
+    """What the kernels need to find the bias: R, centre and, per kernel (for_kernel), its TBL, IDX, strides and
+    BIAS_SRC.
+    Gathering kernels get the table as a contiguous fp32 (H, R) copy scaled by log2(e): one head's row is
+    contiguous, so the gather of neighbouring keys (neighbouring table rows) hits one or two cache lines
+    instead of ~H, and the kernels, which work in base 2, add the gathered values without a multiply. Kernels
+    whose tile config says dense_bias get the (H, N, N_pad) expansion of the same fp32 values instead
+    (_expand_bias). Each form is built once per launcher call, when a kernel asks for it."""
+
+    def __init__(self, table, rel_index, window_size, N):
+        self.table, self.rel_index, self.N, self.R = table, rel_index, N, table.shape[0]
+        if rel_index is not None:
+            self.idx, self.s_ii, self.s_ij, self.centre, self.src = (
+                rel_index, rel_index.stride(0), rel_index.stride(1), 0, SRC_INDEX)
+        else:
+            wh, ww = window_size
+            self.idx, self.s_ii, self.s_ij, self.src = _window_parts(wh, ww, table.device), 0, 0, SRC_WINDOW
+            self.centre = (wh - 1) * (2 * ww - 1) + ww - 1
+        self._gather = self._dense = None
+
+    def for_kernel(self, cfg: TileConfig) -> tuple:
+        """(TBL, IDX, s_tr, s_th, s_ii, s_ij, BIAS_SRC) for a kernel launched with tile config `cfg`."""
+        if cfg.dense_bias:
+            if self._dense is None:
+                self._dense = _expand_bias(self)
+            d = self._dense
+            return d, self.idx, 0, d.stride(0), d.stride(1), 1, SRC_DENSE
+        if self._gather is None:
+            t = self.table
+            table_hr = torch.empty((t.shape[1], t.shape[0]), dtype=torch.float32, device=t.device)
+            torch.mul(t.t().to(torch.float32), LOG2E, out=table_hr)   # one kernel for an fp32 table
+            self._gather = table_hr
+        t = self._gather
+        return t, self.idx, t.stride(1), t.stride(0), self.s_ii, self.s_ij, self.src
+
+
+def _expand_bias(b: _BiasArgs) -> torch.Tensor:
+    """(H, N, N_pad) fp32, [h, i, j] = log2(e) * table[index[i, j], h] for i, j < N (the values the gathering
+    kernels add, bitwise), rows padded to a multiple of 16 elements (aligned vector loads); one launch over
+    the table as the model stores it."""
+    table, N = b.table, b.N
+    H = table.shape[1]
+    out = _alloc((H, N, cdiv(N, 16) * 16), torch.float32, table.device)
+    BLOCK = 32
+    _expand_bias_kernel[(cdiv(N, BLOCK), cdiv(N, BLOCK), H)](
+        table, b.idx, out, N, b.R, b.centre, table.stride(0), table.stride(1), b.s_ii, b.s_ij,
+        out.stride(0), out.stride(1), BIAS_SRC=b.src, BLOCK=BLOCK)
+    return out
 
 
 def _block_tail(n: int, block: int, on: bool) -> int:
@@ -629,17 +714,18 @@ def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout
     B, H, N, D = q.shape
     cfg = pick_configs(D, q.dtype, q.device).fwd
     lse = _alloc((B, H, N), torch.float32, q.device)
-    table, idx, s_tr, s_th, s_ii, s_ij, R, centre = _bias_args(table, rel_index, window_size)
     if rel_index is not None:
-        check_index_range_once(rel_index, R)
+        check_index_range_once(rel_index, table.shape[0])
+    bias = _BiasArgs(table, rel_index, window_size, N)
+    tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(cfg)
     grid = (cdiv(N, cfg.block_m), B * H)
     _fwd_kernel[grid](
-        q, k, v, table, idx, _seed_arg(seed, table), out, lse,
+        q, k, v, tbl, idx, _seed_arg(seed, tbl), out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_tr, s_th, s_ii, s_ij,
-        H, N, R, centre, scale * LOG2E, float(dropout_p),
+        H, N, bias.R, bias.centre, scale * LOG2E, float(dropout_p),
         HEAD_D=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         TAIL_N=_tail(N, cfg.block_n, cfg.tail), BLOCK_TAIL=_block_tail(N, cfg.block_m, cfg.block_tail),
-        HAS_INDEX=rel_index is not None, HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype),
+        BIAS_SRC=src, HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return lse
 
@@ -661,13 +747,15 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     """Writes dq, dk, dv (views with any strides, same shapes as q, k, v). When `inverse_index`
     (perm, start, count, max_count) is given, also returns dTable (R, H) fp32, else None.
     Extra memory: Delta (B, H, N) fp32 and, for the table gradient, G fp32 partials (G, H, N, N)
-    with G = num_batch_groups(...) (<= 64 MiB unless a single partial is larger)."""
+    with G = num_batch_groups(...) (<= 64 MiB unless a single partial is larger); with a dense_bias tile
+    config, the (H, N, N_pad) fp32 bias expansion (_expand_bias)."""
     B, H, N, D = q.shape
     cfgs = pick_configs(D, q.dtype, q.device)
     BLOCK_D = _block_d(D)
     prec = _dot_prec(q.dtype)
     has_drop = dropout_p > 0
-    table, idx, s_tr, s_th, s_ii, s_ij, R, centre = _bias_args(table, rel_index, window_size)
+    bias = _BiasArgs(table, rel_index, window_size, N)
+    R, centre = bias.R, bias.centre
     seed_t = _seed_arg(seed, table)
 
     delta = _alloc((B, H, N), torch.float32, q.device)
@@ -678,21 +766,23 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     G = num_batch_groups(B, H, N, q.device)
     dbias = _alloc((G, H, N, N) if need_dbias else (1,), torch.float32, q.device)
     c = cfgs.dkdv
+    tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(c)
     _dkdv_kernel[(cdiv(N, c.block_n), H, G)](
-        q, k, v, table, idx, seed_t, do, lse, delta, dk, dv, dbias,
+        q, k, v, tbl, idx, seed_t, do, lse, delta, dk, dv, dbias,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_tr, s_th, s_ii, s_ij,
         B, H, N, R, centre, G, scale, scale * LOG2E, float(dropout_p),
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, TAIL_M=_tail(N, c.block_m, c.tail),
-        BLOCK_TAIL=_block_tail(N, c.block_n, c.block_tail), HAS_INDEX=rel_index is not None, HAS_DROPOUT=has_drop,
+        BLOCK_TAIL=_block_tail(N, c.block_n, c.block_tail), BIAS_SRC=src, HAS_DROPOUT=has_drop,
         NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
 
     c = cfgs.dq
+    tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(c)
     _dq_kernel[(cdiv(N, c.block_m), B * H)](
-        q, k, v, table, idx, seed_t, do, lse, delta, dq,
+        q, k, v, tbl, idx, seed_t, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_tr, s_th, s_ii, s_ij,
         H, N, R, centre, scale, scale * LOG2E, float(dropout_p),
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, TAIL_N=_tail(N, c.block_n, c.tail),
-        BLOCK_TAIL=_block_tail(N, c.block_m, c.block_tail), HAS_INDEX=rel_index is not None, HAS_DROPOUT=has_drop,
+        BLOCK_TAIL=_block_tail(N, c.block_m, c.block_tail), BIAS_SRC=src, HAS_DROPOUT=has_drop,
         DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
 
     if not need_dbias:

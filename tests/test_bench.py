@@ -51,6 +51,20 @@ def test_smoke(script, extra, providers, tmp_path):
         assert bound and all(r["pct_copy_bw"] > 0 for r in bound) and len(copies) >= 3
 
 
+def test_attention_ours_and_dense_bias_smoke(tmp_path):
+    """bench_attention's fused providers under the interpreter: each checked against the reference, then timed
+    (the dense-bias provider through BEIT_FAST_ATTN_DENSE_BIAS's module switch, restored afterwards)."""
+    env = {k: v for k, v in os.environ.items() if k != "BEIT_FAST_BACKEND"}
+    env["TRITON_INTERPRET"] = "1"
+    r = subprocess.run([sys.executable, "bench/bench_attention.py", "--smoke", "--providers", "ours,ours_dense_bias",
+                        "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    with open(tmp_path / "bench_attention.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    got = {(r["provider"], r["mode"]) for r in rows}
+    assert got == {(p, m) for p in ("ours", "ours_dense_bias") for m in ("fwd", "bwd", "fwd_bwd")}, got
+
+
 def test_overhead_smoke(tmp_path):
     """bench/overhead.py on the CPU: host time per call of every op, ours and PyTorch's, and a training step."""
     _run(["bench/overhead.py", "--smoke"], tmp_path)
@@ -185,7 +199,9 @@ def test_model_benchmark_check_catches_a_wrong_model(mode, monkeypatch):
 @pytest.mark.skipif(bool(INTERPRETER_PROBLEM), reason=f"the Triton interpreter cannot run here: {INTERPRETER_PROBLEM}")
 def test_tune_attention_smoke(tmp_path):
     """The tile sweep on the CPU through the Triton interpreter: every kernel gets its default, the default
-    with its tail choice flipped, with its block-tail choice flipped, and one other tile, each checked against the reference before it is timed; the report names the best per kernel."""
+    with its bias source (dense expansion / gather), its tail choice and its block-tail choice flipped in
+    turn, and one other tile, each checked against the reference before it is timed; the report names the
+    best per kernel."""
     env = {k: v for k, v in os.environ.items() if k != "BEIT_FAST_BACKEND"}
     env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "bench/tune_attention.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
@@ -200,8 +216,8 @@ def test_tune_attention_smoke(tmp_path):
         by_kernel.setdefault(r_["op"], []).append(r_)
     assert set(by_kernel) == {"attention_tile_fwd", "attention_tile_dkdv", "attention_tile_dq"}
     for op, rs in by_kernel.items():
-        assert [x["provider"] for x in rs] == ["64x64 w4 s2", "64x64 w4 s2 masked", "64x64 w4 s2 blocktail",
-                                               "32x32 w4 s2"], op
+        assert [x["provider"] for x in rs] == ["64x64 w4 s2", "64x64 w4 s2 dense", "64x64 w4 s2 masked",
+                                               "64x64 w4 s2 blocktail", "32x32 w4 s2"], op
         assert [x["default"] for x in rs] == [True] + [False] * (len(rs) - 1), op
     md = (tmp_path / "tune_attention.md").read_text()
     assert "Best tile per kernel" in md and md.count("AttnConfigs(TileConfig(") == 1

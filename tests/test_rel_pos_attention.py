@@ -237,6 +237,66 @@ def test_inner_loop_tails(monkeypatch, shape, tail, peel):
 
 
 @needs_triton
+@pytest.mark.parametrize("shape,dtype", [((14, 14), torch.float16), ((3, 5), torch.float32), (37, torch.float32)],
+                         ids=["N197-fp16", "window3x5-fp32", "index-N37-fp32"])
+def test_dense_bias_is_bitwise_the_gather(monkeypatch, shape, dtype):
+    """A tile config with dense_bias reads the bias from the launcher's (H, N, N_pad) expansion of the table
+    instead of gathering it in the kernel: the same fp32 values, so the output and every gradient are bitwise
+    those of the gathering kernels (each kernel switched alone, then all three), for BEiT's window layout and
+    an explicit index."""
+    import dataclasses
+    from beit_fast.kernels import rel_pos_attention as K
+    N, kw, (inputs, table, grad) = case_inputs(2, 2, shape, 32, dtype, True, DEVICE)
+    base = K.pick_configs(32, dtype, torch.device(DEVICE))
+    results = {}
+    for which in ("none", "fwd", "dkdv", "dq", "all"):
+        if which in ("none", "all"):
+            cfgs = K.with_dense_bias(base, which == "all")
+        else:
+            cfgs = dataclasses.replace(base, **{which: dataclasses.replace(getattr(base, which), dense_bias=True)})
+        monkeypatch.setattr(K, "pick_configs", lambda *a, c=cfgs: c)
+        results[which] = run(rel_pos_attention_qkvpacked, inputs, table, grad, backend="triton", **kw)
+    out0, grads0 = results["none"]
+    assert torch.isfinite(out0).all() and all(torch.isfinite(g).all() for g in grads0)
+    for which, (out, grads) in results.items():
+        assert torch.equal(out, out0), which
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads0)), which
+
+
+def test_dense_bias_setting(monkeypatch):
+    """BEIT_FAST_ATTN_DENSE_BIAS overrides every kernel's bias source; anything but 0 / 1 is refused."""
+    from beit_fast.kernels import rel_pos_attention as K
+    for value, want in (("", None), ("0", False), ("1", True)):
+        monkeypatch.setenv("BEIT_FAST_ATTN_DENSE_BIAS", value)
+        assert K._dense_bias_setting() is want
+    monkeypatch.setenv("BEIT_FAST_ATTN_DENSE_BIAS", "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        K._dense_bias_setting()
+    monkeypatch.setattr(K, "DENSE_BIAS", True)
+    cfgs = K.pick_configs(64, torch.float16, torch.device(DEVICE))
+    assert all(getattr(cfgs, k).dense_bias for k in ("fwd", "dkdv", "dq"))
+    assert K.with_dense_bias(cfgs, False) == K.CONFIGS["interpret" if DEVICE == "cpu" else "16bit_d64"]
+
+
+def test_dense_bias_expansion_matches_the_table():
+    """_expand_bias: [h, i, j] = log2(e) * table[index[i, j], h] in fp32 (rows padded to 16 elements), for the
+    window layout (index derived from the window) and an explicit index."""
+    if not RUN_TRITON:
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from beit_fast.kernels import rel_pos_attention as K
+    W = (3, 4)
+    N, R = 13, num_relative_distance(W)
+    table = torch.randn(R, 3, device=DEVICE)
+    index = relative_position_index(W).to(DEVICE)
+    want = (table.float() * K.LOG2E)[index].permute(2, 0, 1)
+    for kw in ({"window_size": W}, {"rel_index": index}):
+        b = K._BiasArgs(table, kw.get("rel_index"), kw.get("window_size"), N)
+        got = K._expand_bias(b)
+        assert got.shape == (3, N, 16) and got.stride(1) == 16
+        torch.testing.assert_close(got[:, :, :N], want, rtol=0, atol=0)
+
+
+@needs_triton
 @pytest.mark.parametrize("groups", [1, 3, 5])
 def test_batch_groups(monkeypatch, groups):
     """dBias partials over G batch groups (uneven split for G=3 of B=5) reduce to the same table gradient."""

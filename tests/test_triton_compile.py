@@ -235,21 +235,45 @@ def _scenarios_rel_pos_attention(K):
     yield ("fp32", ALL, "dropout_keep_mask", lambda: K.dropout_keep_mask(seed, B, H, N, 0.1))
     # other token counts give other tails (TAIL_N, BLOCK_TAIL are constexprs): 7x7 (N = 50), 12x12 (145),
     # 28x28 (785, 448 px); BEiT's bf16 training path at head dim 64, sm_90
-    for wh, ww in ((7, 7), (12, 12), (28, 28)):
-        N, R, D, dt = wh * ww + 1, (2 * wh - 1) * (2 * ww - 1) + 3, 64, torch.bfloat16
-        qkv = _meta((B, N, 3, H, D), dt)
-        q, k, v = (qkv.select(2, i).permute(0, 2, 1, 3) for i in range(3))
-        out, do = (_meta((B, N, H * D), dt).view(B, N, H, D).permute(0, 2, 1, 3) for _ in range(2))
-        gq, gk, gv = (_meta((B, N, 3, H, D), dt).select(2, i).permute(0, 2, 1, 3) for i in range(3))
-        lse, table = _meta((B, H, N), torch.float32), _meta((R, H), torch.float32)
-        inv = (_meta((N * N,), torch.int32), _meta((R,), torch.int32), _meta((R,), torch.int32), 64)
-        w = (wh, ww)
-        yield ("bf16", SM90, f"fwd N={N} D=64",
-               lambda q=q, k=k, v=v, table=table, out=out, w=w:
-               K.rel_pos_attention_fwd(q, k, v, table, None, w, 0.125, 0.0, None, out))
-        yield ("bf16", SM90, f"bwd N={N} D=64 dtable=True",
-               lambda q=q, k=k, v=v, table=table, out=out, do=do, lse=lse, inv=inv, gq=gq, gk=gk, gv=gv, w=w:
-               K.rel_pos_attention_bwd(do, q, k, v, out, lse, table, None, w, 0.125, 0.0, None, gq, gk, gv, inv))
+    for w in ((7, 7), (12, 12), (28, 28)):
+        fwd, bwd = _beit_training_calls(K, B, H, w, 64, torch.bfloat16)
+        N = w[0] * w[1] + 1
+        yield ("bf16", SM90, f"fwd N={N} D=64", fwd)
+        yield ("bf16", SM90, f"bwd N={N} D=64 dtable=True", bwd)
+
+
+    # BEiT's bf16 training path with every kernel reading the dense bias expansion (TileConfig.dense_bias,
+    # the tile sweep's A/B against the in-kernel gather), every target (_expand_bias_kernel launches only here)
+    yield ("bf16", ALL, "fwd + bwd D=64 dense_bias", lambda: _dense_bias_step(K, B, H, (14, 14), 64, torch.bfloat16))
+
+
+def _beit_training_calls(K, B, H, window, D, dt):
+    """Thunks of BEiT's forward and backward (packed qkv, window index, fp32 table, table gradient) on meta
+    tensors."""
+    import torch
+    wh, ww = window
+    N, R = wh * ww + 1, (2 * wh - 1) * (2 * ww - 1) + 3
+    qkv = _meta((B, N, 3, H, D), dt)
+    q, k, v = (qkv.select(2, i).permute(0, 2, 1, 3) for i in range(3))
+    out, do = (_meta((B, N, H * D), dt).view(B, N, H, D).permute(0, 2, 1, 3) for _ in range(2))
+    gq, gk, gv = (_meta((B, N, 3, H, D), dt).select(2, i).permute(0, 2, 1, 3) for i in range(3))
+    lse, table = _meta((B, H, N), torch.float32), _meta((R, H), torch.float32)
+    inv = (_meta((N * N,), torch.int32), _meta((R,), torch.int32), _meta((R,), torch.int32), 64)
+    scale = D ** -0.5
+    return (lambda: K.rel_pos_attention_fwd(q, k, v, table, None, window, scale, 0.0, None, out),
+            lambda: K.rel_pos_attention_bwd(do, q, k, v, out, lse, table, None, window, scale, 0.0, None,
+                                            gq, gk, gv, inv))
+
+
+def _dense_bias_step(K, B, H, window, D, dt):
+    """BEiT's forward and backward with every kernel on its dense-bias tile config."""
+    saved = K.pick_configs
+    K.pick_configs = lambda *args: K.with_dense_bias(saved(*args), True)
+    try:
+        for call in _beit_training_calls(K, B, H, window, D, dt):
+            call()
+    finally:
+        K.pick_configs = saved
 
 
 SCENARIOS = {"linear_gelu": _scenarios_linear_gelu, "layer_norm": _scenarios_layer_norm,

@@ -367,6 +367,9 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     partials are the only N*N-sized buffer; they stop growing with the batch at G (below G they have G = B
     rows, as large as one (B, H, N, N) fp32 tensor, which the reference paths allocate several times over). The table gradient is
     bitwise reproducible for the same inputs on the same GPU model (G depends on the SM count).
+    With BEIT_FAST_ATTN_DENSE_BIAS=1 (or a tile config with dense_bias) the forward and the backward each
+    also build an (H, N, N_pad) fp32 expansion of the table, N_pad = N rounded up to 16 (BEiT-B N=197: 1.9 MB),
+    freed when the call returns.
     """
     wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
