@@ -67,16 +67,30 @@ def tile_str(t) -> str:
             + (" blocktail" if t.block_tail else "") + (" dense" if t.dense_bias else ""))
 
 
-def queue(K, kernel: str, default, smoke: bool) -> list:
+def queue(K, kernel: str, default, N: int, smoke: bool) -> list:
     """The default tile, then the same tile with its bias source (gathered in the kernel / dense expansion),
     its tail choice and its block-tail choice flipped in turn (the A/Bs the CONFIGS comment asks a GPU for),
-    then the other candidates, with the default's block tail and bias source."""
+    then the other candidates with the default's block tail and bias source, each followed by itself with
+    the block tail flipped where that changes the last program's tile at this N (a 64-row forward tile with
+    a 16-row last program covers N = 197 in 208 rows instead of 256)."""
+    own = (lambda t: t.block_n) if kernel == "dkdv" else (lambda t: t.block_m)   # the program's own axis
+
+    def block_tail_matters(t):   # (--smoke keeps the interpreter's few tiles)
+        return smoke or K._block_tail(N, own(t), True) > 0
+
     first = [default, dataclasses.replace(default, dense_bias=not default.dense_bias),
-             dataclasses.replace(default, tail=not default.tail),
-             dataclasses.replace(default, block_tail=not default.block_tail)]
-    rest = [dataclasses.replace(t, block_tail=default.block_tail, dense_bias=default.dense_bias)
-            for t in candidates(K, kernel, smoke)]
-    return first + [t for t in rest if t not in first]
+             dataclasses.replace(default, tail=not default.tail)]
+    first += [dataclasses.replace(default, block_tail=not default.block_tail)] if block_tail_matters(default) else []
+    rest = []
+    for t in candidates(K, kernel, smoke):
+        t = dataclasses.replace(t, block_tail=default.block_tail, dense_bias=default.dense_bias)
+        rest += [t] + ([dataclasses.replace(t, block_tail=not t.block_tail)]
+                       if block_tail_matters(t) and not smoke else [])
+    out = []
+    for t in first + rest:
+        if t not in out:
+            out.append(t)
+    return out
 
 
 class _Configs:
@@ -143,7 +157,7 @@ def sweep(K, shape_key, case, window, scale, dtype, device, env, args, deadline,
     B, N, _, H, D = qkv.shape
     base = K.pick_configs(D, dtype, qkv.device)
     expected = reference(qkv, table, grad, window, scale)
-    queues = {k: queue(K, k, getattr(base, k), args.smoke) for k in KERNELS}
+    queues = {k: queue(K, k, getattr(base, k), N, args.smoke) for k in KERNELS}
     results = {k: [] for k in KERNELS}
     fwd_flops = 4.0 * B * H * N * N * D
     longest = max(len(q) for q in queues.values())
