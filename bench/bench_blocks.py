@@ -4,6 +4,8 @@ Ops and providers (each provider checked against the eager reference on the time
   masked_patch_embed          eager (conv -> mask blend -> cat cls), compile (the same under torch.compile),
                               ours (beit_fast extension: gather + cuBLAS + fused epilogue)
   layer_scale_residual_norm   eager (x + s * (g * y) then F.layer_norm), compile, ours (extension kernel),
+                              ours_block_rows (CUDA: the same with BEIT_FAST_LSRN_FORWARD=block, the
+                              forward on one block per row instead of one warp per row: an A/B),
                               apex (the eager residual + apex FusedLayerNorm, when apex imports)
   linear_gelu                 eager (F.gelu(F.linear)), compile, ours (beit_fast.ops.linear_gelu, Triton,
                               pre-activation stored for the backward: the default), ours_recompute (the
@@ -32,6 +34,7 @@ block fwd = 24*M*C^2 + 4*B*N^2*C (qkv, proj, fc1, fc2; QK^T and PV), bwd = 2x th
      that of a plain copy moving the same bytes, measured in the same run)
     python bench/bench_blocks.py --smoke --out /tmp/b     # CPU: tiny shapes, eager and cpp providers
 """
+import contextlib
 import copy
 import os
 import sys
@@ -47,7 +50,8 @@ import torch.nn.functional as F  # noqa: E402
 # the whole block first: its compiled row carries the block target, and a time limit cuts the end of a run
 OPS = ("block", "layer_scale_residual_norm", "layer_norm", "masked_patch_embed", "linear_gelu")
 MEMORY_BOUND = ("layer_scale_residual_norm", "layer_norm")   # measured against the copy bandwidth
-PROVIDERS = ("eager", "ours", "ours_recompute", "apex", "compile")   # the compiled ones last (time limits)
+PROVIDERS = ("eager", "ours", "ours_recompute", "ours_block_rows", "apex", "compile")   # compiled ones last
+PROVIDER_ENV = {"ours_block_rows": {"BEIT_FAST_LSRN_FORWARD": "block"}}   # set while the provider runs
 # (B, N or image size, C, heads): BEiT-B at batch 128 (and BEiT-L at 64 in the full sweep)
 FULL = [dict(model="base", B=128, C=768, H=12), dict(model="large", B=64, C=1024, H=16)]
 QUICK = [dict(model="base", B=128, C=768, H=12)]
@@ -133,6 +137,11 @@ def case_layer_scale_residual_norm(cfg, dtype, device, smoke):
             raise Skip("; ".join(why))
         return lambda *a: layer_scale_residual_norm(*a, backend=backend)
 
+    def ours_block_rows():
+        if backend != "cuda":
+            raise Skip("the forward's block-per-row plan is a CUDA kernel choice")
+        return ours()
+
     def apex():
         _apex("FusedLayerNorm")
 
@@ -147,7 +156,7 @@ def case_layer_scale_residual_norm(cfg, dtype, device, smoke):
                 nbytes=dict(fwd=4 * MC * e, bwd=6 * MC * e, fwd_bwd=10 * MC * e), flops={},
                 providers=dict(eager=lambda: layer_scale_residual_norm_ref,
                                compile=lambda: torch.compile(layer_scale_residual_norm_ref, dynamic=False),
-                               ours=ours, apex=apex))
+                               ours=ours, ours_block_rows=ours_block_rows, apex=apex))
 
 
 def _apex_ln(s, w, b, eps):
@@ -355,6 +364,21 @@ class CopyBandwidth:
         return self.gbps[n]
 
 
+@contextlib.contextmanager
+def environ(values: dict):
+    """os.environ updated with `values` inside the block (the C++ ops read their knobs at each launch)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--ops", default="all", help=f"comma list of {OPS}, or all")
@@ -381,7 +405,7 @@ def main(argv=None):
                         continue
                     if args.quick and name == "compile" and op not in ("layer_scale_residual_norm", "block"):
                         continue
-                    with outcomes.guard(f"{op} {name} {cfg['model']} {dtype}"):
+                    with outcomes.guard(f"{op} {name} {cfg['model']} {dtype}"), environ(PROVIDER_ENV.get(name, {})):
                         fn = case["providers"][name]()
                         check_provider(name, fn, case, expected, dtype)
                         got = bench_provider(op, name, fn, case, dtype, device, env)

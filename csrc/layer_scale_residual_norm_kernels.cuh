@@ -3,9 +3,10 @@
 // (launch.cuh): layer_scale_residual_norm_cuda.cu launches them on a CUDA stream, the tests
 // (tests/cuda_emulator) run the same code on the CPU. Per-element math: layer_scale_residual_norm.cuh.
 //
-// Forward: one block per row; each thread keeps NV vectors of VEC elements of the row in registers, so x and y
-// are read once and s and n written once; mean and variance come from two block reductions over the values
-// held in registers (two-pass variance, no cancellation).
+// Forward: one warp per row (kWarpRows rows per block) where a row fits in 32 lanes x 8 vectors, else one block
+// per row; each thread keeps NV vectors of VEC elements of the row in registers, so x and y are read once and
+// s and n written once; mean and variance come from two reductions (warp shuffles, or block sums) over the
+// values held in registers (two-pass variance, no cancellation).
 // Backward: a grid of G blocks walks the rows (row = blockIdx.x + i * G) with the same thread-to-column map.
 // Each thread accumulates the gamma / ln_weight / ln_bias gradient of its columns in registers over its
 // block's rows and writes them to row blockIdx.x of a (G, C) fp32 partial buffer; a fixed-order column sum
@@ -15,6 +16,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "dtype_dispatch.h"
@@ -31,6 +34,7 @@ constexpr int kMaxThreadsVec = 256;      // vectorized kernels: up to 256 thread
 constexpr int kMaxThreadsScalar = 1024;  // scalar fallback (C not a multiple of the vector width)
 constexpr int kScalarNV = 8;
 constexpr int64_t kMinRowsPerBlock = 16;  // backward: bounds the (G, C) partial buffer
+constexpr int kWarpRows = 4;              // forward, warp-per-row plan: rows (one per warp) per block
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -68,15 +72,15 @@ __device__ __forceinline__ void block_sum2(float& a, float& b, float* smem) {
   }
 }
 
-template <typename Tx, typename Ty, int VEC, int NV>
-__global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
-    forward_kernel(const Tx* __restrict__ x, const Ty* __restrict__ y, const float* __restrict__ gamma,
-                   const float* __restrict__ scale, const float* __restrict__ w, const float* __restrict__ b,
-                   Tx* __restrict__ s, Tx* __restrict__ n, float* __restrict__ mean, float* __restrict__ rstd,
-                   int64_t N, int C, float eps) {
-  __shared__ float smem[32];
-  BEIT_SHARED_ARRAY(smem);
-  const int64_t row = blockIdx.x;
+// One row of the forward, by the `stride` threads t = 0 .. stride-1 that share it: thread t holds the vectors
+// t, t + stride, ... of the row in registers. `sum` adds a value over those threads (every one gets the total).
+template <typename Tx, typename Ty, int VEC, int NV, typename Sum>
+__device__ __forceinline__ void forward_row(const Tx* __restrict__ x, const Ty* __restrict__ y,
+                                            const float* __restrict__ gamma, const float* __restrict__ scale,
+                                            const float* __restrict__ w, const float* __restrict__ b,
+                                            Tx* __restrict__ s, Tx* __restrict__ n, float* __restrict__ mean,
+                                            float* __restrict__ rstd, int64_t row, int64_t N, int C, float eps,
+                                            int t, int stride, Sum sum) {
   const int64_t base = row * C;
   const float sc = scale ? scale[row / N] : 1.f;
   const int nvec = C / VEC;
@@ -84,7 +88,7 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
   float total = 0.f;
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
-    const int vi = threadIdx.x + i * blockDim.x;
+    const int vi = t + i * stride;
     if (vi < nvec) {
       const int c0 = vi * VEC;
       const Vec<Tx, VEC> xv = load_vec<Tx, VEC>(x + base + c0);
@@ -104,24 +108,24 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
       for (int j = 0; j < VEC; ++j) v[i][j] = 0.f;
     }
   }
-  if (n == nullptr) return;  // uniform over the block: no LayerNorm requested
-  const float mu = block_sum(total, smem) / static_cast<float>(C);
+  if (n == nullptr) return;  // uniform over the row's threads: no LayerNorm requested
+  const float mu = sum(total) / static_cast<float>(C);
   float sq = 0.f;
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
-    if (threadIdx.x + i * blockDim.x < nvec) {
+    if (t + i * stride < nvec) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) sq += (v[i][j] - mu) * (v[i][j] - mu);
     }
   }
-  const float rs = rstd_from<float>(block_sum(sq, smem), C, eps);
-  if (threadIdx.x == 0) {
+  const float rs = rstd_from<float>(sum(sq), C, eps);
+  if (t == 0) {
     mean[row] = mu;
     rstd[row] = rs;
   }
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
-    const int vi = threadIdx.x + i * blockDim.x;
+    const int vi = t + i * stride;
     if (vi < nvec) {
       const int c0 = vi * VEC;
       Vec<Tx, VEC> nv;
@@ -131,6 +135,34 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
       store_vec<Tx, VEC>(n + base + c0, nv);
     }
   }
+}
+
+// Block-per-row forward: long rows (more than 32 * 8 vectors) and the scalar path.
+template <typename Tx, typename Ty, int VEC, int NV>
+__global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
+    forward_kernel(const Tx* __restrict__ x, const Ty* __restrict__ y, const float* __restrict__ gamma,
+                   const float* __restrict__ scale, const float* __restrict__ w, const float* __restrict__ b,
+                   Tx* __restrict__ s, Tx* __restrict__ n, float* __restrict__ mean, float* __restrict__ rstd,
+                   int64_t N, int C, float eps) {
+  __shared__ float smem[32];
+  BEIT_SHARED_ARRAY(smem);
+  forward_row<Tx, Ty, VEC, NV>(x, y, gamma, scale, w, b, s, n, mean, rstd, blockIdx.x, N, C, eps, threadIdx.x,
+                               blockDim.x, [&](float v) { return block_sum(v, smem); });
+}
+
+// Warp-per-row forward (vectorized rows of at most 32 * 8 vectors: C <= 2048 in 16-bit, 1024 in fp32, which
+// covers BEiT's 768 and 1024): kWarpRows rows per block, a row's sums are warp shuffles, no barrier. A block of
+// one short row would leave most of the SM's block slots holding few bytes in flight.
+template <typename Tx, typename Ty, int VEC, int NV>
+__global__ void __launch_bounds__(32 * kWarpRows)
+    forward_warp_kernel(const Tx* __restrict__ x, const Ty* __restrict__ y, const float* __restrict__ gamma,
+                        const float* __restrict__ scale, const float* __restrict__ w, const float* __restrict__ b,
+                        Tx* __restrict__ s, Tx* __restrict__ n, float* __restrict__ mean, float* __restrict__ rstd,
+                        int64_t rows, int64_t N, int C, float eps) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + (threadIdx.x >> 5);
+  if (row >= rows) return;  // the whole warp: none of its lanes is left waiting at a shuffle
+  forward_row<Tx, Ty, VEC, NV>(x, y, gamma, scale, w, b, s, n, mean, rstd, row, N, C, eps, threadIdx.x & 31, 32,
+                               [](float v) { return warp_sum(v); });
 }
 
 template <typename Tx, typename Ty, int VEC, int NV>
@@ -232,11 +264,17 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
 // parameters are read as scalars (they stay in L1), so only the (B, N, C) tensors need 16-byte alignment.
 struct Plan {
   int vec, nv, threads;
+  int warp_rows = 0;  // > 0: one row per warp, this many rows per block (forward_warp_kernel)
 };
 
-inline Plan make_plan(int64_t C, int vec_width, bool vec_ok) {
+// warp_per_row: the forward may take a row per warp when the row fits (at most 8 vectors per lane).
+inline Plan make_plan(int64_t C, int vec_width, bool vec_ok, bool warp_per_row = false) {
   if (vec_ok && C % vec_width == 0) {
     const int64_t nvec = C / vec_width;
+    if (warp_per_row && nvec <= 32 * 8) {
+      for (int nv : {1, 2, 4, 8})
+        if (32 * nv >= nvec) return {vec_width, nv, 32 * kWarpRows, kWarpRows};
+    }
     for (int nv : {1, 2, 4, 8}) {
       const int64_t threads = (nvec + nv - 1) / nv;
       if (threads <= kMaxThreadsVec) return {vec_width, nv, static_cast<int>((threads + 31) / 32 * 32)};
@@ -266,19 +304,40 @@ void dispatch_plan(const Plan& p, F&& f) {
 }
 
 
+// BEIT_FAST_LSRN_FORWARD=block keeps the forward on one block per row for every C (an A/B knob for the
+// benchmarks; unset or "warp": a row per warp where it fits). Read at each launch.
+inline bool forward_warp_per_row() {
+  const char* v = std::getenv("BEIT_FAST_LSRN_FORWARD");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "warp") == 0) return true;
+  BEIT_CHECK_VALUE(std::strcmp(v, "block") == 0, kOp, ": BEIT_FAST_LSRN_FORWARD must be warp or block, got '", v,
+                   "'");
+  return false;
+}
+
 template <typename Tx, typename Ty, typename Launch>
 void launch_forward(const Launch& launch, const Forward& a, at::Tensor& s, at::Tensor& n, at::Tensor& mean,
                     at::Tensor& rstd) {
   constexpr int VW = 16 / sizeof(Tx);
   const bool vec_ok = aligned_to(a.x.data_ptr(), 16) && aligned_to(a.y.data_ptr(), VW * sizeof(Ty)) &&
                       aligned_to(s.data_ptr(), 16) && (!n.defined() || aligned_to(n.data_ptr(), 16));
-  const Plan plan = make_plan(a.C, VW, vec_ok);
+  const Plan plan = make_plan(a.C, VW, vec_ok, forward_warp_per_row());
   const int64_t rows = a.B * a.N;
   dispatch_plan<VW>(plan, [&](auto vec, auto nv) {
-    launch(forward_kernel<Tx, Ty, decltype(vec)::value, decltype(nv)::value>, dim3(static_cast<unsigned>(rows)),
-           dim3(plan.threads), a.x.data_ptr<Tx>(), a.y.data_ptr<Ty>(), cptr<float>(a.gamma), cptr<float>(a.scale),
-           cptr<float>(a.w), cptr<float>(a.b), s.data_ptr<Tx>(), mptr<Tx>(n), mptr<float>(mean), mptr<float>(rstd),
-           a.N, static_cast<int>(a.C), static_cast<float>(a.eps));
+    constexpr int V = decltype(vec)::value, NVv = decltype(nv)::value;
+    if (plan.warp_rows > 0) {
+      if constexpr (V > 1) {   // (the warp plan is vectorized only: no scalar instantiation)
+        launch(forward_warp_kernel<Tx, Ty, V, NVv>,
+               dim3(static_cast<unsigned>((rows + plan.warp_rows - 1) / plan.warp_rows)), dim3(plan.threads),
+               a.x.data_ptr<Tx>(), a.y.data_ptr<Ty>(), cptr<float>(a.gamma), cptr<float>(a.scale), cptr<float>(a.w),
+               cptr<float>(a.b), s.data_ptr<Tx>(), mptr<Tx>(n), mptr<float>(mean), mptr<float>(rstd), rows, a.N,
+               static_cast<int>(a.C), static_cast<float>(a.eps));
+      }
+      return;
+    }
+    launch(forward_kernel<Tx, Ty, V, NVv>, dim3(static_cast<unsigned>(rows)), dim3(plan.threads),
+           a.x.data_ptr<Tx>(), a.y.data_ptr<Ty>(), cptr<float>(a.gamma), cptr<float>(a.scale), cptr<float>(a.w),
+           cptr<float>(a.b), s.data_ptr<Tx>(), mptr<Tx>(n), mptr<float>(mean), mptr<float>(rstd), a.N,
+           static_cast<int>(a.C), static_cast<float>(a.eps));
   });
 }
 

@@ -117,8 +117,17 @@ DTYPES = {"fp32": (fp32, fp32), "fp16": (fp16, fp16), "bf16": (bf16, bf16), "fp3
 CHANNELS = [768, 1536, 3072, 4096, 6144, 12288, 7, 1001, 8191]
 
 
+WARP_ROWS = 4   # the forward's warp-per-row plan: rows per block (kWarpRows)
+
+
+def warp_plan(C, tx, aligned=True):
+    """Whether the forward takes one row per warp: vectorized rows of at most 32 x 8 vectors."""
+    vw = 16 // (torch.finfo(tx).bits // 8)
+    return aligned and C % vw == 0 and C // vw <= 32 * 8
+
+
 def plan_threads(C, tx, aligned=True):
-    """The block size make_plan picks (None: C too large for the CUDA kernel)."""
+    """The block size make_plan picks for a block per row (None: C too large for the CUDA kernel)."""
     vw = 16 // (torch.finfo(tx).bits // 8)
     if aligned and C % vw == 0:
         for nv in (1, 2, 4, 8):
@@ -150,13 +159,24 @@ def misalign(t):
     return out
 
 
+def forward_counts(rows, C, tx, plan, aligned=True):
+    """(blocks, barriers, shuffles) of one forward launch, the LayerNorm included."""
+    if plan == "warp" and warp_plan(C, tx, aligned):   # a warp per row: two warp sums of 5 shuffles, no barrier
+        return -(-rows // WARP_ROWS), 0, rows * 2 * 5
+    # a block per row: two block sums of two barriers each, each a warp sum of 5 shuffles in every warp
+    return rows, 4 * rows, rows * 2 * 5 * (plan_threads(C, tx, aligned) // 32)
+
+
+@pytest.mark.parametrize("plan", ["warp", "block"])
 @pytest.mark.parametrize("C", CHANNELS)
 @pytest.mark.parametrize("dt", list(DTYPES))
-def test_lsrn_forward(emu, dt, C):
+def test_lsrn_forward(emu, monkeypatch, dt, C, plan):
+    """Both forward plans (BEIT_FAST_LSRN_FORWARD): a row per warp where the row fits (4 rows per block; the
+    10 rows here leave the last block two warps without a row), else and with "block" a block per row."""
+    monkeypatch.setenv("BEIT_FAST_LSRN_FORWARD", plan)
     tx, ty = DTYPES[dt]
     args = lsrn_inputs(2, 5, C, tx, ty)
-    threads = plan_threads(C, tx)
-    if threads is None:
+    if plan_threads(C, tx) is None:
         with pytest.raises(RuntimeError, match="too large"):
             emu.layer_scale_residual_norm(*args, 1e-6)
         return
@@ -167,8 +187,19 @@ def test_lsrn_forward(emu, dt, C):
     close(mean, mean_ref, fp32, "mean")
     close(rstd, rstd_ref, fp32, "rstd")
     close(n, n_ref, tx, "n")
-    assert c.blocks == 10 and c.barriers == 4 * 10  # one block per row, two block sums of two barriers each
-    assert c.shuffles == 10 * 2 * 5 * (threads // 32)  # per row, two warp sums of 5 shuffles per warp
+    assert (c.blocks, c.barriers, c.shuffles) == forward_counts(10, C, tx, plan)
+
+
+def test_lsrn_forward_plan_setting(emu, monkeypatch):
+    """BEIT_FAST_LSRN_FORWARD accepts warp or block (unset: warp) and names itself when it is anything else."""
+    args = lsrn_inputs(1, 3, 768, bf16, bf16)
+    monkeypatch.setenv("BEIT_FAST_LSRN_FORWARD", "")
+    with Counted(emu) as c:
+        emu.layer_scale_residual_norm(*args, 1e-6)
+    assert c.blocks == 1   # 3 rows, one block of warps
+    monkeypatch.setenv("BEIT_FAST_LSRN_FORWARD", "rows")
+    with pytest.raises(ValueError, match="BEIT_FAST_LSRN_FORWARD must be warp or block, got 'rows'"):
+        emu.layer_scale_residual_norm(*args, 1e-6)
 
 
 @pytest.mark.parametrize("variant", ["no_norm", "no_layer_scale", "norm_without_bias", "misaligned"])
@@ -184,8 +215,8 @@ def test_lsrn_forward_variants(emu, variant):
         assert (a is None) == (b is None), name
         if a is not None:
             close(a, b, fp32, name)
-    threads = plan_threads(768, fp32, aligned=variant != "misaligned")
-    assert c.shuffles == (0 if variant == "no_norm" else 12 * 2 * 5 * threads // 32)
+    blocks, _, shuffles = forward_counts(12, 768, fp32, "warp", aligned=variant != "misaligned")
+    assert c.blocks == blocks and c.shuffles == (0 if variant == "no_norm" else shuffles)
 
 
 def lsrn_backward_both(emu, args, grads, mask, sms, y_dtype):
