@@ -17,6 +17,14 @@ struct CudaLaunch {
     kernel<<<grid, block, 0, stream>>>(args...);  // implicit conversions only, as in a direct launch
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+
+  // Blocks of `threads` threads (no dynamic shared memory) that one multiprocessor of the current device holds.
+  template <typename... Params>
+  int blocks_per_sm(void (*kernel)(Params...), int threads) const {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0));
+    return n;
+  }
 };
 
 }  // namespace beit_fast

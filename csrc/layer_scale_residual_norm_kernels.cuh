@@ -7,7 +7,8 @@
 // per row; each thread keeps NV vectors of VEC elements of the row in registers, so x and y are read once and
 // s and n written once; mean and variance come from two reductions (warp shuffles, or block sums) over the
 // values held in registers (two-pass variance, no cancellation).
-// Backward: a grid of G blocks walks the rows (row = blockIdx.x + i * G) with the same thread-to-column map.
+// Backward: a grid of G blocks walks the rows (row = blockIdx.x + i * G) with the block-per-row thread-to-column
+// map, loading a short row's successor while it reduces and writes the row.
 // Each thread accumulates the gamma / ln_weight / ln_bias gradient of its columns in registers over its
 // block's rows and writes them to row blockIdx.x of a (G, C) fp32 partial buffer; a fixed-order column sum
 // then adds the G rows. No atomics: deterministic for a given shape and grid size (set by the GPU model).
@@ -16,6 +17,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -33,7 +35,7 @@ constexpr const char* kOp = "layer_scale_residual_norm (CUDA)";
 constexpr int kMaxThreadsVec = 256;      // vectorized kernels: up to 256 threads x NV vectors per row
 constexpr int kMaxThreadsScalar = 1024;  // scalar fallback (C not a multiple of the vector width)
 constexpr int kScalarNV = 8;
-constexpr int64_t kMinRowsPerBlock = 16;  // backward: bounds the (G, C) partial buffer
+constexpr int64_t kMinRowsPerBlock = 16;  // backward: at least this many rows per block (bounds the partials)
 constexpr int kWarpRows = 4;              // forward, warp-per-row plan: rows (one per warp) per block
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -181,12 +183,9 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc_g[i][j] = acc_w[i][j] = acc_b[i][j] = 0.f;
 
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  // The row's four inputs (those the outputs need), NV vectors per thread.
+  auto load_row = [&](int64_t row, Vec<Tx, VEC>* sv, Vec<Tx, VEC>* nv, Vec<Tx, VEC>* gsv, Vec<Ty, VEC>* yv) {
     const int64_t base = row * C;
-    const float sc = scale ? scale[row / N] : 1.f;
-    // All four row loads are issued before the block reduction, to keep more bytes in flight.
-    Vec<Tx, VEC> sv[NV], nv[NV], gsv[NV];
-    Vec<Ty, VEC> yv[NV];
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int vi = threadIdx.x + i * blockDim.x;
@@ -199,6 +198,24 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
         if (gs != nullptr) gsv[i] = load_vec<Tx, VEC>(gs + o);
         if (pg != nullptr) yv[i] = load_vec<Ty, VEC>(y + o);
       }
+    }
+  };
+  // Short rows (NV <= 2: BEiT's 768 and 1024 channels take NV = 1) prefetch the block's next row while this
+  // one is reduced and written, so each thread has two rows of loads in flight across the block reduction's
+  // barriers; longer rows (more registers per row) load each row as they reach it.
+  constexpr bool kPrefetch = NV <= 2;
+  Vec<Tx, VEC> sv[NV] = {}, nv[NV] = {}, gsv[NV] = {};   // (zeros where a row has no such input: the
+  Vec<Ty, VEC> yv[NV] = {};                                //  prefetch copies whole buffers)
+  if (kPrefetch && blockIdx.x < rows) load_row(blockIdx.x, sv, nv, gsv, yv);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t base = row * C;
+    const float sc = scale ? scale[row / N] : 1.f;
+    Vec<Tx, VEC> sv_next[NV] = {}, nv_next[NV] = {}, gsv_next[NV] = {};
+    Vec<Ty, VEC> yv_next[NV] = {};
+    if constexpr (kPrefetch) {
+      if (row + gridDim.x < rows) load_row(row + gridDim.x, sv_next, nv_next, gsv_next, yv_next);
+    } else {
+      load_row(row, sv, nv, gsv, yv);   // all four issued before the block reduction
     }
     float xh[NV][VEC], g[NV][VEC];
     float sum_g = 0.f, sum_gx = 0.f, rs = 0.f;
@@ -243,6 +260,15 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
       }
       if (dx != nullptr) store_vec<Tx, VEC>(dx + base + c0, dxv);
       if (dy != nullptr) store_vec<Ty, VEC>(dy + base + c0, dyv);
+    }
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        sv[i] = sv_next[i];
+        nv[i] = nv_next[i];
+        gsv[i] = gsv_next[i];
+        yv[i] = yv_next[i];
+      }
     }
   }
   const int64_t prow = static_cast<int64_t>(blockIdx.x) * C;
@@ -341,20 +367,34 @@ void launch_forward(const Launch& launch, const Forward& a, at::Tensor& s, at::T
   });
 }
 
+// The backward's grid-stride launch. The grid is as many blocks as the GPU holds at once (the launcher's
+// occupancy query times sms; blocks beyond that would run as a second wave with the same share of rows each,
+// after the first wave's blocks, close to doubling the time), at most one per kMinRowsPerBlock rows. It
+// allocates the (grid, C) fp32 partials of the parameter gradients that `need` asks for.
 template <typename Tx, typename Ty, typename Launch>
-void launch_backward(const Launch& launch, const Backward& a, at::Tensor& dx, at::Tensor& dy, at::Tensor& pg,
-                     at::Tensor& pw, at::Tensor& pb, int64_t grid) {
+void launch_backward(const Launch& launch, const Backward& a, int sms, at::Tensor& dx, at::Tensor& dy,
+                     at::Tensor& pg, at::Tensor& pw, at::Tensor& pb, std::array<bool, 3> need) {
   constexpr int VW = 16 / sizeof(Tx);
   const bool vec_ok = aligned_to(cptr<Tx>(a.grad_sum), 16) && aligned_to(cptr<Tx>(a.grad_norm), 16) &&
                       aligned_to(a.sum.data_ptr(), 16) && aligned_to(cptr<Ty>(a.y), VW * sizeof(Ty)) &&
                       aligned_to(cptr<Tx>(dx), 16) && aligned_to(cptr<Ty>(dy), VW * sizeof(Ty));
   const Plan plan = make_plan(a.C, VW, vec_ok);
+  const int64_t rows = a.B * a.N;
   dispatch_plan<VW>(plan, [&](auto vec, auto nv) {
-    launch(backward_kernel<Tx, Ty, decltype(vec)::value, decltype(nv)::value>, dim3(static_cast<unsigned>(grid)),
-           dim3(plan.threads), cptr<Tx>(a.grad_sum), cptr<Tx>(a.grad_norm), a.sum.data_ptr<Tx>(), cptr<Ty>(a.y),
-           cptr<float>(a.gamma), cptr<float>(a.scale), cptr<float>(a.w), cptr<float>(a.mean), cptr<float>(a.rstd),
-           mptr<Tx>(dx), mptr<Ty>(dy), mptr<float>(pg), mptr<float>(pw), mptr<float>(pb), a.B * a.N, a.N,
-           static_cast<int>(a.C));
+    const auto kernel = backward_kernel<Tx, Ty, decltype(vec)::value, decltype(nv)::value>;
+    const int64_t resident = int64_t{sms} * std::max(1, launch.blocks_per_sm(kernel, plan.threads));
+    const int64_t grid =
+        std::max<int64_t>(1, std::min<int64_t>(resident, (rows + kMinRowsPerBlock - 1) / kMinRowsPerBlock));
+    auto partial = [&](bool want) {
+      return want ? at::empty({grid, a.C}, a.sum.options().dtype(at::kFloat)) : at::Tensor();
+    };
+    pg = partial(need[0]);
+    pw = partial(need[1]);
+    pb = partial(need[2]);
+    launch(kernel, dim3(static_cast<unsigned>(grid)), dim3(plan.threads), cptr<Tx>(a.grad_sum),
+           cptr<Tx>(a.grad_norm), a.sum.data_ptr<Tx>(), cptr<Ty>(a.y), cptr<float>(a.gamma), cptr<float>(a.scale),
+           cptr<float>(a.w), cptr<float>(a.mean), cptr<float>(a.rstd), mptr<Tx>(dx), mptr<Ty>(dy), mptr<float>(pg),
+           mptr<float>(pw), mptr<float>(pb), rows, a.N, static_cast<int>(a.C));
   });
 }
 
@@ -389,9 +429,9 @@ ForwardResult forward_on(const Launch& launch, const at::Tensor& x, const at::Te
   return {s, n, mean, rstd};
 }
 
-// The backward on the launcher's device. The grid is a function of the shape and of sms (the GPU's
-// multiprocessor count) only, which makes the parameter gradients deterministic; column_sum adds the
-// (grid, C) partial rows in a fixed order.
+// The backward on the launcher's device. The grid is a function of the shape, of sms (the GPU's multiprocessor
+// count) and of the kernel's occupancy on that GPU model only (launch_backward), which makes the parameter
+// gradients deterministic; column_sum adds the (grid, C) partial rows in a fixed order.
 template <typename Launch>
 BackwardResult backward_on(const Launch& launch, int sms, at::Tensor (*column_sum)(const at::Tensor&),
                            const c10::optional<at::Tensor>& grad_sum, const c10::optional<at::Tensor>& grad_norm,
@@ -408,16 +448,12 @@ BackwardResult backward_on(const Launch& launch, int sms, at::Tensor (*column_su
   const bool ln_grads = a.grad_norm.defined();
   at::Tensor dx, dy;  // not a structured binding: the kernel lambda captures them (C++17)
   std::tie(dx, dy) = allocate_input_grads(a);
-  const int64_t grid =
-      std::max<int64_t>(1, std::min<int64_t>(int64_t{sms} * 8, (rows + kMinRowsPerBlock - 1) / kMinRowsPerBlock));
-  auto partial = [&](bool need) {
-    return need ? at::empty({grid, a.C}, a.sum.options().dtype(at::kFloat)) : at::Tensor();
-  };
-  at::Tensor pg = partial(a.need[2] && rows > 0), pw = partial(a.need[3] && ln_grads && rows > 0),
-             pb = partial(a.need[4] && ln_grads && rows > 0);
-  if (rows > 0 && (dx.defined() || dy.defined() || pg.defined() || pw.defined() || pb.defined())) {
+  const std::array<bool, 3> need{a.need[2], a.need[3] && ln_grads, a.need[4] && ln_grads};
+  at::Tensor pg, pw, pb;   // (grid, C) partials, allocated with the launch's grid
+  if (rows > 0 && (dx.defined() || dy.defined() || need[0] || need[1] || need[2])) {
     dispatch_pair_no_double(a.sum.scalar_type(), a.y_dtype, kOp, [&](auto tx, auto ty) {
-      launch_backward<typename decltype(tx)::type, typename decltype(ty)::type>(launch, a, dx, dy, pg, pw, pb, grid);
+      launch_backward<typename decltype(tx)::type, typename decltype(ty)::type>(launch, a, sms, dx, dy, pg, pw, pb,
+                                                                                 need);
     });
   }
   return backward_result(a, dx, dy, pg, pw, pb, column_sum);

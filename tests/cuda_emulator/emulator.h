@@ -256,6 +256,10 @@ struct EmulatedLaunch {
     const std::function<void()> body = [&] { kernel(args...); };
     run_grid(grid, block, body);
   }
+
+  // No occupancy here: a fixed 8 blocks per multiprocessor (the tests pass the multiprocessor count).
+  template <typename... Params>
+  int blocks_per_sm(void (*)(Params...), int) const { return 8; }
 };
 
 }  // namespace cuda_emulator
