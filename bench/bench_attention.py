@@ -7,7 +7,7 @@ Providers (each checked against the fp32 reference before it is timed):
   flex     FlexAttention under torch.compile, score_mod = score + table[index[q, k], h] (atomics for dTable)
   xformers memory_efficient_attention with the gathered bias expanded to (B, H, N, N), when importable
   ours     beit_fast.ops.rel_pos_attention, Triton (bias gathered in-kernel, deterministic dTable)
-  ours_dense_bias  the same, every kernel reading the bias from a per-call (H, N, N) fp32 expansion of the
+  ours_dense_bias  the same, every kernel reading the bias from a per-call (H, N, N_pad) fp32 expansion of the
            table instead of gathering it (BEIT_FAST_ATTN_DENSE_BIAS=1; bitwise the same results)
 
 FLOPs (written down, as flash-attention counts them): fwd = 4 * B * H * N^2 * D (two matmuls),
@@ -33,7 +33,7 @@ from beit_fast.ops.rel_pos_attention import (not_supported_reasons, num_relative
                                              rel_pos_attention, rel_pos_attention_ref, relative_position_index)
 
 # ours before the compiled ones (time limits); ours_dense_bias: ours with every kernel reading the bias from
-# the per-call (H, N, N) expansion instead of gathering it from the table (TileConfig.dense_bias, an A/B)
+# the per-call (H, N, N_pad) expansion instead of gathering it from the table (TileConfig.dense_bias, an A/B)
 PROVIDERS = ("eager", "sdpa", "ours", "ours_dense_bias", "flex", "xformers")
 REFERENCE_PROVIDERS = ("eager", "sdpa")
 MODELS = {"base": 12, "large": 16}   # heads; D = 64
@@ -144,12 +144,11 @@ def make_provider(name, window, scale, device, dtype):
 
 @contextlib.contextmanager
 def dense_bias(on: bool):
-    """The fused kernels read the dense bias expansion while `on` (kernels.rel_pos_attention.DENSE_BIAS)."""
-    if not on:
-        yield
-        return
+    """Inside the block the fused kernels read the dense bias expansion (on) or gather from the table (off),
+    whatever BEIT_FAST_ATTN_DENSE_BIAS says (kernels.rel_pos_attention.DENSE_BIAS), so that "ours" and
+    "ours_dense_bias" stay the two sides of the A/B."""
     K = importlib.import_module("beit_fast.kernels.rel_pos_attention")
-    saved, K.DENSE_BIAS = K.DENSE_BIAS, True
+    saved, K.DENSE_BIAS = K.DENSE_BIAS, on
     try:
         yield
     finally:
@@ -233,7 +232,8 @@ def main(argv=None):
             if expected is None:
                 continue
             for name in wanted:
-                with outcomes.guard(f"{name} {model} B={B} N={N} {dtype}"), dense_bias(name == "ours_dense_bias"):
+                with outcomes.guard(f"{name} {model} B={B} N={N} {dtype}"), \
+                        (dense_bias(name == "ours_dense_bias") if name.startswith("ours") else contextlib.nullcontext()):
                     fn = make_provider(name, window, scale, device, dtype)
                     check_provider(name, fn, leaves, grad, expected, dtype)
                     rows += bench_one(name, fn, shape, leaves, grad, dtype, device, env, args)

@@ -51,7 +51,8 @@ import torch.nn.functional as F  # noqa: E402
 OPS = ("block", "layer_scale_residual_norm", "layer_norm", "masked_patch_embed", "linear_gelu")
 MEMORY_BOUND = ("layer_scale_residual_norm", "layer_norm")   # measured against the copy bandwidth
 PROVIDERS = ("eager", "ours", "ours_recompute", "ours_block_rows", "apex", "compile")   # compiled ones last
-PROVIDER_ENV = {"ours_block_rows": {"BEIT_FAST_LSRN_FORWARD": "block"}}   # set while the provider runs
+# set while the provider runs (pinned on both sides of the A/B, whatever the caller's environment says)
+PROVIDER_ENV = {"ours": {"BEIT_FAST_LSRN_FORWARD": "warp"}, "ours_block_rows": {"BEIT_FAST_LSRN_FORWARD": "block"}}
 # (B, N or image size, C, heads): BEiT-B at batch 128 (and BEiT-L at 64 in the full sweep)
 FULL = [dict(model="base", B=128, C=768, H=12), dict(model="large", B=64, C=1024, H=16)]
 QUICK = [dict(model="base", B=128, C=768, H=12)]

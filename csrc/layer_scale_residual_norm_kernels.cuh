@@ -357,6 +357,8 @@ void launch_forward(const Launch& launch, const Forward& a, at::Tensor& s, at::T
                a.x.data_ptr<Tx>(), a.y.data_ptr<Ty>(), cptr<float>(a.gamma), cptr<float>(a.scale), cptr<float>(a.w),
                cptr<float>(a.b), s.data_ptr<Tx>(), mptr<Tx>(n), mptr<float>(mean), mptr<float>(rstd), rows, a.N,
                static_cast<int>(a.C), static_cast<float>(a.eps));
+      } else {
+        BEIT_CHECK(false, kOp, ": internal error: the warp-per-row plan needs vectorized rows");
       }
       return;
     }

@@ -60,7 +60,7 @@ class TileConfig:
     tail: bool = True  # peel the inner loop's last N % block tokens into a smaller tile (_tail); else mask every step
     block_tail: bool = False  # the program holding the last N % block rows of its own axis (queries; dK/dV: keys)
     #                           uses a smaller tile (_block_tail), on mma.sync where it has fewer than 64 rows
-    dense_bias: bool = False  # read the bias from a per-call (H, N, N) expansion of the table (_expand_bias)
+    dense_bias: bool = False  # read the bias from a per-call (H, N, N_pad) expansion of the table (_expand_bias)
     #                           instead of gathering each element from the table in the kernel; same values
 
 
@@ -177,8 +177,9 @@ def _bias_tile(TBL, IDX, h, qi, kj, qpart, kpart, N, R, s_tr, s_th, s_ii, s_ij, 
     BIAS_SRC: SRC_WINDOW gathers through the window parts, SRC_INDEX through the explicit (N, N) index;
     SRC_DENSE loads the launcher's (H, N, N_pad) expansion of the same values (_expand_bias; TBL is that
     tensor, s_th / s_ii its head / row strides): a plain tile load, no gather."""
-    if BIAS_SRC == SRC_DENSE:
-        return tl.load(TBL + h * s_th + qi * s_ii + kj, mask=(qi < N) & (kj < N), other=0.0)
+    if BIAS_SRC == SRC_DENSE:   # columns masked at the padded row length s_ii (a multiple of 16, zeros past
+        #                         N): a mask constant over 16 columns lets the load be vectorized
+        return tl.load(TBL + h.to(tl.int64) * s_th + qi * s_ii + kj, mask=(qi < N) & (kj < s_ii), other=0.0)
     if BIAS_SRC == SRC_INDEX:
         valid = (qi < N) & (kj < N)
         idx = tl.load(IDX + qi * s_ii + kj * s_ij, mask=valid, other=0).to(tl.int32)
@@ -612,8 +613,9 @@ def _expand_bias_kernel(TBL, IDX, OUT, N, R, centre, s_tr, s_th, s_ii, s_ij, s_o
     kpart = _token_part(IDX, kj, N, 0, BIAS_SRC)
     vals = _bias_tile(TBL, IDX, h, qi[:, None], kj[None, :], qpart[:, None], kpart[None, :], N, R,
                       s_tr, s_th, s_ii, s_ij, BIAS_SRC)
-    tl.store(OUT + h * s_oh + qi[:, None] * s_oi + kj[None, :], vals.to(tl.float32) * LOG2E_C,
-             mask=(qi[:, None] < N) & (kj[None, :] < N))
+    vals = tl.where(kj[None, :] < N, vals.to(tl.float32) * LOG2E_C, 0.0)   # zeros in the padding columns
+    tl.store(OUT + h.to(tl.int64) * s_oh + qi[:, None] * s_oi + kj[None, :], vals,
+             mask=(qi[:, None] < N) & (kj[None, :] < s_oi))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -684,13 +686,14 @@ class _BiasArgs:
 
 def _expand_bias(b: _BiasArgs) -> torch.Tensor:
     """(H, N, N_pad) fp32, [h, i, j] = log2(e) * table[index[i, j], h] for i, j < N (the values the gathering
-    kernels add, bitwise), rows padded to a multiple of 16 elements (aligned vector loads); one launch over
-    the table as the model stores it."""
+    kernels add, bitwise) and 0 for N <= j < N_pad, rows padded to N_pad = a multiple of 16 elements (aligned
+    vector loads); one launch over the table as the model stores it."""
     table, N = b.table, b.N
     H = table.shape[1]
-    out = _alloc((H, N, cdiv(N, 16) * 16), torch.float32, table.device)
+    n_pad = cdiv(N, 16) * 16
+    out = _alloc((H, N, n_pad), torch.float32, table.device)
     BLOCK = 32
-    _expand_bias_kernel[(cdiv(N, BLOCK), cdiv(N, BLOCK), H)](
+    _expand_bias_kernel[(cdiv(N, BLOCK), cdiv(n_pad, BLOCK), H)](
         table, b.idx, out, N, b.R, b.centre, table.stride(0), table.stride(1), b.s_ii, b.s_ij,
         out.stride(0), out.stride(1), BIAS_SRC=b.src, BLOCK=BLOCK)
     return out

@@ -65,3 +65,7 @@ def test_static_libstdcxx_build_keeps_numbers_in_error_messages(tmp_path):
     assert len(errors) == len(CASES), run.stdout
     for (call, piece), message in zip(CASES, errors):
         assert piece in message, f"{call}: expected {piece!r} in the message, got {message!r}"
+    probe = [line for line in run.stdout.splitlines() if line.startswith("stream probe:")]
+    if probe == ["stream probe: '1234567 0.5'"]:   # the messages were right, but they could not have been wrong
+        pytest.skip("this toolchain's -static-libstdc++ build formats numbers in streams: the failure the test "
+                    "guards against does not occur here")

@@ -191,7 +191,8 @@ def test_lsrn_forward(emu, monkeypatch, dt, C, plan):
 
 
 def test_lsrn_forward_plan_setting(emu, monkeypatch):
-    """BEIT_FAST_LSRN_FORWARD accepts warp or block (unset: warp) and names itself when it is anything else."""
+    """BEIT_FAST_LSRN_FORWARD accepts warp or block (empty, like unset: warp) and names itself when it is
+    anything else."""
     args = lsrn_inputs(1, 3, 768, bf16, bf16)
     monkeypatch.setenv("BEIT_FAST_LSRN_FORWARD", "")
     with Counted(emu) as c:

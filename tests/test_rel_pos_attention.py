@@ -237,17 +237,24 @@ def test_inner_loop_tails(monkeypatch, shape, tail, peel):
 
 
 @needs_triton
-@pytest.mark.parametrize("shape,dtype", [((14, 14), torch.float16), ((3, 5), torch.float32), (37, torch.float32)],
-                         ids=["N197-fp16", "window3x5-fp32", "index-N37-fp32"])
-def test_dense_bias_is_bitwise_the_gather(monkeypatch, shape, dtype):
+@pytest.mark.parametrize("shape,dtype,tile", [
+    ((14, 14), torch.float16, None), ((3, 5), torch.float32, None), (37, torch.float32, None),
+    ((7, 7), torch.float32, (32, 32, False, True))],
+    ids=["N197-fp16", "window3x5-fp32", "index-N37-fp32", "N50-masked-loops-blocktail"])
+def test_dense_bias_is_bitwise_the_gather(monkeypatch, shape, dtype, tile):
     """A tile config with dense_bias reads the bias from the launcher's (H, N, N_pad) expansion of the table
     instead of gathering it in the kernel: the same fp32 values, so the output and every gradient are bitwise
     those of the gathering kernels (each kernel switched alone, then all three), for BEiT's window layout and
-    an explicit index."""
+    an explicit index; also with 32x32 tiles whose inner loops mask every step (reading columns past N_pad)
+    and whose last programs take a 32-row block tail."""
     import dataclasses
     from beit_fast.kernels import rel_pos_attention as K
     N, kw, (inputs, table, grad) = case_inputs(2, 2, shape, 32, dtype, True, DEVICE)
-    base = K.pick_configs(32, dtype, torch.device(DEVICE))
+    if tile is None:
+        base = K.pick_configs(32, dtype, torch.device(DEVICE))
+    else:
+        t = K.TileConfig(tile[0], tile[1], tail=tile[2], block_tail=tile[3])
+        base = K.AttnConfigs(t, t, t)
     results = {}
     for which in ("none", "fwd", "dkdv", "dq", "all"):
         if which in ("none", "all"):
@@ -261,6 +268,32 @@ def test_dense_bias_is_bitwise_the_gather(monkeypatch, shape, dtype):
     for which, (out, grads) in results.items():
         assert torch.equal(out, out0), which
         assert all(torch.equal(a, b) for a, b in zip(grads, grads0)), which
+
+
+@needs_triton
+def test_bench_dense_bias_switch_pins_both_sides(monkeypatch):
+    """bench_attention's dense_bias(on) makes the kernels expand the table exactly when on, whatever
+    BEIT_FAST_ATTN_DENSE_BIAS (kernels.rel_pos_attention.DENSE_BIAS) says, and restores the setting."""
+    import sys
+    from beit_fast.kernels import rel_pos_attention as K
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    try:
+        bench_attention = importlib.import_module("bench_attention")
+    finally:
+        sys.path.pop(0)
+    calls = []
+    real = K._expand_bias
+    monkeypatch.setattr(K, "_expand_bias", lambda b: calls.append(1) or real(b))
+    W = (3, 3)
+    inputs, table, grad = make_inputs(1, 2, 10, 16, torch.float32, num_relative_distance(W), packed=True)
+    for setting in (None, True, False):
+        monkeypatch.setattr(K, "DENSE_BIAS", setting)
+        for on in (True, False):
+            calls.clear()
+            with bench_attention.dense_bias(on):
+                run(rel_pos_attention_qkvpacked, inputs, table, grad, window_size=W, backend="triton")
+            assert len(calls) == (2 if on else 0), (setting, on)   # the forward's and the backward's expansion
+            assert K.DENSE_BIAS is setting
 
 
 def test_dense_bias_setting(monkeypatch):
@@ -294,6 +327,7 @@ def test_dense_bias_expansion_matches_the_table():
         got = K._expand_bias(b)
         assert got.shape == (3, N, 16) and got.stride(1) == 16
         torch.testing.assert_close(got[:, :, :N], want, rtol=0, atol=0)
+        assert torch.equal(got[:, :, N:], torch.zeros(3, N, 16 - N, device=DEVICE))   # padding: zeros
 
 
 @needs_triton

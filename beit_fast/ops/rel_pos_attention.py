@@ -4,7 +4,8 @@
 
 The Triton path gathers the bias from the table inside the kernel (for BEiT's window layout the index is
 part(query) + centre - part(key), from an (N,) array of per-token parts, with no (N, N) index load; or read
-from an explicit (N, N) index), never materializes the (H, N, N) bias, the
+from an explicit (N, N) index), never materializes the (H, N, N) bias (unless BEIT_FAST_ATTN_DENSE_BIAS=1
+asks the kernels to read it from a per-call (H, N, N_pad) expansion instead: an A/B option), the
 probabilities or their gradient, and computes the table gradient deterministically (G per-batch-group fp32
 partials (G, H, N, N), each tile owned by one program, then a fixed-order segment sum; no atomics). G does not
 grow with the batch beyond about 4 programs per SM, so that buffer is bounded (64 MiB); at batch sizes below
