@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 
 import torch
@@ -27,7 +28,16 @@ def _versions() -> list[str]:
                      f"{torch.cuda.device_count()} visible")
     else:
         lines.append("device: CPU only (no CUDA device visible)")
+    lines.append(settings_line())
     return lines
+
+
+def settings_line(environ=None) -> str:
+    """The BEIT_FAST_* environment settings in effect (kernel plan knobs, backend overrides, ...), so that a
+    benchmark's record says which variant ran."""
+    env = os.environ if environ is None else environ
+    set_ = sorted(f"{k}={v}" for k, v in env.items() if k.startswith("BEIT_FAST_"))
+    return "settings: " + (" ".join(set_) if set_ else "no BEIT_FAST_* variable set (defaults)")
 
 
 def backend_table(device: str) -> list[tuple[str, str, list[str]]]:

@@ -76,6 +76,9 @@ def environment(device: str) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": _git_sha(),
+        # the BEIT_FAST_* knobs exported for the whole run (a provider may pin its own: see its script)
+        "settings": {k: v for k, v in sorted(os.environ.items())
+                     if k.startswith("BEIT_FAST_") and k != "BEIT_FAST_GIT_SHA"},
     }
     try:
         import triton
@@ -215,6 +218,9 @@ def markdown_table(rows: list[dict]) -> str:
     out.append("")
     out.append(f"Hardware: {', '.join(sorted(hw))}; torch {rows[0].get('torch')}, triton {rows[0].get('triton')}, "
                f"CUDA {rows[0].get('cuda')}, git {rows[0].get('git_sha')}" if rows else "")
+    settings = rows[0].get("settings") if rows else None
+    if settings:
+        out.append("Settings exported for the run: " + " ".join(f"{k}={v}" for k, v in settings.items()))
     return "\n".join(out) + "\n"
 
 

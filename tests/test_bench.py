@@ -51,6 +51,22 @@ def test_smoke(script, extra, providers, tmp_path):
         assert bound and all(r["pct_copy_bw"] > 0 for r in bound) and len(copies) >= 3
 
 
+def test_rows_and_table_record_exported_settings(tmp_path, monkeypatch):
+    """Every row carries the BEIT_FAST_* knobs exported for the run (not the git sha override), and the
+    markdown names them under the hardware line."""
+    common = _bench_module("common")
+    monkeypatch.setenv("BEIT_FAST_LSRN_FORWARD", "block")
+    monkeypatch.setenv("BEIT_FAST_GIT_SHA", "abc1234")
+    env = common.environment("cpu")
+    assert env["settings"].get("BEIT_FAST_LSRN_FORWARD") == "block" and "BEIT_FAST_GIT_SHA" not in env["settings"]
+    row = common.make_row("op", "p", "fwd", {"B": 1}, torch.float32,
+                          {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0}, env)
+    assert row["settings"] == env["settings"] and row["git_sha"] == "abc1234"
+    common.write_rows([row], str(tmp_path), "x")
+    assert "Settings exported for the run: " in (tmp_path / "x.md").read_text()
+    assert "BEIT_FAST_LSRN_FORWARD=block" in (tmp_path / "x.md").read_text()
+
+
 def test_attention_ours_and_dense_bias_smoke(tmp_path):
     """bench_attention's fused providers under the interpreter: each checked against the reference, then timed
     (the dense-bias provider through BEIT_FAST_ATTN_DENSE_BIAS's module switch, restored afterwards)."""

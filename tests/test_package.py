@@ -50,6 +50,19 @@ def test_info_lists_every_op_and_backend():
     assert "reference  available" in r.stdout
 
 
+def test_info_names_the_settings_in_effect():
+    """info's settings line: the BEIT_FAST_* variables (kernel plan knobs included), sorted, or the defaults."""
+    from beit_fast.info import settings_line
+    assert settings_line({"PATH": "/bin"}) == "settings: no BEIT_FAST_* variable set (defaults)"
+    assert settings_line({"BEIT_FAST_LSRN_FORWARD": "block", "BEIT_FAST_ATTN_DENSE_BIAS": "1", "HOME": "/"}) == (
+        "settings: BEIT_FAST_ATTN_DENSE_BIAS=1 BEIT_FAST_LSRN_FORWARD=block")
+    r = subprocess.run([sys.executable, "-m", "beit_fast.info"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "BEIT_FAST_LSRN_FORWARD": "block"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert any(line.startswith("settings: ") and "BEIT_FAST_LSRN_FORWARD=block" in line
+               for line in r.stdout.splitlines()), r.stdout
+
+
 def test_forced_backend_lists_reasons():
     with pytest.raises(_backend.BackendUnavailable, match="cuda backend needs CUDA tensors"):
         _backend.choose("x", "cuda", lambda b, auto: _backend.common_reasons(b, ["cpu"], auto=auto),
