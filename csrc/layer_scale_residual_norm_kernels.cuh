@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
     forward_kernel(const Tx* __restrict__ x, const Ty* __restrict__ y, const float* __restrict__ gamma,
                    const float* __restrict__ scale, const float* __restrict__ w, const float* __restrict__ b,
                    Tx* __restrict__ s, Tx* __restrict__ n, float* __restrict__ mean, float* __restrict__ rstd,
-                   int64_t N, int C, float eps) {
+                   int64_t /*rows: the grid*/, int64_t N, int C, float eps) {
   __shared__ float smem[32];
   BEIT_SHARED_ARRAY(smem);
   forward_row<Tx, Ty, VEC, NV>(x, y, gamma, scale, w, b, s, n, mean, rstd, blockIdx.x, N, C, eps, threadIdx.x,
@@ -350,22 +350,18 @@ void launch_forward(const Launch& launch, const Forward& a, at::Tensor& s, at::T
   const int64_t rows = a.B * a.N;
   dispatch_plan<VW>(plan, [&](auto vec, auto nv) {
     constexpr int V = decltype(vec)::value, NVv = decltype(nv)::value;
-    if (plan.warp_rows > 0) {
-      if constexpr (V > 1) {   // (the warp plan is vectorized only: no scalar instantiation)
-        launch(forward_warp_kernel<Tx, Ty, V, NVv>,
-               dim3(static_cast<unsigned>((rows + plan.warp_rows - 1) / plan.warp_rows)), dim3(plan.threads),
-               a.x.data_ptr<Tx>(), a.y.data_ptr<Ty>(), cptr<float>(a.gamma), cptr<float>(a.scale), cptr<float>(a.w),
-               cptr<float>(a.b), s.data_ptr<Tx>(), mptr<Tx>(n), mptr<float>(mean), mptr<float>(rstd), rows, a.N,
-               static_cast<int>(a.C), static_cast<float>(a.eps));
-      } else {
-        BEIT_CHECK(false, kOp, ": internal error: the warp-per-row plan needs vectorized rows");
-      }
-      return;
+    // both forward kernels take the same arguments; only the kernel and its grid differ
+    auto run = [&](auto kernel, int64_t blocks) {
+      launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(plan.threads), a.x.data_ptr<Tx>(),
+             a.y.data_ptr<Ty>(), cptr<float>(a.gamma), cptr<float>(a.scale), cptr<float>(a.w), cptr<float>(a.b),
+             s.data_ptr<Tx>(), mptr<Tx>(n), mptr<float>(mean), mptr<float>(rstd), rows, a.N,
+             static_cast<int>(a.C), static_cast<float>(a.eps));
+    };
+    if constexpr (V > 1) {   // the warp plan is vectorized only (make_plan): no scalar instantiation of it
+      if (plan.warp_rows > 0)
+        return run(forward_warp_kernel<Tx, Ty, V, NVv>, (rows + plan.warp_rows - 1) / plan.warp_rows);
     }
-    launch(forward_kernel<Tx, Ty, V, NVv>, dim3(static_cast<unsigned>(rows)), dim3(plan.threads),
-           a.x.data_ptr<Tx>(), a.y.data_ptr<Ty>(), cptr<float>(a.gamma), cptr<float>(a.scale), cptr<float>(a.w),
-           cptr<float>(a.b), s.data_ptr<Tx>(), mptr<Tx>(n), mptr<float>(mean), mptr<float>(rstd), a.N,
-           static_cast<int>(a.C), static_cast<float>(a.eps));
+    run(forward_kernel<Tx, Ty, V, NVv>, rows);
   });
 }
 

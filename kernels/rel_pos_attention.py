@@ -658,7 +658,7 @@ class _BiasArgs:
     (_expand_bias). Each form is built once per launcher call, when a kernel asks for it."""
 
     def __init__(self, table, rel_index, window_size, N):
-        self.table, self.rel_index, self.N, self.R = table, rel_index, N, table.shape[0]
+        self.table, self.N, self.R = table, N, table.shape[0]
         if rel_index is not None:
             self.idx, self.s_ii, self.s_ij, self.centre, self.src = (
                 rel_index, rel_index.stride(0), rel_index.stride(1), 0, SRC_INDEX)

@@ -266,14 +266,13 @@ def _beit_training_calls(K, B, H, window, D, dt):
 
 
 def _dense_bias_step(K, B, H, window, D, dt):
-    """BEiT's forward and backward with every kernel on its dense-bias tile config."""
-    saved = K.pick_configs
-    K.pick_configs = lambda *args: K.with_dense_bias(saved(*args), True)
+    """BEiT's forward and backward with every kernel reading the dense bias (BEIT_FAST_ATTN_DENSE_BIAS's switch)."""
+    saved, K.DENSE_BIAS = K.DENSE_BIAS, True
     try:
         for call in _beit_training_calls(K, B, H, window, D, dt):
             call()
     finally:
-        K.pick_configs = saved
+        K.DENSE_BIAS = saved
 
 
 SCENARIOS = {"linear_gelu": _scenarios_linear_gelu, "layer_norm": _scenarios_layer_norm,
