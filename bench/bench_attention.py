@@ -6,9 +6,12 @@ Providers (each checked against the fp32 reference before it is timed):
            the mask gradient flows back through the gather into the table (mem-efficient kernel on CUDA)
   flex     FlexAttention under torch.compile, score_mod = score + table[index[q, k], h] (atomics for dTable)
   xformers memory_efficient_attention with the gathered bias expanded to (B, H, N, N), when importable
-  ours     beit_fast.ops.rel_pos_attention, Triton (bias gathered in-kernel, deterministic dTable)
-  ours_dense_bias  the same, every kernel reading the bias from a per-call (H, N, N_pad) fp32 expansion of the
-           table instead of gathering it (BEIT_FAST_ATTN_DENSE_BIAS=1; bitwise the same results)
+  ours     beit_fast.ops.rel_pos_attention, Triton, as shipped (deterministic dTable; the forward and dQ
+           kernels read the bias from a per-call (H, N, N_pad) fp32 expansion of the table, dK/dV gathers
+           it from the table in the kernel: the tile configs' dense_bias, BEIT_FAST_ATTN_DENSE_BIAS ignored)
+  ours_gather      the same with every kernel gathering from the table (BEIT_FAST_ATTN_DENSE_BIAS=0)
+  ours_dense_bias  the same with every kernel reading the expansion (BEIT_FAST_ATTN_DENSE_BIAS=1)
+           (the three give bitwise the same results; bench/sass_report.py shows their loops' SASS)
 
 FLOPs (written down, as flash-attention counts them): fwd = 4 * B * H * N^2 * D (two matmuls),
 bwd = 2.5 * fwd (five matmuls, recompute included), fwd_bwd = 3.5 * fwd.
@@ -32,9 +35,11 @@ import torch.nn.functional as F  # noqa: E402
 from beit_fast.ops.rel_pos_attention import (not_supported_reasons, num_relative_distance,  # noqa: E402
                                              rel_pos_attention, rel_pos_attention_ref, relative_position_index)
 
-# ours before the compiled ones (time limits); ours_dense_bias: ours with every kernel reading the bias from
-# the per-call (H, N, N_pad) expansion instead of gathering it from the table (TileConfig.dense_bias, an A/B)
-PROVIDERS = ("eager", "sdpa", "ours", "ours_dense_bias", "flex", "xformers")
+# ours before the compiled ones (time limits). DENSE_PROVIDERS: the kernels that read the bias from the
+# per-call (H, N, N_pad) expansion instead of gathering it from the table (TileConfig.dense_bias, an A/B);
+# None: the tile configs decide
+DENSE_PROVIDERS = {"ours": None, "ours_gather": (), "ours_dense_bias": ("fwd", "dkdv", "dq")}
+PROVIDERS = ("eager", "sdpa", "ours", "ours_gather", "ours_dense_bias", "flex", "xformers")
 REFERENCE_PROVIDERS = ("eager", "sdpa")
 MODELS = {"base": 12, "large": 16}   # heads; D = 64
 # (model, B, window): BEiT-B/L at 224 (N = 197) and 384 (N = 577)
@@ -130,7 +135,7 @@ def make_provider(name, window, scale, device, dtype):
             out = xops.memory_efficient_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_bias=bias, scale=scale)
             return out.transpose(1, 2)
         return xformers_attn
-    if name in ("ours", "ours_dense_bias"):
+    if name in DENSE_PROVIDERS:
         probe = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)
         why = not_supported_reasons("triton", probe, probe, probe, torch.empty(1, 1, device=device))
         if why:
@@ -143,11 +148,14 @@ def make_provider(name, window, scale, device, dtype):
 
 
 @contextlib.contextmanager
-def dense_bias(on: bool):
-    """Inside the block the fused kernels read the dense bias expansion (on) or gather from the table (off),
-    whatever BEIT_FAST_ATTN_DENSE_BIAS says (kernels.rel_pos_attention.DENSE_BIAS), so that "ours" and
-    "ours_dense_bias" stay the two sides of the A/B."""
+def dense_bias(kernels):
+    """Inside the block the fused attention kernels named in `kernels` (True / False: all / none) read the
+    dense bias expansion and the others gather from the table, and with None the tile configs decide,
+    whatever BEIT_FAST_ATTN_DENSE_BIAS says (kernels.rel_pos_attention.DENSE_BIAS), so that the "ours*"
+    providers stay the sides of the A/B."""
     K = importlib.import_module("beit_fast.kernels.rel_pos_attention")
+    on = None if kernels is None else frozenset(K.KERNELS if kernels is True else () if kernels is False
+                                                else kernels)
     saved, K.DENSE_BIAS = K.DENSE_BIAS, on
     try:
         yield
@@ -233,7 +241,7 @@ def main(argv=None):
                 continue
             for name in wanted:
                 with outcomes.guard(f"{name} {model} B={B} N={N} {dtype}"), \
-                        (dense_bias(name == "ours_dense_bias") if name.startswith("ours") else contextlib.nullcontext()):
+                        (dense_bias(DENSE_PROVIDERS[name]) if name in DENSE_PROVIDERS else contextlib.nullcontext()):
                     fn = make_provider(name, window, scale, device, dtype)
                     check_provider(name, fn, leaves, grad, expected, dtype)
                     rows += bench_one(name, fn, shape, leaves, grad, dtype, device, env, args)

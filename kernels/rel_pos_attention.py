@@ -82,8 +82,9 @@ class AttnConfigs:
 # program of the last N % block rows of its own axis runs a 16- or 32-row tile on mma.sync, wgmma needing 64
 # rows) for dQ and, at head dim 64, dK/dV: for BEiT's N = 197 the 5 last queries / keys then cost a 16-row
 # tile instead of a 64-row one (dK/dV's tail program: 326 SASS instructions per inner step instead of 722).
-# No new spills on the BEiT path (dK/dV 238 registers with Triton 3.8, 255 with 3.6; dQ 164 / 120, still 3
-# CTAs per SM); dK/dV at head dim 128 would spill 24 B with 3.6, so it stays off there. The forward's
+# No new spills on the BEiT path then; dK/dV at head dim 128 would spill 24 B with 3.6, so it stays off there.
+# (2026-11-30, bench/sass_report.py: BEiT-B's bf16 dK/dV has 255 registers and spills 160 B with Triton 3.8,
+# 40 B with 3.6, all outside its inner loop, in the per-batch code.) The forward's
 # 128-row blocks gain nothing from one at N = 197 (69 rows left).
 # tests/test_triton_compile.py reports all of these.
 # Tuned once on a GPU (bench/tune_attention.py, H200, Triton 3.6, BEiT-B B=128 bf16, one timing per tile:
@@ -91,25 +92,48 @@ class AttnConfigs:
 # for the former 8-warp default; its four 4-warp variants averaged 0.39 ms, its five 8-warp ones 0.48 ms) and
 # for the 32x64 dK/dV (0.772 ms against 1.057 ms, a single timing; the next GPU run re-times it); dQ's best
 # was within 1.3% of its default, which stays.
+# Bias source (TileConfig.dense_bias): the forward and dQ kernels read the per-call dense expansion, dK/dV
+# gathers from the table. Chosen offline from their sm_90 SASS (bench/sass_report.py, BEiT-B bf16), not yet
+# from a GPU timing: with Triton 3.6 (the GPU image's) the gather makes the forward's inner loop (one 128x64
+# key block) 1357 instructions, 136 of them global loads (4-byte cp.async gathers, one per bias element a
+# thread holds, up to 32 cache lines a warp), against 698 instructions and 24 vector loads reading the
+# expansion; dQ's 454 against 266 (Triton 3.8: forward 967 against 702, dQ 309 against 267; head dim 128 and
+# fp32 shrink too). dK/dV's loop grows instead (734 -> 819, and 40 -> 312 bytes of spills), so it gathers.
+# The interpreter config gathers (CI runs both sources through the dense-bias tests). bench_attention's
+# providers ours (these), ours_gather and ours_dense_bias are the A/B; BEIT_FAST_ATTN_DENSE_BIAS overrides.
 _NO_TAIL = dict(tail=False)
+_DENSE = dict(dense_bias=True)
 CONFIGS = {
     "interpret": AttnConfigs(TileConfig(64, 64), TileConfig(64, 64), TileConfig(64, 64)),
-    "16bit_d64": AttnConfigs(TileConfig(128, 64, 4, 2), TileConfig(32, 64, 4, 2, tail=False, block_tail=True),
-                             TileConfig(64, 32, 4, 3, block_tail=True)),
-    "16bit_d128": AttnConfigs(TileConfig(128, 64, 8, 2), TileConfig(16, 64, 8, 2, **_NO_TAIL),
-                              TileConfig(64, 32, 8, 2, block_tail=True)),
-    "fp32": AttnConfigs(TileConfig(64, 32, 8, 2, **_NO_TAIL), TileConfig(32, 32, 8, 2, **_NO_TAIL),
-                        TileConfig(32, 32, 8, 2, **_NO_TAIL)),
+    "16bit_d64": AttnConfigs(TileConfig(128, 64, 4, 2, **_DENSE),
+                             TileConfig(32, 64, 4, 2, tail=False, block_tail=True),
+                             TileConfig(64, 32, 4, 3, block_tail=True, **_DENSE)),
+    "16bit_d128": AttnConfigs(TileConfig(128, 64, 8, 2, **_DENSE), TileConfig(16, 64, 8, 2, **_NO_TAIL),
+                              TileConfig(64, 32, 8, 2, block_tail=True, **_DENSE)),
+    "fp32": AttnConfigs(TileConfig(64, 32, 8, 2, **_NO_TAIL, **_DENSE), TileConfig(32, 32, 8, 2, **_NO_TAIL),
+                        TileConfig(32, 32, 8, 2, **_NO_TAIL, **_DENSE)),
 }
 
 
-def _dense_bias_setting():
-    """BEIT_FAST_ATTN_DENSE_BIAS=1 / 0: every kernel reads the bias from the dense expansion / gathers it,
-    whatever the tile configs say (an A/B knob; unset: the configs decide)."""
-    v = os.environ.get("BEIT_FAST_ATTN_DENSE_BIAS", "").strip()
-    if v not in ("", "0", "1"):
-        raise ValueError(f"BEIT_FAST_ATTN_DENSE_BIAS must be 0 or 1 (or unset), got {v!r}")
-    return None if v == "" else v == "1"
+KERNELS = ("fwd", "dkdv", "dq")   # the AttnConfigs fields: one tile config per kernel
+assert KERNELS == tuple(f.name for f in dataclasses.fields(AttnConfigs))
+
+
+def _dense_bias_setting(value=None):
+    """BEIT_FAST_ATTN_DENSE_BIAS (or `value`) -> the kernels that read the bias from the dense expansion
+    (frozenset of KERNELS names), whatever the tile configs say; None (unset): the configs decide.
+    "1": every kernel; "0": none (all gather); "fwd,dq" (comma-separated names): those, the others gather.
+    An A/B knob: the values, and so the results, are bitwise the same either way."""
+    v = (os.environ.get("BEIT_FAST_ATTN_DENSE_BIAS", "") if value is None else value).strip()
+    if v == "":
+        return None
+    if v in ("0", "1"):
+        return frozenset(KERNELS) if v == "1" else frozenset()
+    names = frozenset(n.strip() for n in v.split(","))
+    if not names or not names <= set(KERNELS):
+        raise ValueError(f"BEIT_FAST_ATTN_DENSE_BIAS must be 0, 1 or a comma-separated subset of {KERNELS} "
+                         f"(or unset), got {v!r}")
+    return names
 
 
 DENSE_BIAS = _dense_bias_setting()   # read once at import; bench/bench_attention.py sets it per provider
@@ -126,12 +150,14 @@ def pick_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> Att
     return cfgs if DENSE_BIAS is None else with_dense_bias(cfgs, DENSE_BIAS)
 
 
-def with_dense_bias(cfgs: AttnConfigs, dense: bool) -> AttnConfigs:
-    """`cfgs` with every kernel's TileConfig.dense_bias set to `dense` (cached: one object per input)."""
+def with_dense_bias(cfgs: AttnConfigs, dense) -> AttnConfigs:
+    """`cfgs` with TileConfig.dense_bias set for the kernels named in `dense` (an iterable of KERNELS names)
+    and cleared for the others; `dense` True / False: all / none (cached: one object per input)."""
+    dense = frozenset(KERNELS if dense is True else () if dense is False else dense)
     key = (cfgs, dense)
     if key not in _DENSE_VARIANTS:
-        _DENSE_VARIANTS[key] = AttnConfigs(*(dataclasses.replace(getattr(cfgs, f.name), dense_bias=dense)
-                                             for f in dataclasses.fields(cfgs)))
+        _DENSE_VARIANTS[key] = AttnConfigs(**{k: dataclasses.replace(getattr(cfgs, k), dense_bias=k in dense)
+                                              for k in KERNELS})
     return _DENSE_VARIANTS[key]
 
 

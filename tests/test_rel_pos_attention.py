@@ -272,8 +272,9 @@ def test_dense_bias_is_bitwise_the_gather(monkeypatch, shape, dtype, tile):
 
 @needs_triton
 def test_bench_dense_bias_switch_pins_both_sides(monkeypatch):
-    """bench_attention's dense_bias(on) makes the kernels expand the table exactly when on, whatever
-    BEIT_FAST_ATTN_DENSE_BIAS (kernels.rel_pos_attention.DENSE_BIAS) says, and restores the setting."""
+    """bench_attention's providers pin their kernels' bias source (dense_bias(kernels)): the kernels each
+    provider names read the expansion and the others gather, whatever BEIT_FAST_ATTN_DENSE_BIAS
+    (kernels.rel_pos_attention.DENSE_BIAS) says, and the setting comes back afterwards."""
     import sys
     from beit_fast.kernels import rel_pos_attention as K
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -281,34 +282,52 @@ def test_bench_dense_bias_switch_pins_both_sides(monkeypatch):
         bench_attention = importlib.import_module("bench_attention")
     finally:
         sys.path.pop(0)
-    calls = []
-    real = K._expand_bias
-    monkeypatch.setattr(K, "_expand_bias", lambda b: calls.append(1) or real(b))
+    sources, expansions = [], []
+    real_for_kernel, real_expand = K._BiasArgs.for_kernel, K._expand_bias
+    monkeypatch.setattr(K._BiasArgs, "for_kernel", lambda self, cfg: sources.append(cfg.dense_bias)
+                        or real_for_kernel(self, cfg))
+    monkeypatch.setattr(K, "_expand_bias", lambda b: expansions.append(1) or real_expand(b))
     W = (3, 3)
     inputs, table, grad = make_inputs(1, 2, 10, 16, torch.float32, num_relative_distance(W), packed=True)
-    for setting in (None, True, False):
+    assert set(bench_attention.DENSE_PROVIDERS) == {p for p in bench_attention.PROVIDERS if p.startswith("ours")}
+    for setting in (None, frozenset(), frozenset(K.KERNELS), frozenset({"dkdv"})):
         monkeypatch.setattr(K, "DENSE_BIAS", setting)
-        for on in (True, False):
-            calls.clear()
-            with bench_attention.dense_bias(on):
+        for name, dense in bench_attention.DENSE_PROVIDERS.items():
+            sources.clear()
+            expansions.clear()
+            with bench_attention.dense_bias(dense):
                 run(rel_pos_attention_qkvpacked, inputs, table, grad, window_size=W, backend="triton")
-            assert len(calls) == (2 if on else 0), (setting, on)   # the forward's and the backward's expansion
+                if dense is None:   # the configs decide, whatever the setting
+                    assert K.DENSE_BIAS is None
+                    cfgs = K.pick_configs(16, torch.float32, torch.device(DEVICE))
+                    dense = [k for k in K.KERNELS if getattr(cfgs, k).dense_bias]
+            assert sources == [k in dense for k in ("fwd", "dkdv", "dq")], (setting, name, sources)
+            # one expansion per call that has a dense kernel: the forward's, and the backward's (shared by
+            # its two kernels)
+            assert len(expansions) == ("fwd" in dense) + bool({"dkdv", "dq"} & set(dense)), (setting, name)
             assert K.DENSE_BIAS is setting
 
 
 def test_dense_bias_setting(monkeypatch):
-    """BEIT_FAST_ATTN_DENSE_BIAS overrides every kernel's bias source; anything but 0 / 1 is refused."""
+    """BEIT_FAST_ATTN_DENSE_BIAS overrides the kernels' bias source: 1 every kernel, 0 none, or a
+    comma-separated subset of kernels; anything else is refused, naming what is accepted."""
     from beit_fast.kernels import rel_pos_attention as K
-    for value, want in (("", None), ("0", False), ("1", True)):
+    for value, want in (("", None), ("0", frozenset()), ("1", frozenset({"fwd", "dkdv", "dq"})),
+                        ("fwd,dq", frozenset({"fwd", "dq"})), (" dkdv ", frozenset({"dkdv"}))):
         monkeypatch.setenv("BEIT_FAST_ATTN_DENSE_BIAS", value)
-        assert K._dense_bias_setting() is want
-    monkeypatch.setenv("BEIT_FAST_ATTN_DENSE_BIAS", "yes")
-    with pytest.raises(ValueError, match="must be 0 or 1"):
-        K._dense_bias_setting()
-    monkeypatch.setattr(K, "DENSE_BIAS", True)
+        assert K._dense_bias_setting() == want, value
+    for bad in ("yes", "fwd,dv", ","):
+        monkeypatch.setenv("BEIT_FAST_ATTN_DENSE_BIAS", bad)
+        with pytest.raises(ValueError, match=r"must be 0, 1 or a comma-separated subset of \('fwd', 'dkdv', 'dq'\)"):
+            K._dense_bias_setting()
+    monkeypatch.setattr(K, "DENSE_BIAS", frozenset(K.KERNELS))
     cfgs = K.pick_configs(64, torch.float16, torch.device(DEVICE))
     assert all(getattr(cfgs, k).dense_bias for k in ("fwd", "dkdv", "dq"))
     assert K.with_dense_bias(cfgs, False) == K.CONFIGS["interpret" if DEVICE == "cpu" else "16bit_d64"]
+    monkeypatch.setattr(K, "DENSE_BIAS", frozenset({"fwd", "dq"}))
+    cfgs = K.pick_configs(64, torch.float16, torch.device(DEVICE))
+    assert (cfgs.fwd.dense_bias, cfgs.dkdv.dense_bias, cfgs.dq.dense_bias) == (True, False, True)
+    assert K.with_dense_bias(cfgs, ("dkdv",)) == K.with_dense_bias(K.with_dense_bias(cfgs, True), {"dkdv"})
 
 
 def test_dense_bias_expansion_matches_the_table():

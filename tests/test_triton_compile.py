@@ -242,9 +242,12 @@ def _scenarios_rel_pos_attention(K):
         yield ("bf16", SM90, f"bwd N={N} D=64 dtable=True", bwd)
 
 
-    # BEiT's bf16 training path with every kernel reading the dense bias expansion (TileConfig.dense_bias,
-    # the tile sweep's A/B against the in-kernel gather), every target (_expand_bias_kernel launches only here)
-    yield ("bf16", ALL, "fwd + bwd D=64 dense_bias", lambda: _dense_bias_step(K, B, H, (14, 14), 64, torch.bfloat16))
+    # BEiT's bf16 training path with the other bias source in every kernel (TileConfig.dense_bias; the
+    # configs have the forward and dQ read the dense expansion and dK/dV gather): all of them reading the
+    # expansion, and all of them gathering from the table (BEIT_FAST_ATTN_DENSE_BIAS=1 / 0), every target
+    for dense in (True, False):
+        yield ("bf16", ALL, f"fwd + bwd D=64 BEIT_FAST_ATTN_DENSE_BIAS={int(dense)}",
+               lambda dense=dense: _bias_source_step(K, B, H, (14, 14), 64, torch.bfloat16, dense))
 
 
 def _beit_training_calls(K, B, H, window, D, dt):
@@ -265,9 +268,10 @@ def _beit_training_calls(K, B, H, window, D, dt):
                                             gq, gk, gv, inv))
 
 
-def _dense_bias_step(K, B, H, window, D, dt):
-    """BEiT's forward and backward with every kernel reading the dense bias (BEIT_FAST_ATTN_DENSE_BIAS's switch)."""
-    saved, K.DENSE_BIAS = K.DENSE_BIAS, True
+def _bias_source_step(K, B, H, window, D, dt, dense):
+    """BEiT's forward and backward with every kernel reading the dense bias expansion (dense) or gathering
+    from the table (BEIT_FAST_ATTN_DENSE_BIAS's switch)."""
+    saved, K.DENSE_BIAS = K.DENSE_BIAS, frozenset(K.KERNELS if dense else ())
     try:
         for call in _beit_training_calls(K, B, H, window, D, dt):
             call()

@@ -2,11 +2,13 @@
 
     out = softmax((q * scale) @ k^T + table[index].permute(2, 0, 1)) @ v
 
-The Triton path gathers the bias from the table inside the kernel (for BEiT's window layout the index is
+The Triton path takes the bias from the table in the kernels (for BEiT's window layout the index is
 part(query) + centre - part(key), from an (N,) array of per-token parts, with no (N, N) index load; or read
-from an explicit (N, N) index), never materializes the (H, N, N) bias (unless BEIT_FAST_ATTN_DENSE_BIAS=1
-asks the kernels to read it from a per-call (H, N, N_pad) expansion instead: an A/B option), the
-probabilities or their gradient, and computes the table gradient deterministically (G per-batch-group fp32
+from an explicit (N, N) index): on a GPU the forward and dQ kernels read it from a per-call (H, N, N_pad) fp32
+expansion that one small kernel gathers from the table (1.9 MB for BEiT-B; fewer instructions per tile than
+a gather per element, see kernels/rel_pos_attention.CONFIGS), dK/dV gathers it per element
+(BEIT_FAST_ATTN_DENSE_BIAS chooses per kernel). It never materializes a (B, H, N, N) tensor: not the bias per
+batch, the probabilities or their gradient; and it computes the table gradient deterministically (G per-batch-group fp32
 partials (G, H, N, N), each tile owned by one program, then a fixed-order segment sum; no atomics). G does not
 grow with the batch beyond about 4 programs per SM, so that buffer is bounded (64 MiB); at batch sizes below
 G it has G = B rows. No torch.compile needed; the
@@ -368,9 +370,9 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     partials are the only N*N-sized buffer; they stop growing with the batch at G (below G they have G = B
     rows, as large as one (B, H, N, N) fp32 tensor, which the reference paths allocate several times over). The table gradient is
     bitwise reproducible for the same inputs on the same GPU model (G depends on the SM count).
-    With BEIT_FAST_ATTN_DENSE_BIAS=1 (or a tile config with dense_bias) the forward and the backward each
-    also build an (H, N, N_pad) fp32 expansion of the table, N_pad = N rounded up to 16 (BEiT-B N=197: 1.9 MB),
-    freed when the call returns.
+    The forward and the backward each also build an (H, N, N_pad) fp32 expansion of the table, N_pad = N
+    rounded up to 16 (BEiT-B N=197: 1.9 MB), freed when the call returns, when one of their kernels reads
+    the bias from it (on a GPU by default the forward and dQ do; BEIT_FAST_ATTN_DENSE_BIAS=0: none).
     """
     wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

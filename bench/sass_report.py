@@ -1,0 +1,286 @@
+"""What the attention kernels compile to on sm_90 (or another target), without a GPU: registers, spills, shared
+memory and the SASS of every loop (instruction count and mix), for the tile configs the launchers pick.
+
+The launchers run for real (kernels.rel_pos_attention.rel_pos_attention_fwd / _bwd on CPU tensors with
+BEiT's layout), through Triton's own JIT dispatch: argument specialization (16-byte alignment, strides of 1,
+divisibility by 16) is Triton's, as on a GPU. A stand-in driver (`install_fake_driver`) compiles for the
+chosen target with Triton's bundled ptxas and loads and launches nothing; the cubin is disassembled with
+Triton's bundled cuobjdump. Timings need a GPU: this is for comparing kernel variants offline (a loop body
+with fewer instructions, or without spills, is not proof of a faster kernel, only a lead).
+
+    python bench/sass_report.py                           # BEiT-B bf16 training path, the default configs
+    python bench/sass_report.py --dense fwd,dq            # those kernels read the dense bias expansion
+    python bench/sass_report.py --tile dkdv=64,64,4,2 --tile fwd=128,64,8,2,tail=0 --mix
+    python bench/sass_report.py --keep DIR                # also writes each kernel's .ptx, .cubin and .sass
+
+--tile KERNEL=block_m,block_n[,num_warps[,num_stages]][,tail=0|1][,block_tail=0|1] overrides one kernel's
+TileConfig. Loops are found from backward branches; "innermost" loops contain no other loop. In BEiT's
+forward the inner loop is one key block of the online softmax, in dK/dV one query block, in dQ one key
+block (their peeled tail steps are straight-line code outside the loops).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+
+class Unsupported(RuntimeError):
+    """This Triton has no CUDA backend, bundled tools or driver API this script was written against (3.2-3.8)."""
+
+
+def _nvidia_tool(name: str) -> str:
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        path = shutil.which(name) or ""
+    if not path:
+        raise Unsupported(f"no {name} (neither bundled with Triton nor on PATH)")
+    return path
+
+
+def install_fake_driver(arch: int = 90):
+    """Make Triton's active driver one that compiles for `arch` and loads / launches nothing: JITFunction.run
+    then goes through its whole host path (binder, cache key, compile on a miss) on a machine without a GPU.
+    Returns the list each kernel's launcher appends (name, grid) to."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.driver import CudaDriver
+        from triton.runtime.driver import driver
+    except ImportError as e:
+        raise Unsupported(f"Triton's CUDA backend is not importable: {e}") from e
+    launches = []
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            return 0, 0, 0, 0, 1024   # module, function, n_regs, n_spills, max threads per block
+
+        def unload_module(self, module):
+            pass
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448 if arch >= 90 else 166912, "multiprocessor_count": 132,
+                    "max_num_regs": 65536, "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000,
+                    "mem_bus_width": 5120}
+
+    class Launcher:
+        def __init__(self, src, metadata):
+            self.name = metadata.name
+
+        def __call__(self, gx, gy, gz, *args):
+            launches.append((self.name, (gx, gy, gz)))
+
+    class FakeDriver(CudaDriver):
+        def __init__(self):    # CudaDriver's own builds a C module against libcuda: not here
+            self.utils = Utils()
+            self.launcher_cls = Launcher
+            self.get_current_device = lambda: 0
+            self.get_current_stream = lambda device=None: 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        @staticmethod
+        def is_active():
+            return True
+
+    driver.set_active(FakeDriver())
+    return launches
+
+
+# ------------------------------------------------------------------------------------------------ SASS
+
+_INSTR = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRA = re.compile(r"\bBRA\s+(?:`?\(?\.?L?_?x?_?)?(0x[0-9a-f]+)")
+
+
+def parse_sass(text: str) -> list[tuple[int, str]]:
+    """(address, instruction) of every instruction in cuobjdump -sass output."""
+    return [(int(m.group(1), 16), m.group(2)) for m in map(_INSTR.match, text.splitlines()) if m]
+
+
+def opcode(instr: str) -> str:
+    """'@!P0 LDGSTS.E.BYPASS.LTC128B [R1], ...' -> 'LDGSTS'"""
+    words = instr.split()
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    return words[0].split(".")[0] if words else "?"
+
+
+def loops(instrs: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(first, last) address of every loop: a branch back to an earlier address closes one."""
+    found = set()
+    for addr, ins in instrs:
+        m = _BRA.search(ins) if opcode(ins) == "BRA" else None
+        if m and int(m.group(1), 16) < addr:   # (a branch to itself is the idle loop after EXIT)
+            found.add((int(m.group(1), 16), addr))
+    return sorted(found)
+
+
+def innermost(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [a for a in spans if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in spans)]
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+def _tile(spec: str, base):
+    """'32,64,4,2,tail=0' -> base with those fields replaced."""
+    fields = ("block_m", "block_n", "num_warps", "num_stages")
+    kw, pos = {}, 0
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            if key not in ("tail", "block_tail", "dense_bias"):
+                raise SystemExit(f"--tile: unknown field {key!r} (positional block_m,block_n,num_warps,num_stages; "
+                                 "then tail=, block_tail=, dense_bias=)")
+            kw[key] = value.strip() in ("1", "true", "True")
+        else:
+            if pos >= len(fields):
+                raise SystemExit(f"--tile: too many numbers in {spec!r}")
+            kw[fields[pos]] = int(part)
+            pos += 1
+    return dataclasses.replace(base, **kw)
+
+
+def compile_attention(args):
+    """Run BEiT's attention forward and backward launchers once under the fake driver; -> (the tile configs,
+    {kernel name: CompiledKernel} of the kernels they launched)."""
+    launches = install_fake_driver(args.arch)
+    from beit_fast.kernels import rel_pos_attention as K
+    from beit_fast.relpos import num_relative_distance
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    side = math.isqrt(args.tokens - 1)
+    if side * side + 1 != args.tokens:
+        raise SystemExit(f"--tokens must be a square number of patches + 1 (BEiT's layout), got {args.tokens}")
+    window = (side, side)
+    cuda = torch.device("cuda")   # the GPU configs, not the interpreter's
+    cfgs = K.pick_configs(args.head_dim, dtype, cuda)
+    for spec in args.tile:
+        name, _, rest = spec.partition("=")
+        if name not in K.KERNELS:
+            raise SystemExit(f"--tile: kernel must be one of {K.KERNELS}, got {name!r}")
+        cfgs = dataclasses.replace(cfgs, **{name: _tile(rest, getattr(cfgs, name))})
+    if args.dense is not None:
+        cfgs = K.with_dense_bias(cfgs, K._dense_bias_setting(args.dense))
+    K.pick_configs = lambda *a: cfgs
+    K.num_batch_groups = lambda *a: 1
+    B, H, N, D = 2, args.heads, args.tokens, args.head_dim
+    qkv = torch.zeros(B, N, 3, H, D, dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    dqkv = torch.zeros_like(qkv)
+    dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = torch.zeros(B, N, H, D, dtype=dtype).transpose(1, 2)
+    do = torch.zeros(B, N, H, D, dtype=dtype).transpose(1, 2)
+    R = num_relative_distance(window)
+    table, lse = torch.zeros(R, H), torch.zeros(B, H, N)
+    inverse = (torch.zeros(N * N, dtype=torch.int32), torch.zeros(R, dtype=torch.int32),
+               torch.zeros(R, dtype=torch.int32), 1)
+    compiled = {}
+    for kern in (K._fwd_kernel, K._dkdv_kernel, K._dq_kernel):
+        run = kern.run
+
+        def recording(*a, _run=run, _name=kern.fn.__name__, **kw):
+            c = _run(*a, **kw)
+            compiled[_name] = c
+            return c
+        kern.run = recording
+    K.rel_pos_attention_fwd(q, k, v, table, None, window, D ** -0.5, 0.0, None, out)
+    K.rel_pos_attention_bwd(do, q, k, v, out, lse, table, None, window, D ** -0.5, 0.0, None, dq, dk, dv,
+                            inverse if args.table_grad else None)
+    if not launches:
+        raise Unsupported("the stand-in driver saw no launch")
+    return cfgs, compiled
+
+
+def describe(name: str, kernel, keep_dir: str, mix: bool) -> list[str]:
+    base = os.path.join(keep_dir, name)
+    with open(base + ".cubin", "wb") as f:
+        f.write(kernel.asm["cubin"])
+    with open(base + ".ptx", "w") as f:
+        f.write(kernel.asm["ptx"])
+    sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", base + ".cubin"], capture_output=True,
+                          text=True).stdout
+    with open(base + ".sass", "w") as f:
+        f.write(sass)
+    usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", base + ".cubin"], capture_output=True,
+                           text=True).stdout
+    regs = re.search(r"\bREG:(\d+)", usage)
+    stack = re.search(r"\bSTACK:(\d+)", usage)   # the spill frame (the kernels make no calls)
+    instrs = parse_sass(sass)
+    head = (f"{name}: {regs.group(1) if regs else '?'} registers, {stack.group(1) if stack else '?'} B of stack "
+            f"(spills), {kernel.metadata.shared} B shared, {kernel.metadata.num_warps} warps; "
+            f"{len(instrs)} SASS instructions")
+    return [head] + loop_lines(instrs, mix)
+
+
+def loop_lines(instrs, mix: bool = False) -> list[str]:
+    """One line per loop: its instructions (an outer loop's own, outside its inner loops) and their mix."""
+    spans = loops(instrs)
+    inner = innermost(spans)
+    lines = []
+    for span in spans:
+        nested = [b for b in inner if b != span and span[0] <= b[0] and b[1] <= span[1]]
+        body = [(a, ins) for a, ins in instrs if span[0] <= a <= span[1]
+                and not any(b[0] <= a <= b[1] for b in nested)]
+        c = collections.Counter(opcode(ins) for _, ins in body)
+        what = "innermost loop" if span in inner else f"outer loop (outside its {len(nested)} inner)"
+        lines.append(f"  {what} {span[0]:#06x}-{span[1]:#06x}: {len(body)} instructions; spill traffic LDL/STL "
+                     f"{c['LDL']}/{c['STL']}, global loads {c['LDG'] + c['LDGSTS']}, stores {c['STG']}, "
+                     f"MMA {c['HGMMA'] + c['HMMA']}, MUFU {c['MUFU']}")
+        if mix:
+            lines.append("    " + ", ".join(f"{k} {v}" for k, v in c.most_common(24)))
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--tokens", type=int, default=197, help="N = Wh*Ww + 1 (default 197: 224px, 16px patches)")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dense", default=None, help="as BEIT_FAST_ATTN_DENSE_BIAS: 0, 1 or e.g. fwd,dq")
+    p.add_argument("--tile", action="append", default=[], help="KERNEL=block_m,block_n[,warps[,stages]][,tail=0|1]")
+    p.add_argument("--no-table-grad", dest="table_grad", action="store_false",
+                   help="the backward without the table gradient (a frozen table)")
+    p.add_argument("--mix", action="store_true", help="print each innermost loop's opcode mix")
+    p.add_argument("--keep", default=None, help="directory for the .ptx / .cubin / .sass files")
+    args = p.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    keep = args.keep or tempfile.mkdtemp(prefix="beit_fast_sass_")
+    os.makedirs(keep, exist_ok=True)
+    try:
+        cfgs, compiled = compile_attention(args)
+        import triton
+        print(f"sm_{args.arch}, Triton {triton.__version__}, {args.dtype}, N={args.tokens} H={args.heads} "
+              f"D={args.head_dim}, table gradient {'on' if args.table_grad else 'off'}")
+        for name in ("fwd", "dkdv", "dq"):
+            print(f"{name:5s} {getattr(cfgs, name)}")
+        for name, kernel in compiled.items():
+            print("\n".join(describe(name, kernel, keep, args.mix)))
+    except Unsupported as e:
+        print(f"sass_report: not available here: {e}")
+        return 2
+    finally:
+        if args.keep is None:
+            shutil.rmtree(keep, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
