@@ -142,6 +142,20 @@ def time_ms(fn: Callable, device: str, *, warmup: int = 10, rep: int = 50, cuda_
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
+def host_us(fn: Callable, rounds: int, calls: int, warmup: int = 20) -> float:
+    """Median over `rounds` of the wall time per call of `calls` back-to-back calls, in microseconds (host
+    time of CPU paths; nothing waits for a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(times)
+
+
 def _cuda_times_with_setup(fn, setup, rep_ms: float) -> list[float]:
     """do_bench's method for fn(setup()): a few untimed calls, an estimate, then as many calls as fit in
     rep_ms (5 to 1000), each preceded by setup() and an L2 flush outside its pair of CUDA events."""

@@ -10,9 +10,7 @@ Forward only and forward+backward, median of 7 rounds of 300 calls. CPU only (no
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported
 
@@ -24,6 +22,7 @@ import triton.runtime.interpreter as _interpreter  # noqa: E402
 _interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None   # launches do nothing
 
 from beit_fast.ops import _eager  # noqa: E402
+from common import host_us  # noqa: E402
 
 
 def _inputs():
@@ -49,18 +48,6 @@ def _inputs():
     }
 
 
-def _time_us(fn, rounds, calls):
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(times)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=7)
@@ -78,7 +65,7 @@ def main(argv=None):
             for on in (True, False):
                 _eager.eager = fast_eager if on else (lambda *a: False)
                 try:
-                    got.append(_time_us(fn, args.rounds, args.calls))
+                    got.append(host_us(fn, args.rounds, args.calls))
                 finally:
                     _eager.eager = fast_eager
             print(f"| {name} | {mode} | {got[0]:.1f} | {got[1]:.1f} |")

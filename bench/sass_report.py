@@ -33,74 +33,12 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
 
-class Unsupported(RuntimeError):
-    """This Triton has no CUDA backend, bundled tools or driver API this script was written against (3.2-3.8)."""
-
-
-def _nvidia_tool(name: str) -> str:
-    import triton
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    if not os.path.exists(path):
-        path = shutil.which(name) or ""
-    if not path:
-        raise Unsupported(f"no {name} (neither bundled with Triton nor on PATH)")
-    return path
-
-
-def install_fake_driver(arch: int = 90):
-    """Make Triton's active driver one that compiles for `arch` and loads / launches nothing: JITFunction.run
-    then goes through its whole host path (binder, cache key, compile on a miss) on a machine without a GPU.
-    Returns the list each kernel's launcher appends (name, grid) to."""
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.backends.nvidia.driver import CudaDriver
-        from triton.runtime.driver import driver
-    except ImportError as e:
-        raise Unsupported(f"Triton's CUDA backend is not importable: {e}") from e
-    launches = []
-
-    class Utils:
-        def load_binary(self, name, kernel, shared, device):
-            return 0, 0, 0, 0, 1024   # module, function, n_regs, n_spills, max threads per block
-
-        def unload_module(self, module):
-            pass
-
-        def get_device_properties(self, device):
-            return {"max_shared_mem": 232448 if arch >= 90 else 166912, "multiprocessor_count": 132,
-                    "max_num_regs": 65536, "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000,
-                    "mem_bus_width": 5120}
-
-    class Launcher:
-        def __init__(self, src, metadata):
-            self.name = metadata.name
-
-        def __call__(self, gx, gy, gz, *args):
-            launches.append((self.name, (gx, gy, gz)))
-
-    class FakeDriver(CudaDriver):
-        def __init__(self):    # CudaDriver's own builds a C module against libcuda: not here
-            self.utils = Utils()
-            self.launcher_cls = Launcher
-            self.get_current_device = lambda: 0
-            self.get_current_stream = lambda device=None: 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", arch, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-        @staticmethod
-        def is_active():
-            return True
-
-    driver.set_active(FakeDriver())
-    return launches
+from fake_driver import Unsupported, install_fake_driver, nvidia_tool  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ SASS
@@ -213,11 +151,11 @@ def describe(name: str, kernel, keep_dir: str, mix: bool) -> list[str]:
         f.write(kernel.asm["cubin"])
     with open(base + ".ptx", "w") as f:
         f.write(kernel.asm["ptx"])
-    sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", base + ".cubin"], capture_output=True,
+    sass = subprocess.run([nvidia_tool("cuobjdump"), "-sass", base + ".cubin"], capture_output=True,
                           text=True).stdout
     with open(base + ".sass", "w") as f:
         f.write(sass)
-    usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", base + ".cubin"], capture_output=True,
+    usage = subprocess.run([nvidia_tool("cuobjdump"), "-res-usage", base + ".cubin"], capture_output=True,
                            text=True).stdout
     regs = re.search(r"\bREG:(\d+)", usage)
     stack = re.search(r"\bSTACK:(\d+)", usage)   # the spill frame (the kernels make no calls)

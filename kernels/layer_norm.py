@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._device import cdiv, next_power_of_2, on_device_of_first_arg
+from ._launch import launch
 
 # A whole row lives in registers; past this the kernels would spill (a looped variant is not written).
 MAX_C = 16384
@@ -134,7 +135,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     if M == 0 or C == 0:
         return y, mean, rstd
     block_m, block_c, num_warps = _tile(C)
-    _layer_norm_fwd_kernel[(cdiv(M, block_m),)](
+    launch(_layer_norm_fwd_kernel, (cdiv(M, block_m),),
         x, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
         M, C, eps, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
@@ -163,7 +164,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, need_dx=True, need_dw=True, need_d
     dw_part = torch.empty((progs, C), device=x.device, dtype=torch.float32) if need_dw else None
     db_part = torch.empty((progs, C), device=x.device, dtype=torch.float32) if need_db else None
     dummy = mean
-    _layer_norm_bwd_kernel[(progs,)](
+    launch(_layer_norm_bwd_kernel, (progs,),
         dy, x, weight if weight is not None else dummy, mean, rstd, dx if dx is not None else dummy,
         dw_part if dw_part is not None else dummy, db_part if db_part is not None else dummy,
         M, C, rows_per_prog,

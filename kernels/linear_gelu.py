@@ -25,6 +25,7 @@ import triton.language as tl
 from beit_fast._backend import tf32_matmul
 
 from ._device import cdiv, on_device_of_first_arg
+from ._launch import launch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -278,7 +279,7 @@ def linear_gelu_dz(dy, x, weight, bias, preact=None, with_db=True):
         blocks_per_prog = cdiv(n_blocks_m, progs_m)
         progs_m = cdiv(n_blocks_m, blocks_per_prog)
         part = torch.empty((progs_m, N), device=x.device, dtype=torch.float32) if with_db else None
-        _dgelu_kernel[(n_blocks_n, progs_m)](
+        launch(_dgelu_kernel, (n_blocks_n, progs_m),
             dy, preact, dz, part if part is not None else dz,
             M, N, blocks_per_prog,
             dy.stride(0), dy.stride(1), preact.stride(0), preact.stride(1), dz.stride(0), dz.stride(1),

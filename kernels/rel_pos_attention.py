@@ -38,13 +38,16 @@ import triton
 import triton.language as tl
 
 from ._device import cdiv, next_power_of_2, on_device_of_first_arg
+from ._launch import launch
 
 LOG2E = 1.4426950408889634
 # where the kernels take the bias from (their BIAS_SRC): BEiT's window layout, gathered through per-token
-# parts; an explicit (N, N) index, gathered; a dense (H, N, N_pad) expansion made per call (_expand_bias)
-SRC_WINDOW: tl.constexpr = tl.constexpr(0)
-SRC_INDEX: tl.constexpr = tl.constexpr(1)
-SRC_DENSE: tl.constexpr = tl.constexpr(2)
+# parts; an explicit (N, N) index, gathered; a dense (H, N, N_pad) expansion made per call (_expand_bias).
+# The launchers pass the plain ints (Triton 3.2 refuses a tl.constexpr object as an argument: it is callable).
+SRC_WINDOW_ID, SRC_INDEX_ID, SRC_DENSE_ID = 0, 1, 2
+SRC_WINDOW: tl.constexpr = tl.constexpr(SRC_WINDOW_ID)
+SRC_INDEX: tl.constexpr = tl.constexpr(SRC_INDEX_ID)
+SRC_DENSE: tl.constexpr = tl.constexpr(SRC_DENSE_ID)
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
 
 # Tests set this to fill outputs with NaN before the kernels write them (catches unwritten elements).
@@ -687,10 +690,10 @@ class _BiasArgs:
         self.table, self.N, self.R = table, N, table.shape[0]
         if rel_index is not None:
             self.idx, self.s_ii, self.s_ij, self.centre, self.src = (
-                rel_index, rel_index.stride(0), rel_index.stride(1), 0, SRC_INDEX)
+                rel_index, rel_index.stride(0), rel_index.stride(1), 0, SRC_INDEX_ID)
         else:
             wh, ww = window_size
-            self.idx, self.s_ii, self.s_ij, self.src = _window_parts(wh, ww, table.device), 0, 0, SRC_WINDOW
+            self.idx, self.s_ii, self.s_ij, self.src = _window_parts(wh, ww, table.device), 0, 0, SRC_WINDOW_ID
             self.centre = (wh - 1) * (2 * ww - 1) + ww - 1
         self._gather = self._dense = None
 
@@ -700,7 +703,7 @@ class _BiasArgs:
             if self._dense is None:
                 self._dense = _expand_bias(self)
             d = self._dense
-            return d, self.idx, 0, d.stride(0), d.stride(1), 1, SRC_DENSE
+            return d, self.idx, 0, d.stride(0), d.stride(1), 1, SRC_DENSE_ID
         if self._gather is None:
             t = self.table
             table_hr = torch.empty((t.shape[1], t.shape[0]), dtype=torch.float32, device=t.device)
@@ -719,7 +722,7 @@ def _expand_bias(b: _BiasArgs) -> torch.Tensor:
     n_pad = cdiv(N, 16) * 16
     out = _alloc((H, N, n_pad), torch.float32, table.device)
     BLOCK = 32
-    _expand_bias_kernel[(cdiv(N, BLOCK), cdiv(n_pad, BLOCK), H)](
+    launch(_expand_bias_kernel, (cdiv(N, BLOCK), cdiv(n_pad, BLOCK), H),
         table, b.idx, out, N, b.R, b.centre, table.stride(0), table.stride(1), b.s_ii, b.s_ij,
         out.stride(0), out.stride(1), BIAS_SRC=b.src, BLOCK=BLOCK)
     return out
@@ -748,7 +751,7 @@ def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout
     bias = _BiasArgs(table, rel_index, window_size, N)
     tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(cfg)
     grid = (cdiv(N, cfg.block_m), B * H)
-    _fwd_kernel[grid](
+    launch(_fwd_kernel, grid,
         q, k, v, tbl, idx, _seed_arg(seed, tbl), out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_tr, s_th, s_ii, s_ij,
         H, N, bias.R, bias.centre, scale * LOG2E, float(dropout_p),
@@ -788,7 +791,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     seed_t = _seed_arg(seed, table)
 
     delta = _alloc((B, H, N), torch.float32, q.device)
-    _delta_kernel[(cdiv(N, 64), B * H)](
+    launch(_delta_kernel, (cdiv(N, 64), B * H),
         out, do, delta, *out.stride(), *do.stride(), H, N, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=64)
 
     need_dbias = inverse_index is not None
@@ -796,7 +799,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     dbias = _alloc((G, H, N, N) if need_dbias else (1,), torch.float32, q.device)
     c = cfgs.dkdv
     tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(c)
-    _dkdv_kernel[(cdiv(N, c.block_n), H, G)](
+    launch(_dkdv_kernel, (cdiv(N, c.block_n), H, G),
         q, k, v, tbl, idx, seed_t, do, lse, delta, dk, dv, dbias,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_tr, s_th, s_ii, s_ij,
         B, H, N, R, centre, G, scale, scale * LOG2E, float(dropout_p),
@@ -806,7 +809,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
 
     c = cfgs.dq
     tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(c)
-    _dq_kernel[(cdiv(N, c.block_m), B * H)](
+    launch(_dq_kernel, (cdiv(N, c.block_m), B * H),
         q, k, v, tbl, idx, seed_t, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_tr, s_th, s_ii, s_ij,
         H, N, R, centre, scale, scale * LOG2E, float(dropout_p),
@@ -819,7 +822,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     perm, start, count, max_count = inverse_index
     dtable = _alloc((R, H), torch.float32, q.device)
     BLOCK_R, BLOCK_C = 16, 64
-    _table_grad_kernel[(cdiv(R, BLOCK_R), H)](
+    launch(_table_grad_kernel, (cdiv(R, BLOCK_R), H),
         dbias, perm, start, count, dtable, G, H, N * N, R, max_count, *dtable.stride(),
         BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return dtable
@@ -902,7 +905,7 @@ def dropout_keep_mask(seed: torch.Tensor, B: int, H: int, N: int, dropout_p: flo
     """(B, H, N, N) bool keep-mask the kernels use for this seed (test-only: it materializes B*H*N*N)."""
     out = torch.empty((B, H, N, N), dtype=torch.int8, device=seed.device)
     BLOCK = 32
-    _keep_mask_kernel[(cdiv(N, BLOCK), B * H)](seed, out, H, N, float(dropout_p), BLOCK=BLOCK)
+    launch(_keep_mask_kernel, (cdiv(N, BLOCK), B * H), seed, out, H, N, float(dropout_p), BLOCK=BLOCK)
     return out.bool()
 
 

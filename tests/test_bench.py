@@ -109,6 +109,23 @@ def test_eager_overhead_runs_both_paths():
     assert all(float(c[2]) > 0 and float(c[3]) > 0 for c in rows[1:])
 
 
+def test_triton_dispatch_times_both_launch_paths():
+    """bench/triton_dispatch.py: a row per launcher, with how many kernels it launches and a host time through
+    Triton's dispatch and through the launch cache (stand-in driver, sm_90 compiles, nothing runs)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "bench/triton_dispatch.py", "--rounds", "1", "--calls", "2"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
+    if r.returncode == 2 and "not available here" in r.stdout:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    got = {c[0].strip(): [float(x) for x in c[1:]] for c in rows[1:]}
+    assert set(got) == {"rel_pos_attention_fwd", "rel_pos_attention_bwd", "layer_norm_fwd", "layer_norm_bwd"}
+    assert got["rel_pos_attention_fwd"][0] == 2 and got["rel_pos_attention_bwd"][0] == 5   # expansion + kernels
+    assert all(v[1] > 0 and v[2] > 0 for v in got.values())
+
+
 def test_cpp_errors_reach_python():
     """bench/cpp_errors.py: every argument error of the extension raised as its ValueError, case by case."""
     r = subprocess.run([sys.executable, "bench/cpp_errors.py"], cwd=ROOT, capture_output=True, text=True,

@@ -484,13 +484,17 @@ def _jit_functions(module_name: str) -> dict:
 
 
 def _launched_kernels(module_name: str) -> list[str]:
-    """Names of the @triton.jit functions of kernels/<module>.py that the module launches (`name[grid](...)`)."""
+    """Names of the @triton.jit functions of kernels/<module>.py that the module launches (`name[grid](...)`,
+    or `launch(name, grid, ...)` through kernels/_launch.py)."""
     jit = _jit_functions(module_name)
     launched = set()
     for node in ast.walk(_module_tree(module_name)):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
                 and isinstance(node.func.value, ast.Name) and node.func.value.id in jit):
             launched.add(node.func.value.id)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "launch"
+                and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in jit):
+            launched.add(node.args[0].id)
     return sorted(launched)
 
 

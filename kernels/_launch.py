@@ -1,0 +1,169 @@
+"""Launch a Triton kernel without Triton's per-call dispatch when the call repeats one seen before.
+
+`kernel[grid](*args, **kwargs)` runs JITFunction.run on every call: it binds and specializes every argument,
+builds a cache key string, looks the compiled kernel up, checks the globals the kernel read, and only then
+calls the compiled kernel's launcher. With the attention kernels' ~45 arguments that takes about 20 us of host
+time a launch on the 2-core CI machine (`python bench/triton_dispatch.py` measures the launchers through a
+stand-in driver), about as much as the rest of an op's Python; a training step launches ~130 such kernels,
+and on the GPU machine measured so far the fused step was host-bound (bench/results).
+
+`launch(kernel, grid, *args, **kwargs)` keeps, per kernel, the compiled kernels of the calls it has seen,
+under a key that holds at least everything Triton specializes on: every int, str, None, float, bool and
+constexpr exactly (a bool or float never equal to an int), each tensor's dtype and whether its address is
+16-byte aligned, the compile options (num_warps, ...) and the current device. A call whose key was seen launches that compiled
+kernel exactly as JITFunction.run's last step does (the same launcher, stream, metadata, hooks and argument
+tuple, for the calling convention of the installed Triton: every bound argument from Triton 3.3 on, the
+non-constexpr ones in 3.2); any other call goes through `kernel[grid]` itself, which compiles if needed, and
+its compiled kernel is remembered. Not taken (always `kernel[grid]`): the interpreter, a Triton whose
+JITFunction.run this module does not recognize, tensor subclasses, a kernel whose parameters are not all
+passed, and with BEIT_FAST_TRITON_LAUNCH=jit (read at import; an A/B knob).
+
+Not seen by this path, as they are not by a compiled kernel: changing TRITON_DEBUG or a global a kernel
+reads after its first launch in the process.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import os
+
+import torch
+
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+_EXACT = frozenset((int, str, type(None)))   # kept as they are in the key
+_SUBCLASS = object()
+
+
+def _other_key(a):
+    """The key part of an argument that is not an int, str or None."""
+    t = type(a)
+    if t is _Tensor or t is _Parameter:
+        return a.dtype, a.data_ptr() & 15 == 0
+    if isinstance(a, _Tensor):
+        return _SUBCLASS
+    return t, a   # floats and bools never equal to an int; constexpr-like values (dtypes, ...) must hash
+MAX_ENTRIES = 64   # compiled variants remembered per kernel (shapes, dtypes); later ones take Triton's path
+
+
+def _launch_setting() -> str:
+    v = os.environ.get("BEIT_FAST_TRITON_LAUNCH", "").strip() or "cached"
+    if v not in ("cached", "jit"):
+        raise ValueError(f"BEIT_FAST_TRITON_LAUNCH must be 'cached' or 'jit' (or unset), got {v!r}")
+    return v
+
+
+def _convention():
+    """(argument convention, hook source) of the installed Triton's JITFunction.run, or None if unknown:
+    ("all" | "non_constexpr", "knobs" | "compiled_kernel")."""
+    try:
+        from triton.runtime.jit import JITFunction
+        src = inspect.getsource(JITFunction.run)
+    except Exception:   # no Triton, no source
+        return None
+    if "kernel.run(" not in src:
+        return None
+    if "*bound_args.values())" in src:
+        args = "all"
+    elif "*non_constexpr_vals)" in src:
+        args = "non_constexpr"
+    else:
+        return None
+    if "knobs.runtime.launch_enter_hook" in src:
+        hooks = "knobs"
+    elif "CompiledKernel.launch_enter_hook" in src:
+        hooks = "compiled_kernel"
+    else:
+        return None
+    return args, hooks
+
+
+SETTING = _launch_setting()
+CONVENTION = _convention()
+# Whether launch() may skip Triton's dispatch in this process (the interpreter's kernels are no JITFunction)
+ENABLED = SETTING == "cached" and CONVENTION is not None
+
+
+class _Entry:
+    __slots__ = ("kernel", "tail")
+
+    def __init__(self, kernel, tail_names):
+        self.kernel = kernel
+        # the parameters after the positional arguments, from the keyword arguments, in signature order
+        getter = operator.itemgetter(*tail_names) if tail_names else (lambda kw: ())
+        self.tail = getter if len(tail_names) != 1 else (lambda kw, g=getter: (g(kw),))
+
+
+class _Cached:
+    """The remembered compiled kernels of one JITFunction."""
+
+    def __init__(self, fn):
+        from triton.runtime.driver import driver
+        self.fn = fn
+        self.driver = driver
+        self.names = list(fn.arg_names)
+        self.constexpr = [p.is_constexpr for p in fn.params]
+        self.entries: dict = {}
+        if CONVENTION[1] == "knobs":
+            from triton import knobs
+            self.runtime = knobs.runtime
+        else:
+            self.runtime = None
+
+    @staticmethod
+    def key(device, args, kwargs):
+        """None when a tensor subclass (or a tensor without storage) is among the arguments."""
+        parts = [a if type(a) in _EXACT else _other_key(a) for a in args]
+        if _SUBCLASS in parts:
+            return None
+        return device, tuple(kwargs.items()), tuple(parts)
+
+    def __call__(self, grid, args, kwargs):
+        try:
+            drv = self.driver.active
+            device = drv.get_current_device()
+            key = self.key(device, args, kwargs)
+            entry = self.entries.get(key) if key is not None else None
+        except Exception:   # no driver, no data pointer (meta tensors), an unhashable argument: Triton's path,
+            return self.fn[grid](*args, **kwargs)   # which raises what is really wrong
+        if entry is None:
+            kernel = self.fn[grid](*args, **kwargs)
+            if key is not None and len(self.entries) < MAX_ENTRIES:
+                tail = self.names[len(args):]
+                # a compiled kernel (not a test's recorder), every parameter passed, no callable grid
+                if (all(n in kwargs for n in tail) and not callable(grid)
+                        and all(hasattr(kernel, a) for a in ("function", "packed_metadata", "launch_metadata"))):
+                    self.entries[key] = _Entry(kernel, tail)
+            return kernel
+        kernel = entry.kernel
+        bound = args + entry.tail(kwargs)
+        if CONVENTION[0] == "non_constexpr":
+            bound = tuple(v for v, c in zip(bound, self.constexpr) if not c)
+        if self.runtime is not None:
+            enter, exit_ = self.runtime.launch_enter_hook, self.runtime.launch_exit_hook
+        else:
+            cls = type(kernel)
+            enter, exit_ = cls.launch_enter_hook, cls.launch_exit_hook
+        stream = drv.get_current_stream(device)
+        n = len(grid)
+        kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, kernel.function,
+                   kernel.packed_metadata, kernel.launch_metadata(grid, stream, *bound), enter, exit_, *bound)
+        return kernel
+
+
+_CACHED: dict = {}   # id(JITFunction) -> _Cached (a JITFunction's own hash rehashes its source key)
+
+
+def launch(fn, grid, *args, **kwargs):
+    """fn[grid](*args, **kwargs), through the remembered compiled kernel when this call's key was seen."""
+    if not ENABLED or type(fn).__name__ != "JITFunction":
+        return fn[grid](*args, **kwargs)
+    cached = _CACHED.get(id(fn))
+    if cached is None or cached.fn is not fn:
+        cached = _CACHED[id(fn)] = _Cached(fn)
+    return cached(grid, args, kwargs)
+
+
+def clear() -> None:
+    """Forget every remembered compiled kernel (tests)."""
+    _CACHED.clear()
