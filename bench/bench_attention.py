@@ -12,6 +12,8 @@ Providers (each checked against the fp32 reference before it is timed):
   ours_gather      the same with every kernel gathering from the table (BEIT_FAST_ATTN_DENSE_BIAS=0)
   ours_dense_bias  the same with every kernel reading the expansion (BEIT_FAST_ATTN_DENSE_BIAS=1)
            (the three give bitwise the same results; bench/sass_report.py shows their loops' SASS)
+  ours_jit_launch  ours with every Triton launch through JITFunction.run, not kernels/_launch.py's cache of
+           compiled kernels (BEIT_FAST_TRITON_LAUNCH=jit: host time only, the same kernels run)
 
 FLOPs (written down, as flash-attention counts them): fwd = 4 * B * H * N^2 * D (two matmuls),
 bwd = 2.5 * fwd (five matmuls, recompute included), fwd_bwd = 3.5 * fwd.
@@ -35,11 +37,12 @@ import torch.nn.functional as F  # noqa: E402
 from beit_fast.ops.rel_pos_attention import (not_supported_reasons, num_relative_distance,  # noqa: E402
                                              rel_pos_attention, rel_pos_attention_ref, relative_position_index)
 
-# ours before the compiled ones (time limits). DENSE_PROVIDERS: the kernels that read the bias from the
-# per-call (H, N, N_pad) expansion instead of gathering it from the table (TileConfig.dense_bias, an A/B);
-# None: the tile configs decide
-DENSE_PROVIDERS = {"ours": None, "ours_gather": (), "ours_dense_bias": ("fwd", "dkdv", "dq")}
-PROVIDERS = ("eager", "sdpa", "ours", "ours_gather", "ours_dense_bias", "flex", "xformers")
+# ours before the compiled ones (time limits). OURS_VARIANTS: (the kernels that read the bias from the
+# per-call (H, N, N_pad) expansion instead of gathering it from the table, None: the tile configs decide;
+# whether Triton launches go through kernels/_launch.py's cache), the A/Bs of ours
+OURS_VARIANTS = {"ours": (None, True), "ours_gather": ((), True), "ours_dense_bias": (("fwd", "dkdv", "dq"), True),
+                 "ours_jit_launch": (None, False)}
+PROVIDERS = ("eager", "sdpa", "ours", "ours_gather", "ours_dense_bias", "ours_jit_launch", "flex", "xformers")
 REFERENCE_PROVIDERS = ("eager", "sdpa")
 MODELS = {"base": 12, "large": 16}   # heads; D = 64
 # (model, B, window): BEiT-B/L at 224 (N = 197) and 384 (N = 577)
@@ -135,7 +138,7 @@ def make_provider(name, window, scale, device, dtype):
             out = xops.memory_efficient_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_bias=bias, scale=scale)
             return out.transpose(1, 2)
         return xformers_attn
-    if name in DENSE_PROVIDERS:
+    if name in OURS_VARIANTS:
         probe = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)
         why = not_supported_reasons("triton", probe, probe, probe, torch.empty(1, 1, device=device))
         if why:
@@ -148,19 +151,22 @@ def make_provider(name, window, scale, device, dtype):
 
 
 @contextlib.contextmanager
-def dense_bias(kernels):
+def dense_bias(kernels, cached_launch: bool = True):
     """Inside the block the fused attention kernels named in `kernels` (True / False: all / none) read the
     dense bias expansion and the others gather from the table, and with None the tile configs decide,
-    whatever BEIT_FAST_ATTN_DENSE_BIAS says (kernels.rel_pos_attention.DENSE_BIAS), so that the "ours*"
-    providers stay the sides of the A/B."""
+    whatever BEIT_FAST_ATTN_DENSE_BIAS says (kernels.rel_pos_attention.DENSE_BIAS); Triton launches go
+    through kernels/_launch.py's cache when `cached_launch` (and this Triton allows it), whatever
+    BEIT_FAST_TRITON_LAUNCH says. So the "ours*" providers stay the sides of their A/Bs."""
     K = importlib.import_module("beit_fast.kernels.rel_pos_attention")
+    L = importlib.import_module("beit_fast.kernels._launch")
     on = None if kernels is None else frozenset(K.KERNELS if kernels is True else () if kernels is False
                                                 else kernels)
-    saved, K.DENSE_BIAS = K.DENSE_BIAS, on
+    saved = K.DENSE_BIAS, L.ENABLED
+    K.DENSE_BIAS, L.ENABLED = on, cached_launch and L.CONVENTION is not None
     try:
         yield
     finally:
-        K.DENSE_BIAS = saved
+        K.DENSE_BIAS, L.ENABLED = saved
 
 
 def make_inputs(B, H, N, D, R, dtype, device):
@@ -241,7 +247,7 @@ def main(argv=None):
                 continue
             for name in wanted:
                 with outcomes.guard(f"{name} {model} B={B} N={N} {dtype}"), \
-                        (dense_bias(DENSE_PROVIDERS[name]) if name in DENSE_PROVIDERS else contextlib.nullcontext()):
+                        (dense_bias(*OURS_VARIANTS[name]) if name in OURS_VARIANTS else contextlib.nullcontext()):
                     fn = make_provider(name, window, scale, device, dtype)
                     check_provider(name, fn, leaves, grad, expected, dtype)
                     rows += bench_one(name, fn, shape, leaves, grad, dtype, device, env, args)

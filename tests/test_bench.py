@@ -73,13 +73,13 @@ def test_attention_ours_and_dense_bias_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "BEIT_FAST_BACKEND"}
     env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "bench/bench_attention.py", "--smoke", "--providers",
-                        "ours,ours_gather,ours_dense_bias",
+                        "ours,ours_gather,ours_dense_bias,ours_jit_launch",
                         "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     with open(tmp_path / "bench_attention.jsonl") as f:
         rows = [json.loads(line) for line in f]
     got = {(r["provider"], r["mode"]) for r in rows}
-    assert got == {(p, m) for p in ("ours", "ours_gather", "ours_dense_bias")
+    assert got == {(p, m) for p in ("ours", "ours_gather", "ours_dense_bias", "ours_jit_launch")
                    for m in ("fwd", "bwd", "fwd_bwd")}, got
 
 

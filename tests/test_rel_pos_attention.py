@@ -272,9 +272,10 @@ def test_dense_bias_is_bitwise_the_gather(monkeypatch, shape, dtype, tile):
 
 @needs_triton
 def test_bench_dense_bias_switch_pins_both_sides(monkeypatch):
-    """bench_attention's providers pin their kernels' bias source (dense_bias(kernels)): the kernels each
-    provider names read the expansion and the others gather, whatever BEIT_FAST_ATTN_DENSE_BIAS
-    (kernels.rel_pos_attention.DENSE_BIAS) says, and the setting comes back afterwards."""
+    """bench_attention's "ours*" providers pin their kernels' bias source and launch path (dense_bias(kernels,
+    cached_launch)): the kernels each provider names read the expansion and the others gather, whatever
+    BEIT_FAST_ATTN_DENSE_BIAS (kernels.rel_pos_attention.DENSE_BIAS) says, launches go through the launch
+    cache or not, and both settings come back afterwards."""
     import sys
     from beit_fast.kernels import rel_pos_attention as K
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -289,13 +290,16 @@ def test_bench_dense_bias_switch_pins_both_sides(monkeypatch):
     monkeypatch.setattr(K, "_expand_bias", lambda b: expansions.append(1) or real_expand(b))
     W = (3, 3)
     inputs, table, grad = make_inputs(1, 2, 10, 16, torch.float32, num_relative_distance(W), packed=True)
-    assert set(bench_attention.DENSE_PROVIDERS) == {p for p in bench_attention.PROVIDERS if p.startswith("ours")}
+    from beit_fast.kernels import _launch
+    launch_setting = _launch.ENABLED
+    assert set(bench_attention.OURS_VARIANTS) == {p for p in bench_attention.PROVIDERS if p.startswith("ours")}
     for setting in (None, frozenset(), frozenset(K.KERNELS), frozenset({"dkdv"})):
         monkeypatch.setattr(K, "DENSE_BIAS", setting)
-        for name, dense in bench_attention.DENSE_PROVIDERS.items():
+        for name, (dense, cached) in bench_attention.OURS_VARIANTS.items():
             sources.clear()
             expansions.clear()
-            with bench_attention.dense_bias(dense):
+            with bench_attention.dense_bias(dense, cached):
+                assert _launch.ENABLED == (cached and _launch.CONVENTION is not None)
                 run(rel_pos_attention_qkvpacked, inputs, table, grad, window_size=W, backend="triton")
                 if dense is None:   # the configs decide, whatever the setting
                     assert K.DENSE_BIAS is None
@@ -305,7 +309,7 @@ def test_bench_dense_bias_switch_pins_both_sides(monkeypatch):
             # one expansion per call that has a dense kernel: the forward's, and the backward's (shared by
             # its two kernels)
             assert len(expansions) == ("fwd" in dense) + bool({"dkdv", "dq"} & set(dense)), (setting, name)
-            assert K.DENSE_BIAS is setting
+            assert K.DENSE_BIAS is setting and _launch.ENABLED == launch_setting
 
 
 def test_dense_bias_setting(monkeypatch):
