@@ -68,8 +68,10 @@ def _layer_norm_bwd_kernel(
     mask_c = cols < C
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # per-thread partial sums over the program's rows, reduced across rows once after the loop: a tl.sum over
+    # axis 0 inside it would cost a cross-warp reduction (shared memory and barriers) every BLOCK_M rows
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
     for r in range(row_start, row_end, BLOCK_M):
@@ -92,13 +94,13 @@ def _layer_norm_bwd_kernel(
             tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxc,
                      dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DW:
-            dw_acc += tl.sum(dy * xhat, axis=0)
+            dw_acc += dy * xhat
         if NEED_DB:
-            db_acc += tl.sum(dy, axis=0)
+            db_acc += dy
     if NEED_DW:
-        tl.store(dw_part_ptr + pid * C + cols, dw_acc, mask=mask_c)
+        tl.store(dw_part_ptr + pid * C + cols, tl.sum(dw_acc, axis=0), mask=mask_c)
     if NEED_DB:
-        tl.store(db_part_ptr + pid * C + cols, db_acc, mask=mask_c)
+        tl.store(db_part_ptr + pid * C + cols, tl.sum(db_acc, axis=0), mask=mask_c)
 
 
 def _tile(C: int):
