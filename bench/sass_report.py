@@ -1,5 +1,6 @@
-"""What the attention kernels compile to on sm_90 (or another target), without a GPU: registers, spills, shared
-memory and the SASS of every loop (instruction count and mix), for the tile configs the launchers pick.
+"""What the Triton kernels compile to on sm_90 (or another target), without a GPU: registers, spills, shared
+memory and the SASS of every loop (instruction count and mix), for the tile configs the launchers pick
+(the attention kernels; with --op, LayerNorm's or linear_gelu's dGELU pass).
 
 The launchers run for real (kernels.rel_pos_attention.rel_pos_attention_fwd / _bwd on CPU tensors with
 BEiT's layout), through Triton's own JIT dispatch: argument specialization (16-byte alignment, strides of 1,
@@ -12,6 +13,7 @@ with fewer instructions, or without spills, is not proof of a faster kernel, onl
     python bench/sass_report.py --dense fwd,dq            # those kernels read the dense bias expansion
     python bench/sass_report.py --tile dkdv=64,64,4,2 --tile fwd=128,64,8,2,tail=0 --mix
     python bench/sass_report.py --keep DIR                # also writes each kernel's .ptx, .cubin and .sass
+    python bench/sass_report.py --op layer_norm --mix      # LayerNorm forward and backward, C=768
 
 --tile KERNEL=block_m,block_n[,num_warps[,num_stages]][,tail=0|1][,block_tail=0|1] overrides one kernel's
 TileConfig. Loops are found from backward branches; "innermost" loops contain no other loop. In BEiT's
@@ -129,20 +131,60 @@ def compile_attention(args):
     inverse = (torch.zeros(N * N, dtype=torch.int32), torch.zeros(R, dtype=torch.int32),
                torch.zeros(R, dtype=torch.int32), 1)
     compiled = {}
-    for kern in (K._fwd_kernel, K._dkdv_kernel, K._dq_kernel):
-        run = kern.run
-
-        def recording(*a, _run=run, _name=kern.fn.__name__, **kw):
-            c = _run(*a, **kw)
-            compiled[_name] = c
-            return c
-        kern.run = recording
+    _recording(K, ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"), compiled)
     K.rel_pos_attention_fwd(q, k, v, table, None, window, D ** -0.5, 0.0, None, out)
     K.rel_pos_attention_bwd(do, q, k, v, out, lse, table, None, window, D ** -0.5, 0.0, None, dq, dk, dv,
                             inverse if args.table_grad else None)
     if not launches:
         raise Unsupported("the stand-in driver saw no launch")
     return cfgs, compiled
+
+
+def _recording(module, names, compiled):
+    """Wrap the `run` of the module's kernels `names` so that the compiled kernels they launch land in
+    `compiled` (name -> CompiledKernel)."""
+    for name in names:
+        kern = getattr(module, name)
+        run = kern.run
+
+        def recording(*a, _run=run, _name=name, **kw):
+            c = _run(*a, **kw)
+            compiled[_name] = c
+            return c
+        kern.run = recording
+
+
+def compile_layer_norm(args):
+    """LayerNorm forward and backward at BEiT-B's rows (B=128 x 197) and --channels, the tiles _tile picks."""
+    install_fake_driver(args.arch)
+    from beit_fast.kernels import layer_norm as LN
+    LN._num_programs = lambda device: LN.PROGRAMS_PER_SM * 132   # an H100's SMs
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    compiled = {}
+    _recording(LN, ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"), compiled)
+    M, C = 128 * 197, args.channels
+    x, w = torch.zeros(M, C, dtype=dtype), torch.ones(C, dtype=dtype)
+    y, mean, rstd = LN.layer_norm_fwd(x, w, w, 1e-6)
+    LN.layer_norm_bwd(y, x, w, mean, rstd)
+    return f"BLOCK_M, BLOCK_C, num_warps = {LN._tile(C)}", compiled
+
+
+def compile_linear_gelu_dz(args):
+    """linear_gelu's dGELU pass (store mode: the pre-activation saved) at BEiT-B's MLP (rows B=128 x 197,
+    4 * --channels columns). The autotuned GEMM is not compiled here (its autotuner needs a GPU to time)."""
+    install_fake_driver(args.arch)
+    from beit_fast.kernels import linear_gelu as LG
+    LG._sm_count = lambda device: 132
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    compiled = {}
+    _recording(LG, ("_dgelu_kernel",), compiled)
+    M, K = 128 * 197, args.channels
+    N = 4 * K
+    dy = torch.zeros(M, N, dtype=dtype)
+    LG.linear_gelu_dz(dy, torch.zeros(M, K, dtype=dtype), torch.zeros(N, K, dtype=dtype),
+                      torch.zeros(N, dtype=dtype), torch.zeros(M, N, dtype=dtype), True)
+    return (f"BLOCK_M, BLOCK_N, num_warps = {LG._DGELU_BLOCK_M, LG._DGELU_BLOCK_N, LG._DGELU_WARPS}",
+            compiled)
 
 
 def describe(name: str, kernel, keep_dir: str, mix: bool) -> list[str]:
@@ -187,11 +229,13 @@ def loop_lines(instrs, mix: bool = False) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", default="attention", choices=("attention", "layer_norm", "linear_gelu_dz"))
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--tokens", type=int, default=197, help="N = Wh*Ww + 1 (default 197: 224px, 16px patches)")
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--channels", type=int, default=768, help="layer_norm / linear_gelu_dz: C (default 768)")
     p.add_argument("--dense", default=None, help="as BEIT_FAST_ATTN_DENSE_BIAS: 0, 1 or e.g. fwd,dq")
     p.add_argument("--tile", action="append", default=[], help="KERNEL=block_m,block_n[,warps[,stages]][,tail=0|1]")
     p.add_argument("--no-table-grad", dest="table_grad", action="store_false",
@@ -203,12 +247,16 @@ def main(argv=None) -> int:
     keep = args.keep or tempfile.mkdtemp(prefix="beit_fast_sass_")
     os.makedirs(keep, exist_ok=True)
     try:
-        cfgs, compiled = compile_attention(args)
         import triton
-        print(f"sm_{args.arch}, Triton {triton.__version__}, {args.dtype}, N={args.tokens} H={args.heads} "
-              f"D={args.head_dim}, table gradient {'on' if args.table_grad else 'off'}")
-        for name in ("fwd", "dkdv", "dq"):
-            print(f"{name:5s} {getattr(cfgs, name)}")
+        if args.op == "attention":
+            cfgs, compiled = compile_attention(args)
+            print(f"sm_{args.arch}, Triton {triton.__version__}, {args.dtype}, N={args.tokens} H={args.heads} "
+                  f"D={args.head_dim}, table gradient {'on' if args.table_grad else 'off'}")
+            for name in ("fwd", "dkdv", "dq"):
+                print(f"{name:5s} {getattr(cfgs, name)}")
+        else:
+            tiles, compiled = (compile_layer_norm if args.op == "layer_norm" else compile_linear_gelu_dz)(args)
+            print(f"sm_{args.arch}, Triton {triton.__version__}, {args.dtype}, {args.op} C={args.channels}: {tiles}")
         for name, kernel in compiled.items():
             print("\n".join(describe(name, kernel, keep, args.mix)))
     except Unsupported as e:

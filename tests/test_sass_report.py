@@ -66,3 +66,18 @@ def test_report_compiles_beit_attention_for_sm90():
         regs = int(line.split(": ", 1)[1].split(" registers")[0])
         assert 0 < regs <= 255, line
     assert out.count("innermost loop") >= 3
+
+
+@pytest.mark.parametrize("op, kernels", [("layer_norm", ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel")),
+                                         ("linear_gelu_dz", ("_dgelu_kernel",))])
+def test_report_other_ops(op, kernels):
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "bench/sass_report.py", "--op", op], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    if r.returncode == 2 and "not available here" in r.stdout:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert f"{op} C=768" in r.stdout
+    for kernel in kernels:
+        assert any(line.startswith(kernel + ":") and " registers" in line for line in r.stdout.splitlines()), kernel
+    assert "innermost loop" in r.stdout    # the backward's row loop / the dGELU pass's row-block loop
