@@ -15,6 +15,9 @@ Providers (each checked against the fp32 reference before it is timed):
   ours_jit_launch  ours with every Triton launch through JITFunction.run, not kernels/_launch.py's cache of
            compiled kernels (BEIT_FAST_TRITON_LAUNCH=jit: host time only, the same kernels run)
 
+Each row also has gpu_ms / gpu_tflops on CUDA: the GPU's own time for the call (its kernels summed, from
+torch.profiler; gpu_kernels_ms splits it per kernel), which median_ms (wall clock) shows only when the GPU is
+the slower side: an eager op whose host takes longer to issue it than the GPU to run it times its host.
 FLOPs (written down, as flash-attention counts them): fwd = 4 * B * H * N^2 * D (two matmuls),
 bwd = 2.5 * fwd (five matmuls, recompute included), fwd_bwd = 3.5 * fwd.
 
@@ -29,7 +32,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (Outcomes, Skip, base_parser, check_close, device_and_dtypes, environment, finish,  # noqa: E402
-                    make_row, peak_mb, selected_providers, time_ms, write_report)
+                    gpu_time, make_row, peak_mb, selected_providers, time_ms, write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -214,9 +217,14 @@ def bench_one(name, fn, shape, leaves, grad, dtype, device, env, args):
         call, setup, flops = timed[mode]
         t = time_ms(call, device, setup=setup, **rep)
         peak = peak_mb(call, device, setup=setup)
-        rows.append(make_row("rel_pos_attention", name, mode, shape, dtype, t, env, flops=flops, peak=peak, **extra))
+        gpu = gpu_time(call, device, setup=setup) or {}
+        if gpu:
+            gpu["gpu_tflops"] = flops / (gpu["gpu_ms"] / 1e3) / 1e12 if gpu["gpu_ms"] > 0 else None
+        rows.append(make_row("rel_pos_attention", name, mode, shape, dtype, t, env, flops=flops, peak=peak,
+                             **gpu, **extra))
         print(f"  {name:8s} {mode:7s} {t['median_ms']:9.3f} ms  "
               f"{rows[-1]['tflops'] or 0:7.2f} TFLOP/s  peak {peak if peak is None else round(peak, 1)} MB"
+              + (f"  GPU {gpu['gpu_ms']:.3f} ms" if gpu else "")
               + (f"  deterministic dTable: {extra['table_grad_deterministic']}" if extra else ""))
     return rows
 

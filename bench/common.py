@@ -178,6 +178,43 @@ def _cuda_times_with_setup(fn, setup, rep_ms: float) -> list[float]:
     return timed(max(5, min(1000, int(rep_ms / max(estimate, 1e-3)))))
 
 
+def gpu_time(fn: Callable, device: str, setup: Optional[Callable[[], object]] = None,
+             reps: int = 3) -> Optional[dict]:
+    """GPU time of one call of fn() (or of fn(setup()), setup untimed): the summed durations of the kernels,
+    memsets and copies it launches, from torch.profiler, median over `reps` calls, in ms; and per kernel name
+    (summed within a call). The host's time to issue the call is not in it: where the host is the slower
+    side (a host-bound op), the wall-clock timing of time_ms shows the host and this shows the GPU's work.
+    None on the CPU, or (with the reason printed) when the profiler fails: the wall-clock timing stands
+    alone then. -> {"gpu_ms": float, "gpu_kernels_ms": {name: ms}}"""
+    if device != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    fn(setup()) if setup is not None else fn()
+    totals, per_kernel = [], []
+    try:
+        for _ in range(reps):
+            arg = setup() if setup is not None else None
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn(arg) if setup is not None else fn()
+                torch.cuda.synchronize()
+            kernels: dict = {}
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.time_range.elapsed_us() / 1e3
+            totals.append(sum(kernels.values()))
+            per_kernel.append(kernels)
+    except Exception as e:   # a profiler that cannot run here must not cost the measurement itself
+        print(f"gpu_time: no GPU time ({type(e).__name__}: {e})")
+        return None
+    if not any(totals):
+        print("gpu_time: the profiler recorded no GPU activity")
+        return None
+    i = sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]   # the median call, its breakdown
+    return {"gpu_ms": totals[i], "gpu_kernels_ms": {k: round(v, 5) for k, v in sorted(
+        per_kernel[i].items(), key=lambda kv: -kv[1])}}
+
+
 def peak_mb(fn: Callable, device: str, setup: Optional[Callable[[], object]] = None) -> Optional[float]:
     """Peak memory allocated during one call of fn() (or of fn(setup()), setup's allocations counted as
     already there), above what was allocated before it (CUDA only)."""
@@ -214,8 +251,8 @@ def shape_str(shape: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "host_us", "gpu_us",
-            "images_per_s", "tflops", "gbps", "pct_copy_bw", "peak_mb"]
+    cols = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "gpu_ms", "host_us", "gpu_us",
+            "images_per_s", "tflops", "gpu_tflops", "gbps", "pct_copy_bw", "peak_mb"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

@@ -3,9 +3,10 @@
     python bench/report.py bench/results/<run> [more dirs or .jsonl files] [--baseline sdpa,flex,compile]
                            [--png DIR] [--out FILE]
 
-For every (op, mode, shape, dtype, GPU) group it lists each provider's median time, TFLOP/s or GB/s, the
-percentage of a same-bytes copy's bandwidth (memory-bound ops), peak memory, and its speed-up over each
-baseline provider of the group (measured in the same run, on the same GPU). --baseline names them (a comma
+For every (op, mode, shape, dtype, GPU) group it lists each provider's median time (and GPU time, where the
+rows have it), TFLOP/s or GB/s, the percentage of a same-bytes copy's bandwidth (memory-bound ops), peak
+memory, and its speed-up over each baseline provider of the group (measured in the same run, on the same GPU;
+by GPU time too where there is one). --baseline names them (a comma
 list); by default the first of sdpa, eager, reference, timm, ours_reference, torch_compile found.
 """
 import argparse
@@ -53,16 +54,22 @@ def markdown(rows, baselines=None):
         else:
             bases = [r for b in baselines for r in rs if r["provider"] == b]
         pct = any(r.get("pct_copy_bw") is not None for r in rs)
+        gpu = any(r.get("gpu_ms") is not None for r in rs)   # the GPU's own time (bench_attention on CUDA)
         out.append(f"### {op} {mode} {' '.join(f'{k}={v}' for k, v in json.loads(shape).items())} {dtype} ({hw})")
-        cols = ["provider", "median ms", "p20", "p80", "TFLOP/s", "GB/s"] + (["% of copy"] if pct else []) + \
-            ["peak MB"] + [f"speed-up vs {b['provider']}" for b in bases]
+        cols = (["provider", "median ms", "p20", "p80"] + (["GPU ms"] if gpu else []) + ["TFLOP/s", "GB/s"]
+                + (["% of copy"] if pct else []) + ["peak MB"] + [f"speed-up vs {b['provider']}" for b in bases]
+                + ([f"GPU-time speed-up vs {b['provider']}" for b in bases] if gpu else []))
         out.append("| " + " | ".join(cols) + " |")
         out.append("|" + "---|" * len(cols))
         for r in sorted(rs, key=lambda r: r["median_ms"]):
-            cells = [r["provider"], _fmt(r["median_ms"]), _fmt(r.get("p20_ms")), _fmt(r.get("p80_ms")),
-                     _fmt(r.get("tflops")), _fmt(r.get("gbps"))] + ([_fmt(r.get("pct_copy_bw"), 3)] if pct else [])
+            cells = [r["provider"], _fmt(r["median_ms"]), _fmt(r.get("p20_ms")), _fmt(r.get("p80_ms"))]
+            cells += [_fmt(r.get("gpu_ms"))] if gpu else []
+            cells += [_fmt(r.get("tflops")), _fmt(r.get("gbps"))] + ([_fmt(r.get("pct_copy_bw"), 3)] if pct else [])
             cells.append(_fmt(r.get("peak_mb")))
             cells += [f"{_fmt(b['median_ms'] / r['median_ms'], 3)}x" for b in bases]
+            if gpu:
+                cells += [f"{_fmt(b['gpu_ms'] / r['gpu_ms'], 3)}x" if b.get("gpu_ms") and r.get("gpu_ms") else ""
+                          for b in bases]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     hw = sorted({(r.get("gpu") or f"CPU {r.get('cpu')}", r.get("torch"), r.get("triton"), r.get("git_sha")) for r in rows})

@@ -8,6 +8,9 @@ window-derived index, fp32 table with its gradient), changing one kernel's tile 
   fwd    time of the forward                          (candidate forward tile, default backward tiles)
   dkdv   time of the backward (Delta, dK/dV, dQ, dTable) with a candidate dK/dV tile
   dq     time of the backward with a candidate dQ tile
+On CUDA the sweep ranks by the pass's GPU time (its kernels summed, from torch.profiler; rows also keep the
+per-kernel split and the wall time): the wall time of an eager call is the host's when the host takes longer
+to issue it than the GPU to run it, which on the GPU machine measured so far was the backward's case.
 Every candidate is first checked against the fp32 reference (output, dqkv, dtable); a candidate that does
 not compile or does not fit (shared memory) is recorded as an error / skip and the sweep goes on. The
 default config is measured first; candidates are interleaved across the three kernels so that a run cut
@@ -28,7 +31,7 @@ import sys  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (Outcomes, Skip, base_parser, check_close, device_and_dtypes, environment, finish,  # noqa: E402
-                    make_row, time_ms, write_report)
+                    gpu_time, make_row, time_ms, write_report)
 from bench_attention import CHECK_TOL  # noqa: E402
 
 import torch  # noqa: E402
@@ -146,7 +149,9 @@ def run_candidate(K, cfgs, kernel, qkv, table, grad, window, scale, expected, dt
             def call():
                 return torch.autograd.grad(out, (qkv, table), grad, retain_graph=True)
         rep = dict(warmup=1, rep=3) if device == "cpu" else dict(cuda_rep_ms=rep_ms)
-        return time_ms(call, device, **rep)
+        t = time_ms(call, device, **rep)
+        t.update(gpu_time(call, device) or {})   # CUDA: the pass's GPU time, what the sweep ranks by
+        return t
 
 
 def sweep(K, shape_key, case, window, scale, dtype, device, env, args, deadline, rows, outcomes, done):
@@ -176,10 +181,12 @@ def sweep(K, shape_key, case, window, scale, dtype, device, env, args, deadline,
                                   args.rep_ms)
                 mode = "fwd" if kernel == "fwd" else "bwd"
                 flops = fwd_flops * (1.0 if kernel == "fwd" else 2.5)
+                gpu = {k: t.pop(k) for k in ("gpu_ms", "gpu_kernels_ms") if k in t}
                 rows.append(make_row(f"attention_tile_{kernel}", tile_str(tile), mode, shape_key_dict(shape_key),
-                                     dtype, t, env, flops=flops, default=(i == 0)))
-                results[kernel].append((t["median_ms"], tile, i == 0))
-                print(f"  {label:45s} {t['median_ms']:8.3f} ms" + ("  (default)" if i == 0 else ""))
+                                     dtype, t, env, flops=flops, default=(i == 0), **gpu))
+                results[kernel].append((gpu.get("gpu_ms", t["median_ms"]), tile, i == 0))
+                print(f"  {label:45s} {t['median_ms']:8.3f} ms" + (f"  GPU {gpu['gpu_ms']:.3f} ms" if gpu else "")
+                      + ("  (default)" if i == 0 else ""))
             write_report(rows, args.out, "tune_attention", outcomes, notes=[summary(done + [(dtype, shape_key, results)])])
     return results
 
@@ -192,7 +199,8 @@ def shape_key_dict(key):
 def summary(sweeps) -> str:
     """The best tile per kernel next to the default, and the CONFIGS line it implies; `sweeps` is a list of
     (dtype, shape_key, {kernel: [(ms, tile, is_default)]})."""
-    lines = ["Best tile per kernel (median ms; speed-up over the current default):", "",
+    lines = ["Best tile per kernel (the pass's GPU time on CUDA, from torch.profiler, else the median wall time, "
+             "in ms; speed-up over the current default):", "",
              "| dtype | shape | kernel | default | ms | best | ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
     suggestions = []
     for dtype, key, results in sweeps:

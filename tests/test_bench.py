@@ -153,6 +153,41 @@ def test_time_ms_with_setup_times_only_the_call():
     assert 0 <= t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
 
 
+def test_gpu_time_sums_kernels_per_call(monkeypatch):
+    """common.gpu_time on a stand-in profiler (no GPU here): per call, the kernels' durations are summed by
+    name; the median call is reported with its own split; host-side events do not count; setup runs
+    outside the profiled region."""
+    import types
+    common = _bench_module("common")
+    calls = iter([[("k1", 2.0), ("k2", 1.0), ("k1", 1.0)], [("k1", 9.0)], [("k1", 0.5), ("k2", 0.5)]])
+    profiled = []
+
+    class Profile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            profiled.append(True)
+            return self
+
+        def __exit__(self, *exc):
+            profiled.append(False)
+
+        def events(self):
+            ev = lambda name, us, cuda=True: types.SimpleNamespace(  # noqa: E731
+                name=name, device_type=torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU,
+                time_range=types.SimpleNamespace(elapsed_us=lambda: us))
+            return [ev(n, ms * 1e3) for n, ms in next(calls)] + [ev("host", 5e3, cuda=False)]
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    setups = []
+    got = common.gpu_time(lambda arg: None, "cuda", setup=lambda: setups.append(profiled[-1:]) or 0, reps=3)
+    assert got == {"gpu_ms": 4.0, "gpu_kernels_ms": {"k1": 3.0, "k2": 1.0}}   # totals 4, 9, 1: median 4
+    assert setups == [[]] + [[]] + [[False]] * 2   # the untimed first call, then each rep's, none while profiling
+    assert common.gpu_time(lambda: None, "cpu") is None
+
+
 def test_report_baselines_and_machines():
     """--baseline gives one speed-up column per named provider; rows of two GPUs are never compared."""
     report = _bench_module("report")
@@ -168,6 +203,13 @@ def test_report_baselines_and_machines():
     assert "| ours | 4 |" in a100 and a100.splitlines()[3].endswith("| 2x |")
     default = report.markdown(rows)
     assert default.count("speed-up vs sdpa") == 2 and "speed-up vs flex" not in default
+    assert "GPU ms" not in md
+    # rows with the GPU's own time (bench_attention on CUDA): a GPU ms column and GPU-time speed-ups
+    rows = [row("ours", 1.4, "H100", gpu_ms=0.7), row("sdpa", 1.4, "H100", gpu_ms=1.4)]
+    md = report.markdown(rows, ["sdpa"])
+    assert "| provider | median ms | p20 | p80 | GPU ms |" in md and "GPU-time speed-up vs sdpa" in md
+    ours = next(line for line in md.splitlines() if line.startswith("| ours |"))
+    assert "| 0.7 |" in ours and ours.endswith("| 1x | 2x |")
 
 
 def test_one_provider_error_does_not_end_the_benchmark(tmp_path):
