@@ -31,7 +31,9 @@ block fwd = 24*M*C^2 + 4*B*N^2*C (qkv, proj, fc1, fc2; QK^T and PV), bwd = 2x th
     python bench/bench_blocks.py --out bench/out [--dtypes bf16] [--quick] [--ops block,layer_norm]
     (--quick: BEiT-B only, torch.compile only for layer_scale_residual_norm and the block: what
      bench/gpu_check.sh runs; every row of a memory-bound op carries pct_copy_bw, its GB/s as a percentage of
-     that of a plain copy moving the same bytes, measured in the same run)
+     that of a plain copy moving the same bytes, measured in the same run; on CUDA also gpu_ms / gpu_gbps /
+     gpu_pct_copy_bw, the same by the GPU's own time (common.gpu_time), which a host-bound call's wall time
+     does not show)
     python bench/bench_blocks.py --smoke --out /tmp/b     # CPU: tiny shapes, eager and cpp providers
 """
 import contextlib
@@ -42,7 +44,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (Outcomes, Skip, base_parser, check_close, device_and_dtypes, environment, finish,  # noqa: E402
-                    make_row, peak_mb, selected_providers, time_ms, write_report)
+                    gpu_time, make_row, peak_mb, selected_providers, time_ms, write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -330,12 +332,22 @@ def bench_provider(op, name, fn, case, dtype, device, env):
     for mode, (call, setup) in calls.items():
         t = time_ms(call, device, setup=setup, **rep)
         peak = peak_mb(call, device, setup=setup)
+        gpu = with_gpu_rates(gpu_time(call, device, setup=setup), case["flops"].get(mode), case["nbytes"].get(mode))
         rows.append(make_row(op, name, mode, case["shape"], dtype, t, env, flops=case["flops"].get(mode),
-                             nbytes=case["nbytes"].get(mode), peak=peak))
+                             nbytes=case["nbytes"].get(mode), peak=peak, **gpu))
         r = rows[-1]
         print(f"  {name:8s} {mode:7s} {t['median_ms']:9.3f} ms  {r['gbps'] or 0:8.1f} GB/s  "
-              f"{r['tflops'] or 0:7.2f} TFLOP/s  peak {peak if peak is None else round(peak, 1)} MB")
+              f"{r['tflops'] or 0:7.2f} TFLOP/s  peak {peak if peak is None else round(peak, 1)} MB"
+              + (f"  GPU {gpu['gpu_ms']:.4f} ms {gpu.get('gpu_gbps') or 0:.1f} GB/s" if gpu else ""))
     return rows
+
+
+def with_gpu_rates(gpu, flops, nbytes) -> dict:
+    """gpu_time's result with gpu_tflops / gpu_gbps added ({} without a GPU time)."""
+    if not gpu or not gpu["gpu_ms"] > 0:
+        return {}
+    s = gpu["gpu_ms"] / 1e3
+    return {**gpu, "gpu_tflops": flops / s / 1e12 if flops else None, "gpu_gbps": nbytes / s / 1e9 if nbytes else None}
 
 
 class CopyBandwidth:
@@ -348,7 +360,8 @@ class CopyBandwidth:
         self.cfg, self.dtype, self.device, self.env, self.rows = cfg, dtype, device, env, rows
         self.gbps = {}
 
-    def __call__(self, nbytes: float) -> float:
+    def __call__(self, nbytes: float) -> tuple:
+        """-> (GB/s by wall time, GB/s by GPU time or None) of a copy of `nbytes`."""
         e = torch.empty((), dtype=self.dtype).element_size()
         n = max(1, int(nbytes) // (2 * e))
         if n not in self.gbps:
@@ -356,10 +369,11 @@ class CopyBandwidth:
             dst = torch.empty_like(src)
             t = time_ms(lambda: dst.copy_(src), self.device,
                         **(dict(warmup=1, rep=3) if self.device == "cpu" else {}))
+            gpu = with_gpu_rates(gpu_time(lambda: dst.copy_(src), self.device), None, 2 * n * e)
             shape = {"model": self.cfg["model"], "B": self.cfg["B"], "C": self.cfg["C"], "bytes": 2 * n * e}
-            row = make_row("copy", "torch", "fwd", shape, self.dtype, t, self.env, nbytes=2 * n * e)
+            row = make_row("copy", "torch", "fwd", shape, self.dtype, t, self.env, nbytes=2 * n * e, **gpu)
             self.rows.append(row)
-            self.gbps[n] = row["gbps"]
+            self.gbps[n] = row["gbps"], row.get("gpu_gbps")
             print(f"copy of {2 * n * e / 2**20:.1f} MiB {self.dtype}: {row['gbps']:.1f} GB/s")
             del src, dst
         return self.gbps[n]
@@ -412,7 +426,10 @@ def main(argv=None):
                         got = bench_provider(op, name, fn, case, dtype, device, env)
                         for r in got:   # memory-bound ops: fraction of a copy of the same bytes
                             if op in MEMORY_BOUND and r.get("gbps"):
-                                r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_gbps(case["nbytes"][r["mode"]])
+                                wall, gpu = copy_gbps(case["nbytes"][r["mode"]])
+                                r["pct_copy_bw"] = 100.0 * r["gbps"] / wall
+                                if gpu and r.get("gpu_gbps"):   # the same by GPU time: the kernels alone
+                                    r["gpu_pct_copy_bw"] = 100.0 * r["gpu_gbps"] / gpu
                         rows += got
                     write_report(rows, args.out, "bench_blocks", outcomes)   # a time limit keeps what ran
                 del case, expected

@@ -252,7 +252,7 @@ def shape_str(shape: dict) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     cols = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "gpu_ms", "host_us", "gpu_us",
-            "images_per_s", "tflops", "gpu_tflops", "gbps", "pct_copy_bw", "peak_mb"]
+            "images_per_s", "tflops", "gpu_tflops", "gbps", "gpu_gbps", "pct_copy_bw", "gpu_pct_copy_bw", "peak_mb"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

@@ -56,8 +56,10 @@ def markdown(rows, baselines=None):
         pct = any(r.get("pct_copy_bw") is not None for r in rs)
         gpu = any(r.get("gpu_ms") is not None for r in rs)   # the GPU's own time (bench_attention on CUDA)
         out.append(f"### {op} {mode} {' '.join(f'{k}={v}' for k, v in json.loads(shape).items())} {dtype} ({hw})")
+        gpct = any(r.get("gpu_pct_copy_bw") is not None for r in rs)
         cols = (["provider", "median ms", "p20", "p80"] + (["GPU ms"] if gpu else []) + ["TFLOP/s", "GB/s"]
-                + (["% of copy"] if pct else []) + ["peak MB"] + [f"speed-up vs {b['provider']}" for b in bases]
+                + (["% of copy"] if pct else []) + (["% of copy (GPU time)"] if gpct else []) + ["peak MB"]
+                + [f"speed-up vs {b['provider']}" for b in bases]
                 + ([f"GPU-time speed-up vs {b['provider']}" for b in bases] if gpu else []))
         out.append("| " + " | ".join(cols) + " |")
         out.append("|" + "---|" * len(cols))
@@ -65,6 +67,7 @@ def markdown(rows, baselines=None):
             cells = [r["provider"], _fmt(r["median_ms"]), _fmt(r.get("p20_ms")), _fmt(r.get("p80_ms"))]
             cells += [_fmt(r.get("gpu_ms"))] if gpu else []
             cells += [_fmt(r.get("tflops")), _fmt(r.get("gbps"))] + ([_fmt(r.get("pct_copy_bw"), 3)] if pct else [])
+            cells += [_fmt(r.get("gpu_pct_copy_bw"), 3)] if gpct else []
             cells.append(_fmt(r.get("peak_mb")))
             cells += [f"{_fmt(b['median_ms'] / r['median_ms'], 3)}x" for b in bases]
             if gpu:

@@ -210,6 +210,9 @@ def test_report_baselines_and_machines():
     assert "| provider | median ms | p20 | p80 | GPU ms |" in md and "GPU-time speed-up vs sdpa" in md
     ours = next(line for line in md.splitlines() if line.startswith("| ours |"))
     assert "| 0.7 |" in ours and ours.endswith("| 1x | 2x |")
+    rows = [row("ours", 0.2, "H100", gpu_ms=0.05, pct_copy_bw=25.0, gpu_pct_copy_bw=88.0)]
+    md = report.markdown(rows)
+    assert "| % of copy | % of copy (GPU time) |" in md and "| 25 | 88 |" in md
 
 
 def test_one_provider_error_does_not_end_the_benchmark(tmp_path):
