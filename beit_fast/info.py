@@ -20,6 +20,7 @@ def _versions() -> list[str]:
     else:
         import triton
         lines.append(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if _backend.interpret_mode() else ""))
+        lines.append(_launch_line())
     mod, err = _backend.extension()
     lines.append(f"beit_fast._C: {'built ' + ('with' if mod.built_with_cuda() else 'without') + ' CUDA' if mod else err}")
     if torch.cuda.is_available():
@@ -30,6 +31,23 @@ def _versions() -> list[str]:
         lines.append("device: CPU only (no CUDA device visible)")
     lines.append(settings_line())
     return lines
+
+
+def _launch_line() -> str:
+    """How Triton kernels are launched in this process (kernels/_launch.py)."""
+    try:
+        from beit_fast.kernels import _launch
+    except Exception as e:   # a broken Triton install: the backend table says more
+        return f"triton launches: unknown ({type(e).__name__}: {e})"
+    if _backend.interpret_mode():
+        return "triton launches: by the interpreter (TRITON_INTERPRET=1)"
+    if _launch.ENABLED:
+        args, hooks = _launch.CONVENTION
+        return (f"triton launches: repeated ones from the compiled-kernel cache (this Triton's convention: "
+                f"{args} arguments, {hooks.replace('_', ' ')} hooks)")
+    why = ("BEIT_FAST_TRITON_LAUNCH=jit" if _launch.SETTING == "jit"
+           else "this Triton's JITFunction.run is not one kernels/_launch.py knows")
+    return f"triton launches: every one through JITFunction.run ({why})"
 
 
 def settings_line(environ=None) -> str:

@@ -63,6 +63,22 @@ def test_info_names_the_settings_in_effect():
                for line in r.stdout.splitlines()), r.stdout
 
 
+def test_info_says_how_triton_kernels_are_launched():
+    """info's launch line: the interpreter, the compiled-kernel cache of kernels/_launch.py, or (with
+    BEIT_FAST_TRITON_LAUNCH=jit) Triton's own dispatch for every launch."""
+    pytest.importorskip("triton")
+    lines = {}
+    for env in ({"TRITON_INTERPRET": "1"}, {"TRITON_INTERPRET": "0"},
+                {"TRITON_INTERPRET": "0", "BEIT_FAST_TRITON_LAUNCH": "jit"}):
+        r = subprocess.run([sys.executable, "-m", "beit_fast.info"], capture_output=True, text=True, timeout=300,
+                           env={**{k: v for k, v in os.environ.items() if k != "BEIT_FAST_TRITON_LAUNCH"}, **env})
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines[len(lines)] = next(x for x in r.stdout.splitlines() if x.startswith("triton launches: "))
+    assert lines[0] == "triton launches: by the interpreter (TRITON_INTERPRET=1)"
+    assert lines[1].startswith("triton launches: repeated ones from the compiled-kernel cache (this Triton's")
+    assert lines[2] == "triton launches: every one through JITFunction.run (BEIT_FAST_TRITON_LAUNCH=jit)"
+
+
 def test_forced_backend_lists_reasons():
     with pytest.raises(_backend.BackendUnavailable, match="cuda backend needs CUDA tensors"):
         _backend.choose("x", "cuda", lambda b, auto: _backend.common_reasons(b, ["cpu"], auto=auto),
