@@ -18,6 +18,8 @@ Providers (each checked against the fp32 reference before it is timed):
 Each row also has gpu_ms / gpu_tflops on CUDA: the GPU's own time for the call (its kernels summed, from
 torch.profiler; gpu_kernels_ms splits it per kernel), which median_ms (wall clock) shows only when the GPU is
 the slower side: an eager op whose host takes longer to issue it than the GPU to run it times its host.
+They are measured in a second pass after each shape's wall-clock timings (see common.gpu_time on CUPTI),
+with warm L2 (the wall-clock timing flushes it before each call).
 FLOPs (written down, as flash-attention counts them): fwd = 4 * B * H * N^2 * D (two matmuls),
 bwd = 2.5 * fwd (five matmuls, recompute included), fwd_bwd = 3.5 * fwd.
 
@@ -201,6 +203,7 @@ def table_grad_deterministic(fn, leaves, grad, repeats=3):
 
 
 def bench_one(name, fn, shape, leaves, grad, dtype, device, env, args):
+    """Wall-clock time and peak memory of each mode; -> (rows, {mode: (call, setup)}) for gpu_pass."""
     B, H, N, D = leaves[0].shape
     fwd_flops = 4.0 * B * H * N * N * D
     extra = {}
@@ -217,16 +220,25 @@ def bench_one(name, fn, shape, leaves, grad, dtype, device, env, args):
         call, setup, flops = timed[mode]
         t = time_ms(call, device, setup=setup, **rep)
         peak = peak_mb(call, device, setup=setup)
-        gpu = gpu_time(call, device, setup=setup) or {}
-        if gpu:
-            gpu["gpu_tflops"] = flops / (gpu["gpu_ms"] / 1e3) / 1e12 if gpu["gpu_ms"] > 0 else None
-        rows.append(make_row("rel_pos_attention", name, mode, shape, dtype, t, env, flops=flops, peak=peak,
-                             **gpu, **extra))
+        rows.append(make_row("rel_pos_attention", name, mode, shape, dtype, t, env, flops=flops, peak=peak, **extra))
         print(f"  {name:8s} {mode:7s} {t['median_ms']:9.3f} ms  "
               f"{rows[-1]['tflops'] or 0:7.2f} TFLOP/s  peak {peak if peak is None else round(peak, 1)} MB"
-              + (f"  GPU {gpu['gpu_ms']:.3f} ms" if gpu else "")
               + (f"  deterministic dTable: {extra['table_grad_deterministic']}" if extra else ""))
-    return rows
+    return rows, {mode: (call, setup) for mode, (call, setup, _) in timed.items()}
+
+
+def gpu_pass(pending, device, outcomes):
+    """The GPU's own time of every call timed before (common.gpu_time), added to its row: after the wall-clock
+    timings it would otherwise precede (see common.gpu_time on CUPTI)."""
+    if device != "cuda":
+        return
+    for label, context, row_calls in pending:
+        with outcomes.guard(f"GPU time of {label}"), context():
+            for row, (call, setup) in row_calls:
+                gpu = gpu_time(call, device, setup=setup)
+                if gpu:
+                    row.update(gpu, gpu_tflops=row["tflops"] and row["tflops"] * row["median_ms"] / gpu["gpu_ms"])
+                    print(f"  {label} {row['mode']}: GPU {gpu['gpu_ms']:.3f} ms")
 
 
 def main(argv=None):
@@ -240,6 +252,7 @@ def main(argv=None):
     shapes = SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else FULL_SHAPES
     env = environment(device)
     rows, outcomes = [], Outcomes()
+    pending = []   # (label, context, [(row, (call, setup))]): for the GPU-time pass after a shape's wall timings
     for dtype in dtypes:
         for model, B, window in shapes:
             H, D = MODELS.get(model, 2), 64 if model in MODELS else 16
@@ -254,13 +267,22 @@ def main(argv=None):
             if expected is None:
                 continue
             for name in wanted:
-                with outcomes.guard(f"{name} {model} B={B} N={N} {dtype}"), \
-                        (dense_bias(*OURS_VARIANTS[name]) if name in OURS_VARIANTS else contextlib.nullcontext()):
+                def context(name=name):
+                    return dense_bias(*OURS_VARIANTS[name]) if name in OURS_VARIANTS else contextlib.nullcontext()
+                label = f"{name} {model} B={B} N={N} {dtype}"
+                with outcomes.guard(label), context():
                     fn = make_provider(name, window, scale, device, dtype)
                     check_provider(name, fn, leaves, grad, expected, dtype)
-                    rows += bench_one(name, fn, shape, leaves, grad, dtype, device, env, args)
+                    got, calls = bench_one(name, fn, shape, leaves, grad, dtype, device, env, args)
+                    rows += got
+                    pending.append((label, context, [(r, calls[r["mode"]]) for r in got]))
                 # after every provider, so a run cut short by a time limit keeps what it measured
                 write_report(rows, args.out, "bench_attention", outcomes)
+            # this shape's GPU times, after all its wall-clock timings (the next shape's flex provider resets
+            # Dynamo, which would make this one's compile again)
+            gpu_pass(pending, device, outcomes)
+            write_report(rows, args.out, "bench_attention", outcomes)
+            pending.clear()
             del leaves, grad, expected
     notes = []
     if args.check_determinism:

@@ -332,14 +332,33 @@ def bench_provider(op, name, fn, case, dtype, device, env):
     for mode, (call, setup) in calls.items():
         t = time_ms(call, device, setup=setup, **rep)
         peak = peak_mb(call, device, setup=setup)
-        gpu = with_gpu_rates(gpu_time(call, device, setup=setup), case["flops"].get(mode), case["nbytes"].get(mode))
         rows.append(make_row(op, name, mode, case["shape"], dtype, t, env, flops=case["flops"].get(mode),
-                             nbytes=case["nbytes"].get(mode), peak=peak, **gpu))
+                             nbytes=case["nbytes"].get(mode), peak=peak))
         r = rows[-1]
         print(f"  {name:8s} {mode:7s} {t['median_ms']:9.3f} ms  {r['gbps'] or 0:8.1f} GB/s  "
-              f"{r['tflops'] or 0:7.2f} TFLOP/s  peak {peak if peak is None else round(peak, 1)} MB"
-              + (f"  GPU {gpu['gpu_ms']:.4f} ms {gpu.get('gpu_gbps') or 0:.1f} GB/s" if gpu else ""))
-    return rows
+              f"{r['tflops'] or 0:7.2f} TFLOP/s  peak {peak if peak is None else round(peak, 1)} MB")
+    return rows, [(r, calls[r["mode"]], case["flops"].get(r["mode"]), case["nbytes"].get(r["mode"])) for r in rows]
+
+
+def gpu_pass(pending, copies, device, outcomes):
+    """The GPU's own time (common.gpu_time) of every call timed before, with GB/s and the fraction of a same-
+    bytes copy's GB/s by GPU time, added to its row: after the wall-clock timings it would otherwise precede
+    (see common.gpu_time on CUPTI)."""
+    if device != "cuda":
+        return
+    for row, call in copies.calls.values():
+        with outcomes.guard(f"GPU time of the copy of {row['shape']['bytes']} B"):
+            row.update(with_gpu_rates(gpu_time(call, device), None, row["shape"]["bytes"]))
+    for label, context, row_calls in pending:
+        with outcomes.guard(f"GPU time of {label}"), context():
+            for row, (call, setup), flops, nbytes in row_calls:
+                gpu = with_gpu_rates(gpu_time(call, device, setup=setup), flops, nbytes)
+                row.update(gpu)
+                copy = copies.gpu_gbps(nbytes) if row.get("pct_copy_bw") is not None else None
+                if copy and gpu.get("gpu_gbps"):
+                    row["gpu_pct_copy_bw"] = 100.0 * gpu["gpu_gbps"] / copy
+                if gpu:
+                    print(f"  {label} {row['mode']}: GPU {gpu['gpu_ms']:.4f} ms, {gpu.get('gpu_gbps') or 0:.1f} GB/s")
 
 
 def with_gpu_rates(gpu, flops, nbytes) -> dict:
@@ -358,25 +377,31 @@ class CopyBandwidth:
 
     def __init__(self, cfg, dtype, device, env, rows):
         self.cfg, self.dtype, self.device, self.env, self.rows = cfg, dtype, device, env, rows
-        self.gbps = {}
+        self.calls = {}   # elements -> (its row, the copy call): gpu_pass adds the GPU time
 
-    def __call__(self, nbytes: float) -> tuple:
-        """-> (GB/s by wall time, GB/s by GPU time or None) of a copy of `nbytes`."""
-        e = torch.empty((), dtype=self.dtype).element_size()
-        n = max(1, int(nbytes) // (2 * e))
-        if n not in self.gbps:
+    def _n(self, nbytes: float) -> int:
+        return max(1, int(nbytes) // (2 * torch.empty((), dtype=self.dtype).element_size()))
+
+    def __call__(self, nbytes: float) -> float:
+        """GB/s by wall time of a copy of `nbytes` (measured on the first call for that size)."""
+        n = self._n(nbytes)
+        if n not in self.calls:
+            e = torch.empty((), dtype=self.dtype).element_size()
             src = torch.randn(n, device=self.device, dtype=self.dtype)
             dst = torch.empty_like(src)
             t = time_ms(lambda: dst.copy_(src), self.device,
                         **(dict(warmup=1, rep=3) if self.device == "cpu" else {}))
-            gpu = with_gpu_rates(gpu_time(lambda: dst.copy_(src), self.device), None, 2 * n * e)
             shape = {"model": self.cfg["model"], "B": self.cfg["B"], "C": self.cfg["C"], "bytes": 2 * n * e}
-            row = make_row("copy", "torch", "fwd", shape, self.dtype, t, self.env, nbytes=2 * n * e, **gpu)
+            row = make_row("copy", "torch", "fwd", shape, self.dtype, t, self.env, nbytes=2 * n * e)
             self.rows.append(row)
-            self.gbps[n] = row["gbps"], row.get("gpu_gbps")
+            self.calls[n] = row, (lambda: dst.copy_(src))
             print(f"copy of {2 * n * e / 2**20:.1f} MiB {self.dtype}: {row['gbps']:.1f} GB/s")
-            del src, dst
-        return self.gbps[n]
+        return self.calls[n][0]["gbps"]
+
+    def gpu_gbps(self, nbytes: float):
+        """GB/s by GPU time of that copy, once gpu_pass has measured it (else None)."""
+        entry = self.calls.get(self._n(nbytes)) if nbytes else None
+        return entry[0].get("gpu_gbps") if entry else None
 
 
 @contextlib.contextmanager
@@ -404,6 +429,7 @@ def main(argv=None):
     cfgs = SMOKE if args.smoke else QUICK if args.quick else FULL
     env = environment(device)
     rows, outcomes = [], Outcomes()
+    pending = []   # (label, context, [(row, (call, setup), flops, nbytes)]): the GPU-time pass
     for dtype in dtypes:
         for cfg in cfgs:
             copy_gbps = CopyBandwidth(cfg, dtype, device, env, rows)
@@ -420,19 +446,24 @@ def main(argv=None):
                         continue
                     if args.quick and name == "compile" and op not in ("layer_scale_residual_norm", "block"):
                         continue
-                    with outcomes.guard(f"{op} {name} {cfg['model']} {dtype}"), environ(PROVIDER_ENV.get(name, {})):
+                    def context(name=name):
+                        return environ(PROVIDER_ENV.get(name, {}))
+                    label = f"{op} {name} {cfg['model']} {dtype}"
+                    with outcomes.guard(label), context():
                         fn = case["providers"][name]()
                         check_provider(name, fn, case, expected, dtype)
-                        got = bench_provider(op, name, fn, case, dtype, device, env)
+                        got, calls = bench_provider(op, name, fn, case, dtype, device, env)
                         for r in got:   # memory-bound ops: fraction of a copy of the same bytes
                             if op in MEMORY_BOUND and r.get("gbps"):
-                                wall, gpu = copy_gbps(case["nbytes"][r["mode"]])
-                                r["pct_copy_bw"] = 100.0 * r["gbps"] / wall
-                                if gpu and r.get("gpu_gbps"):   # the same by GPU time: the kernels alone
-                                    r["gpu_pct_copy_bw"] = 100.0 * r["gpu_gbps"] / gpu
+                                r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_gbps(case["nbytes"][r["mode"]])
                         rows += got
+                        pending.append((label, context, calls))
                     write_report(rows, args.out, "bench_blocks", outcomes)   # a time limit keeps what ran
-                del case, expected
+                del expected   # the case's tensors stay for the GPU-time pass
+            # this configuration's GPU times, after all its wall-clock timings
+            gpu_pass(pending, copy_gbps, device, outcomes)
+            write_report(rows, args.out, "bench_blocks", outcomes)
+            pending.clear()
     finish(rows, args.out, "bench_blocks", outcomes)
 
 

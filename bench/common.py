@@ -17,9 +17,16 @@ import subprocess
 import time
 from typing import Callable, Optional
 
-import torch
+# After a torch.profiler session Kineto leaves CUPTI attached unless TEARDOWN_CUPTI=1, and an attached CUPTI
+# slows every later kernel launch on the host (pytorch/pytorch#144455, kineto#1539): wall-clock timings taken
+# after gpu_time would carry it. Set before torch (and its profiler) load (the benchmark scripts import this
+# module first); the benchmarks also take their GPU times after the wall-clock timings they would precede.
+os.environ.setdefault("TEARDOWN_CUPTI", "1")
+
+import torch  # noqa: E402
 
 QUANTILES = (0.5, 0.2, 0.8)
+
 
 # A compiled provider that hits Dynamo's recompile limit would fall back to eager (FlexAttention to its unfused
 # version) and still pass its check: make that an error the benchmark records instead of a row it times.
@@ -185,7 +192,9 @@ def gpu_time(fn: Callable, device: str, setup: Optional[Callable[[], object]] = 
     (summed within a call). The host's time to issue the call is not in it: where the host is the slower
     side (a host-bound op), the wall-clock timing of time_ms shows the host and this shows the GPU's work.
     None on the CPU, or (with the reason printed) when the profiler fails: the wall-clock timing stands
-    alone then. -> {"gpu_ms": float, "gpu_kernels_ms": {name: ms}}"""
+    alone then. L2 is not flushed before the calls (warm), unlike time_ms. Callers time the wall clock first:
+    profiling leaves CUPTI attached unless torn down (TEARDOWN_CUPTI=1, set above), which slows later
+    launches on the host. -> {"gpu_ms": float, "gpu_kernels_ms": {name: ms}}"""
     if device != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile

@@ -156,6 +156,9 @@ def pick_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> Att
 def with_dense_bias(cfgs: AttnConfigs, dense) -> AttnConfigs:
     """`cfgs` with TileConfig.dense_bias set for the kernels named in `dense` (an iterable of KERNELS names)
     and cleared for the others; `dense` True / False: all / none (cached: one object per input)."""
+    if isinstance(dense, str):   # "fwd" would be the letters f, w, d
+        raise TypeError(f"with_dense_bias: dense must be True, False or names of kernels from {KERNELS} "
+                        f"(an iterable), got the string {dense!r}")
     dense = frozenset(KERNELS if dense is True else () if dense is False else dense)
     key = (cfgs, dense)
     if key not in _DENSE_VARIANTS:

@@ -327,7 +327,10 @@ def test_dense_bias_setting(monkeypatch):
     monkeypatch.setattr(K, "DENSE_BIAS", frozenset(K.KERNELS))
     cfgs = K.pick_configs(64, torch.float16, torch.device(DEVICE))
     assert all(getattr(cfgs, k).dense_bias for k in ("fwd", "dkdv", "dq"))
-    assert K.with_dense_bias(cfgs, False) == K.CONFIGS["interpret" if DEVICE == "cpu" else "16bit_d64"]
+    assert K.with_dense_bias(cfgs, False) == K.with_dense_bias(K.CONFIGS["interpret" if DEVICE == "cpu"
+                                                                        else "16bit_d64"], False)
+    with pytest.raises(TypeError, match="names of kernels"):
+        K.with_dense_bias(cfgs, "fwd")
     monkeypatch.setattr(K, "DENSE_BIAS", frozenset({"fwd", "dq"}))
     cfgs = K.pick_configs(64, torch.float16, torch.device(DEVICE))
     assert (cfgs.fwd.dense_bias, cfgs.dkdv.dense_bias, cfgs.dq.dense_bias) == (True, False, True)

@@ -70,6 +70,7 @@ def test_key_tells_apart_what_triton_specializes_on():
     assert k(aligned, 16) != k(aligned, 17) != k(aligned, 1)                     # ints exactly
     assert k(aligned, 1) != k(aligned, True) and k(aligned, 1) != k(aligned, 1.0)  # bool / float are not int
     assert k(aligned, None, BLOCK=64, num_warps=4) != k(aligned, None, BLOCK=64, num_warps=8)
+    assert k(aligned, FLAG=True) != k(aligned, FLAG=1) != k(aligned, FLAG=1.0)      # in constexprs too
     assert key(0, (aligned,), {}) != key(1, (aligned,), {})                      # the device
 
     class Sub(torch.Tensor):
