@@ -188,40 +188,45 @@ def _cuda_times_with_setup(fn, setup, rep_ms: float) -> list[float]:
 def gpu_time(fn: Callable, device: str, setup: Optional[Callable[[], object]] = None,
              reps: int = 3) -> Optional[dict]:
     """GPU time of one call of fn() (or of fn(setup()), setup untimed): the summed durations of the kernels,
-    memsets and copies it launches, from torch.profiler, median over `reps` calls, in ms; and per kernel name
-    (summed within a call). The host's time to issue the call is not in it: where the host is the slower
-    side (a host-bound op), the wall-clock timing of time_ms shows the host and this shows the GPU's work.
-    None on the CPU, or (with the reason printed) when the profiler fails: the wall-clock timing stands
-    alone then. L2 is not flushed before the calls (warm), unlike time_ms. Callers time the wall clock first:
-    profiling leaves CUPTI attached unless torn down (TEARDOWN_CUPTI=1, set above), which slows later
-    launches on the host. -> {"gpu_ms": float, "gpu_kernels_ms": {name: ms}}"""
+    memsets and copies it launches, from torch.profiler, in ms, and per kernel name. Without setup: the mean
+    over `reps` back-to-back calls in one profiler session; with setup: the median over `reps` calls, each in
+    a session of its own (setup's kernels stay outside), with that call's own split. The host's time to
+    issue the call is not in it: where the host is the slower side (a host-bound op), the wall-clock timing of
+    time_ms shows the host and this shows the GPU's work. None on the CPU, or (with the reason printed) when
+    the profiler fails: the wall-clock timing stands alone then. L2 is not flushed before the calls (warm),
+    unlike time_ms. Callers time the wall clock first: profiling leaves CUPTI attached unless torn down
+    (TEARDOWN_CUPTI=1, set above), which slows later launches on the host.
+    -> {"gpu_ms": float, "gpu_kernels_ms": {name: ms}}"""
     if device != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
-    fn(setup()) if setup is not None else fn()
-    totals, per_kernel = [], []
-    try:
-        for _ in range(reps):
-            arg = setup() if setup is not None else None
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+
+    def session(calls, arg=None):
+        """{kernel name: ms} summed over the GPU work of `calls` calls, divided by `calls`."""
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
                 fn(arg) if setup is not None else fn()
-                torch.cuda.synchronize()
-            kernels: dict = {}
-            for ev in prof.events():
-                if ev.device_type == torch.autograd.DeviceType.CUDA:
-                    kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.time_range.elapsed_us() / 1e3
-            totals.append(sum(kernels.values()))
-            per_kernel.append(kernels)
+            torch.cuda.synchronize()
+        kernels: dict = {}
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.time_range.elapsed_us() / 1e3 / calls
+        return kernels
+
+    fn(setup()) if setup is not None else fn()
+    try:
+        per_call = [session(1, setup()) for _ in range(reps)] if setup is not None else [session(reps)]
     except Exception as e:   # a profiler that cannot run here must not cost the measurement itself
         print(f"gpu_time: no GPU time ({type(e).__name__}: {e})")
         return None
+    totals = [sum(k.values()) for k in per_call]
     if not any(totals):
         print("gpu_time: the profiler recorded no GPU activity")
         return None
     i = sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]   # the median call, its breakdown
     return {"gpu_ms": totals[i], "gpu_kernels_ms": {k: round(v, 5) for k, v in sorted(
-        per_kernel[i].items(), key=lambda kv: -kv[1])}}
+        per_call[i].items(), key=lambda kv: -kv[1])}}
 
 
 def peak_mb(fn: Callable, device: str, setup: Optional[Callable[[], object]] = None) -> Optional[float]:

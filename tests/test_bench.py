@@ -186,6 +186,12 @@ def test_gpu_time_sums_kernels_per_call(monkeypatch):
     assert got == {"gpu_ms": 4.0, "gpu_kernels_ms": {"k1": 3.0, "k2": 1.0}}   # totals 4, 9, 1: median 4
     assert setups == [[]] + [[]] + [[False]] * 2   # the untimed first call, then each rep's, none while profiling
     assert common.gpu_time(lambda: None, "cpu") is None
+    # without setup: one session of `reps` calls, the mean per call
+    calls = iter([[("k1", 3.0), ("k2", 1.5), ("k1", 1.5)]])
+    n = []
+    assert common.gpu_time(lambda: n.append(1), "cuda", reps=3) == {"gpu_ms": 2.0,
+                                                                    "gpu_kernels_ms": {"k1": 1.5, "k2": 0.5}}
+    assert len(n) == 4 and profiled[-2:] == [True, False] and len(profiled) == 8   # 1 untimed + 3 in one session
 
 
 def test_report_baselines_and_machines():
