@@ -95,11 +95,12 @@ __device__ __forceinline__ void forward_row(const Tx* __restrict__ x, const Ty* 
       const int c0 = vi * VEC;
       const Vec<Tx, VEC> xv = load_vec<Tx, VEC>(x + base + c0);
       const Vec<Ty, VEC> yv = load_vec<Ty, VEC>(y + base + c0);
+      float gam[VEC];
+      load_f32<VEC>(gamma, c0, gam, 1.f);
       Vec<Tx, VEC> sv;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float r = residual<float>(static_cast<float>(xv.v[j]), static_cast<float>(yv.v[j]),
-                                        gamma ? gamma[c0 + j] : 1.f, sc);
+        const float r = residual<float>(static_cast<float>(xv.v[j]), static_cast<float>(yv.v[j]), gam[j], sc);
         sv.v[j] = static_cast<Tx>(r);
         v[i][j] = static_cast<float>(sv.v[j]);
         total += v[i][j];
@@ -130,10 +131,12 @@ __device__ __forceinline__ void forward_row(const Tx* __restrict__ x, const Ty* 
     const int vi = t + i * stride;
     if (vi < nvec) {
       const int c0 = vi * VEC;
+      float wv[VEC], bv[VEC];
+      load_f32<VEC>(w, c0, wv, 1.f);
+      load_f32<VEC>(b, c0, bv, 0.f);
       Vec<Tx, VEC> nv;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        nv.v[j] = static_cast<Tx>(normalize<float>(v[i][j], mu, rs, w[c0 + j], b ? b[c0 + j] : 0.f));
+      for (int j = 0; j < VEC; ++j) nv.v[j] = static_cast<Tx>(normalize<float>(v[i][j], mu, rs, wv[j], bv[j]));
       store_vec<Tx, VEC>(n + base + c0, nv);
     }
   }
@@ -225,12 +228,14 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
 #pragma unroll
       for (int i = 0; i < NV; ++i) {
         const int vi = threadIdx.x + i * blockDim.x;
+        float wv[VEC] = {};
+        if (vi < nvec) load_f32<VEC>(w, vi * VEC, wv, 1.f);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           if (vi < nvec) {
             const float d = static_cast<float>(nv[i].v[j]);
             xh[i][j] = xhat_of<float>(static_cast<float>(sv[i].v[j]), mu, rs);
-            g[i][j] = d * w[vi * VEC + j];
+            g[i][j] = d * wv[j];
             sum_g += g[i][j];
             sum_gx += g[i][j] * xh[i][j];
             acc_w[i][j] += d * xh[i][j];
@@ -247,6 +252,8 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
       const int vi = threadIdx.x + i * blockDim.x;
       if (vi >= nvec) continue;
       const int c0 = vi * VEC;
+      float gam[VEC];
+      load_f32<VEC>(gamma, c0, gam, 1.f);
       Vec<Tx, VEC> dxv;
       Vec<Ty, VEC> dyv;
 #pragma unroll
@@ -255,7 +262,7 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
         const float ds =
             gn != nullptr ? residual_grad<float>(dsum, g[i][j], xh[i][j], rs, sum_g, sum_gx, C) : dsum;
         dxv.v[j] = static_cast<Tx>(ds);
-        dyv.v[j] = static_cast<Ty>(branch_grad<float>(ds, gamma ? gamma[c0 + j] : 1.f, sc));
+        dyv.v[j] = static_cast<Ty>(branch_grad<float>(ds, gam[j], sc));
         if (pg != nullptr) acc_g[i][j] += gamma_grad_term<float>(ds, static_cast<float>(yv[i].v[j]), sc);
       }
       if (dx != nullptr) store_vec<Tx, VEC>(dx + base + c0, dxv);
@@ -286,8 +293,9 @@ __global__ void __launch_bounds__(VEC == 1 ? kMaxThreadsScalar : kMaxThreadsVec)
   }
 }
 
-// How a row of C elements maps onto a block: VEC elements per access, NV accesses per thread. The (C,)
-// parameters are read as scalars (they stay in L1), so only the (B, N, C) tensors need 16-byte alignment.
+// How a row of C elements maps onto a block: VEC elements per access, NV accesses per thread. Only the (B, N, C)
+// tensors need 16-byte alignment for the plan; the (C,) parameters come as float4s where they are aligned
+// and as scalars otherwise (load_f32).
 struct Plan {
   int vec, nv, threads;
   int warp_rows = 0;  // > 0: one row per warp, this many rows per block (forward_warp_kernel)

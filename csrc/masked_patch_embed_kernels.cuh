@@ -90,12 +90,15 @@ __global__ void epilogue_kernel(T* __restrict__ out, const float* __restrict__ b
   const bool masked = token_masked<int32_t>(mask, b, t, P);
   T* dst = out + static_cast<int64_t>(idx) * VEC;
   Vec<T, VEC> v = load_vec<T, VEC>(dst);
+  // only the parameter the token takes (cls token, mask token or bias) and its position embedding: passed as
+  // all three to token_value, which selects one of them
+  float own[VEC], pe[VEC];
+  load_f32<VEC>(t == 0 ? cls_token : (masked ? mask_token : bias), c0, own, 0.f);
+  load_f32<VEC>(pos ? pos + static_cast<int64_t>(t) * C : nullptr, c0, pe, 0.f);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    const int32_t c = c0 + j;
-    v.v[j] = static_cast<T>(token_value<float>(t == 0, masked, static_cast<float>(v.v[j]), bias[c], mask_token[c],
-                                               cls_token[c], pos ? pos[t * C + c] : 0.f));
-  }
+  for (int j = 0; j < VEC; ++j)
+    v.v[j] = static_cast<T>(token_value<float>(t == 0, masked, static_cast<float>(v.v[j]), own[j], own[j], own[j],
+                                               pe[j]));
   store_vec<T, VEC>(dst, v);
 }
 

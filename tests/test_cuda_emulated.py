@@ -203,11 +203,30 @@ def test_lsrn_forward_plan_setting(emu, monkeypatch):
         emu.layer_scale_residual_norm(*args, 1e-6)
 
 
-@pytest.mark.parametrize("variant", ["no_norm", "no_layer_scale", "norm_without_bias", "misaligned"])
+def misalign_params(args):
+    """lsrn_inputs' args with gamma, ln_weight and ln_bias moved off 16-byte boundaries (their scalar loads)."""
+    x, y, gamma, scale, w, b = args
+    return (x, y, *(None if t is None else misalign(t) for t in (gamma,)), scale,
+            *(None if t is None else misalign(t) for t in (w, b)))
+
+
+@pytest.mark.parametrize("variant", ["no_norm", "no_layer_scale", "norm_without_bias", "misaligned",
+                                     "misaligned_params", "misaligned_params_bf16"])
 def test_lsrn_forward_variants(emu, variant):
+    """Variants of the forward; the parameters (gamma, ln_weight, ln_bias) come as float4 loads when aligned
+    (all other cases) and as scalars when not (misaligned_params: fp32 rows, one float4 per vector; bf16: two)."""
     kw = {"no_norm": dict(ln=False), "no_layer_scale": dict(gamma=False, scale=False),
-          "norm_without_bias": dict(ln_bias=False), "misaligned": dict(misaligned=True)}[variant]
+          "norm_without_bias": dict(ln_bias=False), "misaligned": dict(misaligned=True)}.get(variant, {})
+    if variant == "misaligned_params_bf16":
+        args = misalign_params(lsrn_inputs(3, 4, 768, bf16, bf16))
+        got = emu.layer_scale_residual_norm(*args, 1e-5)
+        ref = torch.ops.beit_fast.layer_scale_residual_norm(*args, 1e-5)
+        assert torch.equal(got[0], ref[0])
+        close(got[1], ref[1], bf16, "n")
+        return
     args = lsrn_inputs(3, 4, 768, fp32, fp32, **kw)
+    if variant == "misaligned_params":
+        args = misalign_params(args)
     with Counted(emu) as c:
         got = emu.layer_scale_residual_norm(*args, 1e-5)
     ref = torch.ops.beit_fast.layer_scale_residual_norm(*args, 1e-5)
@@ -259,7 +278,7 @@ def test_lsrn_backward(emu, dt, C):
 
 
 @pytest.mark.parametrize("case", ["no_grad_norm", "no_grad_sum", "only_dx", "no_gamma_no_scale", "sm_limited",
-                                  "row_limited", "one_row", "misaligned_grad", "misaligned_y"])
+                                  "row_limited", "one_row", "misaligned_grad", "misaligned_y", "misaligned_params"])
 def test_lsrn_backward_variants(emu, case):
     B, N, C = {"one_row": (1, 1, 768), "sm_limited": (3, 100, 768), "row_limited": (3, 100, 768)}.get(
         case, (2, 50, 768))
@@ -269,6 +288,8 @@ def test_lsrn_backward_variants(emu, case):
         gn = misalign(gn)
     if case == "misaligned_y":  # y is read for the gamma gradient only
         args = (args[0], misalign(args[1])) + args[2:]
+    if case == "misaligned_params":  # gamma and ln_weight as scalar loads
+        args = misalign_params(args)
     grads = (None if case == "no_grad_sum" else gs, None if case == "no_grad_norm" else gn)
     mask = [True, False, False, False, False] if case == "only_dx" else [True] * 5
     if case == "no_gamma_no_scale":
@@ -280,7 +301,7 @@ def test_lsrn_backward_variants(emu, case):
     grid = max(1, min(8 * sms, -(-rows // 16)))   # the emulator's launcher reports 8 resident blocks per SM
     colsum_blocks = sum(mask[2:]) * -(-C // 32) if case not in ("no_grad_norm",) else -(-C // 32)
     assert c.blocks == grid + colsum_blocks, (c.blocks, grid, colsum_blocks)
-    aligned = not case.startswith("misaligned")
+    aligned = case not in ("misaligned_grad", "misaligned_y")   # (the parameters do not choose the plan)
     assert c.shuffles == (0 if case == "no_grad_norm" else rows * 2 * 5 * plan_threads(C, fp32, aligned) // 32)
 
 
