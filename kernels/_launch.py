@@ -11,12 +11,12 @@ and on the GPU machine measured so far the fused step was host-bound (bench/resu
 under a key that holds at least everything Triton specializes on: every int, str, None, float, bool and
 constexpr exactly (a bool or float never equal to an int), each tensor's dtype and whether its address is
 16-byte aligned, the compile options (num_warps, ...) and the current device. A call whose key was seen
-launches that compiled kernel exactly as JITFunction.run's last step does (the same launcher, stream, metadata, hooks and argument
-tuple, for the calling convention of the installed Triton: every bound argument from Triton 3.3 on, the
-non-constexpr ones in 3.2); any other call goes through `kernel[grid]` itself, which compiles if needed, and
-its compiled kernel is remembered. Not taken (always `kernel[grid]`): the interpreter, a Triton whose
-JITFunction.run this module does not recognize, tensor subclasses, a kernel whose parameters are not all
-passed, and with BEIT_FAST_TRITON_LAUNCH=jit (read at import; an A/B knob).
+launches that compiled kernel exactly as JITFunction.run's last step does (the same launcher, stream,
+metadata, hooks and argument tuple, for the calling convention of the installed Triton: every bound argument
+from Triton 3.3 on, the non-constexpr ones in 3.2); any other call goes through `kernel[grid]` itself, which
+compiles if needed, and its compiled kernel is remembered. Not taken (always `kernel[grid]`): the
+interpreter, a Triton whose JITFunction.run this module does not recognize, tensor subclasses, a kernel whose
+parameters are not all passed, and with BEIT_FAST_TRITON_LAUNCH=jit (read at import; an A/B knob).
 
 Not seen by this path, as they are not by a compiled kernel: changing TRITON_DEBUG (knobs.runtime.debug),
 knobs.compilation.instrumentation_mode or a global a kernel reads after its first launch in the process, and
@@ -44,6 +44,8 @@ def _other_key(a):
     if isinstance(a, _Tensor):
         return _SUBCLASS
     return t, a   # floats and bools never equal to an int; constexpr-like values (dtypes, ...) must hash
+
+
 MAX_ENTRIES = 256   # compiled variants remembered per kernel (shapes, dtypes, tiles: bench/tune_attention.py
 #                    tries ~80 per kernel); later ones take Triton's path
 
