@@ -5,7 +5,7 @@ bench/fake_driver.py stands in for the CUDA driver: the kernels compile for sm_9
 seconds), launches reach the compiled kernels' launchers and do nothing there. What is timed is each
 launcher's own Python (allocations, tile choice, argument lists) plus the dispatch of its launches, on BEiT-B
 shapes with CPU tensors (the allocations are the CPU allocator's; on a GPU the caching allocator's and the
-driver's launch come on top). Median of `--rounds` rounds of `--calls` calls.
+driver's launch come on top). linear_gelu's autotuned GEMM keeps its first config (no GPU to time them). Median of `--rounds` rounds of `--calls` calls.
 
     python bench/triton_dispatch.py [--rounds 7] [--calls 200]
 """
@@ -25,8 +25,13 @@ from fake_driver import Unsupported, install_fake_driver  # noqa: E402
 
 
 def _calls():
+    from triton.runtime import autotuner
+
     from beit_fast.kernels import layer_norm as LN
+    from beit_fast.kernels import linear_gelu as LG
     from beit_fast.kernels import rel_pos_attention as A
+    # the GEMM's tuner cannot time configs without a GPU: every config "takes" the same, the first is kept
+    autotuner.Autotuner._bench = lambda self, *args, config=None, **kwargs: [1.0, 1.0, 1.0]
     from beit_fast.relpos import num_relative_distance
     gpu_configs = A.pick_configs   # the GPU's tile configs, not the interpreter's
     A.pick_configs = lambda head_dim, dtype, device: gpu_configs(head_dim, dtype, torch.device("cuda"))
@@ -46,7 +51,9 @@ def _calls():
     x = torch.zeros(B * N, 768, dtype=dt)
     w, b = torch.ones(768, dtype=dt), torch.zeros(768, dtype=dt)
     y, mean, rstd = LN.layer_norm_fwd(x, w, b, 1e-6)
+    W1, b1 = torch.zeros(3072, 768, dtype=dt), torch.zeros(3072, dtype=dt)
     return {
+        "linear_gelu_fwd": lambda: LG.linear_gelu_fwd(x, W1, b1),
         "rel_pos_attention_fwd": lambda: A.rel_pos_attention_fwd(q, k, v, table, None, window, D ** -0.5, 0.0,
                                                                  None, o),
         "rel_pos_attention_bwd": lambda: A.rel_pos_attention_bwd(o, q, k, v, o, lse, table, None, window,

@@ -14,9 +14,11 @@ constexpr exactly (a bool or float never equal to an int), each tensor's dtype a
 launches that compiled kernel exactly as JITFunction.run's last step does (the same launcher, stream,
 metadata, hooks and argument tuple, for the calling convention of the installed Triton: every bound argument
 from Triton 3.3 on, the non-constexpr ones in 3.2); any other call goes through `kernel[grid]` itself, which
-compiles if needed, and its compiled kernel is remembered. Not taken (always `kernel[grid]`): the
-interpreter, a Triton whose JITFunction.run this module does not recognize, tensor subclasses, a kernel whose
-parameters are not all passed, and with BEIT_FAST_TRITON_LAUNCH=jit (read at import; an A/B knob).
+compiles if needed, and its compiled kernel is remembered. An autotuned kernel (triton.autotune) is launched
+the same way with the config its tuner chose for that key (fixed once tuned) and the grid that config gives.
+Not taken (always `kernel[grid]`): the interpreter, a Triton whose JITFunction.run this module does not
+recognize, tensor subclasses, a kernel whose parameters are not all passed, a callable grid without an
+autotuner, a config with a pre_hook, and with BEIT_FAST_TRITON_LAUNCH=jit (read at import; an A/B knob).
 
 Not seen by this path, as they are not by a compiled kernel: changing TRITON_DEBUG (knobs.runtime.debug),
 knobs.compilation.instrumentation_mode or a global a kernel reads after its first launch in the process, and
@@ -89,24 +91,29 @@ ENABLED = SETTING == "cached" and CONVENTION is not None
 
 
 class _Entry:
-    __slots__ = ("kernel", "tail")
+    __slots__ = ("kernel", "tail", "extra", "grid")
 
-    def __init__(self, kernel, tail_names):
+    def __init__(self, kernel, tail_names, extra=None, grid=None):
         self.kernel = kernel
         # the parameters after the positional arguments, from the keyword arguments, in signature order
         getter = operator.itemgetter(*tail_names) if tail_names else (lambda kw: ())
         self.tail = getter if len(tail_names) != 1 else (lambda kw, g=getter: (g(kw),))
+        self.extra = extra   # an autotuner's chosen config: its keyword arguments, added to the call's
+        self.grid = grid     # the grid a callable grid gave for this key (autotuned launches)
 
 
 class _Cached:
-    """The remembered compiled kernels of one JITFunction."""
+    """The remembered compiled kernels of one JITFunction, or of the JITFunction an Autotuner wraps (its
+    config for a key is fixed once tuned: the key holds every int, so the tuner's own key too)."""
 
     def __init__(self, fn):
         from triton.runtime.driver import driver
         self.fn = fn
+        self.tuner = type(fn).__name__ == "Autotuner"
+        jit = fn.fn if self.tuner else fn
         self.driver = driver
-        self.names = list(fn.arg_names)
-        self.constexpr = [p.is_constexpr for p in fn.params]
+        self.names = list(jit.arg_names)
+        self.constexpr = [p.is_constexpr for p in jit.params]
         self.entries: dict = {}
         if CONVENTION[1] == "knobs":
             from triton import knobs
@@ -134,13 +141,12 @@ class _Cached:
         if entry is None:
             kernel = self.fn[grid](*args, **kwargs)
             if key is not None and len(self.entries) < MAX_ENTRIES:
-                tail = self.names[len(args):]
-                # a compiled kernel (not a test's recorder), every parameter passed, no callable grid
-                if (all(n in kwargs for n in tail) and not callable(grid)
-                        and all(hasattr(kernel, a) for a in ("function", "packed_metadata", "launch_metadata"))):
-                    self.entries[key] = _Entry(kernel, tail)
+                self._remember(key, kernel, grid, args, kwargs)
             return kernel
         kernel = entry.kernel
+        if entry.extra is not None:
+            kwargs = {**kwargs, **entry.extra}
+            grid = entry.grid
         bound = args + entry.tail(kwargs)
         if CONVENTION[0] == "non_constexpr":
             bound = tuple(v for v, c in zip(bound, self.constexpr) if not c)
@@ -156,12 +162,33 @@ class _Cached:
         return kernel
 
 
+    def _remember(self, key, kernel, grid, args, kwargs):
+        """Keep what a launch through Triton compiled and launched, when it can be launched again directly: a
+        compiled kernel (not a test's recorder), every parameter passed, no callable grid (an autotuned
+        launch's grid is evaluated for its config here: fixed for the key), no config pre_hook."""
+        if not all(hasattr(kernel, a) for a in ("function", "packed_metadata", "launch_metadata")):
+            return
+        extra, fixed_grid = None, None
+        if self.tuner:
+            config = getattr(self.fn, "best_config", None)
+            if config is None or config.pre_hook is not None or type(self.fn.fn).__name__ != "JITFunction":
+                return
+            extra = dict(config.all_kwargs())
+            kwargs = {**kwargs, **extra}
+            fixed_grid = grid(dict(zip(self.names, args), **kwargs)) if callable(grid) else grid
+        elif callable(grid):
+            return
+        tail = self.names[len(args):]
+        if all(n in kwargs for n in tail):
+            self.entries[key] = _Entry(kernel, tail, extra, fixed_grid)
+
+
 _CACHED: dict = {}   # id(JITFunction) -> _Cached (a JITFunction's own hash rehashes its source key)
 
 
 def launch(fn, grid, *args, **kwargs):
     """fn[grid](*args, **kwargs), through the remembered compiled kernel when this call's key was seen."""
-    if not ENABLED or type(fn).__name__ != "JITFunction":
+    if not ENABLED or type(fn).__name__ not in ("JITFunction", "Autotuner"):
         return fn[grid](*args, **kwargs)
     cached = _CACHED.get(id(fn))
     if cached is None or cached.fn is not fn:

@@ -225,7 +225,7 @@ def _gemm(x, weight, bias, out, z, dy, part, backward):
     z_t = z if z is not None else dummy
     dy_t = dy if dy is not None else dummy
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    _linear_gelu_kernel[grid](
+    launch(_linear_gelu_kernel, grid,
         x, weight, bias if bias is not None else dummy, out, z_t, dy_t,
         part if part is not None else dummy,
         M, N, K,

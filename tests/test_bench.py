@@ -121,7 +121,8 @@ def test_triton_dispatch_times_both_launch_paths():
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     got = {c[0].strip(): [float(x) for x in c[1:]] for c in rows[1:]}
-    assert set(got) == {"rel_pos_attention_fwd", "rel_pos_attention_bwd", "layer_norm_fwd", "layer_norm_bwd"}
+    assert set(got) == {"rel_pos_attention_fwd", "rel_pos_attention_bwd", "layer_norm_fwd", "layer_norm_bwd",
+                        "linear_gelu_fwd"}
     assert got["rel_pos_attention_fwd"][0] == 2 and got["rel_pos_attention_bwd"][0] == 5   # expansion + kernels
     assert all(v[1] > 0 and v[2] > 0 for v in got.values())
 

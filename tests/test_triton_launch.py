@@ -25,10 +25,10 @@ def test_cached_launches_hand_the_launcher_what_triton_does():
     off, first, second = result["passes"]
     assert not off["enabled"] and first["enabled"] and second["enabled"]
     names = [name for name, _, _ in off["launches"]]
-    # every kernel of kernels/ but the autotuned GEMM, the attention with both bias sources
+    # every kernel of kernels/ (the autotuned GEMM too), the attention with both bias sources
     assert {"_fwd_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_table_grad_kernel",
             "_expand_bias_kernel", "_keep_mask_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel",
-            "_dgelu_kernel"} <= set(names), names
+            "_dgelu_kernel", "_linear_gelu_kernel"} <= set(names), names
     assert off["jit_runs"] == len(names)            # the cache off: every launch through JITFunction.run
     assert 0 < first["jit_runs"] < len(names)        # filling it (repeated variants already hit)
     assert second["jit_runs"] == 0                   # then nothing goes through JITFunction.run
