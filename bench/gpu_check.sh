@@ -135,7 +135,8 @@ wait "$DIAG_PID"   # bounded: its one command has a 60 s timeout, and the tests 
 
 # 3. benchmarks: BEiT-B/L training shapes in bf16 (full sweeps: run the scripts by hand)
 # The default: host against GPU time per op and step, attention, the block ops (both with the A/Bs of kernel
-# changes not yet measured: they run before the longer steps, which a deadline cuts first), whole training
+# changes not yet measured, and a GPU-time pass after their wall-clock timings: they run before the longer
+# steps, which a deadline cuts first), whole training
 # steps (the unfused and fused model, timm, and the fused model under CUDA graphs), the trainer's demo on the
 # GPU; the tile sweep (tune) only when asked.
 BENCH=" ${GPU_CHECK_BENCH-overhead attention blocks model train} "   # set but empty: none
@@ -143,9 +144,9 @@ MODEL_ARGS=${GPU_CHECK_MODEL_ARGS:---providers ours_reference,ours_fused,timm,ou
 [[ $BENCH == *" overhead "* ]] && \
   step bench_overhead 60 "$OUT/bench.log" "$PY" bench/overhead.py --out "$OUT" --dtypes bf16
 [[ $BENCH == *" attention "* ]] && \
-  step bench_attention 100 "$OUT/bench.log" "$PY" bench/bench_attention.py --out "$OUT" --dtypes bf16 --quick
+  step bench_attention 120 "$OUT/bench.log" "$PY" bench/bench_attention.py --out "$OUT" --dtypes bf16 --quick
 [[ $BENCH == *" blocks "* ]] && \
-  step bench_blocks 90 "$OUT/bench.log" "$PY" bench/bench_blocks.py --out "$OUT" --dtypes bf16 --quick
+  step bench_blocks 110 "$OUT/bench.log" "$PY" bench/bench_blocks.py --out "$OUT" --dtypes bf16 --quick
 [[ $BENCH == *" model "* ]] && \
   step bench_model 120 "$OUT/bench.log" "$PY" bench/bench_model.py --out "$OUT" --dtypes bf16 --quick \
     $MODEL_ARGS
