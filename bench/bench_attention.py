@@ -6,11 +6,12 @@ Providers (each checked against the fp32 reference before it is timed):
            the mask gradient flows back through the gather into the table (mem-efficient kernel on CUDA)
   flex     FlexAttention under torch.compile, score_mod = score + table[index[q, k], h] (atomics for dTable)
   xformers memory_efficient_attention with the gathered bias expanded to (B, H, N, N), when importable
-  ours     beit_fast.ops.rel_pos_attention, Triton, as shipped (deterministic dTable; the forward and dQ
-           kernels read the bias from a per-call (H, N, N_pad) fp32 expansion of the table, dK/dV gathers
-           it from the table in the kernel: the tile configs' dense_bias, BEIT_FAST_ATTN_DENSE_BIAS ignored)
-  ours_gather      the same with every kernel gathering from the table (BEIT_FAST_ATTN_DENSE_BIAS=0)
-  ours_dense_bias  the same with every kernel reading the expansion (BEIT_FAST_ATTN_DENSE_BIAS=1)
+  ours     beit_fast.ops.rel_pos_attention, Triton, as shipped (deterministic dTable; the kernels read the
+           bias from a per-call (H, N, N_pad) fp32 expansion of the table, query-major for the forward and
+           dQ, key-major for dK/dV: the tile configs' dense_bias, BEIT_FAST_ATTN_DENSE_BIAS ignored)
+  ours_gather      the same with every kernel gathering the bias from the table per element
+           (BEIT_FAST_ATTN_DENSE_BIAS=0: the measured default of the first GPU runs)
+  ours_dkdv_gather the same with only dK/dV gathering (BEIT_FAST_ATTN_DENSE_BIAS=fwd,dq)
            (the three give bitwise the same results; bench/sass_report.py shows their loops' SASS)
   ours_jit_launch  ours with every Triton launch through JITFunction.run, not kernels/_launch.py's cache of
            compiled kernels (BEIT_FAST_TRITON_LAUNCH=jit: host time only, the same kernels run)
@@ -45,9 +46,9 @@ from beit_fast.ops.rel_pos_attention import (not_supported_reasons, num_relative
 # ours before the compiled ones (time limits). OURS_VARIANTS: (the kernels that read the bias from the
 # per-call (H, N, N_pad) expansion instead of gathering it from the table, None: the tile configs decide;
 # whether Triton launches go through kernels/_launch.py's cache), the A/Bs of ours
-OURS_VARIANTS = {"ours": (None, True), "ours_gather": ((), True), "ours_dense_bias": (("fwd", "dkdv", "dq"), True),
+OURS_VARIANTS = {"ours": (None, True), "ours_gather": ((), True), "ours_dkdv_gather": (("fwd", "dq"), True),
                  "ours_jit_launch": (None, False)}
-PROVIDERS = ("eager", "sdpa", "ours", "ours_gather", "ours_dense_bias", "ours_jit_launch", "flex", "xformers")
+PROVIDERS = ("eager", "sdpa", "ours", "ours_gather", "ours_dkdv_gather", "ours_jit_launch", "flex", "xformers")
 REFERENCE_PROVIDERS = ("eager", "sdpa")
 MODELS = {"base": 12, "large": 16}   # heads; D = 64
 # (model, B, window): BEiT-B/L at 224 (N = 197) and 384 (N = 577)

@@ -42,12 +42,15 @@ from ._launch import launch
 
 LOG2E = 1.4426950408889634
 # where the kernels take the bias from (their BIAS_SRC): BEiT's window layout, gathered through per-token
-# parts; an explicit (N, N) index, gathered; a dense (H, N, N_pad) expansion made per call (_expand_bias).
+# parts; an explicit (N, N) index, gathered; a dense (H, N, N_pad) expansion made per call (_expand_bias),
+# query-major ([h, i, j]: the forward and dQ kernels, whose tiles run along keys) or key-major ([h, j, i]:
+# dK/dV, whose tiles run along queries), so that a tile's rows are contiguous either way.
 # The launchers pass the plain ints (Triton 3.2 refuses a tl.constexpr object as an argument: it is callable).
-SRC_WINDOW_ID, SRC_INDEX_ID, SRC_DENSE_ID = 0, 1, 2
+SRC_WINDOW_ID, SRC_INDEX_ID, SRC_DENSE_ID, SRC_DENSE_T_ID = 0, 1, 2, 3
 SRC_WINDOW: tl.constexpr = tl.constexpr(SRC_WINDOW_ID)
 SRC_INDEX: tl.constexpr = tl.constexpr(SRC_INDEX_ID)
 SRC_DENSE: tl.constexpr = tl.constexpr(SRC_DENSE_ID)
+SRC_DENSE_T: tl.constexpr = tl.constexpr(SRC_DENSE_T_ID)
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
 
 # Tests set this to fill outputs with NaN before the kernels write them (catches unwritten elements).
@@ -95,25 +98,27 @@ class AttnConfigs:
 # for the former 8-warp default; its four 4-warp variants averaged 0.39 ms, its five 8-warp ones 0.48 ms) and
 # for the 32x64 dK/dV (0.772 ms against 1.057 ms, a single timing; the next GPU run re-times it); dQ's best
 # was within 1.3% of its default, which stays.
-# Bias source (TileConfig.dense_bias): the forward and dQ kernels read the per-call dense expansion, dK/dV
-# gathers from the table. Chosen offline from their sm_90 SASS (bench/sass_report.py, BEiT-B bf16), not yet
-# from a GPU timing: with Triton 3.6 (the GPU image's) the gather makes the forward's inner loop (one 128x64
-# key block) 1357 instructions, 136 of them global loads (4-byte cp.async gathers, one per bias element a
-# thread holds, up to 32 cache lines a warp), against 698 instructions and 24 vector loads reading the
-# expansion; dQ's 454 against 266 (Triton 3.8: forward 967 against 702, dQ 309 against 267; head dim 128 and
-# fp32 shrink too). dK/dV's loop grows instead (734 -> 819, and 40 -> 312 bytes of spills), so it gathers.
-# The interpreter config gathers (CI runs both sources through the dense-bias tests). bench_attention's
-# providers ours (these), ours_gather and ours_dense_bias are the A/B; BEIT_FAST_ATTN_DENSE_BIAS overrides.
+# Bias source (TileConfig.dense_bias): all three kernels read the per-call dense expansion (the forward and
+# dQ a query-major one, dK/dV a key-major one, so that each tile's rows are contiguous). Chosen offline from
+# their sm_90 SASS (bench/sass_report.py, BEiT-B bf16), not yet from a GPU timing: with Triton 3.6 (the GPU
+# image's) the gather makes the forward's inner loop (one 128x64 key block) 1357 instructions, 136 of them
+# global loads (4-byte cp.async gathers, one per bias element a thread holds, up to 32 cache lines a warp),
+# against 698 instructions and 24 vector loads reading the expansion; dQ's 454 against 266; dK/dV's (one
+# 32-query step) 734 against 553, its spills 40 B against 8 (Triton 3.8: forward 967 against 702, dQ 309
+# against 267, dK/dV 619 against 475 and 160 B of spills against none; head dim 128 and fp32 shrink too).
+# (Reading the query-major expansion, dK/dV's loop grew to 819.) The interpreter config gathers (CI runs
+# both sources through the dense-bias tests). bench_attention's providers ours (these), ours_gather and
+# ours_dkdv_gather are the A/B; BEIT_FAST_ATTN_DENSE_BIAS overrides per kernel.
 _NO_TAIL = dict(tail=False)
 _DENSE = dict(dense_bias=True)
 CONFIGS = {
     "interpret": AttnConfigs(TileConfig(64, 64), TileConfig(64, 64), TileConfig(64, 64)),
     "16bit_d64": AttnConfigs(TileConfig(128, 64, 4, 2, **_DENSE),
-                             TileConfig(32, 64, 4, 2, tail=False, block_tail=True),
+                             TileConfig(32, 64, 4, 2, tail=False, block_tail=True, **_DENSE),
                              TileConfig(64, 32, 4, 3, block_tail=True, **_DENSE)),
-    "16bit_d128": AttnConfigs(TileConfig(128, 64, 8, 2, **_DENSE), TileConfig(16, 64, 8, 2, **_NO_TAIL),
+    "16bit_d128": AttnConfigs(TileConfig(128, 64, 8, 2, **_DENSE), TileConfig(16, 64, 8, 2, **_NO_TAIL, **_DENSE),
                               TileConfig(64, 32, 8, 2, block_tail=True, **_DENSE)),
-    "fp32": AttnConfigs(TileConfig(64, 32, 8, 2, **_NO_TAIL, **_DENSE), TileConfig(32, 32, 8, 2, **_NO_TAIL),
+    "fp32": AttnConfigs(TileConfig(64, 32, 8, 2, **_NO_TAIL, **_DENSE), TileConfig(32, 32, 8, 2, **_NO_TAIL, **_DENSE),
                         TileConfig(32, 32, 8, 2, **_NO_TAIL, **_DENSE)),
 }
 
@@ -208,10 +213,13 @@ def _bias_tile(TBL, IDX, h, qi, kj, qpart, kpart, N, R, s_tr, s_th, s_ii, s_ij, 
     bias): the callers mask those rows and columns (with selects, so even a non-finite entry cannot leak).
     BIAS_SRC: SRC_WINDOW gathers through the window parts, SRC_INDEX through the explicit (N, N) index;
     SRC_DENSE loads the launcher's (H, N, N_pad) expansion of the same values (_expand_bias; TBL is that
-    tensor, s_th / s_ii its head / row strides): a plain tile load, no gather."""
+    tensor, s_th / s_ii its head / row strides): a plain tile load, no gather; SRC_DENSE_T its key-major
+    transpose (s_ij the row stride), for tiles whose contiguous axis is the queries (dK/dV)."""
     if BIAS_SRC == SRC_DENSE:   # columns masked at the padded row length s_ii (a multiple of 16, zeros past
         #                         N): a mask constant over 16 columns lets the load be vectorized
         return tl.load(TBL + h.to(tl.int64) * s_th + qi * s_ii + kj, mask=(qi < N) & (kj < s_ii), other=0.0)
+    if BIAS_SRC == SRC_DENSE_T:   # key-major [h, j, i]: rows of s_ij queries (a multiple of 16, zeros past N)
+        return tl.load(TBL + h.to(tl.int64) * s_th + kj * s_ij + qi, mask=(kj < N) & (qi < s_ij), other=0.0)
     if BIAS_SRC == SRC_INDEX:
         valid = (qi < N) & (kj < N)
         idx = tl.load(IDX + qi * s_ii + kj * s_ij, mask=valid, other=0).to(tl.int32)
@@ -636,18 +644,25 @@ def _keep_mask_kernel(SEED, OUT, H, N, dropout_p, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _expand_bias_kernel(TBL, IDX, OUT, N, R, centre, s_tr, s_th, s_ii, s_ij, s_oh, s_oi,
-                        BIAS_SRC: tl.constexpr, BLOCK: tl.constexpr):
+def _expand_bias_kernel(TBL, IDX, OUT, OUT_T, N, R, centre, s_tr, s_th, s_ii, s_ij, s_oh, s_oi,
+                        BIAS_SRC: tl.constexpr, QUERY_MAJOR: tl.constexpr, KEY_MAJOR: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """OUT[h, i, j] (QUERY_MAJOR) and / or OUT_T[h, j, i] (KEY_MAJOR) = log2(e) * bias[h, i, j] for i, j < N,
+    rows padded to s_oi elements with zeros (both outputs have the same strides). Program axis 0 walks
+    queries, axis 1 keys (up to N or the padded s_oi: see _expand_bias)."""
     qi = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     kj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     h = tl.program_id(2)
     qpart = _token_part(IDX, qi, N, centre, BIAS_SRC)
     kpart = _token_part(IDX, kj, N, 0, BIAS_SRC)
     vals = _bias_tile(TBL, IDX, h, qi[:, None], kj[None, :], qpart[:, None], kpart[None, :], N, R,
-                      s_tr, s_th, s_ii, s_ij, BIAS_SRC)
-    vals = tl.where(kj[None, :] < N, vals.to(tl.float32) * LOG2E_C, 0.0)   # zeros in the padding columns
-    tl.store(OUT + h.to(tl.int64) * s_oh + qi[:, None] * s_oi + kj[None, :], vals,
-             mask=(qi[:, None] < N) & (kj[None, :] < s_oi))
+                      s_tr, s_th, s_ii, s_ij, BIAS_SRC).to(tl.float32) * LOG2E_C
+    if QUERY_MAJOR:   # rows of queries, zeros in the padding columns
+        tl.store(OUT + h.to(tl.int64) * s_oh + qi[:, None] * s_oi + kj[None, :], tl.where(kj[None, :] < N, vals, 0.0),
+                 mask=(qi[:, None] < N) & (kj[None, :] < s_oi))
+    if KEY_MAJOR:     # rows of keys, padded along the queries
+        tl.store(OUT_T + h.to(tl.int64) * s_oh + kj[None, :] * s_oi + qi[:, None], tl.where(qi[:, None] < N, vals, 0.0),
+                 mask=(kj[None, :] < N) & (qi[:, None] < s_oi))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -687,7 +702,8 @@ class _BiasArgs:
     contiguous, so the gather of neighbouring keys (neighbouring table rows) hits one or two cache lines
     instead of ~H, and the kernels, which work in base 2, add the gathered values without a multiply. Kernels
     whose tile config says dense_bias get the (H, N, N_pad) expansion of the same fp32 values instead
-    (_expand_bias). Each form is built once per launcher call, when a kernel asks for it."""
+    (_expand_bias): query-major, or key-major for dK/dV (key_major). Each form is built once per launcher call,
+    when a kernel asks for it."""
 
     def __init__(self, table, rel_index, window_size, N):
         self.table, self.N, self.R = table, N, table.shape[0]
@@ -698,13 +714,25 @@ class _BiasArgs:
             wh, ww = window_size
             self.idx, self.s_ii, self.s_ij, self.src = _window_parts(wh, ww, table.device), 0, 0, SRC_WINDOW_ID
             self.centre = (wh - 1) * (2 * ww - 1) + ww - 1
-        self._gather = self._dense = None
+        self._gather = self._dense = self._dense_t = None
 
-    def for_kernel(self, cfg: TileConfig) -> tuple:
-        """(TBL, IDX, s_tr, s_th, s_ii, s_ij, BIAS_SRC) for a kernel launched with tile config `cfg`."""
+    def expand(self, query_major: bool, key_major: bool) -> None:
+        """Build the dense expansions asked for that are not built yet, both in one launch (_expand_bias)."""
+        want_q, want_k = query_major and self._dense is None, key_major and self._dense_t is None
+        if want_q or want_k:
+            q, k = _expand_bias(self, query_major=want_q, key_major=want_k)
+            self._dense = q if q is not None else self._dense
+            self._dense_t = k if k is not None else self._dense_t
+
+    def for_kernel(self, cfg: TileConfig, key_major: bool = False) -> tuple:
+        """(TBL, IDX, s_tr, s_th, s_ii, s_ij, BIAS_SRC) for a kernel launched with tile config `cfg`; key_major:
+        the kernel's tiles run along queries (dK/dV), so its dense expansion is the key-major one."""
+        if cfg.dense_bias and key_major:
+            self.expand(False, True)
+            d = self._dense_t
+            return d, self.idx, 0, d.stride(0), 1, d.stride(1), SRC_DENSE_T_ID
         if cfg.dense_bias:
-            if self._dense is None:
-                self._dense = _expand_bias(self)
+            self.expand(True, False)
             d = self._dense
             return d, self.idx, 0, d.stride(0), d.stride(1), 1, SRC_DENSE_ID
         if self._gather is None:
@@ -716,19 +744,24 @@ class _BiasArgs:
         return t, self.idx, t.stride(1), t.stride(0), self.s_ii, self.s_ij, self.src
 
 
-def _expand_bias(b: _BiasArgs) -> torch.Tensor:
-    """(H, N, N_pad) fp32, [h, i, j] = log2(e) * table[index[i, j], h] for i, j < N (the values the gathering
-    kernels add, bitwise) and 0 for N <= j < N_pad, rows padded to N_pad = a multiple of 16 elements (aligned
-    vector loads); one launch over the table as the model stores it."""
+def _expand_bias(b: _BiasArgs, query_major: bool = True, key_major: bool = False) -> tuple:
+    """(query-major, key-major) expansions, each (H, N, N_pad) fp32 or None when not asked for: [h, i, j] =
+    log2(e) * table[index[i, j], h] for i, j < N (the values the gathering kernels add, bitwise) and 0 for
+    N <= j < N_pad, rows padded to N_pad = a multiple of 16 elements (aligned vector loads); the key-major one
+    its transpose, [h, j, i], padded along i. One launch over the table as the model stores it."""
     table, N = b.table, b.N
     H = table.shape[1]
     n_pad = cdiv(N, 16) * 16
-    out = _alloc((H, N, n_pad), torch.float32, table.device)
+    out = _alloc((H, N, n_pad), torch.float32, table.device) if query_major else None
+    out_t = _alloc((H, N, n_pad), torch.float32, table.device) if key_major else None
+    ref = out if out is not None else out_t
     BLOCK = 32
-    launch(_expand_bias_kernel, (cdiv(N, BLOCK), cdiv(n_pad, BLOCK), H),
-        table, b.idx, out, N, b.R, b.centre, table.stride(0), table.stride(1), b.s_ii, b.s_ij,
-        out.stride(0), out.stride(1), BIAS_SRC=b.src, BLOCK=BLOCK)
-    return out
+    grid = (cdiv(n_pad if key_major else N, BLOCK), cdiv(n_pad if query_major else N, BLOCK), H)
+    launch(_expand_bias_kernel, grid,
+        table, b.idx, ref if out is None else out, ref if out_t is None else out_t, N, b.R, b.centre,
+        table.stride(0), table.stride(1), b.s_ii, b.s_ij, ref.stride(0), ref.stride(1),
+        BIAS_SRC=b.src, QUERY_MAJOR=query_major, KEY_MAJOR=key_major, BLOCK=BLOCK)
+    return out, out_t
 
 
 def _block_tail(n: int, block: int, on: bool) -> int:
@@ -800,8 +833,9 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     need_dbias = inverse_index is not None
     G = num_batch_groups(B, H, N, q.device)
     dbias = _alloc((G, H, N, N) if need_dbias else (1,), torch.float32, q.device)
+    bias.expand(cfgs.dq.dense_bias, cfgs.dkdv.dense_bias)   # both expansions (if wanted) in one launch
     c = cfgs.dkdv
-    tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(c)
+    tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(c, key_major=True)
     launch(_dkdv_kernel, (cdiv(N, c.block_n), H, G),
         q, k, v, tbl, idx, seed_t, do, lse, delta, dk, dv, dbias,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_tr, s_th, s_ii, s_ij,

@@ -73,13 +73,13 @@ def test_attention_ours_and_dense_bias_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "BEIT_FAST_BACKEND"}
     env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "bench/bench_attention.py", "--smoke", "--providers",
-                        "ours,ours_gather,ours_dense_bias,ours_jit_launch",
+                        "ours,ours_gather,ours_dkdv_gather,ours_jit_launch",
                         "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     with open(tmp_path / "bench_attention.jsonl") as f:
         rows = [json.loads(line) for line in f]
     got = {(r["provider"], r["mode"]) for r in rows}
-    assert got == {(p, m) for p in ("ours", "ours_gather", "ours_dense_bias", "ours_jit_launch")
+    assert got == {(p, m) for p in ("ours", "ours_gather", "ours_dkdv_gather", "ours_jit_launch")
                    for m in ("fwd", "bwd", "fwd_bwd")}, got
 
 
@@ -123,7 +123,8 @@ def test_triton_dispatch_times_both_launch_paths():
     got = {c[0].strip(): [float(x) for x in c[1:]] for c in rows[1:]}
     assert set(got) == {"rel_pos_attention_fwd", "rel_pos_attention_bwd", "layer_norm_fwd", "layer_norm_bwd",
                         "linear_gelu_fwd"}
-    assert got["rel_pos_attention_fwd"][0] == 2 and got["rel_pos_attention_bwd"][0] == 5   # expansion + kernels
+    # the forward: its expansion and kernel; the backward: Delta, both expansions (one launch), dK/dV, dQ, dTable
+    assert got["rel_pos_attention_fwd"][0] == 2 and got["rel_pos_attention_bwd"][0] == 5
     assert all(v[1] > 0 and v[2] > 0 for v in got.values())
 
 

@@ -285,9 +285,10 @@ def test_bench_dense_bias_switch_pins_both_sides(monkeypatch):
         sys.path.pop(0)
     sources, expansions = [], []
     real_for_kernel, real_expand = K._BiasArgs.for_kernel, K._expand_bias
-    monkeypatch.setattr(K._BiasArgs, "for_kernel", lambda self, cfg: sources.append(cfg.dense_bias)
-                        or real_for_kernel(self, cfg))
-    monkeypatch.setattr(K, "_expand_bias", lambda b: expansions.append(1) or real_expand(b))
+    monkeypatch.setattr(K._BiasArgs, "for_kernel", lambda self, cfg, key_major=False:
+                        sources.append(cfg.dense_bias) or real_for_kernel(self, cfg, key_major))
+    monkeypatch.setattr(K, "_expand_bias", lambda b, query_major=True, key_major=False:
+                        expansions.append((query_major, key_major)) or real_expand(b, query_major, key_major))
     W = (3, 3)
     inputs, table, grad = make_inputs(1, 2, 10, 16, torch.float32, num_relative_distance(W), packed=True)
     from beit_fast.kernels import _launch
@@ -306,9 +307,11 @@ def test_bench_dense_bias_switch_pins_both_sides(monkeypatch):
                     cfgs = K.pick_configs(16, torch.float32, torch.device(DEVICE))
                     dense = [k for k in K.KERNELS if getattr(cfgs, k).dense_bias]
             assert sources == [k in dense for k in ("fwd", "dkdv", "dq")], (setting, name, sources)
-            # one expansion per call that has a dense kernel: the forward's, and the backward's (shared by
-            # its two kernels)
-            assert len(expansions) == ("fwd" in dense) + bool({"dkdv", "dq"} & set(dense)), (setting, name)
+            # the forward's query-major expansion, then one launch for the backward's: dQ's query-major and /
+            # or dK/dV's key-major one
+            want = [(True, False)] * ("fwd" in dense)
+            want += [("dq" in dense, "dkdv" in dense)] if {"dq", "dkdv"} & set(dense) else []
+            assert expansions == want, (setting, name, expansions)
             assert K.DENSE_BIAS is setting and _launch.ENABLED == launch_setting
 
 
@@ -338,8 +341,9 @@ def test_dense_bias_setting(monkeypatch):
 
 
 def test_dense_bias_expansion_matches_the_table():
-    """_expand_bias: [h, i, j] = log2(e) * table[index[i, j], h] in fp32 (rows padded to 16 elements), for the
-    window layout (index derived from the window) and an explicit index."""
+    """_expand_bias: [h, i, j] = log2(e) * table[index[i, j], h] in fp32 (rows padded to 16 elements), and its
+    key-major transpose [h, j, i] (dK/dV's), for the window layout (index derived from the window) and an
+    explicit index."""
     if not RUN_TRITON:
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     from beit_fast.kernels import rel_pos_attention as K
@@ -350,10 +354,16 @@ def test_dense_bias_expansion_matches_the_table():
     want = (table.float() * K.LOG2E)[index].permute(2, 0, 1)
     for kw in ({"window_size": W}, {"rel_index": index}):
         b = K._BiasArgs(table, kw.get("rel_index"), kw.get("window_size"), N)
-        got = K._expand_bias(b)
-        assert got.shape == (3, N, 16) and got.stride(1) == 16
+        got, none = K._expand_bias(b)
+        assert none is None and got.shape == (3, N, 16) and got.stride(1) == 16
         torch.testing.assert_close(got[:, :, :N], want, rtol=0, atol=0)
         assert torch.equal(got[:, :, N:], torch.zeros(3, N, 16 - N, device=DEVICE))   # padding: zeros
+        none, got_t = K._expand_bias(b, query_major=False, key_major=True)
+        assert none is None and got_t.shape == (3, N, 16) and got_t.stride(1) == 16
+        torch.testing.assert_close(got_t[:, :, :N], want.transpose(1, 2), rtol=0, atol=0)
+        assert torch.equal(got_t[:, :, N:], torch.zeros(3, N, 16 - N, device=DEVICE))
+        both = K._expand_bias(b, query_major=True, key_major=True)   # one launch writing both
+        assert torch.equal(both[0], got) and torch.equal(both[1], got_t)
 
 
 @needs_triton

@@ -242,9 +242,9 @@ def _scenarios_rel_pos_attention(K):
         yield ("bf16", SM90, f"bwd N={N} D=64 dtable=True", bwd)
 
 
-    # BEiT's bf16 training path with the other bias source in every kernel (TileConfig.dense_bias; the
-    # configs have the forward and dQ read the dense expansion and dK/dV gather): all of them reading the
-    # expansion, and all of them gathering from the table (BEIT_FAST_ATTN_DENSE_BIAS=1 / 0), every target
+    # BEiT's bf16 training path with each bias source in every kernel (TileConfig.dense_bias; the GPU
+    # configs read the dense expansions): all of them reading them, and all of them gathering from the
+    # table (BEIT_FAST_ATTN_DENSE_BIAS=1 / 0), every target
     for dense in (True, False):
         yield ("bf16", ALL, f"fwd + bwd D=64 BEIT_FAST_ATTN_DENSE_BIAS={int(dense)}",
                lambda dense=dense: _bias_source_step(K, B, H, (14, 14), 64, torch.bfloat16, dense))

@@ -4,10 +4,10 @@
 
 The Triton path takes the bias from the table in the kernels (for BEiT's window layout the index is
 part(query) + centre - part(key), from an (N,) array of per-token parts, with no (N, N) index load; or read
-from an explicit (N, N) index): on a GPU the forward and dQ kernels read it from a per-call (H, N, N_pad) fp32
-expansion that one small kernel gathers from the table (1.9 MB for BEiT-B; fewer instructions per tile than
-a gather per element, see kernels/rel_pos_attention.CONFIGS), dK/dV gathers it per element
-(BEIT_FAST_ATTN_DENSE_BIAS chooses per kernel). It never materializes a (B, H, N, N) tensor: not the bias per
+from an explicit (N, N) index): on a GPU the kernels read it from a per-call (H, N, N_pad) fp32 expansion
+that one small kernel gathers from the table (1.9 MB for BEiT-B; query-major for the forward and dQ,
+key-major for dK/dV; fewer instructions per tile than a gather per element, see
+kernels/rel_pos_attention.CONFIGS); BEIT_FAST_ATTN_DENSE_BIAS chooses per kernel. It never materializes a (B, H, N, N) tensor: not the bias per
 batch, the probabilities or their gradient; and it computes the table gradient deterministically (G per-batch-group fp32
 partials (G, H, N, N), each tile owned by one program, then a fixed-order segment sum; no atomics). G does not
 grow with the batch beyond about 4 programs per SM, so that buffer is bounded (64 MiB); at batch sizes below
@@ -370,9 +370,9 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     partials are the only N*N-sized buffer; they stop growing with the batch at G (below G they have G = B
     rows, as large as one (B, H, N, N) fp32 tensor, which the reference paths allocate several times over). The table gradient is
     bitwise reproducible for the same inputs on the same GPU model (G depends on the SM count).
-    The forward and the backward each also build an (H, N, N_pad) fp32 expansion of the table, N_pad = N
-    rounded up to 16 (BEiT-B N=197: 1.9 MB), freed when the call returns, when one of their kernels reads
-    the bias from it (on a GPU by default the forward and dQ do; BEIT_FAST_ATTN_DENSE_BIAS=0: none).
+    The forward builds an (H, N, N_pad) fp32 expansion of the table, N_pad = N rounded up to 16 (BEiT-B
+    N=197: 1.9 MB), and the backward two (dQ's query-major and dK/dV's key-major one), each freed when the
+    call returns (on a GPU by default; BEIT_FAST_ATTN_DENSE_BIAS=0: none, the kernels gather per element).
     """
     wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
