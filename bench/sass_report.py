@@ -115,8 +115,9 @@ def compile_attention(args):
         if name not in K.KERNELS:
             raise SystemExit(f"--tile: kernel must be one of {K.KERNELS}, got {name!r}")
         cfgs = dataclasses.replace(cfgs, **{name: _tile(rest, getattr(cfgs, name))})
-    if args.dense is not None:
-        cfgs = K.with_dense_bias(cfgs, K._dense_bias_setting(args.dense))
+    if args.dense is not None:   # (as the variable would: past DENSE_MAX_BYTES too)
+        K.DENSE_BIAS = K._dense_bias_setting(args.dense)
+        cfgs = K.with_dense_bias(cfgs, K.DENSE_BIAS)
     K.pick_configs = lambda *a: cfgs
     K.num_batch_groups = lambda *a: 1
     B, H, N, D = 2, args.heads, args.tokens, args.head_dim

@@ -145,6 +145,10 @@ def _dense_bias_setting(value=None):
 
 
 DENSE_BIAS = _dense_bias_setting()   # read once at import; bench/bench_attention.py sets it per provider
+# The tile configs' dense bias only where one expansion is at most this large (BEiT-B at 224 px: 1.9 MB; BEiT-L
+# at 384 px: 22 MB; at 512 px it would be 68 MB, twice in the backward): beyond it the kernels gather, unless
+# BEIT_FAST_ATTN_DENSE_BIAS asks for the expansion explicitly.
+DENSE_MAX_BYTES = 32 << 20
 _DENSE_VARIANTS: dict = {}
 
 
@@ -715,10 +719,13 @@ class _BiasArgs:
             self.idx, self.s_ii, self.s_ij, self.src = _window_parts(wh, ww, table.device), 0, 0, SRC_WINDOW_ID
             self.centre = (wh - 1) * (2 * ww - 1) + ww - 1
         self._gather = self._dense = self._dense_t = None
+        # whether a tile config's dense_bias is honoured (see DENSE_MAX_BYTES)
+        self.dense_ok = DENSE_BIAS is not None or table.shape[1] * N * cdiv(N, 16) * 16 * 4 <= DENSE_MAX_BYTES
 
     def expand(self, query_major: bool, key_major: bool) -> None:
         """Build the dense expansions asked for that are not built yet, both in one launch (_expand_bias)."""
-        want_q, want_k = query_major and self._dense is None, key_major and self._dense_t is None
+        want_q = self.dense_ok and query_major and self._dense is None
+        want_k = self.dense_ok and key_major and self._dense_t is None
         if want_q or want_k:
             q, k = _expand_bias(self, query_major=want_q, key_major=want_k)
             self._dense = q if q is not None else self._dense
@@ -727,11 +734,11 @@ class _BiasArgs:
     def for_kernel(self, cfg: TileConfig, key_major: bool = False) -> tuple:
         """(TBL, IDX, s_tr, s_th, s_ii, s_ij, BIAS_SRC) for a kernel launched with tile config `cfg`; key_major:
         the kernel's tiles run along queries (dK/dV), so its dense expansion is the key-major one."""
-        if cfg.dense_bias and key_major:
+        if cfg.dense_bias and self.dense_ok and key_major:
             self.expand(False, True)
             d = self._dense_t
             return d, self.idx, 0, d.stride(0), 1, d.stride(1), SRC_DENSE_T_ID
-        if cfg.dense_bias:
+        if cfg.dense_bias and self.dense_ok:
             self.expand(True, False)
             d = self._dense
             return d, self.idx, 0, d.stride(0), d.stride(1), 1, SRC_DENSE_ID

@@ -366,6 +366,27 @@ def test_dense_bias_expansion_matches_the_table():
         assert torch.equal(both[0], got) and torch.equal(both[1], got_t)
 
 
+def test_dense_bias_size_cap(monkeypatch):
+    """The tile configs' dense_bias is honoured while one expansion fits DENSE_MAX_BYTES; past it the kernels
+    gather, unless BEIT_FAST_ATTN_DENSE_BIAS (kernels.rel_pos_attention.DENSE_BIAS) asks for the expansion."""
+    if not RUN_TRITON:
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from beit_fast.kernels import rel_pos_attention as K
+    W, N = (3, 4), 13
+    table = torch.randn(num_relative_distance(W), 3, device=DEVICE)
+    dense_cfg = K.TileConfig(64, 64, dense_bias=True)
+    bytes_needed = 3 * N * 16 * 4
+    for cap, setting, want_dense in ((bytes_needed, None, True), (bytes_needed - 1, None, False),
+                                     (bytes_needed - 1, frozenset(K.KERNELS), True)):
+        monkeypatch.setattr(K, "DENSE_MAX_BYTES", cap)
+        monkeypatch.setattr(K, "DENSE_BIAS", setting)
+        b = K._BiasArgs(table, None, W, N)
+        for key_major, dense_src in ((False, K.SRC_DENSE_ID), (True, K.SRC_DENSE_T_ID)):
+            src = b.for_kernel(dense_cfg, key_major=key_major)[-1]
+            assert src == (dense_src if want_dense else K.SRC_WINDOW_ID), (cap, setting, key_major)
+        assert (b._dense is not None) == want_dense and (b._dense_t is not None) == want_dense
+
+
 @needs_triton
 @pytest.mark.parametrize("groups", [1, 3, 5])
 def test_batch_groups(monkeypatch, groups):

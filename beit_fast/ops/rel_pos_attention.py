@@ -372,7 +372,9 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     bitwise reproducible for the same inputs on the same GPU model (G depends on the SM count).
     The forward builds an (H, N, N_pad) fp32 expansion of the table, N_pad = N rounded up to 16 (BEiT-B
     N=197: 1.9 MB), and the backward two (dQ's query-major and dK/dV's key-major one), each freed when the
-    call returns (on a GPU by default; BEIT_FAST_ATTN_DENSE_BIAS=0: none, the kernels gather per element).
+    call returns: on a GPU by default while one is at most 32 MiB (kernels.rel_pos_attention.DENSE_MAX_BYTES:
+    BEiT-L at 384 px, 22 MB, yes; at 512 px, 68 MB, no); else, or with BEIT_FAST_ATTN_DENSE_BIAS=0, none:
+    the kernels gather per element.
     """
     wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
