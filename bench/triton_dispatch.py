@@ -2,10 +2,11 @@
 launches from kernels._launch's cache of compiled kernels. CPU only, no GPU needed or used.
 
 bench/fake_driver.py stands in for the CUDA driver: the kernels compile for sm_90 (the first calls take
-seconds), launches reach the compiled kernels' launchers and do nothing there. What is timed is each
-launcher's own Python (allocations, tile choice, argument lists) plus the dispatch of its launches, on BEiT-B
-shapes with CPU tensors (the allocations are the CPU allocator's; on a GPU the caching allocator's and the
-driver's launch come on top). linear_gelu's autotuned GEMM keeps its first config (no GPU to time them). Median of `--rounds` rounds of `--calls` calls.
+seconds), launches reach the compiled kernels' launchers and do nothing there. What is timed is each launcher's
+own Python (allocations, tile choice, argument lists) plus the dispatch of its launches, on BEiT-B shapes with
+CPU tensors (the allocations are the CPU allocator's; on a GPU the caching allocator's and the driver's launch
+come on top). linear_gelu's autotuned GEMM keeps its first config (no GPU to time them). Median of `--rounds`
+rounds of `--calls` calls.
 
     python bench/triton_dispatch.py [--rounds 7] [--calls 200]
 """

@@ -2,10 +2,10 @@
 bench/fake_driver.py as the driver, so the kernels compile for sm_90 and nothing runs).
 
 Runs the launchers of kernels/ (attention forward and backward with both bias sources, dropout's keep mask,
-LayerNorm forward and backward, linear_gelu's dGELU pass and its autotuned GEMM) three times: with kernels._launch's cache off
-(every launch through JITFunction.run), then on twice (the first pass fills the cache through
-JITFunction.run, the second must launch everything from it). Prints one JSON object: what each pass's
-launcher received, reduced to comparable values, and how often JITFunction.run was entered in each pass.
+LayerNorm forward and backward, linear_gelu's dGELU pass and its autotuned GEMM) three times: with
+kernels._launch's cache off (every launch through JITFunction.run), then on twice (the first pass fills the
+cache through JITFunction.run, the second must launch everything from it). Prints one JSON object: what each
+pass's launcher received, reduced to comparable values, and how often JITFunction.run was entered in each pass.
 Exit status 2 (and a reason) when this Triton cannot be driven so.
 """
 import json

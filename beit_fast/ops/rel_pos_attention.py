@@ -2,17 +2,17 @@
 
     out = softmax((q * scale) @ k^T + table[index].permute(2, 0, 1)) @ v
 
-The Triton path takes the bias from the table in the kernels (for BEiT's window layout the index is
-part(query) + centre - part(key), from an (N,) array of per-token parts, with no (N, N) index load; or read
-from an explicit (N, N) index): on a GPU the kernels read it from a per-call (H, N, N_pad) fp32 expansion
-that one small kernel gathers from the table (1.9 MB for BEiT-B; query-major for the forward and dQ,
-key-major for dK/dV; fewer instructions per tile than a gather per element, see
-kernels/rel_pos_attention.CONFIGS); BEIT_FAST_ATTN_DENSE_BIAS chooses per kernel. It never materializes a (B, H, N, N) tensor: not the bias per
-batch, the probabilities or their gradient; and it computes the table gradient deterministically (G per-batch-group fp32
-partials (G, H, N, N), each tile owned by one program, then a fixed-order segment sum; no atomics). G does not
-grow with the batch beyond about 4 programs per SM, so that buffer is bounded (64 MiB); at batch sizes below
-G it has G = B rows. No torch.compile needed; the
-ops are registered through torch.library, so a compiled model keeps them in one graph.
+The Triton path takes the bias from the table in the kernels (for BEiT's window layout the index is part(query)
++ centre - part(key), from an (N,) array of per-token parts, with no (N, N) index load; or read from an explicit
+(N, N) index): on a GPU the kernels read it from a per-call (H, N, N_pad) fp32 expansion that one small kernel
+gathers from the table (1.9 MB for BEiT-B; query-major for the forward and dQ, key-major for dK/dV; fewer
+instructions per tile than a gather per element, see kernels/rel_pos_attention.CONFIGS);
+BEIT_FAST_ATTN_DENSE_BIAS chooses per kernel. It never materializes a (B, H, N, N) tensor: not the bias per
+batch, the probabilities or their gradient; and it computes the table gradient deterministically (G per-batch-
+group fp32 partials (G, H, N, N), each tile owned by one program, then a fixed-order segment sum; no atomics). G
+does not grow with the batch beyond about 4 programs per SM, so that buffer is bounded (64 MiB); at batch sizes
+below G it has G = B rows. No torch.compile needed; the ops are registered through torch.library, so a compiled
+model keeps them in one graph.
 """
 from __future__ import annotations
 
