@@ -35,7 +35,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (Outcomes, Skip, base_parser, check_close, device_and_dtypes, environment, finish,  # noqa: E402
-                    gpu_time, make_row, peak_mb, selected_providers, time_ms, write_report)
+                    gpu_pass, make_row, peak_mb, selected_providers, time_ms, write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -204,7 +204,8 @@ def table_grad_deterministic(fn, leaves, grad, repeats=3):
 
 
 def bench_one(name, fn, shape, leaves, grad, dtype, device, env, args):
-    """Wall-clock time and peak memory of each mode; -> (rows, {mode: (call, setup)}) for gpu_pass."""
+    """Wall-clock time and peak memory of each mode; -> (rows, [(row, (call, setup), flops, None)]) for the
+    GPU-time pass (common.gpu_pass)."""
     B, H, N, D = leaves[0].shape
     fwd_flops = 4.0 * B * H * N * N * D
     extra = {}
@@ -225,21 +226,7 @@ def bench_one(name, fn, shape, leaves, grad, dtype, device, env, args):
         print(f"  {name:8s} {mode:7s} {t['median_ms']:9.3f} ms  "
               f"{rows[-1]['tflops'] or 0:7.2f} TFLOP/s  peak {peak if peak is None else round(peak, 1)} MB"
               + (f"  deterministic dTable: {extra['table_grad_deterministic']}" if extra else ""))
-    return rows, {mode: (call, setup) for mode, (call, setup, _) in timed.items()}
-
-
-def gpu_pass(pending, device, outcomes):
-    """The GPU's own time of every call timed before (common.gpu_time), added to its row: after the wall-clock
-    timings it would otherwise precede (see common.gpu_time on CUPTI)."""
-    if device != "cuda":
-        return
-    for label, context, row_calls in pending:
-        with outcomes.guard(f"GPU time of {label}"), context():
-            for row, (call, setup) in row_calls:
-                gpu = gpu_time(call, device, setup=setup)
-                if gpu:
-                    row.update(gpu, gpu_tflops=row["tflops"] and row["tflops"] * row["median_ms"] / gpu["gpu_ms"])
-                    print(f"  {label} {row['mode']}: GPU {gpu['gpu_ms']:.3f} ms")
+    return rows, [(r, timed[r["mode"]][:2], timed[r["mode"]][2], None) for r in rows]
 
 
 def main(argv=None):
@@ -253,7 +240,7 @@ def main(argv=None):
     shapes = SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else FULL_SHAPES
     env = environment(device)
     rows, outcomes = [], Outcomes()
-    pending = []   # (label, context, [(row, (call, setup))]): for the GPU-time pass after a shape's wall timings
+    pending = []   # for the GPU-time pass after a shape's wall timings (common.gpu_pass)
     for dtype in dtypes:
         for model, B, window in shapes:
             H, D = MODELS.get(model, 2), 64 if model in MODELS else 16
@@ -276,7 +263,7 @@ def main(argv=None):
                     check_provider(name, fn, leaves, grad, expected, dtype)
                     got, calls = bench_one(name, fn, shape, leaves, grad, dtype, device, env, args)
                     rows += got
-                    pending.append((label, context, [(r, calls[r["mode"]]) for r in got]))
+                    pending.append((label, context, calls))
                 # after every provider, so a run cut short by a time limit keeps what it measured
                 write_report(rows, args.out, "bench_attention", outcomes)
             # this shape's GPU times, after all its wall-clock timings (the next shape's flex provider resets

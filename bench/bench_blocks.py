@@ -44,7 +44,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (Outcomes, Skip, base_parser, check_close, device_and_dtypes, environment, finish,  # noqa: E402
-                    gpu_time, make_row, peak_mb, selected_providers, time_ms, write_report)
+                    gpu_pass, make_row, peak_mb, selected_providers, time_ms, write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -340,34 +340,16 @@ def bench_provider(op, name, fn, case, dtype, device, env):
     return rows, [(r, calls[r["mode"]], case["flops"].get(r["mode"]), case["nbytes"].get(r["mode"])) for r in rows]
 
 
-def gpu_pass(pending, copies, device, outcomes):
-    """The GPU's own time (common.gpu_time) of every call timed before, with GB/s and the fraction of a same-
-    bytes copy's GB/s by GPU time, added to its row: after the wall-clock timings it would otherwise precede
-    (see common.gpu_time on CUPTI)."""
-    if device != "cuda":
-        return
-    for row, call in copies.calls.values():
-        with outcomes.guard(f"GPU time of the copy of {row['shape']['bytes']} B"):
-            row.update(with_gpu_rates(gpu_time(call, device), None, row["shape"]["bytes"]))
-    for label, context, row_calls in pending:
-        with outcomes.guard(f"GPU time of {label}"), context():
-            for row, (call, setup), flops, nbytes in row_calls:
-                gpu = with_gpu_rates(gpu_time(call, device, setup=setup), flops, nbytes)
-                row.update(gpu)
-                copy = copies.gpu_gbps(nbytes) if row.get("pct_copy_bw") is not None else None
-                if copy and gpu.get("gpu_gbps"):
-                    row["gpu_pct_copy_bw"] = 100.0 * gpu["gpu_gbps"] / copy
-                if gpu:
-                    print(f"  {label} {row['mode']}: GPU {gpu['gpu_ms']:.4f} ms, {gpu.get('gpu_gbps') or 0:.1f} GB/s")
-
-
-def with_gpu_rates(gpu, flops, nbytes) -> dict:
-    """gpu_time's result with gpu_tflops / gpu_gbps added ({} without a GPU time)."""
-    if not gpu or not gpu["gpu_ms"] > 0:
-        return {}
-    s = gpu["gpu_ms"] / 1e3
-    return {**gpu, "gpu_tflops": flops / s / 1e12 if flops else None, "gpu_gbps": nbytes / s / 1e9 if nbytes else None}
-
+def gpu_times(pending, copies, device, outcomes):
+    """The GPU-time pass (common.gpu_pass) over the providers' calls and the copies', then each memory-bound
+    row's GB/s by GPU time as a fraction of a same-bytes copy's (gpu_pct_copy_bw)."""
+    copy_rows = [(row, (call, None), None, row["shape"]["bytes"]) for row, call in copies.calls.values()]
+    gpu_pass([("copies", contextlib.nullcontext, copy_rows)] + pending, device, outcomes)
+    for _, _, row_calls in pending:
+        for row, _, _, nbytes in row_calls:
+            copy = copies.gpu_gbps(nbytes) if row.get("pct_copy_bw") is not None else None
+            if copy and row.get("gpu_gbps"):
+                row["gpu_pct_copy_bw"] = 100.0 * row["gpu_gbps"] / copy
 
 class CopyBandwidth:
     """GB/s of a plain device copy that moves a given number of bytes (half read, half written), measured
@@ -461,7 +443,7 @@ def main(argv=None):
                     write_report(rows, args.out, "bench_blocks", outcomes)   # a time limit keeps what ran
                 del expected   # the case's tensors stay for the GPU-time pass
             # this configuration's GPU times, after all its wall-clock timings
-            gpu_pass(pending, copy_gbps, device, outcomes)
+            gpu_times(pending, copy_gbps, device, outcomes)
             write_report(rows, args.out, "bench_blocks", outcomes)
             pending.clear()
     finish(rows, args.out, "bench_blocks", outcomes)

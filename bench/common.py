@@ -229,6 +229,30 @@ def gpu_time(fn: Callable, device: str, setup: Optional[Callable[[], object]] = 
         per_call[i].items(), key=lambda kv: -kv[1])}}
 
 
+def with_gpu_rates(gpu: Optional[dict], flops: Optional[float], nbytes: Optional[float]) -> dict:
+    """gpu_time's result with gpu_tflops / gpu_gbps from the FLOPs / bytes of one call ({} without a GPU time)."""
+    if not gpu or not gpu["gpu_ms"] > 0:
+        return {}
+    s = gpu["gpu_ms"] / 1e3
+    return {**gpu, "gpu_tflops": flops / s / 1e12 if flops else None, "gpu_gbps": nbytes / s / 1e9 if nbytes else None}
+
+
+def gpu_pass(pending, device: str, outcomes: "Outcomes") -> None:
+    """The GPU's own time (gpu_time, with with_gpu_rates) of every call a benchmark timed, added to its row.
+    Run after the wall-clock timings it would otherwise precede (see gpu_time on CUPTI). `pending`:
+    (label, context factory, [(row, (call, setup), flops, nbytes)]) per provider; the context (the
+    provider's settings) is entered around its calls again."""
+    if device != "cuda":
+        return
+    for label, context, row_calls in pending:
+        with outcomes.guard(f"GPU time of {label}"), context():
+            for row, (call, setup), flops, nbytes in row_calls:
+                gpu = with_gpu_rates(gpu_time(call, device, setup=setup), flops, nbytes)
+                row.update(gpu)
+                if gpu:
+                    print(f"  {label} {row['mode']}: GPU {gpu['gpu_ms']:.4f} ms")
+
+
 def peak_mb(fn: Callable, device: str, setup: Optional[Callable[[], object]] = None) -> Optional[float]:
     """Peak memory allocated during one call of fn() (or of fn(setup()), setup's allocations counted as
     already there), above what was allocated before it (CUDA only)."""

@@ -18,8 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (Outcomes, base_parser, device_and_dtypes, environment, finish, make_row,  # noqa: E402
-                    write_report)
+from common import (Outcomes, base_parser, device_and_dtypes, environment, finish, gpu_time,  # noqa: E402
+                    make_row, write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -30,7 +30,7 @@ from beit_fast.relpos import num_relative_distance, relative_position_index  # n
 
 
 def per_call(fn, device, n=50):
-    """-> (host_us, median_ms of back-to-back calls); gpu_us comes from gpu_us() in a later pass"""
+    """-> (host_us, median_ms of back-to-back calls); gpu_us comes from common.gpu_time in a later pass"""
     for _ in range(5):
         fn()
     if device != "cuda":
@@ -52,18 +52,6 @@ def per_call(fn, device, n=50):
     end.record()
     torch.cuda.synchronize()
     return host, start.elapsed_time(end) / n
-
-
-def gpu_us(fn, reps=10):
-    """GPU time per call (kernels, memsets, copies summed; torch.profiler) of back-to-back calls. Taken after
-    every host timing of the run: profiling leaves CUPTI attached unless torn down, slowing later launches
-    (bench/common.py sets TEARDOWN_CUPTI=1 as well)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return sum(ev.time_range.elapsed_us() for ev in prof.events()
-               if ev.device_type == torch.autograd.DeviceType.CUDA) / reps
 
 
 def with_backward(forward, leaves):
@@ -162,7 +150,10 @@ def main(argv=None):
     if device == "cuda":
         for label, row, fn in pending:
             with outcomes.guard(f"GPU time of {label}"):
-                row["gpu_us"] = round(gpu_us(fn), 1)
+                # back to back in one profiler session, after every host timing of the run (see
+                # common.gpu_time on CUPTI)
+                gpu = gpu_time(fn, device, reps=10)
+                row["gpu_us"] = round(gpu["gpu_ms"] * 1e3, 1) if gpu else None
                 print(f"{label}: gpu {row['gpu_us']} us")
             write_report(rows, args.out, "bench_overhead", outcomes)
     finish(rows, args.out, "bench_overhead", outcomes)

@@ -39,8 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-
 from fake_driver import Unsupported, install_fake_driver, nvidia_tool  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------ SASS
@@ -103,7 +104,7 @@ def compile_attention(args):
     launches = install_fake_driver(args.arch)
     from beit_fast.kernels import rel_pos_attention as K
     from beit_fast.relpos import num_relative_distance
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     side = math.isqrt(args.tokens - 1)
     if side * side + 1 != args.tokens:
         raise SystemExit(f"--tokens must be a square number of patches + 1 (BEiT's layout), got {args.tokens}")
@@ -160,7 +161,7 @@ def compile_layer_norm(args):
     install_fake_driver(args.arch)
     from beit_fast.kernels import layer_norm as LN
     LN._num_programs = lambda device: LN.PROGRAMS_PER_SM * 132   # an H100's SMs
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     compiled = {}
     _recording(LN, ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"), compiled)
     M, C = 128 * 197, args.channels
@@ -172,11 +173,12 @@ def compile_layer_norm(args):
 
 def compile_linear_gelu_dz(args):
     """linear_gelu's dGELU pass (store mode: the pre-activation saved) at BEiT-B's MLP (rows B=128 x 197,
-    4 * --channels columns). The autotuned GEMM is not compiled here (its autotuner needs a GPU to time)."""
+    4 * --channels columns). The autotuned GEMM is not compiled here: without a GPU its tuner would keep its
+    first config, not the one a GPU's timings pick."""
     install_fake_driver(args.arch)
     from beit_fast.kernels import linear_gelu as LG
     LG._sm_count = lambda device: 132
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     compiled = {}
     _recording(LG, ("_dgelu_kernel",), compiled)
     M, K = 128 * 197, args.channels
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", default="attention", choices=("attention", "layer_norm", "linear_gelu_dz"))
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     p.add_argument("--tokens", type=int, default=197, help="N = Wh*Ww + 1 (default 197: 224px, 16px patches)")
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)

@@ -720,7 +720,7 @@ class _BiasArgs:
             self.centre = (wh - 1) * (2 * ww - 1) + ww - 1
         self._gather = self._dense = self._dense_t = None
         # whether a tile config's dense_bias is honoured (see DENSE_MAX_BYTES)
-        self.dense_ok = DENSE_BIAS is not None or table.shape[1] * N * cdiv(N, 16) * 16 * 4 <= DENSE_MAX_BYTES
+        self.dense_ok = DENSE_BIAS is not None or table.shape[1] * N * _dense_row(N) * 4 <= DENSE_MAX_BYTES
 
     def expand(self, query_major: bool, key_major: bool) -> None:
         """Build the dense expansions asked for that are not built yet, both in one launch (_expand_bias)."""
@@ -751,6 +751,11 @@ class _BiasArgs:
         return t, self.idx, t.stride(1), t.stride(0), self.s_ii, self.s_ij, self.src
 
 
+def _dense_row(N: int) -> int:
+    """Row length of the dense expansions: N rounded up to 16 elements (aligned vector loads)."""
+    return cdiv(N, 16) * 16
+
+
 def _expand_bias(b: _BiasArgs, query_major: bool = True, key_major: bool = False) -> tuple:
     """(query-major, key-major) expansions, each (H, N, N_pad) fp32 or None when not asked for: [h, i, j] =
     log2(e) * table[index[i, j], h] for i, j < N (the values the gathering kernels add, bitwise) and 0 for
@@ -758,7 +763,7 @@ def _expand_bias(b: _BiasArgs, query_major: bool = True, key_major: bool = False
     its transpose, [h, j, i], padded along i. One launch over the table as the model stores it."""
     table, N = b.table, b.N
     H = table.shape[1]
-    n_pad = cdiv(N, 16) * 16
+    n_pad = _dense_row(N)
     out = _alloc((H, N, n_pad), torch.float32, table.device) if query_major else None
     out_t = _alloc((H, N, n_pad), torch.float32, table.device) if key_major else None
     ref = out if out is not None else out_t

@@ -69,7 +69,7 @@ def scenarios(K_attn, K_ln, K_lg):
         out.append(layer_norm)
     out.append(lambda: K_lg.linear_gelu_dz(torch.zeros(40, 64), torch.zeros(40, 32), torch.zeros(64, 32),
                                            torch.zeros(64), torch.zeros(40, 64), True))
-    # the autotuned GEMM (its tuner "times" every config alike here, so it keeps the first one it kept)
+    # the autotuned GEMM (under the stand-in driver its tuner keeps its first config)
     out.append(lambda: K_lg.linear_gelu_fwd(torch.zeros(40, 32, dtype=torch.bfloat16),
                                             torch.zeros(64, 32, dtype=torch.bfloat16),
                                             torch.zeros(64, dtype=torch.bfloat16)))
@@ -92,8 +92,6 @@ def main():
     if _launch.CONVENTION is None:
         print("not available: kernels._launch does not recognize this Triton's JITFunction.run")
         return 2
-    from triton.runtime import autotuner
-    autotuner.Autotuner._bench = lambda self, *args, config=None, **kwargs: [1.0, 1.0, 1.0]   # no GPU to time
     entered = []
     real_run = JITFunction.run
 

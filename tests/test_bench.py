@@ -196,6 +196,34 @@ def test_gpu_time_sums_kernels_per_call(monkeypatch):
     assert len(n) == 4 and profiled[-2:] == [True, False] and len(profiled) == 8   # 1 untimed + 3 in one session
 
 
+def test_gpu_pass_adds_gpu_times_and_rates(monkeypatch):
+    """common.gpu_pass: each pending row gets its call's GPU time and the TFLOP/s / GB/s it implies, inside its
+    provider's context; nothing happens off CUDA. bench_blocks.gpu_times adds the copies' rows and each
+    memory-bound row's fraction of a same-bytes copy's GB/s by GPU time."""
+    import contextlib
+    common, blocks = _bench_module("common"), _bench_module("bench_blocks")
+    entered = []
+
+    @contextlib.contextmanager
+    def context():
+        entered.append(True)
+        yield
+    times = {"op": 0.5, "copy": 0.25}   # ms per call, by what the call is
+    monkeypatch.setattr(common, "gpu_time", lambda call, device, setup=None: {"gpu_ms": times[call()],
+                                                                             "gpu_kernels_ms": {}})
+    row = {"mode": "fwd", "pct_copy_bw": 40.0}
+    pending = [("ours", context, [(row, (lambda: "op", None), 2e9, 1e9)])]
+    common.gpu_pass(pending, "cpu", common.Outcomes())
+    assert row == {"mode": "fwd", "pct_copy_bw": 40.0} and not entered
+    common.gpu_pass(pending, "cuda", common.Outcomes())
+    assert entered and row["gpu_ms"] == 0.5 and row["gpu_tflops"] == 2e9 / 5e-4 / 1e12
+    assert row["gpu_gbps"] == 1e9 / 5e-4 / 1e9
+    copies = blocks.CopyBandwidth({"model": "m", "B": 1, "C": 1}, torch.float32, "cpu", {}, [])
+    copies.calls[copies._n(1e9)] = ({"shape": {"bytes": 1e9}, "mode": "fwd"}, lambda: "copy")
+    blocks.gpu_times(pending, copies, "cuda", common.Outcomes())
+    assert copies.gpu_gbps(1e9) == 1e9 / 2.5e-4 / 1e9 and row["gpu_pct_copy_bw"] == 50.0
+
+
 def test_report_baselines_and_machines():
     """--baseline gives one speed-up column per named provider; rows of two GPUs are never compared."""
     report = _bench_module("report")
