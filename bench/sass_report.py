@@ -1,6 +1,7 @@
 """What the Triton kernels compile to on sm_90 (or another target), without a GPU: registers, spills, shared
 memory and the SASS of every loop (instruction count and mix), for the tile configs the launchers pick
-(the attention kernels; with --op, LayerNorm's or linear_gelu's dGELU pass).
+(the attention kernels; with --op, LayerNorm's or linear_gelu's dGELU pass; with --object, the CUDA kernels
+of a compiled object such as the extension).
 
 The launchers run for real (kernels.rel_pos_attention.rel_pos_attention_fwd / _bwd on CPU tensors with
 BEiT's layout), through Triton's own JIT dispatch: argument specialization (16-byte alignment, strides of 1,
@@ -14,6 +15,7 @@ with fewer instructions, or without spills, is not proof of a faster kernel, onl
     python bench/sass_report.py --tile dkdv=64,64,4,2 --tile fwd=128,64,8,2,tail=0 --mix
     python bench/sass_report.py --keep DIR                # also writes each kernel's .ptx, .cubin and .sass
     python bench/sass_report.py --op layer_norm --mix      # LayerNorm forward and backward, C=768
+    python bench/sass_report.py --object beit_fast/_C*.so --match forward_warp_kernel   # the CUDA kernels
 
 --tile KERNEL=block_m,block_n[,num_warps[,num_stages]][,tail=0|1][,block_tail=0|1] overrides one kernel's
 TileConfig. Loops are found from backward branches; "innermost" loops contain no other loop. In BEiT's
@@ -190,6 +192,27 @@ def compile_linear_gelu_dz(args):
             compiled)
 
 
+def describe_object(path: str, match: str, arch: int) -> list[str]:
+    """The sm_`arch` functions of a compiled object (the extension's .so, an nvcc .o or a .cubin) whose
+    mangled name contains `match`: instruction count and global memory instructions by full opcode (LDG.E:
+    a scalar load, LDG.E.128: 16 bytes), counted in the code (each branch once), not per executed row."""
+    sass = subprocess.run([nvidia_tool("cuobjdump"), "-sass", "-arch", f"sm_{arch}", path], capture_output=True,
+                          text=True)
+    if sass.returncode != 0:
+        raise Unsupported(f"cuobjdump cannot read {path}: {sass.stderr.strip()[:200]}")
+    lines = []
+    for chunk in re.split(r"\n\s+Function : ", sass.stdout)[1:]:
+        name = chunk.split("\n", 1)[0].strip()
+        if match not in name:
+            continue
+        instrs = parse_sass(chunk)
+        mem = collections.Counter(ins.split()[1 if ins.startswith("@") else 0] for _, ins in instrs
+                                  if opcode(ins) in ("LDG", "STG", "LDS", "STS", "LDL", "STL"))
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(mem.items()))
+        lines.append(f"{name}: {len(instrs)} SASS instructions; {counts}")
+    return lines or [f"no sm_{arch} function of {path} matches {match!r}"]
+
+
 def describe(name: str, kernel, keep_dir: str, mix: bool) -> list[str]:
     base = os.path.join(keep_dir, name)
     with open(base + ".cubin", "wb") as f:
@@ -245,7 +268,16 @@ def main(argv=None) -> int:
                    help="the backward without the table gradient (a frozen table)")
     p.add_argument("--mix", action="store_true", help="print each innermost loop's opcode mix")
     p.add_argument("--keep", default=None, help="directory for the .ptx / .cubin / .sass files")
+    p.add_argument("--object", default=None, help="report a compiled object's functions instead (see --match)")
+    p.add_argument("--match", default="", help="--object: functions whose mangled name contains this")
     args = p.parse_args(argv)
+    if args.object is not None:
+        try:
+            print("\n".join(describe_object(args.object, args.match, args.arch)))
+        except Unsupported as e:
+            print(f"sass_report: not available here: {e}")
+            return 2
+        return 0
     os.environ.pop("TRITON_INTERPRET", None)
     keep = args.keep or tempfile.mkdtemp(prefix="beit_fast_sass_")
     os.makedirs(keep, exist_ok=True)

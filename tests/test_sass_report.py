@@ -81,3 +81,20 @@ def test_report_other_ops(op, kernels):
     for kernel in kernels:
         assert any(line.startswith(kernel + ":") and " registers" in line for line in r.stdout.splitlines()), kernel
     assert "innermost loop" in r.stdout    # the backward's row loop / the dGELU pass's row-block loop
+
+
+def test_report_reads_the_extensions_cuda_kernels():
+    """--object: the sm_90 SASS of the extension's CUDA kernels (built whenever CUDA is, as in CI)."""
+    pytest.importorskip("triton")
+    from beit_fast import _backend
+    mod, err = _backend.extension()
+    if mod is None or not _backend.extension_has_cuda():
+        pytest.skip(err or "beit_fast._C was built without its CUDA sources")
+    r = subprocess.run([sys.executable, "bench/sass_report.py", "--object", mod.__file__, "--match",
+                        "forward_warp_kernel"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if r.returncode == 2 and "not available here" in r.stdout:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines and all("forward_warp_kernel" in x and " SASS instructions; " in x for x in lines), r.stdout[:2000]
+    assert any("LDG.E.128" in x for x in lines)   # the rows' vector loads
