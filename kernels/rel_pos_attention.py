@@ -7,9 +7,10 @@ is masked or peeled, see below):
   _dkdv_kernel     one program per (K-block, h, batch group g): loops over its batches and all Q blocks,
                    writes dK, dV and owns the fp32 partial dBias_g[h, K-block, :] (stored key-major) with
                    plain read-modify-writes, no atomics: the table gradient is bitwise reproducible.
-  _dq_kernel       one program per (Q-block, b*h): loops over all K blocks.
   _table_grad_kernel  dTable[r, h] = sum_g sum_{(i,j): index[i,j] = r} dBias_g[h, j, i] in a fixed order,
                    through a padded inverse index (CSR: sorted flat positions, start, count).
+  _dq_kernel       one program per (Q-block, b*h): loops over all K blocks. It runs last: until then the
+                   partials may live in dQ's own memory (_partials_layout), which it then overwrites.
 
 Inner loops (keys in the forward and dQ kernels, queries in dK/dV) run N // BLOCK whole blocks with no mask on
 that axis, then, where the tile config peels it (TileConfig.tail), the N % BLOCK remaining tokens in the
@@ -388,14 +389,23 @@ def _delta_kernel(O, DO, DELTA, s_ob, s_oh, s_on, s_od, s_gb, s_gh, s_gn, s_gd, 
 
 
 @triton.jit
-def _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok, kpart, dk, dv, start_m,
+def _partial_rows(DB, rows, N, part_rows, part_stride):
+    """Pointers to the starts of dBias partial rows `rows` (int32; row (g*H + h)*N + key j holds queries
+    0..N-1): part_rows rows of N fp32 side by side in each chunk, chunks part_stride fp32 apart
+    (PartialsLayout; part_rows is 1, which Triton specializes, except in the packed layout's chunks)."""
+    return DB + (rows // part_rows).to(tl.int64) * part_stride + (rows % part_rows) * N
+
+
+@triton.jit
+def _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB_ROWS, seed, b, b32, g, bh, h, offs_n, n_ok, kpart, dk, dv, start_m,
                offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn, s_gd, s_tr, s_th, s_ii, s_ij,
                N, R, centre, qk_scale, dropout_p,
                BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, BIAS_SRC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     """One query block of the dK/dV loop (and the program's dBias tile for it). Transposed tiles (keys x
     queries): p^T and dS^T come out of the MMA in the layout the dK/dV products consume, and the dBias
-    partial (stored key-major) is written along contiguous queries. MASK_M: the block may reach past N."""
+    partial (stored key-major) is written along contiguous queries. MASK_M: the block may reach past N.
+    DB_ROWS: per key of the block, the start of its partial row (_partial_rows)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if MASK_M:
         m_ok = offs_m < N
@@ -429,7 +439,7 @@ def _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, of
     dst = pt * (dpt - delta[None, :])   # gradient w.r.t. the natural-unit logits scale*q.k + bias
     dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
     if NEED_DBIAS:
-        db_ptr = DB + offs_n[:, None] * N + offs_m[None, :]
+        db_ptr = DB_ROWS[:, None] + offs_m[None, :]
         prev = tl.load(db_ptr, mask=valid & (b32 != g), other=0.0)
         tl.store(db_ptr, prev + dst, mask=valid)
     return dk, dv
@@ -439,12 +449,14 @@ def _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, of
 def _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, start_n,
                s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
-               s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
-               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TAIL_M: tl.constexpr, BIAS_SRC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_stride, sm_scale, qk_scale,
+               dropout_p, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, BIAS_SRC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     """dK, dV of keys [start_n, start_n + BLOCK_N) for the batches of group g, and their dBias tiles."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    # this program owns dBias_g[h, K-block, :] (stored key-major): the group's first batch writes, later ones add
+    DB_ROWS = _partial_rows(DB, (g * H + h) * N + offs_n, N, part_rows, part_stride)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_D
     n_ok = offs_n < N
@@ -460,18 +472,18 @@ def _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, start_
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         if TAIL_M < 0:   # no peeled tail: every query block masked
             for start_m in range(0, N, BLOCK_M):
-                dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok,
+                dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB_ROWS, seed, b, b32, g, bh, h, offs_n, n_ok,
                                     kpart, dk, dv, start_m, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn,
                                     s_gd, s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
                                     BLOCK_M, True, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
         else:
             for start_m in range(0, m_full, BLOCK_M):    # whole query blocks: no query mask
-                dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok,
+                dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB_ROWS, seed, b, b32, g, bh, h, offs_n, n_ok,
                                     kpart, dk, dv, start_m, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn,
                                     s_gd, s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
                                     BLOCK_M, False, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
         if TAIL_M > 0:   # the N % BLOCK_M last queries, in the smallest tile that holds them (see _tail)
-            dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB, seed, b, b32, g, bh, h, offs_n, n_ok, kpart,
+            dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB_ROWS, seed, b, b32, g, bh, h, offs_n, n_ok, kpart,
                                 dk, dv, m_full, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn, s_gd,
                                 s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
                                 TAIL_M, True, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
@@ -490,7 +502,7 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
                  s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                  s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
                  s_tr, s_th, s_ii, s_ij,
-                 B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
+                 B, H, N, R, centre, G, part_rows, part_stride, sm_scale, qk_scale, dropout_p,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  TAIL_M: tl.constexpr, BLOCK_TAIL: tl.constexpr, BIAS_SRC: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -500,28 +512,29 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    # this program owns dBias_g[h, K-block, :] (stored key-major): the group's first batch writes, later ones add
-    DB += (g * H + h).to(tl.int64) * N * N
     # (a tile shape is a compile-time constant: one call per shape, none compiled with a BLOCK_TAIL of 0)
     if BLOCK_TAIL > 0:   # the program of the last N % BLOCK_N keys uses a BLOCK_TAIL-row tile (_block_tail)
         if pid_n == N // BLOCK_N:
             _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
                        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                        s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
-                       s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
-                       HEAD_D, BLOCK_D, BLOCK_M, BLOCK_TAIL, TAIL_M, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+                       s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_stride, sm_scale,
+                       qk_scale, dropout_p, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_TAIL, TAIL_M, BIAS_SRC, HAS_DROPOUT,
+                       NEED_DBIAS, DOT_PREC)
         else:
             _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
                        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                        s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
-                       s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
-                       HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+                       s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_stride, sm_scale,
+                       qk_scale, dropout_p, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, BIAS_SRC, HAS_DROPOUT,
+                       NEED_DBIAS, DOT_PREC)
     else:
         _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
                    s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                    s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
-                   s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, sm_scale, qk_scale, dropout_p,
-                   HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
+                   s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_stride, sm_scale, qk_scale,
+                   dropout_p, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS,
+                   DOT_PREC)
 
 
 @triton.jit
@@ -616,8 +629,8 @@ def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
 
 
 @triton.jit
-def _table_grad_kernel(DB, PERM, START, COUNT, DT, G, H, NN, R, MAX_COUNT, s_dtr, s_dth,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _table_grad_kernel(DB, PERM, START, COUNT, DT, G, H, N, R, MAX_COUNT, part_rows, part_stride,
+                       s_dtr, s_dth, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_r = tl.program_id(0)
     h = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -628,9 +641,12 @@ def _table_grad_kernel(DB, PERM, START, COUNT, DT, G, H, NN, R, MAX_COUNT, s_dtr
     for c0 in range(0, MAX_COUNT, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         m = offs_c[None, :] < count[:, None]
-        flat = tl.load(PERM + start[:, None] + offs_c[None, :], mask=m, other=0).to(tl.int64)
+        flat = tl.load(PERM + start[:, None] + offs_c[None, :], mask=m, other=0)   # j * N + i (int32)
+        key = flat // N
+        query = flat - key * N
         for g in range(0, G):
-            acc += tl.load(DB + (g * H + h).to(tl.int64) * NN + flat, mask=m, other=0.0)
+            rows = _partial_rows(DB, (g * H + h) * N + key, N, part_rows, part_stride)
+            acc += tl.load(rows + query, mask=m, other=0.0)
     tl.store(DT + offs_r * s_dtr + h * s_dth, tl.sum(acc, 1), mask=r_ok)
 
 
@@ -811,8 +827,9 @@ def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout
 
 
 def num_batch_groups(B: int, H: int, N: int, device: torch.device) -> int:
-    """G, the number of fp32 dBias partials (G, H, N, N): about 4 (K-block, h, g) programs per SM, at most B,
-    at most 64 MiB of partials (at least one). A function of shape and device only, so reproducible."""
+    """G, the number of fp32 dBias partials (G, H, N, N) wanted: about 4 (K-block, h, g) programs per SM, at
+    most B, at most 64 MiB of partials (at least one). A function of shape and device only, so reproducible
+    (_partials_layout may take fewer to fit them into dQ's memory)."""
     if device.type != "cuda":
         return min(B, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -821,14 +838,58 @@ def num_batch_groups(B: int, H: int, N: int, device: torch.device) -> int:
     return max(1, min(B, want, cap))
 
 
+@dataclasses.dataclass(frozen=True)
+class PartialsLayout:
+    """Where the G fp32 dBias partials live: row (g*H + h)*N + j (key j) holds queries 0..N-1; `rows_per_chunk`
+    rows side by side in each chunk, chunks `chunk_stride` fp32 apart from `buf`'s first element."""
+    buf: torch.Tensor
+    G: int
+    rows_per_chunk: int
+    chunk_stride: int
+    in_dq: bool
+
+
+def _dq_as_chunks(dq: torch.Tensor, N: int):
+    """dQ's memory as fp32 chunks, (fp32 view, fp32 per chunk, chunk stride in fp32, chunks), or None: a
+    contiguous dQ in chunks of N, or for dQ in the packed (B, N, 3, H, D) layout (or any with each token's
+    H*D values contiguous and tokens equally spaced) one chunk per token."""
+    B, H, _, D = dq.shape
+    size = dq.element_size()
+    if dq.numel() == 0 or dq.data_ptr() % 16 or (dq.numel() * size) % 4:
+        return None
+    if dq.is_contiguous():   # chunks of one row each
+        flat = dq.view(-1).view(torch.float32)
+        return flat, N, N, flat.numel() // N
+    s_b, s_h, s_n, s_d = dq.stride()
+    if s_d == 1 and s_h == D and s_b == N * s_n and s_n >= H * D and (D * size) % 4 == 0 and (s_n * size) % 4 == 0:
+        return dq.view(torch.float32), H * D * size // 4, s_n * size // 4, B * N
+    return None
+
+
+def _partials_layout(dq: torch.Tensor, G: int, H: int, N: int, in_dq: bool) -> PartialsLayout:
+    """G partials in dQ's memory when `in_dq` (dQ is this call's own, unaliased output, written last) and they
+    fit with at least half the G asked for (fewer groups, fewer programs: more parallelism is not worth an
+    extra buffer below that); else a buffer of their own, (G*H*N, N) fp32."""
+    chunks = _dq_as_chunks(dq, N) if in_dq else None
+    if chunks is not None:
+        buf, per_chunk, stride, count = chunks
+        rows = per_chunk // N
+        fit = count * rows // (H * N) if rows else 0
+        if 2 * fit >= G and fit >= 1:
+            return PartialsLayout(buf, min(G, fit), rows, stride, True)
+    return PartialsLayout(_alloc((G * H * N, N), torch.float32, dq.device), G, 1, N, False)
+
+
 @on_device_of_first_arg
 def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, scale, dropout_p, seed,
-                          dq, dk, dv, inverse_index=None):
+                          dq, dk, dv, inverse_index=None, dq_scratch=False):
     """Writes dq, dk, dv (views with any strides, same shapes as q, k, v). When `inverse_index`
     (perm, start, count, max_count) is given, also returns dTable (R, H) fp32, else None.
+    dq_scratch: dq is this call's own output, aliasing no input (freshly allocated): its memory holds the
+    table gradient's partials until dQ itself is computed (last).
     Extra memory: Delta (B, H, N) fp32 and, for the table gradient, G fp32 partials (G, H, N, N)
-    with G = num_batch_groups(...) (<= 64 MiB unless a single partial is larger); with a dense_bias tile
-    config, the (H, N, N_pad) fp32 bias expansion (_expand_bias)."""
+    with G = num_batch_groups(...) (<= 64 MiB unless a single partial is larger) unless they fit into dq
+    (_partials_layout); with a dense_bias tile config, the (H, N, N_pad) fp32 bias expansions (_expand_bias)."""
     B, H, N, D = q.shape
     cfgs = pick_configs(D, q.dtype, q.device)
     BLOCK_D = _block_d(D)
@@ -844,17 +905,29 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
 
     need_dbias = inverse_index is not None
     G = num_batch_groups(B, H, N, q.device)
-    dbias = _alloc((G, H, N, N) if need_dbias else (1,), torch.float32, q.device)
+    # (without the table gradient the partials' pointer is never used: any fp32 tensor does)
+    part = _partials_layout(dq, G, H, N, dq_scratch) if need_dbias else PartialsLayout(delta, G, 1, N, False)
     bias.expand(cfgs.dq.dense_bias, cfgs.dkdv.dense_bias)   # both expansions (if wanted) in one launch
     c = cfgs.dkdv
     tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(c, key_major=True)
-    launch(_dkdv_kernel, (cdiv(N, c.block_n), H, G),
-        q, k, v, tbl, idx, seed_t, do, lse, delta, dk, dv, dbias,
+    launch(_dkdv_kernel, (cdiv(N, c.block_n), H, part.G),
+        q, k, v, tbl, idx, seed_t, do, lse, delta, dk, dv, part.buf,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_tr, s_th, s_ii, s_ij,
-        B, H, N, R, centre, G, scale, scale * LOG2E, float(dropout_p),
+        B, H, N, R, centre, part.G, part.rows_per_chunk, part.chunk_stride, scale, scale * LOG2E, float(dropout_p),
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, TAIL_M=_tail(N, c.block_m, c.tail),
         BLOCK_TAIL=_block_tail(N, c.block_n, c.block_tail), BIAS_SRC=src, HAS_DROPOUT=has_drop,
         NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    dtable = None
+    if need_dbias:   # before dQ: the partials may occupy dq's memory
+        perm, start, count, max_count = inverse_index
+        dtable = _alloc((R, H), torch.float32, q.device)
+        BLOCK_R, BLOCK_C = 16, 64
+        launch(_table_grad_kernel, (cdiv(R, BLOCK_R), H),
+            part.buf, perm, start, count, dtable, part.G, H, N, R, max_count, part.rows_per_chunk,
+            part.chunk_stride, *dtable.stride(), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        if POISON_OUTPUTS and part.in_dq:
+            dq.fill_(float("nan"))   # so that a dQ element the kernel leaves unwritten still shows
 
     c = cfgs.dq
     tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(c)
@@ -866,14 +939,6 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
         BLOCK_TAIL=_block_tail(N, c.block_m, c.block_tail), BIAS_SRC=src, HAS_DROPOUT=has_drop,
         DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
 
-    if not need_dbias:
-        return None
-    perm, start, count, max_count = inverse_index
-    dtable = _alloc((R, H), torch.float32, q.device)
-    BLOCK_R, BLOCK_C = 16, 64
-    launch(_table_grad_kernel, (cdiv(R, BLOCK_R), H),
-        dbias, perm, start, count, dtable, G, H, N * N, R, max_count, *dtable.stride(),
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return dtable
 
 

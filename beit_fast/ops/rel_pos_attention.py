@@ -219,7 +219,7 @@ def _attn_bwd_impl(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     dq, dk, dv = (K._alloc(q.shape, q.dtype, q.device) for _ in range(3))
     inv = _inverse_index(table, rel_index, wh, ww) if need_dtable else None
     dtable = K.rel_pos_attention_bwd(grad, q, k, v, out, lse, table, rel_index, _window(wh, ww), scale, dropout_p,
-                                     seed, dq, dk, dv, inv)
+                                     seed, dq, dk, dv, inv, dq_scratch=True)
     dtable = dtable.to(table.dtype) if dtable is not None else table.new_zeros(table.shape)
     return dq, dk, dv, dtable
 
@@ -293,7 +293,7 @@ def _packed_bwd_impl(grad: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, table:
     g4 = grad.reshape(B, N, H, D).permute(0, 2, 1, 3)
     inv = _inverse_index(table, rel_index, wh, ww) if need_dtable else None
     dtable = K.rel_pos_attention_bwd(g4, q, k, v, o4, lse, table, rel_index, _window(wh, ww), scale, dropout_p,
-                                     seed, dq, dk, dv, inv)
+                                     seed, dq, dk, dv, inv, dq_scratch=True)
     dtable = dtable.to(table.dtype) if dtable is not None else table.new_zeros(table.shape)
     return dqkv, dtable
 
@@ -365,11 +365,15 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     Memory (Triton): the forward saves out and lse (B, H, N) fp32. The backward adds Delta (B, H, N) fp32,
     the gradients, and G fp32 dBias partials (G, H, N, N), G = kernels.rel_pos_attention.num_batch_groups:
     about 4 programs per SM, at most B, at most 64 MiB of partials unless one partial (H*N*N*4 bytes) is
-    larger (H100: BEiT-B N=197 B=128 -> G=11, 20 MB; BEiT-L N=577 -> G=3, 64 MB); plus a cached inverse
-    index per window (an N*N int32 permutation and two (R,) int32 arrays). Apart from that cached index the
-    partials are the only N*N-sized buffer; they stop growing with the batch at G (below G they have G = B
-    rows, as large as one (B, H, N, N) fp32 tensor, which the reference paths allocate several times over). The table gradient is
-    bitwise reproducible for the same inputs on the same GPU model (G depends on the SM count).
+    larger (H100: BEiT-B N=197 B=128 -> G=11, 20 MB; BEiT-L N=577 -> G=3, 64 MB). The partials live in
+    the memory of dQ, which is computed last, whenever they fit there with at least half that G (then G
+    is what fits): (B, H, N, D) dQ holds B*D*itemsize/(4N) groups (BEiT-B bf16 at B=128: 20); in the packed
+    layout each token's H*D values hold floor(H*D*itemsize/(4N)) rows of N fp32 (BEiT-B bf16: one, so
+    B/H groups, 10 at B=128; BEiT-L: two, 8 at B=64); else they take a buffer of their own
+    (kernels.rel_pos_attention._partials_layout). Plus a cached inverse index per window (an N*N int32
+    permutation and two (R,) int32 arrays). Apart from that cached index the partials are the only
+    N*N-sized data; they stop growing with the batch at G. The table gradient is bitwise reproducible for the
+    same inputs, layout and GPU model (G depends on the SM count and on where the partials fit).
     The forward builds an (H, N, N_pad) fp32 expansion of the table, N_pad = N rounded up to 16 (BEiT-B
     N=197: 1.9 MB), and the backward two (dQ's query-major and dK/dV's key-major one), each freed when the
     call returns: on a GPU by default while one is at most 32 MiB (kernels.rel_pos_attention.DENSE_MAX_BYTES:
