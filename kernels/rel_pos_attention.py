@@ -389,23 +389,24 @@ def _delta_kernel(O, DO, DELTA, s_ob, s_oh, s_on, s_od, s_gb, s_gh, s_gn, s_gd, 
 
 
 @triton.jit
-def _partial_rows(DB, rows, N, part_rows, part_stride):
+def _partial_rows(DB, rows, part_rows, part_pitch, part_stride):
     """Pointers to the starts of dBias partial rows `rows` (int32; row (g*H + h)*N + key j holds queries
-    0..N-1): part_rows rows of N fp32 side by side in each chunk, chunks part_stride fp32 apart
-    (PartialsLayout; part_rows is 1, which Triton specializes, except in the packed layout's chunks)."""
-    return DB + (rows // part_rows).to(tl.int64) * part_stride + (rows % part_rows) * N
+    0..N-1): part_rows rows part_pitch fp32 apart in each chunk, chunks part_stride fp32 apart
+    (PartialsLayout; part_rows is 1, which Triton specializes, except in the packed layout's chunks).
+    The pitch and stride are multiples of 16 where they can be: 16-byte aligned rows, vector accesses."""
+    return DB + (rows // part_rows).to(tl.int64) * part_stride + (rows % part_rows) * part_pitch
 
 
 @triton.jit
 def _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB_ROWS, seed, b, b32, g, bh, h, offs_n, n_ok, kpart, dk, dv, start_m,
                offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn, s_gd, s_tr, s_th, s_ii, s_ij,
-               N, R, centre, qk_scale, dropout_p,
+               N, R, centre, qk_scale, dropout_p, part_pitch,
                BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, BIAS_SRC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     """One query block of the dK/dV loop (and the program's dBias tile for it). Transposed tiles (keys x
     queries): p^T and dS^T come out of the MMA in the layout the dK/dV products consume, and the dBias
     partial (stored key-major) is written along contiguous queries. MASK_M: the block may reach past N.
-    DB_ROWS: per key of the block, the start of its partial row (_partial_rows)."""
+    DB_ROWS: per key of the block, the start of its partial row (_partial_rows), part_pitch fp32 long."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if MASK_M:
         m_ok = offs_m < N
@@ -439,9 +440,12 @@ def _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB_ROWS, seed, b, b32, g, bh, 
     dst = pt * (dpt - delta[None, :])   # gradient w.r.t. the natural-unit logits scale*q.k + bias
     dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
     if NEED_DBIAS:
+        # The whole padded row, not only queries < N: the mask is then constant over 16 queries and the
+        # accesses are vectors. dst is 0 past N (pt is); the reduction reads queries < N only.
         db_ptr = DB_ROWS[:, None] + offs_m[None, :]
-        prev = tl.load(db_ptr, mask=valid & (b32 != g), other=0.0)
-        tl.store(db_ptr, prev + dst, mask=valid)
+        row_ok = n_ok[:, None] & (offs_m < part_pitch)[None, :]
+        prev = tl.load(db_ptr, mask=row_ok & (b32 != g), other=0.0)
+        tl.store(db_ptr, prev + dst, mask=row_ok)
     return dk, dv
 
 
@@ -449,14 +453,14 @@ def _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB_ROWS, seed, b, b32, g, bh, 
 def _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, start_n,
                s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
-               s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_stride, sm_scale, qk_scale,
-               dropout_p, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_pitch, part_stride, sm_scale,
+               qk_scale, dropout_p, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, BIAS_SRC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     """dK, dV of keys [start_n, start_n + BLOCK_N) for the batches of group g, and their dBias tiles."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # this program owns dBias_g[h, K-block, :] (stored key-major): the group's first batch writes, later ones add
-    DB_ROWS = _partial_rows(DB, (g * H + h) * N + offs_n, N, part_rows, part_stride)
+    DB_ROWS = _partial_rows(DB, (g * H + h) * N + offs_n, part_rows, part_pitch, part_stride)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_D
     n_ok = offs_n < N
@@ -474,18 +478,18 @@ def _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, start_
             for start_m in range(0, N, BLOCK_M):
                 dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB_ROWS, seed, b, b32, g, bh, h, offs_n, n_ok,
                                     kpart, dk, dv, start_m, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn,
-                                    s_gd, s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
+                                    s_gd, s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p, part_pitch,
                                     BLOCK_M, True, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
         else:
             for start_m in range(0, m_full, BLOCK_M):    # whole query blocks: no query mask
                 dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB_ROWS, seed, b, b32, g, bh, h, offs_n, n_ok,
                                     kpart, dk, dv, start_m, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn,
-                                    s_gd, s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
+                                    s_gd, s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p, part_pitch,
                                     BLOCK_M, False, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
         if TAIL_M > 0:   # the N % BLOCK_M last queries, in the smallest tile that holds them (see _tail)
             dk, dv = _dkdv_step(k, v, Q, DO, LSE, DELTA, TBL, IDX, DB_ROWS, seed, b, b32, g, bh, h, offs_n, n_ok, kpart,
                                 dk, dv, m_full, offs_d, d_ok, s_qb, s_qh, s_qn, s_qd, s_gb, s_gh, s_gn, s_gd,
-                                s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p,
+                                s_tr, s_th, s_ii, s_ij, N, R, centre, qk_scale, dropout_p, part_pitch,
                                 TAIL_M, True, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS, DOT_PREC)
         if NEED_DBIAS:
             # the next batch reads this program's dBias tiles back with another thread layout: make the
@@ -502,7 +506,7 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
                  s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                  s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
                  s_tr, s_th, s_ii, s_ij,
-                 B, H, N, R, centre, G, part_rows, part_stride, sm_scale, qk_scale, dropout_p,
+                 B, H, N, R, centre, G, part_rows, part_pitch, part_stride, sm_scale, qk_scale, dropout_p,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  TAIL_M: tl.constexpr, BLOCK_TAIL: tl.constexpr, BIAS_SRC: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -518,23 +522,23 @@ def _dkdv_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DK, DV, DB,
             _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
                        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                        s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
-                       s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_stride, sm_scale,
+                       s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_pitch, part_stride, sm_scale,
                        qk_scale, dropout_p, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_TAIL, TAIL_M, BIAS_SRC, HAS_DROPOUT,
                        NEED_DBIAS, DOT_PREC)
         else:
             _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
                        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                        s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
-                       s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_stride, sm_scale,
+                       s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_pitch, part_stride, sm_scale,
                        qk_scale, dropout_p, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, BIAS_SRC, HAS_DROPOUT,
                        NEED_DBIAS, DOT_PREC)
     else:
         _dkdv_keys(Q, K, V, TBL, IDX, DO, LSE, DELTA, DK, DV, DB, seed, h, g, pid_n * BLOCK_N,
                    s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                    s_gb, s_gh, s_gn, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
-                   s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_stride, sm_scale, qk_scale,
-                   dropout_p, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, BIAS_SRC, HAS_DROPOUT, NEED_DBIAS,
-                   DOT_PREC)
+                   s_tr, s_th, s_ii, s_ij, B, H, N, R, centre, G, part_rows, part_pitch, part_stride, sm_scale,
+                   qk_scale, dropout_p, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_M, BIAS_SRC, HAS_DROPOUT,
+                   NEED_DBIAS, DOT_PREC)
 
 
 @triton.jit
@@ -629,7 +633,7 @@ def _dq_kernel(Q, K, V, TBL, IDX, SEED, DO, LSE, DELTA, DQ,
 
 
 @triton.jit
-def _table_grad_kernel(DB, PERM, START, COUNT, DT, G, H, N, R, MAX_COUNT, part_rows, part_stride,
+def _table_grad_kernel(DB, PERM, START, COUNT, DT, G, H, N, R, MAX_COUNT, part_rows, part_pitch, part_stride,
                        s_dtr, s_dth, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_r = tl.program_id(0)
     h = tl.program_id(1)
@@ -645,7 +649,7 @@ def _table_grad_kernel(DB, PERM, START, COUNT, DT, G, H, N, R, MAX_COUNT, part_r
         key = flat // N
         query = flat - key * N
         for g in range(0, G):
-            rows = _partial_rows(DB, (g * H + h) * N + key, N, part_rows, part_stride)
+            rows = _partial_rows(DB, (g * H + h) * N + key, part_rows, part_pitch, part_stride)
             acc += tl.load(rows + query, mask=m, other=0.0)
     tl.store(DT + offs_r * s_dtr + h * s_dth, tl.sum(acc, 1), mask=r_ok)
 
@@ -840,26 +844,37 @@ def num_batch_groups(B: int, H: int, N: int, device: torch.device) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class PartialsLayout:
-    """Where the G fp32 dBias partials live: row (g*H + h)*N + j (key j) holds queries 0..N-1; `rows_per_chunk`
-    rows side by side in each chunk, chunks `chunk_stride` fp32 apart from `buf`'s first element."""
+    """Where the G fp32 dBias partials live: row (g*H + h)*N + j (key j) holds queries 0..N-1;
+    `rows_per_chunk` rows `row_pitch` fp32 apart in each chunk, chunks `chunk_stride` fp32 apart from `buf`'s
+    first element (_partial_rows)."""
     buf: torch.Tensor
     G: int
     rows_per_chunk: int
+    row_pitch: int
     chunk_stride: int
     in_dq: bool
+
+    def args(self) -> tuple:
+        return self.G, self.rows_per_chunk, self.row_pitch, self.chunk_stride
+
+
+def _row_pitch(N: int) -> int:
+    """A partial row's pitch: N rounded up to 16 fp32, so rows start 64-byte aligned and Triton, which marks
+    integer arguments divisible by 16, can prove it (vector loads and stores along the row)."""
+    return cdiv(N, 16) * 16
 
 
 def _dq_as_chunks(dq: torch.Tensor, N: int):
     """dQ's memory as fp32 chunks, (fp32 view, fp32 per chunk, chunk stride in fp32, chunks), or None: a
-    contiguous dQ in chunks of N, or for dQ in the packed (B, N, 3, H, D) layout (or any with each token's
-    H*D values contiguous and tokens equally spaced) one chunk per token."""
+    contiguous dQ in chunks of one row pitch, or for dQ in the packed (B, N, 3, H, D) layout (or any with
+    each token's H*D values contiguous and tokens equally spaced) one chunk per token."""
     B, H, _, D = dq.shape
     size = dq.element_size()
     if dq.numel() == 0 or dq.data_ptr() % 16 or (dq.numel() * size) % 4:
         return None
     if dq.is_contiguous():   # chunks of one row each
-        flat = dq.view(-1).view(torch.float32)
-        return flat, N, N, flat.numel() // N
+        flat, pitch = dq.view(-1).view(torch.float32), _row_pitch(N)
+        return flat, pitch, pitch, flat.numel() // pitch
     s_b, s_h, s_n, s_d = dq.stride()
     if s_d == 1 and s_h == D and s_b == N * s_n and s_n >= H * D and (D * size) % 4 == 0 and (s_n * size) % 4 == 0:
         return dq.view(torch.float32), H * D * size // 4, s_n * size // 4, B * N
@@ -873,11 +888,12 @@ def _partials_layout(dq: torch.Tensor, G: int, H: int, N: int, in_dq: bool) -> P
     chunks = _dq_as_chunks(dq, N) if in_dq else None
     if chunks is not None:
         buf, per_chunk, stride, count = chunks
-        rows = per_chunk // N
+        rows = per_chunk // _row_pitch(N)
         fit = count * rows // (H * N) if rows else 0
         if 2 * fit >= G and fit >= 1:
-            return PartialsLayout(buf, min(G, fit), rows, stride, True)
-    return PartialsLayout(_alloc((G * H * N, N), torch.float32, dq.device), G, 1, N, False)
+            return PartialsLayout(buf, min(G, fit), rows, _row_pitch(N), stride, True)
+    pitch = _row_pitch(N)
+    return PartialsLayout(_alloc((G * H * N, pitch), torch.float32, dq.device), G, 1, pitch, pitch, False)
 
 
 @on_device_of_first_arg
@@ -906,14 +922,14 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     need_dbias = inverse_index is not None
     G = num_batch_groups(B, H, N, q.device)
     # (without the table gradient the partials' pointer is never used: any fp32 tensor does)
-    part = _partials_layout(dq, G, H, N, dq_scratch) if need_dbias else PartialsLayout(delta, G, 1, N, False)
+    part = _partials_layout(dq, G, H, N, dq_scratch) if need_dbias else PartialsLayout(delta, G, 1, 16, 16, False)
     bias.expand(cfgs.dq.dense_bias, cfgs.dkdv.dense_bias)   # both expansions (if wanted) in one launch
     c = cfgs.dkdv
     tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(c, key_major=True)
     launch(_dkdv_kernel, (cdiv(N, c.block_n), H, part.G),
         q, k, v, tbl, idx, seed_t, do, lse, delta, dk, dv, part.buf,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), s_tr, s_th, s_ii, s_ij,
-        B, H, N, R, centre, part.G, part.rows_per_chunk, part.chunk_stride, scale, scale * LOG2E, float(dropout_p),
+        B, H, N, R, centre, *part.args(), scale, scale * LOG2E, float(dropout_p),
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, TAIL_M=_tail(N, c.block_m, c.tail),
         BLOCK_TAIL=_block_tail(N, c.block_n, c.block_tail), BIAS_SRC=src, HAS_DROPOUT=has_drop,
         NEED_DBIAS=need_dbias, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -924,8 +940,8 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
         dtable = _alloc((R, H), torch.float32, q.device)
         BLOCK_R, BLOCK_C = 16, 64
         launch(_table_grad_kernel, (cdiv(R, BLOCK_R), H),
-            part.buf, perm, start, count, dtable, part.G, H, N, R, max_count, part.rows_per_chunk,
-            part.chunk_stride, *dtable.stride(), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+            part.buf, perm, start, count, dtable, part.G, H, N, R, max_count, *part.args()[1:], *dtable.stride(),
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
         if POISON_OUTPUTS and part.in_dq:
             dq.fill_(float("nan"))   # so that a dQ element the kernel leaves unwritten still shows
 

@@ -406,20 +406,21 @@ def _packed_dq(B, H, N, D, dtype, device="meta"):
 @pytest.mark.parametrize("case", [
     # (dq, G asked) -> (in dQ, G used, rows per chunk, chunk stride in fp32)
     ("contiguous BEiT-B bf16 B=128", lambda: torch.empty(128, 12, 197, 64, dtype=torch.bfloat16, device="meta"),
-     11, (True, 11, 1, 197)),
-    # each token's 12*64 bf16 = 384 fp32 hold one row of 197; 128*197 rows / (12*197) per group -> 10 groups
+     11, (True, 11, 1, 208)),
+    # rows of 197 fp32 are 208 apart (16-aligned); each token's 12*64 bf16 = 384 fp32 hold one;
+    # 128*197 rows / (12*197) per group -> 10 groups
     ("packed BEiT-B bf16 B=128", lambda: _packed_dq(128, 12, 197, 64, torch.bfloat16), 11, (True, 10, 1, 3 * 384)),
-    # BEiT-L: 16*64 bf16 = 512 fp32 per token, two rows of 197; 64*197*2 / (16*197) -> 8 of the 9 asked
+    # BEiT-L: 16*64 bf16 = 512 fp32 per token, two rows of 208; 64*197*2 / (16*197) -> 8 of the 9 asked
     ("packed BEiT-L bf16 B=64", lambda: _packed_dq(64, 16, 197, 64, torch.bfloat16), 9, (True, 8, 2, 3 * 512)),
     # room for 5 groups of the 11 asked: under half, so a buffer of their own
-    ("packed BEiT-B bf16 B=64", lambda: _packed_dq(64, 12, 197, 64, torch.bfloat16), 11, (False, 11, 1, 197)),
+    ("packed BEiT-B bf16 B=64", lambda: _packed_dq(64, 12, 197, 64, torch.bfloat16), 11, (False, 11, 1, 208)),
     # a token's 2*8 fp16 = 8 fp32 cannot hold a row of 17
-    ("packed, rows longer than a token", lambda: _packed_dq(4, 2, 17, 8, torch.float16), 2, (False, 2, 1, 17)),
-    # a (B, N, H, D) tensor seen as (B, H, N, D): one chunk per token too; 9*64 fp32 hold 144 rows of 4
+    ("packed, rows longer than a token", lambda: _packed_dq(4, 2, 17, 8, torch.float16), 2, (False, 2, 1, 32)),
+    # a (B, N, H, D) tensor seen as (B, H, N, D): one chunk per token too; 9*64 fp32 hold 36 rows of 4 (16 apart)
     ("(B, N, H, D) transposed", lambda: torch.empty(2, 4, 9, 64, device="meta").transpose(1, 2), 1,
-     (True, 1, 144, 576)),
+     (True, 1, 36, 576)),
     ("a view of part of each row", lambda: torch.empty(2, 4, 9, 128, device="meta")[..., :64], 1,
-     (False, 1, 1, 9)),
+     (False, 1, 1, 16)),
 ])
 def test_partials_layout(case):
     """Where the table gradient's partials go: into dQ's memory when they fit with at least half the groups."""
@@ -432,20 +433,22 @@ def test_partials_layout(case):
     assert part.buf.dtype == torch.float32
     if part.in_dq:   # every row of every group inside dQ's own elements (packed: not dK's or dV's)
         rows = torch.arange(part.G * H * N)
-        start = (rows // part.rows_per_chunk) * part.chunk_stride + (rows % part.rows_per_chunk) * N
+        pitch = part.row_pitch
+        assert pitch % 16 == 0 and pitch >= N and part.chunk_stride % 16 == 0
+        start = (rows // part.rows_per_chunk) * part.chunk_stride + (rows % part.rows_per_chunk) * pitch
         f32 = dq.element_size() / 4
-        chunk, chunks = (N, dq.numel() * f32 // N) if dq.is_contiguous() else (H * D * f32, B * N)
-        assert int((start % part.chunk_stride).max()) + N <= chunk
+        chunk, chunks = (pitch, dq.numel() * f32 // pitch) if dq.is_contiguous() else (H * D * f32, B * N)
+        assert int((start % part.chunk_stride).max()) + pitch <= chunk   # the whole padded row is written
         assert int(start.max()) // part.chunk_stride < chunks
     else:
-        assert part.buf.shape == (G * H * N, N)
+        assert part.buf.shape == (G * H * N, part.row_pitch)
     assert not K._partials_layout(dq, G, H, N, in_dq=False).in_dq
 
 
 @needs_triton
 @pytest.mark.parametrize("packed,dtype,shape,in_dq", [
-    (True, torch.float16, (3, 2, 10, 32), True),    # 2*32 fp16 = 32 fp32 per token: 3 rows of 10 each
-    (True, torch.float32, (2, 2, 17, 16), True),    # 32 fp32 per token: one row of 17
+    (True, torch.float16, (3, 2, 10, 32), True),    # 2*32 fp16 = 32 fp32 per token: 2 rows of 10 (16 apart)
+    (True, torch.float32, (2, 2, 17, 16), True),    # 32 fp32 per token: one row of 17 (pitch 32)
     (True, torch.float16, (2, 2, 17, 8), False),    # 8 fp32 per token: no room, own buffer
     (False, torch.float32, (3, 2, 10, 16), True),   # contiguous dQ
     (False, torch.float16, (1, 2, 37, 8), False),   # 1*2*37*8 fp16 = 296 fp32 < 2 groups of 2*37 rows of 37
