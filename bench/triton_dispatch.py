@@ -54,7 +54,8 @@ def _calls():
         "rel_pos_attention_fwd": lambda: A.rel_pos_attention_fwd(q, k, v, table, None, window, D ** -0.5, 0.0,
                                                                  None, o),
         "rel_pos_attention_bwd": lambda: A.rel_pos_attention_bwd(o, q, k, v, o, lse, table, None, window,
-                                                                 D ** -0.5, 0.0, None, dq, dk, dv, inv),
+                                                                 D ** -0.5, 0.0, None, dq, dk, dv, inv,
+                                                                 dq_scratch=True),   # as the ops call it
         "layer_norm_fwd": lambda: LN.layer_norm_fwd(x, w, b, 1e-6),
         "layer_norm_bwd": lambda: LN.layer_norm_bwd(y, x, w, mean, rstd),
     }
