@@ -884,7 +884,7 @@ def _dq_as_chunks(dq: torch.Tensor, N: int):
 def _partials_layout(dq: torch.Tensor, G: int, H: int, N: int, in_dq: bool) -> PartialsLayout:
     """G partials in dQ's memory when `in_dq` (dQ is this call's own, unaliased output, written last) and they
     fit with at least half the G asked for (fewer groups, fewer programs: more parallelism is not worth an
-    extra buffer below that); else a buffer of their own, (G*H*N, N) fp32."""
+    extra buffer below that); else a buffer of their own, (G*H*N, _row_pitch(N)) fp32."""
     chunks = _dq_as_chunks(dq, N) if in_dq else None
     if chunks is not None:
         buf, per_chunk, stride, count = chunks
@@ -903,8 +903,8 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     (perm, start, count, max_count) is given, also returns dTable (R, H) fp32, else None.
     dq_scratch: dq is this call's own output, aliasing no input (freshly allocated): its memory holds the
     table gradient's partials until dQ itself is computed (last).
-    Extra memory: Delta (B, H, N) fp32 and, for the table gradient, G fp32 partials (G, H, N, N)
-    with G = num_batch_groups(...) (<= 64 MiB unless a single partial is larger) unless they fit into dq
+    Extra memory: Delta (B, H, N) fp32 and, for the table gradient, G fp32 partials (G, H, N, N rounded up
+    to 16) with G = num_batch_groups(...) (<= 64 MiB unless a single partial is larger) unless they fit into dq
     (_partials_layout); with a dense_bias tile config, the (H, N, N_pad) fp32 bias expansions (_expand_bias)."""
     B, H, N, D = q.shape
     cfgs = pick_configs(D, q.dtype, q.device)

@@ -363,9 +363,10 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     Returns (B, H, N, D) in q's dtype, contiguous.
 
     Memory (Triton): the forward saves out and lse (B, H, N) fp32. The backward adds Delta (B, H, N) fp32,
-    the gradients, and G fp32 dBias partials (G, H, N, N), G = kernels.rel_pos_attention.num_batch_groups:
-    about 4 programs per SM, at most B, at most 64 MiB of partials unless one partial (H*N*N*4 bytes) is
-    larger (H100: BEiT-B N=197 B=128 -> G=11, 20 MB; BEiT-L N=577 -> G=3, 64 MB). The partials live in
+    the gradients, and G fp32 dBias partials (G, H, N, N16), N16 = N rounded up to 16,
+    G = kernels.rel_pos_attention.num_batch_groups: about 4 programs per SM, at most B, at most 64 MiB of
+    partials unless one partial (H*N*N*4 bytes) is larger (H100: BEiT-B N=197 B=128 -> G=11, 22 MB;
+    BEiT-L N=577 -> G=3, 66 MB). The partials live in
     the memory of dQ, which is computed last, whenever they fit there with at least half that G (then G
     is what fits): (B, H, N, D) dQ holds B*D*itemsize/(4N) groups (BEiT-B bf16 at B=128: 20); in the packed
     layout each token's H*D values hold floor(H*D*itemsize/(4N)) rows of N fp32 (BEiT-B bf16: one, so
