@@ -368,8 +368,8 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     partials unless one partial (H*N*N*4 bytes) is larger (H100: BEiT-B N=197 B=128 -> G=11, 22 MB;
     BEiT-L N=577 -> G=3, 66 MB). The partials live in
     the memory of dQ, which is computed last, whenever they fit there with at least half that G (then G
-    is what fits): (B, H, N, D) dQ holds B*D*itemsize/(4N) groups (BEiT-B bf16 at B=128: 20); in the packed
-    layout each token's H*D values hold floor(H*D*itemsize/(4N)) rows of N fp32 (BEiT-B bf16: one, so
+    is what fits): (B, H, N, D) dQ holds B*D*itemsize/(4*N16) groups (BEiT-B bf16 at B=128: 19); in the packed
+    layout each token's H*D values hold floor(H*D*itemsize/(4*N16)) rows of N16 fp32 (BEiT-B bf16: one, so
     B/H groups, 10 at B=128; BEiT-L: two, 8 at B=64); else they take a buffer of their own
     (kernels.rel_pos_attention._partials_layout). Plus a cached inverse index per window (an N*N int32
     permutation and two (R,) int32 arrays). Apart from that cached index the partials are the only
