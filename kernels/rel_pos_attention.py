@@ -740,7 +740,7 @@ class _BiasArgs:
             self.centre = (wh - 1) * (2 * ww - 1) + ww - 1
         self._gather = self._dense = self._dense_t = None
         # whether a tile config's dense_bias is honoured (see DENSE_MAX_BYTES)
-        self.dense_ok = DENSE_BIAS is not None or table.shape[1] * N * _dense_row(N) * 4 <= DENSE_MAX_BYTES
+        self.dense_ok = DENSE_BIAS is not None or table.shape[1] * N * _padded_row(N) * 4 <= DENSE_MAX_BYTES
 
     def expand(self, query_major: bool, key_major: bool) -> None:
         """Build the dense expansions asked for that are not built yet, both in one launch (_expand_bias)."""
@@ -771,8 +771,10 @@ class _BiasArgs:
         return t, self.idx, t.stride(1), t.stride(0), self.s_ii, self.s_ij, self.src
 
 
-def _dense_row(N: int) -> int:
-    """Row length of the dense expansions: N rounded up to 16 elements (aligned vector loads)."""
+def _padded_row(N: int) -> int:
+    """Row length of the dense expansions and pitch of the dBias partials' rows: N rounded up to 16 fp32, so
+    that rows start 64-byte aligned and Triton, which marks integer arguments divisible by 16, can prove it
+    (vector loads and stores along the rows)."""
     return cdiv(N, 16) * 16
 
 
@@ -783,7 +785,7 @@ def _expand_bias(b: _BiasArgs, query_major: bool = True, key_major: bool = False
     its transpose, [h, j, i], padded along i. One launch over the table as the model stores it."""
     table, N = b.table, b.N
     H = table.shape[1]
-    n_pad = _dense_row(N)
+    n_pad = _padded_row(N)
     out = _alloc((H, N, n_pad), torch.float32, table.device) if query_major else None
     out_t = _alloc((H, N, n_pad), torch.float32, table.device) if key_major else None
     ref = out if out is not None else out_t
@@ -858,12 +860,6 @@ class PartialsLayout:
         return self.G, self.rows_per_chunk, self.row_pitch, self.chunk_stride
 
 
-def _row_pitch(N: int) -> int:
-    """A partial row's pitch: N rounded up to 16 fp32, so rows start 64-byte aligned and Triton, which marks
-    integer arguments divisible by 16, can prove it (vector loads and stores along the row)."""
-    return cdiv(N, 16) * 16
-
-
 def _dq_as_chunks(dq: torch.Tensor, N: int):
     """dQ's memory as fp32 chunks, (fp32 view, fp32 per chunk, chunk stride in fp32, chunks), or None: a
     contiguous dQ in chunks of one row pitch, or for dQ in the packed (B, N, 3, H, D) layout (or any with
@@ -873,7 +869,7 @@ def _dq_as_chunks(dq: torch.Tensor, N: int):
     if dq.numel() == 0 or dq.data_ptr() % 16 or (dq.numel() * size) % 4:
         return None
     if dq.is_contiguous():   # chunks of one row each
-        flat, pitch = dq.view(-1).view(torch.float32), _row_pitch(N)
+        flat, pitch = dq.view(-1).view(torch.float32), _padded_row(N)
         return flat, pitch, pitch, flat.numel() // pitch
     s_b, s_h, s_n, s_d = dq.stride()
     if s_d == 1 and s_h == D and s_b == N * s_n and s_n >= H * D and (D * size) % 4 == 0 and (s_n * size) % 4 == 0:
@@ -884,15 +880,15 @@ def _dq_as_chunks(dq: torch.Tensor, N: int):
 def _partials_layout(dq: torch.Tensor, G: int, H: int, N: int, in_dq: bool) -> PartialsLayout:
     """G partials in dQ's memory when `in_dq` (dQ is this call's own, unaliased output, written last) and they
     fit with at least half the G asked for (fewer groups, fewer programs: more parallelism is not worth an
-    extra buffer below that); else a buffer of their own, (G*H*N, _row_pitch(N)) fp32."""
+    extra buffer below that); else a buffer of their own, (G*H*N, _padded_row(N)) fp32."""
+    pitch = _padded_row(N)
     chunks = _dq_as_chunks(dq, N) if in_dq else None
     if chunks is not None:
         buf, per_chunk, stride, count = chunks
-        rows = per_chunk // _row_pitch(N)
+        rows = per_chunk // pitch
         fit = count * rows // (H * N) if rows else 0
         if 2 * fit >= G and fit >= 1:
-            return PartialsLayout(buf, min(G, fit), rows, _row_pitch(N), stride, True)
-    pitch = _row_pitch(N)
+            return PartialsLayout(buf, min(G, fit), rows, pitch, stride, True)
     return PartialsLayout(_alloc((G * H * N, pitch), torch.float32, dq.device), G, 1, pitch, pitch, False)
 
 
