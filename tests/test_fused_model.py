@@ -1,5 +1,7 @@
 """Model level: the fused model (fused attention + fused block kernels) against the reference model,
 logits and every parameter gradient; on CPU through the C++ twins / Triton interpreter, on CUDA in bf16."""
+import types
+
 import pytest
 import torch
 
@@ -142,6 +144,20 @@ def test_auto_attention_without_relative_bias():
     x = torch.empty(1, device="meta")
     assert _resolve_attn_impl("auto", x, has_table=False) == "sdpa"
     assert _resolve_attn_impl("auto", x, has_table=True) == "sdpa"  # not CUDA
+
+
+def test_fused_false_is_the_reference_attention_on_cuda():
+    """fused=False makes the model the plain reference: "auto" attention resolves to SDPA even for CUDA
+    inputs; the default (fused=None) and fused=True take the fused kernel there; an explicit attn_impl wins."""
+    from beit_fast.models.beit import _resolve_attn_impl
+    cuda_x = types.SimpleNamespace(is_cuda=True)
+    assert _resolve_attn_impl("auto", cuda_x, True, fused=False) == "sdpa"
+    assert _resolve_attn_impl("auto", cuda_x, True, fused=None) == "fused"
+    assert _resolve_attn_impl("auto", cuda_x, True, fused=True) == "fused"
+    assert _resolve_attn_impl("fused", cuda_x, True, fused=False) == "fused"
+    for name, fused in (("beit_test_patch4_32", False), ("beit_test_patch4_32", None)):
+        m = create_model(name, fused=fused)
+        assert all(b.attn.fused is fused for b in m.blocks)
     m = create_model("beit_test_patch4_32", use_rel_pos_bias=False, use_abs_pos_emb=True)
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 

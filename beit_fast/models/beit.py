@@ -43,12 +43,13 @@ def drop_path_scale(batch: int, p: float, training: bool, ref: torch.Tensor) -> 
     return torch.empty(batch, device=ref.device, dtype=ref.dtype).bernoulli_(keep).div_(keep)
 
 
-def _resolve_attn_impl(impl: str, x: torch.Tensor, has_table: bool) -> str:
-    """auto: the fused kernel on CUDA when there is a relative position table (it exists for that bias),
-    SDPA otherwise (CPU, or a model with absolute position embeddings only)."""
+def _resolve_attn_impl(impl: str, x: torch.Tensor, has_table: bool, fused: Optional[bool] = None) -> str:
+    """auto: the fused kernel on CUDA when there is a relative position table (it exists for that bias) and
+    the model is not configured fused=False (the plain reference model); SDPA otherwise (CPU, a model with
+    absolute position embeddings only, or fused=False). An explicit attn_impl is taken as given."""
     if impl != "auto":
         return impl
-    return "fused" if x.is_cuda and has_table else "sdpa"
+    return "fused" if x.is_cuda and has_table and fused is not False else "sdpa"
 
 
 class PatchEmbed(nn.Module):
@@ -81,12 +82,14 @@ class PatchEmbed(nn.Module):
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, window_size=None, attn_impl: str = "auto"):
+                 proj_drop: float = 0.0, window_size=None, attn_impl: str = "auto",
+                 fused: Optional[bool] = None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.attn_impl = attn_impl
+        self.fused = fused   # False: "auto" attention is the reference path (SDPA) even on CUDA
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -122,7 +125,7 @@ class Attention(nn.Module):
                 index, window = shared_index, window_size
         qkv = self.qkv_linear(x).view(B, N, 3, self.num_heads, self.head_dim)
         dropout_p = self.attn_drop_p if self.training else 0.0
-        impl = _resolve_attn_impl(self.attn_impl, x, table is not None)
+        impl = _resolve_attn_impl(self.attn_impl, x, table is not None, self.fused)
         if impl == "fused":
             from beit_fast.ops.rel_pos_attention import rel_pos_attention_qkvpacked
             if table is None:
@@ -168,7 +171,7 @@ class Block(nn.Module):
                  fused: Optional[bool] = None, eps: float = 1e-6, fused_mlp: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, window_size, attn_impl)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, window_size, attn_impl, fused)
         self.drop_path = drop_path
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)

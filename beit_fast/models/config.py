@@ -31,7 +31,7 @@ class BeitConfig:
     init_std: float = 0.02
     init_scale: float = 0.001            # head init scale (fine-tuning)
     layer_norm_eps: float = 1e-6
-    attn_impl: str = "auto"              # auto: fused on CUDA, sdpa elsewhere
+    attn_impl: str = "auto"              # auto: fused on CUDA unless fused=False, sdpa elsewhere
     fused: Optional[bool] = None         # fused block kernels: None = on for CUDA inputs
     fused_mlp: bool = True               # in the fused block, fc1 + GELU through linear_gelu (False: nn.Linear
     #                                      and nn.GELU, i.e. cuBLAS and PyTorch's GELU)
