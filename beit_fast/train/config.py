@@ -191,7 +191,7 @@ def _pretrain_beit(size: str, data: str = "in1k") -> PretrainConfig:
         tokenizer="dvae", tokenizer_dtype="fp16", tokenizer_vocab=8192, second_img_size=112,
         second_interpolation="lanczos", crop_scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, num_mask_patches=75,
         min_mask_patches=16,
-        batch_size=128, lr=1.5e-3, min_lr=1e-5, weight_decay=0.05, weight_decay_exclusions="unilm",
+        batch_size=128, lr=1.5e-3, min_lr=1e-5, weight_decay=0.05,
         betas=(0.9, 0.999), clip_grad=3.0, precision="fp16", num_workers=10, save_every_steps=5000, log_every=50,
         **schedule)
 
@@ -228,7 +228,7 @@ def _finetune_beit(size: str, start: str = "pt22k") -> FinetuneConfig:
     return FinetuneConfig(
         preset=f"beit_{size}_224{suffix}", output_dir=f"runs/finetune-beit-{size}{suffix.replace('_', '-')}",
         dataset="folder", img_size=224, model=f"beit_{size}_patch16_224", num_classes=1000,
-        layer_scale=0.1 if size == "base" else 1e-5, weight_decay_exclusions="unilm", min_lr=1e-6,
+        layer_scale=0.1 if size == "base" else 1e-5, min_lr=1e-6,
         smoothing=0.1, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, color_jitter=0.4, hflip=0.5,
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=None, precision="fp16", num_workers=10,
         clip_grad=None, log_every=50, **_FINETUNE_RECIPES[size, start])
