@@ -121,8 +121,11 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["beit_fast", "beit_fast.models", "beit_fast.ops", "beit_fast.train", "beit_fast.kernels"],
-    package_dir={"beit_fast.kernels": "kernels"},
+    packages=["beit_fast", "beit_fast.models", "beit_fast.ops", "beit_fast.train", "beit_fast.kernels",
+              "beit_fast.bench"],
+    # kernels/ and bench/ live at the top of the repository and install inside the package
+    package_dir={"beit_fast.kernels": "kernels", "beit_fast.bench": "bench"},
+    package_data={"beit_fast.bench": ["gpu_check.sh"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "timm", "numpy", "safetensors",

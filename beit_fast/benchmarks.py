@@ -1,4 +1,5 @@
-"""`beit-fast bench` from Python: run one of the repository's benchmark scripts (bench/bench_<name>.py).
+"""`beit-fast bench` from Python: run one of the benchmark scripts (bench/bench_<name>.py in the repository,
+installed with the package as beit_fast.bench).
 
     from beit_fast.train import bench
     bench("attention", "--quick", "--out", "bench/out")     # = `beit-fast bench attention --quick --out ...`
@@ -10,19 +11,36 @@ import subprocess
 import sys
 
 
-def run(name: str = "", *script_args: str) -> int:
-    """Run bench/bench_<name>.py with script_args in a subprocess; returns its exit status (0 and a list of
-    the scripts when name is empty, 2 when there is no such script or no bench/ folder)."""
+def find_scripts() -> tuple[str, str] | None:
+    """(folder of the benchmark scripts, working directory to run them in), or None: the repository's bench/
+    next to the package (a checkout, an editable install: run from the repository's root, where their
+    default output paths point), else the copy installed inside the package as beit_fast.bench (run from
+    the caller's working directory)."""
     import beit_fast
-    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(beit_fast.__file__))), "bench")
-    if not os.path.isdir(bench_dir):
-        print("beit-fast bench: the benchmark scripts live in the repository's bench/ folder, which an installed "
-              "(non-editable) package does not contain. Clone the repository and install it with "
-              "`pip install -e .`, or run `python bench/<script>.py` from the checkout.", file=sys.stderr)
+    pkg = os.path.dirname(os.path.abspath(beit_fast.__file__))
+    repo_bench = os.path.join(os.path.dirname(pkg), "bench")
+    if os.path.isfile(os.path.join(repo_bench, "common.py")):
+        return repo_bench, os.path.dirname(repo_bench)
+    installed = os.path.join(pkg, "bench")
+    if os.path.isfile(os.path.join(installed, "common.py")):
+        return installed, os.getcwd()
+    return None
+
+
+def run(name: str = "", *script_args: str) -> int:
+    """Run bench_<name>.py (find_scripts) with script_args in a subprocess; returns its exit status (0 and a list
+    of the scripts when name is empty, 2 when there is no such script or no benchmark folder)."""
+    found = find_scripts()
+    if found is None:
+        print("beit-fast bench: no benchmark scripts found: neither a bench/ folder next to the beit_fast "
+              "package (a checkout) nor beit_fast/bench inside it (an installed package). Reinstall beit_fast "
+              "(`pip install .` or `pip install -e .` from the repository).", file=sys.stderr)
         return 2
-    scripts = sorted(n[len("bench_"):-3] for n in os.listdir(bench_dir) if n.startswith("bench_") and n.endswith(".py"))
+    folder, cwd = found
+    scripts = sorted(n[len("bench_"):-3] for n in os.listdir(folder)
+                     if n.startswith("bench_") and n.endswith(".py"))
     if not name:
-        print(f"benchmarks in {bench_dir}: {', '.join(scripts) or '(none yet)'}\n"
+        print(f"benchmarks in {folder}: {', '.join(scripts) or '(none yet)'}\n"
               f"run one with: beit-fast bench NAME [script arguments]")
         return 0
     name = name.removeprefix("bench_").removesuffix(".py")
@@ -30,6 +48,6 @@ def run(name: str = "", *script_args: str) -> int:
         print(f"beit-fast bench: no bench/bench_{name}.py; available: {', '.join(scripts) or '(none)'}",
               file=sys.stderr)
         return 2
-    cmd = [sys.executable, os.path.join(bench_dir, f"bench_{name}.py"), *script_args]
+    cmd = [sys.executable, os.path.join(folder, f"bench_{name}.py"), *script_args]
     print("+ " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=os.path.dirname(bench_dir))
+    return subprocess.call(cmd, cwd=cwd)

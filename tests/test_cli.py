@@ -48,9 +48,21 @@ def test_bench_lists_and_explains_a_missing_folder(tmp_path, monkeypatch, capsys
     assert bench() == 0 and "attention" in capsys.readouterr().out
     assert bench("no_such_thing") == 2 and "no bench/bench_no_such_thing.py" in capsys.readouterr().err
     assert main(["bench", "no_such_thing"]) == 2
-    monkeypatch.setattr(beit_fast, "__file__", str(tmp_path / "site-packages" / "beit_fast" / "__init__.py"))
+    # an installed (non-editable) package: the scripts come as beit_fast/bench, run from the caller's directory
+    pkg = tmp_path / "site-packages" / "beit_fast"
+    monkeypatch.setattr(beit_fast, "__file__", str(pkg / "__init__.py"))
     assert main(["bench", "attention"]) == 2
-    assert "bench/ folder" in capsys.readouterr().err
+    assert "no benchmark scripts found" in capsys.readouterr().err
+    (pkg / "bench").mkdir(parents=True)
+    (pkg / "bench" / "common.py").write_text("")
+    (pkg / "bench" / "bench_echo.py").write_text("import os, sys\nprint('ran', sys.argv[1:], os.getcwd())\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench"]) == 0 and "echo" in capsys.readouterr().out
+    code = (f"import beit_fast; beit_fast.__file__ = {str(pkg / '__init__.py')!r}; "
+            "from beit_fast.train import bench; raise SystemExit(bench('echo', '--x'))")
+    proc = subprocess.run([sys.executable, "-c", code],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and f"ran ['--x'] {tmp_path}" in proc.stdout, proc.stderr
 
 
 def test_info_runs(capsys):
