@@ -252,6 +252,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_file):
                 Image.new("RGB", (20, 20), (i * 20, 50, 100 if c == "a" else 200)).save(
                     tmp_path / "data" / split / c / f"{i}.png")
     (tmp_path / "data" / "train" / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "data" / "val" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
     cfg = tiny_pretrain(tmp_path / "run", dataset="folder", data_path=str(tmp_path / "data"), train_subset=0,
                         batch_size=7, epochs=1, tokenizer_path=tokenizer_file)
     with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
@@ -264,6 +265,14 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_file):
         result = finetune(cfg)
     assert result["skipped_images"] == 2 and result["step"] == 6
     assert losses(tmp_path / "ft", "skipped_images")[-1][1] == 2
+    # evaluation leaves the unreadable held-out image out instead of counting a neighbour twice
+    assert result["n"] == 20 and result["eval_skipped_images"] == 1
+    with pytest.warns(UserWarning, match="skipping unreadable image .*val/b/broken.png"):
+        got = evaluate(EvalConfig(checkpoint=result["checkpoint"], dataset="folder",
+                                  data_path=str(tmp_path / "data"), batch_size=128, num_workers=0,
+                                  device="cpu", precision=cfg.precision))
+    assert got["n"] == 20 and got["skipped_images"] == 1
+    assert got["top1"] == pytest.approx(result["top1"]) and got["loss"] == pytest.approx(result["loss"], rel=1e-5)
 
 
 def test_a_non_finite_loss_without_loss_scaling_stops_the_run(tmp_path):

@@ -8,7 +8,9 @@ Reproducibility by construction:
     whichever worker draws it, so results do not depend on num_workers;
   * resuming skips the batches already consumed: the sampler starts at the saved batch, nothing is loaded
     and discarded.
-Unreadable images are skipped with a warning and counted (the count travels with the batch).
+Unreadable images are skipped with a warning and counted (the count travels with the batch): in training the
+next readable image takes the place of one that cannot be read; in evaluation (Samples(substitute=False)) a
+placeholder does, which engine.evaluate leaves out of every metric and reports as skipped_images.
 """
 from __future__ import annotations
 
@@ -273,17 +275,22 @@ def eval_transform(img_size: int, crop_pct: Optional[float], interpolation: str,
 class Samples(torch.utils.data.Dataset):
     """Index (epoch, i) -> (*transformed views, label, [mask], skipped), all RNG seeded by (seed, epoch, i).
 
-    `mask_generator` (a beit_fast.masking.MaskingGenerator) gets its RNG reseeded per sample."""
+    `mask_generator` (a beit_fast.masking.MaskingGenerator) gets its RNG reseeded per sample.
+    substitute: an unreadable image is replaced by the next readable one (training); else (evaluation, where a
+    duplicate would count twice) by a black placeholder with label 0 and skipped = 1, which
+    engine.evaluate leaves out."""
 
-    def __init__(self, base, transform, seed: int, mask_generator=None):
+    def __init__(self, base, transform, seed: int, mask_generator=None, substitute: bool = True):
         self.base, self.transform, self.seed, self.mask_generator = base, transform, seed, mask_generator
+        self.substitute = substitute
 
     def __len__(self):
         return len(self.base)
 
     def _load(self, i: int):
-        """The image, or the next readable one; returns (img, label, number skipped)."""
-        for attempt in range(min(len(self.base), 50)):
+        """The image, or the next readable one (or, without substitute, a placeholder); returns (img, label,
+        number skipped)."""
+        for attempt in range(min(len(self.base), 50) if self.substitute else 1):
             j = (i + attempt) % len(self.base)
             try:
                 img, label = self.base.load(j)
@@ -292,6 +299,8 @@ class Samples(torch.utils.data.Dataset):
                 where = getattr(self.base, "samples", None)
                 name = where[j][0] if where else j
                 warnings.warn(f"skipping unreadable image {name}: {type(e).__name__}: {e}")
+        if not self.substitute:
+            return Image.new("RGB", (8, 8)), 0, 1
         raise RuntimeError(f"50 consecutive unreadable images from index {i}; is the data folder intact?")
 
     def __getitem__(self, key):

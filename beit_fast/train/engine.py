@@ -205,25 +205,30 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
 
 @torch.no_grad()
 def evaluate(model, loader, device, precision: str, rt) -> dict:
-    """Top-1 / top-5 accuracy and mean cross-entropy over the loader (summed over ranks)."""
+    """Top-1 / top-5 accuracy and mean cross-entropy over the loader (summed over ranks). Samples the loader
+    marks as unreadable (their last field, `skipped`, nonzero: data.Samples(substitute=False)) count in no
+    metric and in `skipped_images`; `n` is the number of images evaluated."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, unreadable
     batches, images = 0, None
     for batch in loader:
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        ok = batch[-1].to(device, non_blocking=True) == 0
+        labels = torch.where(ok, labels, -100)   # cross_entropy's ignore_index; never among the top-5
         with runtime.autocast(device, precision):
             logits = model(images)
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top5 == labels[:, None]
+        count = ok.sum().double()
         sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                             hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                             torch.full((), len(labels), dtype=torch.float64, device=device)])
+                             hit[:, 0].sum().double(), hit.any(1).sum().double(), count, len(labels) - count])
         batches += 1
     _even_out_forwards(model, rt, batches, loader, images, device, precision)
     sums = runtime.all_reduce(sums, rt, op="sum").tolist()
     n = max(sums[3], 1.0)
-    return {"loss": sums[0] / n, "top1": 100.0 * sums[1] / n, "top5": 100.0 * sums[2] / n, "n": int(sums[3])}
+    return {"loss": sums[0] / n, "top1": 100.0 * sums[1] / n, "top5": 100.0 * sums[2] / n, "n": int(sums[3]),
+            "skipped_images": int(sums[4])}
 
 
 def host_nonzero(mask: torch.Tensor, device: torch.device) -> torch.Tensor:

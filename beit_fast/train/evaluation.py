@@ -52,7 +52,8 @@ def _evaluate(cfg, state: dict, path: str, dataset: str, data_path: str, rt) -> 
                                run["mean"], run["std"])
     sampler = EpochBatchSampler(len(val), cfg.batch_size * rt.world, 0, rt.rank, rt.world, shuffle=False,
                                 drop_last=False)
-    loader = make_loader(Samples(val, transform, 0), sampler, cfg.num_workers, pin_memory=rt.device.type == "cuda")
+    loader = make_loader(Samples(val, transform, 0, substitute=False), sampler, cfg.num_workers,
+                         pin_memory=rt.device.type == "cuda")
     result = engine.evaluate(model, loader, rt.device, cfg.precision, rt)
     result["checkpoint"] = path
     if rt.is_main:
@@ -60,5 +61,7 @@ def _evaluate(cfg, state: dict, path: str, dataset: str, data_path: str, rt) -> 
         os.makedirs(out_dir, exist_ok=True)
         ckpt.atomic_write_bytes(os.path.join(out_dir, "eval.json"), json.dumps(result, indent=1).encode())
         print(f"{path}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f} "
-              f"on {result['n']} held-out images", flush=True)
+              f"on {result['n']} held-out images"
+              + (f" ({result['skipped_images']} unreadable, left out)" if result["skipped_images"] else ""),
+              flush=True)
     return result

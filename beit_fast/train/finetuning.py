@@ -106,8 +106,8 @@ def _finetune(cfg, rt) -> dict:
     eval_batch = (cfg.eval_batch_size or cfg.batch_size) * rt.world
     val_sampler = EpochBatchSampler(len(val_set), eval_batch, cfg.seed, rt.rank, rt.world, shuffle=False,
                                     drop_last=False)
-    val_loader = make_loader(Samples(val_set, classify_transform(cfg, train=False), cfg.seed), val_sampler,
-                             cfg.num_workers, pin_memory=device.type == "cuda")
+    val_samples = Samples(val_set, classify_transform(cfg, train=False), cfg.seed, substitute=False)
+    val_loader = make_loader(val_samples, val_sampler, cfg.num_workers, pin_memory=device.type == "cuda")
     mixup, criterion = _loss_fn(cfg)
 
     # --- optimisation state
@@ -192,6 +192,8 @@ def _finetune(cfg, rt) -> dict:
         best = best_ema = False
         if is_last or (cfg.eval_every_epochs and (epoch + 1) % cfg.eval_every_epochs == 0):
             result = engine.evaluate(train_model, val_loader, device, cfg.precision, rt)
+            # held-out images left out as unreadable; skipped_images stays the training count
+            result["eval_skipped_images"] = result.pop("skipped_images")
             best = result["top1"] > best_top1
             best_top1 = max(best_top1, result["top1"])
             if ema is not None:   # the EMA weights' best epoch is kept apart (checkpoint-best-ema.pt), as unilm's
