@@ -181,7 +181,7 @@ def test_drop_path_and_grad_checkpointing():
     (lambda: torch.randn(2, 3, 16, 16), r"\(B, 3, 32, 32\)"),
     (lambda: torch.randn(2, 1, 32, 32), r"\(B, 3, 32, 32\)"),
     (lambda: torch.randn(3, 32, 32), "4-D"),
-    (lambda: torch.randint(0, 255, (2, 3, 32, 32)), "floating-point"),
+    (lambda: torch.randint(0, 255, (2, 3, 32, 32)), r"floating-point tensor \(B, 3, 32, 32\)"),
     (lambda: torch.randn(2, 3, 32, 32, device="meta"), r"\(B, 3, 32, 32\) must be on the model's device cpu"),
     (lambda: torch.randn(2, 3, 32, 32, dtype=torch.float64), r"\(B, 3, 32, 32\) must have the model's dtype "
                                                              r"torch.float32 .*got torch.float64"),
@@ -205,8 +205,10 @@ def test_bad_masks():
     x = torch.randn(2, 3, 32, 32)
     with pytest.raises(ValueError, match=r"\(2, 64\)"):
         m(x, torch.zeros(2, 63, dtype=torch.bool))
-    with pytest.raises(ValueError, match="torch.bool"):
+    with pytest.raises(ValueError, match=r"torch.bool tensor \(2, 64\)"):
         m(x, torch.zeros(2, 64))
+    with pytest.raises(ValueError, match=r"\(2, 64\) must be on the images' device cpu"):
+        m(x, torch.zeros(2, 64, dtype=torch.bool, device="meta"))
     with pytest.raises(ValueError, match=r"\(2, 64\)"):
         m(x, torch.zeros(1, 64, dtype=torch.bool))
     assert m(x, torch.zeros(2, 8, 8, dtype=torch.bool)).shape == (0, 512)

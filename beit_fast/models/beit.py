@@ -68,7 +68,7 @@ class PatchEmbed(nn.Module):
         if x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
             raise ValueError(f"images must have shape {expected}, got {tuple(x.shape)}")
         if not x.is_floating_point():
-            raise ValueError(f"images must be a floating-point tensor, got dtype {x.dtype}")
+            raise ValueError(f"images must be a floating-point tensor {expected}, got dtype {x.dtype}")
         w = self.proj.weight
         if x.device != w.device:
             raise ValueError(f"images {expected} must be on the model's device {w.device}, got {x.device}")
@@ -306,9 +306,11 @@ class Beit(nn.Module):
             raise ValueError(f"bool_masked_pos must have shape (B, num_patches) = ({B}, {P}) "
                              f"(or (B, {self.window_size[0]}, {self.window_size[1]})), got {tuple(bool_masked_pos.shape)}")
         if bool_masked_pos.dtype != torch.bool:
-            raise ValueError(f"bool_masked_pos must have dtype torch.bool, got {bool_masked_pos.dtype}")
+            raise ValueError(f"bool_masked_pos must be a torch.bool tensor ({B}, {P}), "
+                             f"got dtype {bool_masked_pos.dtype}")
         if bool_masked_pos.device != x.device:
-            raise ValueError(f"bool_masked_pos is on {bool_masked_pos.device} but images are on {x.device}")
+            raise ValueError(f"bool_masked_pos ({B}, {P}) must be on the images' device {x.device}, "
+                             f"got {bool_masked_pos.device}")
         return bool_masked_pos
 
     def embed(self, x: torch.Tensor, bool_masked_pos: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
