@@ -68,6 +68,26 @@ def test_report_compiles_beit_attention_for_sm90():
     assert out.count("innermost loop") >= 3
 
 
+def test_dkdv_partials_are_vector_accesses(tmp_path):
+    """dK/dV reads and writes its dBias partial rows whole (pitch N rounded up to 16): in its main inner loop
+    (the wgmma one) every global store is a 16-byte vector, none a 4-byte scalar (with the mask `query < N`
+    they were all scalar: 16 STG.E per step)."""
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "bench/sass_report.py", "--keep", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    if r.returncode == 2 and "not available here" in r.stdout:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    m = _module()
+    instrs = m.parse_sass((tmp_path / "_dkdv_kernel.sass").read_text())
+    bodies = [[i for a, i in instrs if lo <= a <= hi] for lo, hi in m.innermost(m.loops(instrs))]
+    main = [b for b in bodies if any(m.opcode(i) == "HGMMA" for i in b)]
+    assert len(main) == 1, [len(b) for b in bodies]
+    stores = [i.split()[1] if i.startswith("@") else i.split()[0] for i in main[0] if "STG" in i]
+    assert stores and all(op == "STG.E.128" for op in stores), stores
+
+
 @pytest.mark.parametrize("op, kernels", [("layer_norm", ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel")),
                                          ("linear_gelu_dz", ("_dgelu_kernel",))])
 def test_report_other_ops(op, kernels):
