@@ -351,6 +351,7 @@ def gpu_times(pending, copies, device, outcomes):
             if copy and row.get("gpu_gbps"):
                 row["gpu_pct_copy_bw"] = 100.0 * row["gpu_gbps"] / copy
 
+
 class CopyBandwidth:
     """GB/s of a plain device copy that moves a given number of bytes (half read, half written), measured
     once per size in this run: the bar a memory-bound op's row is measured against (issue target: >= 80%).

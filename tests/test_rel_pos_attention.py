@@ -451,7 +451,7 @@ def test_partials_layout(case):
     (True, torch.float32, (2, 2, 17, 16), True),    # 32 fp32 per token: one row of 17 (pitch 32)
     (True, torch.float16, (2, 2, 17, 8), False),    # 8 fp32 per token: no room, own buffer
     (False, torch.float32, (3, 2, 10, 16), True),   # contiguous dQ
-    (False, torch.float16, (1, 2, 37, 8), False),   # 1*2*37*8 fp16 = 296 fp32 < 2 groups of 2*37 rows of 37
+    (False, torch.float16, (1, 2, 37, 8), False),   # 1*2*37*8 fp16 = 296 fp32: 6 rows of 48, not 2*37
 ])
 def test_partials_in_dq_memory(monkeypatch, packed, dtype, shape, in_dq):
     """The table gradient through partials kept in dQ's memory (which the dQ kernel then overwrites: outputs

@@ -9,9 +9,10 @@ gathers from the table (1.9 MB for BEiT-B; query-major for the forward and dQ, k
 instructions per tile than a gather per element, see kernels/rel_pos_attention.CONFIGS);
 BEIT_FAST_ATTN_DENSE_BIAS chooses per kernel. It never materializes a (B, H, N, N) tensor: not the bias per
 batch, the probabilities or their gradient; and it computes the table gradient deterministically (G per-batch-
-group fp32 partials (G, H, N, N), each tile owned by one program, then a fixed-order segment sum; no atomics). G
-does not grow with the batch beyond about 4 programs per SM, so that buffer is bounded (64 MiB); at batch sizes
-below G it has G = B rows. No torch.compile needed; the ops are registered through torch.library, so a compiled
+group fp32 partials (G, H, N, N), each tile owned by one program, then a fixed-order segment sum; no atomics),
+kept in dQ's memory until dQ is computed where they fit there. G does not grow with the batch beyond about 4
+programs per SM, so a buffer of their own is bounded (64 MiB); at batch sizes below G it has G = B rows. No
+torch.compile needed; the ops are registered through torch.library, so a compiled
 model keeps them in one graph.
 """
 from __future__ import annotations
@@ -366,11 +367,11 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     the gradients, and G fp32 dBias partials (G, H, N, N16), N16 = N rounded up to 16,
     G = kernels.rel_pos_attention.num_batch_groups: about 4 programs per SM, at most B, at most 64 MiB of
     partials unless one partial (H*N*N*4 bytes) is larger (H100: BEiT-B N=197 B=128 -> G=11, 22 MB;
-    BEiT-L N=577 -> G=3, 66 MB). The partials live in
-    the memory of dQ, which is computed last, whenever they fit there with at least half that G (then G
-    is what fits): (B, H, N, D) dQ holds B*D*itemsize/(4*N16) groups (BEiT-B bf16 at B=128: 19); in the packed
-    layout each token's H*D values hold floor(H*D*itemsize/(4*N16)) rows of N16 fp32 (BEiT-B bf16: one, so
-    B/H groups, 10 at B=128; BEiT-L: two, 8 at B=64); else they take a buffer of their own
+    BEiT-L N=577 -> G=3, 66 MB). The partials live in the memory of dQ, which is computed last, whenever
+    they fit there with at least half that G (then G is what fits): (B, H, N, D) dQ holds
+    B*D*itemsize/(4*N16) groups (BEiT-B bf16 at B=128: 19); in the packed layout each token's H*D values hold
+    floor(H*D*itemsize/(4*N16)) rows of N16 fp32 (BEiT-B bf16: one, so B/H groups, 10 at B=128; BEiT-L: two,
+    8 at B=64); else they take a buffer of their own
     (kernels.rel_pos_attention._partials_layout). Plus a cached inverse index per window (an N*N int32
     permutation and two (R,) int32 arrays). Apart from that cached index the partials are the only
     N*N-sized data; they stop growing with the batch at G. The table gradient is bitwise reproducible for the
