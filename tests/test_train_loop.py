@@ -3,6 +3,7 @@ stop-and-resume parity, fp16 loss scaling, unreadable images."""
 import dataclasses
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -201,6 +202,61 @@ def test_resume_after_a_crash_logs_each_step_once(tmp_path, tokenizer_file):
     assert sum(1 for r in rows if r.get("step") == 5) == 1
 
 
+def test_resume_after_a_crash_before_the_first_save_logs_each_step_once(tmp_path, tokenizer_file):
+    """resume=auto in a folder whose run crashed before its first checkpoint starts from step 0 and drops the
+    rows that run logged (they are repeated)."""
+    extra = {"epochs": 1, "tokenizer_path": tokenizer_file, "log_every": 1}
+    pretrain(tiny_pretrain(tmp_path / "straight", **extra))
+    pretrain(tiny_pretrain(tmp_path / "crashed", stop_at_step=2, **extra))
+    os.remove(tmp_path / "crashed" / "checkpoint-0000002.pt")       # as if it crashed before saving step 2
+    pretrain(tiny_pretrain(tmp_path / "crashed", resume="auto", **extra))
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "crashed")
+    assert [s for s, _ in b] == [1, 2, 3, 4] and a == b
+
+
+def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, tokenizer_file):
+    """Resuming from step 4 of a run that went on to step 12 abandons steps 5-12: their checkpoints (and a best
+    one saved after step 4) move to superseded-after-step-0000004/ with the log as it was, so that pruning,
+    resume=auto and --init see the resumed run's own checkpoints; nothing is deleted."""
+    from beit_fast.train.checkpoint import BEST, saved_step
+    run = tmp_path / "run"
+    extra = {"epochs": 3, "tokenizer_path": tokenizer_file, "keep_last": 3}
+    pretrain(tiny_pretrain(run, **extra))
+    (run / BEST).write_bytes((run / "checkpoint-0000012.pt").read_bytes())   # a best one from the later steps
+    with pytest.warns(UserWarning, match="saved after that step .* moved to .*superseded-after-step-0000004"):
+        got = pretrain(tiny_pretrain(run, resume=str(run / "checkpoint-0000004.pt"), stop_at_step=6, **extra))
+    assert [os.path.basename(p) for p in step_checkpoints(str(run))] == ["checkpoint-0000004.pt",
+                                                                         "checkpoint-0000006.pt"]
+    assert got["checkpoint"].endswith("checkpoint-0000006.pt") and not (run / BEST).exists()
+    aside = run / "superseded-after-step-0000004"
+    assert sorted(os.listdir(aside)) == ["checkpoint-0000008.pt", "checkpoint-0000012.pt", BEST, "log.jsonl"]
+    assert [s for s, _ in losses(aside)] == list(range(1, 13)) and saved_step(str(aside / BEST)) == 12
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+    got = pretrain(tiny_pretrain(run, resume="auto", **extra))                # continues from step 6
+    assert got["step"] == 12 and sorted(os.listdir(run)).count("superseded-after-step-0000006") == 0
+
+
+def test_resume_refuses_a_changed_data_order_and_applies_other_changes(tmp_path):
+    """The fields that fix the order of the data (and the position in it) must match the saved run's; other
+    changes (the schedule, EMA turned on) are applied, with a warning naming them: the EMA then starts from
+    the resumed weights, not from the run's initial ones."""
+    from beit_fast.train.config import ConfigError
+    extra = {"epochs": 2, "mixup": 0.0, "cutmix": 0.0, "eval_every_epochs": 0, "save_every_steps": 2}
+    run = tmp_path / "run"
+    finetune(tiny_finetune(run, stop_at_step=2, **extra))
+    for change in ({"batch_size": 8}, {"accum_steps": 2}, {"seed": 1}, {"train_subset": 48}):
+        with pytest.raises(ConfigError, match=f"cannot resume .*checkpoint-0000002.pt: {next(iter(change))}: "):
+            finetune(tiny_finetune(run, resume="auto", stop_at_step=3, **{**extra, **change}))
+    with pytest.warns(UserWarning, match=r"settings changed .*ema: False -> True.*lr: 0.01 -> 0.005"):
+        finetune(tiny_finetune(run, resume="auto", stop_at_step=3, ema=True, ema_decay=0.9999, lr=5e-3, **extra))
+    s2, s3 = (load(str(run / f"checkpoint-000000{i}.pt")) for i in (2, 3))
+    ema_gap = max((s3["model_ema"][k] - s2["model"][k]).abs().max().item() for k in s2["model"]
+                  if s2["model"][k].is_floating_point())
+    moved = max((s3["model"][k] - s2["model"][k]).abs().max().item() for k in s2["model"]
+                if s2["model"][k].is_floating_point())
+    assert moved > 0 and ema_gap <= 1e-3 * moved    # EMA(decay 0.9999) of the step-2 weights and one update
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_fp16_loss_scaling_skips_an_injected_inf_step(tmp_path, device):
     cfg = tiny_finetune(tmp_path / "fp16", precision="fp16", inject_nonfinite_at_step=2, epochs=1,
@@ -259,6 +315,16 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_file):
         result = pretrain(cfg)
     assert result["skipped_images"] == 1 and result["step"] == 3
     assert losses(tmp_path / "run", "skipped_images")[-1][1] == 1
+    # counted from the run's start across a resume (the broken image is read once per epoch: with this seed
+    # in step 4's batch the second time, before the stop)
+    cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "split"), epochs=2, stop_at_step=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pretrain(cfg)
+        assert losses(tmp_path / "split", "skipped_images")[-1] == (4, 2)
+        result = pretrain(dataclasses.replace(cfg, stop_at_step=0, resume="auto"))
+    assert result["skipped_images"] == 2 and result["step"] == 6
+    assert losses(tmp_path / "split", "skipped_images")[-1] == (6, 2)
     cfg = tiny_finetune(tmp_path / "ft", dataset="folder", data_path=str(tmp_path / "data"), train_subset=0,
                         batch_size=7, epochs=2, mixup=0.0, cutmix=0.0, num_classes=2)
     with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
@@ -295,9 +361,14 @@ def test_resume_keeps_the_optimizer_implementation_flags():
     written = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     model(torch.randn(2, 4)).sum().backward()
     written.step()
-    running = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    load_optimizer_state(model, running, written.state_dict())
+    saved = written.state_dict()
+    saved["param_groups"][0]["lr_scale"] = 0.75        # the saved run's layer decay
+    running = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, betas=(0.9, 0.95))
+    running.param_groups[0]["lr_scale"] = 0.5
+    load_optimizer_state(model, running, saved)
     assert running.param_groups[0]["fused"] is True and running.param_groups[0]["foreach"] is None
+    # and the resumed run's own hyperparameters: its layer decay's lr_scale, its betas
+    assert running.param_groups[0]["lr_scale"] == 0.5 and running.param_groups[0]["betas"] == (0.9, 0.95)
     assert running.param_groups[0]["lr"] == 1e-3 and len(running.state) == 2
     # what load_state_dict alone does (the reason for the helper): the saved flags win
     plain = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)

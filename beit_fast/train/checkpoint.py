@@ -15,6 +15,7 @@ import random
 import re
 import tempfile
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
@@ -147,6 +148,50 @@ def save_step_checkpoint(state: dict, folder: str, step: int, keep_last: int) ->
     for stale in old[: max(len(old) - max(keep_last, 1), 0)]:
         os.unlink(stale)
     return path
+
+
+def saved_step(path: str) -> Optional[int]:
+    """The `step` a checkpoint of this package was saved at (None when it cannot be read or has none), without
+    reading its tensors (memory-mapped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    step = state.get("step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) else None
+
+
+SUPERSEDED = "superseded-after-step-"   # + the resumed step (7 digits), and -2, -3, ... when taken
+
+
+def set_aside_later(folder: str, step: int) -> Optional[str]:
+    """Resuming at `step` in `folder` abandons what the run there did after it: its later step checkpoints and
+    a best checkpoint saved after it would otherwise outlive the resumed run's (pruning keeps the highest
+    steps, `resume=auto`, `--init` and `eval` pick them) and the log rows after `step` are dropped. They are
+    moved, with a copy of log.jsonl as it was, into folder/superseded-after-step-<step>/ (nothing is
+    deleted). Returns that folder, or None when the run there had nothing after `step`."""
+    later = [p for p in step_checkpoints(folder) if int(_STEP_FILE.search(p).group(1)) > step]
+    for name in (BEST, BEST_EMA):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            got = saved_step(path)
+            if got is not None and got > step:
+                later.append(path)
+    if not later:
+        return None
+    base = os.path.join(folder, f"{SUPERSEDED}{step:07d}")
+    target, n = base, 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{base}-{n}"
+    os.makedirs(target)
+    log = os.path.join(folder, "log.jsonl")
+    if os.path.isfile(log):
+        with open(log, "rb") as f:
+            atomic_write_bytes(os.path.join(target, "log.jsonl"), f.read())
+    for path in later:
+        os.replace(path, os.path.join(target, os.path.basename(path)))
+    return target
 
 
 def load(path: str) -> dict:

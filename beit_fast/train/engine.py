@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -183,23 +184,67 @@ def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
         was = "distributed=fsdp" if state.get("sharded") else "distributed=ddp (or one process)"
         raise RuntimeError(f"{path} was written with {was}; resume it the same way (its optimizer state is "
                            f"laid out for that), or start a new run with --init from it")
+    changed = check_resumable(cfg, state.get("config") or {}, path)
     runtime.load_model_state(model, state["model"])
     load_optimizer_state(model, optimizer, state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     if ema is not None and "model_ema" in state:
         ema.module.load_state_dict(state["model_ema"])
+    elif ema is not None:   # EMA turned on for the resumed run: start it from the resumed weights
+        ema.set(runtime.unwrap(model))
+        changed.append("ema: the checkpoint has no EMA weights; the EMA starts from the resumed model's")
     ckpt.set_rng_state(state["rng"][rt.rank])
+    if rt.is_main:
+        if changed:
+            warnings.warn(f"resuming {path} with settings changed since it was saved (they apply from step "
+                          f"{state['step']} on): " + "; ".join(changed), stacklevel=2)
+        aside = ckpt.set_aside_later(cfg.output_dir, state["step"])
+        if aside:
+            warnings.warn(f"resuming at step {state['step']}: the checkpoints the run in {cfg.output_dir} saved "
+                          f"after that step (and its log.jsonl as it was) were moved to {aside}", stacklevel=2)
     return state["step"], state["epoch"], state["batch_in_epoch"], dict(state.get("metrics") or {})
+
+
+# What fixes the order of the training data and the position in it (batch_in_epoch counts global batches):
+# a resumed run must keep them, and the parameter grouping the optimizer state is laid out for
+RESUME_FIXED = ("seed", "dataset", "train_subset", "synthetic_size", "batch_size", "accum_steps",
+                "weight_decay_exclusions")
+
+
+def check_resumable(cfg, saved: dict, path: str) -> list:
+    """Raise ConfigError when `cfg` changes a RESUME_FIXED field of the saved run's config `saved`; return the
+    other changed fields ("name: old -> new"), which the resumed run applies (the schedule, lr, weight decay,
+    layer decay, ...)."""
+    current = config_mod.to_dict(cfg)
+    ignore = {"resume", "stop_at_step", "output_dir", "preset", "init", "progress", "tensorboard", "num_workers",
+              "num_threads", "inject_nonfinite_at_step", "device", "log_every"}
+    fixed, other = [], []
+    for name in sorted(set(current) & set(saved)):
+        if name in ignore or current[name] == saved[name]:
+            continue
+        if name == "data_path" and saved[name] and current[name] and \
+                os.path.realpath(saved[name]) == os.path.realpath(current[name]):
+            continue
+        (fixed if name in RESUME_FIXED else other).append(f"{name}: {saved[name]!r} -> {current[name]!r}")
+    if fixed:
+        raise config_mod.ConfigError(
+            f"cannot resume {path}: " + "; ".join(fixed) + ". These fix the order of the training data and the "
+            f"position in it (or the optimizer state's layout): resume with the values the run was saved with, "
+            f"or start a new run in another output folder (finetune: --init from this checkpoint)")
+    return other
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
     """Load a saved optimizer state, keeping this optimizer's implementation flags: load_state_dict
     replaces each param group by the saved one, flags included, so a checkpoint written on the CPU would
     turn CUDA's fused AdamW off (and GradScaler would then pass it arguments the foreach path rejects)."""
-    flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
-    # into the saved groups before loading: load_state_dict places each state's `step` by the saved flags
-    # (a fused / capturable step tensor lives on the parameter's device)
-    state = {**state, "param_groups": [{**g, **kept} for g, kept in zip(state["param_groups"], flags)]}
+    # Every setting of this optimizer's groups (all but their parameters and apex's per-group `step`) goes
+    # into the saved groups before loading: the implementation flags, because load_state_dict places each
+    # state's `step` by the saved flags (a fused / capturable step tensor lives on the parameter's device),
+    # and the hyperparameters the resumed run's config gives (layer decay's lr_scale, betas, eps, ...), which
+    # load_state_dict would otherwise replace by the saved run's
+    kept = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in optimizer.param_groups]
+    state = {**state, "param_groups": [{**g, **mine} for g, mine in zip(state["param_groups"], kept)]}
     runtime.load_optimizer_state(model, optimizer, state)
 
 

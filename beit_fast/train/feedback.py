@@ -88,9 +88,10 @@ class Reporter:
 
     def __init__(self, output_dir: str, total_steps: int, enabled: bool = True, progress: bool = True,
                  tensorboard: bool = True, desc: str = "train", resume_step: int = 0):
-        """resume_step: the step of the checkpoint a resumed run starts from. Rows an interrupted run logged
-        after it (a crash between two saves) are dropped from log.jsonl and TensorBoard, so that the steps
-        the resumed run repeats are not logged twice."""
+        """resume_step: the step of the checkpoint a resumed run starts from (0: none). Rows an interrupted run
+        logged after it (a crash between two saves, or before the first) are dropped from log.jsonl and
+        TensorBoard, so that the steps the resumed run repeats are not logged twice. (Only a resumed run finds
+        a log.jsonl here: a new one refuses a folder holding one, config._check_output_dir_is_free.)"""
         self.enabled = enabled
         self.bar = self.tb = self.file = None
         self._t0, self._seen = time.perf_counter(), 0
@@ -98,7 +99,8 @@ class Reporter:
             return
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, "log.jsonl")
-        if resume_step > 0 and os.path.isfile(path):
+        earlier = os.path.isfile(path)
+        if earlier:
             _drop_rows_after(path, resume_step)
         self.file = open(path, "a")
         if progress:
@@ -110,7 +112,7 @@ class Reporter:
                 from torch.utils.tensorboard import SummaryWriter
                 # purge_step: TensorBoard hides the events an earlier writer logged at steps >= it
                 self.tb = SummaryWriter(os.path.join(output_dir, "tb"),
-                                        purge_step=resume_step + 1 if resume_step > 0 else None)
+                                        purge_step=resume_step + 1 if earlier else None)
             except Exception:  # tensorboard not installed: JSON lines only
                 self.tb = None
                 self.message(f"TensorBoard is not installed; metrics go to {output_dir}/log.jsonl only")

@@ -128,7 +128,7 @@ def _finetune(cfg, rt) -> dict:
     flops = train_flops_per_image(model.config)
     peak = peak_flops(device, cfg.precision)
     sums = engine.log_sums(device)
-    skipped_images = 0
+    skipped_images = int(metrics.get("skipped_images", 0))   # counted from the run's start, across resumes
     last = {"loss": metrics.get("loss", float("nan"))}
     result = {}
     t_start = time.perf_counter()
@@ -180,7 +180,8 @@ def _finetune(cfg, rt) -> dict:
             if save_now:
                 engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch,
                             batch_in_epoch=batch_index + 1, kind="finetune",
-                            metrics={**last, "best_top1": best_top1, "best_ema_top1": best_ema_top1})
+                            metrics={**last, "best_top1": best_top1, "best_ema_top1": best_ema_top1,
+                                     "skipped_images": skipped_images})
             if stop:
                 done = True
                 break
@@ -205,7 +206,8 @@ def _finetune(cfg, rt) -> dict:
                         "best_top1": best_top1}, step)
             report.message(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['loss']:.4f}, held-out top-1 "
                            f"{result['top1']:.2f}% top-5 {result['top5']:.2f}% ({time.perf_counter() - t_epoch:.1f} s)")
-        metrics = {**last, **result, "best_top1": best_top1, "best_ema_top1": best_ema_top1}
+        metrics = {**last, **result, "best_top1": best_top1, "best_ema_top1": best_ema_top1,
+                   "skipped_images": skipped_images}
         engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch + 1, batch_in_epoch=0,
                     kind="finetune", metrics=metrics, best=best, best_ema=best_ema)
 

@@ -100,7 +100,7 @@ def _pretrain(cfg, rt) -> dict:
         token_dtype, why = choose_dtype(tokenizer, None, cfg.tokenizer_dtype, rt, resumed["tokenizer_dtype"])
         report.message(f"tokenizer runs in {why}")
     sums = engine.log_sums(device)
-    skipped_images = 0
+    skipped_images = int(resumed.get("skipped_images", 0))   # counted from the run's start, across resumes
     last = {k: resumed.get(k, float("nan")) for k in ("loss", "mlm_acc")}
     t_start = time.perf_counter()
     done = False
@@ -158,7 +158,8 @@ def _pretrain(cfg, rt) -> dict:
                            step)
             if save_now:
                 engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch,
-                            batch_in_epoch=batch_index + 1, kind="pretrain", metrics={**last, **token_meta(token_dtype)})
+                            batch_in_epoch=batch_index + 1, kind="pretrain",
+                            metrics={**last, **token_meta(token_dtype), "skipped_images": skipped_images})
             if stop:
                 done = True
                 break
@@ -168,7 +169,8 @@ def _pretrain(cfg, rt) -> dict:
                        f"{last['mlm_acc']:.3f} ({time.perf_counter() - t_epoch:.1f} s)")
         if not cfg.save_every_steps or step % cfg.save_every_steps:
             engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch + 1,
-                        batch_in_epoch=0, kind="pretrain", metrics={**last, **token_meta(token_dtype)})
+                        batch_in_epoch=0, kind="pretrain",
+                        metrics={**last, **token_meta(token_dtype), "skipped_images": skipped_images})
 
     report.close()
     found = ckpt.step_checkpoints(cfg.output_dir)
