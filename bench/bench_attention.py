@@ -60,7 +60,8 @@ CHECK_TOL = {torch.bfloat16: (2e-2, 5e-2), torch.float16: (5e-3, 1e-2), torch.fl
 
 
 def _bias(table, index, N):
-    return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+    """(H, N, N), contiguous as timm makes it (a permuted view would slow the eager provider's broadcast add)."""
+    return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
 
 
 # What a FlexAttention user passes when inductor's default tiles do not fit in shared memory (torch 2.11 on an
@@ -99,7 +100,7 @@ def make_provider(name, window, scale, device, dtype):
         return eager
     if name == "sdpa":
         def sdpa(q, k, v, table):
-            mask = _bias(table, index, N).contiguous().unsqueeze(0).to(q.dtype)
+            mask = _bias(table, index, N).unsqueeze(0).to(q.dtype)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return sdpa
     if name == "flex":

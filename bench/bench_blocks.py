@@ -23,7 +23,7 @@ Bytes each op must move (e = element size, M = B*N rows, params and (B, N) stati
                       bwd (images need no grad): grad B*(1+P)*C*e + images + weight grad C*K*e
   layer_scale_residual_norm  fwd: read x, y, write s, n = 4*M*C*e;  bwd: read ds, dn, s, y, write dx, dy
                       = 6*M*C*e
-  linear_gelu         fwd: x M*K*e + W N*K*e + y M*N*e;  bwd: dy, x, W read + dx, dW written (+ preact)
+  linear_gelu         fwd: x M*K*e + W N*K*e + y M*N*e;  bwd: dy, preact, x, W read + dx, dW written
   layer_norm          fwd: read x, write y = 2*M*C*e;  bwd: read dy, x, write dx = 3*M*C*e
 FLOPs: patch embed 2*B*P*C*K (fwd), the same for bwd (dW only); linear_gelu 2*M*N*K fwd, 4*M*N*K bwd;
 block fwd = 24*M*C^2 + 4*B*N^2*C (qkv, proj, fc1, fc2; QK^T and PV), bwd = 2x the GEMMs + 2.5x attention.
@@ -190,7 +190,7 @@ def case_linear_gelu(cfg, dtype, device, smoke):
         return lambda x, W, b: F.gelu(torch.func.functional_call(dense, {"weight": W, "bias": b}, (x,)))
 
     fwd_b = (M * Kd + Nd * Kd + M * Nd) * e
-    bwd_b = (M * Nd + M * Kd + Nd * Kd + M * Kd + Nd * Kd) * e
+    bwd_b = (M * Nd + M * Nd + M * Kd + Nd * Kd + M * Kd + Nd * Kd) * e   # dy, preact, x, W; dx, dW
     return dict(inputs=(x, W, bias), leaves=[x, W, bias], grads=[torch.randn(M, Nd, device=device, dtype=dtype)],
                 shape=dict(model=cfg["model"], M=M, K=Kd, N=Nd),
                 nbytes=dict(fwd=fwd_b, bwd=bwd_b, fwd_bwd=fwd_b + bwd_b),
@@ -407,6 +407,7 @@ def main(argv=None):
     p.add_argument("--ops", default="all", help=f"comma list of {OPS}, or all")
     args = p.parse_args(argv)
     device, dtypes = device_and_dtypes(args)
+    torch.backends.cudnn.benchmark = True   # as timm's train.py sets it (masked_patch_embed's baselines' conv)
     ops = OPS if args.ops == "all" else tuple(x.strip() for x in args.ops.split(","))
     wanted = selected_providers(args, PROVIDERS, smoke_default=("eager", "ours"))
     cfgs = SMOKE if args.smoke else QUICK if args.quick else FULL

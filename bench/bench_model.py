@@ -6,6 +6,8 @@ Providers (what a user would otherwise pick):
   hf              transformers' BeitForMaskedImageModeling / BeitForImageClassification (SDPA)
   ours_reference  beit_fast with fused=False, attn_impl="sdpa" (timm-equivalent math)
   torch_compile   ours_reference under torch.compile
+  torch_compile_cudagraphs  ours_reference under torch.compile(mode="reduce-overhead"): the reference with
+                  CUDA graphs, the baseline of ours_fused_cudagraphs
   ours_fused      beit_fast with the fused kernels (fused=True, attn_impl="fused")
 Variants of ours_fused that swap one part for PyTorch's (which part costs what):
   ours_fused_mlp_torch   fused_mlp=False: fc1 + GELU as nn.Linear + nn.GELU
@@ -64,13 +66,14 @@ _OURS = {
 
 
 # provider -> torch.compile's keyword arguments
-_COMPILED = {"torch_compile": {}, "ours_fused_compile": {}, "ours_fused_cudagraphs": {"mode": "reduce-overhead"}}
+_COMPILED = {"torch_compile": {}, "torch_compile_cudagraphs": {"mode": "reduce-overhead"}, "ours_fused_compile": {},
+             "ours_fused_cudagraphs": {"mode": "reduce-overhead"}}
 
 
 def build(provider, name, mode):
     """-> (model, logits_fn(model, x, mask, masked_index)) for one provider. masked_index: the flat
     positions of the masked patches, which our model takes as the trainer passes them; the others use the mask."""
-    if provider in ("ours_reference", "torch_compile"):
+    if provider in ("ours_reference", "torch_compile", "torch_compile_cudagraphs"):
         m = create_model(name, fused=False, attn_impl="sdpa")
     elif provider in _OURS:
         m = create_model(name, **_OURS[provider])
@@ -152,7 +155,7 @@ def time_provider(prov, name, mode, ref, ref_logits, inputs, dtype, batch, devic
         print(f"  NOTE {prov} {name}: inductor skipped CUDA graphs for {skips} graph(s) (see its 'skipping "
               f"cudagraphs' log); the row's cudagraph_skips says so")
     t = time_ms(step, device, warmup=2 if device == "cpu" else 10, rep=5 if device == "cpu" else 30,
-                cuda_rep_ms=400)
+                cuda_rep_ms=400, min_calls=10)
     # a replayed CUDA graph allocates nothing, so the allocator's peak would miss the step's activations
     peak = None if cudagraphs else peak_mb(step, device)
     extra = {"cudagraph_skips": skips} if cudagraphs else {}
@@ -175,6 +178,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     args = p.parse_args(argv)
     device, dtypes = device_and_dtypes(args)
+    torch.backends.cudnn.benchmark = True   # as timm's train.py sets it (the patch convolution's algorithm)
     env = environment(device)
     if args.smoke:
         names, batch = ["beit_test_patch4_32"], args.batch or 4
@@ -182,7 +186,8 @@ def main(argv=None):
         names = (args.models or ("beit_base_patch16_224" if args.quick else
                                  "beit_base_patch16_224,beit_large_patch16_224")).split(",")
         batch = args.batch or 128
-    providers = selected_providers(args, ("ours_reference", "ours_fused", "timm", "hf", "torch_compile")
+    providers = selected_providers(args, ("ours_reference", "ours_fused", "timm", "hf", "torch_compile",
+                                          "torch_compile_cudagraphs")
                                    + tuple(p for p in _OURS if p != "ours_fused"),
                                    smoke_default=("ours_reference", "ours_fused", "timm", "hf", "torch_compile"))
     # tolerance of the check: max logit error over the largest logit, per autocast dtype (fp32: the same math

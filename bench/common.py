@@ -86,6 +86,7 @@ def environment(device: str) -> dict:
         # the BEIT_FAST_* knobs exported for the whole run (a provider may pin its own: see its script)
         "settings": {k: v for k, v in sorted(os.environ.items())
                      if k.startswith("BEIT_FAST_") and k != "BEIT_FAST_GIT_SHA"},
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
     try:
         import triton
@@ -123,12 +124,15 @@ def _driver_version() -> Optional[str]:
 
 
 def time_ms(fn: Callable, device: str, *, warmup: int = 10, rep: int = 50, cuda_rep_ms: int = 100,
-            setup: Optional[Callable[[], object]] = None) -> dict:
+            setup: Optional[Callable[[], object]] = None, min_calls: int = 0) -> dict:
     """median / p20 / p80 in milliseconds of fn() or, with `setup`, of fn(setup()) with setup() run before
     each call and not timed (the backward alone: setup runs the forward, fn the backward over its fresh
     graph, so no graph is reused with retain_graph and compiled backwards keep their buffer donation).
     CUDA: CUDA events with L2 flushed before each call, over about `cuda_rep_ms` ms of calls
-    (triton.testing.do_bench without setup); CPU: wall clock over `rep` calls after `warmup`."""
+    (triton.testing.do_bench without setup), or `min_calls` calls when those take longer (a 100 ms training
+    step would otherwise get 4); CPU: wall clock over `rep` calls after `warmup`."""
+    if device == "cuda" and min_calls:
+        cuda_rep_ms = max(cuda_rep_ms, min_calls * _estimate_ms(fn, setup))
     if device == "cuda" and setup is None:
         import triton.testing
         med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=cuda_rep_ms, quantiles=list(QUANTILES))
@@ -147,6 +151,19 @@ def time_ms(fn: Callable, device: str, *, warmup: int = 10, rep: int = 50, cuda_
             times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
+
+
+def _estimate_ms(fn, setup, calls: int = 3) -> float:
+    """The mean GPU-synchronized time of a few calls of fn() (fn(setup()), setup not timed), in ms."""
+    total = 0.0
+    for _ in range(calls):
+        arg = setup() if setup is not None else None
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(arg) if setup is not None else fn()
+        torch.cuda.synchronize()
+        total += time.perf_counter() - t0
+    return total / calls * 1e3
 
 
 def host_us(fn: Callable, rounds: int, calls: int, warmup: int = 20) -> float:

@@ -155,6 +155,20 @@ def test_time_ms_with_setup_times_only_the_call():
     assert 0 <= t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
 
 
+def test_time_ms_min_calls_stretches_the_cuda_timing(monkeypatch):
+    """min_calls: a call estimated at 50 ms gets 10 x 50 ms of timing instead of cuda_rep_ms (400 ms: 8 calls);
+    a short one keeps cuda_rep_ms. (do_bench and the estimate are stand-ins: no GPU needed.)"""
+    import triton.testing
+    common = _bench_module("common")
+    asked = []
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup, rep, quantiles: asked.append(rep) or (1.0, 0.9, 1.1))
+    for estimate, want in ((50.0, 500.0), (0.5, 400)):
+        monkeypatch.setattr(common, "_estimate_ms", lambda fn, setup, est=estimate: est)
+        t = common.time_ms(lambda: None, "cuda", cuda_rep_ms=400, min_calls=10)
+        assert asked[-1] == want and t == {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1}
+
+
 def test_gpu_time_sums_kernels_per_call(monkeypatch):
     """common.gpu_time on a stand-in profiler (no GPU here): per call, the kernels' durations are summed by
     name; the median call is reported with its own split; host-side events do not count; setup runs
