@@ -14,9 +14,11 @@ Ops and providers (each provider checked against the eager reference on the time
   layer_norm                  eager (F.layer_norm), compile, ours (beit_fast.ops.layer_norm, Triton), apex
                               (FusedLayerNorm), when the op module imports
   block                       eager (beit_fast.models.beit.Block.forward, SDPA attention, as timm),
-                              compile (the same under torch.compile), ours (Block.forward_fused: fused
-                              attention, linear_gelu and layer_scale_residual_norm; it also produces the next
-                              block's norm1, which the eager block leaves to its successor)
+                              compile (the same under torch.compile), ours (Block.forward_fused as the
+                              model runs it by default: fused attention and layer_scale_residual_norm, fc1 +
+                              GELU as nn.Linear + nn.GELU; it also produces the next block's norm1, which the
+                              eager block leaves to its successor), ours_mlp_triton (the same with fc1 + GELU
+                              through linear_gelu: fused_mlp=True)
 
 Bytes each op must move (e = element size, M = B*N rows, params and (B, N) statistics ignored):
   masked_patch_embed  fwd: images B*Cin*H*W*e + weight C*K*e + out B*(1+P)*C*e + mask B*P
@@ -52,7 +54,8 @@ import torch.nn.functional as F  # noqa: E402
 # the whole block first: its compiled row carries the block target, and a time limit cuts the end of a run
 OPS = ("block", "layer_scale_residual_norm", "layer_norm", "masked_patch_embed", "linear_gelu")
 MEMORY_BOUND = ("layer_scale_residual_norm", "layer_norm")   # measured against the copy bandwidth
-PROVIDERS = ("eager", "ours", "ours_recompute", "ours_block_rows", "apex", "compile")   # compiled ones last
+PROVIDERS = ("eager", "ours", "ours_recompute", "ours_block_rows", "ours_mlp_triton", "apex",
+             "compile")   # compiled ones last
 # set while the provider runs (pinned on both sides of the A/B, whatever the caller's environment says)
 PROVIDER_ENV = {"ours": {"BEIT_FAST_LSRN_FORWARD": "warp"}, "ours_block_rows": {"BEIT_FAST_LSRN_FORWARD": "block"}}
 # (B, N or image size, C, heads): BEiT-B at batch 128 (and BEiT-L at 64 in the full sweep)
@@ -246,10 +249,11 @@ def case_block(cfg, dtype, device, smoke):
         fn = torch.compile(blk_ref, dynamic=False)
         return lambda x: fn(x)
 
-    def ours():
+    def ours(mlp_triton=False):
         ln = _module("beit_fast.ops.layer_norm")
         blk = copy.deepcopy(blk_ref)   # same weights, its own gradients
         blk.attn.attn_impl = fused_attn
+        blk.fused_mlp = mlp_triton
         nxt = torch.nn.LayerNorm(C, eps=1e-6).to(device=device, dtype=dtype)
 
         def full(x):   # checked against eager: norm1 computed here
@@ -276,7 +280,8 @@ def case_block(cfg, dtype, device, smoke):
     return dict(inputs=(x,), leaves=leaves, grads=grads,
                 shape=dict(model=cfg["model"], B=B, N=N, C=C, heads=H, attn_ours=fused_attn),
                 nbytes={}, flops=dict(fwd=fwd_flops, bwd=bwd_flops, fwd_bwd=fwd_flops + bwd_flops),
-                providers=dict(eager=eager, compile=compiled, ours=ours))
+                providers=dict(eager=eager, compile=compiled, ours=ours,
+                               ours_mlp_triton=lambda: ours(mlp_triton=True)))
 
 
 CASES = dict(masked_patch_embed=case_masked_patch_embed, layer_scale_residual_norm=case_layer_scale_residual_norm,

@@ -8,9 +8,10 @@ Providers (what a user would otherwise pick):
   torch_compile   ours_reference under torch.compile
   torch_compile_cudagraphs  ours_reference under torch.compile(mode="reduce-overhead"): the reference with
                   CUDA graphs, the baseline of ours_fused_cudagraphs
-  ours_fused      beit_fast with the fused kernels (fused=True, attn_impl="fused")
-Variants of ours_fused that swap one part for PyTorch's (which part costs what):
-  ours_fused_mlp_torch   fused_mlp=False: fc1 + GELU as nn.Linear + nn.GELU
+  ours_fused      beit_fast with the fused kernels as configured by default (fused=True, attn_impl="fused";
+                  fc1 + GELU as nn.Linear + nn.GELU, fused_mlp=False)
+Variants of ours_fused that swap one part (which part costs what):
+  ours_fused_mlp_triton  fused_mlp=True: fc1 + GELU through linear_gelu (Triton GEMM, GELU epilogue)
   ours_fused_attn_sdpa   attn_impl="sdpa": timm's SDPA float-mask attention in the fused blocks
   ours_attn_only         fused=False, attn_impl="fused": the reference blocks with the fused attention
   ours_fused_compile     ours_fused under torch.compile (the custom ops stay in the graph)
@@ -59,7 +60,7 @@ _OURS = {
     "ours_fused": dict(fused=True, attn_impl="fused"),
     "ours_fused_compile": dict(fused=True, attn_impl="fused"),
     "ours_fused_cudagraphs": dict(fused=True, attn_impl="fused"),
-    "ours_fused_mlp_torch": dict(fused=True, attn_impl="fused", fused_mlp=False),
+    "ours_fused_mlp_triton": dict(fused=True, attn_impl="fused", fused_mlp=True),
     "ours_fused_attn_sdpa": dict(fused=True, attn_impl="sdpa"),
     "ours_attn_only": dict(fused=False, attn_impl="fused"),
 }

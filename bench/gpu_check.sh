@@ -13,7 +13,7 @@
 #   GPU_CHECK_BENCH="attention model"       these steps of: overhead attention blocks model train tune
 #                                           (default: all but tune; "" = none)
 #   GPU_CHECK_REST=1                        the rest of the test suite too, alongside the GPU tests
-#   GPU_CHECK_MODEL_ARGS="--providers ..."  bench_model.py's arguments after --quick (default: five providers)
+#   GPU_CHECK_MODEL_ARGS="--providers ..."  bench_model.py's arguments after --quick (default: six providers)
 #   GPU_CHECK_ALT_CXX=/usr/bin/g++          after the benchmarks, also build the C++ ops (no CUDA;
 #                                           GPU_CHECK_ALT_CUDA=1: with) with that compiler (C compiler:
 #                                           GPU_CHECK_ALT_CC, else its gcc / clang) in a copy of the tree and run
@@ -140,7 +140,7 @@ wait "$DIAG_PID"   # bounded: its one command has a 60 s timeout, and the tests 
 # steps (the unfused and fused model, timm, and the fused model under CUDA graphs), the trainer's demo on the
 # GPU; the tile sweep (tune) only when asked.
 BENCH=" ${GPU_CHECK_BENCH-overhead attention blocks model train} "   # set but empty: none
-MODEL_ARGS=${GPU_CHECK_MODEL_ARGS:---providers ours_reference,ours_fused,timm,ours_fused_cudagraphs,torch_compile_cudagraphs}
+MODEL_ARGS=${GPU_CHECK_MODEL_ARGS:---providers ours_reference,ours_fused,timm,ours_fused_mlp_triton,ours_fused_cudagraphs,torch_compile_cudagraphs}
 [[ $BENCH == *" overhead "* ]] && \
   step bench_overhead 60 "$OUT/bench.log" "$PY" bench/overhead.py --out "$OUT" --dtypes bf16
 [[ $BENCH == *" attention "* ]] && \

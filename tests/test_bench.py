@@ -27,9 +27,9 @@ def _run(args, tmp_path):
     ("bench_attention", ["--check-determinism"], {"eager", "sdpa"}),
     ("bench_blocks", ["--providers", "eager,ours,compile"], {"eager", "ours", "compile"}),
     ("bench_masking", ["--batch", "16"], {"reference", "cpp"}),
-    ("bench_model", ["--providers", "timm,hf,ours_reference,ours_fused,ours_fused_mlp_torch,ours_fused_attn_sdpa,"
+    ("bench_model", ["--providers", "timm,hf,ours_reference,ours_fused,ours_fused_mlp_triton,ours_fused_attn_sdpa,"
                                     "ours_attn_only"],
-     {"timm", "hf", "ours_reference", "ours_fused", "ours_fused_mlp_torch", "ours_fused_attn_sdpa", "ours_attn_only"}),
+     {"timm", "hf", "ours_reference", "ours_fused", "ours_fused_mlp_triton", "ours_fused_attn_sdpa", "ours_attn_only"}),
 ])
 def test_smoke(script, extra, providers, tmp_path):
     _run([f"bench/{script}.py", "--smoke"] + extra, tmp_path)

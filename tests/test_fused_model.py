@@ -22,9 +22,11 @@ CASES = [
 
 
 def _pair(name, overrides, fused_attn_impl="fused"):
+    """(reference, fused) models with the same random weights; the fused one runs every fused op, linear_gelu
+    included (fused_mlp=True, not the model's default), unless overrides say otherwise."""
     ref = randomize_(create_model(name, attn_impl="eager", fused=False,
                                   **{k: v for k, v in overrides.items() if k != "fused_mlp"}))
-    fused = create_model(name, attn_impl=fused_attn_impl, fused=True, **overrides)
+    fused = create_model(name, attn_impl=fused_attn_impl, fused=True, **{"fused_mlp": True, **overrides})
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
@@ -119,7 +121,7 @@ def test_fused_model_compiles_without_graph_breaks(device):
     masked positions come as masked_index, as the trainer passes them (selecting by the bool mask alone has
     a data-dependent size: a graph break in older torch, e.g. 2.6)."""
     torch._dynamo.reset()
-    m = randomize_(create_model("beit_test_patch4_32_mim", fused=True, attn_impl="auto",
+    m = randomize_(create_model("beit_test_patch4_32_mim", fused=True, attn_impl="auto", fused_mlp=True,
                                 drop_path_rate=0.1)).to(device).train()
     x = torch.randn(2, 3, 32, 32, device=device)
     mask = torch.rand(2, 64, device=device) < 0.4

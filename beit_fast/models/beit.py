@@ -168,7 +168,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  init_values: Optional[float] = 0.1, window_size=None, attn_impl: str = "auto",
-                 fused: Optional[bool] = None, eps: float = 1e-6, fused_mlp: bool = True):
+                 fused: Optional[bool] = None, eps: float = 1e-6, fused_mlp: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, window_size, attn_impl, fused)
