@@ -11,7 +11,9 @@
 // map, loading a short row's successor while it reduces and writes the row.
 // Each thread accumulates the gamma / ln_weight / ln_bias gradient of its columns in registers over its
 // block's rows and writes them to row blockIdx.x of a (G, C) fp32 partial buffer; a fixed-order column sum
-// then adds the G rows. No atomics: deterministic for a given shape and grid size (set by the GPU model).
+// then adds the G rows. No atomics: deterministic for a given shape and grid size (set by the GPU model and
+// by the kernel variant, which depends on the tensors' 16-byte alignment: the same shape with differently
+// aligned gradients may sum in another order).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,5 +1,7 @@
 """beit_fast.ops.layer_scale_residual_norm against its PyTorch reference: outputs and every gradient, on the
 C++ CPU kernel (fp32, bf16, fp64 gradcheck) and, when a GPU is present, the CUDA kernel (fp32/fp16/bf16)."""
+import importlib
+
 import pytest
 import torch
 
@@ -253,18 +255,31 @@ def test_auto_backend_on_cpu_is_cpp():
     assert not_supported_reasons("cuda", x, y, gamma, scale, w, b)  # CPU tensors
 
 
-def test_long_rows_need_aligned_data_for_the_cuda_kernel():
-    """Rows over 8192 elements run only on the 16-byte vector path: a misaligned view is a reason, so
-    backend="auto" falls back instead of the kernel raising."""
+def test_long_rows_get_aligned_data_for_the_cuda_kernel(monkeypatch):
+    """Rows over 8192 elements run only on the 16-byte vector path: the op hands the kernel a misaligned view
+    as an aligned copy (not a reason to fall back), an aligned one as it is; under torch.compile's tracing or
+    for a tensor subclass (no address to read: data_ptr raises or lies there) always a copy."""
+    lsrn = importlib.import_module("beit_fast.ops.layer_scale_residual_norm")
     C = 16384
     base = torch.zeros(2 * C + 8, dtype=torch.bfloat16)
     aligned, shifted = base[:2 * C].view(1, 2, C), base[1:2 * C + 1].view(1, 2, C)
     gamma, w = torch.ones(C), torch.ones(C)
     assert shifted.data_ptr() % 16 != 0
     why = " ".join(not_supported_reasons("cuda", shifted, aligned, gamma, None, w, None))
-    assert "needs x and y contiguous from 16-byte aligned addresses" in why
-    why = " ".join(not_supported_reasons("cuda", aligned, aligned, gamma, None, w, None))
     assert "aligned" not in why and "row limit" not in why
+    assert lsrn._aligned_or_copy(aligned) is aligned
+    fixed = lsrn._aligned_or_copy(shifted)
+    assert fixed.data_ptr() % 16 == 0 and fixed.is_contiguous() and torch.equal(fixed, shifted)
+    assert lsrn._aligned_or_copy(None) is None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(aligned)
+        assert lsrn._aligned_or_copy(fake) is not fake
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert lsrn._aligned_or_copy(aligned) is not aligned
+    why = " ".join(not_supported_reasons("cuda", torch.zeros(1, 2, C + 1, dtype=torch.bfloat16), aligned[..., :C + 1],
+                                          torch.ones(C + 1), None, torch.ones(C + 1), None))
+    assert "row limit" in why   # C not a multiple of the vector width: no vector path
 
 
 # ------------------------------------------------------------------------------------------------- GPU only
@@ -302,19 +317,24 @@ def test_cuda_misaligned_inputs_use_the_scalar_path():
 
 
 @needs_cuda
-def test_cuda_long_misaligned_rows_fall_back_and_long_aligned_rows_run():
+def test_cuda_long_misaligned_and_aligned_rows_run():
+    """Rows over 8192 elements (vector path only): a misaligned x runs through an aligned copy, forward and
+    backward (gradients misaligned too)."""
     B, N, C = 1, 3, 12288
     shifted = torch.randn(B * N * C + 1, device="cuda", dtype=torch.bfloat16)[1:].view(B, N, C)
     y = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16)
     gamma, w, b = (torch.randn(C, device="cuda") for _ in range(3))
-    from beit_fast.ops.layer_scale_residual_norm import not_supported_reasons
-    for x, runs in ((shifted, False), (shifted.clone(), True)):
-        why = not_supported_reasons("cuda", x, y, gamma, None, w, b)
-        assert (why == []) == runs and (runs or any("16-byte aligned" in r for r in why)), why
-        s, n = layer_scale_residual_norm(x, y, gamma, None, w, b, backend="cuda" if runs else "auto")
+    for x in (shifted, shifted.clone()):
+        assert not_supported_reasons("cuda", x, y, gamma, None, w, b) == []
+        x = x.detach().requires_grad_()
+        s, n = layer_scale_residual_norm(x, y, gamma, None, w, b, backend="cuda")
         s_ref, n_ref = layer_scale_residual_norm_ref(x, y, gamma, None, w, b)
         torch.testing.assert_close(s.float(), s_ref.float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(n.float(), n_ref.float(), atol=5e-2, rtol=5e-2)
+        g = torch.randn(B * N * C + 1, device="cuda", dtype=torch.bfloat16)[1:].view(B, N, C)
+        dx, = torch.autograd.grad(n, x, g)
+        dx_ref, = torch.autograd.grad(n_ref, x, g)
+        torch.testing.assert_close(dx.float(), dx_ref.float(), atol=5e-2, rtol=5e-2)
 
 
 @needs_cuda

@@ -68,21 +68,29 @@ def not_supported_reasons(backend: str, x: torch.Tensor, y: torch.Tensor, gamma=
             why.append(f"y has dtype {y.dtype} and x {x.dtype}: the kernel needs equal dtypes, or x float32 "
                        "with y float16/bfloat16")
         if backend == "cuda" and x.dim() == 3 and x.shape[-1] > _SCALAR_MAX_C:
-            # rows over 8192 need the 16-byte vector path: C a multiple of the vector width, aligned data
+            # rows over 8192 need the 16-byte vector path: C a multiple of the vector width (and aligned data,
+            # which the op makes: _aligned_or_copy)
             C = x.shape[-1]
             vec = 16 // x.element_size()
             if not (C % vec == 0 and C <= 2048 * vec):
                 why.append(f"C = {C} exceeds the CUDA kernel's row limit")
-            elif not (_aligned(x) and _aligned(y)):
-                why.append(f"C = {C} > {_SCALAR_MAX_C} needs x and y contiguous from 16-byte aligned addresses")
     return why
 
 
 _SCALAR_MAX_C = 8192   # the CUDA kernels' longest row without 16-byte vectors
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.data_ptr() % 16 == 0
+def _aligned_or_copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """For rows over _SCALAR_MAX_C (the CUDA kernels' vector path only): t itself when it is contiguous from a
+    16-byte aligned address, else a contiguous copy (fresh memory is aligned). While torch.compile traces,
+    or for a tensor subclass (FakeTensor, AOTAutograd's FunctionalTensor), there is no address to read:
+    always the copy."""
+    if t is None:
+        return None
+    if (not torch.compiler.is_compiling() and type(t) in (torch.Tensor, torch.nn.Parameter)
+            and t.is_contiguous() and t.data_ptr() % 16 == 0):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _fake_forward(x, y, gamma, drop_path_scale, ln_weight, ln_bias, eps):
@@ -125,8 +133,7 @@ def _backward(ctx, grad_sum, grad_norm, _grad_mean, _grad_rstd):
         return None, None, None, None, None, None, None
     want_scale = has_scale and need[3]
     if s.shape[-1] > _SCALAR_MAX_C and s.is_cuda:   # long rows take the vector path: aligned gradients
-        grad_sum, grad_norm = (g if g is None or _aligned(g) else g.clone(memory_format=torch.contiguous_format)
-                               for g in (grad_sum, grad_norm))
+        grad_sum, grad_norm = _aligned_or_copy(grad_sum), _aligned_or_copy(grad_norm)
     mask = [need[0] or want_scale, need[1], has_gamma and need[2], has_ln and need[4], has_bias and need[5]]
     dx, dy, dgamma, dw, db = torch.ops.beit_fast.layer_scale_residual_norm_backward(
         grad_sum, grad_norm, s, y, ctx.y_dtype, gamma, drop_path_scale, ln_weight, ln_bias, mean, rstd, mask)
@@ -194,6 +201,8 @@ def layer_scale_residual_norm(x: torch.Tensor, y: torch.Tensor, gamma: Optional[
         b, x, y, gamma, drop_path_scale, ln_weight, ln_bias, auto=auto), PREFERENCE)
     if chosen == "reference":
         return layer_scale_residual_norm_ref(x, y, gamma, drop_path_scale, ln_weight, ln_bias, eps)
+    if chosen == "cuda" and x.shape[-1] > _SCALAR_MAX_C:   # long rows take the vector path: aligned x and y
+        x, y = _aligned_or_copy(x), _aligned_or_copy(y)
     s, n, _, _ = _eager.call(torch.ops.beit_fast.layer_scale_residual_norm, _Fn, x, y, gamma, drop_path_scale,
                              ln_weight, ln_bias, float(eps))
     return s, n
