@@ -17,6 +17,7 @@ def num_relative_distance(window_size) -> int:
 
 
 @functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)   # cached for every later caller: never an inference tensor, whoever asks first
 def _index_cpu(wh: int, ww: int) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)

@@ -972,19 +972,22 @@ class _PerIndexTensor:
     """A value per live index tensor and version counter. Keyed by id() with a weak reference whose callback
     drops the entry when the tensor dies (before its id can be reused), so an index freed and another
     allocated in its place is never a stale hit; an in-place change bumps the version: a miss. (Tensors
-    cannot be WeakKeyDictionary keys: weakref equality compares them elementwise.)"""
+    cannot be WeakKeyDictionary keys: weakref equality compares them elementwise.) Inference tensors
+    (made under torch.inference_mode) have no version counter: they are never cached."""
 
     def __init__(self):
         self._entries = {}
 
     def get(self, t: torch.Tensor, tag):
+        if t.is_inference():   # no version counter: never cached (see put)
+            return None
         entry = self._entries.get(id(t))
         if entry is None or entry[0]() is not t or entry[1] != (t._version, tag):
             return None
         return entry[2]
 
     def put(self, t: torch.Tensor, tag, value) -> None:
-        if t.device.type == "meta":
+        if t.device.type == "meta" or t.is_inference():   # an inference tensor has no version to key on
             return
         key, entries = id(t), self._entries
 

@@ -51,6 +51,17 @@ def call_raw(raw: Callable, op: Callable, *args):
     return raw(*args)
 
 
+def refuse_double_backward(op: str, *tensors) -> None:
+    """For a backward formula that calls an extension op without an autograd kernel of its own: with
+    create_graph=True (grad mode on in the backward, its tensors requiring grad) PyTorch would run it with
+    only a warning and return no higher-order gradients; raise instead, as the Triton ops' registered
+    backwards do. Not under tracing (subclass tensors: AOTAutograd builds the backward graph itself)."""
+    if torch.is_grad_enabled() and eager(*tensors) and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError(f"beit_fast::{op}: double backward (create_graph=True through this op's backward) is "
+                           f"not supported")
+
+
 def _below_autograd(op_name: str) -> Callable:
     """`torch.ops.beit_fast.<op_name>(*args)` with autograd's dispatch keys skipped: the extension's CPU/CUDA
     kernel without the Python autograd wrapper that torch.library put in front of it (the caller records the

@@ -8,6 +8,7 @@ registrations, so torch.compile(fullgraph=True) keeps it in the graph.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -173,5 +174,5 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Opt
     C = x.shape[-1]
     weight = weight.contiguous() if weight is not None else None    # the kernel reads them with unit stride
     bias = bias.contiguous() if bias is not None else None
-    y, _, _ = _eager.call(_layer_norm_triton, _LayerNormFn, x.reshape(-1, C), weight, bias, float(eps))
+    y, _, _ = _eager.call(_layer_norm_triton, _LayerNormFn, x.reshape(math.prod(x.shape[:-1]), C), weight, bias, float(eps))
     return y.view(x.shape)

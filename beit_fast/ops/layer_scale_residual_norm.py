@@ -135,6 +135,7 @@ def _backward(ctx, grad_sum, grad_norm, _grad_mean, _grad_rstd):
     if s.shape[-1] > _SCALAR_MAX_C and s.is_cuda:   # long rows take the vector path: aligned gradients
         grad_sum, grad_norm = _aligned_or_copy(grad_sum), _aligned_or_copy(grad_norm)
     mask = [need[0] or want_scale, need[1], has_gamma and need[2], has_ln and need[4], has_bias and need[5]]
+    _eager.refuse_double_backward(OP, grad_sum, grad_norm, s, y, gamma, ln_weight, ln_bias)
     dx, dy, dgamma, dw, db = torch.ops.beit_fast.layer_scale_residual_norm_backward(
         grad_sum, grad_norm, s, y, ctx.y_dtype, gamma, drop_path_scale, ln_weight, ln_bias, mean, rstd, mask)
     dscale = None

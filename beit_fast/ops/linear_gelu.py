@@ -20,6 +20,7 @@ Either way dX = dZ W and dW = dZ^T X are cuBLAS matmuls and db is a fixed-order 
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -79,7 +80,9 @@ def _autocast(x, weight, bias):
     if not torch.is_autocast_enabled(dev):
         return x, weight, bias
     dt = torch.get_autocast_dtype(dev)
-    cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    # fp32 / fp16 / bf16 are cast; autocast leaves fp64 alone (F.linear on fp64 stays fp64)
+    eligible = (torch.float32, torch.float16, torch.bfloat16)
+    cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in eligible else t  # noqa: E731
     return cast(x), cast(weight), cast(bias)
 
 
@@ -203,6 +206,6 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     K, N = x.shape[-1], weight.shape[0]
     if bias is not None:
         bias = bias.contiguous()       # the kernel reads it with unit stride
-    y, _ = _eager.call(_linear_gelu_triton, _LinearGeluFn, x.reshape(-1, K), weight, bias,
+    y, _ = _eager.call(_linear_gelu_triton, _LinearGeluFn, x.reshape(math.prod(x.shape[:-1]), K), weight, bias,
                        needs_grad and not recompute)
     return y.view(*x.shape[:-1], N)

@@ -99,8 +99,11 @@ def _autocast_on(images: torch.Tensor) -> bool:
     return images.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(images.device.type)
 
 
+_AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)   # what autocast casts (not fp64)
+
+
 def _compute_dtype(images: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    if _autocast_on(images):
+    if _autocast_on(images) and images.dtype in _AUTOCAST_CAST:
         return torch.get_autocast_dtype(images.device.type)
     return images.dtype
 
@@ -127,6 +130,7 @@ def _backward(ctx, grad_out):
     need = ctx.needs_input_grad
     mask = [need[0], need[1], bias is not None and need[2], mask_token is not None and need[4], need[5],
             pos_embed is not None and need[6]]
+    _eager.refuse_double_backward(OP, grad_out, images, weight, bias, mask_token, cls_token, pos_embed)
     dimages, dweight, dbias, dmask, dcls, dpos = torch.ops.beit_fast.masked_patch_embed_backward(
         grad_out, images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, mask)
     return dimages, dweight, dbias, None, dmask, dcls, dpos
@@ -200,9 +204,9 @@ def masked_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optiona
         b, images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, auto=auto), PREFERENCE)
     if chosen == "reference":
         return masked_patch_embed_ref(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed)
-    if _autocast_on(images):
+    if _autocast_on(images):   # as conv2d under autocast: fp32 / fp16 / bf16 cast, fp64 left alone
         dtype = torch.get_autocast_dtype(images.device.type)
-        images, weight = images.to(dtype), weight.to(dtype)
+        images, weight = (t.to(dtype) if t.dtype in _AUTOCAST_CAST else t for t in (images, weight))
     if bool_masked_pos is None:
         mask_token = None  # unused without a mask: no gradient, as in the reference
     return _eager.call(torch.ops.beit_fast.masked_patch_embed, _Fn, images, weight, bias, bool_masked_pos,

@@ -99,8 +99,8 @@ def _check_inputs(q, k, v, table, window_size, rel_index, scale, dropout_p, what
         raise ValueError(f"{what} must all have shape (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     B, H, N, D = q.shape
-    if min(B, H, N, D) < 1:
-        raise ValueError(f"{what} must have shape (B, H, N, D) with every size >= 1, got {tuple(q.shape)}")
+    if min(H, N, D) < 1:
+        raise ValueError(f"{what} must have shape (B, H, N, D) with H, N, D >= 1, got {tuple(q.shape)}")
     if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"{what} must share one floating dtype out of fp16, bf16, fp32, fp64; got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
@@ -385,7 +385,7 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = _choose(q, k, v, bias_table, window_size, rel_index, dropout_p, backend)
-    if chosen == "reference":
+    if chosen == "reference" or q.shape[0] == 0:   # batch 0: nothing to launch, the reference's empty result
         return _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p, dropout_seed)
     seed = _seed_tensor(dropout_p, dropout_seed, q.device)
     out, _ = _eager.call(_attn_op, _AttnFn, q, k, v, bias_table, rel_index, wh, ww, scale, float(dropout_p), seed)
@@ -408,7 +408,7 @@ def rel_pos_attention_qkvpacked(qkv: Tensor, bias_table: Tensor, *, window_size=
     B, H, N, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     chosen = _choose(q, k, v, bias_table, window_size, rel_index, dropout_p, backend)
-    if chosen == "reference":
+    if chosen == "reference" or B == 0:   # batch 0: nothing to launch, the reference's empty result
         out = _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p, dropout_seed)
         return out.transpose(1, 2).reshape(B, N, H * D)
     seed = _seed_tensor(dropout_p, dropout_seed, qkv.device)
