@@ -49,20 +49,24 @@ def _add_config_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 def _resolve(kind: str, args) -> object:
     overrides = C.parse_set(args.set)
+    hints = typing.get_type_hints(_KINDS[kind])
     for key, raw in vars(args).items():
         if key.startswith("field:"):
-            overrides[key[6:]] = _parse_flag(raw)
+            name = key[6:]
+            overrides[name] = _parse_flag(raw, hints[name], name)
     return C.resolve(kind, args.preset, args.config, overrides)
 
 
-def _parse_flag(raw: str):
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) and "," in value:   # --betas 0.9,0.98
-        try:
-            return [yaml.safe_load(v) for v in value.split(",")]
-        except yaml.YAMLError:
-            return value
-    return value
+def _parse_flag(raw: str, typ, name: str):
+    """A flag's text as the field's type takes it: text fields as written (a path with a comma, `yes`,
+    `0755`); tuple fields as comma-separated values (--betas 0.9,0.98); the others parsed as YAML."""
+    flag = "--" + name.replace("_", "-")
+    if typ is str or typ == typing.Optional[str]:
+        return raw
+    if typ is tuple or typing.get_origin(typ) is tuple:
+        if "," in raw and not raw.strip().startswith("["):
+            return [C.parse_yaml_value(v, flag) for v in raw.split(",")]
+    return C.parse_yaml_value(raw, flag)
 
 
 def _bench(args) -> int:

@@ -36,6 +36,52 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "data_path" in capsys.readouterr().err
 
 
+def test_flags_keep_text_as_written_and_split_only_tuples(capsys):
+    """A text flag is the text given (a comma in a path, `yes`, `0755`); tuple flags split on commas."""
+    assert main(["pretrain", "--output-dir", "runs/lr1e-3,wd0.05", "--data-path", "yes",
+                 "--tokenizer-path", "0755", "--mean", "0.5,0.5,0.5", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["output_dir"] == "runs/lr1e-3,wd0.05" and cfg["data_path"] == "yes"
+    assert cfg["tokenizer_path"] == "0755" and cfg["mean"] == [0.5, 0.5, 0.5]
+    assert main(["finetune", "--auto-augment", "none", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["auto_augment"] is None
+
+
+def test_user_errors_are_messages_before_any_work(tmp_path, capsys):
+    """Values the run would trip over deep inside (a transform, the sampler, the model, YAML syntax) fail in
+    the config check with a message and exit status 2, before a tokenizer is fitted or a folder written."""
+    out = str(tmp_path / "run")
+    cases = [
+        (["pretrain", "--train-subset", "10"], "fewer than one optimizer step needs"),
+        (["pretrain", "--set", "mean=0.5,0.5"], "mean must be 3 numbers"),
+        (["pretrain", "--set", "crop_ratio=[3/4,4/3]"], "crop_ratio must be 2 numbers"),
+        (["pretrain", "--set", "crop_scale=0.9,0.2"], "min <= max"),
+        (["pretrain", "--set", "interpolation=cubic"], "interpolation must be one of"),
+        (["pretrain", "--set", "second_interpolation=area"], "second_interpolation must be one of"),
+        (["pretrain", "--set", "model_overrides.num_heads=3"], "num_heads"),
+        (["pretrain", "--num-workers", "-1"], "num_workers must be >= 0"),
+        (["pretrain", "--set", "betas=[0.9"], "not a valid YAML value"),
+        (["pretrain", "--lr", "[1"], "--lr: '[1' is not a valid YAML value"),
+        (["eval", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
+        (["eval", "--batch-size", "0"], "batch_size must be >= 1"),
+        (["eval", "--set", "model_overrides.depth=2"], "unknown EvalConfig field 'model_overrides.depth'"),
+        (["fit-tokenizer", "--device", "gpu"], "device must be"),
+        (["fit-tokenizer", "--max-images", "0"], "max_images must be >= 1"),
+        (["fit-tokenizer", "--vocab-size", "0"], "vocab_size must be >= 1"),
+    ]
+    for argv, message in cases:
+        flags = ["--output-dir", out] if argv[0] == "pretrain" else ["--output", out + ".st"] \
+            if argv[0] == "fit-tokenizer" else []
+        assert main(argv + flags) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1\n")
+    assert main(["pretrain", "--config", str(bad), "--output-dir", out]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_list_presets(capsys):
     assert main(["pretrain", "--list-presets"]) == 0
     assert {"demo", "beit_base_224", "beit_large_224"} <= set(capsys.readouterr().out.split())

@@ -81,6 +81,33 @@ def test_held_out_labels_follow_the_training_class_folders(tmp_path):
         check_dataset("folder", str(tmp_path), ("train", "val"))
 
 
+def test_16_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values at 255 (a mid-grey 16-bit PNG came out white)."""
+    from PIL import Image
+    from beit_fast.train.data import to_rgb
+    a = np.full((4, 4), 30000, dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "grey16.png")
+    img = Image.open(tmp_path / "grey16.png")
+    assert img.mode.startswith("I")
+    assert np.asarray(to_rgb(img))[0, 0].tolist() == [117, 117, 117]          # 30000 / 65535 * 255
+    assert np.asarray(to_rgb(Image.fromarray(a.astype(np.int32) // 256, "I")))[0, 0].tolist() == [117] * 3
+    assert np.asarray(to_rgb(Image.new("RGB", (2, 2), (10, 20, 30))))[0, 0].tolist() == [10, 20, 30]
+
+
+def test_a_folder_scan_sees_files_added_since_the_last_check(tmp_path):
+    """The scan is cached for the run that follows its check, and redone by the next check (a second run
+    in the same process)."""
+    from PIL import Image
+    from beit_fast.train.data import build_dataset, check_dataset
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a" / "0.png")
+    check_dataset("folder", str(tmp_path))
+    assert len(build_dataset("folder", "train", str(tmp_path))) == 1
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a" / "1.png")
+    check_dataset("folder", str(tmp_path))
+    assert len(build_dataset("folder", "train", str(tmp_path))) == 2
+
+
 def test_a_root_with_val_but_no_train_folder_is_refused(tmp_path):
     import pytest
     from PIL import Image

@@ -341,6 +341,40 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_file):
     assert got["top1"] == pytest.approx(result["top1"]) and got["loss"] == pytest.approx(result["loss"], rel=1e-5)
 
 
+def test_eval_labels_a_held_out_folder_by_the_classes_the_model_was_trained_on(tmp_path, monkeypatch):
+    """A fine-tuning checkpoint names its classes, and eval labels a val/-only folder by them (a class missing
+    from it cannot shift the others). A checkpoint without them (older runs) is evaluated with a warning when
+    val/'s class count matches the model, and refused when it does not."""
+    from PIL import Image
+    from beit_fast.train import config as C
+    from beit_fast.train import evaluation
+    for root, split, classes in (("data", "train", "abc"), ("data", "val", "abc"), ("onlyval", "val", "ac"),
+                                 ("val3", "val", "abc")):
+        for c in classes:
+            (tmp_path / root / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (16, 16), (60 * i, 80 if c == "a" else 160, 200)).save(
+                    tmp_path / root / split / c / f"{i}.png")
+    result = finetune(tiny_finetune(tmp_path / "ft", dataset="folder", data_path=str(tmp_path / "data"),
+                                    train_subset=0, batch_size=4, epochs=1, mixup=0.0, cutmix=0.0, num_classes=3))
+    state = load(result["checkpoint"])
+    assert state["classes"] == ["a", "b", "c"]
+    built = []
+    real = evaluation.build_dataset
+    monkeypatch.setattr(evaluation, "build_dataset", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    ev = EvalConfig(checkpoint=result["checkpoint"], dataset="folder", data_path=str(tmp_path / "onlyval"),
+                    num_workers=0, device="cpu", precision="fp32", output_dir=str(tmp_path / "ev"))
+    assert evaluate(ev)["n"] == 8
+    assert sorted({(os.path.basename(os.path.dirname(p)), label) for p, label in built[-1].samples}) == \
+        [("a", 0), ("c", 2)]
+    del state["classes"]                                  # as an older checkpoint
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(C.ConfigError, match="does not name its classes.*2 class folders .* model's 3 classes"):
+        evaluate(dataclasses.replace(ev, checkpoint=str(tmp_path / "old.pt")))
+    with pytest.warns(UserWarning, match="does not name its classes"):
+        evaluate(dataclasses.replace(ev, checkpoint=str(tmp_path / "old.pt"), data_path=str(tmp_path / "val3")))
+
+
 def test_a_non_finite_loss_without_loss_scaling_stops_the_run(tmp_path):
     cfg = tiny_finetune(tmp_path / "fp32", inject_nonfinite_at_step=1, epochs=1, mixup=0.0, cutmix=0.0)
     with pytest.raises(FloatingPointError, match="non-finite loss in 1 of the last 1 micro-batches"):

@@ -326,7 +326,7 @@ def apply_overrides(config, overrides: dict):
     changes = {}
     for key, value in overrides.items():
         key = key.replace("-", "_")
-        if key.startswith("model_overrides."):  # dotted form: model_overrides.depth=6
+        if key.startswith("model_overrides.") and "model_overrides" in names:   # model_overrides.depth=6
             sub = dict(changes.get("model_overrides", getattr(config, "model_overrides")))
             sub[key.split(".", 1)[1]] = value
             changes["model_overrides"] = sub
@@ -346,15 +346,28 @@ def parse_set(items) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        out[key.strip()] = parse_yaml_value(raw, f"--set {key.strip()}")
     return out
+
+
+def parse_yaml_value(raw: str, what: str):
+    """One value written as YAML ("" for an empty string); ConfigError naming `what` when it is not YAML."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: {raw!r} is not a valid YAML value ({' '.join(str(e).split())})") from None
 
 
 def load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of field: value")
     return data
@@ -500,10 +513,80 @@ def _check_cuda_device(device: str) -> None:
                           f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
 
 
+def _check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        _check_cuda_device(device)
+
+
+def _at_least(cfg, minimum: int, *names) -> None:
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {getattr(cfg, name)}")
+
+
+def _numbers(name: str, value, count: int, ok=lambda v: True, rule: str = "") -> None:
+    """`value` must be `count` real numbers each passing `ok` (rule: what ok asks, for the message)."""
+    good = (isinstance(value, (tuple, list)) and len(value) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v) for v in value))
+    if not good:
+        raise ConfigError(f"{name} must be {count} numbers{rule} (e.g. --set {name}="
+                          f"{','.join(['0.5'] * count)}), got {value!r}")
+
+
+def _check_run_values(cfg, fields: dict) -> None:
+    """Value ranges of a RunConfig that the run would otherwise trip over deep inside (a transform, the
+    sampler, the model)."""
+    _at_least(cfg, 0, "num_workers", "train_subset", "num_threads", "save_every_steps")
+    _at_least(cfg, 1, "synthetic_size")
+    channels = int(fields.get("in_chans", 3))
+    _numbers("mean", cfg.mean, channels)
+    _numbers("std", cfg.std, channels, lambda v: v > 0, " > 0")
+    _numbers("crop_scale", cfg.crop_scale, 2, lambda v: 0 < v <= 1, " in (0, 1]")
+    _numbers("crop_ratio", cfg.crop_ratio, 2, lambda v: v > 0, " > 0")
+    for name in ("crop_scale", "crop_ratio"):
+        lo, hi = getattr(cfg, name)
+        if lo > hi:
+            raise ConfigError(f"{name} must be (min, max) with min <= max, got {getattr(cfg, name)!r}")
+    _numbers("betas", cfg.betas, 2, lambda v: 0 <= v < 1, " in [0, 1)")
+    if not 0 <= cfg.hflip <= 1:
+        raise ConfigError(f"hflip is a probability in [0, 1], got {cfg.hflip}")
+    from .data import INTERPOLATIONS
+    _one_of("interpolation", cfg.interpolation, INTERPOLATIONS)
+    if isinstance(cfg, PretrainConfig):
+        _one_of("second_interpolation", cfg.second_interpolation, INTERPOLATIONS)
+
+
+def _check_one_step_fits(cfg) -> None:
+    """The training split (after train_subset) must hold one optimizer step's images over all processes."""
+    from .data import build_dataset
+    from .engine import steps_per_epoch
+    n = len(build_dataset(cfg.dataset, "train", cfg.data_path, cfg.img_size, cfg.synthetic_size))
+    if cfg.train_subset:
+        n = min(n, cfg.train_subset)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch(n, cfg.batch_size * world, cfg.accum_steps)   # ValueError naming the numbers
+
+
 def check(config):
     """Validate a run config; raises ConfigError naming the field to change. Returns the config."""
     from .data import check_dataset
     cfg = config
+    if isinstance(cfg, EvalConfig):
+        _check_device(cfg.device)
+        _at_least(cfg, 1, "batch_size")
+        _at_least(cfg, 0, "num_workers")
+        _one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
+    if isinstance(cfg, TokenizerFitConfig):
+        _check_device(cfg.device)
+        _at_least(cfg, 1, "img_size", "patch_size", "vocab_size", "max_images", "iters")
+        _at_least(cfg, 0, "num_workers")
+        if cfg.img_size % cfg.patch_size:
+            raise ConfigError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+        if cfg.max_patches < cfg.vocab_size:
+            raise ConfigError(f"max_patches ({cfg.max_patches}) must be >= vocab_size ({cfg.vocab_size}): k-means "
+                              f"needs at least one patch per code")
     if isinstance(cfg, (RunConfig,)):
         _one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
         _one_of("optimizer", cfg.optimizer, ("adamw", "apex_adam", "apex_lamb"))
@@ -514,10 +597,7 @@ def check(config):
         for name in ("batch_size", "accum_steps", "epochs", "log_every"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-        if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-        if cfg.device.startswith("cuda"):
-            _check_cuda_device(cfg.device)
+        _check_device(cfg.device)
         if cfg.distributed == "fsdp" and cfg.optimizer.startswith("apex"):
             raise ConfigError(f"optimizer={cfg.optimizer} is not supported with distributed=fsdp (apex's fused "
                               f"kernels take plain tensors, not FSDP's sharded DTensors, and LAMB's trust ratio "
@@ -544,6 +624,10 @@ def check(config):
             raise ConfigError(f"resume={cfg.resume!r} does not exist (use resume=auto to continue the run in "
                               f"output_dir if it has a checkpoint)")
     try:
+        if isinstance(cfg, RunConfig):
+            _check_run_values(cfg, fields)
+            from beit_fast.models import BeitConfig
+            BeitConfig(**fields)   # the model's own checks (heads dividing the width, ...): ValueError
         if isinstance(cfg, PretrainConfig):
             if fields["vocab_size"] <= 0:
                 raise ConfigError(f"model {cfg.model!r} is a classification model; pretraining needs a masked-image-"
@@ -568,6 +652,7 @@ def check(config):
             if not 0 < cfg.num_mask_patches <= grid * grid:
                 raise ConfigError(f"num_mask_patches must be in [1, {grid * grid}], got {cfg.num_mask_patches}")
             check_dataset(cfg.dataset, cfg.data_path, ("train",))
+            _check_one_step_fits(cfg)
         elif isinstance(cfg, FinetuneConfig):
             if fields["vocab_size"] > 0:
                 raise ConfigError(f"model {cfg.model!r} is a pretraining model; fine-tune a classification model "
@@ -586,6 +671,7 @@ def check(config):
                 raise ConfigError(f"crop_pct must be in (0, 1] (evaluation resizes to img_size / crop_pct), or "
                                   f"null for unilm's choice, got {cfg.crop_pct}")
             check_dataset(cfg.dataset, cfg.data_path, ("train", "val"))
+            _check_one_step_fits(cfg)
         elif isinstance(cfg, TokenizerFitConfig):
             check_dataset(cfg.dataset, cfg.data_path, ("train",))
     except (FileNotFoundError, ValueError) as e:

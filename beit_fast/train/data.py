@@ -114,8 +114,19 @@ class FolderDataset:
     def load(self, i: int):
         path, label = self.samples[i]
         with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB"), label
+            return to_rgb(Image.open(f)), label
+
+
+def to_rgb(img):
+    """An RGB image. 16-bit grayscale (PIL modes I;16*) is scaled to 8 bits, as is 32-bit integer grayscale
+    (mode I, as PIL opens some 16-bit PNGs) whose values exceed 255: PIL's convert("RGB") clips them at 255,
+    turning most such images white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else (255.0 if a.max(initial=0) <= 255 else
+                                                              max(65535.0, float(a.max())))
+        img = Image.fromarray(np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def class_folders(root: str) -> list:
@@ -158,7 +169,9 @@ def folder_split(data_path: str, split: str) -> Optional[str]:
 
 
 def build_dataset(dataset: str, split: str, data_path: str = "", img_size: int = 32, synthetic_size: int = 1024,
-                  num_classes: int = 10, seed: int = 0):
+                  num_classes: int = 10, seed: int = 0, classes: Optional[tuple] = None):
+    """classes (folder datasets): the class names that define the labels (eval passes the fine-tuning run's);
+    None: the train/ split's class folders (a held-out split takes those too, when train/ is there)."""
     if dataset == "digits":
         return DigitsDataset(split)
     if dataset == "synthetic":
@@ -169,15 +182,16 @@ def build_dataset(dataset: str, split: str, data_path: str = "", img_size: int =
         if root is None:
             raise FileNotFoundError(f"no {split}/ folder under {data_path!r}")
         train_root = os.path.join(data_path, "train")
-        classes = None
-        if split != "train" and os.path.isdir(train_root):
-            classes = tuple(class_folders(train_root))
-        return FolderDataset(root, classes)
+        if classes is None and split != "train" and os.path.isdir(train_root):
+            classes = class_folders(train_root)
+        return FolderDataset(root, tuple(classes) if classes is not None else None)
     raise ValueError(f"unknown dataset {dataset!r} (digits | folder | synthetic)")
 
 
 def check_dataset(dataset: str, data_path: str, splits=("train",)) -> None:
-    """Fail fast (before any model is built) when the data cannot be found."""
+    """Fail fast (before any model is built) when the data cannot be found. Scans the folders afresh (the
+    run that follows reuses this scan): a process that runs again after files changed sees them."""
+    _scan_folder.cache_clear()
     if dataset in ("digits", "synthetic"):
         return
     if dataset != "folder":
@@ -208,6 +222,9 @@ class Subset:
 
 
 # ------------------------------------------------------------------------------------------ transforms
+INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest")   # the names _interp takes
+
+
 def _interp(name: str):
     from torchvision.transforms import InterpolationMode
     return {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,

@@ -108,8 +108,9 @@ def _found_inf(scaler, optimizer, device) -> torch.Tensor:
 
 def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch_in_epoch: int, kind: str,
          metrics: Optional[dict] = None, best: bool = False, best_ema: bool = False,
-         keep: bool = True) -> Optional[str]:
-    """Collective: every rank calls it (RNG states are gathered); rank 0 writes the file(s)."""
+         keep: bool = True, classes: Optional[list] = None) -> Optional[str]:
+    """Collective: every rank calls it (RNG states are gathered); rank 0 writes the file(s). classes: the
+    class names of the labels (fine-tuning), which `eval` labels a held-out folder by."""
     rngs = runtime.gather_objects(ckpt.rng_state(), rt)
     # under FSDP a collective every rank takes part in; a plain model is copied to host memory by rank 0 alone
     if rt.is_main or runtime.is_sharded(model):
@@ -125,6 +126,8 @@ def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch
         "rng": rngs, "kind": kind, "metrics": metrics or {},
         "config": config_mod.to_dict(cfg), "model_config": dataclasses.asdict(inner.config),
     }
+    if classes is not None:
+        state["classes"] = [str(c) for c in classes]
     if ema is not None:
         state["model_ema"] = {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
     path = None
@@ -229,8 +232,8 @@ def check_resumable(cfg, saved: dict, path: str) -> list:
     if fixed:
         raise config_mod.ConfigError(
             f"cannot resume {path}: " + "; ".join(fixed) + ". These fix the order of the training data and the "
-            f"position in it (or the optimizer state's layout): resume with the values the run was saved with, "
-            f"or start a new run in another output folder (finetune: --init from this checkpoint)")
+            "position in it (or the optimizer state's layout): resume with the values the run was saved with, "
+            "or start a new run in another output folder (finetune: --init from this checkpoint)")
     return other
 
 

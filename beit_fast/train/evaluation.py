@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 from . import checkpoint as ckpt
 from . import config as config_mod
@@ -12,7 +13,7 @@ from .data import EpochBatchSampler, Samples, build_dataset, check_dataset, eval
 
 def evaluate(config: config_mod.EvalConfig = None) -> dict:
     """Evaluate a fine-tuned checkpoint of this package (file, or a run folder: best, else latest)."""
-    cfg = config if config is not None else config_mod.EvalConfig()
+    cfg = config_mod.check(config if config is not None else config_mod.EvalConfig())
     try:
         # a run folder: the best epoch of the weights evaluated (of the EMA weights with use_ema)
         path = ckpt.resolve_checkpoint(cfg.checkpoint, prefer_best=True,
@@ -32,7 +33,6 @@ def evaluate(config: config_mod.EvalConfig = None) -> dict:
         check_dataset(dataset, data_path, ("val",))
     except (FileNotFoundError, ValueError) as e:
         raise config_mod.ConfigError(str(e)) from None
-    config_mod._one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
 
     return runtime.run(cfg.device, _evaluate, cfg, state, path, dataset, data_path)
 
@@ -47,7 +47,17 @@ def _evaluate(cfg, state: dict, path: str, dataset: str, data_path: str, rt) -> 
     model.load_state_dict(state[key])
     model.to(rt.device)
     val = build_dataset(dataset, "val", data_path, run["img_size"], run.get("synthetic_size", 1024),
-                        run.get("num_classes", 10), run.get("seed", 0))
+                        run.get("num_classes", 10), run.get("seed", 0), classes=state.get("classes"))
+    if dataset == "folder" and state.get("classes") is None and not os.path.isdir(os.path.join(data_path, "train")):
+        # a checkpoint that does not name its classes, and no train/ split to take them from
+        n_model = model.config.num_classes
+        if len(val.classes) != n_model:
+            raise config_mod.ConfigError(
+                f"{path} does not name its classes and {data_path!r} has no train/ split: val/'s {len(val.classes)} "
+                f"class folders cannot be matched to the model's {n_model} classes")
+        warnings.warn(f"{path} does not name its classes (written by an older beit_fast): the labels follow "
+                      f"val/'s own class folders, which is right only if the training data had the same ones",
+                      stacklevel=2)
     transform = eval_transform(run["img_size"], run.get("crop_pct", 1.0), run.get("interpolation", "bicubic"),
                                run["mean"], run["std"])
     sampler = EpochBatchSampler(len(val), cfg.batch_size * rt.world, 0, rt.rank, rt.world, shuffle=False,

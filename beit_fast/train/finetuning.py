@@ -179,7 +179,7 @@ def _finetune(cfg, rt) -> dict:
                             "mfu": flops * img_s / (peak * rt.world) if peak else None}, step)
             if save_now:
                 engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch,
-                            batch_in_epoch=batch_index + 1, kind="finetune",
+                            batch_in_epoch=batch_index + 1, kind="finetune", classes=train_set.classes,
                             metrics={**last, "best_top1": best_top1, "best_ema_top1": best_ema_top1,
                                      "skipped_images": skipped_images})
             if stop:
@@ -209,7 +209,7 @@ def _finetune(cfg, rt) -> dict:
         metrics = {**last, **result, "best_top1": best_top1, "best_ema_top1": best_ema_top1,
                    "skipped_images": skipped_images}
         engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch + 1, batch_in_epoch=0,
-                    kind="finetune", metrics=metrics, best=best, best_ema=best_ema)
+                    kind="finetune", metrics=metrics, best=best, best_ema=best_ema, classes=train_set.classes)
 
     report.close()
     found = ckpt.step_checkpoints(cfg.output_dir)
