@@ -177,7 +177,14 @@ def main(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--models", default=None, help="comma list of model names")
     p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--name", default="bench_model",
+                   help="base name of the output files (gpu_check's compiled step: bench_model_compiled)")
+    p.add_argument("--modes", default="pretrain,finetune",
+                   help="comma list of pretrain, finetune (gpu_check's compiled step: finetune only)")
     args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or not set(modes) <= {"pretrain", "finetune"}:
+        raise SystemExit(f"--modes must be a comma list of pretrain, finetune; got {args.modes!r}")
     device, dtypes = device_and_dtypes(args)
     torch.backends.cudnn.benchmark = True   # as timm's train.py sets it (the patch convolution's algorithm)
     env = environment(device)
@@ -197,7 +204,7 @@ def main(argv=None):
     rows, outcomes = [], Outcomes()
     cases = []   # (model name, mode, reference model, its logits function, inputs)
     for cls_name in names:
-        for mode in ("pretrain", "finetune"):
+        for mode in modes:
             name = cls_name if mode == "finetune" else (
                 cls_name + "_mim" if cls_name.startswith("beit_test") else cls_name + "_8k_vocab")
             ref, ref_logits = build("ours_reference", name, mode)
@@ -224,8 +231,8 @@ def main(argv=None):
                     rows.append(time_provider(prov, name, mode, ref, ref_logits, inputs, dtype, batch, device, env, tol))
                     print(f"{name} {mode} {prov} {dtype}: {rows[-1]['median_ms']:.2f} ms, "
                           f"{rows[-1]['images_per_s']:.0f} img/s")
-                write_report(rows, args.out, "bench_model", outcomes)   # a time limit keeps what ran
-    finish(rows, args.out, "bench_model", outcomes)
+                write_report(rows, args.out, args.name, outcomes)   # a time limit keeps what ran
+    finish(rows, args.out, args.name, outcomes)
 
 
 if __name__ == "__main__":
