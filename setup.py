@@ -78,6 +78,15 @@ def _cuda_decision(torch_cuda_version):
     return True, home
 
 
+def _arch_token(arch_list: str) -> str:
+    """beit_fast/_archs.py's arch_token (loaded by path: neither torch nor the package is importable yet)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_beit_fast_archs", os.path.join(ROOT, "beit_fast", "_archs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.arch_token(arch_list)
+
+
 def _extensions():
     import torch  # imported here so that `setup.py --help` works without torch
 
@@ -97,7 +106,8 @@ def _extensions():
               f"{os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
         ext = CUDAExtension(
             "beit_fast._C", cpp + cu,
-            define_macros=[("BEIT_FAST_WITH_CUDA", "1")],
+            define_macros=[("BEIT_FAST_WITH_CUDA", "1"),
+                           ("BEIT_FAST_CUDA_ARCHS", _arch_token(os.environ["TORCH_CUDA_ARCH_LIST"]))],
             # -fmad=false: no contraction of a*b+c into one FMA, as the CPU twins are compiled
             # (-ffp-contract=off), so the shared __host__ __device__ formulas round the same way on both
             # (memory-bound kernels: the extra instructions should cost little; not yet measured on a GPU)

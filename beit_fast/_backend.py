@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from ._archs import archs_run_on, parse_archs
+
 BACKENDS = ("cuda", "cpp", "triton", "reference")
 
 
@@ -45,6 +47,42 @@ _EXTENSION_HAS_CUDA = bool(_EXTENSION[0] is not None and _EXTENSION[0].built_wit
 def extension():
     """(module, None) when beit_fast._C imports, else (None, reason)."""
     return _EXTENSION
+
+
+# what the extension's CUDA code was built for (None: no CUDA, or not known: then no check)
+_CUDA_ARCHS_TEXT = (_EXTENSION[0].cuda_archs() if _EXTENSION_HAS_CUDA and hasattr(_EXTENSION[0], "cuda_archs")
+                    else "")
+_CUDA_ARCHS = parse_archs(_CUDA_ARCHS_TEXT)
+
+
+def _assume_constant(fn):
+    """torch.compile evaluates fn once while tracing and keeps its result (a device query is no graph op)."""
+    dynamo = getattr(torch, "_dynamo", None)
+    return dynamo.assume_constant_result(fn) if hasattr(dynamo, "assume_constant_result") else fn
+
+
+_CAPABILITIES: dict = {}
+
+
+@_assume_constant
+def device_capability(index) -> tuple:
+    """(major, minor) of CUDA device `index` (None: the current one), queried once per device."""
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = tuple(torch.cuda.get_device_capability(index))
+    return _CAPABILITIES[index]
+
+
+def _cuda_index(tensors):
+    """The index of the first CUDA tensor's device (None: a device string, or no index: the current one)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            return t.device.index
+    return None
+
+
+TRITON_MIN_CAPABILITY = (8, 0)   # Ampere: the tile configs' shared memory, bf16 (kernels/ tested there)
 
 
 def extension_has_cuda() -> bool:
@@ -157,6 +195,12 @@ def common_reasons(backend: str, tensors: Sequence, *, auto: bool = False) -> li
             why.append(err)
         elif not extension_has_cuda():
             why.append("beit_fast._C was built without its CUDA sources (see the build log line 'skipping CUDA sources')")
+        elif dev == "cuda" and _CUDA_ARCHS is not None and torch.cuda.is_available():
+            cap = device_capability(_cuda_index(tensors))
+            if not archs_run_on(_CUDA_ARCHS, cap):
+                why.append(f"beit_fast._C's CUDA kernels were built for {_CUDA_ARCHS_TEXT}, not for this "
+                           f"GPU's compute capability {cap[0]}.{cap[1]}: rebuild with TORCH_CUDA_ARCH_LIST including "
+                           f"{cap[0]}.{cap[1]}")
         if dev != "cuda":
             why.append(f"the cuda backend needs CUDA tensors, got {dev} tensors")
     elif backend == "cpp":
@@ -178,6 +222,10 @@ def common_reasons(backend: str, tensors: Sequence, *, auto: bool = False) -> li
                 why.append("auto never picks the Triton interpreter for CPU tensors; pass backend='triton'")
         elif dev != "cuda":
             why.append(f"the triton backend needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {dev}")
+        elif torch.cuda.is_available() and device_capability(_cuda_index(tensors)) < TRITON_MIN_CAPABILITY:
+            cap = device_capability(_cuda_index(tensors))
+            why.append(f"the Triton kernels need compute capability {TRITON_MIN_CAPABILITY[0]}."
+                       f"{TRITON_MIN_CAPABILITY[1]} or newer (Ampere+); this GPU's is {cap[0]}.{cap[1]}")
         bf16_problem = interpreter_bf16_problem(tensors)
         if bf16_problem:
             why.append(bf16_problem)

@@ -44,6 +44,17 @@ static bool built_with_cuda() {
 #endif
 }
 
+// TORCH_CUDA_ARCH_LIST as built, encoded by setup.py (_arch_token: "sm8v0_sm9v0_ptx9v0"); "" without CUDA.
+#define BEIT_FAST_STRINGIFY2(x) #x
+#define BEIT_FAST_STRINGIFY(x) BEIT_FAST_STRINGIFY2(x)
+static std::string cuda_archs() {
+#ifdef BEIT_FAST_CUDA_ARCHS
+  return BEIT_FAST_STRINGIFY(BEIT_FAST_CUDA_ARCHS);
+#else
+  return "";
+#endif
+}
+
 // Diagnosis only (bench/cpp_errors.py, tests/test_cpp_messages.py): what a std::ostringstream made in this
 // library writes for 1234567 and 0.5. Not "1234567 0.5" (or a crash) when the extension carries its own
 // libstdc++; the ops' error messages do not depend on it (error_message.h).
@@ -56,5 +67,6 @@ static std::string stream_format_probe() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "beit_fast C++/CUDA extension; ops are registered under torch.ops.beit_fast";
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA sources were compiled in");
+  m.def("cuda_archs", &cuda_archs, "the GPU architectures the CUDA sources were compiled for (setup.py's code)");
   m.def("_stream_format_probe", &stream_format_probe, "diagnosis: an ostringstream's output for 1234567 and 0.5");
 }

@@ -70,3 +70,44 @@ def test_autograd_and_fake_registered(module, op):
     importlib.import_module(f"beit_fast.ops.{module}")
     assert has_kernel(op, "Autograd")
     assert has_kernel(op, "Meta") and has_kernel(f"{op}_backward", "Meta")
+
+
+def test_the_build_reports_its_gpu_architectures():
+    """setup.py writes TORCH_CUDA_ARCH_LIST into the extension (beit_fast/_archs.py's code), so the backend
+    choice can tell a GPU the CUDA build has no code for; without CUDA the list is empty."""
+    from beit_fast._archs import parse_archs
+    archs = _C.cuda_archs()
+    if not _C.built_with_cuda():
+        assert archs == ""
+        pytest.skip("built without CUDA sources")
+    assert archs == "unknown" or parse_archs(archs) is not None, archs
+
+
+def test_arch_codes_say_which_gpus_the_code_runs_on():
+    from beit_fast._archs import arch_token, archs_run_on, parse_archs
+    assert arch_token("8.0;9.0+PTX") == "sm8v0_sm9v0_ptx9v0" and arch_token("7.5 8.6") == "sm7v5_sm8v6"
+    assert arch_token("Ampere") == "unknown" and parse_archs("unknown") is None and parse_archs("") is None
+    default = parse_archs(arch_token("8.0;9.0+PTX"))
+    runs = {cap: archs_run_on(default, cap) for cap in ((7, 0), (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0))}
+    assert runs == {(7, 0): False, (7, 5): False, (8, 0): True, (8, 6): True, (8, 9): True, (9, 0): True,
+                    (10, 0): True, (12, 0): True}   # sm_80 code runs on 8.x; compute_90 PTX on 9.0 and newer
+    sm90a = parse_archs(arch_token("9.0a"))
+    assert archs_run_on(sm90a, (9, 0)) and not archs_run_on(sm90a, (10, 0))
+    assert not archs_run_on(parse_archs(arch_token("8.0")), (9, 0))
+
+
+def test_backends_refuse_a_gpu_they_have_no_code_for(monkeypatch):
+    """On a GPU older than the build's architectures the cuda backend is refused (auto falls back to the
+    reference), and the Triton kernels below compute capability 8.0 (stand-ins for the GPU query)."""
+    from beit_fast import _archs
+    from beit_fast import _backend as B
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(B, "_EXTENSION_HAS_CUDA", True)
+    monkeypatch.setattr(B, "_CUDA_ARCHS_TEXT", "sm8v0_sm9v0_ptx9v0")
+    monkeypatch.setattr(B, "_CUDA_ARCHS", _archs.parse_archs("sm8v0_sm9v0_ptx9v0"))
+    for cap, refused in (((7, 5), True), ((8, 6), False), ((9, 0), False)):
+        monkeypatch.setattr(B, "device_capability", lambda index, cap=cap: cap)
+        why = " ".join(B.common_reasons("cuda", ["cuda"]))
+        assert ("not for this GPU's compute capability 7.5" in why) == refused, (cap, why)
+        why = " ".join(B.common_reasons("triton", ["cuda"]))
+        assert ("need compute capability 8.0 or newer" in why) == refused, (cap, why)

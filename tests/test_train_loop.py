@@ -202,6 +202,25 @@ def test_resume_after_a_crash_logs_each_step_once(tmp_path, tokenizer_file):
     assert sum(1 for r in rows if r.get("step") == 5) == 1
 
 
+def test_compiled_pretraining_pads_the_masked_positions_to_one_length(tmp_path, tokenizer_file, monkeypatch):
+    """With compile=true the model gets the masked positions padded to batch_size x num_mask_patches every step
+    (one shape: CUDA graphs would record the model again for each new count); the padding's labels are
+    ignored, so losses and masked-token accuracies are those of the unpadded run (torch.compile stubbed)."""
+    from beit_fast.train import engine
+    extra = {"epochs": 1, "tokenizer_path": tokenizer_file, "log_every": 1}
+    pretrain(tiny_pretrain(tmp_path / "eager", **extra))
+    shapes = []
+    real = engine.host_nonzero
+    monkeypatch.setattr(engine, "host_nonzero", lambda *a: shapes.append(real(*a)[0].shape) or real(*a))
+    monkeypatch.setattr(engine.torch, "compile", lambda model, **kw: model)
+    pretrain(tiny_pretrain(tmp_path / "padded", compile=True, **extra))
+    assert set(shapes) == {(16 * 6,)} and len(shapes) == 4                     # batch 16 x 6 masked patches
+    for key in ("loss", "mlm_acc"):
+        a, b = losses(tmp_path / "eager", key), losses(tmp_path / "padded", key)
+        assert [s for s, _ in a] == [s for s, _ in b]
+        torch.testing.assert_close([v for _, v in b], [v for _, v in a], rtol=1e-6, atol=0)
+
+
 def test_resume_after_a_crash_before_the_first_save_logs_each_step_once(tmp_path, tokenizer_file):
     """resume=auto in a folder whose run crashed before its first checkpoint starts from step 0 and drops the
     rows that run logged (they are repeated)."""

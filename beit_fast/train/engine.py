@@ -279,11 +279,18 @@ def evaluate(model, loader, device, precision: str, rt) -> dict:
             "skipped_images": int(sums[4])}
 
 
-def host_nonzero(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Flat positions (int64) of the True entries of a CPU bool mask, pinned when they go on to a GPU (a
-    non_blocking copy from pageable memory would wait for the GPU)."""
+def host_nonzero(mask: torch.Tensor, device: torch.device, pad_to: int = 0) -> tuple:
+    """(flat positions (int64) of the True entries of a CPU bool mask, their count), pinned when they go on to
+    a GPU (a non_blocking copy from pageable memory would wait for the GPU). pad_to > 0: padded with position
+    0 to that length (at least the count), so that a compiled model sees one shape every step (a changing
+    count would make CUDA graphs record the model again for each new one)."""
     idx = mask.reshape(-1).nonzero().squeeze(1)
-    return idx.pin_memory() if device.type == "cuda" else idx
+    n = idx.numel()
+    if pad_to:
+        if n > pad_to:
+            raise ValueError(f"{n} masked patches in the batch, more than the {pad_to} the padding allows")
+        idx = torch.cat((idx, idx.new_zeros(pad_to - n)))
+    return (idx.pin_memory() if device.type == "cuda" else idx), n
 
 
 def log_sums(device) -> torch.Tensor:

@@ -21,6 +21,9 @@ from .optim import Schedule, apply_schedule
 from .tokenizer import choose_dtype, encode, load_tokenizer, token_meta
 
 
+IGNORE = -100   # F.cross_entropy's default ignore_index
+
+
 def pretrain(config: config_mod.PretrainConfig = None) -> dict:
     """Run pretraining (default: the digits demo); returns {'loss', 'mlm_acc', 'step', 'checkpoint', ...}."""
     cfg = config_mod.check(config if config is not None else config_mod.preset("pretrain"))          # every "cannot run" error happens here, before any work
@@ -100,6 +103,8 @@ def _pretrain(cfg, rt) -> dict:
         token_dtype, why = choose_dtype(tokenizer, None, cfg.tokenizer_dtype, rt, resumed["tokenizer_dtype"])
         report.message(f"tokenizer runs in {why}")
     sums = engine.log_sums(device)
+    # compiled: every step's masked positions padded to the most the masking gives, one shape for the graphs
+    pad_to = cfg.batch_size * cfg.num_mask_patches if cfg.compile else 0
     skipped_images = int(resumed.get("skipped_images", 0))   # counted from the run's start, across resumes
     last = {k: resumed.get(k, float("nan")) for k in ("loss", "mlm_acc")}
     t_start = time.perf_counter()
@@ -110,8 +115,9 @@ def _pretrain(cfg, rt) -> dict:
         train_model.train()
         t_epoch = time.perf_counter()
         for batch_index, (images, views, _labels, bool_masked_pos, skipped) in enumerate(loader, sampler.start):
-            # the masked positions counted on the CPU: selecting them on the GPU needs no host sync
-            masked_index = engine.host_nonzero(bool_masked_pos, device)
+            # the masked positions counted on the CPU: selecting them on the GPU needs no host sync; a compiled
+            # model gets them padded to one length (the padding's labels are ignored)
+            masked_index, n_masked = engine.host_nonzero(bool_masked_pos, device, pad_to)
             images = images.to(device, non_blocking=True)
             views = views.to(device, non_blocking=True)
             bool_masked_pos = bool_masked_pos.to(device, non_blocking=True)
@@ -125,6 +131,8 @@ def _pretrain(cfg, rt) -> dict:
                 token_dtype, why = choose_dtype(tokenizer, views, cfg.tokenizer_dtype, rt)
                 report.message(f"tokenizer runs in {why}")
             labels = encode(tokenizer, views, token_dtype).reshape(-1).index_select(0, masked_index)   # (M,)
+            if pad_to:
+                labels[n_masked:] = IGNORE   # cross_entropy's ignore_index: the padding counts nowhere
 
             sync = runtime.no_sync(train_model, rt, active=micro < cfg.accum_steps - 1)
             with sync:
@@ -135,7 +143,7 @@ def _pretrain(cfg, rt) -> dict:
                     loss = loss * float("inf")
                 scaler.scale(loss / cfg.accum_steps).backward()
             with torch.no_grad():
-                acc = (logits.argmax(-1) == labels).float().mean()
+                acc = (logits.argmax(-1) == labels).float().sum() / max(n_masked, 1)   # no padded row matches
                 engine.add_micro(sums, loss, acc)
             if micro < cfg.accum_steps - 1:
                 continue
