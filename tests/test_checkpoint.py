@@ -176,6 +176,11 @@ def test_table_and_pos_embed_resize():
     c_dst = (23 * 23) // 2
     torch.testing.assert_close(t_dst[c_dst], t_src[c_src], atol=1e-5, rtol=1e-5)
     assert dst.pos_embed.shape == (1, 145, 64)
+    # the patch positions as an 8x8 grid of vectors, resampled bicubically to 12x12; the cls position kept
+    grid = src.pos_embed.detach()[0, 1:].reshape(8, 8, 64).permute(2, 0, 1)[None]
+    want = torch.nn.functional.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(dst.pos_embed.detach()[0, 1:], want[0].permute(1, 2, 0).reshape(144, 64))
+    torch.testing.assert_close(dst.pos_embed.detach()[0, 0], src.pos_embed.detach()[0, 0])
     assert any("resized" in n for n in report.notes)
     with torch.no_grad():
         assert torch.isfinite(dst(torch.randn(1, 3, 48, 48))).all()

@@ -1,5 +1,6 @@
 """Model level: the fused model (fused attention + fused block kernels) against the reference model,
 logits and every parameter gradient; on CPU through the C++ twins / Triton interpreter, on CUDA in bf16."""
+import os
 import types
 
 import pytest
@@ -48,12 +49,49 @@ def _compare(ref, fused, x, mask, bound, seed=0):
         assert_close(f"grad of {n}", g_fu[n], g_ref[n], bound)
 
 
+def _graph_nodes(out):
+    """Class names of every autograd node behind `out`."""
+    seen, stack, names = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
+
+
+def _fused_nodes(backend, overrides):
+    """The fused ops' autograd nodes a fused model's output must hang on (auto on CPU: the C++ ops; triton:
+    the Triton ops too)."""
+    nodes = {"MaskedPatchEmbedBackward", "LayerScaleResidualNormBackward"}
+    if backend == "triton":
+        nodes |= {"RelPosAttentionQKVPackedTritonBackward", "LayerNormTritonBackward"}
+        if overrides.get("fused_mlp", True):
+            nodes.add("LinearGeluTritonBackward")
+    return nodes
+
+
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=needs_interpreter)])
 @pytest.mark.parametrize("name, overrides", CASES)
-def test_fused_model_matches_reference_cpu(name, overrides):
+def test_fused_model_matches_reference_cpu(name, overrides, backend, monkeypatch):
+    """Logits and every parameter gradient of the fused model against the reference model. backend auto: the
+    C++ ops' CPU kernels, the Triton ops' references; triton: every Triton op runs its kernel (the
+    interpreter). The fused ops' autograd nodes are checked to be in the graph (no silent fallback)."""
+    if backend == "triton":
+        monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
     ref, fused = _pair(name, overrides)
     x = torch.randn(2, 3, 32, 32)
     mask = (torch.rand(2, 64) < 0.4) if name.endswith("_mim") else None
-    _compare(ref.eval(), fused.eval(), x, mask, tolerance("fused_model", torch.float32))
+    missing = _fused_nodes(backend, overrides) - _graph_nodes(fused(x, mask) if mask is not None else fused(x))
+    assert not missing, missing
+    tol = tolerance("fused_model.triton" if backend == "triton" else "fused_model", torch.float32)
+    _compare(ref.eval(), fused.eval(), x, mask, tol)
 
 
 def test_fused_mlp_switch_picks_the_mlp_path(monkeypatch):
@@ -69,11 +107,16 @@ def test_fused_mlp_switch_picks_the_mlp_path(monkeypatch):
         assert len(calls) == expected, (fused_mlp, calls)
 
 
-def test_fused_model_drop_path_training_cpu():
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=needs_interpreter)])
+def test_fused_model_drop_path_training_cpu(backend, monkeypatch):
     """With drop path in training mode both models draw the same per-sample scales in the same order."""
+    if backend == "triton":
+        monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
     ref, fused = _pair("beit_test_patch4_32_mim", {"drop_path_rate": 0.3})
     x, mask = torch.randn(4, 3, 32, 32), torch.rand(4, 64) < 0.4
-    _compare(ref.train(), fused.train(), x, mask, tolerance("fused_model", torch.float32), seed=3)
+    assert not _fused_nodes(backend, {}) - _graph_nodes(fused.train()(x, mask))
+    tol = tolerance("fused_model.triton" if backend == "triton" else "fused_model", torch.float32)
+    _compare(ref.train(), fused.train(), x, mask, tol, seed=3)
 
 
 def test_fused_model_with_triton_interpreter(monkeypatch):

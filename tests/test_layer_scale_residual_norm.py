@@ -253,6 +253,11 @@ def test_auto_backend_on_cpu_is_cpp():
     x, y, gamma, scale, w, b = make_inputs((1, 3, 8), torch.float32, "full", requires_grad=False)
     assert not_supported_reasons("cpp", x, y, gamma, scale, w, b) == []
     assert not_supported_reasons("cuda", x, y, gamma, scale, w, b)  # CPU tensors
+    s, n = layer_scale_residual_norm(x.requires_grad_(), y, gamma, scale, w, b)
+    assert type(s.grad_fn).__name__ == "LayerScaleResidualNormBackward"   # the extension's op ran
+    s_ref, n_ref = layer_scale_residual_norm_ref(x, y, gamma, scale, w, b)
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close(n, n_ref)
 
 
 def test_long_rows_get_aligned_data_for_the_cuda_kernel(monkeypatch):

@@ -266,7 +266,9 @@ def test_cuda_refuses_more_elements_than_int32_indexing_takes(extra):
 def test_auto_backend_on_cpu_is_cpp():
     args = _bad()
     assert not_supported_reasons("cpp", *args.values()) == []
+    args["weight"].requires_grad_()
     out = masked_patch_embed(**args)
+    assert type(out.grad_fn).__name__ == "MaskedPatchEmbedBackward"   # the extension's op ran, not the reference
     torch.testing.assert_close(out, masked_patch_embed_ref(*args.values()))
 
 

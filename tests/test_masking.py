@@ -43,7 +43,7 @@ def test_reference_blocks_obey_constraints(monkeypatch):
     gen = MaskingGenerator((14, 14), 75, min_num_patches=16, min_aspect=0.3, seed=7)
     for _ in range(200):
         gen()
-    assert len(per_mask) == 200
+    assert len(per_mask) == 200 and all(per_mask)     # every mask recorded its blocks
     for blocks in per_mask:
         for i, (h, w) in enumerate(blocks):
             assert 1 <= h < 14 and 1 <= w < 14

@@ -42,6 +42,23 @@ def test_codes_are_nearest_centroids():
     assert torch.equal(encode(tok, imgs), brute)
 
 
+def test_fitted_centroids_are_the_means_of_their_patches():
+    """Lloyd's fixed point: after enough iterations every used centroid is the mean of the (normalized)
+    patches coded to it, and the fit beats its own k-means++ start (a fit whose update step did nothing
+    would keep the start)."""
+    imgs = _images(24)
+    x = patchify(imgs, 4).flatten(0, 1)
+    tok = fit_kmeans(x, vocab_size=10, patch_size=4, iters=60, seed=0)
+    z, codes = tok.patches(imgs).reshape(-1, x.shape[1]), encode(tok, imgs).reshape(-1)
+    for k in codes.unique():
+        torch.testing.assert_close(tok.centroids[k], z[codes == k].mean(0), atol=1e-5, rtol=1e-5)
+    start = fit_kmeans(x, vocab_size=10, patch_size=4, iters=0, seed=0)
+
+    def inertia(t):
+        return (t.patches(imgs).reshape(-1, x.shape[1]) - t.centroids[encode(t, imgs).reshape(-1)]).pow(2).sum()
+    assert inertia(tok) < inertia(start)
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="fit-tokenizer"):
         load_tokenizer("kmeans", str(tmp_path / "nope.safetensors"))

@@ -59,11 +59,18 @@ def test_fp16_only_gpu_has_an_fp16_peak():
     assert _peak_for_name("Tesla V100-SXM2-16GB", "fp16") == 125e12
 
 
-def test_throughput_after_a_resume_counts_only_new_images():
+def test_throughput_after_a_resume_counts_only_new_images(monkeypatch):
+    """The first rate after a resume is the new images over the time since the resume (clock stubbed)."""
+    from beit_fast.train import feedback
+    now = [100.0]
+    monkeypatch.setattr(feedback.time, "perf_counter", lambda: now[0])
     report = Reporter("unused", total_steps=10, enabled=False)
-    report.advance_to(1000, images=64000)          # resumed at step 1000
-    rate = report.throughput(64000 + 64)
-    assert 0 < rate and report._seen == 64064
+    now[0] = 500.0
+    report.advance_to(1000, images=64000)          # resumed at step 1000: images and clock restart here
+    now[0] = 502.0
+    assert report.throughput(64000 + 64) == 32.0   # 64 new images in 2 s (not 64064 in 402 s)
+    now[0] = 503.0
+    assert report.throughput(64000 + 64 + 16) == 16.0
 
 
 def test_tensorboard_gets_every_numeric_metric(tmp_path):
