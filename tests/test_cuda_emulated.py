@@ -277,6 +277,17 @@ def test_lsrn_backward(emu, dt, C):
     assert c.shuffles == 111 * 2 * 5 * plan_threads(C, tx) // 32
 
 
+@pytest.mark.parametrize("dt", ["fp16", "bf16"])
+def test_lsrn_backward_long_rows(emu, dt):
+    """C = 12288 (over 8192: the 16-byte vector path only, as BEiT-sized rows never are): every gradient."""
+    tx, ty = DTYPES[dt]
+    B, N, C = 2, 5, 12288
+    args = lsrn_inputs(B, N, C, tx, ty)
+    grads = (torch.randn(B, N, C).to(tx), torch.randn(B, N, C).to(tx))
+    got, ref, _ = lsrn_backward_both(emu, args, grads, [True] * 5, 1, ty)
+    check_backward(got, ref, [tx, ty, fp32, fp32, fp32])
+
+
 @pytest.mark.parametrize("case", ["no_grad_norm", "no_grad_sum", "only_dx", "no_gamma_no_scale", "sm_limited",
                                   "row_limited", "one_row", "misaligned_grad", "misaligned_y", "misaligned_params"])
 def test_lsrn_backward_variants(emu, case):
