@@ -178,6 +178,18 @@ CASES = [
 
 
 @needs_triton
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+def test_half_precision_table(packed):
+    """A fp16 table (a model cast to half): the kernels read it as fp32 and return its gradient in fp16."""
+    N, kw, (inputs, _, grad) = case_inputs(2, 2, (4, 4), 32, torch.float16, packed, DEVICE)
+    table = (torch.randn(num_relative_distance((4, 4)), 2, device=DEVICE) * 2).half()
+    fn = rel_pos_attention_qkvpacked if packed else rel_pos_attention
+    out, grads = run(fn, inputs, table, grad, backend="triton", **kw)
+    assert grads[-1].dtype == torch.float16
+    assert_matches_fp64(packed, inputs, table, grad, out, grads, torch.float16, kw)
+
+
+@needs_triton
 @pytest.mark.parametrize("B,H,shape,D,dtype,packed", CASES)
 def test_triton_matches_fp64_reference(B, H, shape, D, dtype, packed):
     N, kw, (inputs, table, grad) = case_inputs(B, H, shape, D, dtype, packed, DEVICE)

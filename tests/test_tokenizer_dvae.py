@@ -86,6 +86,43 @@ def test_fp16_runs_every_conv_but_the_last_in_fp16_as_dall_e_does():
     assert choose_dtype(tok, None, "auto", resumed=token_meta(torch.float16)["tokenizer_dtype"])[0] == torch.float16
 
 
+def _published_encoder_forward(sd, x, group_count, n_blk_per_group):
+    """OpenAI's dall_e Encoder.forward written out from its published description with F.conv2d on a
+    state dict (not through beit_fast's modules): input 7x7 conv; per group, blocks of id_path + res_path / L^2
+    (L = group_count * n_blk_per_group; res_path = relu, 3x3, relu, 3x3, relu, 3x3, relu, 1x1; id_path a 1x1
+    conv where the width changes), max-pool 2 between groups; relu and a 1x1 conv to the vocabulary."""
+    import torch.nn.functional as F
+
+    def conv(prefix, h):
+        w = sd[prefix + ".w"]
+        return F.conv2d(h, w, sd[prefix + ".b"], padding=(w.shape[-1] - 1) // 2)
+    h = conv("blocks.input", x)
+    for g in range(1, group_count + 1):
+        for i in range(1, n_blk_per_group + 1):
+            p = f"blocks.group_{g}.block_{i}"
+            ident = conv(p + ".id_path", h) if p + ".id_path.w" in sd else h
+            r = h
+            for j in range(1, 5):
+                r = conv(f"{p}.res_path.conv_{j}", F.relu(r))
+            h = ident + r / (group_count * n_blk_per_group) ** 2
+        if g < group_count:
+            h = F.max_pool2d(h, 2)
+    return conv("blocks.output.conv", F.relu(h))
+
+
+def test_encoder_forward_matches_the_published_architecture():
+    """fp64, random weights (biases too), a small encoder with a width change in every group after the first:
+    the logits of beit_fast's Encoder equal the published forward's."""
+    torch.manual_seed(0)
+    enc = dee.Encoder(group_count=3, n_hid=8, n_blk_per_group=2, vocab_size=32).double()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    sd = {k: v.detach() for k, v in enc.state_dict().items()}
+    x = dee.map_pixels(torch.rand(2, 3, 16, 16, dtype=torch.float64))
+    torch.testing.assert_close(enc(x), _published_encoder_forward(sd, x, 3, 2), rtol=1e-12, atol=1e-12)
+
+
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_tokenizer("dvae", str(tmp_path / "encoder.pkl"))
