@@ -869,6 +869,8 @@ def _check_two_x(B, H, shape, D, dtype, packed, dropout_p=0.0, device="cuda"):
         kw.update(dropout_p=dropout_p, dropout_seed=77)
         ref_kw["dropout_mask"] = dropout_keep_mask(77, B, H, N, dropout_p, device=device).double() / (1 - dropout_p)
     out, grads = run(fn, inputs, table, grad, backend="triton", **kw)
+    # in the inputs' dtype (an fp32 result would sit closer to the fp64 reference than PyTorch's and pass easily)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads[:-1]) and grads[-1].dtype == table.dtype
     out_t, grads_t = run(ref_fn(packed), inputs, table, grad, **ref_kw)                  # torch, same dtype
     out64, grads64 = run(ref_fn(packed), [t.double() for t in inputs], table.double(), grad.double(), **ref_kw)
     atol = tolerance("rel_pos_attention.two_x", dtype).atol
