@@ -8,6 +8,11 @@ from typing import Optional, Sequence
 import torch
 
 
+# the dtypes torch.autocast casts to its lower precision (fp64 and integer tensors it leaves alone); the ops
+# that cast their own inputs under autocast (linear_gelu, masked_patch_embed) cast these only
+AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def tensor(op: str, name: str, t, optional: bool = False) -> Optional[torch.Tensor]:
     if t is None and optional:
         return None

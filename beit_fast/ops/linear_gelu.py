@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from beit_fast._backend import choose, common_reasons, offset_span
 
+from . import _checks as checks
 from . import _eager
 
 PREFERENCE = ("triton", "reference")
@@ -81,8 +82,7 @@ def _autocast(x, weight, bias):
         return x, weight, bias
     dt = torch.get_autocast_dtype(dev)
     # fp32 / fp16 / bf16 are cast; autocast leaves fp64 alone (F.linear on fp64 stays fp64)
-    eligible = (torch.float32, torch.float16, torch.bfloat16)
-    cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in eligible else t  # noqa: E731
+    cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in checks.AUTOCAST_ELIGIBLE else t  # noqa: E731
     return cast(x), cast(weight), cast(bias)
 
 

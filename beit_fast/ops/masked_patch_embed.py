@@ -99,11 +99,8 @@ def _autocast_on(images: torch.Tensor) -> bool:
     return images.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(images.device.type)
 
 
-_AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)   # what autocast casts (not fp64)
-
-
 def _compute_dtype(images: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    if _autocast_on(images) and images.dtype in _AUTOCAST_CAST:
+    if _autocast_on(images) and images.dtype in checks.AUTOCAST_ELIGIBLE:
         return torch.get_autocast_dtype(images.device.type)
     return images.dtype
 
@@ -206,7 +203,7 @@ def masked_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optiona
         return masked_patch_embed_ref(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed)
     if _autocast_on(images):   # as conv2d under autocast: fp32 / fp16 / bf16 cast, fp64 left alone
         dtype = torch.get_autocast_dtype(images.device.type)
-        images, weight = (t.to(dtype) if t.dtype in _AUTOCAST_CAST else t for t in (images, weight))
+        images, weight = (t.to(dtype) if t.dtype in checks.AUTOCAST_ELIGIBLE else t for t in (images, weight))
     if bool_masked_pos is None:
         mask_token = None  # unused without a mask: no gradient, as in the reference
     return _eager.call(torch.ops.beit_fast.masked_patch_embed, _Fn, images, weight, bias, bool_masked_pos,

@@ -157,10 +157,13 @@ def not_supported_reasons(backend: str, q, k, v, table, window_size=None, rel_in
 
 
 def _choose(q, k, v, table, window_size, rel_index, dropout_p, backend):
-    return choose("rel_pos_attention", backend,
-                  lambda b, auto: not_supported_reasons(b, q, k, v, table, window_size, rel_index, dropout_p,
-                                                        auto=auto),
-                  BACKENDS)
+    """The backend for this call; "reference" for batch 0 whatever was chosen (nothing to launch: the
+    reference's empty result)."""
+    chosen = choose("rel_pos_attention", backend,
+                    lambda b, auto: not_supported_reasons(b, q, k, v, table, window_size, rel_index, dropout_p,
+                                                          auto=auto),
+                    BACKENDS)
+    return "reference" if q.shape[0] == 0 else chosen
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,7 +388,7 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = _choose(q, k, v, bias_table, window_size, rel_index, dropout_p, backend)
-    if chosen == "reference" or q.shape[0] == 0:   # batch 0: nothing to launch, the reference's empty result
+    if chosen == "reference":
         return _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p, dropout_seed)
     seed = _seed_tensor(dropout_p, dropout_seed, q.device)
     out, _ = _eager.call(_attn_op, _AttnFn, q, k, v, bias_table, rel_index, wh, ww, scale, float(dropout_p), seed)
@@ -408,7 +411,7 @@ def rel_pos_attention_qkvpacked(qkv: Tensor, bias_table: Tensor, *, window_size=
     B, H, N, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     chosen = _choose(q, k, v, bias_table, window_size, rel_index, dropout_p, backend)
-    if chosen == "reference" or B == 0:   # batch 0: nothing to launch, the reference's empty result
+    if chosen == "reference":
         out = _reference(q, k, v, bias_table, window_size, rel_index, scale, dropout_p, dropout_seed)
         return out.transpose(1, 2).reshape(B, N, H * D)
     seed = _seed_tensor(dropout_p, dropout_seed, qkv.device)

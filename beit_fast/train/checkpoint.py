@@ -100,14 +100,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(cuda)
 
 
-def step_checkpoints(folder: str) -> list:
-    """checkpoint-<step>.pt files in `folder`, oldest step first."""
+def _numbered_checkpoints(folder: str) -> list:
+    """(step, path) of the checkpoint-<step>.pt files in `folder`, oldest step first."""
     found = []
     for path in glob.glob(os.path.join(folder, "checkpoint-*.pt")):
         m = _STEP_FILE.search(os.path.basename(path))
         if m:
             found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
+    return sorted(found)
+
+
+def step_checkpoints(folder: str) -> list:
+    """checkpoint-<step>.pt files in `folder`, oldest step first."""
+    return [p for _, p in _numbered_checkpoints(folder)]
 
 
 # the weights file of a Hugging Face model folder (save_pretrained / a hub snapshot), in its preference order
@@ -170,7 +175,7 @@ def set_aside_later(folder: str, step: int) -> Optional[str]:
     steps, `resume=auto`, `--init` and `eval` pick them) and the log rows after `step` are dropped. They are
     moved, with a copy of log.jsonl as it was, into folder/superseded-after-step-<step>/ (nothing is
     deleted). Returns that folder, or None when the run there had nothing after `step`."""
-    later = [p for p in step_checkpoints(folder) if int(_STEP_FILE.search(p).group(1)) > step]
+    later = [p for s, p in _numbered_checkpoints(folder) if s > step]
     for name in (BEST, BEST_EMA):
         path = os.path.join(folder, name)
         if os.path.isfile(path):

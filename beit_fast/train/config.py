@@ -594,9 +594,7 @@ def check(config):
         _one_of("attn_impl", cfg.attn_impl, ("auto", "eager", "sdpa", "fused"))
         _one_of("weight_decay_exclusions", cfg.weight_decay_exclusions, ("all", "unilm"))
         _one_of("compile_mode", cfg.compile_mode, COMPILE_MODES)
-        for name in ("batch_size", "accum_steps", "epochs", "log_every"):
-            if getattr(cfg, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        _at_least(cfg, 1, "batch_size", "accum_steps", "epochs", "log_every")
         _check_device(cfg.device)
         if cfg.distributed == "fsdp" and cfg.optimizer.startswith("apex"):
             raise ConfigError(f"optimizer={cfg.optimizer} is not supported with distributed=fsdp (apex's fused "

@@ -222,13 +222,14 @@ class Subset:
 
 
 # ------------------------------------------------------------------------------------------ transforms
-INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest")   # the names _interp takes
+INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest")   # torchvision InterpolationMode names, lower case
 
 
 def _interp(name: str):
     from torchvision.transforms import InterpolationMode
-    return {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
-            "lanczos": InterpolationMode.LANCZOS, "nearest": InterpolationMode.NEAREST}[name]
+    if name not in INTERPOLATIONS:
+        raise KeyError(name)
+    return InterpolationMode[name.upper()]
 
 
 class TwoViewTransform:
