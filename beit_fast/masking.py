@@ -48,6 +48,12 @@ def _check_args(input_size, num_masking_patches, min_num_patches, max_num_patche
     return height, width, int(max_num_patches), float(max_aspect)
 
 
+def _seed(seed: Optional[int]):
+    """random.Random's seed for `seed`: itself when None or >= 0 (as unilm seeds Python's random), else a
+    string naming it (Random seeds ints by their absolute value, so -s would repeat +s's masks)."""
+    return seed if seed is None or seed >= 0 else f"beit_fast.masking seed {int(seed)}"
+
+
 class MaskingGenerator:
     """Callable returning one (height, width) bool numpy mask; seeded with `seed` (None = nondeterministic)."""
 
@@ -59,7 +65,7 @@ class MaskingGenerator:
         self.num_masking_patches = num_masking_patches
         self.min_num_patches = min_num_patches
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
-        self.rng = random.Random(seed)
+        self.rng = random.Random(_seed(seed))
 
     def __repr__(self):
         return (f"MaskingGenerator({self.height}x{self.width} -> {self.num_masking_patches}, "

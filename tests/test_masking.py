@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from beit_fast import masking
-from beit_fast.masking import MaskingGenerator, block_masks
+from beit_fast.masking import MaskingGenerator, block_mask_ref, block_masks
 
 # The reference algorithm's count distribution for 14x14 / 75 (beit_reference.md section 2, 20k draws):
 # mean 74.47, exactly 75 in 67% of draws, never above 75.
@@ -51,6 +51,15 @@ def test_reference_blocks_obey_constraints(monkeypatch):
             assert (h + 0.5) / max(w - 0.5, 1e-9) >= 0.3 and (h - 0.5) / (w + 0.5) <= 1 / 0.3
             if i == 0:  # the first block draws its area from [16, 75]; later ones from [16, budget left]
                 assert (h + 0.5) * (w + 0.5) >= 16
+
+
+def test_negative_seeds_do_not_repeat_positive_ones():
+    """random.Random seeds an int by its absolute value: seed -s gave seed s's masks (as the C++ op does not)."""
+    a, b = MaskingGenerator((14, 14), 75, seed=3), MaskingGenerator((14, 14), 75, seed=-3)
+    assert not all(np.array_equal(a(), b()) for _ in range(5))
+    pos, neg = block_mask_ref(4, (14, 14), 75, seed=1), block_mask_ref(4, (14, 14), 75, seed=-1)
+    assert not any(torch.equal(p, n) for p, n in zip(pos, neg))
+    assert torch.equal(neg, block_mask_ref(4, (14, 14), 75, seed=-1))   # still a seed
 
 
 def test_seeded_and_reproducible():

@@ -66,6 +66,12 @@ def test_unknown_names_fail_clearly():
         C.check(dataclasses.replace(preset("pretrain"), model="beit_test_patch4_32"))
     with pytest.raises(ConfigError, match="precision"):
         C.check(dataclasses.replace(preset("pretrain"), precision="fp8"))
+    # masking settings the block generator refuses fail here, not after the k-means tokenizer was fitted
+    for bad, match in (({"min_mask_aspect": 0.0}, "min_aspect must be > 0"),
+                       ({"min_mask_patches": 0}, "min_num_patches must be >= 1"),
+                       ({"min_mask_aspect": -1.0}, "min_aspect must be > 0")):
+        with pytest.raises(ConfigError, match=f"masking .*{match}"):
+            C.check(dataclasses.replace(preset("pretrain"), **bad))
     with pytest.raises(ConfigError, match="ema=true is not supported with distributed=fsdp"):
         C.check(dataclasses.replace(preset("finetune"), ema=True, distributed="fsdp"))
     if C.fsdp_runs_on_cpu():

@@ -3,6 +3,7 @@ import os
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from beit_fast.masking import MaskingGenerator
@@ -59,7 +60,6 @@ def test_samples_do_not_depend_on_global_rng_and_leave_it_untouched():
 def test_held_out_labels_follow_the_training_class_folders(tmp_path):
     """val/ takes train/'s class list: a class folder missing from val/ cannot shift the labels of the
     others, and a class folder train/ lacks is a clear error (also at the early config check)."""
-    import pytest
     from PIL import Image
     from beit_fast.train.data import _scan_folder, build_dataset, check_dataset
 
@@ -92,6 +92,32 @@ def test_16_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
     assert np.asarray(to_rgb(img))[0, 0].tolist() == [117, 117, 117]          # 30000 / 65535 * 255
     assert np.asarray(to_rgb(Image.fromarray(a.astype(np.int32) // 256, "I")))[0, 0].tolist() == [117] * 3
     assert np.asarray(to_rgb(Image.new("RGB", (2, 2), (10, 20, 30))))[0, 0].tolist() == [10, 20, 30]
+
+
+def test_float_grayscale_images_are_scaled_not_blackened():
+    """PIL's convert("RGB") truncates mode-F values in [0, 1] to 0 or 1 of 255 (a grey image came out black)."""
+    from PIL import Image
+    from beit_fast.train.data import to_rgb
+    img = Image.fromarray(np.full((3, 3), 0.5, dtype=np.float32), "F")
+    assert img.mode == "F"
+    assert np.asarray(to_rgb(img))[0, 0].tolist() == [128] * 3                # round(0.5 * 255)
+    assert np.asarray(to_rgb(Image.fromarray(np.full((2, 2), 200.0, np.float32), "F")))[0, 0].tolist() == [200] * 3
+
+
+def test_each_unreadable_image_is_counted_once(tmp_path):
+    """Two unreadable files side by side: index 0's search for a readable substitute passes over file 1 too,
+    but each file is one skipped image (the epoch counted 3)."""
+    from PIL import Image
+    from beit_fast.train.data import FolderDataset, Samples
+    (tmp_path / "c").mkdir()
+    for i in range(5):
+        Image.new("RGB", (4, 4), (i * 40, 0, 0)).save(tmp_path / "c" / f"{i}.png")
+    for i in (0, 1):                      # sorted first: 0.png and 1.png
+        (tmp_path / "c" / f"{i}.png").write_bytes(b"\x89PNG not really")
+    samples = Samples(FolderDataset(str(tmp_path)), lambda img: torch.zeros(1), seed=0)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        counts = [samples[(0, i)][-1] for i in range(len(samples))]
+    assert counts == [1, 1, 0, 0, 0]
 
 
 def test_a_folder_scan_sees_files_added_since_the_last_check(tmp_path):

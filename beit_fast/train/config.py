@@ -649,6 +649,12 @@ def check(config):
                                   f"(or second_img_size=0 for automatic)")
             if not 0 < cfg.num_mask_patches <= grid * grid:
                 raise ConfigError(f"num_mask_patches must be in [1, {grid * grid}], got {cfg.num_mask_patches}")
+            from ..masking import _check_args
+            try:
+                _check_args(grid, cfg.num_mask_patches, cfg.min_mask_patches, cfg.max_mask_patches,
+                            cfg.min_mask_aspect, None)
+            except ValueError as e:   # the generator's names: min_num_patches is min_mask_patches, ...
+                raise ConfigError(f"masking (num/min/max_mask_patches, min_mask_aspect): {e}") from None
             check_dataset(cfg.dataset, cfg.data_path, ("train",))
             _check_one_step_fits(cfg)
         elif isinstance(cfg, FinetuneConfig):

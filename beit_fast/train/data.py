@@ -120,11 +120,17 @@ class FolderDataset:
 def to_rgb(img):
     """An RGB image. 16-bit grayscale (PIL modes I;16*) is scaled to 8 bits, as is 32-bit integer grayscale
     (mode I, as PIL opens some 16-bit PNGs) whose values exceed 255: PIL's convert("RGB") clips them at 255,
-    turning most such images white."""
-    if img.mode.startswith("I;16") or img.mode == "I":
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else (255.0 if a.max(initial=0) <= 255 else
-                                                              max(65535.0, float(a.max())))
+    turning most such images white. 32-bit float grayscale (mode F, e.g. from TIFF) in [0, 1] is scaled by
+    255 (convert would make it black), above 1 as mode I."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        peak = float(a.max(initial=0))
+        if img.mode.startswith("I;16"):
+            top = 65535.0
+        elif img.mode == "F" and peak <= 1:
+            top = 1.0
+        else:
+            top = 255.0 if peak <= 255 else max(65535.0, peak)
         img = Image.fromarray(np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
 
@@ -307,12 +313,14 @@ class Samples(torch.utils.data.Dataset):
 
     def _load(self, i: int):
         """The image, or the next readable one (or, without substitute, a placeholder); returns (img, label,
-        number skipped)."""
+        1 if image i itself was unreadable else 0)."""
         for attempt in range(min(len(self.base), 50) if self.substitute else 1):
             j = (i + attempt) % len(self.base)
             try:
                 img, label = self.base.load(j)
-                return img, label, attempt
+                # counted once, by the index of the unreadable image itself (not by each index whose search
+                # for a readable substitute passed over it)
+                return img, label, int(attempt > 0)
             except Exception as e:  # corrupt, truncated or unreadable files are not fatal
                 where = getattr(self.base, "samples", None)
                 name = where[j][0] if where else j
