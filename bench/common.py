@@ -153,8 +153,12 @@ def time_ms(fn: Callable, device: str, *, warmup: int = 10, rep: int = 50, cuda_
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
-def _estimate_ms(fn, setup, calls: int = 3) -> float:
-    """The mean GPU-synchronized time of a few calls of fn() (fn(setup()), setup not timed), in ms."""
+def _estimate_ms(fn, setup, calls: int = 3, warm: int = 2) -> float:
+    """The mean GPU-synchronized time of a few calls of fn() (fn(setup()), setup not timed), in ms, after
+    `warm` untimed calls (a first call's Triton compilation, autotuning or cudnn.benchmark search would
+    otherwise inflate the estimate, and the timing sized from it, many times over)."""
+    for _ in range(warm):
+        fn(setup()) if setup is not None else fn()
     total = 0.0
     for _ in range(calls):
         arg = setup() if setup is not None else None

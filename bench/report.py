@@ -3,11 +3,13 @@
     python bench/report.py bench/results/<run> [more dirs or .jsonl files] [--baseline sdpa,flex,compile]
                            [--png DIR] [--out FILE]
 
-For every (op, mode, shape, dtype, GPU) group it lists each provider's median time (and GPU time, where the
+For every (op, mode, shape, dtype, GPU, run) group it lists each provider's median time (and GPU time, where the
 rows have it), TFLOP/s or GB/s, the percentage of a same-bytes copy's bandwidth (memory-bound ops), peak
 memory, and its speed-up over each baseline provider of the group (measured in the same run, on the same GPU;
 by GPU time too where there is one). --baseline names them (a comma
-list); by default the first of sdpa, eager, reference, timm, ours_reference, torch_compile found.
+list); by default the first of sdpa, eager, reference, timm, ours_reference, torch_compile found. Each path
+given is one run: merging two runs gives each its own tables (named by the path), never ratios across runs.
+bench/overhead.py's GPU time (gpu_us) shows as GPU ms.
 """
 import argparse
 import glob
@@ -17,12 +19,20 @@ from collections import OrderedDict
 
 
 def load_rows(paths):
+    """The rows of every .jsonl file of the given folders / files, each tagged with its run (`_run`: the path
+    given, a folder or a file)."""
     rows = []
     for p in paths:
         files = sorted(glob.glob(os.path.join(p, "*.jsonl"))) if os.path.isdir(p) else [p]
         for f in files:
             with open(f) as fh:
-                rows += [json.loads(line) for line in fh if line.strip()]
+                for line in fh:
+                    if line.strip():
+                        r = json.loads(line)
+                        if r.get("gpu_ms") is None and r.get("gpu_us") is not None:   # bench/overhead.py
+                            r["gpu_ms"] = r["gpu_us"] / 1e3
+                        r["_run"] = os.path.normpath(p)
+                        rows.append(r)
     return rows
 
 
@@ -34,11 +44,11 @@ DEFAULT_BASELINES = ("sdpa", "eager", "reference", "timm", "ours_reference", "to
 
 
 def grouped(rows):
-    """Rows by (op, mode, shape, dtype, GPU): speed-ups never compare two machines."""
+    """Rows by (op, mode, shape, dtype, GPU, run): speed-ups never compare two machines or two runs."""
     groups = OrderedDict()
     for r in rows:
         key = (r["op"], r["mode"], json.dumps(r["shape"], sort_keys=True), r["dtype"],
-               r.get("gpu") or f"CPU {r.get('cpu')}")
+               r.get("gpu") or f"CPU {r.get('cpu')}", r.get("_run"))
         groups.setdefault(key, []).append(r)
     return groups
 
@@ -47,7 +57,8 @@ def markdown(rows, baselines=None):
     """baselines=None: one speed-up column, against the first of DEFAULT_BASELINES in the group; else a
     column per named baseline present in the group."""
     out = []
-    for (op, mode, shape, dtype, hw), rs in grouped(rows).items():
+    several_runs = len({r.get("_run") for r in rows}) > 1
+    for (op, mode, shape, dtype, hw, run), rs in grouped(rows).items():
         if baselines is None:
             bases = [next((r for b in DEFAULT_BASELINES for r in rs if r["provider"] == b), None)][:1]
             bases = [b for b in bases if b is not None]
@@ -55,7 +66,8 @@ def markdown(rows, baselines=None):
             bases = [r for b in baselines for r in rs if r["provider"] == b]
         pct = any(r.get("pct_copy_bw") is not None for r in rs)
         gpu = any(r.get("gpu_ms") is not None for r in rs)   # the GPU's own time (bench_attention on CUDA)
-        out.append(f"### {op} {mode} {' '.join(f'{k}={v}' for k, v in json.loads(shape).items())} {dtype} ({hw})")
+        out.append(f"### {op} {mode} {' '.join(f'{k}={v}' for k, v in json.loads(shape).items())} {dtype} ({hw})"
+                   + (f" [{run}]" if several_runs else ""))
         gpct = any(r.get("gpu_pct_copy_bw") is not None for r in rs)
         cols = (["provider", "median ms", "p20", "p80"] + (["GPU ms"] if gpu else []) + ["TFLOP/s", "GB/s"]
                 + (["% of copy"] if pct else []) + (["% of copy (GPU time)"] if gpct else []) + ["peak MB"]
@@ -75,9 +87,10 @@ def markdown(rows, baselines=None):
                           for b in bases]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-    hw = sorted({(r.get("gpu") or f"CPU {r.get('cpu')}", r.get("torch"), r.get("triton"), r.get("git_sha")) for r in rows})
-    for gpu, tv, trv, sha in hw:
-        out.append(f"Measured on {gpu}, torch {tv}, Triton {trv}, git {sha}.")
+    hw = {(r.get("gpu") or f"CPU {r.get('cpu')}", r.get("torch"), r.get("triton"), r.get("git_sha"),
+           r.get("_run") if several_runs else None) for r in rows}
+    for gpu, tv, trv, sha, run in sorted(hw, key=lambda t: tuple("" if v is None else str(v) for v in t)):
+        out.append(f"Measured on {gpu}, torch {tv}, Triton {trv}, git {sha}" + (f" [{run}]." if run else "."))
     return "\n".join(out) + "\n"
 
 
@@ -90,7 +103,7 @@ def plots(rows, out_dir):
         print("matplotlib not installed: no PNG plots")
         return
     os.makedirs(out_dir, exist_ok=True)
-    for i, ((op, mode, shape, dtype, _hw), rs) in enumerate(grouped(rows).items()):
+    for i, ((op, mode, shape, dtype, _hw, _run), rs) in enumerate(grouped(rows).items()):
         fig, ax = plt.subplots(figsize=(6, 2 + 0.3 * len(rs)))
         ax.barh([r["provider"] for r in rs], [r["median_ms"] for r in rs])
         ax.set_xlabel("median ms (lower is better)")
