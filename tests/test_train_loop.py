@@ -427,3 +427,26 @@ def test_resume_keeps_the_optimizer_implementation_flags():
     plain = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     plain.load_state_dict(written.state_dict())
     assert not plain.param_groups[0]["fused"]
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_images_per_second_leave_out_evaluation_and_saves(kind, monkeypatch, tmp_path, tokenizer_file):
+    """The first rate of an epoch (and the one after a mid-epoch save) counted the end-of-epoch evaluation
+    and checkpoint saves as training time. Each save / evaluation here takes 1000 s on a stubbed clock."""
+    import time
+    from beit_fast.train import engine, feedback
+    extra, clock = [0.0], time.perf_counter
+    monkeypatch.setattr(feedback.time, "perf_counter", lambda: clock() + extra[0])
+
+    def slow(fn):
+        def wrapped(*a, **k):
+            extra[0] += 1000.0
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(engine, "save", slow(engine.save))
+    monkeypatch.setattr(engine, "evaluate", slow(engine.evaluate))
+    run = (pretrain(tiny_pretrain(tmp_path, epochs=3, save_every_steps=3, tokenizer_path=tokenizer_file))
+           if kind == "pretrain" else finetune(tiny_finetune(tmp_path, epochs=3, save_every_steps=3)))
+    assert run["step"] == 12 and extra[0] >= 6000
+    rates = losses(tmp_path, "img_s")
+    assert len(rates) == 12 and all(r > 1.0 for _, r in rates), rates   # 16 images in > 1000 s: < 0.016

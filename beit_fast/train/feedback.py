@@ -5,6 +5,7 @@ the loop does not synchronise with the GPU on every step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -131,6 +132,15 @@ class Reporter:
         rate = (images - self._seen) / max(now - self._t0, 1e-9)
         self._t0, self._seen = now, images
         return rate
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent in the block (evaluation, checkpoint saves) out of the next images/s and MFU."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t0 += time.perf_counter() - t
 
     def advance_to(self, step: int, images: Optional[int] = None) -> None:
         """Move the bar to `step`; with `images` (those done by then, e.g. before a resume), also restart

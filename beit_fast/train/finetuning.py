@@ -178,38 +178,41 @@ def _finetune(cfg, rt) -> dict:
                             "skipped_images": skipped_images,
                             "mfu": flops * img_s / (peak * rt.world) if peak else None}, step)
             if save_now:
-                engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch,
-                            batch_in_epoch=batch_index + 1, kind="finetune", classes=train_set.classes,
-                            metrics={**last, "best_top1": best_top1, "best_ema_top1": best_ema_top1,
-                                     "skipped_images": skipped_images})
+                with report.paused():
+                    engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch,
+                                batch_in_epoch=batch_index + 1, kind="finetune", classes=train_set.classes,
+                                metrics={**last, "best_top1": best_top1, "best_ema_top1": best_ema_top1,
+                                         "skipped_images": skipped_images})
             if stop:
                 done = True
                 break
         if done:
             break
 
-        # --- end of epoch: evaluate, keep the best, save
-        is_last = epoch + 1 == cfg.epochs
-        best = best_ema = False
-        if is_last or (cfg.eval_every_epochs and (epoch + 1) % cfg.eval_every_epochs == 0):
-            result = engine.evaluate(train_model, val_loader, device, cfg.precision, rt)
-            # held-out images left out as unreadable; skipped_images stays the training count
-            result["eval_skipped_images"] = result.pop("skipped_images")
-            best = result["top1"] > best_top1
-            best_top1 = max(best_top1, result["top1"])
-            if ema is not None:   # the EMA weights' best epoch is kept apart (checkpoint-best-ema.pt), as unilm's
-                result["ema_top1"] = engine.evaluate(ema.module, val_loader, device, cfg.precision, rt)["top1"]
-                best_ema = result["ema_top1"] > best_ema_top1
-                best_ema_top1 = max(best_ema_top1, result["ema_top1"])
-                result["best_ema_top1"] = best_ema_top1
-            report.log({"step": step, "epoch": epoch, "eval": result, "top1": result["top1"],
-                        "best_top1": best_top1}, step)
-            report.message(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['loss']:.4f}, held-out top-1 "
-                           f"{result['top1']:.2f}% top-5 {result['top5']:.2f}% ({time.perf_counter() - t_epoch:.1f} s)")
-        metrics = {**last, **result, "best_top1": best_top1, "best_ema_top1": best_ema_top1,
-                   "skipped_images": skipped_images}
-        engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch + 1, batch_in_epoch=0,
-                    kind="finetune", metrics=metrics, best=best, best_ema=best_ema, classes=train_set.classes)
+        # --- end of epoch: evaluate, keep the best, save (not counted in images/s)
+        with report.paused():
+            is_last = epoch + 1 == cfg.epochs
+            best = best_ema = False
+            if is_last or (cfg.eval_every_epochs and (epoch + 1) % cfg.eval_every_epochs == 0):
+                result = engine.evaluate(train_model, val_loader, device, cfg.precision, rt)
+                # held-out images left out as unreadable; skipped_images stays the training count
+                result["eval_skipped_images"] = result.pop("skipped_images")
+                best = result["top1"] > best_top1
+                best_top1 = max(best_top1, result["top1"])
+                if ema is not None:   # the EMA weights' best epoch is kept apart (checkpoint-best-ema.pt)
+                    result["ema_top1"] = engine.evaluate(ema.module, val_loader, device, cfg.precision, rt)["top1"]
+                    best_ema = result["ema_top1"] > best_ema_top1
+                    best_ema_top1 = max(best_ema_top1, result["ema_top1"])
+                    result["best_ema_top1"] = best_ema_top1
+                report.log({"step": step, "epoch": epoch, "eval": result, "top1": result["top1"],
+                            "best_top1": best_top1}, step)
+                report.message(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['loss']:.4f}, held-out top-1 "
+                               f"{result['top1']:.2f}% top-5 {result['top5']:.2f}% "
+                               f"({time.perf_counter() - t_epoch:.1f} s)")
+            metrics = {**last, **result, "best_top1": best_top1, "best_ema_top1": best_ema_top1,
+                       "skipped_images": skipped_images}
+            engine.save(cfg, rt, train_model, optimizer, scaler, ema, step=step, epoch=epoch + 1, batch_in_epoch=0,
+                        kind="finetune", metrics=metrics, best=best, best_ema=best_ema, classes=train_set.classes)
 
     report.close()
     found = ckpt.step_checkpoints(cfg.output_dir)

@@ -165,9 +165,10 @@ def _pretrain(cfg, rt) -> dict:
                             "mfu": flops * img_s / (peak * rt.world) if peak else None},
                            step)
             if save_now:
-                engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch,
-                            batch_in_epoch=batch_index + 1, kind="pretrain",
-                            metrics={**last, **token_meta(token_dtype), "skipped_images": skipped_images})
+                with report.paused():   # not counted in images/s
+                    engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch,
+                                batch_in_epoch=batch_index + 1, kind="pretrain",
+                                metrics={**last, **token_meta(token_dtype), "skipped_images": skipped_images})
             if stop:
                 done = True
                 break
@@ -176,9 +177,10 @@ def _pretrain(cfg, rt) -> dict:
         report.message(f"epoch {epoch + 1}/{cfg.epochs}: loss {last['loss']:.4f}, masked-token accuracy "
                        f"{last['mlm_acc']:.3f} ({time.perf_counter() - t_epoch:.1f} s)")
         if not cfg.save_every_steps or step % cfg.save_every_steps:
-            engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch + 1,
-                        batch_in_epoch=0, kind="pretrain",
-                        metrics={**last, **token_meta(token_dtype), "skipped_images": skipped_images})
+            with report.paused():
+                engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch + 1,
+                            batch_in_epoch=0, kind="pretrain",
+                            metrics={**last, **token_meta(token_dtype), "skipped_images": skipped_images})
 
     report.close()
     found = ckpt.step_checkpoints(cfg.output_dir)
