@@ -450,3 +450,31 @@ def test_images_per_second_leave_out_evaluation_and_saves(kind, monkeypatch, tmp
     assert run["step"] == 12 and extra[0] >= 6000
     rates = losses(tmp_path, "img_s")
     assert len(rates) == 12 and all(r > 1.0 for _, r in rates), rates   # 16 images in > 1000 s: < 0.016
+
+
+def test_resume_with_layer_decay_switched_on_or_off_keeps_each_parameters_state(tmp_path):
+    """Layer decay on gives a param group per (layer id, decay), off gives two: the saved optimizer state is
+    matched to this run's groups by parameter name (load_state_dict pairs groups by position and refused)."""
+    from beit_fast import create_model
+    from beit_fast.train.engine import load_optimizer_state
+    from beit_fast.train.optim import param_groups
+    model = create_model("beit_test_patch4_32", attn_impl="eager", fused=False)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    for before, after in ((0.65, None), (None, 0.65)):
+        written = torch.optim.AdamW(param_groups(model, 0.05, before), lr=1e-3)
+        written.step()
+        saved = written.state_dict()
+        running = torch.optim.AdamW(param_groups(model, 0.05, after), lr=1e-3)
+        assert len(running.param_groups) != len(written.param_groups)
+        load_optimizer_state(model, running, saved)
+        assert [g["lr_scale"] for g in running.param_groups] == [g["lr_scale"] for g in
+                                                                  param_groups(model, 0.05, after)]
+        for name, p in model.named_parameters():
+            assert torch.equal(running.state[p]["exp_avg"], written.state[p]["exp_avg"]), name
+            assert torch.equal(running.state[p]["step"], written.state[p]["step"]), name
+    # end to end: stopped with layer decay, resumed without
+    cfg = tiny_finetune(tmp_path, layer_decay=0.65, stop_at_step=2)
+    finetune(cfg)
+    with pytest.warns(UserWarning, match="layer_decay: 0.65 -> 1.0"):
+        result = finetune(dataclasses.replace(cfg, layer_decay=1.0, stop_at_step=0, resume="auto"))
+    assert result["step"] == 8

@@ -209,7 +209,7 @@ def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
 
 
 # What fixes the order of the training data and the position in it (batch_in_epoch counts global batches):
-# a resumed run must keep them, and the parameter grouping the optimizer state is laid out for
+# a resumed run must keep them (a changed parameter grouping is matched by name: regroup_saved)
 RESUME_FIXED = ("seed", "dataset", "train_subset", "synthetic_size", "batch_size", "accum_steps",
                 "weight_decay_exclusions")
 
@@ -247,8 +247,31 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     # and the hyperparameters the resumed run's config gives (layer decay's lr_scale, betas, eps, ...), which
     # load_state_dict would otherwise replace by the saved run's
     kept = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in optimizer.param_groups]
-    state = {**state, "param_groups": [{**g, **mine} for g, mine in zip(state["param_groups"], kept)]}
+    saved = regroup_saved(state["param_groups"], optimizer.param_groups)
+    state = {**state, "param_groups": [{**g, **mine} for g, mine in zip(saved, kept)]}
     runtime.load_optimizer_state(model, optimizer, state)
+
+
+def regroup_saved(saved_groups: list, groups: list) -> list:
+    """The saved param groups laid out as this optimizer's `groups`, matched by parameter name (every group
+    optim.param_groups builds names its parameters): turning layer decay on or off at a resume changes the
+    grouping (2 groups against 2 per layer id), and load_state_dict pairs groups by position. Each regrouped
+    group lists the saved state's keys (indices, or names under FSDP) of its parameters, in this optimizer's
+    order, with the other settings of the saved group its first parameter was in."""
+    if len(saved_groups) == len(groups) and all(s.get("names") == g.get("names")
+                                                for s, g in zip(saved_groups, groups)):
+        return saved_groups
+    if not all("names" in g for g in (*saved_groups, *groups)):
+        raise ValueError("the checkpoint's optimizer groups do not match this run's and carry no parameter "
+                         "names to match them by (resume with the settings the run was saved with)")
+    where = {name: (g, key) for g in saved_groups for name, key in zip(g["names"], g["params"])}
+    missing = [n for g in groups for n in g["names"] if n not in where]
+    if missing or len(where) != sum(len(g["names"]) for g in groups):
+        extra = sorted(set(where) - {n for g in groups for n in g["names"]})
+        raise ValueError(f"the checkpoint's optimizer state does not cover this run's parameters (missing: "
+                         f"{missing[:5]}, not in this model: {extra[:5]})")
+    return [{**where[g["names"][0]][0], "names": list(g["names"]),
+             "params": [where[n][1] for n in g["names"]]} for g in groups]
 
 
 @torch.no_grad()
