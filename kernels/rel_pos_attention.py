@@ -241,10 +241,10 @@ def _bias_tile(TBL, IDX, h, qi, kj, qpart, kpart, N, R, s_tr, s_th, s_ii, s_ij, 
 
 @triton.jit
 def _dropout_keep(seed, bh, qi, kj, N, dropout_p):
-    """Keep-mask of one tile (orientation as in _bias_tile); (b*H + h) goes into the high word of the Philox
-    key, i*N + j is the counter."""
-    key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)
-    return tl.rand(key, qi * N + kj) >= dropout_p
+    """Keep-mask of one tile (orientation as in _bias_tile): Philox keyed by the whole 64-bit seed, counter
+    ((b*H + h) * N + i) * N + j in 64 bits (both words of it). (The head once went into the key's high word:
+    seed s + 2**32 then gave seed s's masks one head over.)"""
+    return tl.rand(seed.to(tl.int64), (bh.to(tl.int64) * N + qi) * N + kj) >= dropout_p
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -971,7 +971,9 @@ def check_index_range(index: torch.Tensor, num_rel: int) -> None:
 class _PerIndexTensor:
     """A value per live index tensor and version counter. Keyed by id() with a weak reference whose callback
     drops the entry when the tensor dies (before its id can be reused), so an index freed and another
-    allocated in its place is never a stale hit; an in-place change bumps the version: a miss. (Tensors
+    allocated in its place is never a stale hit; an in-place change bumps the version, and `t.data = other`
+    changes the data pointer: a miss. A change that bypasses the version counter (`t.data.copy_(...)`, writes
+    through a numpy or DLPack view of the same memory) is not seen: the cached value goes stale. (Tensors
     cannot be WeakKeyDictionary keys: weakref equality compares them elementwise.) Inference tensors
     (made under torch.inference_mode) have no version counter: they are never cached."""
 
@@ -982,7 +984,7 @@ class _PerIndexTensor:
         if t.is_inference():   # no version counter: never cached (see put)
             return None
         entry = self._entries.get(id(t))
-        if entry is None or entry[0]() is not t or entry[1] != (t._version, tag):
+        if entry is None or entry[0]() is not t or entry[1] != (t._version, t.data_ptr(), tag):
             return None
         return entry[2]
 
@@ -994,7 +996,7 @@ class _PerIndexTensor:
         def forget(ref):
             if entries.get(key, (None,))[0] is ref:
                 del entries[key]
-        entries[key] = (weakref.ref(t, forget), (t._version, tag), value)
+        entries[key] = (weakref.ref(t, forget), (t._version, t.data_ptr(), tag), value)
 
 
 _CHECKED_INDEXES = _PerIndexTensor()     # explicit index -> True once its values are checked against R

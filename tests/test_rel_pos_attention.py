@@ -547,6 +547,13 @@ def test_dropout_mask_statistics():
     assert abs(rows - agree) < 0.02 and abs(cols - agree) < 0.02, (rows, cols)
     other = dropout_keep_mask(4322, B, H, N, p, device=DEVICE).float().reshape(B * H, -1)
     assert abs((other == flat).float().mean().item() - agree) < 0.02
+    # seeds past 32 bits and negative ones are seeds of their own: no (batch, head) of theirs repeats one of
+    # another seed (the head once went into the key's high word: seed + 2**32 gave seed's masks a head over)
+    for far in (4321 + 2**32, 4321 - 2**32, -4321):
+        alias = dropout_keep_mask(far, B, H, N, p, device=DEVICE).reshape(B * H, -1)
+        for i in range(B * H):
+            for j in range(B * H):
+                assert abs((alias[i].float() == flat[j]).float().mean().item() - agree) < 0.05, (far, i, j)
 
 
 @needs_triton
@@ -713,6 +720,9 @@ def test_per_index_cache_forgets_dead_tensors_and_old_versions():
     a.add_(1)
     assert cache.get(a, 12) is None                              # changed in place: a new version
     cache.put(a, 12, "inverse of a, version 1")
+    version = a._version
+    a.data = torch.ones(3, 3, dtype=torch.long)                  # new memory behind the same tensor
+    assert cache.get(a, 12) is None, (version, a._version)
     del a
     gc.collect()
     assert cache._entries == {}                                  # dropped with its tensor
@@ -743,6 +753,17 @@ def test_backend_selection_errors(monkeypatch):
         rel_pos_attention(q.double(), k.double(), v.double(), table, window_size=(2, 2), backend="triton")
     big = torch.randn(1, 2, 5, 160)
     assert any("head dim 160" in r for r in not_supported_reasons("triton", big, big, big, table, (2, 2)))
+    # a sequence-first packed layout, (N, B, 3, H, D) storage seen as (B, N, 3, H, D), at B = 342, N = 1025,
+    # H * D = 2048: a row's offset (N - 1) * B * 3 * H * D passes int32 (meta tensors: no memory)
+    B, N, H, D = 342, 1025, 16, 128
+    table = torch.empty(num_relative_distance((32, 32)), H, device="meta")
+    seq_first = torch.empty(N, B, 3, H, D, device="meta").transpose(0, 1)
+    q, k, v = (seq_first[:, :, i].transpose(1, 2) for i in range(3))
+    assert any("past the kernels' int32 offsets" in r for r in not_supported_reasons("triton", q, k, v, table))
+    q, k, v = (seq_first[:171, :, i].transpose(1, 2) for i in range(3))    # half: strides keep the span
+    assert any("past the kernels' int32 offsets" in r for r in not_supported_reasons("triton", q, k, v, table))
+    q, k, v = (torch.empty(B, N, 3, H, D, device="meta")[:, :, i].transpose(1, 2) for i in range(3))
+    assert not any("int32" in r for r in not_supported_reasons("triton", q, k, v, table))   # batch-first
 
 
 def test_auto_backend_and_env_override(monkeypatch):

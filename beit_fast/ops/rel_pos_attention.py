@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from beit_fast._backend import choose, common_reasons
+from beit_fast._backend import choose, common_reasons, offset_span
 from . import _checks as checks
 from . import _eager
 from beit_fast.relpos import _index_cpu, num_relative_distance, relative_position_index  # noqa: F401 (re-exported)
@@ -150,6 +150,10 @@ def not_supported_reasons(backend: str, q, k, v, table, window_size=None, rel_in
             why.append(f"the Triton kernel takes an fp16, bf16 or fp32 bias_table, got {table.dtype}")
         if q.shape[-1] > MAX_HEAD_DIM:
             why.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
+        span = max(offset_span(t[0]) for t in (q, k, v)) if q.shape[0] else 0
+        if span >= 2**31:   # the batch term is int64 in the kernels; rows, heads and head dims are int32
+            why.append(f"one batch element of q, k or v spans {span} elements (its strides), past the kernels' "
+                       f"int32 offsets (2**31): make them contiguous (e.g. batch-first qkv)")
         if q.shape[0] * q.shape[1] > MAX_GRID_Y:
             why.append(f"B*H = {q.shape[0] * q.shape[1]} programs exceed the CUDA grid's y limit {MAX_GRID_Y} "
                        "the kernels launch on (split the batch)")
@@ -358,7 +362,9 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     bias_table: (R, H) learnable, any float dtype; its gradient comes back in its dtype (summed in fp32).
     window_size: (Wh, Ww) for BEiT's layout: N = Wh*Ww + 1 (cls token first), R = (2Wh-1)(2Ww-1) + 3, the
       index derived in-kernel (from an (N,) int32 array of per-token parts, cached per window). Or
-      rel_index: (N, N) integer tensor for any other layout (exactly one).
+      rel_index: (N, N) integer tensor for any other layout (exactly one). Its range check and inverse
+      are cached per tensor, version counter and data pointer: change it with ordinary in-place ops, not
+      through `.data` or a numpy / DLPack view of its memory (which PyTorch does not count as a change).
     scale: default D ** -0.5. dropout_p: attention-probability dropout (pass 0 in eval); dropout_seed
       (int or int64 tensor) fixes the in-kernel RNG, else one is drawn from torch's generator (the reference
       backend seeds a generator of its own with it: reproducible, but another mask than the kernels').
