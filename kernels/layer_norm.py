@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import cdiv, next_power_of_2, on_device_of_first_arg
+from ._device import cdiv, int32_addressable, next_power_of_2, on_device_of_first_arg
 from ._launch import launch
 
 # A whole row lives in registers; past this the kernels would spill (a looped variant is not written).
@@ -154,6 +154,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, need_dx=True, need_dw=True, need_d
     db to the parameters' dtype. need_dw is ignored when weight is None.
     """
     M, C = x.shape
+    dy = int32_addressable(dy)
     need_dw = need_dw and weight is not None
     dx = torch.empty((M, C), device=x.device, dtype=x.dtype) if need_dx else None
     if M == 0 or C == 0:

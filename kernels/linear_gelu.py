@@ -24,7 +24,7 @@ import triton.language as tl
 
 from beit_fast._backend import tf32_matmul
 
-from ._device import cdiv, on_device_of_first_arg
+from ._device import cdiv, int32_addressable, on_device_of_first_arg
 from ._launch import launch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -265,6 +265,7 @@ def linear_gelu_dz(dy, x, weight, bias, preact=None, with_db=True):
     """
     M, K = x.shape
     N = weight.shape[0]
+    dy = int32_addressable(dy)
     dz = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return dz, (torch.zeros(N, device=x.device, dtype=torch.float32) if with_db else None)

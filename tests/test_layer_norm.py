@@ -112,6 +112,26 @@ def test_int32_offset_limit_is_a_reason():
     assert not any("int32" in r for r in not_supported_reasons("triton", torch.empty((2**20, 1024), device="meta")))
     gapped = torch.empty((2**20, 4096), device="meta")[:, :1024]   # 2**30 elements spanning ~2**32
     assert any("int32" in r for r in not_supported_reasons("triton", gapped))
+    # one row expanded over 2**19 + 1 rows spans 4096 elements, but y and dx are dense: 2**31 + 4096
+    expanded = torch.empty((1, 4096), device="meta").expand(2**19 + 1, 4096)
+    assert any("int32" in r for r in not_supported_reasons("triton", expanded))
+
+
+@needs_triton
+def test_a_gradient_with_wide_strides_reaches_the_kernel_int32_addressable(monkeypatch):
+    """torch.cat's backward hands the op a narrow view of its gradient (strides the forward never checked):
+    the launcher passes it through int32_addressable (a copy once they reach 2**31; recorded here)."""
+    from beit_fast.kernels import layer_norm as kernels
+    seen = []
+    monkeypatch.setattr(kernels, "int32_addressable", lambda t: seen.append(t.stride()) or t)
+    x, w, b = _inputs((6, 40), torch.float32)
+    other = torch.randn(6, 40, device=DEVICE)
+    ours = torch.autograd.grad(torch.cat([layer_norm(x, w, b, backend="triton"), other], -1).square().sum(),
+                               (x, w, b))
+    ref = torch.autograd.grad(torch.cat([layer_norm_ref(x, w, b), other], -1).square().sum(), (x, w, b))
+    assert seen == [(80, 1)]
+    for name, o, r in zip(["dx", "dw", "db"], ours, ref):
+        assert_close(name, o, r, tolerance("layer_norm", torch.float32))
 
 
 @needs_triton

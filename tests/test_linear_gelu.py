@@ -175,6 +175,33 @@ def test_non_contiguous_inputs_and_expanded_grad():
 
 @needs_triton
 @pytest.mark.parametrize("recompute", [False, True])
+def test_a_gradient_with_wide_strides_reaches_the_kernels_int32_addressable(monkeypatch, recompute):
+    """torch.cat's backward hands the op a narrow view of its gradient: strides the forward never checked.
+    The kernels' row offsets are int32, so the launcher passes dy through int32_addressable (a copy once the
+    strides reach 2**31; recorded here at a small size, and the gradients still right)."""
+    from beit_fast.kernels import linear_gelu as kernels
+    seen = []
+    monkeypatch.setattr(kernels, "int32_addressable", lambda t: seen.append(t.stride()) or t)
+    x, w, b = _inputs((20,), 32, 48, torch.float32)
+    other = torch.randn(20, 48, device=DEVICE)
+    ours = torch.autograd.grad(torch.cat([linear_gelu(x, w, b, backend="triton", recompute=recompute), other],
+                                         -1).square().sum(), (x, w, b))
+    ref = torch.autograd.grad(torch.cat([linear_gelu_ref(x, w, b), other], -1).square().sum(), (x, w, b))
+    assert seen == [(96, 1)]
+    for name, o, r in zip(["dx", "dw", "db"], ours, ref):
+        assert_close(name, o, r, tolerance("linear_gelu", torch.float32))
+
+
+def test_int32_addressable_copies_only_past_int32():
+    from beit_fast.kernels._device import int32_addressable
+    wide = torch.empty(3, 2**31, device="meta")[:, :16]            # row 2 starts at element 2**32
+    assert int32_addressable(wide).stride() == (16, 1)
+    fits = torch.empty(3, 2**29, device="meta")[:, :16]
+    assert int32_addressable(fits) is fits
+
+
+@needs_triton
+@pytest.mark.parametrize("recompute", [False, True])
 def test_parameter_grads_bitwise_deterministic(recompute):
     x, w, b = _inputs((197,), 64, 160, torch.float32)
     dy = torch.randn(197, 160, device=DEVICE)

@@ -70,7 +70,7 @@ def not_supported_reasons(backend: str, x, weight=None, bias=None, *, auto: bool
             why.append(f"the Triton kernel supports {[str(d) for d in TRITON_DTYPES]}, got {sorted(map(str, dtypes))}")
         if x.shape[-1] > MAX_TRITON_C:
             why.append(f"C = {x.shape[-1]} > {MAX_TRITON_C}: the kernel keeps a whole row in registers")
-        if offset_span(x) >= 2**31:
+        if max(offset_span(x), x.numel()) >= 2**31:   # y and dx are dense (M, C) even when x overlaps itself
             why.append(f"x spans {offset_span(x)} elements (numel {x.numel()}): the kernel's int32 offsets need "
                        "fewer than 2**31")
     return why
