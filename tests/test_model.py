@@ -177,6 +177,55 @@ def test_drop_path_and_grad_checkpointing():
         torch.testing.assert_close(m(x), m(x))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_grad_checkpointing_keeps_the_forwards_drop_path(fused, monkeypatch):
+    """Compiled with activation checkpointing, the backward must use the forward's drop-path masks (eager
+    checkpointing restores the RNG state for its recompute; compiled, the partitioner must save random ops'
+    results rather than draw them again). Check: find the drop-path draws that reproduce a compiled step's
+    output in eager mode without checkpointing (batch 1: four branches, kept or dropped), and compare the
+    compiled step's gradients with eager's under those draws."""
+    import copy
+    import itertools
+    from beit_fast.models import beit as beit_mod
+    m = randomize_(create_model("beit_test_patch4_32_mim", drop_path_rate=0.6, fused=fused))
+    for blk in m.blocks:
+        blk.drop_path = 0.6
+    eager = copy.deepcopy(m).train()
+    m.train()
+    m.set_grad_checkpointing(True)
+    x, mask = torch.randn(1, 3, 32, 32), torch.rand(1, 64) < 0.4
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+
+    def step(model, seed=None):
+        model.zero_grad(set_to_none=True)
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model(x, mask, masked_index=idx)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in getattr(model, "_orig_mod", model).named_parameters()
+                              if p.grad is not None}
+
+    compiled, draw, mixed = torch.compile(m), beit_mod.drop_path_scale, 0
+    for seed in range(4):
+        out, grads = step(compiled, seed)
+        for combo in itertools.product([0.0, 1 / 0.4], repeat=4):   # the order the blocks draw them in
+            scales = iter(combo)
+            monkeypatch.setattr(beit_mod, "drop_path_scale",
+                                lambda B, p, training, ref: torch.full((B,), next(scales), dtype=ref.dtype))
+            want, want_grads = step(eager)
+            if torch.allclose(want, out, rtol=1e-4, atol=1e-5):
+                break
+        else:
+            raise AssertionError(f"seed {seed}: no drop-path draw reproduces the compiled output")
+        monkeypatch.setattr(beit_mod, "drop_path_scale", draw)
+        mixed += len(set(combo)) > 1
+        assert grads.keys() == want_grads.keys()
+        for n in grads:
+            torch.testing.assert_close(grads[n], want_grads[n], rtol=1e-4, atol=1e-6,
+                                       msg=lambda msg: f"seed {seed}, draws {combo}, grad of {n}: {msg}")
+    assert mixed, "every seed kept or dropped all branches: nothing was checked"
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda: torch.randn(2, 3, 16, 16), r"\(B, 3, 32, 32\)"),
     (lambda: torch.randn(2, 1, 32, 32), r"\(B, 3, 32, 32\)"),
