@@ -7,8 +7,9 @@ For every (op, mode, shape, dtype, GPU, run) group it lists each provider's medi
 rows have it), TFLOP/s or GB/s, the percentage of a same-bytes copy's bandwidth (memory-bound ops), peak
 memory, and its speed-up over each baseline provider of the group (measured in the same run, on the same GPU;
 by GPU time too where there is one). --baseline names them (a comma
-list); by default the first of sdpa, eager, reference, timm, ours_reference, torch_compile found. Each path
-given is one run: merging two runs gives each its own tables (named by the path), never ratios across runs.
+list); by default the first of sdpa, eager, reference, timm, ours_reference, torch_compile found. Each folder
+is one run (a .jsonl file given: its folder): merging runs gives each its own tables (named by the folder),
+never ratios across runs.
 bench/overhead.py's GPU time (gpu_us) shows as GPU ms.
 """
 import argparse
@@ -19,8 +20,8 @@ from collections import OrderedDict
 
 
 def load_rows(paths):
-    """The rows of every .jsonl file of the given folders / files, each tagged with its run (`_run`: the path
-    given, a folder or a file)."""
+    """The rows of every .jsonl file of the given folders / files, each tagged with its run (`_run`: the
+    folder given, or the folder of the file given)."""
     rows = []
     for p in paths:
         files = sorted(glob.glob(os.path.join(p, "*.jsonl"))) if os.path.isdir(p) else [p]
@@ -31,7 +32,7 @@ def load_rows(paths):
                         r = json.loads(line)
                         if r.get("gpu_ms") is None and r.get("gpu_us") is not None:   # bench/overhead.py
                             r["gpu_ms"] = r["gpu_us"] / 1e3
-                        r["_run"] = os.path.normpath(p)
+                        r["_run"] = os.path.normpath(p if os.path.isdir(p) else os.path.dirname(p) or ".")
                         rows.append(r)
     return rows
 

@@ -300,6 +300,10 @@ def test_report_never_compares_two_runs(tmp_path):
     assert b.count("| ours |") == 1 and "| ours | 1 |" in b and "| 3x |" in b and "| 0.5 |" in b   # GPU ms
     assert "git abc" in md and "git None" in md
     assert "[" not in report.markdown(report.load_rows([str(tmp_path / "a")])).splitlines()[0]
+    # files of one folder (gpu_check passes its bench_*.jsonl one by one) are one run
+    (tmp_path / "a" / "bench_model.jsonl").write_text(json.dumps(dict(row("timm", 5.0, "abc"), op="step")) + "\n")
+    one = report.load_rows([str(tmp_path / "a" / "bench_attention.jsonl"), str(tmp_path / "a" / "bench_model.jsonl")])
+    assert len({r["_run"] for r in one}) == 1 and "[" not in report.markdown(one)
 
 
 def test_one_provider_error_does_not_end_the_benchmark(tmp_path):
