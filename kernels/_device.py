@@ -34,11 +34,13 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def int32_addressable(t: torch.Tensor) -> torch.Tensor:
+def int32_addressable(t: torch.Tensor, batch_in_int64: bool = False) -> torch.Tensor:
     """`t`, or a contiguous copy when its strides reach an element offset of 2**31 or more: the kernels
-    compute row * stride in int32. For incoming gradients, whose strides the caller does not choose (the
-    backward of torch.cat along the last dim hands over a narrow view of a wider tensor); the forward
-    refuses inputs whose own span or element count is that large, so the copy always fits."""
-    if t.numel() and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31:
+    compute row * stride in int32 (with batch_in_int64, all but the first dim's: that term is int64). For
+    incoming gradients, whose strides the caller does not choose (the backward of torch.cat along the last
+    dim hands over a narrow view of a wider tensor); the forward refuses inputs whose own span is that large,
+    so the copy fits."""
+    dims = list(zip(t.shape, t.stride()))[1 if batch_in_int64 else 0:]
+    if t.numel() and sum((n - 1) * abs(s) for n, s in dims) >= 2**31:
         return t.contiguous()
     return t

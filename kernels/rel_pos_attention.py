@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import cdiv, next_power_of_2, on_device_of_first_arg
+from ._device import cdiv, int32_addressable, next_power_of_2, on_device_of_first_arg
 from ._launch import launch
 
 LOG2E = 1.4426950408889634
@@ -241,10 +241,16 @@ def _bias_tile(TBL, IDX, h, qi, kj, qpart, kpart, N, R, s_tr, s_th, s_ii, s_ij, 
 
 @triton.jit
 def _dropout_keep(seed, bh, qi, kj, N, dropout_p):
-    """Keep-mask of one tile (orientation as in _bias_tile): Philox keyed by the whole 64-bit seed, counter
-    ((b*H + h) * N + i) * N + j in 64 bits (both words of it). (The head once went into the key's high word:
-    seed s + 2**32 then gave seed s's masks one head over.)"""
-    return tl.rand(seed.to(tl.int64), (bh.to(tl.int64) * N + qi) * N + kj) >= dropout_p
+    """Keep-mask of one tile (orientation as in _bias_tile): 32-bit Philox keyed by the whole 64-bit seed,
+    the 64-bit counter ((b*H + h) * N + i) * N + j split into its two low counter words by hand (tl.rand
+    with an int64 offset does that from Triton 3.4 on; 3.2 and 3.3 run 64-bit Philox then, about 8x the
+    instructions). (The head once went into the key's high word: seed s + 2**32 gave seed s's masks one head
+    over.)"""
+    c = (bh.to(tl.int64) * N + qi) * N + kj
+    lo = c.to(tl.uint32)
+    zero = lo * 0
+    r, _, _, _ = tl.random.philox(seed.to(tl.int64), lo, (c >> 32).to(tl.uint32), zero, zero)
+    return tl.random.uint_to_uniform_float(r) >= dropout_p
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -906,6 +912,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     to 16) with G = num_batch_groups(...) (<= 64 MiB unless a single partial is larger) unless they fit into dq
     (_partials_layout); with a dense_bias tile config, the (H, N, N_pad) fp32 bias expansions (_expand_bias)."""
     B, H, N, D = q.shape
+    do = int32_addressable(do, batch_in_int64=True)   # its strides are the caller's (a narrow view of a cat)
     cfgs = pick_configs(D, q.dtype, q.device)
     BLOCK_D = _block_d(D)
     prec = _dot_prec(q.dtype)

@@ -709,6 +709,36 @@ def test_explicit_index_is_checked_and_inverted_once_per_version(monkeypatch):
     assert_matches_fp64(False, [q, k, v], table, grad, got[0], got[1], q.dtype, {"rel_index": index.clone()})
 
 
+@needs_triton
+def test_a_gradient_with_wide_strides_reaches_the_kernels_int32_addressable(monkeypatch):
+    """torch.cat's backward hands the packed op a narrow view of its gradient (strides the forward never
+    checked): the backward passes it through int32_addressable (a copy once one batch element spans 2**31;
+    recorded here at a small size, and the gradients still right)."""
+    from beit_fast.kernels import rel_pos_attention as K
+    seen = []
+    monkeypatch.setattr(K, "int32_addressable", lambda t, **kw: seen.append((t.stride(), kw)) or t)
+    W = (2, 2)
+    (qkv,), table, _ = make_inputs(2, 2, 5, 16, torch.float32, num_relative_distance(W), packed=True)
+    qkv.requires_grad_(), table.requires_grad_()
+    other = torch.randn(2, 5, 32, device=DEVICE)
+    ours = torch.autograd.grad(torch.cat([rel_pos_attention_qkvpacked(qkv, table, window_size=W, backend="triton"),
+                                          other], -1).square().sum(), (qkv, table))
+    ref = torch.autograd.grad(torch.cat([rel_pos_attention_qkvpacked(qkv, table, window_size=W, backend="reference"),
+                                         other], -1).square().sum(), (qkv, table))
+    assert seen == [((320, 16, 64, 1), {"batch_in_int64": True})]   # (B, H, N, D) view of (B, N, 2*H*D)
+    for name, key, o, r in zip(["dqkv", "dtable"], ["dq", "dtable"], ours, ref):
+        assert_close(name, o, r, tolerance("rel_pos_attention", torch.float32, key))
+
+
+def test_int32_addressable_leaves_the_int64_batch_term_alone():
+    from beit_fast.kernels._device import int32_addressable
+    per_batch_wide = torch.empty(2, 3, 2**31, device="meta")[:, :, :8]     # a row of batch 0 starts past 2**31
+    assert int32_addressable(per_batch_wide, batch_in_int64=True).stride() == (24, 8, 1)
+    batch_wide = torch.empty(3, 2**31, device="meta")[:, :8].view(3, 1, 8)  # only the batch stride is large
+    assert int32_addressable(batch_wide, batch_in_int64=True) is batch_wide
+    assert int32_addressable(batch_wide).stride() == (8, 8, 1)
+
+
 def test_per_index_cache_forgets_dead_tensors_and_old_versions():
     import gc
     K = pytest.importorskip("beit_fast.kernels.rel_pos_attention")

@@ -102,6 +102,9 @@ def test_float_grayscale_images_are_scaled_not_blackened():
     assert img.mode == "F"
     assert np.asarray(to_rgb(img))[0, 0].tolist() == [128] * 3                # round(0.5 * 255)
     assert np.asarray(to_rgb(Image.fromarray(np.full((2, 2), 200.0, np.float32), "F")))[0, 0].tolist() == [200] * 3
+    # one +inf pixel, or a slight overshoot past 1, does not turn a [0, 1] image black; NaN reads as 0
+    odd = np.array([[0.5, np.inf], [1.0001, np.nan]], dtype=np.float32)
+    assert np.asarray(to_rgb(Image.fromarray(odd, "F")))[..., 0].tolist() == [[128, 255], [255, 0]]
 
 
 def test_each_unreadable_image_is_counted_once(tmp_path):

@@ -73,6 +73,26 @@ def test_throughput_after_a_resume_counts_only_new_images(monkeypatch):
     assert report.throughput(64000 + 64 + 16) == 16.0
 
 
+def test_paused_time_is_left_out_of_the_rate(monkeypatch):
+    """Time inside Reporter.paused() (evaluation, saves) is not training time; a clock restarted inside the
+    block (a resume's advance_to) counts from the block's end (clock stubbed)."""
+    from beit_fast.train import feedback
+    now = [0.0]
+    monkeypatch.setattr(feedback.time, "perf_counter", lambda: now[0])
+    report = Reporter("unused", total_steps=10, enabled=False)
+    now[0] = 2.0
+    with report.paused():
+        now[0] = 1002.0
+    now[0] = 1004.0
+    assert report.throughput(64) == 16.0            # 64 images in 4 s of training (not in 1004 s)
+    with report.paused():
+        now[0] = 1010.0
+        report.advance_to(5, images=80)
+        now[0] = 1020.0
+    now[0] = 1021.0
+    assert report.throughput(96) == 16.0            # 16 images in the 1 s after the block (not in -9 s)
+
+
 def test_tensorboard_gets_every_numeric_metric(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

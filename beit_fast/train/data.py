@@ -120,14 +120,17 @@ class FolderDataset:
 def to_rgb(img):
     """An RGB image. 16-bit grayscale (PIL modes I;16*) is scaled to 8 bits, as is 32-bit integer grayscale
     (mode I, as PIL opens some 16-bit PNGs) whose values exceed 255: PIL's convert("RGB") clips them at 255,
-    turning most such images white. 32-bit float grayscale (mode F, e.g. from TIFF) in [0, 1] is scaled by
-    255 (convert would make it black), above 1 as mode I."""
+    turning most such images white. 32-bit float grayscale (mode F, e.g. from TIFF) whose finite values peak
+    at most at 2 is taken as unit range (convert would make it black; values past 1, an interpolation's
+    overshoot, clip to white), else as mode I; NaN and -inf read as 0, +inf as the finite peak."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        peak = float(a.max(initial=0))
+        a = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(a)
+        peak = float(a[finite].max(initial=0))
+        a = np.where(finite, a, np.where(a == np.inf, peak, 0.0))
         if img.mode.startswith("I;16"):
             top = 65535.0
-        elif img.mode == "F" and peak <= 1:
+        elif img.mode == "F" and peak <= 2:
             top = 1.0
         else:
             top = 255.0 if peak <= 255 else max(65535.0, peak)

@@ -140,7 +140,9 @@ class Reporter:
         try:
             yield
         finally:
-            self._t0 += time.perf_counter() - t
+            now = time.perf_counter()
+            # the clock restarted inside the block (advance_to, throughput): from the block's end then
+            self._t0 = self._t0 + (now - t) if self._t0 <= t else now
 
     def advance_to(self, step: int, images: Optional[int] = None) -> None:
         """Move the bar to `step`; with `images` (those done by then, e.g. before a resume), also restart
