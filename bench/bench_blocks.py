@@ -45,8 +45,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (Outcomes, Skip, base_parser, check_close, device_and_dtypes, environment, finish,  # noqa: E402
-                    gpu_pass, make_row, peak_mb, selected_providers, time_ms, write_report)
+from common import (CheckFailed, Outcomes, Skip, base_parser, check_close, device_and_dtypes,  # noqa: E402
+                    environment, finish, gpu_pass, make_row, peak_mb, selected_providers, time_ms, write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -192,7 +192,8 @@ def case_linear_gelu(cfg, dtype, device, smoke):
         # FusedDense with the benchmark's own weight and bias (cuBLASLt bias epilogue), then GELU
         return lambda x, W, b: F.gelu(torch.func.functional_call(dense, {"weight": W, "bias": b}, (x,)))
 
-    fwd_b = (M * Kd + Nd * Kd + M * Nd) * e
+    # forward: x, W; y and the pre-activation the backward reads (ours' store mode, eager's F.linear output)
+    fwd_b = (M * Kd + Nd * Kd + 2 * M * Nd) * e
     bwd_b = (M * Nd + M * Nd + M * Kd + Nd * Kd + M * Kd + Nd * Kd) * e   # dy, preact, x, W; dx, dW
     return dict(inputs=(x, W, bias), leaves=[x, W, bias], grads=[torch.randn(M, Nd, device=device, dtype=dtype)],
                 shape=dict(model=cfg["model"], M=M, K=Kd, N=Nd),
@@ -241,9 +242,16 @@ def case_block(cfg, dtype, device, smoke):
     blk_ref = blk_ref.to(device=device, dtype=dtype).train()
     x = _leaf(torch.randn(B, N, C, device=device, dtype=dtype))
     leaves = [x] + list(blk_ref.parameters())
+    nxt = torch.nn.LayerNorm(C, eps=1e-6).to(device=device, dtype=dtype)   # the next block's norm1
+    with torch.no_grad():
+        nxt.weight.uniform_(0.5, 1.5), nxt.bias.normal_(0, 0.1)
 
     def eager():
         return lambda x: blk_ref(x)
+
+    def check_ref(x):   # what the fused block returns: its output and the next block's normalized input
+        out = blk_ref(x)
+        return out, nxt(out)
 
     def compiled():
         fn = torch.compile(blk_ref, dynamic=False)
@@ -254,7 +262,6 @@ def case_block(cfg, dtype, device, smoke):
         blk = copy.deepcopy(blk_ref)   # same weights, its own gradients
         blk.attn.attn_impl = fused_attn
         blk.fused_mlp = mlp_triton
-        nxt = torch.nn.LayerNorm(C, eps=1e-6).to(device=device, dtype=dtype)
 
         def full(x):   # checked against eager: norm1 computed here
             return blk.forward_fused(x, ln.layer_norm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps), nxt)
@@ -269,6 +276,7 @@ def case_block(cfg, dtype, device, smoke):
             return blk.forward_fused(x, h, nxt)
 
         steady.check_fn = full
+        steady.check_ref = check_ref
         steady.check_leaves = [x] + list(blk.parameters())
         steady.own_leaves = [x, h] + list(blk.parameters())
         return steady
@@ -301,12 +309,17 @@ def _grad(fn, case, leaves, outs=None):
 
 
 def check_provider(name, fn, case, expected, dtype):
-    """Outputs and parameter gradients against the eager reference (first output's gradient only, so that
-    providers returning an extra output are compared on the same loss)."""
+    """Every output and the input / parameter gradients (through every output that has an upstream
+    gradient) against the reference: the eager provider's, or the provider's own check_ref where it returns
+    more than the timed eager provider (the fused block: also the next block's normalized input)."""
     leaves = getattr(fn, "check_leaves", getattr(fn, "own_leaves", case["leaves"]))
     outs = _outputs(getattr(fn, "check_fn", fn)(*case["inputs"]))
-    got = torch.autograd.grad(outs[:1], leaves, case["grads"][:1], allow_unused=True)
-    exp_outs, exp_grads = expected
+    exp_outs, exp_grads = reference(case, fn.check_ref) if hasattr(fn, "check_ref") else expected
+    if len(outs) < len(exp_outs):
+        raise CheckFailed(f"provider {name} returns {len(outs)} output(s), the reference {len(exp_outs)}; "
+                          "not timing it")
+    n = min(len(exp_outs), len(case["grads"]))
+    got = torch.autograd.grad(outs[:n], leaves, case["grads"][:n], allow_unused=True)
     atol_frac, rtol = CHECK_TOL[dtype]
     for i, (a, b) in enumerate(zip(outs, exp_outs)):
         check_close(f"{name} (output {i})", a, b, atol=atol_frac * b.abs().max().item(), rtol=rtol)
@@ -317,12 +330,12 @@ def check_provider(name, fn, case, expected, dtype):
         check_close(f"{name} (grad {i})", a, b, atol=atol_frac * (b.abs().max().item() + 1e-6), rtol=rtol)
 
 
-def reference(case):
-    fn = case["providers"]["eager"]()
-    outs = [o.detach() for o in _outputs(fn(*case["inputs"]))]
-    grads = torch.autograd.grad(_outputs(fn(*case["inputs"]))[:1], case["leaves"], case["grads"][:1],
-                                allow_unused=True)
-    return outs, grads
+def reference(case, fn=None):
+    fn = fn or case["providers"]["eager"]()
+    outs = _outputs(fn(*case["inputs"]))
+    n = min(len(outs), len(case["grads"]))
+    grads = torch.autograd.grad(outs[:n], case["leaves"], case["grads"][:n], allow_unused=True)
+    return [o.detach() for o in outs], grads
 
 
 def bench_provider(op, name, fn, case, dtype, device, env):

@@ -114,10 +114,14 @@ def randomize_(model, seed=0, scale=0.05):
     return model
 
 
+def _grad_norm(model) -> float:
+    return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+
+
 def time_provider(prov, name, mode, ref, ref_logits, inputs, dtype, batch, device, env, tol):
-    """Checks one provider's logits against the reference's (randomized weights, loaded into the reference
-    by load_checkpoint: every key must map; the timed precision) and times its training step: -> the JSON
-    row."""
+    """Checks one provider's logits and its gradients' norm against the reference's (randomized weights,
+    loaded into the reference by load_checkpoint: every key must map; the timed precision) and times its
+    training step: -> the JSON row."""
     x, mask, target, masked_index = inputs
     autocast = dict(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
     model, logits_fn = build(prov, name, mode)
@@ -135,12 +139,26 @@ def time_provider(prov, name, mode, ref, ref_logits, inputs, dtype, batch, devic
         raise CheckFailed(f"logits {tuple(got.shape)} differ from the reference's {tuple(want.shape)}: max error "
                           f"{err:.3g} of the largest logit (allowed {tol[dtype]})")
 
-    def step():
+    def step(grad_norm=False):
         with torch.autocast(**autocast):
             loss = F.cross_entropy(logits_fn(run, x, mask, masked_index).float(), target)
         loss.backward()
+        norm = _grad_norm(model) if grad_norm else None
         for q in model.parameters():
             q.grad = None
+        return norm
+
+    # the backward too: the norm of all parameter gradients together (the same whatever a library names,
+    # splits or fuses its parameters: timm's qkv, transformers' query / key / value) against the reference's
+    with torch.autocast(**autocast):
+        F.cross_entropy(ref_logits(ref, x, mask, masked_index).float(), target).backward()
+    want_g = _grad_norm(ref)
+    ref.zero_grad(set_to_none=True)
+    got_g = step(grad_norm=True)
+    gerr = abs(got_g - want_g) / want_g
+    if not gerr <= 2 * tol[dtype]:
+        raise CheckFailed(f"the parameter gradients' norm {got_g:.6g} differs from the reference's {want_g:.6g} "
+                          f"by {gerr:.3g} (allowed {2 * tol[dtype]})")
 
     cudagraphs = _COMPILED.get(prov, {}).get("mode") == "reduce-overhead"
     # compiled providers: compile the backward and (CUDA graphs) record both graphs before the timing's own

@@ -366,6 +366,60 @@ def test_model_benchmark_check_catches_a_wrong_model(mode, monkeypatch):
     with pytest.raises(bm.CheckFailed, match="of the largest logit"):
         bm.time_provider("ours_reference", name, mode, ref, ref_logits, inputs, torch.float32, 2, "cpu", env, tol)
 
+    def wrong_backward(provider, name, mode):   # same logits, no gradient reaches the blocks before the last
+        model, fn = build(provider, name, mode)
+        model.blocks[-1].register_full_backward_pre_hook(lambda mod, grad_out: (torch.zeros_like(grad_out[0]),))
+        return model, fn
+    monkeypatch.setattr(bm, "build", wrong_backward)
+    with pytest.raises(bm.CheckFailed, match="gradients' norm"):
+        bm.time_provider("ours_reference", name, mode, ref, ref_logits, inputs, torch.float32, 2, "cpu", env, tol)
+
+
+def test_masking_benchmark_checks_the_masks():
+    """bench_masking times the C++ op only after its masks pass a distribution check against the reference's:
+    all-empty masks, rows over the target and the wrong shape fail."""
+    from beit_fast.masking import block_masks
+    bm, CheckFailed = _bench_module("bench_masking"), _bench_module("common").CheckFailed
+    ref = bm.check_masks(block_masks(64, (14, 14), 75, seed=1, backend="reference"), 64, (14, 14), 75)
+    assert 70 < ref <= 75
+    bm.check_masks(block_masks(64, (14, 14), 75, seed=2), 64, (14, 14), 75, ref)   # auto: C++ when built
+    for bad in (torch.zeros(64, 196, dtype=torch.bool), torch.ones(64, 196, dtype=torch.bool),
+                torch.zeros(64, 195, dtype=torch.bool)):
+        with pytest.raises(CheckFailed):
+            bm.check_masks(bad, 64, (14, 14), 75, ref)
+
+
+def test_block_benchmark_checks_every_output_and_gradient():
+    """bench_blocks checks a provider's every output, the gradients through all of them, and their number:
+    a layer_scale_residual_norm whose normalized output's gradient is doubled, one that returns only the
+    residual, and a fused block whose second output (the next block's norm1) is wrong all fail their check
+    (only the first output's gradient and zip-paired outputs were compared); the real ones pass."""
+    from beit_fast.ops.layer_scale_residual_norm import layer_scale_residual_norm_ref as lsrn
+    bb, CheckFailed = _bench_module("bench_blocks"), _bench_module("common").CheckFailed
+    case = bb.CASES["layer_scale_residual_norm"](bb.SMOKE[0], torch.float32, "cpu", True)
+    expected = bb.reference(case)
+    bb.check_provider("ours", case["providers"]["ours"](), case, expected, torch.float32)
+
+    class _DoubleGrad(torch.autograd.Function):
+        forward = staticmethod(lambda ctx, t: t.view_as(t))
+        backward = staticmethod(lambda ctx, g: 2 * g)
+
+    def doubled(*a):
+        s, n = lsrn(*a)
+        return s, _DoubleGrad.apply(n)
+    for wrong, match in ((doubled, "grad"), (lambda *a: lsrn(*a)[:1], "returns 1 output")):
+        with pytest.raises(CheckFailed, match=match):
+            bb.check_provider("wrong", wrong, case, expected, torch.float32)
+    case = bb.CASES["block"](bb.SMOKE[0], torch.float32, "cpu", True)
+    expected = bb.reference(case)
+    ours = case["providers"]["ours"]()
+    bb.check_provider("ours", ours, case, expected, torch.float32)
+    bb.check_provider("eager", case["providers"]["eager"](), case, expected, torch.float32)
+    full = ours.check_fn
+    ours.check_fn = lambda x: (lambda o, h: (o, 3 * h - 1))(*full(x))
+    with pytest.raises(CheckFailed, match="output 1"):
+        bb.check_provider("ours", ours, case, expected, torch.float32)
+
 
 @pytest.mark.skipif(bool(INTERPRETER_PROBLEM), reason=f"the Triton interpreter cannot run here: {INTERPRETER_PROBLEM}")
 def test_tune_attention_smoke(tmp_path):
