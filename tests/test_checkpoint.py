@@ -115,6 +115,34 @@ def test_hf_masked_image_modeling_parity():
         assert rel_err(ours(x, mask), ref[mask]) < 1e-4
 
 
+def test_hf_mim_without_mean_pooling_reports_the_encoder_norm():
+    """A transformers MIM model with use_mean_pooling=False has the encoder's final LayerNorm and the head's:
+    both mapped to norm.* and one silently overwrote the other; the encoder's is reported as unexpected."""
+    hf = transformers.BeitForMaskedImageModeling(_hf_config(use_mask_token=True, use_shared_relative_position_bias=True,
+                                                            vocab_size=512, use_mean_pooling=False)).eval()
+    randomize_(hf)
+    ours = create_model("beit_test_patch4_32_mim", attn_impl="eager").eval()
+    with pytest.warns(UserWarning, match="beit.layernorm"):
+        report = load_checkpoint(ours, hf.state_dict())
+    assert sorted(report.unexpected_keys) == ["beit.layernorm.bias", "beit.layernorm.weight"]
+    assert torch.equal(ours.norm.weight, hf.layernorm.weight)           # the head's norm, as the model's
+
+
+def test_safetensors_shared_tensors_load_under_every_name(tmp_path):
+    """safetensors.torch.save_model stores a shared tensor once and names its aliases in the metadata:
+    load_checkpoint restores every alias (they came back missing)."""
+    from safetensors.torch import save_model
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    for blk in src.blocks[1:]:   # one table object for every block
+        blk.attn.relative_position_bias_table = src.blocks[0].attn.relative_position_bias_table
+    save_model(src, str(tmp_path / "shared.safetensors"))
+    dst = create_model("beit_test_patch4_32", attn_impl="eager")
+    report = load_checkpoint(dst, str(tmp_path / "shared.safetensors"), strict=True)
+    assert report.missing_keys == []
+    for blk in dst.blocks:
+        assert torch.equal(blk.attn.relative_position_bias_table, src.blocks[0].attn.relative_position_bias_table)
+
+
 def unilm_to_hf4(sd):
     """transformers 4.x names, written from the published conversion table (beit_reference.md 10.3)."""
     out = {}

@@ -59,6 +59,24 @@ def test_fitted_centroids_are_the_means_of_their_patches():
     assert inertia(tok) < inertia(start)
 
 
+def test_a_malformed_tokenizer_file_is_a_clear_error(tmp_path):
+    """Tokenizer files whose tensors do not fit their metadata fail on loading, naming what is wrong (they
+    used to pass the config check and fail at the first batch, or give every patch code 0)."""
+    tok = fit_kmeans(patchify(_images(), 4).flatten(0, 1), vocab_size=8, patch_size=4, iters=2, seed=0)
+    bad = {"mean of 3 channels of 8 px patches": (dict(mean=torch.zeros(192)), r"'mean' has shape \(192,\)"),
+           "1-D centroids": (dict(centroids=torch.zeros(48)), r"centroids \(48,\) must be"),
+           "no codes": (dict(centroids=torch.zeros(0, 48)), "vocab_size >= 1"),
+           "zero std": (dict(std=torch.zeros(48)), "std finite and > 0"),
+           "integer centroids": (dict(centroids=torch.zeros(8, 48, dtype=torch.int64)), "floating-point")}
+    for what, (change, match) in bad.items():
+        tensors = {**dict(centroids=tok.centroids, mean=tok.mean, std=tok.std), **change}
+        torch.save({**tensors, "meta": {"kind": "kmeans", "patch_size": "4", "in_chans": "3"}}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=match):
+            load_tokenizer("kmeans", str(tmp_path / "bad.pt"))
+    one = fit_kmeans(torch.rand(1, 48), vocab_size=1, patch_size=4, iters=2)   # one patch: std was NaN
+    assert torch.isfinite(one.std).all() and torch.isfinite(one.centroids).all()
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="fit-tokenizer"):
         load_tokenizer("kmeans", str(tmp_path / "nope.safetensors"))

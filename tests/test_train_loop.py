@@ -479,3 +479,14 @@ def test_resume_with_layer_decay_switched_on_or_off_keeps_each_parameters_state(
     with pytest.warns(UserWarning, match="layer_decay: 0.65 -> 1.0"):
         result = finetune(dataclasses.replace(cfg, layer_decay=1.0, stop_at_step=0, resume="auto"))
     assert result["step"] == 8
+
+
+def test_a_run_folder_named_with_glob_characters_resumes(tmp_path):
+    """The run folder was used as a glob pattern: in runs/lr[1e-3] no checkpoint was ever found, so pruning
+    kept them all and resume=auto silently started over."""
+    out = tmp_path / "lr[1e-3]"
+    cfg = tiny_finetune(out, stop_at_step=2, keep_last=1, save_every_steps=1)
+    finetune(cfg)
+    assert [os.path.basename(p) for p in step_checkpoints(str(out))] == ["checkpoint-0000002.pt"]
+    result = finetune(dataclasses.replace(cfg, stop_at_step=3, resume="auto"))
+    assert result["step"] == 3 and len(losses(out)) == 3

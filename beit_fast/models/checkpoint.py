@@ -50,8 +50,16 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
+        from safetensors import safe_open
         from safetensors.torch import load_file
-        return load_file(path, device="cpu")
+        sd = load_file(path, device="cpu")
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        # safetensors.torch.save_model stores each shared tensor once and names its aliases in the metadata
+        for alias, kept in meta.items():
+            if alias not in sd and kept in sd:
+                sd[alias] = sd[kept]
+        return sd
     try:
         # unilm's own training checkpoints also hold the run's argparse.Namespace ('args'): plain attributes,
         # allowed; anything else that is not weights still refuses to load
@@ -138,6 +146,10 @@ def convert_hf(sd: Mapping) -> dict:
             continue
         if key.startswith(("lm_head.", "layernorm.")) and not key.startswith(("beit.",)):
             out[("norm." + key[len("layernorm."):]) if key.startswith("layernorm.") else key] = val
+            continue
+        if key.startswith(("beit.layernorm.", "data2vec_vision.layernorm.")) and "layernorm.weight" in sd \
+                and "lm_head.weight" in sd:
+            out[key] = val   # the encoder's own final norm of a use_mean_pooling=False MIM model: no slot here
             continue
         m = _HF_LAYER.match(k)
         if m:

@@ -103,7 +103,7 @@ def set_rng_state(state: dict) -> None:
 def _numbered_checkpoints(folder: str) -> list:
     """(step, path) of the checkpoint-<step>.pt files in `folder`, oldest step first."""
     found = []
-    for path in glob.glob(os.path.join(folder, "checkpoint-*.pt")):
+    for path in glob.glob(os.path.join(glob.escape(folder), "checkpoint-*.pt")):
         m = _STEP_FILE.search(os.path.basename(path))
         if m:
             found.append((int(m.group(1)), path))

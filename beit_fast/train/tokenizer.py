@@ -102,11 +102,36 @@ def _read_kmeans(path: str) -> tuple:
     else:
         t = torch.load(path, map_location="cpu", weights_only=True)
         meta = t.pop("meta", {}) if isinstance(t, dict) else {}
+        meta = meta if isinstance(meta, dict) else {}
     if not isinstance(t, dict) or meta.get("kind", "kmeans") != "kmeans" or "centroids" not in t \
             or "patch_size" not in meta:
         raise ValueError(f"{path} is not a k-means tokenizer file (metadata {meta}); make one with "
                          f"`beit-fast fit-tokenizer`")
+    _check_kmeans(path, t, meta)
     return t, meta
+
+
+def _check_kmeans(path, t, meta) -> None:
+    try:
+        p, c = int(meta["patch_size"]), int(meta.get("in_chans", 3))
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: patch_size/in_chans metadata must be integers, got {meta}") from None
+    d = c * p * p
+    want = {"centroids": None, "mean": (d,), "std": (d,)}
+    for k, shape in want.items():
+        v = t.get(k)
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise ValueError(f"{path}: {k!r} must be a floating-point tensor, got {type(v).__name__}"
+                             + (f" {v.dtype}" if isinstance(v, torch.Tensor) else ""))
+        if shape and tuple(v.shape) != shape:
+            raise ValueError(f"{path}: {k!r} has shape {tuple(v.shape)}, expected {shape} (= in_chans*patch_size^2)")
+    cen = t["centroids"]
+    if p < 1 or cen.ndim != 2 or cen.shape[0] < 1 or cen.shape[1] != d:
+        raise ValueError(f"{path}: centroids {tuple(cen.shape)} must be (vocab_size >= 1, {d}) for "
+                         f"{c}x{p}x{p} patches")
+    if not (torch.isfinite(cen).all() and torch.isfinite(t["mean"]).all() and (t["std"] > 0).all()
+            and torch.isfinite(t["std"]).all()):
+        raise ValueError(f"{path}: centroids/mean must be finite and std finite and > 0")
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -136,7 +161,8 @@ def fit_kmeans(patches: torch.Tensor, vocab_size: int, patch_size: int, in_chans
     n = x.shape[0]
     if n < vocab_size:
         raise ValueError(f"k-means needs at least vocab_size={vocab_size} patches, got {n}")
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-2)
+    mean = x.mean(0)
+    std = (x.std(0) if n > 1 else torch.zeros_like(mean)).clamp_min(1e-2)   # (one patch: no sample std)
     z = (x - mean) / std
     g = torch.Generator(device="cpu").manual_seed(seed)
 
