@@ -9,6 +9,7 @@ Environment:
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -19,7 +20,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _toolkit_version(home):
     """'13.0' from `nvcc --version` of the toolkit at home, or None."""
-    import re
     import subprocess
     try:
         out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
@@ -30,19 +30,25 @@ def _toolkit_version(home):
     return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
+def _is_toolkit(folder):
+    """A real toolkit has the runtime library beside bin/nvcc; a wrapper script's folder does not."""
+    return os.path.isfile(os.path.join(folder, "bin", "nvcc")) and bool(glob.glob(os.path.join(folder, "lib*",
+                                                                                                "libcudart*")))
+
+
 def _real_cuda_homes():
-    """Toolkit folders whose bin/nvcc is the compiler itself (not a wrapper script on PATH), CUDA_HOME first."""
+    """Toolkit folders whose bin/nvcc is the compiler itself (not a wrapper script on PATH); only the one
+    CUDA_HOME (else CUDA_PATH) names when set."""
     env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if env:
-        return [env] if os.path.exists(os.path.join(env, "bin", "nvcc")) else []
+        return [env] if _is_toolkit(env) else []
     candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     found = []
     for c in candidates:
-        # A real toolkit has the runtime library beside nvcc; a wrapper's folder does not.
-        if os.path.isfile(os.path.join(c, "bin", "nvcc")) and glob.glob(os.path.join(c, "lib*", "libcudart*")):
+        if _is_toolkit(c):
             if os.path.realpath(c) not in {os.path.realpath(f) for f in found}:
                 found.append(c)
     return found
@@ -68,6 +74,10 @@ def _cuda_decision(torch_cuda_version):
             h, v = homes[0]
             why = (f"the CUDA toolkit at {h} is {v or 'of unknown version'} but torch was built with CUDA "
                    f"{torch_cuda_version} (the major versions must match; set CUDA_HOME to a {want}.x toolkit)")
+        elif os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+            name = "CUDA_HOME" if os.environ.get("CUDA_HOME") else "CUDA_PATH"
+            why = (f"{name}={os.environ[name]} is not a CUDA toolkit (it needs bin/nvcc and lib*/libcudart*; the "
+                   f"folder of a wrapper script named nvcc is not one)")
         else:
             why = "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
     if why:
@@ -94,7 +104,10 @@ def _extensions():
     # cpp_extension reads CUDA_HOME when imported, so import it only after the decision.
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")   # +PTX: newer GPUs JIT-compile it
+    # +PTX: newer GPUs JIT-compile it. Entries as torch reads them (an empty list would mean "the GPUs visible
+    # now", none on a build machine; empty entries from stray separators are errors inside torch's build)
+    archs = [a for a in re.split(r"[;\s]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "")) if a]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs) or "8.0;9.0+PTX"
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     # The C++ standard is the one torch asks for (C++17 up to 2.9, C++20 after). -ffp-contract=off: g++ would

@@ -21,8 +21,8 @@ def arch_token(arch_list: str) -> str:
         if m is None:
             return "unknown"
         parts.append(f"sm{m.group(1)}v{m.group(2)}{m.group(3)}")
-        if m.group(4):
-            parts.append(f"ptx{m.group(1)}v{m.group(2)}")
+        if m.group(4):   # torch emits compute_90a for 9.0a+PTX: PTX for that one architecture only
+            parts.append(f"ptx{m.group(1)}v{m.group(2)}{m.group(3)}")
     return "_".join(parts) or "unknown"
 
 
@@ -41,8 +41,8 @@ def parse_archs(token: str) -> Optional[tuple]:
 def archs_run_on(archs: tuple, capability: tuple) -> bool:
     """Whether code built for `archs` (parse_archs) runs on a GPU of compute capability (major, minor):
     machine code of the same major and an equal or lower minor (exactly equal for an arch-specific "a"
-    build), or PTX of an equal or lower capability, which the driver compiles."""
+    build), or PTX of an equal or lower capability (exactly equal for "a" PTX), which the driver compiles."""
     sass, ptx = archs
     major, minor = capability
     return (any(M == major and (m == minor if a else m <= minor) for M, m, a in sass)
-            or any((M, m) <= (major, minor) for M, m, _ in ptx))
+            or any(((M, m) == (major, minor)) if a else ((M, m) <= (major, minor)) for M, m, a in ptx))

@@ -94,6 +94,10 @@ def test_arch_codes_say_which_gpus_the_code_runs_on():
     sm90a = parse_archs(arch_token("9.0a"))
     assert archs_run_on(sm90a, (9, 0)) and not archs_run_on(sm90a, (10, 0))
     assert not archs_run_on(parse_archs(arch_token("8.0")), (9, 0))
+    # 9.0a+PTX: torch emits compute_90a, PTX the driver compiles for 9.0 only (it passed for 10.0)
+    sm90a_ptx = parse_archs(arch_token("9.0a+PTX"))
+    assert arch_token("9.0a+PTX") == "sm9v0a_ptx9v0a"
+    assert archs_run_on(sm90a_ptx, (9, 0)) and not archs_run_on(sm90a_ptx, (10, 0))
 
 
 def test_backends_refuse_a_gpu_they_have_no_code_for(monkeypatch):

@@ -149,3 +149,35 @@ def test_setup_refuses_a_toolkit_of_another_major_version(tmp_path):
     out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "skipping CUDA sources because the CUDA toolkit" in out.stdout, out.stderr
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
+def test_setup_refuses_a_cuda_home_that_is_not_a_toolkit(tmp_path):
+    """CUDA_HOME naming a folder whose bin/nvcc is a wrapper script (no runtime library beside it) was taken
+    as the toolkit, and the build failed at the link (-lcudart) after compiling everything: auto now skips
+    the CUDA sources, naming the variable."""
+    (tmp_path / "bin").mkdir()
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {torch.version.cuda}, V{torch.version.cuda}.1'\n")
+    nvcc.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_HOME=str(tmp_path), BEIT_FAST_CUDA="auto")
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"skipping CUDA sources because CUDA_HOME={tmp_path} is not a CUDA toolkit" in out.stdout, out.stdout
+
+
+def test_setup_normalises_the_arch_list(tmp_path):
+    """An empty TORCH_CUDA_ARCH_LIST (torch: "the GPUs visible now", none on a build machine) or stray
+    separators (torch: "Unknown CUDA arch ()") broke the build inside torch: setup.py passes torch the
+    entries alone, or its default."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import os, runpy, sys; sys.argv = ['setup.py', '--name']; import setuptools; "
+              "setuptools.setup = lambda **kw: None; runpy.run_path('setup.py'); "
+              "print('ARCHS=' + os.environ['TORCH_CUDA_ARCH_LIST'])")
+    for given, want in (("", "8.0;9.0+PTX"), (" 8.0;9.0;", "8.0;9.0"), ("8.6  9.0+PTX", "8.6;9.0+PTX")):
+        env = dict(os.environ, TORCH_CUDA_ARCH_LIST=given, BEIT_FAST_CUDA="0")
+        out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert f"ARCHS={want}\n" in out.stdout, (given, out.stdout, out.stderr)
