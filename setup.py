@@ -131,7 +131,10 @@ def _extensions():
     else:
         print(f"beit_fast setup: skipping CUDA sources because {detail}; building the C++ CPU ops only",
               flush=True)
-        ext = CppExtension("beit_fast._C", cpp, extra_compile_args={"cxx": cxx_flags})
+        # the reason travels with the binary: `python -m beit_fast.info` repeats it (pip shows this line
+        # only with -v); hex digits pass any compiler command line, and the first is always a digit
+        ext = CppExtension("beit_fast._C", cpp, extra_compile_args={"cxx": cxx_flags},
+                           define_macros=[("BEIT_FAST_CUDA_SKIPPED", detail.encode().hex())])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -49,6 +49,15 @@ def extension():
     return _EXTENSION
 
 
+def cuda_skip_reason() -> str:
+    """Why the extension was built without its CUDA sources, as setup.py said ("" when not known)."""
+    mod = _EXTENSION[0]
+    try:
+        return bytes.fromhex(mod._cuda_skip_reason_hex()).decode() if hasattr(mod, "_cuda_skip_reason_hex") else ""
+    except ValueError:
+        return ""
+
+
 # what the extension's CUDA code was built for (None: no CUDA, or not known: then no check)
 _CUDA_ARCHS_TEXT = (_EXTENSION[0].cuda_archs() if _EXTENSION_HAS_CUDA and hasattr(_EXTENSION[0], "cuda_archs")
                     else "")
@@ -194,7 +203,9 @@ def common_reasons(backend: str, tensors: Sequence, *, auto: bool = False) -> li
         if err:
             why.append(err)
         elif not extension_has_cuda():
-            why.append("beit_fast._C was built without its CUDA sources (see the build log line 'skipping CUDA sources')")
+            skipped = cuda_skip_reason()
+            why.append("beit_fast._C was built without its CUDA sources" + (f" because {skipped}" if skipped else
+                       " (see the build log line 'skipping CUDA sources')"))
         elif dev == "cuda" and _CUDA_ARCHS is not None and torch.cuda.is_available():
             cap = device_capability(_cuda_index(tensors))
             if not archs_run_on(_CUDA_ARCHS, cap):

@@ -23,8 +23,10 @@ def _versions() -> list[str]:
         lines.append(_launch_line())
     mod, err = _backend.extension()
     archs = mod.cuda_archs() if mod is not None and hasattr(mod, "cuda_archs") else ""
+    skipped = _backend.cuda_skip_reason() if mod is not None else ""
     lines.append(f"beit_fast._C: {'built ' + ('with' if mod.built_with_cuda() else 'without') + ' CUDA' if mod else err}"
-                 + (f" (code for {archs}: TORCH_CUDA_ARCH_LIST as built)" if archs else ""))
+                 + (f" (code for {archs}: TORCH_CUDA_ARCH_LIST as built)" if archs else "")
+                 + (f" (setup.py skipped the CUDA sources because {skipped})" if skipped else ""))
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         lines.append(f"device: {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB), "

@@ -55,6 +55,16 @@ static std::string cuda_archs() {
 #endif
 }
 
+// Why setup.py skipped the CUDA sources, hex-encoded UTF-8 (a macro value cannot carry arbitrary text
+// through every compiler's command line); "" when they were built, or by an older setup.py.
+static std::string cuda_skip_reason_hex() {
+#ifdef BEIT_FAST_CUDA_SKIPPED
+  return BEIT_FAST_STRINGIFY(BEIT_FAST_CUDA_SKIPPED);
+#else
+  return "";
+#endif
+}
+
 // Diagnosis only (bench/cpp_errors.py, tests/test_cpp_messages.py): what a std::ostringstream made in this
 // library writes for 1234567 and 0.5. Not "1234567 0.5" (or a crash) when the extension carries its own
 // libstdc++; the ops' error messages do not depend on it (error_message.h).
@@ -68,5 +78,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "beit_fast C++/CUDA extension; ops are registered under torch.ops.beit_fast";
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA sources were compiled in");
   m.def("cuda_archs", &cuda_archs, "the GPU architectures the CUDA sources were compiled for (setup.py's code)");
+  m.def("_cuda_skip_reason_hex", &cuda_skip_reason_hex, "why setup.py skipped the CUDA sources (hex UTF-8)");
   m.def("_stream_format_probe", &stream_format_probe, "diagnosis: an ostringstream's output for 1234567 and 0.5");
 }

@@ -1,5 +1,7 @@
 """beit_fast._C: the module imports, every op is declared with its schema, and kernels are registered for the
 dispatch keys the build promises (CPU always; CUDA when built with CUDA)."""
+import os
+
 import pytest
 import torch
 
@@ -81,6 +83,31 @@ def test_the_build_reports_its_gpu_architectures():
         assert archs == ""
         pytest.skip("built without CUDA sources")
     assert archs == "unknown" or parse_archs(archs) is not None, archs
+
+
+def test_a_build_without_cuda_says_why(monkeypatch):
+    """setup.py records why it skipped the CUDA sources in the extension (pip shows its build line only with
+    -v): the cuda backend's reason and `python -m beit_fast.info` repeat it. This build: the reason is there
+    exactly when the CUDA sources are not."""
+    import subprocess
+    import sys
+    from beit_fast import _backend
+    assert (_C._cuda_skip_reason_hex() == "") == _C.built_with_cuda()
+    # the message a CPU-only build gives (its binary stood in for by its recorded text)
+    fake = type("FakeC", (), {"_cuda_skip_reason_hex": staticmethod(lambda: b"BEIT_FAST_CUDA=0".hex())})
+    monkeypatch.setattr(_backend, "_EXTENSION", (fake, None))
+    monkeypatch.setattr(_backend, "extension_has_cuda", lambda: False)
+    assert _backend.cuda_skip_reason() == "BEIT_FAST_CUDA=0"
+    assert any("built without its CUDA sources because BEIT_FAST_CUDA=0" in r
+               for r in _backend.common_reasons("cuda", [torch.zeros(1)]))
+    # and setup.py hands the reason to the compiler (hex: any text survives the command line)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import runpy, sys; sys.argv = ['setup.py', '--name']; import setuptools; got = {}; "
+              "setuptools.setup = lambda **kw: got.update(kw); ns = runpy.run_path('setup.py'); "
+              "print(dict(ns['ext_modules'][0].define_macros))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=dict(os.environ, BEIT_FAST_CUDA="0"),
+                         capture_output=True, text=True, timeout=300)
+    assert f"'BEIT_FAST_CUDA_SKIPPED': '{b'BEIT_FAST_CUDA=0'.hex()}'" in out.stdout, out.stdout + out.stderr
 
 
 def test_arch_codes_say_which_gpus_the_code_runs_on():
