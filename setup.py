@@ -31,9 +31,14 @@ def _toolkit_version(home):
 
 
 def _is_toolkit(folder):
-    """A real toolkit has the runtime library beside bin/nvcc; a wrapper script's folder does not."""
-    return os.path.isfile(os.path.join(folder, "bin", "nvcc")) and bool(glob.glob(os.path.join(folder, "lib*",
-                                                                                                "libcudart*")))
+    """A real toolkit has the runtime library (or its header) beside bin/nvcc; a wrapper script's folder does
+    not. (lib*/ in NVIDIA's layout, targets/*/lib/ in its cross layout, lib/<triplet>/ and include/ in a
+    Linux distribution's /usr.)"""
+    if not os.path.isfile(os.path.join(folder, "bin", "nvcc")):
+        return False
+    return any(glob.glob(os.path.join(folder, *pattern)) for pattern in (
+        ("lib*", "libcudart*"), ("targets", "*", "lib", "libcudart*"), ("lib*", "*-linux-gnu", "libcudart*"),
+        ("include", "cuda_runtime.h")))
 
 
 def _real_cuda_homes():
@@ -134,7 +139,7 @@ def _extensions():
         # the reason travels with the binary: `python -m beit_fast.info` repeats it (pip shows this line
         # only with -v); hex digits pass any compiler command line, and the first is always a digit
         ext = CppExtension("beit_fast._C", cpp, extra_compile_args={"cxx": cxx_flags},
-                           define_macros=[("BEIT_FAST_CUDA_SKIPPED", detail.encode().hex())])
+                           define_macros=[("BEIT_FAST_CUDA_SKIPPED", detail.encode("utf-8", "backslashreplace").hex())])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

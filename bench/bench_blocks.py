@@ -25,7 +25,9 @@ Bytes each op must move (e = element size, M = B*N rows, params and (B, N) stati
                       bwd (images need no grad): grad B*(1+P)*C*e + images + weight grad C*K*e
   layer_scale_residual_norm  fwd: read x, y, write s, n = 4*M*C*e;  bwd: read ds, dn, s, y, write dx, dy
                       = 6*M*C*e
-  linear_gelu         fwd: x M*K*e + W N*K*e + y M*N*e;  bwd: dy, preact, x, W read + dx, dW written
+  linear_gelu         fwd: x M*K*e + W N*K*e + y and the pre-activation 2*M*N*e (stored for the backward: ours,
+                      eager's F.linear output; ours_recompute does not write it, so its GB/s reads high);
+                      bwd: dy, preact, x, W read + dx, dW written
   layer_norm          fwd: read x, write y = 2*M*C*e;  bwd: read dy, x, write dx = 3*M*C*e
 FLOPs: patch embed 2*B*P*C*K (fwd), the same for bwd (dW only); linear_gelu 2*M*N*K fwd, 4*M*N*K bwd;
 block fwd = 24*M*C^2 + 4*B*N^2*C (qkv, proj, fc1, fc2; QK^T and PV), bwd = 2x the GEMMs + 2.5x attention.

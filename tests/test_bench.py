@@ -371,7 +371,7 @@ def test_model_benchmark_check_catches_a_wrong_model(mode, monkeypatch):
         model.blocks[-1].register_full_backward_pre_hook(lambda mod, grad_out: (torch.zeros_like(grad_out[0]),))
         return model, fn
     monkeypatch.setattr(bm, "build", wrong_backward)
-    with pytest.raises(bm.CheckFailed, match="gradients' norm"):
+    with pytest.raises(bm.CheckFailed, match="the gradient of .* differs from the reference"):
         bm.time_provider("ours_reference", name, mode, ref, ref_logits, inputs, torch.float32, 2, "cpu", env, tol)
 
 
