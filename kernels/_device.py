@@ -40,7 +40,8 @@ def int32_addressable(t: torch.Tensor, batch_in_int64: bool = False) -> torch.Te
     incoming gradients, whose strides the caller does not choose (the backward of torch.cat along the last
     dim hands over a narrow view of a wider tensor); the forward refuses inputs whose own span is that large,
     so the copy fits."""
-    dims = list(zip(t.shape, t.stride()))[1 if batch_in_int64 else 0:]
-    if t.numel() and sum((n - 1) * abs(s) for n, s in dims) >= 2**31:
+    from beit_fast._backend import offset_span
+    # offset_span is 1 + the largest offset: a copy once that offset is 2**31 or more
+    if t.numel() and offset_span(t[0] if batch_in_int64 else t) > 2**31:
         return t.contiguous()
     return t

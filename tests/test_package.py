@@ -128,26 +128,34 @@ def test_interpreter_problem_names_the_failing_version_pair(monkeypatch):
         assert _backend.check_interpreter_versions() is None, (triton_v, numpy_v)
 
 
+def _fake_toolkit(folder, version: str, runtime: bool):
+    """A folder with a bin/nvcc script printing `version` (and, with runtime, a lib64/libcudart.so)."""
+    (folder / "bin").mkdir()
+    if runtime:
+        (folder / "lib64").mkdir()
+        (folder / "lib64" / "libcudart.so").write_bytes(b"")
+    nvcc = folder / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {version}, V{version}.89'\n")
+    nvcc.chmod(0o755)
+
+
+def _setup_name(**env):
+    """`python setup.py --name` in the repository with these environment variables added."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
 def test_setup_refuses_a_toolkit_of_another_major_version(tmp_path):
     """torch cannot build with a toolkit of another CUDA major version: auto builds the CPU ops and says why,
     BEIT_FAST_CUDA=1 stops with the same reason."""
     other = "11.8" if not torch.version.cuda.startswith("11.") else "12.4"
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "lib64").mkdir()
-    (tmp_path / "lib64" / "libcudart.so").write_bytes(b"")
-    nvcc = tmp_path / "bin" / "nvcc"
-    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}, V{other}.89'\n")
-    nvcc.chmod(0o755)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, CUDA_HOME=str(tmp_path), BEIT_FAST_CUDA="1")
-    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
+    _fake_toolkit(tmp_path, other, runtime=True)
+    out = _setup_name(CUDA_HOME=str(tmp_path), BEIT_FAST_CUDA="1")
     assert out.returncode != 0
     assert f"is {other} but torch was built with CUDA {torch.version.cuda}" in out.stderr + out.stdout
-    env["BEIT_FAST_CUDA"] = "auto"
-    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = _setup_name(CUDA_HOME=str(tmp_path), BEIT_FAST_CUDA="auto")
     assert out.returncode == 0 and "skipping CUDA sources because the CUDA toolkit" in out.stdout, out.stderr
 
 
@@ -156,14 +164,8 @@ def test_setup_refuses_a_cuda_home_that_is_not_a_toolkit(tmp_path):
     """CUDA_HOME naming a folder whose bin/nvcc is a wrapper script (no runtime library beside it) was taken
     as the toolkit, and the build failed at the link (-lcudart) after compiling everything: auto now skips
     the CUDA sources, naming the variable."""
-    (tmp_path / "bin").mkdir()
-    nvcc = tmp_path / "bin" / "nvcc"
-    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {torch.version.cuda}, V{torch.version.cuda}.1'\n")
-    nvcc.chmod(0o755)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, CUDA_HOME=str(tmp_path), BEIT_FAST_CUDA="auto")
-    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
+    _fake_toolkit(tmp_path, torch.version.cuda, runtime=False)
+    out = _setup_name(CUDA_HOME=str(tmp_path), BEIT_FAST_CUDA="auto")
     assert out.returncode == 0, out.stderr
     assert f"skipping CUDA sources because CUDA_HOME={tmp_path} is not a CUDA toolkit" in out.stdout, out.stdout
 
