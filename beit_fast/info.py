@@ -8,6 +8,7 @@ import platform
 import torch
 
 from . import _backend
+from .kernels import _settings
 from .ops import OPS
 
 
@@ -34,6 +35,7 @@ def _versions() -> list[str]:
     else:
         lines.append("device: CPU only (no CUDA device visible)")
     lines.append(settings_line())
+    lines += [f"settings problem: {p}" for p in settings_problems()]
     return lines
 
 
@@ -60,6 +62,54 @@ def settings_line(environ=None) -> str:
     env = os.environ if environ is None else environ
     set_ = sorted(f"{k}={v}" for k, v in env.items() if k.startswith("BEIT_FAST_"))
     return "settings: " + (" ".join(set_) if set_ else "no BEIT_FAST_* variable set (defaults)")
+
+
+# the BEIT_FAST_* variables beit_fast reads; a value check for those read at run time ("" = fine)
+def _check_backend(v):
+    return "" if v.strip() in _backend.BACKENDS + ("auto", "") else (
+        f"BEIT_FAST_BACKEND must be one of {_backend.BACKENDS + ('auto',)} (or unset), got {v!r}: every op "
+        "called with backend='auto' raises BackendUnavailable")
+
+
+def _check_lsrn(v):
+    return "" if v in ("", "warp", "block") else (
+        f"BEIT_FAST_LSRN_FORWARD must be warp or block (or unset), got {v!r}: layer_scale_residual_norm's CUDA "
+        "forward raises")
+
+
+def _check_by(parse):
+    def check(v):
+        try:
+            parse(v)
+        except ValueError as e:
+            return f"{e}: the Triton kernels refuse it when imported"
+        return ""
+    return check
+
+
+_SETTINGS = {
+    "BEIT_FAST_BACKEND": _check_backend,
+    "BEIT_FAST_ATTN_DENSE_BIAS": _check_by(_settings.dense_bias_setting),
+    "BEIT_FAST_TRITON_LAUNCH": _check_by(_settings.launch_setting),
+    "BEIT_FAST_LSRN_FORWARD": _check_lsrn,
+    "BEIT_FAST_LINEAR_GELU_RECOMPUTE": None,
+    # build, tests and benchmarks
+    **dict.fromkeys(["BEIT_FAST_CUDA", "BEIT_FAST_TEST_SEED", "BEIT_FAST_TRITON_INTERPRET", "BEIT_FAST_INSTAFAIL",
+                     "BEIT_FAST_EMULATOR_ASAN", "BEIT_FAST_AOT_FULL", "BEIT_FAST_AOT_REPORT", "BEIT_FAST_AOT_JOBS",
+                     "BEIT_FAST_GIT_SHA"]),
+}
+
+
+def settings_problems(environ=None) -> list[str]:
+    """BEIT_FAST_* variables set to a value their reader refuses, and names beit_fast never reads (typos)."""
+    env = os.environ if environ is None else environ
+    out = []
+    for k in sorted(k for k in env if k.startswith("BEIT_FAST_")):
+        if k not in _SETTINGS:
+            out.append(f"{k} is not a variable beit_fast reads (README: Environment variables); it does nothing")
+        elif _SETTINGS[k] is not None and _SETTINGS[k](env[k]):
+            out.append(_SETTINGS[k](env[k]))
+    return out
 
 
 def backend_table(device: str) -> list[tuple[str, str, list[str]]]:

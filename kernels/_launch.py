@@ -32,6 +32,8 @@ import os
 
 import torch
 
+from ._settings import launch_setting
+
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 _EXACT = frozenset((int, str, type(None)))   # kept as they are in the key
@@ -53,10 +55,7 @@ MAX_ENTRIES = 256   # compiled variants remembered per kernel (shapes, dtypes, t
 
 
 def _launch_setting() -> str:
-    v = os.environ.get("BEIT_FAST_TRITON_LAUNCH", "").strip() or "cached"
-    if v not in ("cached", "jit"):
-        raise ValueError(f"BEIT_FAST_TRITON_LAUNCH must be 'cached' or 'jit' (or unset), got {v!r}")
-    return v
+    return launch_setting(os.environ.get("BEIT_FAST_TRITON_LAUNCH", ""))
 
 
 def _convention():

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from ._device import cdiv, int32_addressable, next_power_of_2, on_device_of_first_arg
 from ._launch import launch
+from ._settings import KERNELS, dense_bias_setting
 
 LOG2E = 1.4426950408889634
 # where the kernels take the bias from (their BIAS_SRC): BEiT's window layout, gathered through per-token
@@ -127,25 +128,13 @@ CONFIGS = {
 }
 
 
-KERNELS = ("fwd", "dkdv", "dq")   # the AttnConfigs fields: one tile config per kernel
 assert KERNELS == tuple(f.name for f in dataclasses.fields(AttnConfigs))
 
 
 def _dense_bias_setting(value=None):
-    """BEIT_FAST_ATTN_DENSE_BIAS (or `value`) -> the kernels that read the bias from the dense expansion
-    (frozenset of KERNELS names), whatever the tile configs say; None (unset): the configs decide.
-    "1": every kernel; "0": none (all gather); "fwd,dq" (comma-separated names): those, the others gather.
-    An A/B knob: the values, and so the results, are bitwise the same either way."""
-    v = (os.environ.get("BEIT_FAST_ATTN_DENSE_BIAS", "") if value is None else value).strip()
-    if v == "":
-        return None
-    if v in ("0", "1"):
-        return frozenset(KERNELS) if v == "1" else frozenset()
-    names = frozenset(n.strip() for n in v.split(","))
-    if not names or not names <= set(KERNELS):
-        raise ValueError(f"BEIT_FAST_ATTN_DENSE_BIAS must be 0, 1 or a comma-separated subset of {KERNELS} "
-                         f"(or unset), got {v!r}")
-    return names
+    """BEIT_FAST_ATTN_DENSE_BIAS (or `value`) parsed by kernels/_settings.py. An A/B knob: the values, and so
+    the results, are bitwise the same either way."""
+    return dense_bias_setting(os.environ.get("BEIT_FAST_ATTN_DENSE_BIAS", "") if value is None else value)
 
 
 DENSE_BIAS = _dense_bias_setting()   # read once at import; bench/bench_attention.py sets it per provider

@@ -2,8 +2,10 @@
 sources are compiled whenever a toolkit and a CUDA torch are present."""
 import glob
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +63,31 @@ def test_info_names_the_settings_in_effect():
     assert r.returncode == 0, r.stderr[-3000:]
     assert any(line.startswith("settings: ") and "BEIT_FAST_LSRN_FORWARD=block" in line
                for line in r.stdout.splitlines()), r.stdout
+
+
+def test_info_flags_settings_that_are_refused_or_unknown():
+    """A BEIT_FAST_* value its reader refuses, or a name nothing reads (a typo), is named by info instead of
+    showing up only as a plain `settings:` entry."""
+    from beit_fast.info import settings_problems
+    assert settings_problems({"BEIT_FAST_BACKEND": "triton", "BEIT_FAST_ATTN_DENSE_BIAS": "fwd,dq",
+                              "BEIT_FAST_TRITON_LAUNCH": "jit", "BEIT_FAST_LSRN_FORWARD": "block",
+                              "BEIT_FAST_GIT_SHA": "abc", "PATH": "/bin"}) == []
+    bad = settings_problems({"BEIT_FAST_BACKEND": "tritn", "BEIT_FAST_ATTN_DENSE_BIAS": "yes",
+                             "BEIT_FAST_TRITON_LAUNCH": "fast", "BEIT_FAST_LSRN_FORWARD": "wrap",
+                             "BEIT_FAST_BAKEND": "triton"})
+    assert len(bad) == 5, bad
+    for name, value in (("BEIT_FAST_ATTN_DENSE_BIAS", "'yes'"), ("BEIT_FAST_BACKEND", "'tritn'"),
+                        ("BEIT_FAST_LSRN_FORWARD", "'wrap'"), ("BEIT_FAST_TRITON_LAUNCH", "'fast'")):
+        assert any(p.startswith(name + " must be") and value in p for p in bad), (name, bad)
+    assert any(p.startswith("BEIT_FAST_BAKEND is not a variable") for p in bad), bad
+    # every variable the README documents is one info knows
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = set(re.findall(r"`(BEIT_FAST_[A-Z0-9_]+)", readme))
+    assert documented and settings_problems(dict.fromkeys(documented, "")) == []
+    r = subprocess.run([sys.executable, "-m", "beit_fast.info"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "BEIT_FAST_BACKEND": "tritn"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "settings problem: BEIT_FAST_BACKEND must be one of" in r.stdout, r.stdout
 
 
 def test_info_says_how_triton_kernels_are_launched():
