@@ -47,6 +47,14 @@ void dispatch_pair_impl(at::ScalarType tx, at::ScalarType ty, const char* op, F&
   else f(TypeTag<float>{}, TypeTag<at::BFloat16>{});
 }
 
+// Calls f(TypeTag<Ta>{}, TypeTag<Tb>{}) for every pair of float types (an op that reads one and writes another).
+template <bool AllowDouble, typename F>
+void dispatch_float2_impl(at::ScalarType ta, at::ScalarType tb, const char* op, F&& f) {
+  dispatch_float_impl<AllowDouble>(ta, op, [&](auto a) {
+    dispatch_float_impl<AllowDouble>(tb, op, [&](auto b) { f(a, b); });
+  });
+}
+
 // The CPU code (double allowed where allow_double) ...
 template <typename F>
 void dispatch_float(at::ScalarType t, bool allow_double, const char* op, F&& f) {
@@ -60,9 +68,20 @@ void dispatch_pair(at::ScalarType tx, at::ScalarType ty, bool allow_double, cons
   else dispatch_pair_impl<false>(tx, ty, op, f);
 }
 
+template <typename F>
+void dispatch_float2(at::ScalarType ta, at::ScalarType tb, bool allow_double, const char* op, F&& f) {
+  if (allow_double) dispatch_float2_impl<true>(ta, tb, op, f);
+  else dispatch_float2_impl<false>(ta, tb, op, f);
+}
+
 // ... and the GPU kernels' launch code (no double).
 template <typename F>
 void dispatch_float_no_double(at::ScalarType t, const char* op, F&& f) { dispatch_float_impl<false>(t, op, f); }
+
+template <typename F>
+void dispatch_float2_no_double(at::ScalarType ta, at::ScalarType tb, const char* op, F&& f) {
+  dispatch_float2_impl<false>(ta, tb, op, f);
+}
 
 template <typename F>
 void dispatch_pair_no_double(at::ScalarType tx, at::ScalarType ty, const char* op, F&& f) {

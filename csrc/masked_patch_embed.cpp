@@ -61,7 +61,14 @@ Prepared prepare(const at::Tensor& images, const at::Tensor& weight, const c10::
   p.Wp = p.W / p.pw;
   p.P = (p.H / p.ph) * p.Wp;
   p.K = p.Cin * p.ph * p.pw;
-  p.acc_dtype = images.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // The reference's promotion: conv output (images' dtype) blended with mask_token, cat with cls_token, + pos_embed.
+  p.out_dtype = at::promote_types(images.scalar_type(), cls_token.scalar_type());
+  if (present(bool_masked_pos) && present(mask_token))
+    p.out_dtype = at::promote_types(p.out_dtype, mask_token->scalar_type());
+  if (present(pos_embed)) p.out_dtype = at::promote_types(p.out_dtype, pos_embed->scalar_type());
+  if (at::isFloatingType(p.out_dtype))
+    dispatch_float(p.out_dtype, allow_double, kOp, [](auto) {});  // a clear error for fp64 tokens on CUDA
+  p.acc_dtype = images.scalar_type() == at::kDouble || p.out_dtype == at::kDouble ? at::kDouble : at::kFloat;
   p.images = images.contiguous();
   p.weight2d = weight.reshape({p.C, p.K}).contiguous();
   // An absent bias or mask_token reads as zeros: the kernels keep one code path.
@@ -95,14 +102,16 @@ at::Tensor forward_impl(const Kernels& k, const at::Tensor& images, const at::Te
   // Autograd is registered from Python around this op; the ATen calls below must not record a graph.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Prepared p = prepare(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, allow_double);
-  at::Tensor out = at::empty({p.B, 1 + p.P, p.C}, p.images.options());
+  at::Tensor out = at::empty({p.B, 1 + p.P, p.C}, p.images.options().dtype(p.out_dtype));
   if (p.B == 0) return out;
   at::Tensor patches = at::empty({p.B * (1 + p.P), p.K}, p.images.options());
   k.gather(p, patches);
-  // The GEMM writes straight into the output buffer; the epilogue then rewrites it in place.
-  at::Tensor out2d = out.view({p.B * (1 + p.P), p.C});
-  at::mm_out(out2d, patches, p.weight2d.t());
-  k.epilogue(p, out);
+  // The GEMM writes straight into the output buffer and the epilogue rewrites it in place; when the tokens
+  // are wider than the GEMM's dtype (autocast), the GEMM writes a scratch buffer the epilogue reads once.
+  at::Tensor gemm = p.out_dtype == p.images.scalar_type() ? out : at::empty({p.B, 1 + p.P, p.C}, p.images.options());
+  at::Tensor gemm2d = gemm.view({p.B * (1 + p.P), p.C});
+  at::mm_out(gemm2d, patches, p.weight2d.t());
+  k.epilogue(p, gemm, out);
   return out;
 }
 
@@ -116,17 +125,18 @@ BackwardResult backward_impl(const Kernels& k, const at::Tensor& grad_out, const
   const Prepared p = prepare(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, allow_double);
   check_device(images, grad_out, "grad_out");
   const std::array<int64_t, 3> out_shape{p.B, 1 + p.P, p.C};
-  BEIT_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape) && grad_out.scalar_type() == images.scalar_type(),
-                    kOp,
-              "_backward: grad_out must have shape ", at::IntArrayRef(out_shape), " and dtype ", images.scalar_type(),
-              ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  BEIT_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape) && grad_out.scalar_type() == p.out_dtype, kOp,
+              "_backward: grad_out must have shape ", at::IntArrayRef(out_shape), " and the output's dtype ",
+              p.out_dtype, ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
   BEIT_CHECK_VALUE(!need[5] || p.pos_embed.defined(), kOp,
                     "_backward: the pos_embed gradient was requested without pos_embed");
   BEIT_CHECK_VALUE(!need[2] || present(bias), kOp, "_backward: the bias gradient was requested without bias");
   BEIT_CHECK_VALUE(!need[3] || present(mask_token), kOp,
                     "_backward: the mask_token gradient was requested without mask_token");
   const at::Tensor grad = grad_out.contiguous();
-  const at::Tensor g2d = grad.view({p.B * (1 + p.P), p.C});
+  // The GEMMs run in images' dtype (as the reference's conv backward gets the gradient cast back to it); the
+  // token sums read grad as it is.
+  const at::Tensor g2d = grad.to(p.images.scalar_type()).view({p.B * (1 + p.P), p.C});
   BackwardResult res;
   if (need[0]) {
     at::Tensor dimages = at::empty_like(p.images);
@@ -186,11 +196,13 @@ void gather_cpu(const Prepared& p, at::Tensor& patches) {
   });
 }
 
-void epilogue_cpu(const Prepared& p, at::Tensor& out_t) {
-  dispatch_float(p.images.scalar_type(), true, kOp, [&](auto tag) {
+void epilogue_cpu(const Prepared& p, const at::Tensor& gemm_t, at::Tensor& out_t) {
+  dispatch_float2(p.images.scalar_type(), p.out_dtype, true, kOp, [&](auto tag, auto out_tag) {
     using T = typename decltype(tag)::type;
-    using A = acc_t<T>;
-    T* out = out_t.data_ptr<T>();
+    using O = typename decltype(out_tag)::type;
+    using A = acc_pair_t<T, O>;
+    const T* gemm = gemm_t.data_ptr<T>();
+    O* out = out_t.data_ptr<O>();
     const A *bias = p.bias.data_ptr<A>(), *mtok = p.mask_token.data_ptr<A>(), *cls = p.cls_token.data_ptr<A>();
     const A* pos = p.pos_embed.defined() ? p.pos_embed.data_ptr<A>() : nullptr;
     const bool* mask = mask_ptr(p);
@@ -199,9 +211,10 @@ void epilogue_cpu(const Prepared& p, at::Tensor& out_t) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / T1, t = r % T1;
         const bool masked = token_masked<int64_t>(mask, b, t, p.P);
-        T* row = out + r * C;
+        const T* src = gemm + r * C;
+        O* row = out + r * C;
         for (int64_t c = 0; c < C; ++c)
-          row[c] = static_cast<T>(token_value<A>(t == 0, masked, static_cast<A>(row[c]), bias[c], mtok[c], cls[c],
+          row[c] = static_cast<O>(token_value<A>(t == 0, masked, static_cast<A>(src[c]), bias[c], mtok[c], cls[c],
                                                  pos ? pos[t * C + c] : A(0)));
       }
     });
@@ -209,10 +222,10 @@ void epilogue_cpu(const Prepared& p, at::Tensor& out_t) {
 }
 
 void token_sums_cpu(const Prepared& p, const at::Tensor& grad_t, at::Tensor& unmasked_t, at::Tensor& masked_t) {
-  dispatch_float(p.images.scalar_type(), true, kOp, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    using A = acc_t<T>;
-    const T* grad = grad_t.data_ptr<T>();
+  dispatch_float2(p.images.scalar_type(), p.out_dtype, true, kOp, [&](auto tag, auto out_tag) {
+    using O = typename decltype(out_tag)::type;
+    using A = acc_pair_t<typename decltype(tag)::type, O>;
+    const O* grad = grad_t.data_ptr<O>();
     A *um = unmasked_t.data_ptr<A>(), *mk = masked_t.data_ptr<A>();
     const bool* mask = mask_ptr(p);
     const int64_t T1 = 1 + p.P, C = p.C;
@@ -223,7 +236,7 @@ void token_sums_cpu(const Prepared& p, const at::Tensor& grad_t, at::Tensor& unm
         std::fill(m, m + C, A(0));
         for (int64_t b = 0; b < p.B; ++b) {  // images in order: deterministic
           A* dst = token_masked<int64_t>(mask, b, t, p.P) ? m : u;
-          const T* src = grad + (b * T1 + t) * C;
+          const O* src = grad + (b * T1 + t) * C;
           for (int64_t c = 0; c < C; ++c) dst[c] += static_cast<A>(src[c]);
         }
       }

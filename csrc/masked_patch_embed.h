@@ -19,15 +19,19 @@ struct Prepared {
   at::Tensor mask;      // (B, P) bool contiguous, or undefined
   // Small parameters in the accumulation dtype (fp32; fp64 for fp64 images): (C), (C), (C), (1+P, C).
   at::Tensor bias, mask_token, cls_token, pos_embed;  // pos_embed undefined when absent
-  at::ScalarType acc_dtype = at::kFloat;
+  // The output's dtype, as the reference's type promotion gives it: images' dtype promoted with cls_token's
+  // (and mask_token's when there is a mask, pos_embed's when present). Under autocast: the fp32 parameters'.
+  at::ScalarType out_dtype = at::kFloat;
+  at::ScalarType acc_dtype = at::kFloat;  // fp64 when images or the output are fp64, else fp32
 };
 
 struct Kernels {
   // patches (B*(1+P), K) in T: pixels of unmasked patches, zero rows at cls and masked positions.
   void (*gather)(const Prepared&, at::Tensor& patches);
-  // out (B, 1+P, C) in T holds patches @ weight^T; rewrites it in place into the final tokens.
-  void (*epilogue)(const Prepared&, at::Tensor& out);
-  // For grad (B, 1+P, C): unmasked[t] = sum over images where token t is not masked, masked[t] = sum over
+  // gemm (B, 1+P, C) in T holds patches @ weight^T; writes the final tokens into out (B, 1+P, C) in
+  // out_dtype, which is gemm itself (in place) when out_dtype is T.
+  void (*epilogue)(const Prepared&, const at::Tensor& gemm, at::Tensor& out);
+  // For grad (B, 1+P, C) in out_dtype: unmasked[t] = sum over images where token t is not masked, masked[t] = sum over
   // images where it is; both (1+P, C) in the accumulation dtype, summed over b in order.
   void (*token_sums)(const Prepared&, const at::Tensor& grad, at::Tensor& unmasked, at::Tensor& masked);
   // dimages (B, Cin, H, W) from dpatches (B*(1+P), K): zero at masked patches.

@@ -16,7 +16,9 @@ namespace {
 CudaLaunch on_stream() { return CudaLaunch{c10::cuda::getCurrentCUDAStream()}; }
 
 void gather_cuda(const Prepared& p, at::Tensor& patches) { dev::gather_on(on_stream(), p, patches); }
-void epilogue_cuda(const Prepared& p, at::Tensor& out) { dev::epilogue_on(on_stream(), p, out); }
+void epilogue_cuda(const Prepared& p, const at::Tensor& gemm, at::Tensor& out) {
+  dev::epilogue_on(on_stream(), p, gemm, out);
+}
 void token_sums_cuda(const Prepared& p, const at::Tensor& grad, at::Tensor& unmasked, at::Tensor& masked) {
   dev::token_sums_on(on_stream(), p, grad, unmasked, masked);
 }

@@ -4,8 +4,9 @@
 // do what surrounds them:
 //   gather      images -> patch matrix (B*(1+P), K), 16-byte accesses along the patch rows; cls and masked
 //               rows are written as zeros without reading pixels
-//   epilogue    in place on the GEMM output: + bias, mask_token at masked patches, cls_token in row 0,
-//               + pos_embed, one read and one write per element
+//   epilogue    GEMM output -> tokens: + bias, mask_token at masked patches, cls_token in row 0, + pos_embed,
+//               one read and one write per element (in place when the tokens have the GEMM's dtype; into
+//               the wider output under autocast)
 //   token_sums  grad (B, 1+P, C) -> per-token sums over the batch, split by masked / unmasked, in fixed
 //               order over b (gives d_bias, d_mask_token, d_cls_token, d_pos_embed deterministically)
 //   scatter     d_patches -> d_images, zero at masked patches
@@ -77,8 +78,9 @@ __global__ void gather_kernel(const T* __restrict__ img, T* __restrict__ patches
   store_vec<T, VEC>(patches + static_cast<int64_t>(idx) * VEC, v);
 }
 
-template <typename T, int VEC>
-__global__ void epilogue_kernel(T* __restrict__ out, const float* __restrict__ bias,
+// src and dst may be one buffer (in place): neither is __restrict__.
+template <typename T, typename O, int VEC>
+__global__ void epilogue_kernel(const T* src, O* dst, const float* __restrict__ bias,
                                 const float* __restrict__ mask_token, const float* __restrict__ cls_token,
                                 const float* __restrict__ pos, const bool* __restrict__ mask, int32_t P, int32_t C,
                                 int32_t total_vecs) {
@@ -88,8 +90,8 @@ __global__ void epilogue_kernel(T* __restrict__ out, const float* __restrict__ b
   const int32_t row = idx / cv, c0 = (idx - row * cv) * VEC;
   const int32_t b = row / (P + 1), t = row - b * (P + 1);
   const bool masked = token_masked<int32_t>(mask, b, t, P);
-  T* dst = out + static_cast<int64_t>(idx) * VEC;
-  Vec<T, VEC> v = load_vec<T, VEC>(dst);
+  const Vec<T, VEC> v = load_vec<T, VEC>(src + static_cast<int64_t>(idx) * VEC);
+  Vec<O, VEC> o;
   // only the parameter the token takes (cls token, mask token or bias) and its position embedding: passed as
   // all three to token_value, which selects one of them
   float own[VEC], pe[VEC];
@@ -97,9 +99,9 @@ __global__ void epilogue_kernel(T* __restrict__ out, const float* __restrict__ b
   load_f32<VEC>(pos ? pos + static_cast<int64_t>(t) * C : nullptr, c0, pe, 0.f);
 #pragma unroll
   for (int j = 0; j < VEC; ++j)
-    v.v[j] = static_cast<T>(token_value<float>(t == 0, masked, static_cast<float>(v.v[j]), own[j], own[j], own[j],
+    o.v[j] = static_cast<O>(token_value<float>(t == 0, masked, static_cast<float>(v.v[j]), own[j], own[j], own[j],
                                                pe[j]));
-  store_vec<T, VEC>(dst, v);
+  store_vec<O, VEC>(dst + static_cast<int64_t>(idx) * VEC, o);
 }
 
 template <typename T>
@@ -161,20 +163,23 @@ void gather_on(const Launch& launch, const Prepared& p, at::Tensor& patches) {
 }
 
 template <typename Launch>
-void epilogue_on(const Launch& launch, const Prepared& p, at::Tensor& out) {
+void epilogue_on(const Launch& launch, const Prepared& p, const at::Tensor& gemm, at::Tensor& out) {
   const int32_t numel = i32(out.numel(), "the output");
   const float* pos = p.pos_embed.defined() ? p.pos_embed.data_ptr<float>() : nullptr;
-  dispatch_float_no_double(p.images.scalar_type(), kOp, [&](auto tag) {
+  dispatch_float2_no_double(p.images.scalar_type(), p.out_dtype, kOp, [&](auto tag, auto out_tag) {
     using T = typename decltype(tag)::type;
-    constexpr int VW = 16 / sizeof(T);
+    using O = typename decltype(out_tag)::type;
+    // 16-byte accesses on the wider of the two types
+    constexpr int VW = 16 / (sizeof(T) > sizeof(O) ? sizeof(T) : sizeof(O));
     auto run = [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       const int32_t n = numel / V;
-      launch(epilogue_kernel<T, V>, dim3(blocks_for(n)), dim3(kThreads), out.data_ptr<T>(), p.bias.data_ptr<float>(),
-             p.mask_token.data_ptr<float>(), p.cls_token.data_ptr<float>(), pos, mask_ptr(p),
-             static_cast<int32_t>(p.P), static_cast<int32_t>(p.C), n);
+      launch(epilogue_kernel<T, O, V>, dim3(blocks_for(n)), dim3(kThreads), gemm.data_ptr<T>(), out.data_ptr<O>(),
+             p.bias.data_ptr<float>(), p.mask_token.data_ptr<float>(), p.cls_token.data_ptr<float>(), pos,
+             mask_ptr(p), static_cast<int32_t>(p.P), static_cast<int32_t>(p.C), n);
     };
-    if (p.C % VW == 0 && aligned_to(out.data_ptr(), 16)) run(IntTag<VW>{});
+    if (p.C % VW == 0 && aligned_to(gemm.data_ptr(), VW * sizeof(T)) && aligned_to(out.data_ptr(), VW * sizeof(O)))
+      run(IntTag<VW>{});
     else run(IntTag<1>{});
   });
 }
@@ -184,7 +189,7 @@ void token_sums_on(const Launch& launch, const Prepared& p, const at::Tensor& gr
                    at::Tensor& masked) {
   i32(grad.numel(), "grad_out");
   const int32_t n = i32(unmasked.numel(), "the token sums");
-  dispatch_float_no_double(p.images.scalar_type(), kOp, [&](auto tag) {
+  dispatch_float_no_double(p.out_dtype, kOp, [&](auto tag) {   // grad has the output's dtype
     using T = typename decltype(tag)::type;
     launch(token_sums_kernel<T>, dim3(blocks_for(n)), dim3(kThreads), grad.data_ptr<T>(), mask_ptr(p),
            unmasked.data_ptr<float>(), masked.data_ptr<float>(), static_cast<int32_t>(p.B),

@@ -344,21 +344,28 @@ def mpe_inputs(B, size, patch, Cin, C, dtype, masked=True, pos=True, bias=True):
 
 @pytest.mark.parametrize("shape", list(MPE_SHAPES))
 @pytest.mark.parametrize("dtype", [fp32, fp16, bf16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("variant", ["masked", "unmasked_no_pos_no_bias", "misaligned_images"])
+@pytest.mark.parametrize("variant", ["masked", "unmasked_no_pos_no_bias", "misaligned_images", "tokens_in_dtype"])
 def test_masked_patch_embed(emu, shape, dtype, variant):
+    """fp32 tokens with 16-bit images (autocast's case): the epilogue reads the 16-bit GEMM output and writes
+    fp32 tokens; tokens_in_dtype: everything in one dtype, the epilogue in place."""
     size, patch, Cin, C = MPE_SHAPES[shape]
     masked = variant != "unmasked_no_pos_no_bias"
     args = mpe_inputs(3, size, patch, Cin, C, dtype, masked=masked, pos=masked, bias=masked)
     if variant == "misaligned_images":
         args = (misalign(args[0]),) + args[1:]
+    if variant == "tokens_in_dtype":
+        args = args[:4] + tuple(t.to(dtype) for t in args[4:])
     with Counted(emu) as c:
         out = emu.masked_patch_embed(*args)
     ref = torch.ops.beit_fast.masked_patch_embed(*args)
     assert c.launches == 2  # gather, then the epilogue on the GEMM output
     B, P, K = 3, (size // patch) ** 2, Cin * patch * patch
+    out_dtype = torch.promote_types(dtype, args[5].dtype)
+    assert out.dtype == ref.dtype == out_dtype
     vw = 16 // (torch.finfo(dtype).bits // 8)
     gather_vec = vw if patch % vw == 0 and size % vw == 0 and variant != "misaligned_images" else 1
-    epilogue_vec = vw if C % vw == 0 else 1
+    vw_out = min(vw, 16 // (torch.finfo(out_dtype).bits // 8))   # 16-byte accesses of the wider type
+    epilogue_vec = vw_out if C % vw_out == 0 else 1
     assert c.blocks == -(-B * (1 + P) * K // gather_vec // 256) + -(-B * (1 + P) * C // epilogue_vec // 256)
     close(out, ref, dtype, "out")
     grad = torch.randn_like(out)

@@ -154,8 +154,12 @@ def test_without_bias_and_mask_token():
 
 @pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
 @pytest.mark.parametrize("with_pos", [False, True], ids=["no_pos", "pos"])
-def test_opcheck(masked, with_pos):
-    inputs = make_inputs((2, 3, 16, 16, (4, 4), 8), torch.float32, masked, with_pos)
+@pytest.mark.parametrize("images_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_images"])
+def test_opcheck(masked, with_pos, images_dtype):
+    """bf16_images: images and weight in bf16 with fp32 tokens (what autocast passes): fp32 output."""
+    inputs = list(make_inputs((2, 3, 16, 16, (4, 4), 8), torch.float32, masked, with_pos))
+    inputs[:2] = [t.detach().to(images_dtype).requires_grad_() for t in inputs[:2]]
+    assert ops.masked_patch_embed(*inputs).dtype == torch.float32
     torch.library.opcheck(ops.masked_patch_embed, tuple(inputs))
 
 
@@ -287,17 +291,19 @@ def test_cuda_matches_reference(geometry, dtype, masked, with_pos):
 @pytest.mark.parametrize("with_pos", [False, True], ids=["no_pos", "pos"])
 @pytest.mark.parametrize("device, backend", [pytest.param("cuda", "cuda", marks=needs_cuda), ("cpu", "cpp")])
 def test_autocast(device, backend, with_pos):
-    """Under bf16 autocast the op casts images, weight and bias as conv2d would, returns bf16, and gives fp32
-    gradients. Output and every gradient by the 2x rule against fp64 on the inputs autocast rounds, with
-    PyTorch's reference under the same autocast as the baseline (it promotes its output to the fp32 tokens,
-    so check_every_tensor's one-ulp slack covers ours rounding to bf16)."""
+    """Under bf16 autocast the op casts images, weight and bias as conv2d would, returns the fp32 tokens' dtype
+    as the reference's promotion does (the cls and mask-token rows exactly the reference's, not rounded to
+    bf16), and gives fp32 gradients. Output and every gradient by the 2x rule against fp64 on the inputs
+    autocast rounds, with PyTorch's reference under the same autocast as the baseline."""
     inputs = make_inputs("beit_b_224", torch.float32, True, with_pos, device=device)
     grad = torch.randn(masked_patch_embed_ref(*inputs).shape, device=device)
     with torch.autocast(device, dtype=torch.bfloat16):
         ours = forward_backward(lambda *a: masked_patch_embed(*a, backend=backend), inputs, grad)
         ref = forward_backward(masked_patch_embed_ref, inputs, grad)
-    assert ours[0].dtype == torch.bfloat16
+    assert ours[0].dtype == ref[0].dtype == torch.float32
     assert all(g.dtype == torch.float32 for g in ours[1:] if g is not None)
+    token_rows = torch.cat((torch.ones_like(inputs[3][:, :1]), inputs[3]), dim=1)   # cls, then the masked patches
+    assert torch.equal(ours[0][token_rows], ref[0][token_rows])
     rounded = [t.detach().to(torch.bfloat16).requires_grad_() for t in inputs[:3]]   # what autocast's conv sees
     exact = forward_backward(masked_patch_embed_ref, as64(rounded + list(inputs[3:])), grad.double())
     check_every_tensor(ours, ref, exact, torch.bfloat16)

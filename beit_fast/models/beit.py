@@ -318,9 +318,9 @@ class Beit(nn.Module):
             from beit_fast.ops.masked_patch_embed import masked_patch_embed
             t = masked_patch_embed(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
                                    bool_masked_pos, self.mask_token, self.cls_token, self.pos_embed)
-            # Under autocast the op returns the autocast dtype; the residual stream stays in the parameters'
-            # dtype (fp32), as in the reference, where cat / blend with the fp32 tokens promote it. A bf16
-            # stream would round away BEiT-L's 1e-5 layer-scaled updates.
+            # Under autocast the op returns the fp32 tokens' dtype, as the reference's cat / blend promote it:
+            # the residual stream stays in the parameters' dtype (a bf16 stream would round away BEiT-L's 1e-5
+            # layer-scaled updates). The cast covers parameters of mixed dtypes.
             return t.to(self.cls_token.dtype)
         t = self.patch_embed(x)
         if bool_masked_pos is not None:

@@ -10,9 +10,11 @@ Design (chosen for the H100, not measured here): a convolution whose kernel equa
 non-overlapping patches, so the op is
   1. gather: a small kernel copies the pixels of every unmasked patch into a (B*(1+P), K) patch matrix
      (K = Cin*ph*pw, 16-byte accesses; cls and masked rows are written as zeros without reading pixels);
-  2. one cuBLAS GEMM (at::mm) writes patches @ weight.view(C, K)^T straight into the (B, 1+P, C) output;
+  2. one cuBLAS GEMM (at::mm) writes patches @ weight.view(C, K)^T straight into the (B, 1+P, C) output
+     (under autocast, into a scratch buffer in the autocast dtype);
   3. an epilogue kernel rewrites the output in place: + bias, mask_token at masked patches, cls_token in row
-     0, + pos_embed (fp32 math, one read and one write).
+     0, + pos_embed (fp32 math, one read and one write; under autocast it reads the 16-bit GEMM output and
+     writes the fp32 tokens, so the cls and mask rows keep their fp32 values as in the reference).
 cuBLAS is the fastest GEMM available for this shape (K = 768, C = 768/1024, M = B*197), and the surrounding
 work is bandwidth-bound elementwise code, which is where fusion pays. Masked rows still pass through the GEMM
 as zero rows: skipping them would need the number of unmasked rows on the host (a device sync every step,
@@ -22,9 +24,13 @@ mask_token). Backward: dW = grad^T @ patches (cuBLAS, patch matrix re-gathered r
 dimages = scatter(grad @ W) (zero at masked patches), and bias / mask_token / cls_token / pos_embed gradients
 from one pass over grad that sums over the batch in a fixed order (deterministic).
 
-Differences from the reference, both deliberate: non-finite pixels inside a masked patch do not leak into the
-output (the reference's x * (1 - w) turns inf into nan); under autocast the op runs the conv GEMM in the
-autocast dtype and returns that dtype (the reference promotes to the fp32 tokens).
+The output dtype is the reference's type promotion: images' dtype (the autocast dtype under autocast)
+promoted with cls_token's, mask_token's (when there is a mask) and pos_embed's: fp32 under autocast with fp32
+parameters. The backward casts the output gradient to the GEMM dtype for the weight and image gradients (as
+the reference's conv backward does) and sums the token gradients from it as it comes.
+
+One difference from the reference, deliberate: non-finite pixels inside a masked patch do not leak into the
+output (the reference's x * (1 - w) turns inf into nan).
 """
 from __future__ import annotations
 
@@ -82,6 +88,11 @@ def not_supported_reasons(backend: str, images: torch.Tensor, weight: torch.Tens
         dtype = _compute_dtype(images, weight)
         if dtype not in allowed:
             why.append(f"images have dtype {dtype}; the {backend} kernel supports {[str(d) for d in allowed]}")
+        elif cls_token is not None:
+            out = _output_dtype(dtype, bool_masked_pos, mask_token, cls_token, pos_embed)
+            if out not in allowed:
+                why.append(f"the tokens have dtype {out} (images' {dtype} promoted with the cls/mask token and "
+                           f"position embedding dtypes); the {backend} kernel writes {[str(d) for d in allowed]}")
         if images.dtype != weight.dtype and not _autocast_on(images):
             why.append(f"images ({images.dtype}) and weight ({weight.dtype}) differ in dtype")
         if backend == "cuda" and images.dim() == 4 and weight.dim() == 4:
@@ -105,10 +116,19 @@ def _compute_dtype(images: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return images.dtype
 
 
+def _output_dtype(compute_dtype, bool_masked_pos, mask_token, cls_token, pos_embed) -> torch.dtype:
+    """csrc/masked_patch_embed.cpp's out_dtype: the reference's promotion of the conv output with the tokens."""
+    dtype = torch.promote_types(compute_dtype, cls_token.dtype)
+    if bool_masked_pos is not None and mask_token is not None:
+        dtype = torch.promote_types(dtype, mask_token.dtype)
+    return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
+
+
 def _fake_forward(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed):
     B, _, H, W = images.shape
     P = (H // weight.shape[2]) * (W // weight.shape[3])
-    return images.new_empty((B, 1 + P, weight.shape[0]))
+    return images.new_empty((B, 1 + P, weight.shape[0]),
+                            dtype=_output_dtype(images.dtype, bool_masked_pos, mask_token, cls_token, pos_embed))
 
 
 def _fake_backward(grad_out, images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, output_mask):
@@ -194,7 +214,8 @@ def masked_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optiona
 
     Returns:
         (B, 1+P, C): row 0 = cls_token (+ pos_embed[:, 0]); row 1+p = mask_token if patch p is masked, else
-        conv(patch p) + bias; then + pos_embed[:, 1+p]. dtype: images' (the compute dtype under autocast).
+        conv(patch p) + bias; then + pos_embed[:, 1+p]. dtype: as the reference's type promotion gives it,
+        images' (the autocast dtype under autocast) promoted with the tokens' and pos_embed's (see above).
     """
     _check_inputs(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed)
     chosen = choose(OP, backend, lambda b, auto: not_supported_reasons(

@@ -52,7 +52,9 @@ lsrn::BackwardResult lsrn_backward(const c10::optional<at::Tensor>& grad_sum,
 }
 
 void gather(const mpe::Prepared& p, at::Tensor& patches) { mpe::dev::gather_on(EmulatedLaunch{}, p, patches); }
-void epilogue(const mpe::Prepared& p, at::Tensor& out) { mpe::dev::epilogue_on(EmulatedLaunch{}, p, out); }
+void epilogue(const mpe::Prepared& p, const at::Tensor& gemm, at::Tensor& out) {
+  mpe::dev::epilogue_on(EmulatedLaunch{}, p, gemm, out);
+}
 void token_sums(const mpe::Prepared& p, const at::Tensor& grad, at::Tensor& unmasked, at::Tensor& masked) {
   mpe::dev::token_sums_on(EmulatedLaunch{}, p, grad, unmasked, masked);
 }
