@@ -23,6 +23,9 @@ _HELP = {"pretrain": "BEiT masked-image-modeling pretraining (default: a tiny BE
          "finetune": "fine-tune a classifier (from --init: a checkpoint of this package, unilm, timm or HF)",
          "eval": "top-1 / top-5 of a fine-tuned checkpoint on the held-out split",
          "fit-tokenizer": "fit a k-means visual tokenizer on your images (no external weights)"}
+_BARE = {"resume": "auto"}       # what a flag given without a value means, besides true for on/off fields
+_NOTES = {"model_overrides": "a mapping merges into the current one, e.g. '{depth: 6}'; null or {} clears it",
+          "fused": "none: fused kernels on CUDA, the reference ops elsewhere"}
 
 
 def _add_config_args(p: argparse.ArgumentParser, kind: str) -> None:
@@ -31,24 +34,33 @@ def _add_config_args(p: argparse.ArgumentParser, kind: str) -> None:
                                                 f"(default {C.DEFAULT_PRESET[kind]})")
     p.add_argument("--config", default="", metavar="FILE.yaml", help="YAML file of field: value (may name a preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field (value parsed as YAML); repeatable")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+                   help="override one field (value parsed as YAML; text fields take the text as written); repeatable")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit (after checking its values; the files, data "
+                        "and devices it names are not looked at)")
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     hints = typing.get_type_hints(cls)
-    fields = p.add_argument_group("config fields (same as --set field=value)")
+    name = C.DEFAULT_PRESET[kind]
+    base = C.preset(kind)          # what the command runs with no arguments
+    source = "default" if name == "default" else f"{name} preset:"
+    fields = p.add_argument_group("config fields (same as --set field=value)" + (
+        "" if name == "default" else f"; the values shown are the {name} preset's, run with no arguments"))
     for f in dataclasses.fields(cls):
         if f.name == "preset":
             continue
         typ = hints[f.name]
         kw = dict(dest="field:" + f.name, default=argparse.SUPPRESS, metavar="V")
-        if typ is bool or f.name == "resume":
-            kw.update(nargs="?", const="auto" if f.name == "resume" else "true")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        fields.add_argument("--" + f.name.replace("_", "-"), help=f"(default {default!r})", **kw)
+        bare = _BARE.get(f.name, "true" if typ in (bool, typing.Optional[bool]) else None)
+        if bare:
+            kw.update(nargs="?", const=bare)
+        flag = "--" + f.name.replace("_", "-")
+        notes = [f"{source} {getattr(base, f.name)!r}"] + ([f"bare {flag}: {bare}"] if bare else []) + \
+            ([_NOTES[f.name]] if f.name in _NOTES else [])
+        fields.add_argument(flag, help=f"({'; '.join(notes)})".replace("%", "%%"), **kw)   # argparse formats help
 
 
 def _resolve(kind: str, args) -> object:
-    overrides = C.parse_set(args.set)
+    overrides = C.parse_set(args.set, _KINDS[kind])
     hints = typing.get_type_hints(_KINDS[kind])
     for key, raw in vars(args).items():
         if key.startswith("field:"):
@@ -61,7 +73,7 @@ def _parse_flag(raw: str, typ, name: str):
     """A flag's text as the field's type takes it: text fields as written (a path with a comma, `yes`,
     `0755`); tuple fields as comma-separated values (--betas 0.9,0.98); the others parsed as YAML."""
     flag = "--" + name.replace("_", "-")
-    if typ is str or typ == typing.Optional[str]:
+    if C.is_text(typ):
         return raw
     if typ is tuple or typing.get_origin(typ) is tuple:
         if "," in raw and not raw.strip().startswith("["):
@@ -80,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for kind in _KINDS:
         _add_config_args(sub.add_parser(kind, help=_HELP[kind], description=_HELP[kind]), kind)
-    b = sub.add_parser("bench", help="run a benchmark script from bench/ (repository checkout)")
+    b = sub.add_parser("bench", help="run a benchmark script: bench/bench_<name>.py of a checkout, or the copy "
+                                     "installed with the package")
     b.add_argument("name", nargs="?", default="", help="e.g. attention for bench/bench_attention.py")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the script")
     sub.add_parser("info", help="versions, device, and which backend every fused op uses here")
@@ -102,6 +115,7 @@ def main(argv=None) -> int:
     try:
         cfg = _resolve(kind, args)
         if args.print_config:
+            C.check(cfg, values_only=True)
             print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
             return 0
         from . import train

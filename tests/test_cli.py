@@ -1,7 +1,9 @@
 """The `beit-fast` command line: parsing, overrides, errors, bench, info, fit-tokenizer."""
+import argparse
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 import beit_fast
@@ -45,6 +47,78 @@ def test_flags_keep_text_as_written_and_split_only_tuples(capsys):
     assert cfg["tokenizer_path"] == "0755" and cfg["mean"] == [0.5, 0.5, 0.5]
     assert main(["finetune", "--auto-augment", "none", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["auto_augment"] is None
+
+
+def _printed_config(argv, capsys) -> dict:
+    assert main(argv + ["--print-config"]) == 0, capsys.readouterr().err
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_set_keeps_text_and_model_overrides_merge_in_any_order(capsys):
+    """--set gives text fields the text written, as flags do; --model-overrides merges into the preset's
+    mapping and comes before the dotted --set keys wherever it stands; null clears it."""
+    cfg = _printed_config(["pretrain", "--set", "output_dir=0755", "--set", "data_path=12:30"], capsys)
+    assert (cfg["output_dir"], cfg["data_path"]) == ("0755", "12:30")
+    cfg = _printed_config(["pretrain", "--set", "model_overrides.num_heads=8", "--model-overrides", "{depth: 3}"],
+                          capsys)
+    assert cfg["model_overrides"] == {"embed_dim": 128, "depth": 3, "num_heads": 8, "use_abs_pos_emb": True}
+    cfg = _printed_config(["pretrain", "--model-overrides", "null", "--set", "model_overrides.depth=2"], capsys)
+    assert cfg["model_overrides"] == {"depth": 2}
+
+
+def test_bare_fused_means_true(capsys):
+    assert _printed_config(["pretrain", "--fused"], capsys)["fused"] is True
+    assert _printed_config(["pretrain", "--fused", "none"], capsys)["fused"] is None
+
+
+def test_help_states_what_a_command_runs_with_no_arguments(capsys):
+    """The defaults shown are the default preset's (the demo for pretrain and finetune), and the flags that
+    take no value say what they then mean."""
+    from beit_fast.cli import build_parser
+    from beit_fast.train import config as C
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {kind: {a.dest[6:]: a.help for a in commands.choices[kind]._actions if a.dest.startswith("field:")}
+             for kind in commands.choices if kind in C.PRESETS}
+    for kind, source in (("pretrain", "demo preset:"), ("finetune", "demo preset:"), ("eval", "default"),
+                         ("fit-tokenizer", "default")):
+        runs = C.preset(kind)
+        for name, text in helps[kind].items():
+            assert text.startswith(f"({source} {getattr(runs, name)!r}"), (kind, name, text)
+    pretrain = helps["pretrain"]
+    assert "bare --resume: auto" in pretrain["resume"] and "bare --compile: true" in pretrain["compile"]
+    assert "null or {} clears it" in pretrain["model_overrides"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    listing = " ".join(capsys.readouterr().out.split())
+    assert "bench run a benchmark script: bench/bench_<name>.py of a checkout, or the copy installed" in listing
+
+
+def test_print_config_checks_the_values(capsys):
+    """--print-config refuses what the run would refuse for its values; the files it names are not looked at."""
+    assert main(["pretrain", "--compile-mode", "max", "--print-config"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "compile_mode must be one of" in out.err
+    assert _printed_config(["pretrain", "--tokenizer-path", "nowhere.safetensors"], capsys)["tokenizer_path"] == \
+        "nowhere.safetensors"
+
+
+def test_eval_of_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    for name, content in (("text.pt", b"hello\n"), ("config.yaml", b"a: 1\n"), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(content)
+        assert main(["eval", "--checkpoint", str(tmp_path / name)]) == 2
+        assert f"{tmp_path / name} is not a beit_fast checkpoint (" in capsys.readouterr().err
+
+
+def test_fit_tokenizer_refuses_before_fitting(tmp_path, monkeypatch, capsys):
+    """Too few patches for the codes, or an output that is a folder, fail before any patch is collected."""
+    from beit_fast.train import tokenizer_fitting
+    monkeypatch.setattr(tokenizer_fitting, "collect_patches", lambda *a, **k: pytest.fail("work started"))
+    assert main(["fit-tokenizer", "--max-images", "2", "--output", str(tmp_path / "t.safetensors")]) == 2
+    assert "vocab_size=512 needs at least 512 patches to fit k-means, but 2 images x 64 patches" in \
+        capsys.readouterr().err
+    assert main(["fit-tokenizer", "--output", str(tmp_path)]) == 2
+    assert "is a folder; name the file to write" in capsys.readouterr().err
 
 
 def test_user_errors_are_messages_before_any_work(tmp_path, capsys):

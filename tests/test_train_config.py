@@ -51,6 +51,73 @@ def test_yaml_then_overrides(tmp_path):
     assert again == cfg
 
 
+def test_a_model_overrides_mapping_merges_and_null_clears(tmp_path):
+    """A whole model_overrides mapping (YAML file, --model-overrides) merges into the preset's, as the dotted
+    keys do, and is applied before them; null or {} clears it. A run's saved config.yaml is taken whole."""
+    f = tmp_path / "run.yaml"
+    f.write_text("model_overrides:\n  depth: 6\n")
+    assert resolve("pretrain", yaml_path=str(f)).model_overrides == {**C.DEMO_ARCH, "depth": 6}
+    cfg = resolve("pretrain", overrides={"model_overrides.num_heads": 8, "model_overrides": {"depth": 3}})
+    assert cfg.model_overrides == {**C.DEMO_ARCH, "depth": 3, "num_heads": 8}
+    for empty in (None, {}, "null"):
+        assert resolve("finetune", overrides={"model_overrides": empty}).model_overrides == {}
+    f.write_text("model_overrides:\n")
+    assert resolve("finetune", yaml_path=str(f)).model_overrides == {}
+    for overrides in ({"model_overrides": None, "model_overrides.depth": 2},
+                      {"model": "beit_base_patch16_224", "model_overrides": {"depth": 2}}):
+        cfg = resolve("finetune", overrides=overrides)
+        assert cfg.model_overrides == {"depth": 2}
+        C.save(cfg, str(tmp_path))
+        assert resolve("finetune", yaml_path=str(tmp_path / "config.yaml")) == cfg
+
+
+def test_text_fields_keep_their_text(tmp_path):
+    """--set gives a text field the text written (YAML would make 0755 493, yes True, 12:30 750); a YAML file
+    whose value YAML re-typed is refused with a hint to quote it, never silently altered."""
+    got = C.parse_set(["output_dir=0755", "data_path=yes", "init=12:30", "auto_augment=none", "device='1.10'",
+                       "lr=0.001", "model_overrides.depth=2"], FinetuneConfig)
+    assert got == {"output_dir": "0755", "data_path": "yes", "init": "12:30", "auto_augment": "none",
+                   "device": "1.10", "lr": 1e-3, "model_overrides.depth": 2}
+    assert resolve("finetune", overrides=got).auto_augment is None
+    f = tmp_path / "run.yaml"
+    for text in ("output_dir: 1.10", "data_path: off", "output_dir: 0755", "init: [a]"):
+        f.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=f"{text.split(':')[0]}: expected text, but YAML read .* quote the value"):
+            resolve("finetune", yaml_path=str(f))
+    f.write_text("output_dir: '1.10'\ndata_path:\n")
+    cfg = resolve("finetune", yaml_path=str(f))
+    assert (cfg.output_dir, cfg.data_path) == ("1.10", "")
+
+
+@pytest.mark.parametrize("kind, changes, message", [
+    ("pretrain", dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
+    ("pretrain", dict(min_lr=float("inf")), "min_lr must be a finite number >= 0, got inf"),
+    ("pretrain", dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0"),
+    ("pretrain", dict(stop_at_step=-5), "stop_at_step must be >= 0, got -5"),
+    ("pretrain", dict(tokenizer_vocab=0), "tokenizer_vocab must be >= 1"),
+    ("pretrain", dict(tokenizer_fit_images=0), "tokenizer_fit_images must be >= 1"),
+    ("pretrain", dict(tokenizer_vocab=5000, tokenizer_fit_images=16),
+     "tokenizer_vocab=5000 needs at least 5000 patches to fit k-means, but 16 images x 16 patches"),
+    ("pretrain", dict(tokenizer_vocab=2000, train_subset=64), "but 64 images x 16 patches"),   # fit on the subset
+    ("finetune", dict(eval_batch_size=-1), "eval_batch_size must be >= 0"),
+    ("finetune", dict(val_subset=-3), "val_subset must be >= 0"),
+    ("finetune", dict(mixup_mode="foo"), r"mixup_mode must be one of \['batch', 'pair', 'elem'\], got 'foo'"),
+    ("finetune", dict(re_prob=2.0), r"re_prob must be a finite number in \[0, 1\]"),
+    ("finetune", dict(auto_augment="bogus"), "auto_augment must be a timm policy .* got 'bogus'"),
+    ("finetune", dict(auto_augment="rand-n2.5"), "auto_augment must be a timm policy .* got 'rand-n2.5'"),
+])
+def test_values_the_run_would_trip_over_are_refused(tmp_path, kind, changes, message):
+    """Each of these passed check() and then failed, or ran as something else, after the run had started."""
+    with pytest.raises(ConfigError, match=message):
+        C.check(dataclasses.replace(preset(kind), output_dir=str(tmp_path), **changes))
+
+
+def test_timm_policies_and_mixup_modes_pass(tmp_path):
+    for policy in ("rand-m9-mstd0.5-inc1", "augmix-m5-w3", "original", "v0", "3a", None):
+        C.check(dataclasses.replace(preset("finetune"), output_dir=str(tmp_path), auto_augment=policy,
+                                    mixup=0.8, mixup_mode="pair"))
+
+
 def test_unknown_names_fail_clearly():
     with pytest.raises(ConfigError, match="unknown pretrain preset 'nope'.*demo"):
         resolve("pretrain", "nope")

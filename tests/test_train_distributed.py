@@ -99,12 +99,11 @@ def test_two_process_gloo_fsdp_matches_single_process(tmp_path, single, fused):
     fsdp = ARGS + ["--batch-size", "8", "--distributed", "fsdp", "--fused", fused]
     _assert_matches(single, _run(_torchrun() + fsdp, tmp_path))
     # the checkpoint holds full (unsharded) tensors under the model's own names: it loads into a plain model
-    from beit_fast.models import create_model
+    from beit_fast.models import BeitConfig, build_model
     from beit_fast.train.checkpoint import load
     state = load(str(tmp_path / "checkpoint-0000004.pt"))
     assert state["sharded"] is True and state["world"] == 2
-    model = create_model(state["config"]["model"], **{k: state["model_config"][k] for k in
-                                                      ("img_size", "embed_dim", "depth", "num_heads", "num_classes")})
+    model = build_model(BeitConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     assert set(state["optimizer"]["state"]) == {n for n, _ in model.named_parameters()}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import typing
@@ -297,7 +298,11 @@ def _coerce(name: str, value: Any, typ) -> Any:
             except ValueError:
                 pass
     elif typ is str:
-        return "" if value is None else str(value)
+        if value is None or isinstance(value, (str, os.PathLike)):
+            return os.fspath(value or "")
+        # YAML typed it (0755 -> 493, 1.10 -> 1.1, yes -> True, 12:30 -> 750): its text is gone, so no guess
+        raise ConfigError(f"{name}: expected text, but YAML read {value!r} as a {type(value).__name__}; quote the "
+                          f"value ({name}: '...') to keep it as written")
     elif typ is tuple:
         if isinstance(value, str) and "," in value:
             value = [yaml.safe_load(v) for v in value.split(",")]
@@ -320,15 +325,21 @@ def _is_number(text: str) -> bool:
 
 
 def apply_overrides(config, overrides: dict):
-    """A copy of `config` with `overrides` ({field: value}) applied; unknown fields are an error."""
+    """A copy of `config` with `overrides` ({field: value}) applied; unknown fields are an error. A mapping
+    given for model_overrides merges into the current one (null or {} clears it) and is applied before the
+    dotted model_overrides.<field> keys, wherever they stand."""
     hints = typing.get_type_hints(type(config))
     names = [f.name for f in dataclasses.fields(config)]
     changes = {}
-    for key, value in overrides.items():
-        key = key.replace("-", "_")
-        if key.startswith("model_overrides.") and "model_overrides" in names:   # model_overrides.depth=6
+    items = [(key.replace("-", "_"), value) for key, value in overrides.items()]
+    for key, value in sorted(items, key=lambda item: item[0].startswith("model_overrides.")):
+        if (key == "model_overrides" or key.startswith("model_overrides.")) and "model_overrides" in names:
             sub = dict(changes.get("model_overrides", getattr(config, "model_overrides")))
-            sub[key.split(".", 1)[1]] = value
+            if key == "model_overrides":
+                given = _coerce(key, value, Optional[dict])
+                sub = {**sub, **given} if given else {}
+            else:                                                       # model_overrides.depth=6
+                sub[key.split(".", 1)[1]] = value
             changes["model_overrides"] = sub
             continue
         if key not in names:
@@ -339,14 +350,25 @@ def apply_overrides(config, overrides: dict):
     return dataclasses.replace(config, **changes)
 
 
-def parse_set(items) -> dict:
-    """['lr=1e-3', 'betas=[0.9,0.98]'] -> {'lr': 0.001, 'betas': [0.9, 0.98]} (values parsed as YAML)."""
+def is_text(typ) -> bool:
+    """A text field (str or Optional[str]): its value is the text given, never re-typed by YAML."""
+    return typ is str or typ == Optional[str]
+
+
+def parse_set(items, cls=None) -> dict:
+    """['lr=1e-3', 'betas=[0.9,0.98]'] -> {'lr': 0.001, 'betas': [0.9, 0.98]} (values parsed as YAML). The text
+    fields of the dataclass `cls` take the text as written, as their flags do (YAML would read 0755 as 493 and
+    yes as True); a value in YAML quotes ('0755', "a b") loses its quotes."""
+    hints = typing.get_type_hints(cls) if cls is not None else {}
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        out[key.strip()] = parse_yaml_value(raw, f"--set {key.strip()}")
+        key = key.strip()
+        quoted = len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\""
+        text = is_text(hints.get(key.replace("-", "_"))) and not quoted
+        out[key] = raw if text else parse_yaml_value(raw, f"--set {key}")
     return out
 
 
@@ -383,6 +405,8 @@ def resolve(kind: str, preset_name: str = "", yaml_path: str = "", overrides: Op
     saved_kind = from_file.pop("kind", None)        # written by save(): config.yaml of an earlier run
     if saved_kind and saved_kind != type(config).__name__:
         raise ConfigError(f"{yaml_path} holds a {saved_kind}, not a {type(config).__name__}")
+    if saved_kind and "model_overrides" in from_file:
+        config = dataclasses.replace(config, model_overrides={})   # a run's saved mapping is whole: not merged
     config = _follow_model(config, {**from_file, **overrides})
     config = apply_overrides(config, from_file)
     return apply_overrides(config, overrides)
@@ -392,17 +416,15 @@ def _follow_model(config, given: dict):
     """When the user names another model than the preset's, the preset's architecture changes (model_overrides,
     e.g. the demo's width-128 4-block BEiT) and image size belong to the preset's model, not to the named one:
     they are dropped (the named model's registered img_size is used, and a PretrainConfig's tokenizer view
-    is sized automatically) unless the user sets them too (a dotted model_overrides.<field> then changes
-    the named model). The recipe (lr, masking, augmentation) stays the
-    preset's: --preset beit_base_224 gives the reference recipe."""
+    is sized automatically) unless the user sets img_size too; model_overrides given alongside (a mapping or
+    dotted model_overrides.<field> keys) change the named model. The recipe (lr, masking, augmentation) stays
+    the preset's: --preset beit_base_224 gives the reference recipe."""
     keys = {k.replace("-", "_") for k in given}   # dotted model_overrides.<field> keys change one field
     if "model" not in given or given["model"] == config.model:
         return config
     from beit_fast.models import PRESETS as MODELS
     name = given["model"]
-    changes = {}
-    if "model_overrides" not in keys:
-        changes["model_overrides"] = {}
+    changes = {"model_overrides": {}}
     if "img_size" not in keys and name in MODELS and "img_size" in MODELS[name]:
         changes["img_size"] = MODELS[name]["img_size"]
     if isinstance(config, PretrainConfig) and "second_img_size" not in keys:
@@ -513,17 +535,22 @@ def _check_cuda_device(device: str) -> None:
                           f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, values_only: bool = False) -> None:
     if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and not values_only:
         _check_cuda_device(device)
 
 
-def _at_least(cfg, minimum: int, *names) -> None:
+def _at_least(cfg, minimum, *names, most=math.inf) -> None:
+    """Each named field must be a number in [minimum, most]; NaN and infinities fail, None (an option that
+    is off) passes."""
     for name in names:
-        if getattr(cfg, name) < minimum:
-            raise ConfigError(f"{name} must be >= {minimum}, got {getattr(cfg, name)}")
+        value = getattr(cfg, name)
+        if value is not None and not (minimum <= value <= most and math.isfinite(value)):
+            rule = f">= {minimum}" if most == math.inf else f"in [{minimum}, {most}]"
+            kind = "a finite number " if isinstance(value, float) else ""
+            raise ConfigError(f"{name} must be {kind}{rule}, got {value}")
 
 
 def _numbers(name: str, value, count: int, ok=lambda v: True, rule: str = "") -> None:
@@ -535,11 +562,27 @@ def _numbers(name: str, value, count: int, ok=lambda v: True, rule: str = "") ->
                           f"{','.join(['0.5'] * count)}), got {value!r}")
 
 
+def _check_auto_augment(policy: Optional[str], img_size: int) -> None:
+    """timm parses the policy only when the training transform is built: build one here (no image touched)."""
+    if not policy:
+        return
+    from timm.data import create_transform
+    try:
+        create_transform(img_size, is_training=True, auto_augment=policy)
+    except Exception as e:     # timm asserts, int() of a malformed magnitude, ...
+        raise ConfigError(f"auto_augment must be a timm policy (e.g. rand-m9-mstd0.5-inc1, augmix-m5-w3, original, "
+                          f"v0, 3a) or null, got {policy!r} ({type(e).__name__}: {e})") from None
+
+
 def _check_run_values(cfg, fields: dict) -> None:
     """Value ranges of a RunConfig that the run would otherwise trip over deep inside (a transform, the
-    sampler, the model)."""
-    _at_least(cfg, 0, "num_workers", "train_subset", "num_threads", "save_every_steps")
+    sampler, the model, the optimizer), or take silently for something else."""
+    _at_least(cfg, 0, "num_workers", "train_subset", "num_threads", "save_every_steps", "stop_at_step", "lr",
+              "min_lr", "weight_decay", "weight_decay_end", "warmup_epochs", "eps", "clip_grad", "color_jitter",
+              "layer_scale")
+    _at_least(cfg, -1, "warmup_steps")
     _at_least(cfg, 1, "synthetic_size")
+    _at_least(cfg, 0, "hflip", "drop_path", most=1)
     channels = int(fields.get("in_chans", 3))
     _numbers("mean", cfg.mean, channels)
     _numbers("std", cfg.std, channels, lambda v: v > 0, " > 0")
@@ -550,36 +593,56 @@ def _check_run_values(cfg, fields: dict) -> None:
         if lo > hi:
             raise ConfigError(f"{name} must be (min, max) with min <= max, got {getattr(cfg, name)!r}")
     _numbers("betas", cfg.betas, 2, lambda v: 0 <= v < 1, " in [0, 1)")
-    if not 0 <= cfg.hflip <= 1:
-        raise ConfigError(f"hflip is a probability in [0, 1], got {cfg.hflip}")
     from .data import INTERPOLATIONS
     _one_of("interpolation", cfg.interpolation, INTERPOLATIONS)
     if isinstance(cfg, PretrainConfig):
         _one_of("second_interpolation", cfg.second_interpolation, INTERPOLATIONS)
+        _at_least(cfg, 1, "tokenizer_vocab", "tokenizer_patch", "tokenizer_fit_images")
+        _at_least(cfg, 0, "second_img_size")
+    if isinstance(cfg, FinetuneConfig):
+        _at_least(cfg, 0, "eval_batch_size", "val_subset", "eval_every_epochs", "layer_decay", "mixup", "cutmix")
+        _at_least(cfg, 0, "smoothing", "mixup_prob", "mixup_switch_prob", "re_prob", "ema_decay", most=1)
+        _one_of("mixup_mode", cfg.mixup_mode, ("batch", "pair", "elem"))
+        _check_auto_augment(cfg.auto_augment, cfg.img_size)
 
 
-def _check_one_step_fits(cfg) -> None:
-    """The training split (after train_subset) must hold one optimizer step's images over all processes."""
+def _train_images(cfg) -> int:
+    """Images in the training split, after train_subset."""
     from .data import build_dataset
-    from .engine import steps_per_epoch
     n = len(build_dataset(cfg.dataset, "train", cfg.data_path, cfg.img_size, cfg.synthetic_size))
-    if cfg.train_subset:
-        n = min(n, cfg.train_subset)
+    return min(n, cfg.train_subset) if cfg.train_subset else n
+
+
+def _check_one_step_fits(cfg, n: int) -> None:
+    """The training split (n images) must hold one optimizer step's images over all processes."""
+    from .engine import steps_per_epoch
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch(n, cfg.batch_size * world, cfg.accum_steps)   # ValueError naming the numbers
 
 
-def check(config):
-    """Validate a run config; raises ConfigError naming the field to change. Returns the config."""
-    from .data import check_dataset
+def _check_kmeans_fit(codes: int, images: int, per_image: int, max_patches: int, names: tuple) -> None:
+    """k-means needs one patch per code at least: `images` images of `per_image` patches, kept <= max_patches.
+    names: the fields of the codes and the image count, for the message."""
+    patches = min(images * per_image, max_patches)
+    if patches < codes:
+        raise ConfigError(f"{names[0]}={codes} needs at least {codes} patches to fit k-means, but {images} images x "
+                          f"{per_image} patches (at most {max_patches}) give {patches}; lower {names[0]} or use more "
+                          f"images ({names[1]}, the dataset)")
+
+
+def check(config, values_only: bool = False):
+    """Validate a run config; raises ConfigError naming the field to change. Returns the config.
+    values_only: check the values alone (as --print-config does), not the files, data, GPUs or packages they
+    name, nor the output folder."""
+    from .data import build_dataset, check_dataset
     cfg = config
     if isinstance(cfg, EvalConfig):
-        _check_device(cfg.device)
+        _check_device(cfg.device, values_only)
         _at_least(cfg, 1, "batch_size")
         _at_least(cfg, 0, "num_workers")
         _one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
     if isinstance(cfg, TokenizerFitConfig):
-        _check_device(cfg.device)
+        _check_device(cfg.device, values_only)
         _at_least(cfg, 1, "img_size", "patch_size", "vocab_size", "max_images", "iters")
         _at_least(cfg, 0, "num_workers")
         if cfg.img_size % cfg.patch_size:
@@ -587,6 +650,9 @@ def check(config):
         if cfg.max_patches < cfg.vocab_size:
             raise ConfigError(f"max_patches ({cfg.max_patches}) must be >= vocab_size ({cfg.vocab_size}): k-means "
                               f"needs at least one patch per code")
+        if os.path.isdir(cfg.output) and not values_only:
+            raise ConfigError(f"output {cfg.output!r} is a folder; name the file to write (e.g. "
+                              f"{os.path.join(cfg.output, 'kmeans.safetensors')!r})")
     if isinstance(cfg, (RunConfig,)):
         _one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
         _one_of("optimizer", cfg.optimizer, ("adamw", "apex_adam", "apex_lamb"))
@@ -595,7 +661,7 @@ def check(config):
         _one_of("weight_decay_exclusions", cfg.weight_decay_exclusions, ("all", "unilm"))
         _one_of("compile_mode", cfg.compile_mode, COMPILE_MODES)
         _at_least(cfg, 1, "batch_size", "accum_steps", "epochs", "log_every")
-        _check_device(cfg.device)
+        _check_device(cfg.device, values_only)
         if cfg.distributed == "fsdp" and cfg.optimizer.startswith("apex"):
             raise ConfigError(f"optimizer={cfg.optimizer} is not supported with distributed=fsdp (apex's fused "
                               f"kernels take plain tensors, not FSDP's sharded DTensors, and LAMB's trust ratio "
@@ -603,13 +669,13 @@ def check(config):
         if cfg.distributed == "fsdp" and getattr(cfg, "ema", False):
             raise ConfigError("ema=true is not supported with distributed=fsdp (the EMA copy would be a full, "
                               "unsharded model on every rank); use distributed=ddp, or ema=false")
-        if cfg.distributed == "fsdp" and not fsdp_runs_on_cpu():
+        if cfg.distributed == "fsdp" and not fsdp_runs_on_cpu() and not values_only:
             import torch
             if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
                 raise ConfigError(f"distributed=fsdp on the CPU needs a newer torch than {torch.__version__} (its "
                                   f"FSDP has no CPU streams; torch 2.11 has them, 2.6 does not); use distributed=ddp "
                                   f"here, or GPUs")
-        if cfg.optimizer.startswith("apex"):
+        if cfg.optimizer.startswith("apex") and not values_only:
             try:
                 import apex.optimizers  # noqa: F401
             except ImportError:
@@ -618,7 +684,7 @@ def check(config):
         fields = model_fields(cfg)
         if fields["img_size"] % fields["patch_size"]:
             raise ConfigError(f"img_size {fields['img_size']} is not a multiple of patch_size {fields['patch_size']}")
-        if cfg.resume and cfg.resume != "auto" and not os.path.exists(cfg.resume):
+        if cfg.resume and cfg.resume != "auto" and not os.path.exists(cfg.resume) and not values_only:
             raise ConfigError(f"resume={cfg.resume!r} does not exist (use resume=auto to continue the run in "
                               f"output_dir if it has a checkpoint)")
     try:
@@ -635,15 +701,16 @@ def check(config):
             if cfg.tokenizer == "dvae" and not cfg.tokenizer_path:
                 raise ConfigError("tokenizer=dvae needs tokenizer_path=<DALL-E encoder.pkl or state dict>; nothing "
                                   "is downloaded at run time (or use tokenizer=kmeans, fit on your own images)")
-            if cfg.tokenizer_path and not os.path.isfile(cfg.tokenizer_path):
+            if cfg.tokenizer_path and not os.path.isfile(cfg.tokenizer_path) and not values_only:
                 raise ConfigError(f"tokenizer file {cfg.tokenizer_path!r} not found"
                                   + (" (make one with `beit-fast fit-tokenizer`, or leave tokenizer_path empty to "
                                      "fit one automatically)" if cfg.tokenizer == "kmeans" else
                                      " (nothing is downloaded at run time: fetch "
                                      "https://cdn.openai.com/dall-e/encoder.pkl yourself)"))
             grid = fields["img_size"] // fields["patch_size"]
-            per_code = tokenizer_downsample(cfg)
-            if cfg.second_img_size and cfg.second_img_size != grid * per_code:
+            reads_file = cfg.tokenizer == "kmeans" and cfg.tokenizer_path   # its patch size is in the file
+            per_code = None if values_only and reads_file else tokenizer_downsample(cfg)
+            if per_code and cfg.second_img_size and cfg.second_img_size != grid * per_code:
                 raise ConfigError(f"second_img_size={cfg.second_img_size}: the tokenizer gives one code per "
                                   f"{per_code}px, so a {grid}x{grid} patch grid needs a {grid * per_code}px view "
                                   f"(or second_img_size=0 for automatic)")
@@ -655,13 +722,18 @@ def check(config):
                             cfg.min_mask_aspect, None)
             except ValueError as e:   # the generator's names: min_num_patches is min_mask_patches, ...
                 raise ConfigError(f"masking (num/min/max_mask_patches, min_mask_aspect): {e}") from None
-            check_dataset(cfg.dataset, cfg.data_path, ("train",))
-            _check_one_step_fits(cfg)
+            if not values_only:
+                check_dataset(cfg.dataset, cfg.data_path, ("train",))
+                n = _train_images(cfg)
+                _check_one_step_fits(cfg, n)
+                if cfg.tokenizer == "kmeans" and not cfg.tokenizer_path:   # fit on the first images, one code a patch
+                    _check_kmeans_fit(cfg.tokenizer_vocab, min(n, cfg.tokenizer_fit_images), grid * grid,
+                                      TokenizerFitConfig.max_patches, ("tokenizer_vocab", "tokenizer_fit_images"))
         elif isinstance(cfg, FinetuneConfig):
             if fields["vocab_size"] > 0:
                 raise ConfigError(f"model {cfg.model!r} is a pretraining model; fine-tune a classification model "
                                   f"(e.g. beit_base_patch16_224) and pass the pretraining checkpoint as init")
-            if cfg.init:
+            if cfg.init and not values_only:
                 from .checkpoint import resolve_checkpoint
                 try:
                     resolve_checkpoint(cfg.init, weights_folder=True)
@@ -674,14 +746,18 @@ def check(config):
             if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
                 raise ConfigError(f"crop_pct must be in (0, 1] (evaluation resizes to img_size / crop_pct), or "
                                   f"null for unilm's choice, got {cfg.crop_pct}")
-            check_dataset(cfg.dataset, cfg.data_path, ("train", "val"))
-            _check_one_step_fits(cfg)
-        elif isinstance(cfg, TokenizerFitConfig):
+            if not values_only:
+                check_dataset(cfg.dataset, cfg.data_path, ("train", "val"))
+                _check_one_step_fits(cfg, _train_images(cfg))
+        elif isinstance(cfg, TokenizerFitConfig) and not values_only:
             check_dataset(cfg.dataset, cfg.data_path, ("train",))
+            images = min(len(build_dataset(cfg.dataset, "train", cfg.data_path, cfg.img_size)), cfg.max_images)
+            _check_kmeans_fit(cfg.vocab_size, images, (cfg.img_size // cfg.patch_size) ** 2, cfg.max_patches,
+                              ("vocab_size", "max_images"))
     except (FileNotFoundError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(str(e)) from None
-    if isinstance(cfg, RunConfig):
+    if isinstance(cfg, RunConfig) and not values_only:
         _check_output_dir_is_free(cfg)    # last: the errors above say more about what to fix
     return cfg

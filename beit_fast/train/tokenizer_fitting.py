@@ -37,8 +37,8 @@ def collect_patches(dataset, view_size: int, patch_size: int, max_images: int, m
 
 
 def fit_on_dataset(dataset, view_size: int, patch_size: int, vocab_size: int, max_images: int = 10000,
-                   max_patches: int = 200000, iters: int = 25, seed: int = 0, device: str = "cpu",
-                   num_workers: int = 0) -> KMeansTokenizer:
+                   max_patches: int = config_mod.TokenizerFitConfig.max_patches, iters: int = 25, seed: int = 0,
+                   device: str = "cpu", num_workers: int = 0) -> KMeansTokenizer:
     x = collect_patches(dataset, view_size, patch_size, max_images, max_patches, seed, num_workers)
     tok = fit_kmeans(x.to(device), vocab_size, patch_size, in_chans=3, iters=iters, seed=seed)
     return tok.cpu()
