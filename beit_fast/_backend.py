@@ -251,12 +251,13 @@ def choose(op: str, backend: str, reasons: Callable[[str, bool], list[str]], pre
     reasons(backend, auto) -> list of reasons it cannot run (empty = it can).
     preference: the op's backends, fastest first; "reference" must be last.
     """
+    forced_by = ""
     if backend == "auto":
         # The override applies to the ops that have that backend; the others stay on auto, so that
         # BEIT_FAST_BACKEND=triton runs every Triton kernel of a model and leaves the C++ ops alone.
         env = os.environ.get("BEIT_FAST_BACKEND", "auto").strip() or "auto"
         if env in preference:
-            backend = env
+            backend, forced_by = env, f" (chosen by BEIT_FAST_BACKEND={env}; unset it for 'auto')"
         elif env not in BACKENDS + ("auto",):
             raise BackendUnavailable(f"BEIT_FAST_BACKEND={env!r} is not one of {BACKENDS + ('auto',)}")
     if backend == "auto":
@@ -269,7 +270,7 @@ def choose(op: str, backend: str, reasons: Callable[[str, bool], list[str]], pre
         raise BackendUnavailable(f"{op}: backend {backend!r} is not one of this op's backends {tuple(preference)} (or 'auto')")
     why = reasons(backend, False)
     if why:
-        raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: " + "; ".join(why))
+        raise BackendUnavailable(f"{op}: backend {backend!r}{forced_by} cannot run here: " + "; ".join(why))
     return backend
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 
@@ -128,3 +129,59 @@ def window_from_table_rows(rows: int, hint=None):
         return None
     w = (side + 1) // 2
     return (w, w)
+
+
+# ---------------------------------------------------------------------------------------- explicit indexes
+
+def check_index_range(index: torch.Tensor, num_rel: int) -> None:
+    """An explicit index must address rows of the table: the kernels gather through it unchecked, and the
+    reference's indexing would wrap negative values (or trip a device-side assert on a GPU). One host sync;
+    only explicit (non-BEiT) layouts pay it."""
+    if index.numel() == 0 or index.device.type == "meta":
+        return
+    lo, hi = (int(v) for v in torch.aminmax(index))
+    if lo < 0 or hi >= num_rel:
+        raise ValueError(f"rel_index values must lie in [0, R) = [0, {num_rel}) (rows of bias_table), "
+                         f"got values in [{lo}, {hi}]")
+
+
+class PerIndexTensor:
+    """A value per live index tensor and version counter. Keyed by id() with a weak reference whose callback
+    drops the entry when the tensor dies (before its id can be reused), so an index freed and another
+    allocated in its place is never a stale hit; an in-place change bumps the version, and `t.data = other`
+    changes the data pointer: a miss. A change that bypasses the version counter (`t.data.copy_(...)`, writes
+    through a numpy or DLPack view of the same memory) is not seen: the cached value goes stale. (Tensors
+    cannot be WeakKeyDictionary keys: weakref equality compares them elementwise.) Inference tensors
+    (made under torch.inference_mode) have no version counter: they are never cached."""
+
+    def __init__(self):
+        self._entries = {}
+
+    def get(self, t: torch.Tensor, tag):
+        if t.is_inference():   # no version counter: never cached (see put)
+            return None
+        entry = self._entries.get(id(t))
+        if entry is None or entry[0]() is not t or entry[1] != (t._version, t.data_ptr(), tag):
+            return None
+        return entry[2]
+
+    def put(self, t: torch.Tensor, tag, value) -> None:
+        if t.device.type == "meta" or t.is_inference():   # an inference tensor has no version to key on
+            return
+        key, entries = id(t), self._entries
+
+        def forget(ref):
+            if entries.get(key, (None,))[0] is ref:
+                del entries[key]
+        entries[key] = (weakref.ref(t, forget), (t._version, t.data_ptr(), tag), value)
+
+
+_CHECKED_INDEXES = PerIndexTensor()     # explicit index -> True once its values are checked against R
+
+
+def check_index_range_once(index: torch.Tensor, num_rel: int) -> None:
+    """check_index_range, once per index tensor and version: a model passing the same index every step
+    pays the host sync on the first call only."""
+    if _CHECKED_INDEXES.get(index, num_rel) is None:
+        check_index_range(index, num_rel)
+        _CHECKED_INDEXES.put(index, num_rel, True)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import weakref
 
 import torch
 import triton
@@ -41,6 +40,7 @@ import triton.language as tl
 from ._device import cdiv, int32_addressable, next_power_of_2, on_device_of_first_arg
 from ._launch import launch
 from ._settings import KERNELS, dense_bias_setting
+from beit_fast.relpos import PerIndexTensor, check_index_range_once
 
 LOG2E = 1.4426950408889634
 # where the kernels take the bias from (their BIAS_SRC): BEiT's window layout, gathered through per-token
@@ -288,10 +288,16 @@ def _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, star
 
 
 @triton.jit
+def _bh_index():
+    """b*H + h of this program: grid axis 1 plus axis 2 times axis 1's size (_bh_grid)."""
+    return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+
+
+@triton.jit
 def _bh_program(K, V, SEED, H, s_kb, s_kh, s_vb, s_vh, HAS_DROPOUT: tl.constexpr):
-    """For a program on grid axis 1 = b*H + h: (b*H + h, b, h, K and V moved to that batch and head, the
-    dropout seed (0 without dropout))."""
-    bh = tl.program_id(1)
+    """For a program on grid axes 1 and 2 (b*H + h, see _bh_grid): (b*H + h, b, h, K and V moved to that batch
+    and head, the dropout seed (0 without dropout))."""
+    bh = _bh_index()
     b = (bh // H).to(tl.int64)
     h = bh % H
     seed = 0
@@ -374,7 +380,7 @@ def _fwd_kernel(Q, K, V, TBL, IDX, SEED, O, LSE,
 def _delta_kernel(O, DO, DELTA, s_ob, s_oh, s_on, s_od, s_gb, s_gh, s_gn, s_gd, H, N,
                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_index()
     b = (bh // H).to(tl.int64)
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -655,7 +661,7 @@ def _table_grad_kernel(DB, PERM, START, COUNT, DT, G, H, N, R, MAX_COUNT, part_r
 @triton.jit
 def _keep_mask_kernel(SEED, OUT, H, N, dropout_p, BLOCK: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_index()
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     seed = tl.load(SEED)
     for start_n in range(0, N, BLOCK):
@@ -818,7 +824,7 @@ def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout
         check_index_range_once(rel_index, table.shape[0])
     bias = _BiasArgs(table, rel_index, window_size, N)
     tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(cfg)
-    grid = (cdiv(N, cfg.block_m), B * H)
+    grid = (cdiv(N, cfg.block_m),) + _bh_grid(B, H)
     launch(_fwd_kernel, grid,
         q, k, v, tbl, idx, _seed_arg(seed, tbl), out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_tr, s_th, s_ii, s_ij,
@@ -828,6 +834,19 @@ def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout
         BIAS_SRC=src, HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return lse
+
+
+GRID_YZ_MAX = 65535   # CUDA's limit on grid axes 1 and 2
+
+
+def _bh_grid(B: int, H: int) -> tuple:
+    """Grid axes 1 and 2 for B*H (batch, head) programs: (B*H, 1) while that fits axis 1, else (d*H, B/d)
+    with d the largest divisor of B that keeps d*H within the limit (exact: no idle programs). B and H up
+    to GRID_YZ_MAX each (the op's reasons refuse more)."""
+    if B * H <= GRID_YZ_MAX:
+        return (B * H, 1)
+    d = max(x for x in range(1, max(GRID_YZ_MAX // H, 1) + 1) if B % x == 0)
+    return (d * H, B // d)
 
 
 def num_batch_groups(B: int, H: int, N: int, device: torch.device) -> int:
@@ -911,7 +930,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     seed_t = _seed_arg(seed, table)
 
     delta = _alloc((B, H, N), torch.float32, q.device)
-    launch(_delta_kernel, (cdiv(N, 64), B * H),
+    launch(_delta_kernel, (cdiv(N, 64),) + _bh_grid(B, H),
         out, do, delta, *out.stride(), *do.stride(), H, N, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=64)
 
     need_dbias = inverse_index is not None
@@ -942,7 +961,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
 
     c = cfgs.dq
     tbl, idx, s_tr, s_th, s_ii, s_ij, src = bias.for_kernel(c)
-    launch(_dq_kernel, (cdiv(N, c.block_m), B * H),
+    launch(_dq_kernel, (cdiv(N, c.block_m),) + _bh_grid(B, H),
         q, k, v, tbl, idx, seed_t, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), s_tr, s_th, s_ii, s_ij,
         H, N, R, centre, scale, scale * LOG2E, float(dropout_p),
@@ -953,58 +972,7 @@ def rel_pos_attention_bwd(do, q, k, v, out, lse, table, rel_index, window_size, 
     return dtable
 
 
-def check_index_range(index: torch.Tensor, num_rel: int) -> None:
-    """An explicit index must address rows of the table: the kernels gather through it unchecked. One host
-    sync; only explicit (non-BEiT) layouts pay it."""
-    if index.numel() == 0 or index.device.type == "meta":
-        return
-    lo, hi = (int(v) for v in torch.aminmax(index))
-    if lo < 0 or hi >= num_rel:
-        raise ValueError(f"rel_index values must lie in [0, R) = [0, {num_rel}) (rows of bias_table), "
-                         f"got values in [{lo}, {hi}]")
-
-
-class _PerIndexTensor:
-    """A value per live index tensor and version counter. Keyed by id() with a weak reference whose callback
-    drops the entry when the tensor dies (before its id can be reused), so an index freed and another
-    allocated in its place is never a stale hit; an in-place change bumps the version, and `t.data = other`
-    changes the data pointer: a miss. A change that bypasses the version counter (`t.data.copy_(...)`, writes
-    through a numpy or DLPack view of the same memory) is not seen: the cached value goes stale. (Tensors
-    cannot be WeakKeyDictionary keys: weakref equality compares them elementwise.) Inference tensors
-    (made under torch.inference_mode) have no version counter: they are never cached."""
-
-    def __init__(self):
-        self._entries = {}
-
-    def get(self, t: torch.Tensor, tag):
-        if t.is_inference():   # no version counter: never cached (see put)
-            return None
-        entry = self._entries.get(id(t))
-        if entry is None or entry[0]() is not t or entry[1] != (t._version, t.data_ptr(), tag):
-            return None
-        return entry[2]
-
-    def put(self, t: torch.Tensor, tag, value) -> None:
-        if t.device.type == "meta" or t.is_inference():   # an inference tensor has no version to key on
-            return
-        key, entries = id(t), self._entries
-
-        def forget(ref):
-            if entries.get(key, (None,))[0] is ref:
-                del entries[key]
-        entries[key] = (weakref.ref(t, forget), (t._version, t.data_ptr(), tag), value)
-
-
-_CHECKED_INDEXES = _PerIndexTensor()     # explicit index -> True once its values are checked against R
-_INVERSE_INDEXES = _PerIndexTensor()     # explicit index -> its build_inverse_index(index, R)
-
-
-def check_index_range_once(index: torch.Tensor, num_rel: int) -> None:
-    """check_index_range, once per index tensor and version: a model passing the same index every step
-    pays the host sync on the first call only."""
-    if _CHECKED_INDEXES.get(index, num_rel) is None:
-        check_index_range(index, num_rel)
-        _CHECKED_INDEXES.put(index, num_rel, True)
+_INVERSE_INDEXES = PerIndexTensor()      # explicit index -> its build_inverse_index(index, R)
 
 
 def inverse_index_once(index: torch.Tensor, num_rel: int):
@@ -1035,7 +1003,7 @@ def dropout_keep_mask(seed: torch.Tensor, B: int, H: int, N: int, dropout_p: flo
     """(B, H, N, N) bool keep-mask the kernels use for this seed (test-only: it materializes B*H*N*N)."""
     out = torch.empty((B, H, N, N), dtype=torch.int8, device=seed.device)
     BLOCK = 32
-    launch(_keep_mask_kernel, (cdiv(N, BLOCK), B * H), seed, out, H, N, float(dropout_p), BLOCK=BLOCK)
+    launch(_keep_mask_kernel, (cdiv(N, BLOCK),) + _bh_grid(B, H), seed, out, H, N, float(dropout_p), BLOCK=BLOCK)
     return out.bool()
 
 

@@ -114,6 +114,14 @@ def test_forced_backend_lists_reasons():
         _backend.choose("x", "triton", lambda b, auto: [], ("cuda", "reference"))
 
 
+def test_a_backend_forced_by_the_environment_says_so(monkeypatch):
+    """The caller asked for "auto": the error names BEIT_FAST_BACKEND as what forced the backend."""
+    monkeypatch.setenv("BEIT_FAST_BACKEND", "cuda")
+    with pytest.raises(_backend.BackendUnavailable, match=r"'cuda' \(chosen by BEIT_FAST_BACKEND=cuda.*needs CUDA"):
+        _backend.choose("x", "auto", lambda b, auto: _backend.common_reasons(b, ["cpu"], auto=auto),
+                        ("cuda", "reference"))
+
+
 def _matching_toolkit_present() -> bool:
     """A toolkit of torch's own CUDA major version (what setup.py needs to build the CUDA sources)."""
     homes = [os.environ.get("CUDA_HOME", "")] + glob.glob("/usr/local/cuda*")

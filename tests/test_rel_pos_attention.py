@@ -662,8 +662,9 @@ def test_bad_inputs_raise_value_error(mutate, match):
 @needs_triton
 @pytest.mark.parametrize("bad", [12, -1])
 def test_kernels_refuse_an_out_of_range_index(bad):
-    """The kernels gather through an explicit index unchecked, so their launchers check its range first (the
-    public op's up-front check covers CPU tensors only: on a GPU the kernel-side check is the one that runs)."""
+    """The kernels gather through an explicit index unchecked, so their launchers check its range first; the
+    public op checks it up front on every device, for the reference too (on a GPU its indexing would wrap -1
+    to the last table row, or trip a device-side assert)."""
     from beit_fast.kernels import rel_pos_attention as K
     device = "cuda" if CUDA else "cpu"
     (q, k, v), table = _good()
@@ -674,9 +675,9 @@ def test_kernels_refuse_an_out_of_range_index(bad):
         K.rel_pos_attention_fwd(q, k, v, table, index, None, 0.25, 0.0, None, torch.empty_like(q))
     with pytest.raises(ValueError, match=r"\[0, 12\).*got values in"):
         K.build_inverse_index(index, 12)
-    if CUDA:
-        with pytest.raises(ValueError, match=r"\[0, 12\)"):
-            rel_pos_attention(q, k, v, table, rel_index=index, backend="triton")
+    for backend in ("reference", "triton") if CUDA else ("reference",):
+        with pytest.raises(ValueError, match=r"\[0, 12\).*got values in"):
+            rel_pos_attention(q, k, v, table, rel_index=index, backend=backend)
 
 
 @needs_triton
@@ -684,16 +685,17 @@ def test_explicit_index_is_checked_and_inverted_once_per_version(monkeypatch):
     """An explicit index passed every step costs its range check (a host sync) and its inverse (an argsort
     and a sync) on the first step only; changed in place, it is checked and inverted again, and the
     gradients follow the new index."""
+    from beit_fast import relpos
     from beit_fast.kernels import rel_pos_attention as K
     calls = {"check": 0, "build": 0}
-    check, build = K.check_index_range, K.build_inverse_index
+    check, build = relpos.check_index_range, K.build_inverse_index
 
     def counted(name, fn):
         def wrapper(*a, **k):
             calls[name] += 1
             return fn(*a, **k)
         return wrapper
-    monkeypatch.setattr(K, "check_index_range", counted("check", check))
+    monkeypatch.setattr(relpos, "check_index_range", counted("check", check))
     monkeypatch.setattr(K, "build_inverse_index", counted("build", build))
     (q, k, v), table = _good()
     q, k, v, table = (t.to(DEVICE) for t in (q, k, v, table))
@@ -741,8 +743,8 @@ def test_int32_addressable_leaves_the_int64_batch_term_alone():
 
 def test_per_index_cache_forgets_dead_tensors_and_old_versions():
     import gc
-    K = pytest.importorskip("beit_fast.kernels.rel_pos_attention")
-    cache = K._PerIndexTensor()
+    from beit_fast.relpos import PerIndexTensor
+    cache = PerIndexTensor()
     a = torch.zeros(3, 3, dtype=torch.long)
     cache.put(a, 12, "inverse of a")
     assert cache.get(a, 12) == "inverse of a" and cache.get(a, 13) is None
@@ -972,3 +974,46 @@ def test_cuda_table_gradient_deterministic_beit_base():
         again = run(rel_pos_attention_qkvpacked, inputs, table, grad, window_size=W, backend="triton")[1]
         assert torch.equal(first[1], again[1])
 
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_autocast_casts_q_k_v_like_sdpa(backend):
+    """Under torch.autocast q, k, v are cast to the autocast dtype as scaled_dot_product_attention casts them
+    (so both backends compute in it, and mixed q / k / v dtypes are accepted); the table keeps its dtype and
+    its gradient's. fp16 autocast on CPU tensors (the interpreter cannot do bf16)."""
+    (q, k, v), table = _good()
+    q, k, v, table = (t.to(DEVICE) for t in (q, k, v, table))
+    q = q.half()   # mixed: refused outside autocast
+    with pytest.raises(ValueError, match="share one floating dtype"):
+        rel_pos_attention(q, k, v, table, window_size=(2, 2), backend=backend)
+    grad = torch.randn(q.shape, device=DEVICE).half()
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        got = run(lambda q, k, v, t: rel_pos_attention(q, k, v, t, window_size=(2, 2), backend=backend),
+                  [q, k, v], table, grad)
+    want = run(lambda q, k, v, t: rel_pos_attention(q, k, v, t, window_size=(2, 2), backend=backend),
+               [t.half() for t in (q, k, v)], table, grad)
+    assert got[0].dtype == torch.float16 and got[1][3].dtype == table.dtype
+    assert torch.equal(got[0], want[0])
+    for name, a, b in zip(GRAD_NAMES, got[1], want[1]):
+        torch.testing.assert_close(a.float(), b.float(), msg=lambda m, name=name: f"{name}: {m}")
+
+
+
+@needs_triton
+@pytest.mark.parametrize("B, H, limit", [(2, 3, 4), (6, 2, 9), (5, 2, 9)])
+def test_batch_and_heads_past_the_grid_axis_limit(monkeypatch, B, H, limit):
+    """B*H past CUDA's 65535 on grid axis 1 spills onto axis 2 (_bh_grid; a limit lowered here to reach it at a
+    small size): output, every gradient and the dropout mask bitwise those of one axis."""
+    from beit_fast.kernels import rel_pos_attention as K
+    W = (2, 2)
+    (q, k, v), table, grad = make_inputs(B, H, 5, 16, torch.float32, num_relative_distance(W))
+    kw = dict(window_size=W, dropout_p=0.3, dropout_seed=1234, backend="triton")
+    one_axis = run(rel_pos_attention, [q, k, v], table, grad, **kw)
+    mask = dropout_keep_mask(1234, B, H, 5, 0.3, device=DEVICE)
+    monkeypatch.setattr(K, "GRID_YZ_MAX", limit)
+    y, z = K._bh_grid(B, H)
+    assert z > 1 and y * z == B * H and y <= limit
+    split = run(rel_pos_attention, [q, k, v], table, grad, **kw)
+    assert torch.equal(split[0], one_axis[0])
+    for name, a, b in zip(GRAD_NAMES, split[1], one_axis[1]):
+        assert torch.equal(a, b), name
+    assert torch.equal(dropout_keep_mask(1234, B, H, 5, 0.3, device=DEVICE), mask)

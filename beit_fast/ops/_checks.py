@@ -9,8 +9,20 @@ import torch
 
 
 # the dtypes torch.autocast casts to its lower precision (fp64 and integer tensors it leaves alone); the ops
-# that cast their own inputs under autocast (linear_gelu, masked_patch_embed) cast these only
+# that cast their own inputs under autocast (linear_gelu, masked_patch_embed, rel_pos_attention) cast these only
 AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast(*tensors):
+    """Inside torch.autocast (on the first tensor's device type), the tensors cast to the autocast dtype as
+    F.linear / scaled_dot_product_attention would cast them (a custom op has no autocast rule of its own);
+    None, non-tensors and fp64 pass unchanged. Outside autocast: unchanged."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or first.device.type not in ("cuda", "cpu") or \
+            not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dt = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in AUTOCAST_ELIGIBLE else t for t in tensors)
 
 
 def tensor(op: str, name: str, t, optional: bool = False) -> Optional[torch.Tensor]:

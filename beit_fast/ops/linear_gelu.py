@@ -72,20 +72,6 @@ def _check_inputs(x, weight, bias):
                          + ", ".join(str(t.device) for t in tensors))
 
 
-def _autocast(x, weight, bias):
-    """Inside torch.autocast, cast to the autocast dtype as F.linear does (the custom op has no autocast
-    rule of its own, and the reference's F.linear would do it anyway)."""
-    if not isinstance(x, torch.Tensor) or x.device.type not in ("cuda", "cpu"):
-        return x, weight, bias
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return x, weight, bias
-    dt = torch.get_autocast_dtype(dev)
-    # fp32 / fp16 / bf16 are cast; autocast leaves fp64 alone (F.linear on fp64 stays fp64)
-    cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in checks.AUTOCAST_ELIGIBLE else t  # noqa: E731
-    return cast(x), cast(weight), cast(bias)
-
-
 def not_supported_reasons(backend: str, x, weight=None, bias=None, *, auto: bool = False) -> list[str]:
     """Why `backend` cannot run these inputs (empty: it can). x may be a device (str) for `info`."""
     tensors = [t for t in (x, weight, bias) if t is not None]
@@ -193,7 +179,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Gradients flow to x, weight and bias, bitwise reproducible within a process (no atomics; the
     autotuned GEMM config, chosen once per shape and process, sets the summation order).
     """
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = checks.autocast(x, weight, bias)   # as F.linear under autocast
     _check_inputs(x, weight, bias)
     chosen = choose("linear_gelu", backend,
                     lambda b, auto: not_supported_reasons(b, x, weight, bias, auto=auto), PREFERENCE)

@@ -222,9 +222,7 @@ def masked_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optiona
         b, images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed, auto=auto), PREFERENCE)
     if chosen == "reference":
         return masked_patch_embed_ref(images, weight, bias, bool_masked_pos, mask_token, cls_token, pos_embed)
-    if _autocast_on(images):   # as conv2d under autocast: fp32 / fp16 / bf16 cast, fp64 left alone
-        dtype = torch.get_autocast_dtype(images.device.type)
-        images, weight = (t.to(dtype) if t.dtype in checks.AUTOCAST_ELIGIBLE else t for t in (images, weight))
+    images, weight = checks.autocast(images, weight)   # as conv2d under autocast
     if bool_masked_pos is None:
         mask_token = None  # unused without a mask: no gradient, as in the reference
     return _eager.call(torch.ops.beit_fast.masked_patch_embed, _Fn, images, weight, bias, bool_masked_pos,

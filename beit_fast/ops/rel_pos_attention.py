@@ -26,12 +26,13 @@ from beit_fast._backend import choose, common_reasons, offset_span
 from . import _checks as checks
 from . import _eager
 from beit_fast.relpos import _index_cpu, num_relative_distance, relative_position_index  # noqa: F401 (re-exported)
+from beit_fast.relpos import check_index_range_once
 
 BACKENDS = ("triton", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
-MAX_GRID_Y = 65535  # the launchers put B*H on grid axis 1
+MAX_GRID_Y = 65535  # the launchers put B*H on grid axes 1 and 2 (kernels.rel_pos_attention._bh_grid): B, H each up to this
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,9 +129,8 @@ def _check_inputs(q, k, v, table, window_size, rel_index, scale, dropout_p, what
             raise ValueError(f"rel_index must be an integer tensor of shape (N, N) = ({N}, {N}), got {got}")
         if rel_index.dtype.is_floating_point or rel_index.dtype.is_complex or rel_index.dtype == torch.bool:
             raise ValueError(f"rel_index must be an integer tensor, got {rel_index.dtype}")
-        if rel_index.device.type == "cpu" and not torch.compiler.is_compiling() and (
-                int(rel_index.min()) < 0 or int(rel_index.max()) >= table.shape[0]):
-            raise ValueError(f"rel_index values must lie in [0, R) = [0, {table.shape[0]}) (rows of bias_table)")
+        if not torch.compiler.is_compiling():   # any device, once per index tensor and version (a host sync;
+            check_index_range_once(rel_index, table.shape[0])   # inside a compiled graph, unchecked)
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a Python number or None, got {type(scale).__name__}")
     if not 0.0 <= float(dropout_p) < 1.0:
@@ -154,9 +154,9 @@ def not_supported_reasons(backend: str, q, k, v, table, window_size=None, rel_in
         if span >= 2**31:   # the batch term is int64 in the kernels; rows, heads and head dims are int32
             why.append(f"one batch element of q, k or v spans {span} elements (its strides), past the kernels' "
                        f"int32 offsets (2**31): make them contiguous (e.g. batch-first qkv)")
-        if q.shape[0] * q.shape[1] > MAX_GRID_Y:
-            why.append(f"B*H = {q.shape[0] * q.shape[1]} programs exceed the CUDA grid's y limit {MAX_GRID_Y} "
-                       "the kernels launch on (split the batch)")
+        if max(q.shape[0], q.shape[1]) > MAX_GRID_Y:
+            why.append(f"B = {q.shape[0]} or H = {q.shape[1]} exceeds the CUDA grid's limit {MAX_GRID_Y} on the "
+                       "axes the kernels launch batches and heads on (split the batch)")
     return why
 
 
@@ -370,6 +370,8 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
       backend seeds a generator of its own with it: reproducible, but another mask than the kernels').
     backend: "auto" (triton for GPU tensors, else reference), "triton", "reference"; BEIT_FAST_BACKEND
       overrides "auto". A forced backend that cannot run raises BackendUnavailable with the reasons.
+    Under torch.autocast, q, k, v are cast to the autocast dtype as scaled_dot_product_attention casts them
+    (fp64 left alone); the table keeps its dtype.
     Returns (B, H, N, D) in q's dtype, contiguous.
 
     Memory (Triton): the forward saves out and lse (B, H, N) fp32. The backward adds Delta (B, H, N) fp32,
@@ -391,6 +393,7 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
     BEiT-L at 384 px, 22 MB, yes; at 512 px, 68 MB, no); else, or with BEIT_FAST_ATTN_DENSE_BIAS=0, none:
     the kernels gather per element.
     """
+    q, k, v = checks.autocast(q, k, v)   # as scaled_dot_product_attention under autocast; the table as it is
     wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = _choose(q, k, v, bias_table, window_size, rel_index, dropout_p, backend)
@@ -412,6 +415,7 @@ def rel_pos_attention_qkvpacked(qkv: Tensor, bias_table: Tensor, *, window_size=
     if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         got = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
         raise ValueError(f"qkv must have shape (B, N, 3, H, D), got {got}")
+    qkv, = checks.autocast(qkv)
     q, k, v = _packed_views(qkv)
     wh, ww = _check_inputs(q, k, v, bias_table, window_size, rel_index, scale, dropout_p, what="qkv (as q, k, v)")
     B, H, N, D = q.shape
