@@ -3,7 +3,9 @@ path (beit_fast/ops/_eager.py) against the torch.library registration it bypasse
 
 The Triton ops run under TRITON_INTERPRET=1 with the interpreter's launch replaced by a no-op, so what is
 timed is the wrapper, the argument checks, the backend choice, the autograd machinery and the launcher's own
-Python; the C++ ops (layer_scale_residual_norm, masked_patch_embed) run their CPU kernels on tiny inputs.
+Python (it fails, naming the Triton, if the interpreter runs a kernel's program anyway, or if a Triton op's
+timing launched nothing); the C++ ops (layer_scale_residual_norm, masked_patch_embed) run their CPU kernels on
+tiny inputs.
 Forward only and forward+backward, median of 7 rounds of 300 calls. CPU only (no GPU needed or used).
 
     python bench/eager_overhead.py [--rounds 7] [--calls 300]
@@ -17,12 +19,32 @@ os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported
 import importlib  # noqa: E402
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 import triton.runtime.interpreter as _interpreter  # noqa: E402
 
-_interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None   # launches do nothing
+# Launches do nothing: GridExecutor.__call__ runs a launch's programs in Triton 3.2-3.8 (InterpretedFunction.run
+# is no stub point: in 3.2-3.5 __init__ sets it per instance and __getitem__ builds a GridExecutor itself). The
+# launches are counted, and so is every program the interpreter still runs (set_grid_idx: once per program).
+LAUNCHES, PROGRAMS = [0], [0]
+
+
+def _no_launch(self, *args, **kwargs):
+    LAUNCHES[0] += 1
+
+
+def _program(self, *args, _set=_interpreter.InterpreterBuilder.set_grid_idx):
+    PROGRAMS[0] += 1
+    return _set(self, *args)
+
+
+_interpreter.GridExecutor.__call__ = _no_launch
+_interpreter.InterpreterBuilder.set_grid_idx = _program
 
 from beit_fast.ops import _eager  # noqa: E402
 from common import host_us  # noqa: E402
+
+
+TRITON_OPS = ("layer_norm", "linear_gelu", "rel_pos_attention_qkvpacked")
 
 
 def _inputs():
@@ -56,6 +78,7 @@ def main(argv=None):
     ops = _inputs()
     fast_eager = _eager.eager
     print("| op | mode | fast path us | registered op us |\n|---|---|---|---|")
+    launched = 0
     for name, fwd in ops.items():
         def fwd_bwd(fwd=fwd):
             out = fwd()
@@ -64,12 +87,22 @@ def main(argv=None):
             got = []
             for on in (True, False):
                 _eager.eager = fast_eager if on else (lambda *a: False)
+                before = LAUNCHES[0]
                 try:
                     got.append(host_us(fn, args.rounds, args.calls))
                 finally:
                     _eager.eager = fast_eager
+                if PROGRAMS[0]:
+                    raise SystemExit(f"eager_overhead: the interpreter ran {PROGRAMS[0]} kernel programs while "
+                                     f"{name} {mode} was timed: the launch stub does not hold for Triton "
+                                     f"{triton.__version__}, the times would include the interpreted kernels")
+                if name in TRITON_OPS and LAUNCHES[0] == before:
+                    raise SystemExit(f"eager_overhead: {name} {mode} launched no Triton kernel through the stub "
+                                     f"(Triton {triton.__version__}): its time is not that of the launch path")
+                launched += LAUNCHES[0] - before
             print(f"| {name} | {mode} | {got[0]:.1f} | {got[1]:.1f} |")
-    print(f"\nCPU: {os.cpu_count()} cores; torch {torch.__version__}; Python {sys.version.split()[0]}")
+    print(f"\nCPU: {os.cpu_count()} cores; torch {torch.__version__}; Python {sys.version.split()[0]}; "
+          f"Triton {triton.__version__}: {launched} launches stubbed, {PROGRAMS[0]} programs interpreted")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """A stand-in for Triton's CUDA driver on a machine without a GPU (bench/sass_report.py, the launch tests,
-bench/eager_overhead.py --triton-dispatch).
+bench/triton_dispatch.py).
 
 Installed as Triton's active driver, it makes `kernel[grid](...)` on CPU tensors go through JITFunction.run's
 whole host path as on a GPU: argument binding and specialization (alignment of the tensors' addresses,

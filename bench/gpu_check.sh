@@ -11,7 +11,8 @@
 # A shorter re-check after a change (a second device call in the same lease) selects what runs:
 #   GPU_CHECK_TESTS="tests/test_x.py ..."   only these tests (and not the rest of the suite); "" = none
 #   GPU_CHECK_BENCH="attention model"       these steps of: model attention overhead blocks model_compiled
-#                                           train tune (default: model attention overhead blocks; "" = none).
+#                                           train tune (spaces or commas between them; an unknown name stops
+#                                           the script; default: model attention overhead blocks; "" = none).
 #                                           model_compiled: bench_model's CUDA-graph pair (ours_fused_cudagraphs,
 #                                           torch_compile_cudagraphs), fine-tuning only, each compiling a whole
 #                                           BEiT-B (minutes): for a run spent on measuring, with GPU_CHECK_TESTS=""
@@ -24,10 +25,27 @@
 #                                           GPU_CHECK_ALT_CUDA=1: with) with that compiler (C compiler:
 #                                           GPU_CHECK_ALT_CC, else its gcc / clang) in a copy of the tree and run
 #                                           bench/cpp_errors.py against it (summary.md)
+# OUTDIR may hold an earlier run: the files this script writes there (summary.md, build.log, tests.log,
+# bench.log, bench_*.jsonl / .md, tune_*.jsonl / .md) are removed first, nothing else.
+# Exit status: 0 when every step asked for passed; 1 when one failed, timed out or was not run for want of
+# time (a step cut by the deadline is not a pass: the summary's last line, the verdict, names them), also when
+# bench/cpp_errors.py fails or the GPU_CHECK_ALT_CXX build or check fails or is cut; 2 for a bad
+# GPU_CHECK_BENCH (before any work).
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
+BENCH_STEPS="model attention overhead blocks model_compiled train tune"
+# GPU_CHECK_BENCH: names separated by spaces or commas; set but empty: none
+BENCH_ARG=${GPU_CHECK_BENCH-model attention overhead blocks}
+read -ra BENCH_LIST -d '' <<<"${BENCH_ARG//,/ }"
+for b in ${BENCH_LIST[@]+"${BENCH_LIST[@]}"}; do
+  [[ " $BENCH_STEPS " == *" $b "* ]] || {
+    echo "bench/gpu_check.sh: unknown GPU_CHECK_BENCH step '$b'; known: ${BENCH_STEPS// /, }" >&2; exit 2; }
+done
+BENCH=" ${BENCH_LIST[*]-} "
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+rm -f "$OUT"/summary.md "$OUT"/build.log "$OUT"/tests.log "$OUT"/bench.log "$OUT"/bench_*.jsonl "$OUT"/bench_*.md \
+  "$OUT"/tune_*.jsonl "$OUT"/tune_*.md
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 BEIT_FAST_TRITON_INTERPRET=0 BEIT_FAST_INSTAFAIL=1
@@ -38,19 +56,27 @@ export BEIT_FAST_GIT_SHA=${BEIT_FAST_GIT_SHA:-$(git describe --always --dirty --
 # every step ends by then; beit_fast.info and report.py may take 15 s more: 575 s in all, under the device's
 # 600 s per command
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-560} ))
+FAILED=""   # what did not pass, for the verdict (a step in the background: its `wait` status, see tests_rest)
+failed() { FAILED="${FAILED:+$FAILED; }$*"; }
 step() {  # step NAME CAP_S LOG CMD...: run within min(CAP_S, time left), record status and wall time
   local name=$1 limit=$2 log=$3; shift 3
   local t0=$(date +%s)
   local left=$(( DEADLINE - t0 - 5 ))
   (( left < limit )) && limit=$left
-  if (( limit < 10 )); then echo "| $name | not run (out of time) | 0 s |" >>"$SUMMARY"; return 124; fi
+  if (( limit < 10 )); then
+    echo "| $name | not run (out of time) | 0 s |" >>"$SUMMARY"; failed "$name not run (out of time)"; return 124
+  fi
   echo "=== $name (limit ${limit} s)" >>"$log"
   timeout "$limit" "$@" >>"$log" 2>&1
   local rc=$?
   local status=ok
   (( rc == 124 )) && status="TIMED OUT after $limit s" || { (( rc != 0 )) && status="FAILED (rc=$rc)"; }
+  (( rc != 0 )) && failed "$name $status"
   echo "| $name | $status | $(( $(date +%s) - t0 )) s |" >>"$SUMMARY"
   return $rc
+}
+verdict() {  # the summary's last line
+  if [ -n "$FAILED" ]; then echo "verdict: FAILED: $FAILED"; else echo "verdict: passed (every step asked for)"; fi
 }
 {
   echo "# gpu_check $(date -u +%FT%TZ) git $BEIT_FAST_GIT_SHA"
@@ -71,7 +97,7 @@ if ! BEIT_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS
      step build "${GPU_CHECK_BUILD_SECONDS:-180}" "$OUT/build.log" "${INSTALL[@]}"; then
   echo "CUDA build FAILED (build.log): building the C++ ops without CUDA to run the rest" >>"$SUMMARY"
   BEIT_FAST_CUDA=0 MAX_JOBS=${MAX_JOBS:-16} step build_without_cuda 90 "$OUT/build.log" "${INSTALL[@]}" \
-    || { echo "build failed: see build.log" >>"$SUMMARY"; cat "$SUMMARY"; exit 1; }
+    || { { echo "build failed: see build.log"; verdict; } >>"$SUMMARY"; cat "$SUMMARY"; exit 1; }
 fi
 
 # 1b. do the extension's argument errors reach Python here (each case in its own process)? In the background
@@ -137,11 +163,26 @@ REST_PID=
 # shellcheck disable=SC2086
 [ -n "${GPU_TESTS// /}" ] && step tests_gpu "$TEST_CAP" "$OUT/tests.log" "${PYTEST[@]}" \
   ${GPU_WORKERS[@]+"${GPU_WORKERS[@]}"} $GPU_TESTS
-[ -n "$REST_PID" ] && wait "$REST_PID"
+if [ -n "$REST_PID" ]; then
+  wait "$REST_PID"; rc=$?   # the step ran in a subshell: its failure reaches FAILED here
+  (( rc == 124 )) && failed "tests_rest TIMED OUT or not run (out of time)"
+  (( rc != 0 && rc != 124 )) && failed "tests_rest FAILED (rc=$rc)"
+fi
 set +f
+# each pytest's own summary line ("3 passed, 1 skipped in 12.3s"), read before the logs are joined
+pytest_line() {  # pytest_line LOG: its last summary line, or what stands in for it
+  local line
+  line=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s' "$1" 2>/dev/null | tail -1 \
+    | tr -d '=' | sed -E 's/^ +| +$//g')
+  echo "${line:-no pytest summary (cut short)}"
+}
+TESTS_LINE="GPU-facing: not run"
+[ -n "${GPU_TESTS// /}" ] && TESTS_LINE="GPU-facing: $(pytest_line "$OUT/tests.log")"
+[ -n "$REST_PID" ] && TESTS_LINE="$TESTS_LINE; rest: $(pytest_line "$REST_LOG")"
 [ -s "$REST_LOG" ] && cat "$REST_LOG" >>"$OUT/tests.log"
 rm -f "$REST_LOG"
-wait "$DIAG_PID"   # bounded: its one command has a 60 s timeout, and the tests took longer
+# bounded: its one command has a 60 s timeout, and the tests took longer
+wait "$DIAG_PID" || failed "bench/cpp_errors.py FAILED (rc=$?, see summary.md)"
 
 # 3. benchmarks: BEiT-B/L training shapes in bf16 (full sweeps: run the scripts by hand)
 # The default, most telling first (a deadline cuts the last): whole training steps (the unfused and fused
@@ -150,7 +191,7 @@ wait "$DIAG_PID"   # bounded: its one command has a 60 s timeout, and the tests 
 # Asked for by name: model_compiled (the CUDA-graph pair, minutes of compiling), train (the trainer's demo),
 # tune (the attention tile sweep). Each step's markdown table goes into a side file as soon as it ends (into
 # summary.md at the end), so that OUTDIR holds at most 8 files however far the run gets.
-BENCH=" ${GPU_CHECK_BENCH-model attention overhead blocks} "   # set but empty: none
+# (BENCH: GPU_CHECK_BENCH's steps, checked at the top)
 MODEL_ARGS=${GPU_CHECK_MODEL_ARGS:---providers ours_reference,ours_fused,timm}
 TABLES=$(mktemp)
 bench_step() {   # bench_step NAME CAP CMD...: step, then move OUTDIR's new markdown tables aside
@@ -194,6 +235,7 @@ elif (( TUNE_CAP >= 45 )); then
     --seconds $(( TUNE_CAP - 20 ))
 else
   echo "| tune_attention | not run (${TUNE_CAP} s left; run bench/tune_attention.py by hand) | 0 s |" >>"$SUMMARY"
+  failed "tune_attention not run (out of time)"
 fi
 
 # 4. the extension's argument errors with another compiler (and with or without CUDA), in a copy of the tree:
@@ -209,14 +251,15 @@ if [ -n "${GPU_CHECK_ALT_CXX:-}" ]; then
       "($("$GPU_CHECK_ALT_CXX" --version 2>&1 | head -1)), BEIT_FAST_CUDA=${GPU_CHECK_ALT_CUDA:-0}:"
     ALT_LEFT=$(( DEADLINE - $(date +%s) - 10 ))
     if (( ALT_LEFT < 20 )); then
-      echo "not run: ${ALT_LEFT} s left"
+      echo "not run: ${ALT_LEFT} s left"; failed "GPU_CHECK_ALT_CXX check not run (out of time)"
     elif (cd "$ALT" && CXX="$GPU_CHECK_ALT_CXX" CC="$ALT_CC" BEIT_FAST_CUDA=${GPU_CHECK_ALT_CUDA:-0} \
             TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout $(( ALT_LEFT * 2 / 3 )) \
             "$PY" setup.py -q build_ext --inplace >"$ALT/build.log" 2>&1); then
       (cd "$ALT" && timeout $(( DEADLINE - $(date +%s) - 5 > 5 ? DEADLINE - $(date +%s) - 5 : 5 )) \
-         "$PY" "$OLDPWD/bench/cpp_errors.py" 2>&1)
+         "$PY" "$OLDPWD/bench/cpp_errors.py" 2>&1) || failed "bench/cpp_errors.py with $GPU_CHECK_ALT_CXX FAILED"
     else
       echo "alternative build failed or ran out of time:"; tail -5 "$ALT/build.log"
+      failed "GPU_CHECK_ALT_CXX build FAILED or ran out of time"
     fi
   } >>"$DIAG_LOG" 2>&1
 fi
@@ -232,8 +275,7 @@ done
 
 {
   echo
-  echo "tests (GPU-facing; rest): $(grep -E '(passed|failed|error|skipped).* in [0-9.]+s' "$OUT/tests.log" \
-    | tr -d '=' | paste -sd ';' -)"
+  echo "tests: $TESTS_LINE"
   INFO_CAP=$(( DEADLINE - $(date +%s) )); (( INFO_CAP > 30 )) && INFO_CAP=30; (( INFO_CAP < 5 )) && INFO_CAP=5
   echo '```'; timeout $INFO_CAP "$PY" -m beit_fast.info 2>&1; echo '```'; echo
   echo '```'; cat "$DIAG_LOG"; echo '```'
@@ -249,4 +291,6 @@ if compgen -G "$OUT/bench_*.jsonl" >/dev/null; then
     timeout $REPORT_CAP "$PY" bench/report.py "$OUT"/bench_*.jsonl --baseline sdpa,flex,eager,compile,timm,torch_compile,ours_reference,torch_compile_cudagraphs 2>&1
   } >>"$SUMMARY"
 fi
+{ echo; verdict; } >>"$SUMMARY"
 cat "$SUMMARY"
+[ -z "$FAILED" ] || exit 1

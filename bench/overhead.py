@@ -10,16 +10,23 @@ For each op at BEiT-B training shapes (batch 128, bf16) and for a whole training
 The timed benchmarks (bench_attention / bench_blocks) flush L2 before every call, so a host-bound op shows
 its host time there; this table says which ops are host-bound and by how much.
 
-    python bench/overhead.py --out DIR [--smoke]     (--smoke: tiny CPU shapes, host time only)
+Providers: ours (the op with its backend forced, as bench_blocks does, and named in the row's `backend`: the
+Triton kernels and the CUDA extension on CUDA; on the CPU the C++ op and, under TRITON_INTERPRET=1, the Triton
+interpreter; skipped with the reason where that backend cannot run, never the reference in its place), eager /
+sdpa (PyTorch's), and the training step's ours_fused and ours_reference (the model's own backend choice).
+
+    python bench/overhead.py --out DIR [--smoke] [--providers ours,eager]   (--smoke: tiny CPU shapes, host time
+    only; one shape, so no --quick)
 """
+import importlib
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (Outcomes, base_parser, device_and_dtypes, environment, finish, gpu_time,  # noqa: E402
-                    make_row, write_report)
+from common import (Outcomes, Skip, base_parser, device_and_dtypes, environment, finish, gpu_time,  # noqa: E402
+                    make_row, selected_providers, write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -69,7 +76,23 @@ def with_backward(forward, leaves):
     return fn
 
 
+PROVIDERS = ("ours", "eager", "sdpa", "ours_fused", "ours_reference")
+
+
+def forced(op, backend, reasons_args, call):
+    """-> (call, backend) when the op's `backend` can run on `reasons_args` (its not_supported_reasons), else a
+    call that raises Skip with the reasons: an "ours" row never times another backend under its name."""
+    why = importlib.import_module(f"beit_fast.ops.{op}").not_supported_reasons(backend, *reasons_args)
+    if not why:
+        return call, backend
+
+    def unavailable():
+        raise Skip(f"backend {backend!r}: " + "; ".join(why))
+    return unavailable, backend
+
+
 def cases(device, dtype, smoke):
+    """(op, provider, forward, the backend it forces or None, leaves) of every op row."""
     B, N, C, H = (2, 17, 64, 2) if smoke else (128, 197, 768, 12)
     wh = 4 if smoke else 14
     hid = 4 * C
@@ -93,15 +116,23 @@ def cases(device, dtype, smoke):
         s = x + g * y
         return s, F.layer_norm(s, (C,), w, b, 1e-6)
 
-    yield "layer_norm", "ours", lambda: ops.layer_norm(x, w, b), [x, w, b]
-    yield "layer_norm", "eager", lambda: F.layer_norm(x, (C,), w, b, 1e-6), [x, w, b]
-    yield "layer_scale_residual_norm", "ours", lambda: ops.layer_scale_residual_norm(x, y, g, None, w, b), [x, y, g, w, b]
-    yield "layer_scale_residual_norm", "eager", lsrn_eager, [x, y, g, w, b]
-    yield "linear_gelu", "ours", lambda: ops.linear_gelu(x, W1, b1), [x, W1, b1]
-    yield "linear_gelu", "eager", lambda: F.gelu(F.linear(x, W1, b1)), [x, W1, b1]
+    cpp = "cuda" if device == "cuda" else "cpp"   # the C++ op: its CUDA kernels on CUDA
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    yield ("layer_norm", "ours", *forced("layer_norm", "triton", (x, w, b),
+                                         lambda: ops.layer_norm(x, w, b, backend="triton")), [x, w, b])
+    yield "layer_norm", "eager", lambda: F.layer_norm(x, (C,), w, b, 1e-6), None, [x, w, b]
+    yield ("layer_scale_residual_norm", "ours",
+           *forced("layer_scale_residual_norm", cpp, (x, y, g, None, w, b),
+                   lambda: ops.layer_scale_residual_norm(x, y, g, None, w, b, backend=cpp)), [x, y, g, w, b])
+    yield "layer_scale_residual_norm", "eager", lsrn_eager, None, [x, y, g, w, b]
+    yield ("linear_gelu", "ours", *forced("linear_gelu", "triton", (x, W1, b1),
+                                          lambda: ops.linear_gelu(x, W1, b1, backend="triton")), [x, W1, b1])
+    yield "linear_gelu", "eager", lambda: F.gelu(F.linear(x, W1, b1)), None, [x, W1, b1]
     yield ("rel_pos_attention_qkvpacked", "ours",
-           lambda: ops.rel_pos_attention_qkvpacked(qkv, table, window_size=(wh, wh)), [qkv, table])
-    yield "rel_pos_attention_qkvpacked", "sdpa", sdpa_packed, [qkv, table]
+           *forced("rel_pos_attention", "triton", (q, k, v, table, (wh, wh)),
+                   lambda: ops.rel_pos_attention_qkvpacked(qkv, table, window_size=(wh, wh), backend="triton")),
+           [qkv, table])
+    yield "rel_pos_attention_qkvpacked", "sdpa", sdpa_packed, None, [qkv, table]
 
 
 def main(argv=None):
@@ -109,32 +140,41 @@ def main(argv=None):
     p.add_argument("--model", default="beit_base_patch16_224", help="model of the training-step rows")
     p.add_argument("--batch", type=int, default=64, help="batch of the training-step rows")
     args = p.parse_args(argv)
+    if args.quick:
+        p.error("--quick: overhead.py has one shape (BEiT-B, batch 128), nothing to shorten")
+    wanted = selected_providers(args, PROVIDERS)
+    unknown = sorted(set(wanted) - set(PROVIDERS))
+    if unknown:
+        p.error(f"--providers: unknown {', '.join(unknown)}; known: {', '.join(PROVIDERS)}")
     device, dtypes = device_and_dtypes(args)
     env = environment(device)
     rows, outcomes = [], Outcomes()
 
     pending = []   # (label, row, fn): the GPU-time pass after every host timing
 
-    def add(op, prov, mode, shape, dtype, fn):
+    def add(op, prov, mode, shape, dtype, fn, backend=None):
         label = f"{op} {prov} {mode}"
         with outcomes.guard(label):
             host, wall_ms = per_call(fn, device)
             rows.append(make_row(op, prov, mode, shape, dtype, {"median_ms": wall_ms, "p20_ms": None,
                                                                   "p80_ms": None}, env,
-                                 host_us=round(host, 1), gpu_us=None))
+                                 host_us=round(host, 1), gpu_us=None, backend=backend))
             pending.append((label, rows[-1], fn))
             print(f"{label}: host {host:.1f} us, back-to-back {wall_ms * 1e3:.1f} us")
         write_report(rows, args.out, "bench_overhead", outcomes)   # a time limit keeps what ran
 
     for dtype in dtypes:
         shape = {"B": 2, "N": 17, "C": 64} if args.smoke else {"B": 128, "N": 197, "C": 768}
-        for op, prov, fwd, leaves in cases(device, dtype, args.smoke):
-            add(op, prov, "fwd", shape, dtype, fwd)
-            add(op, prov, "fwd_bwd", shape, dtype, with_backward(fwd, leaves))
+        for op, prov, fwd, backend, leaves in cases(device, dtype, args.smoke):
+            if prov in wanted:
+                add(op, prov, "fwd", shape, dtype, fwd, backend)
+                add(op, prov, "fwd_bwd", shape, dtype, with_backward(fwd, leaves), backend)
         name = "beit_test_patch4_32" if args.smoke else args.model
         batch = 2 if args.smoke else args.batch
         for prov, kw in (("ours_fused", dict(fused=True, attn_impl="fused")),
                          ("ours_reference", dict(fused=False, attn_impl="sdpa"))):
+            if prov not in wanted:
+                continue
             with outcomes.guard(f"train_step {prov}"):
                 model = create_model(name, **kw).to(device).train()
                 img = model.config.img_size

@@ -91,7 +91,10 @@ def _tile(spec: str, base):
             if key not in ("tail", "block_tail", "dense_bias"):
                 raise SystemExit(f"--tile: unknown field {key!r} (positional block_m,block_n,num_warps,num_stages; "
                                  "then tail=, block_tail=, dense_bias=)")
-            kw[key] = value.strip() in ("1", "true", "True")
+            flag = value.strip().lower()
+            if flag not in ("1", "0", "true", "false"):
+                raise SystemExit(f"--tile: {key}= takes 1, 0, true or false, got {value.strip()!r} in {spec!r}")
+            kw[key] = flag in ("1", "true")
         else:
             if pos >= len(fields):
                 raise SystemExit(f"--tile: too many numbers in {spec!r}")
@@ -102,7 +105,8 @@ def _tile(spec: str, base):
 
 def compile_attention(args):
     """Run BEiT's attention forward and backward launchers once under the fake driver; -> (the tile configs,
-    {kernel name: CompiledKernel} of the kernels they launched)."""
+    {kernel name: CompiledKernel} of the kernels they launched, {config name ("fwd"): bias_source(...) of the
+    kernel as compiled}: a config's dense_bias is not honoured past DENSE_MAX_BYTES)."""
     launches = install_fake_driver(args.arch)
     from beit_fast.kernels import rel_pos_attention as K
     from beit_fast.relpos import num_relative_distance
@@ -134,19 +138,36 @@ def compile_attention(args):
     table, lse = torch.zeros(R, H), torch.zeros(B, H, N)
     inverse = (torch.zeros(N * N, dtype=torch.int32), torch.zeros(R, dtype=torch.int32),
                torch.zeros(R, dtype=torch.int32), 1)
-    compiled = {}
-    _recording(K, ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"), compiled)
+    compiled, constexprs = {}, {}
+    _recording(K, ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"), compiled, constexprs)
     K.rel_pos_attention_fwd(q, k, v, table, None, window, D ** -0.5, 0.0, None, out)
     K.rel_pos_attention_bwd(do, q, k, v, out, lse, table, None, window, D ** -0.5, 0.0, None, dq, dk, dv,
                             inverse if args.table_grad else None)
     if not launches:
         raise Unsupported("the stand-in driver saw no launch")
-    return cfgs, compiled
+    sources = {name: bias_source(K, constexprs[f"_{name}_kernel"].get("BIAS_SRC"), getattr(cfgs, name))
+               for name in K.KERNELS if f"_{name}_kernel" in constexprs}
+    return cfgs, compiled, sources
 
 
-def _recording(module, names, compiled):
+def bias_source(K, src, cfg) -> tuple[bool, str]:
+    """(whether it reads a dense expansion, what it reads in words) for a kernel launched with BIAS_SRC=`src`
+    and tile config `cfg`; the words say why when that is not what the config asks for (the launcher gathers
+    past K.DENSE_MAX_BYTES: _BiasArgs.dense_ok)."""
+    names = {K.SRC_WINDOW_ID: "gather through the window's parts", K.SRC_INDEX_ID: "gather through the index",
+             K.SRC_DENSE_ID: "dense expansion (query-major)", K.SRC_DENSE_T_ID: "dense expansion (key-major)"}
+    what = names.get(src, f"BIAS_SRC={src!r}")
+    dense = src in (K.SRC_DENSE_ID, K.SRC_DENSE_T_ID)
+    if cfg.dense_bias and not dense:
+        what += (f" (its tile config asks for the dense expansion: not honoured, one would exceed "
+                 f"DENSE_MAX_BYTES = {K.DENSE_MAX_BYTES >> 20} MiB)")
+    return dense, what
+
+
+def _recording(module, names, compiled, constexprs=None):
     """Wrap the `run` of the module's kernels `names` so that the compiled kernels they launch land in
-    `compiled` (name -> CompiledKernel)."""
+    `compiled` (name -> CompiledKernel) and, given `constexprs`, the keyword arguments of their launch
+    (the constexprs: name -> {argument: value}) in it."""
     for name in names:
         kern = getattr(module, name)
         run = kern.run
@@ -154,6 +175,8 @@ def _recording(module, names, compiled):
         def recording(*a, _run=run, _name=name, **kw):
             c = _run(*a, **kw)
             compiled[_name] = c
+            if constexprs is not None:
+                constexprs[_name] = kw
             return c
         kern.run = recording
 
@@ -219,12 +242,10 @@ def describe(name: str, kernel, keep_dir: str, mix: bool) -> list[str]:
         f.write(kernel.asm["cubin"])
     with open(base + ".ptx", "w") as f:
         f.write(kernel.asm["ptx"])
-    sass = subprocess.run([nvidia_tool("cuobjdump"), "-sass", base + ".cubin"], capture_output=True,
-                          text=True).stdout
+    sass = _cuobjdump("-sass", base + ".cubin")
     with open(base + ".sass", "w") as f:
         f.write(sass)
-    usage = subprocess.run([nvidia_tool("cuobjdump"), "-res-usage", base + ".cubin"], capture_output=True,
-                           text=True).stdout
+    usage = _cuobjdump("-res-usage", base + ".cubin")
     regs = re.search(r"\bREG:(\d+)", usage)
     stack = re.search(r"\bSTACK:(\d+)", usage)   # the spill frame (the kernels make no calls)
     instrs = parse_sass(sass)
@@ -232,6 +253,16 @@ def describe(name: str, kernel, keep_dir: str, mix: bool) -> list[str]:
             f"(spills), {kernel.metadata.shared} B shared, {kernel.metadata.num_warps} warps; "
             f"{len(instrs)} SASS instructions")
     return [head] + loop_lines(instrs, mix)
+
+
+def _cuobjdump(what: str, path: str) -> str:
+    """cuobjdump `what` of `path`: its output, or Unsupported when it cannot read the file (a cubin of a target
+    this cuobjdump does not know reads as no registers and no instructions otherwise)."""
+    r = subprocess.run([nvidia_tool("cuobjdump"), what, path], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Unsupported(f"cuobjdump {what} cannot read {path} (exit status {r.returncode}): "
+                          f"{(r.stderr or r.stdout).strip()[:200]}")
+    return r.stdout
 
 
 def loop_lines(instrs, mix: bool = False) -> list[str]:
@@ -284,11 +315,12 @@ def main(argv=None) -> int:
     try:
         import triton
         if args.op == "attention":
-            cfgs, compiled = compile_attention(args)
+            cfgs, compiled, sources = compile_attention(args)
             print(f"sm_{args.arch}, Triton {triton.__version__}, {args.dtype}, N={args.tokens} H={args.heads} "
                   f"D={args.head_dim}, table gradient {'on' if args.table_grad else 'off'}")
-            for name in ("fwd", "dkdv", "dq"):
-                print(f"{name:5s} {getattr(cfgs, name)}")
+            for name in ("fwd", "dkdv", "dq"):   # dense_bias as compiled, and the bias source
+                dense, what = sources.get(name, (False, "not launched"))
+                print(f"{name:5s} {dataclasses.replace(getattr(cfgs, name), dense_bias=dense)}; bias: {what}")
         else:
             tiles, compiled = (compile_layer_norm if args.op == "layer_norm" else compile_linear_gelu_dz)(args)
             print(f"sm_{args.arch}, Triton {triton.__version__}, {args.dtype}, {args.op} C={args.channels}: {tiles}")

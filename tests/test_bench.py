@@ -84,16 +84,35 @@ def test_attention_ours_and_dense_bias_smoke(tmp_path):
 
 
 def test_overhead_smoke(tmp_path):
-    """bench/overhead.py on the CPU: host time per call of every op, ours and PyTorch's, and a training step."""
+    """bench/overhead.py on the CPU: host time per call of every op, ours and PyTorch's, and a training step.
+    An "ours" row is the op on the backend it forces, named in the row (the C++ op here); without
+    TRITON_INTERPRET=1 the Triton ops' rows are skipped with the reason (they were the reference, under "ours")."""
     _run(["bench/overhead.py", "--smoke"], tmp_path)
     with open(tmp_path / "bench_overhead.jsonl") as f:
         rows = [json.loads(line) for line in f]
     got = {(r["op"], r["provider"], r["mode"]) for r in rows}
     for op, theirs in (("layer_norm", "eager"), ("layer_scale_residual_norm", "eager"), ("linear_gelu", "eager"),
                        ("rel_pos_attention_qkvpacked", "sdpa")):
-        assert {(op, p, m) for p in ("ours", theirs) for m in ("fwd", "fwd_bwd")} <= got
+        assert {(op, theirs, m) for m in ("fwd", "fwd_bwd")} <= got
     assert {("train_step", p, "fwd_bwd") for p in ("ours_fused", "ours_reference")} <= got
     assert all(r["host_us"] > 0 and r["median_ms"] > 0 and r["gpu_us"] is None for r in rows)
+    ours = {(r["op"], r["mode"]): r["backend"] for r in rows if r["provider"] == "ours"}
+    assert ours == {("layer_scale_residual_norm", m): "cpp" for m in ("fwd", "fwd_bwd")}, ours
+    md = (tmp_path / "bench_overhead.md").read_text()
+    for op in ("layer_norm", "linear_gelu", "rel_pos_attention_qkvpacked"):
+        assert f"{op} ours fwd: backend 'triton': tensors are on the CPU and TRITON_INTERPRET=1 is not set" in md
+
+
+def test_overhead_honours_providers_and_rejects_quick(tmp_path, capsys):
+    overhead = _bench_module("overhead")
+    overhead.main(["--smoke", "--providers", "sdpa", "--out", str(tmp_path)])
+    with open(tmp_path / "bench_overhead.jsonl") as f:
+        assert {json.loads(line)["provider"] for line in f} == {"sdpa"}
+    for argv, message in ((["--quick"], "--quick: overhead.py has one shape"),
+                          (["--providers", "ours,ourz"], "--providers: unknown ourz; known: ours, eager")):
+        with pytest.raises(SystemExit):
+            overhead.main(["--smoke", "--out", str(tmp_path)] + argv)
+        assert message in capsys.readouterr().err
 
 
 def test_eager_overhead_runs_both_paths():
@@ -107,6 +126,26 @@ def test_eager_overhead_runs_both_paths():
            "masked_patch_embed")
     assert got == {(op, m) for op in ops for m in ("fwd", "fwd_bwd")}, got
     assert all(float(c[2]) > 0 and float(c[3]) > 0 for c in rows[1:])
+    launched = r.stdout.rsplit("Triton ", 1)[1]   # "3.8.0: 552 launches stubbed, 0 programs interpreted"
+    assert int(launched.split(": ")[1].split()[0]) > 0 and launched.rstrip().endswith(", 0 programs interpreted")
+
+
+def test_eager_overhead_fails_when_the_interpreter_runs_a_kernel():
+    """Were the launch stub not to hold (as the stub of InterpretedFunction.run did not on Triton 3.2-3.5,
+    where the timings then included the interpreted kernels), eager_overhead says so and fails: here its stub
+    of GridExecutor.__call__ is undone after the import."""
+    script = ("import os, sys\n"
+              "os.environ['TRITON_INTERPRET'] = '1'\n"
+              "import triton.runtime.interpreter as I\n"
+              "call = I.GridExecutor.__call__\n"
+              "sys.path.insert(0, 'bench')\n"
+              "import eager_overhead\n"
+              "I.GridExecutor.__call__ = call\n"
+              "eager_overhead.main(['--rounds', '1', '--calls', '1'])\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "the interpreter ran" in r.stderr and "kernel programs while layer_norm fwd was timed" in r.stderr, \
+        r.stderr[-3000:]
 
 
 def test_triton_dispatch_times_both_launch_paths():

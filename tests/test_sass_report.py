@@ -61,11 +61,59 @@ def test_report_compiles_beit_attention_for_sm90():
     assert "sm_90, Triton" in out and "N=197 H=12 D=64" in out
     assert "dense_bias=True" in out.split("fwd ", 1)[1].splitlines()[0]       # --dense reached the configs
     assert "dense_bias=False" in out.split("dkdv ", 1)[1].splitlines()[0]
+    assert out.split("fwd ", 1)[1].splitlines()[0].endswith("; bias: dense expansion (query-major)")
+    assert out.split("dkdv ", 1)[1].splitlines()[0].endswith("; bias: gather through the window's parts")
+    assert out.split("dq ", 1)[1].splitlines()[0].endswith("; bias: dense expansion (query-major)")
     for kernel in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
         line = next(x for x in out.splitlines() if x.startswith(kernel + ":"))
         regs = int(line.split(": ", 1)[1].split(" registers")[0])
         assert 0 < regs <= 255, line
     assert out.count("innermost loop") >= 3
+
+
+def test_report_shows_the_bias_source_compiled():
+    """Past DENSE_MAX_BYTES (here 256 heads: 40 MiB of expansion) the launchers gather whatever the tile configs
+    say: the configs are printed with the dense_bias compiled, and why (they read dense_bias=True)."""
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "bench/sass_report.py", "--heads", "256", "--no-table-grad"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env={k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",
+                                                                              "BEIT_FAST_ATTN_DENSE_BIAS")})
+    if r.returncode == 2 and "not available here" in r.stdout:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for name in ("fwd", "dkdv", "dq"):
+        line = r.stdout.split(f"\n{name} ", 1)[1].splitlines()[0]
+        assert "dense_bias=False); bias: gather through the window's parts (its tile config asks for the dense " \
+               "expansion: not honoured, one would exceed DENSE_MAX_BYTES = 32 MiB)" in line, line
+
+
+def test_tile_flags():
+    """--tile's flags: 1 / 0 / true / false in any case; anything else is refused, not read as false."""
+    m = _module()
+    from beit_fast.kernels.rel_pos_attention import TileConfig
+    base = TileConfig(64, 64, tail=True, block_tail=False)
+    assert m._tile("32,64,tail=FALSE,block_tail=True,dense_bias=1", base) == TileConfig(
+        32, 64, tail=False, block_tail=True, dense_bias=True)
+    assert m._tile("tail=0", base).tail is False and m._tile("block_tail=true", base).block_tail is True
+    for bad in ("tail=yes", "block_tail=", "dense_bias=2"):
+        with pytest.raises(SystemExit, match=r"takes 1, 0, true or false"):
+            m._tile(bad, base)
+
+
+def test_describe_refuses_an_unreadable_cubin(tmp_path):
+    """A cubin cuobjdump cannot read (here not one at all; a target it does not know reads the same) is an
+    Unsupported error, not "? registers ... 0 SASS instructions"."""
+    import types
+    m = _module()
+    try:
+        m.nvidia_tool("cuobjdump")
+    except m.Unsupported as e:
+        pytest.skip(str(e))
+    kernel = types.SimpleNamespace(asm={"cubin": b"\x7fELF not really a cubin", "ptx": "// ptx"},
+                                   metadata=types.SimpleNamespace(shared=0, num_warps=4))
+    with pytest.raises(m.Unsupported, match="cuobjdump -sass cannot read .*_fwd_kernel.cubin"):
+        m.describe("_fwd_kernel", kernel, str(tmp_path), False)
 
 
 def test_dkdv_partials_are_vector_accesses(tmp_path):
