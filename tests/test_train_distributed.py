@@ -173,3 +173,51 @@ def test_fsdp_keeps_the_residual_stream_and_layer_scale_in_fp32(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     seen = {line for line in out.stdout.splitlines() if line.startswith("SEEN")}
     assert seen == {"SEEN ('torch.float32', 'torch.float32', 'torch.float32')"}, out.stdout[-2000:]
+
+
+_API_TWICE = """
+import json, os, sys
+from beit_fast.train import config as C, finetune
+out = sys.argv[1]
+small = {"img_size": 16, "model_overrides": {"embed_dim": 32, "depth": 2, "num_heads": 2}, "train_subset": 64,
+         "epochs": 1, "batch_size": 8, "num_workers": 0, "progress": False, "tensorboard": False, "device": "cpu",
+         "val_subset": 40, "eval_batch_size": 20}
+init = ""
+for i in range(3):
+    r = finetune(C.resolve("finetune", "demo", overrides={**small, "output_dir": f"{out}/run{i}", "init": init}))
+    init = r["checkpoint"]
+    with open(f"{out}/result-{os.environ['RANK']}.jsonl", "a") as f:   # (the trainer quiets ranks > 0's output)
+        f.write(json.dumps({"rank": os.environ["RANK"], "run": i, "checkpoint": init}) + "\\n")
+"""
+
+
+def test_python_api_runs_repeatedly_in_one_torchrun_process(tmp_path):
+    """Three fine-tunings from one script under torchrun (each from the last one's checkpoint): the process
+    group is made once and kept (made again from torchrun's store, gloo read the first group's stale addresses:
+    connection refused, or a hang), and every rank gets the checkpoint rank 0 wrote (it listed the folder
+    while rank 0 was still saving: None, so the next run started from random weights on that rank)."""
+    script = tmp_path / "api_twice.py"
+    script.write_text(_API_TWICE)
+    cmd = _torchrun()[:-2] + [str(script), str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, start_new_session=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for rank in "01" for line in open(tmp_path / f"result-{rank}.jsonl")]
+    assert len(rows) == 6, r.stdout[-3000:]
+    for i in range(3):
+        got = {row["rank"]: row["checkpoint"] for row in rows if row["run"] == i}
+        assert got["0"] is not None and got["0"] == got["1"] and os.path.isfile(got["0"]), got
+        assert os.path.dirname(got["0"]) == str(tmp_path / f"run{i}")
+
+
+def test_one_visible_gpu_for_two_local_processes_is_refused(monkeypatch):
+    """torchrun starting 2 processes on a node whose processes see one GPU would put both on cuda:0 (NCCL's
+    "Duplicate GPU" later): refused up front, as with more processes than GPUs."""
+    from beit_fast.train.runtime import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="start at most 1 processes per node"):
+        pick_device("cuda", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")   # a launcher that gave this task its own GPU
+    assert pick_device("cuda", 1) == torch.device("cuda:0")

@@ -215,6 +215,7 @@ def _finetune(cfg, rt) -> dict:
                         kind="finetune", metrics=metrics, best=best, best_ema=best_ema, classes=train_set.classes)
 
     report.close()
+    runtime.barrier(rt)   # rank 0 may still be writing (and pruning) its last checkpoint
     found = ckpt.step_checkpoints(cfg.output_dir)
     out = {**last, **result, "best_top1": best_top1, "step": step, "checkpoint": found[-1] if found else None,
            "seconds": time.perf_counter() - t_start, "skipped_images": skipped_images, "output_dir": cfg.output_dir}

@@ -183,6 +183,7 @@ def _pretrain(cfg, rt) -> dict:
                             metrics={**last, **token_meta(token_dtype), "skipped_images": skipped_images})
 
     report.close()
+    runtime.barrier(rt)   # rank 0 may still be writing (and pruning) its last checkpoint
     found = ckpt.step_checkpoints(cfg.output_dir)
     result = {**last, "step": step, "checkpoint": found[-1] if found else None,
               "seconds": time.perf_counter() - t_start, "skipped_images": skipped_images,

@@ -5,6 +5,7 @@ saves; every rank computes. A plain `python` run is a world of one and never tou
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -33,7 +34,8 @@ class Runtime:
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """auto / cpu / cuda / cuda:N. `cuda` is this process's GPU: cuda:LOCAL_RANK, or cuda:0 when the process
-    sees a single GPU (a launcher giving each task its own CUDA_VISIBLE_DEVICES)."""
+    sees a single GPU (a launcher giving each task its own CUDA_VISIBLE_DEVICES) and torchrun did not start
+    more processes on this node than that (LOCAL_WORLD_SIZE)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
@@ -41,7 +43,8 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
             raise RuntimeError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
         count = torch.cuda.device_count()
         if name == "cuda":
-            if local_rank >= count and count != 1:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if local_rank >= count and (count != 1 or local_world > count):
                 raise RuntimeError(f"local rank {local_rank} has no GPU of its own: this process sees {count} "
                                    f"GPUs (cuda:0 .. cuda:{count - 1}); start at most {count} processes per node")
             name = f"cuda:{local_rank if local_rank < count else 0}"
@@ -62,18 +65,28 @@ def setup(device: str = "auto") -> Runtime:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30),
                                 device_id=dev if dev.type == "cuda" else None)
         owns = True
+        atexit.register(_leave_group)
     return Runtime(dev, rank, world, local_rank, owns)
 
 
+def _leave_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def teardown(rt: Runtime, failed: bool = False) -> None:
-    """Leave the process group (after a barrier, unless this rank failed: then the others may never arrive).
-    A failed rank leaves an NCCL group without destroying it: NCCL's shutdown waits for the rank's in-flight
-    collectives, which peers that never issue theirs would never complete, so the failure would hang until
-    the group's timeout instead of reaching torchrun (which then stops the other ranks)."""
+    """End a run: a barrier, unless this rank failed (then the others may never arrive). The process group
+    this module created stays for the rest of the process (destroyed at exit): a second run in the same
+    process (pretrain() then finetune() from one script under torchrun) reuses it, where creating it again
+    from torchrun's store read the first group's stale addresses (gloo: connection refused, or a hang). A
+    failed rank leaves a gloo group at once; an NCCL group it leaves undestroyed: NCCL's shutdown waits for
+    the rank's in-flight collectives, which peers that never issue theirs would never complete, so the
+    failure would hang until the group's timeout instead of reaching torchrun (which then stops the other
+    ranks)."""
     if rt.distributed and dist.is_initialized():
         if not failed:
             dist.barrier()
-        if rt.owns_group and not (failed and dist.get_backend() == "nccl"):
+        elif rt.owns_group and dist.get_backend() != "nccl":
             dist.destroy_process_group()
 
 
