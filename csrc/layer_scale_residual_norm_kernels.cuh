@@ -317,6 +317,10 @@ inline Plan make_plan(int64_t C, int vec_width, bool vec_ok, bool warp_per_row =
     }
   }
   const int64_t threads = (C + kScalarNV - 1) / kScalarNV;
+  const bool vec_would_fit = C % vec_width == 0 && C <= kMaxThreadsVec * 8 * vec_width;
+  BEIT_CHECK(threads <= kMaxThreadsScalar || !vec_would_fit, kOp, ": rows of C = ", C, " > ",
+             kMaxThreadsScalar * kScalarNV, " elements need every row tensor (x, y, the gradients, the outputs) ",
+             "16-byte aligned (contiguous from an aligned address); here one is not");
   BEIT_CHECK(threads <= kMaxThreadsScalar, kOp, ": C = ", C, " is too large (at most ", kMaxThreadsScalar * kScalarNV,
               ", or ", kMaxThreadsVec * 8 * vec_width, " when C is a multiple of ", vec_width, ")");
   return {1, kScalarNV, static_cast<int>((threads + 31) / 32 * 32)};

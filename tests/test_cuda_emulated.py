@@ -190,6 +190,18 @@ def test_lsrn_forward(emu, monkeypatch, dt, C, plan):
     assert (c.blocks, c.barriers, c.shuffles) == forward_counts(10, C, tx, plan)
 
 
+def test_lsrn_long_misaligned_row_names_the_alignment(emu):
+    """A 16-bit row past the scalar path's 8192 elements runs only vectorized: when a tensor is not 16-byte
+    aligned the error names that, not C (12288 is within the vector path's 16384)."""
+    args = lsrn_inputs(1, 2, 12288, bf16, bf16)
+    emu.layer_scale_residual_norm(*args, 1e-6)
+    with pytest.raises(RuntimeError, match="16-byte aligned") as e:
+        emu.layer_scale_residual_norm(misalign(args[0]), *args[1:], 1e-6)
+    assert "too large" not in str(e.value)
+    with pytest.raises(RuntimeError, match="C = 8196 is too large"):   # not a multiple of 8: too large indeed
+        emu.layer_scale_residual_norm(*lsrn_inputs(1, 2, 8196, bf16, bf16), 1e-6)
+
+
 def test_lsrn_forward_plan_setting(emu, monkeypatch):
     """BEIT_FAST_LSRN_FORWARD accepts warp or block (empty, like unset: warp) and names itself when it is
     anything else."""

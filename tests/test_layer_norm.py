@@ -232,6 +232,9 @@ def test_bad_inputs_raise_value_error(backend):
         layer_norm(x.long(), None, None, backend=backend)
     with pytest.raises(ValueError, match="meta"):
         layer_norm(x, w.to("meta"), b, backend=backend)
+    for eps in (-1e-6, float("nan")):   # NaN out of the reference, not an error, otherwise
+        with pytest.raises(ValueError, match="eps must be >= 0"):
+            layer_norm(x, w, b, eps, backend=backend)
 
 
 # ------------------------------------------------------------------------------------------- GPU only

@@ -638,6 +638,7 @@ def _good(B=2, H=2, W=(2, 2), D=16):
     (lambda a, kw: a.__setitem__(3, torch.randn(12, 3)), r"\(R, H\) = \(R, 2\)"),
     (lambda a, kw: kw.update(window_size=(3, 3)), r"N = Wh\*Ww \+ 1 = 10"),
     (lambda a, kw: kw.update(window_size=(2, 0)), r"positive"),
+    (lambda a, kw: kw.update(window_size=(2.7, 2)), r"pair of ints"),   # int() would make it (2, 2)
     (lambda a, kw: kw.update(rel_index=torch.zeros(5, 5, dtype=torch.long)), r"exactly one"),
     (lambda a, kw: kw.update(window_size=None), r"exactly one"),
     (lambda a, kw: kw.update(window_size=None, rel_index=torch.zeros(4, 5, dtype=torch.long)), r"\(5, 5\)"),

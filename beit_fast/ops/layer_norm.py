@@ -167,6 +167,8 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Opt
     Gradients flow to x, weight and bias; the parameter gradients are deterministic.
     """
     _check_inputs(x, weight, bias)
+    if not eps >= 0:   # NaN too: the reference would return NaN, the kernel garbage
+        raise ValueError(f"layer_norm: eps must be >= 0, got {eps}")
     chosen = choose("layer_norm", backend,
                     lambda b, auto: not_supported_reasons(b, x, weight, bias, auto=auto), PREFERENCE)
     if chosen == "reference":

@@ -83,7 +83,10 @@ def _reference(q, k, v, table, window_size, rel_index, scale, dropout_p, dropout
 
 def _check_window(window_size) -> tuple[int, int]:
     try:
-        wh, ww = (int(x) for x in window_size)
+        wh, ww = window_size
+        if int(wh) != wh or int(ww) != ww or isinstance(wh, bool) or isinstance(ww, bool):
+            raise ValueError   # 2.7 or True: not a window size (int() would truncate 2.7 to 2)
+        wh, ww = int(wh), int(ww)
     except Exception:
         raise ValueError(f"window_size must be a pair of ints (Wh, Ww), got {window_size!r}") from None
     if wh < 1 or ww < 1:
@@ -367,7 +370,9 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor, *, wi
       through `.data` or a numpy / DLPack view of its memory (which PyTorch does not count as a change).
     scale: default D ** -0.5. dropout_p: attention-probability dropout (pass 0 in eval); dropout_seed
       (int or int64 tensor) fixes the in-kernel RNG, else one is drawn from torch's generator (the reference
-      backend seeds a generator of its own with it: reproducible, but another mask than the kernels').
+      backend seeds a generator of its own with it: reproducible, but another mask than the kernels'; a
+      torch.Generator made inside the call, which torch.compile(fullgraph=True) cannot trace: compile the
+      reference's dropout without dropout_seed, or use the Triton backend).
     backend: "auto" (triton for GPU tensors, else reference), "triton", "reference"; BEIT_FAST_BACKEND
       overrides "auto". A forced backend that cannot run raises BackendUnavailable with the reasons.
     Under torch.autocast, q, k, v are cast to the autocast dtype as scaled_dot_product_attention casts them
