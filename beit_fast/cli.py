@@ -134,9 +134,13 @@ def entry() -> None:
     A torchrun worker that returned leaves through os._exit: with gloo, a worker whose run had finished
     (checkpoints and logs written, process group destroyed) sometimes aborted afterwards, inside the
     interpreter's own shutdown ("terminate called without an active exception", no Python frame left; seen
-    in about 1 of 45 two-process CPU runs), which torchrun reports as a failed run."""
+    in about 1 of 45 two-process CPU runs), which torchrun reports as a failed run. os._exit skips atexit
+    handlers: the process group is destroyed here first (after a successful run; see runtime.teardown)."""
     rc = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if rc == 0:
+            from .train.runtime import leave_group
+            leave_group()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)

@@ -101,6 +101,10 @@ def test_print_config_checks_the_values(capsys):
     assert out.out == "" and "compile_mode must be one of" in out.err
     assert _printed_config(["pretrain", "--tokenizer-path", "nowhere.safetensors"], capsys)["tokenizer_path"] == \
         "nowhere.safetensors"
+    from beit_fast.train.config import list_presets
+    for kind in ("pretrain", "finetune"):   # every preset shows (the reference's pretraining needs a dVAE file)
+        for name in list_presets(kind):
+            assert _printed_config([kind, "--preset", name], capsys)["preset"] == name
 
 
 def test_eval_of_a_file_that_is_not_a_checkpoint(tmp_path, capsys):

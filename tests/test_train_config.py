@@ -422,19 +422,27 @@ def test_each_process_takes_its_own_gpu(monkeypatch):
     assert pick_device("cpu", 3) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("backend,failed,destroyed", [("nccl", False, True), ("nccl", True, False),
-                                                      ("gloo", True, True), ("gloo", False, True)])
-def test_a_failed_rank_does_not_wait_on_nccl_shutdown(monkeypatch, backend, failed, destroyed):
+@pytest.mark.parametrize("backend,failed,destroyed,at_exit", [
+    ("nccl", False, False, True), ("nccl", True, False, False), ("gloo", True, True, True),
+    ("gloo", False, False, True)])
+def test_a_failed_rank_does_not_wait_on_nccl_shutdown(monkeypatch, backend, failed, destroyed, at_exit):
+    """A finished run keeps the group (the next run in the process reuses it; destroyed at exit or by the CLI
+    before its os._exit); a failed rank leaves a gloo group at once and an NCCL group never, not at exit
+    either (NCCL's shutdown would wait for the peers' collectives)."""
     import torch.distributed as dist
 
     from beit_fast.train import runtime
     calls = []
+    monkeypatch.setattr(runtime, "_LEAVE_AT_EXIT", [True])
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_backend", lambda *a: backend)
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
     monkeypatch.setattr(dist, "destroy_process_group", lambda *a: calls.append("destroy"))
     runtime.teardown(runtime.Runtime(torch.device("cpu"), rank=1, world=2, owns_group=True), failed=failed)
     assert calls == ([] if failed else ["barrier"]) + (["destroy"] if destroyed else [])
+    calls.clear()
+    runtime.leave_group()   # what atexit (or the CLI) does at the end
+    assert calls == (["destroy"] if at_exit else [])
 
 
 @pytest.mark.parametrize("mode, passed", [("default", None), ("reduce-overhead", "reduce-overhead")])

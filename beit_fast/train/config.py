@@ -698,7 +698,7 @@ def check(config, values_only: bool = False):
                                   f"modeling model (a name ending in _8k_vocab or _mim)")
             _one_of("tokenizer", cfg.tokenizer, ("kmeans", "dvae"))
             _one_of("tokenizer_dtype", cfg.tokenizer_dtype, ("auto", "bf16", "fp32", "fp16"))
-            if cfg.tokenizer == "dvae" and not cfg.tokenizer_path:
+            if cfg.tokenizer == "dvae" and not cfg.tokenizer_path and not values_only:   # a file it names
                 raise ConfigError("tokenizer=dvae needs tokenizer_path=<DALL-E encoder.pkl or state dict>; nothing "
                                   "is downloaded at run time (or use tokenizer=kmeans, fit on your own images)")
             if cfg.tokenizer_path and not os.path.isfile(cfg.tokenizer_path) and not values_only:

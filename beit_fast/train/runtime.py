@@ -65,12 +65,17 @@ def setup(device: str = "auto") -> Runtime:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30),
                                 device_id=dev if dev.type == "cuda" else None)
         owns = True
-        atexit.register(_leave_group)
+        atexit.register(leave_group)
     return Runtime(dev, rank, world, local_rank, owns)
 
 
-def _leave_group() -> None:
-    if dist.is_available() and dist.is_initialized():
+_LEAVE_AT_EXIT = [True]   # False once a failed rank must not shut its NCCL group down (see teardown)
+
+
+def leave_group() -> None:
+    """Destroy the process group this process is in (at exit, and from the CLI before its os._exit), unless
+    a failed rank left an NCCL group that must not be shut down."""
+    if _LEAVE_AT_EXIT[0] and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -88,6 +93,8 @@ def teardown(rt: Runtime, failed: bool = False) -> None:
             dist.barrier()
         elif rt.owns_group and dist.get_backend() != "nccl":
             dist.destroy_process_group()
+        elif rt.owns_group:
+            _LEAVE_AT_EXIT[0] = False   # not at exit either: the failure must reach torchrun
 
 
 def run(device: str, body, *args):
