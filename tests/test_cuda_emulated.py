@@ -222,12 +222,13 @@ def misalign_params(args):
             *(None if t is None else misalign(t) for t in (w, b)))
 
 
-@pytest.mark.parametrize("variant", ["no_norm", "no_layer_scale", "norm_without_bias", "misaligned",
-                                     "misaligned_params", "misaligned_params_bf16"])
+@pytest.mark.parametrize("variant", ["no_norm", "no_layer_scale", "drop_path_no_layer_scale", "norm_without_bias",
+                                     "misaligned", "misaligned_params", "misaligned_params_bf16"])
 def test_lsrn_forward_variants(emu, variant):
     """Variants of the forward; the parameters (gamma, ln_weight, ln_bias) come as float4 loads when aligned
     (all other cases) and as scalars when not (misaligned_params: fp32 rows, one float4 per vector; bf16: two)."""
     kw = {"no_norm": dict(ln=False), "no_layer_scale": dict(gamma=False, scale=False),
+          "drop_path_no_layer_scale": dict(gamma=False),
           "norm_without_bias": dict(ln_bias=False), "misaligned": dict(misaligned=True)}.get(variant, {})
     if variant == "misaligned_params_bf16":
         args = misalign_params(lsrn_inputs(3, 4, 768, bf16, bf16))
@@ -300,12 +301,14 @@ def test_lsrn_backward_long_rows(emu, dt):
     check_backward(got, ref, [tx, ty, fp32, fp32, fp32])
 
 
-@pytest.mark.parametrize("case", ["no_grad_norm", "no_grad_sum", "only_dx", "no_gamma_no_scale", "sm_limited",
+@pytest.mark.parametrize("case", ["no_grad_norm", "no_grad_sum", "only_dx", "no_gamma_no_scale", "no_gamma",
+                                  "sm_limited",
                                   "row_limited", "one_row", "misaligned_grad", "misaligned_y", "misaligned_params"])
 def test_lsrn_backward_variants(emu, case):
     B, N, C = {"one_row": (1, 1, 768), "sm_limited": (3, 100, 768), "row_limited": (3, 100, 768)}.get(
         case, (2, 50, 768))
-    args = lsrn_inputs(B, N, C, fp32, fp32, gamma=case != "no_gamma_no_scale", scale=case != "no_gamma_no_scale")
+    args = lsrn_inputs(B, N, C, fp32, fp32, gamma=case not in ("no_gamma_no_scale", "no_gamma"),
+                       scale=case != "no_gamma_no_scale")
     gs, gn = torch.randn(B, N, C), torch.randn(B, N, C)
     if case == "misaligned_grad":
         gn = misalign(gn)
@@ -315,7 +318,7 @@ def test_lsrn_backward_variants(emu, case):
         args = misalign_params(args)
     grads = (None if case == "no_grad_sum" else gs, None if case == "no_grad_norm" else gn)
     mask = [True, False, False, False, False] if case == "only_dx" else [True] * 5
-    if case == "no_gamma_no_scale":
+    if case in ("no_gamma_no_scale", "no_gamma"):
         mask[2] = False
     sms = {"sm_limited": 1, "row_limited": 132}.get(case, 2)
     got, ref, c = lsrn_backward_both(emu, args, grads, mask, sms, fp32)

@@ -43,19 +43,20 @@ def _run(fn, x, w, b, dy):
     return [y] + list(torch.autograd.grad(y, params, dy))
 
 
-def _check_against_reference(shape, dtype, weight=True, bias=True, param_dtype=None):
-    x, w, b = _inputs(shape, dtype, weight, bias, param_dtype)
+def _check_against_reference(shape, dtype, weight=True, bias=True, param_dtype=None, eps=EPS, x=None):
+    x_, w, b = _inputs(shape, dtype, weight, bias, param_dtype)
+    x = x_ if x is None else x.to(DEVICE, dtype).requires_grad_()
     dy = torch.randn(*shape, device=DEVICE, dtype=dtype)
-    ours = _run(lambda *a: layer_norm(*a, EPS, backend="triton"), x, w, b, dy)
+    ours = _run(lambda *a: layer_norm(*a, eps, backend="triton"), x, w, b, dy)
     names = ["y", "dx"] + (["dw"] if weight else []) + (["db"] if bias else [])
     if dtype == torch.float32:
-        ref = _run(lambda *a: layer_norm_ref(*a, EPS), x, w, b, dy)
+        ref = _run(lambda *a: layer_norm_ref(*a, eps), x, w, b, dy)
         for name, o, r in zip(names, ours, ref):
             assert o.dtype == r.dtype and o.shape == r.shape, name
             assert_close(name, o, r, tolerance("layer_norm", dtype))
         return
-    same_dtype = _run(lambda *a: layer_norm_ref(*a, EPS), x, w, b, dy)
-    exact = _run(lambda *a: layer_norm_ref(*a, EPS),
+    same_dtype = _run(lambda *a: layer_norm_ref(*a, eps), x, w, b, dy)
+    exact = _run(lambda *a: layer_norm_ref(*a, eps),
                  *(t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)), dy.double())
     for name, o, s, e, inp in zip(names, ours, same_dtype, exact, [x, x, w, b] if weight else [x, x, b]):
         assert o.dtype == (x.dtype if name in ("y", "dx") else inp.dtype) and o.shape == e.shape, name
@@ -67,6 +68,18 @@ def _check_against_reference(shape, dtype, weight=True, bias=True, param_dtype=N
 @pytest.mark.parametrize("shape", BEIT + AWKWARD, ids=str)
 def test_against_reference(shape, dtype):
     _check_against_reference(shape, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_eps_counts(dtype):
+    """eps where it matters: a large eps on rows of variance ~0.01, and constant rows (variance 0: rstd is
+    1/sqrt(eps) exactly); with BEiT's 1e-6 on unit-variance rows an eps left out would pass."""
+    x = 0.1 * torch.randn(6, 40)
+    x[1] = 0.75            # constant rows
+    x[4] = -2.0
+    _check_against_reference((6, 40), dtype, eps=1e-2, x=x)
+    _check_against_reference((6, 40), dtype, eps=1e-6, x=x)
 
 
 @needs_triton

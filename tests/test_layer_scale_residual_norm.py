@@ -20,6 +20,7 @@ SHAPES = [(2, 197, 768), (1, 197, 1024), (1, 1, 7), (2, 273, 7), (3, 65, 40)]
 VARIANTS = {
     "full": (True, True, True, True),
     "no_layer_scale_no_drop_path": (False, False, True, True),
+    "drop_path_no_layer_scale": (False, True, True, True),
     "no_norm": (True, True, False, False),
     "norm_without_bias": (True, False, True, False),
 }
@@ -82,14 +83,19 @@ def check_every_tensor(ours, ref_lp, ref64, dtype, inputs64):
         assert_two_x(name, o, r, r64, atol)
 
 
-def compare_to_reference(shape, dtype, variant, backend, device="cpu", y_dtype=None):
+def compare_to_reference(shape, dtype, variant, backend, device="cpu", y_dtype=None, eps=1e-6, flat_rows=False):
+    """flat_rows: some rows of x + scale * gamma * y constant (y zero there): variance 0, rstd 1/sqrt(eps)."""
     inputs = make_inputs(shape, dtype, variant, device, y_dtype=y_dtype)
+    if flat_rows:
+        with torch.no_grad():
+            inputs[0][:, ::3] = 0.5
+            inputs[1][:, ::3] = 0
     inputs64 = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
     grads = [torch.randn(shape, device=device) for _ in range(2)]
     fused = lambda *a: layer_scale_residual_norm(*a, backend=backend)  # noqa: E731
-    ours = forward_backward(fused, inputs, grads)
-    ref_lp = forward_backward(layer_scale_residual_norm_ref, inputs, grads)
-    ref64 = forward_backward(layer_scale_residual_norm_ref, inputs64, [g.double() for g in grads])
+    ours = forward_backward(fused, inputs, grads, eps)
+    ref_lp = forward_backward(layer_scale_residual_norm_ref, inputs, grads, eps)
+    ref64 = forward_backward(layer_scale_residual_norm_ref, inputs64, [g.double() for g in grads], eps)
     assert ours[0].dtype == inputs[0].dtype
     check_every_tensor(ours, ref_lp, ref64, dtype, inputs64)
 
@@ -99,6 +105,14 @@ def compare_to_reference(shape, dtype, variant, backend, device="cpu", y_dtype=N
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_cpp_matches_reference(shape, dtype, variant):
     compare_to_reference(shape, dtype, variant, "cpp")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("eps", [1e-2, 1e-6])
+def test_cpp_eps_counts(dtype, eps):
+    """eps where it matters: constant rows (variance 0) and, with 1e-2, every row (unit variance: the
+    default 1e-6 on such rows would pass with eps left out)."""
+    compare_to_reference((2, 9, 40), dtype, "full", "cpp", eps=eps, flat_rows=True)
 
 
 @pytest.mark.parametrize("y_dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -294,6 +308,14 @@ def test_long_rows_get_aligned_data_for_the_cuda_kernel(monkeypatch):
 @pytest.mark.parametrize("shape", SHAPES + [(8, 197, 4096), (2, 33, 6000)], ids=str)
 def test_cuda_matches_reference(shape, dtype, variant):
     compare_to_reference(shape, dtype, variant, "cuda", device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("eps", [1e-2, 1e-6])
+@pytest.mark.parametrize("C", [40, 768], ids=str)   # the scalar and the vectorized / warp-per-row plans
+def test_cuda_eps_counts(dtype, eps, C):
+    compare_to_reference((2, 9, C), dtype, "full", "cuda", device="cuda", eps=eps, flat_rows=True)
 
 
 @needs_cuda

@@ -106,9 +106,11 @@ def test_fused_and_reference_training_give_matching_losses(tmp_path, tokenizer_f
     torch.testing.assert_close(torch.tensor(runs["fused"]), torch.tensor(runs["reference"]), rtol=1e-4, atol=1e-5)
 
 
-def test_accumulation_and_activation_checkpointing_change_nothing(tmp_path):
+def test_accumulation_and_activation_checkpointing_change_nothing(tmp_path, monkeypatch):
     """Two micro-batches of 8 accumulated give the losses and gradient norms of one batch of 16 (the same
-    images); activation checkpointing (with drop path: the recompute replays the RNG) gives the same run."""
+    images); activation checkpointing (with drop path: the recompute replays the RNG) gives the same run, and
+    is used: every block of every training forward goes through torch's checkpoint, none of the evaluation's."""
+    from beit_fast.models import beit as beit_mod
     kw = dict(epochs=1, mixup=0.0, cutmix=0.0, drop_path=0.0, train_subset=96)
     finetune(tiny_finetune(tmp_path / "b16", batch_size=16, **kw))
     finetune(tiny_finetune(tmp_path / "b8x2", batch_size=8, accum_steps=2, **kw))
@@ -118,8 +120,13 @@ def test_accumulation_and_activation_checkpointing_change_nothing(tmp_path):
         torch.testing.assert_close(torch.tensor([v for _, v in two]), torch.tensor([v for _, v in one]),
                                    rtol=1e-5, atol=1e-6)
     kw["drop_path"] = 0.2
+    checkpointed = []
+    real = beit_mod.checkpoint
+    monkeypatch.setattr(beit_mod, "checkpoint", lambda fn, *a, **k: checkpointed.append(fn) or real(fn, *a, **k))
     finetune(tiny_finetune(tmp_path / "plain", batch_size=16, **kw))
-    finetune(tiny_finetune(tmp_path / "ckpt", batch_size=16, grad_checkpointing=True, **kw))
+    assert checkpointed == []
+    result = finetune(tiny_finetune(tmp_path / "ckpt", batch_size=16, grad_checkpointing=True, **kw))
+    assert result["n"] > 0 and len(checkpointed) == 6 * TINY["depth"]      # 6 steps; the evaluation: none
     for key in ("loss", "grad_norm"):
         assert losses(tmp_path / "ckpt", key) == losses(tmp_path / "plain", key)
 
@@ -165,14 +172,36 @@ def test_bf16_fused_training_tracks_the_reference(tmp_path, tokenizer_file, devi
         assert all(0 < v < 1 for v in mfu), mfu
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def assert_bitwise_equal(a, b, where):
+    """Nested checkpoint pieces (dicts, lists, tensors, numbers) equal, tensors bitwise and of one dtype."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune", "finetune-fp16"])
 def test_stop_and_resume_is_bitwise_identical(tmp_path, kind, tokenizer_file):
+    """A run stopped mid-epoch and resumed gives the uninterrupted run's losses, gradient norms and final
+    weights, EMA weights, optimizer state and loss scaler state, bitwise."""
     if kind == "pretrain":
         make, run = tiny_pretrain, pretrain
         extra = {"epochs": 3, "tokenizer_path": tokenizer_file}
-    else:  # mixup/cutmix draw from numpy's global RNG in the main process; EMA state is resumed too
+    elif kind == "finetune":  # mixup/cutmix draw from numpy's global RNG in the main process; EMA state is resumed too
         make, run = tiny_finetune, finetune
         extra = {"epochs": 3, "mixup": 0.8, "cutmix": 1.0, "drop_path": 0.1, "ema": True, "ema_decay": 0.9,
+                 "eval_every_epochs": 0}
+    else:  # fp16: the third update overflows, so the loss scale the resumed run must restore is a backed-off one
+        make, run = tiny_finetune, finetune
+        extra = {"epochs": 2, "precision": "fp16", "inject_nonfinite_at_step": 2, "mixup": 0.0, "cutmix": 0.0,
                  "eval_every_epochs": 0}
     run(make(tmp_path / "straight", **extra))
     run(make(tmp_path / "split", stop_at_step=6, num_workers=1, **extra))      # stops mid-epoch 2 (4 steps/epoch)
@@ -180,11 +209,20 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, kind, tokenizer_file):
                                                                                       "checkpoint-0000006.pt"]
     run(make(tmp_path / "split", resume="auto", **extra))
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
-    assert [s for s, _ in b] == list(range(1, 13)) and a == b                   # exact float equality
-    assert losses(tmp_path / "straight", "grad_norm") == losses(tmp_path / "split", "grad_norm")
+    assert [s for s, _ in b] == list(range(1, 4 * extra["epochs"] + 1)) and a == b   # exact float equality
+    for key in ("grad_norm", "scale"):
+        assert losses(tmp_path / "straight", key) == losses(tmp_path / "split", key), key
+    if kind == "finetune-fp16":
+        scale = dict(losses(tmp_path / "straight", "scale"))
+        assert scale[3] == scale[2] / 2 == scale[8], scale    # backed off before the stop, kept after it
     sa, sb = load(step_checkpoints(str(tmp_path / "straight"))[-1]), load(step_checkpoints(str(tmp_path / "split"))[-1])
-    for k, v in sa["model"].items():
-        assert torch.equal(v, sb["model"][k]), k
+    assert sa["step"] == sb["step"] == 4 * extra["epochs"] and sa.keys() == sb.keys()
+    assert ("model_ema" in sa) == extra.get("ema", False)
+    assert (sa["scaler"] != {}) == (kind == "finetune-fp16")     # GradScaler's state is empty when disabled
+    assert len(sa["optimizer"]["state"]) == sum(len(g["params"]) for g in sa["optimizer"]["param_groups"])
+    for key in ("model", "model_ema", "optimizer", "scaler"):
+        if key in sa:
+            assert_bitwise_equal(sa[key], sb[key], key)
 
 
 def test_resume_after_a_crash_logs_each_step_once(tmp_path, tokenizer_file):
