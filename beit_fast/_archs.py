@@ -38,6 +38,24 @@ def parse_archs(token: str) -> Optional[tuple]:
     return (sass, ptx) if sass or ptx else None
 
 
+def arch_list(token: str) -> str:
+    """setup.py's code back in TORCH_CUDA_ARCH_LIST's syntax ("sm8v0_sm9v0_ptx9v0" -> "8.0;9.0+PTX"); the
+    code itself when it does not parse."""
+    parts = []
+    for part in (token or "").split("_"):
+        m = re.fullmatch(r"(sm|ptx)(\d+)v(\d+)([a-z]?)", part)
+        if m is None:
+            return token
+        arch = f"{m.group(2)}.{m.group(3)}{m.group(4)}"
+        if m.group(1) == "sm":
+            parts.append(arch)
+        elif parts and parts[-1] == arch:
+            parts[-1] += "+PTX"
+        else:
+            parts.append(arch + "+PTX")
+    return ";".join(parts) or token
+
+
 def archs_run_on(archs: tuple, capability: tuple) -> bool:
     """Whether code built for `archs` (parse_archs) runs on a GPU of compute capability (major, minor):
     machine code of the same major and an equal or lower minor (exactly equal for an arch-specific "a"

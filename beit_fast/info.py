@@ -8,6 +8,7 @@ import platform
 import torch
 
 from . import _backend
+from ._archs import arch_list
 from .kernels import _settings
 from .ops import OPS
 
@@ -26,7 +27,7 @@ def _versions() -> list[str]:
     archs = mod.cuda_archs() if mod is not None and hasattr(mod, "cuda_archs") else ""
     skipped = _backend.cuda_skip_reason() if mod is not None else ""
     lines.append(f"beit_fast._C: {'built ' + ('with' if mod.built_with_cuda() else 'without') + ' CUDA' if mod else err}"
-                 + (f" (code for {archs}: TORCH_CUDA_ARCH_LIST as built)" if archs else "")
+                 + (f" (code for TORCH_CUDA_ARCH_LIST={arch_list(archs)})" if archs else "")
                  + (f" (setup.py skipped the CUDA sources because {skipped})" if skipped else ""))
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)

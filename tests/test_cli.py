@@ -201,6 +201,23 @@ def test_fit_tokenizer_command(tmp_path, capsys):
     from beit_fast.train.tokenizer import load_tokenizer
     tok = load_tokenizer("kmeans", str(out))
     assert tok.vocab_size == 16 and tok.patch_size == 4
+    # an existing tokenizer (a pretraining run's targets) is replaced only when asked
+    again = ["fit-tokenizer", "--output", str(out), "--img-size", "16", "--patch-size", "4", "--vocab-size", "8",
+             "--max-images", "64", "--iters", "3", "--num-workers", "0"]
+    assert main(again) == 2 and "exists" in capsys.readouterr().err
+    assert load_tokenizer("kmeans", str(out)).vocab_size == 16
+    assert main(again + ["--overwrite"]) == 0 and load_tokenizer("kmeans", str(out)).vocab_size == 8
+
+
+def test_a_tokenizer_file_that_does_not_load_is_a_config_error(tmp_path, capsys):
+    """A DALL-E encoder file the loader refuses (here not a pickle at all) ends the run with the CLI's error
+    message naming it, not a traceback."""
+    bogus = tmp_path / "encoder.pkl"
+    bogus.write_bytes(b"not a pickle")
+    rc = main(["pretrain", "--tokenizer", "dvae", "--tokenizer-path", str(bogus), "--output-dir", str(tmp_path / "run"),
+               "--second-img-size", "32", "--epochs", "1", "--train-subset", "64", "--num-workers", "0",
+               "--progress", "false", "--tensorboard", "false", "--device", "cpu"])
+    assert rc == 2 and f"tokenizer=dvae: cannot load {str(bogus)!r}" in capsys.readouterr().err
 
 
 def test_module_entry_point_help():

@@ -110,6 +110,15 @@ def test_a_build_without_cuda_says_why(monkeypatch):
     assert f"'BEIT_FAST_CUDA_SKIPPED': '{b'BEIT_FAST_CUDA=0'.hex()}'" in out.stdout, out.stdout + out.stderr
 
 
+def test_arch_codes_read_back_as_the_arch_list():
+    """info shows the build's architectures in TORCH_CUDA_ARCH_LIST's own syntax, not setup.py's code."""
+    from beit_fast._archs import arch_list, arch_token
+    for given, shown in (("8.0;9.0+PTX", "8.0;9.0+PTX"), ("9.0a", "9.0a"), ("7.5 8.6", "7.5;8.6"),
+                         ("9.0a+PTX", "9.0a+PTX"), ("7.5+PTX;8.0", "7.5+PTX;8.0")):
+        assert arch_list(arch_token(given)) == shown, given
+    assert arch_list("unknown") == "unknown"
+
+
 def test_arch_codes_say_which_gpus_the_code_runs_on():
     from beit_fast._archs import arch_token, archs_run_on, parse_archs
     assert arch_token("8.0;9.0+PTX") == "sm8v0_sm9v0_ptx9v0" and arch_token("7.5 8.6") == "sm7v5_sm8v6"

@@ -107,6 +107,8 @@ def test_info_says_how_triton_kernels_are_launched():
 
 
 def test_forced_backend_lists_reasons():
+    from beit_fast.ops import BackendUnavailable   # public: what the README's BEIT_FAST_BACKEND row names
+    assert BackendUnavailable is _backend.BackendUnavailable and issubclass(BackendUnavailable, RuntimeError)
     with pytest.raises(_backend.BackendUnavailable, match="cuda backend needs CUDA tensors"):
         _backend.choose("x", "cuda", lambda b, auto: _backend.common_reasons(b, ["cpu"], auto=auto),
                         ("cuda", "reference"))

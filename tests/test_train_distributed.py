@@ -124,6 +124,7 @@ def test_fsdp_stop_and_resume_matches_uninterrupted(tmp_path):
                                 "--output-dir", str(tmp_path / "ddp")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode != 0 and "written with distributed=fsdp" in out.stdout + out.stderr, out.stderr[-3000:]
+    assert "beit-fast finetune: error: " in out.stderr, out.stderr[-3000:]   # the CLI's message, no traceback
     assert not os.path.exists(tmp_path / "ddp" / "log.jsonl") or \
         all('"step"' not in r for r in open(tmp_path / "ddp" / "log.jsonl"))
 

@@ -240,6 +240,25 @@ def test_resume_after_a_crash_logs_each_step_once(tmp_path, tokenizer_file):
     assert sum(1 for r in rows if r.get("step") == 5) == 1
 
 
+def test_resume_refuses_a_changed_tokenizer_file(tmp_path, tokenizer_file):
+    """The tokenizer's codes are the run's targets: a run resumed after its tokenizer file was replaced (e.g.
+    refit into the same path) is refused, naming the file."""
+    import shutil
+
+    from beit_fast.train.config import ConfigError
+    from beit_fast.train.data import DigitsDataset
+    from beit_fast.train.tokenizer_fitting import fit_on_dataset
+    tok = str(tmp_path / "kmeans.safetensors")
+    shutil.copy(tokenizer_file, tok)
+    extra = {"epochs": 1, "tokenizer_path": tok}
+    pretrain(tiny_pretrain(tmp_path / "run", stop_at_step=2, **extra))
+    fit_on_dataset(DigitsDataset("train"), 16, 4, 32, max_images=128, iters=10, seed=1).save(tok)
+    with pytest.raises(ConfigError, match=r"the tokenizer file .*kmeans.safetensors' changed since the checkpoint"):
+        pretrain(tiny_pretrain(tmp_path / "run", resume="auto", **extra))
+    shutil.copy(tokenizer_file, tok)   # the run's own tokenizer back: it resumes
+    assert pretrain(tiny_pretrain(tmp_path / "run", resume="auto", **extra))["step"] == 4
+
+
 def test_compiled_pretraining_pads_the_masked_positions_to_one_length(tmp_path, tokenizer_file, monkeypatch):
     """With compile=true the model gets the masked positions padded to batch_size x num_mask_patches every step
     (one shape: CUDA graphs would record the model again for each new count); the padding's labels are

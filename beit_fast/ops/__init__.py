@@ -18,6 +18,7 @@ OPS = {
 # to `beit_fast.ops.linear_gelu`. Triton and the kernels in `kernels/` are imported on first use; the C++
 # extension beit_fast._C is not: beit_fast._backend, which the op modules import, imports it at import time
 # (and records why when it cannot).
+from .._backend import BackendUnavailable  # noqa: E402,F401 (what a forced backend that cannot run raises)
 from .layer_norm import layer_norm  # noqa: E402
 from .layer_scale_residual_norm import layer_scale_residual_norm  # noqa: E402
 from .linear_gelu import linear_gelu  # noqa: E402

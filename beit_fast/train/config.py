@@ -160,6 +160,7 @@ class TokenizerFitConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
+    overwrite: bool = False               # replace an existing output file (a run pretrained with it could not resume)
 
 
 # ----------------------------------------------------------------------------------------------- presets
@@ -653,6 +654,9 @@ def check(config, values_only: bool = False):
         if os.path.isdir(cfg.output) and not values_only:
             raise ConfigError(f"output {cfg.output!r} is a folder; name the file to write (e.g. "
                               f"{os.path.join(cfg.output, 'kmeans.safetensors')!r})")
+        if os.path.isfile(cfg.output) and not cfg.overwrite and not values_only:
+            raise ConfigError(f"output {cfg.output!r} exists (a pretraining run may use it: one resumed after it "
+                              f"changed is refused); name another --output, or pass --overwrite")
     if isinstance(cfg, (RunConfig,)):
         _one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
         _one_of("optimizer", cfg.optimizer, ("adamw", "apex_adam", "apex_lamb"))

@@ -180,13 +180,14 @@ def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
         raise FileNotFoundError(f"rank {rt.rank} cannot read the checkpoint rank 0 resumes from: {path} (the "
                                 f"output folder must be shared by every node)")
     state = ckpt.load(path)
-    if state.get("world", 1) != rt.world:
-        raise RuntimeError(f"{path} was written by a run with {state.get('world')} processes; resume it with "
-                           f"the same number ({rt.world} now) so that RNG streams and data shards match")
+    if state.get("world", 1) != rt.world:   # (every rank sees the same checkpoint: all raise)
+        raise config_mod.ConfigError(f"{path} was written by a run with {state.get('world')} processes; resume it "
+                                     f"with the same number ({rt.world} now) so that RNG streams and data shards "
+                                     f"match")
     if bool(state.get("sharded", False)) != runtime.is_sharded(model):
         was = "distributed=fsdp" if state.get("sharded") else "distributed=ddp (or one process)"
-        raise RuntimeError(f"{path} was written with {was}; resume it the same way (its optimizer state is "
-                           f"laid out for that), or start a new run with --init from it")
+        raise config_mod.ConfigError(f"{path} was written with {was}; resume it the same way (its optimizer state "
+                                     f"is laid out for that), or start a new run with --init from it")
     changed = check_resumable(cfg, state.get("config") or {}, path)
     runtime.load_model_state(model, state["model"])
     load_optimizer_state(model, optimizer, state["optimizer"])

@@ -6,6 +6,7 @@ cosine lr / wd, gradient clipping, dynamic loss scaling in fp16.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
@@ -44,8 +45,25 @@ def _tokenizer(cfg, rt, dataset, second_size: int):
             print(f"fit a k-means tokenizer ({cfg.tokenizer_vocab} codes, {cfg.tokenizer_patch}px patches) in "
                   f"{time.perf_counter() - t0:.1f} s -> {path}", flush=True)
         runtime.barrier(rt)
-        return load_tokenizer("kmeans", path), path
-    return load_tokenizer(cfg.tokenizer, cfg.tokenizer_path), cfg.tokenizer_path
+        return _load(cfg, "kmeans", path), path
+    return _load(cfg, cfg.tokenizer, cfg.tokenizer_path), cfg.tokenizer_path
+
+
+def _load(cfg, kind: str, path: str):
+    """load_tokenizer, a file it refuses (a pickle with globals off the allow-list, wrong shapes, ...) a
+    ConfigError naming it."""
+    try:
+        return load_tokenizer(kind, path)
+    except Exception as e:   # unpickling, safetensors, shapes, ...: whatever the file is, it is not a tokenizer
+        raise config_mod.ConfigError(f"tokenizer={kind}: cannot load {path!r} ({type(e).__name__}: {e})") from e
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _pretrain(cfg, rt) -> dict:
@@ -87,6 +105,11 @@ def _pretrain(cfg, rt) -> dict:
     # --- optimisation state
     schedule = Schedule(cfg, steps_per_epoch)
     train_model, optimizer, scaler, (step, start_epoch, start_batch, resumed) = engine.training_state(cfg, rt, model)
+    tokenizer_sha256 = _file_sha256(tokenizer_path)   # the targets: a resumed run must keep them
+    if resumed.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
+        raise config_mod.ConfigError(f"cannot resume: the tokenizer file {tokenizer_path!r} changed since the "
+                                     f"checkpoint was saved (sha256 {resumed['tokenizer_sha256'][:12]}... then, "
+                                     f"{tokenizer_sha256[:12]}... now); its codes are the run's targets")
 
     report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "pretrain",
                       resume_step=step)
@@ -168,7 +191,8 @@ def _pretrain(cfg, rt) -> dict:
                 with report.paused():   # not counted in images/s
                     engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch,
                                 batch_in_epoch=batch_index + 1, kind="pretrain",
-                                metrics={**last, **token_meta(token_dtype), "skipped_images": skipped_images})
+                                metrics={**last, **token_meta(token_dtype), "skipped_images": skipped_images,
+                                         "tokenizer_sha256": tokenizer_sha256})
             if stop:
                 done = True
                 break
@@ -180,7 +204,8 @@ def _pretrain(cfg, rt) -> dict:
             with report.paused():
                 engine.save(cfg, rt, train_model, optimizer, scaler, None, step=step, epoch=epoch + 1,
                             batch_in_epoch=0, kind="pretrain",
-                            metrics={**last, **token_meta(token_dtype), "skipped_images": skipped_images})
+                            metrics={**last, **token_meta(token_dtype), "skipped_images": skipped_images,
+                                     "tokenizer_sha256": tokenizer_sha256})
 
     report.close()
     runtime.barrier(rt)   # rank 0 may still be writing (and pruning) its last checkpoint

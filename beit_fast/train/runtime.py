@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -186,7 +187,10 @@ def wrap(model: torch.nn.Module, rt: Runtime, mode: str = "ddp"):
     ids = [rt.device.index] if rt.device.type == "cuda" else None
     # every parameter takes part in every step (unilm's find_unused_parameters=True only costs time); the
     # model's buffers are constants (index tables), so no per-forward broadcast
-    return DDP(model, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
+    # (torch 2.13 renamed the switch: forward_sync_buffers; broadcast_buffers warns from then on)
+    renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    return DDP(model, device_ids=ids, find_unused_parameters=False,
+               **({"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}))
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
