@@ -250,13 +250,20 @@ def test_resume_refuses_a_changed_tokenizer_file(tmp_path, tokenizer_file):
     from beit_fast.train.tokenizer_fitting import fit_on_dataset
     tok = str(tmp_path / "kmeans.safetensors")
     shutil.copy(tokenizer_file, tok)
-    extra = {"epochs": 1, "tokenizer_path": tok}
-    pretrain(tiny_pretrain(tmp_path / "run", stop_at_step=2, **extra))
-    fit_on_dataset(DigitsDataset("train"), 16, 4, 32, max_images=128, iters=10, seed=1).save(tok)
-    with pytest.raises(ConfigError, match=r"the tokenizer file .*kmeans.safetensors' changed since the checkpoint"):
-        pretrain(tiny_pretrain(tmp_path / "run", resume="auto", **extra))
-    shutil.copy(tokenizer_file, tok)   # the run's own tokenizer back: it resumes
-    assert pretrain(tiny_pretrain(tmp_path / "run", resume="auto", **extra))["step"] == 4
+    extra = {"epochs": 1, "tokenizer_path": tok, "save_every_steps": 2}
+    pretrain(tiny_pretrain(tmp_path / "run", **extra))                    # checkpoints of steps 2 and 4
+    before = sorted(os.listdir(tmp_path / "run"))
+    for seed, vocab in ((1, 32), (0, 16)):   # refit: other codes; another vocabulary (the lm_head would not fit)
+        fit_on_dataset(DigitsDataset("train"), 16, 4, vocab, max_images=128, iters=10, seed=seed).save(tok)
+        with pytest.raises(ConfigError, match=r"the tokenizer file .*kmeans.safetensors' changed since the checkp"):
+            pretrain(tiny_pretrain(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-0000002.pt"),
+                                   tokenizer_vocab=vocab, **extra))
+        assert sorted(os.listdir(tmp_path / "run")) == before   # refused before anything was set aside
+    shutil.copy(tokenizer_file, tok)   # the run's own tokenizer back: it resumes (and only now sets step 4 aside)
+    with pytest.warns(UserWarning, match="moved to"):
+        got = pretrain(tiny_pretrain(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-0000002.pt"),
+                                     **extra))
+    assert got["step"] == 4
 
 
 def test_compiled_pretraining_pads_the_masked_positions_to_one_length(tmp_path, tokenizer_file, monkeypatch):

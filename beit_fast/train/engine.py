@@ -46,16 +46,17 @@ def build_model(cfg, device: torch.device, **fields):
     return model
 
 
-def training_state(cfg, rt, model, ema=None, **optimizer_kw):
+def training_state(cfg, rt, model, ema=None, check_state=None, **optimizer_kw):
     """Wrap the model (DDP / FSDP), then build the optimizer (FSDP replaces the parameters by shards
-    first), the loss scaler, restore a resumed run, compile when asked.
+    first), the loss scaler, restore a resumed run, compile when asked. check_state(state): a caller's own
+    refusal of the checkpoint to resume, before anything is loaded or set aside (see resume).
 
     Returns (train_model, optimizer, scaler, (step, epoch, batch_in_epoch, metrics))."""
     from .optim import build_optimizer
     train_model = runtime.wrap(model, rt, cfg.distributed)
     optimizer = build_optimizer(cfg, model, device_type=rt.device.type, **optimizer_kw)
     scaler = runtime.grad_scaler(rt.device, cfg.precision)
-    position = resume(cfg, rt, train_model, optimizer, scaler, ema)
+    position = resume(cfg, rt, train_model, optimizer, scaler, ema, check_state)
     if cfg.compile:
         train_model = torch.compile(train_model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     return train_model, optimizer, scaler, position
@@ -169,8 +170,10 @@ def _resume_path_everywhere(cfg, rt) -> Optional[str]:
     return path
 
 
-def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
+def resume(cfg, rt, model, optimizer, scaler, ema, check_state=None) -> tuple:
     """Restore model, optimizer, scaler, EMA, RNG states; returns (step, epoch, batch_in_epoch, metrics).
+    Every refusal (the layout checks here, check_resumable, check_state(state)) comes before the model is
+    loaded and before later checkpoints are set aside.
 
     Call it after `runtime.wrap` and after building the optimizer (FSDP shards the loaded state)."""
     path = _resume_path_everywhere(cfg, rt)
@@ -189,6 +192,8 @@ def resume(cfg, rt, model, optimizer, scaler, ema) -> tuple:
         raise config_mod.ConfigError(f"{path} was written with {was}; resume it the same way (its optimizer state "
                                      f"is laid out for that), or start a new run with --init from it")
     changed = check_resumable(cfg, state.get("config") or {}, path)
+    if check_state is not None:
+        check_state(state)
     runtime.load_model_state(model, state["model"])
     load_optimizer_state(model, optimizer, state["optimizer"])
     scaler.load_state_dict(state["scaler"])

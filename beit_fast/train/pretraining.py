@@ -104,12 +104,17 @@ def _pretrain(cfg, rt) -> dict:
 
     # --- optimisation state
     schedule = Schedule(cfg, steps_per_epoch)
-    train_model, optimizer, scaler, (step, start_epoch, start_batch, resumed) = engine.training_state(cfg, rt, model)
     tokenizer_sha256 = _file_sha256(tokenizer_path)   # the targets: a resumed run must keep them
-    if resumed.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
-        raise config_mod.ConfigError(f"cannot resume: the tokenizer file {tokenizer_path!r} changed since the "
-                                     f"checkpoint was saved (sha256 {resumed['tokenizer_sha256'][:12]}... then, "
-                                     f"{tokenizer_sha256[:12]}... now); its codes are the run's targets")
+
+    def same_tokenizer(state):   # before the checkpoint is loaded (a new vocabulary would not even fit)
+        then = (state.get("metrics") or {}).get("tokenizer_sha256", tokenizer_sha256)   # (older runs: none)
+        if then != tokenizer_sha256:
+            raise config_mod.ConfigError(f"cannot resume: the tokenizer file {tokenizer_path!r} changed since the "
+                                         f"checkpoint was saved (sha256 {then[:12]}... then, "
+                                         f"{tokenizer_sha256[:12]}... now); its codes are the run's targets")
+
+    train_model, optimizer, scaler, (step, start_epoch, start_batch, resumed) = engine.training_state(
+        cfg, rt, model, check_state=same_tokenizer)
 
     report = Reporter(cfg.output_dir, schedule.total_steps, rt.is_main, cfg.progress, cfg.tensorboard, "pretrain",
                       resume_step=step)
