@@ -29,6 +29,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+GRID_YZ_MAX = 65535   # CUDA's limit on grid axes 1 and 2 (the ops' reasons read it too: no Triton import here)
+
+
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2 for n >= 1."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import cdiv, int32_addressable, next_power_of_2, on_device_of_first_arg
+from ._device import GRID_YZ_MAX, cdiv, int32_addressable, next_power_of_2, on_device_of_first_arg
 from ._launch import launch
 from ._settings import KERNELS, dense_bias_setting
 from beit_fast.relpos import PerIndexTensor, check_index_range_once
@@ -834,9 +834,6 @@ def rel_pos_attention_fwd(q, k, v, table, rel_index, window_size, scale, dropout
         BIAS_SRC=src, HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return lse
-
-
-GRID_YZ_MAX = 65535   # CUDA's limit on grid axes 1 and 2
 
 
 def _bh_grid(B: int, H: int) -> tuple:

@@ -13,16 +13,24 @@ import torch
 AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def autocast_on(t) -> bool:
+    """Whether torch.autocast is on for the device type of tensor `t`."""
+    return isinstance(t, torch.Tensor) and t.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(t.device.type)
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes tensor `t` in: the autocast dtype for fp32 / fp16 / bf16 while it is on,
+    else t's own."""
+    return torch.get_autocast_dtype(t.device.type) if autocast_on(t) and t.dtype in AUTOCAST_ELIGIBLE else t.dtype
+
+
 def autocast(*tensors):
     """Inside torch.autocast (on the first tensor's device type), the tensors cast to the autocast dtype as
     F.linear / scaled_dot_product_attention would cast them (a custom op has no autocast rule of its own);
     None, non-tensors and fp64 pass unchanged. Outside autocast: unchanged."""
-    first = tensors[0]
-    if not isinstance(first, torch.Tensor) or first.device.type not in ("cuda", "cpu") or \
-            not torch.is_autocast_enabled(first.device.type):
+    if not autocast_on(tensors[0]):
         return tensors
-    dt = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in AUTOCAST_ELIGIBLE else t for t in tensors)
+    return tuple(t.to(autocast_dtype(t)) if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
 def tensor(op: str, name: str, t, optional: bool = False) -> Optional[torch.Tensor]:

@@ -85,7 +85,7 @@ def not_supported_reasons(backend: str, images: torch.Tensor, weight: torch.Tens
         why += environment_reasons(backend)
     if backend in ("cuda", "cpp"):
         allowed = _CUDA_DTYPES if backend == "cuda" else _CPP_DTYPES
-        dtype = _compute_dtype(images, weight)
+        dtype = checks.autocast_dtype(images)
         if dtype not in allowed:
             why.append(f"images have dtype {dtype}; the {backend} kernel supports {[str(d) for d in allowed]}")
         elif cls_token is not None:
@@ -93,7 +93,7 @@ def not_supported_reasons(backend: str, images: torch.Tensor, weight: torch.Tens
             if out not in allowed:
                 why.append(f"the tokens have dtype {out} (images' {dtype} promoted with the cls/mask token and "
                            f"position embedding dtypes); the {backend} kernel writes {[str(d) for d in allowed]}")
-        if images.dtype != weight.dtype and not _autocast_on(images):
+        if images.dtype != weight.dtype and not checks.autocast_on(images):
             why.append(f"images ({images.dtype}) and weight ({weight.dtype}) differ in dtype")
         if backend == "cuda" and images.dim() == 4 and weight.dim() == 4:
             B, _, H, W = images.shape
@@ -104,16 +104,6 @@ def not_supported_reasons(backend: str, images: torch.Tensor, weight: torch.Tens
                 why.append(f"a tensor of {largest} elements; the CUDA kernels index with int32 and take at most "
                            f"2^31 - 1 - 256 = {CUDA_MAX_ELEMENTS}")
     return why
-
-
-def _autocast_on(images: torch.Tensor) -> bool:
-    return images.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(images.device.type)
-
-
-def _compute_dtype(images: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    if _autocast_on(images) and images.dtype in checks.AUTOCAST_ELIGIBLE:
-        return torch.get_autocast_dtype(images.device.type)
-    return images.dtype
 
 
 def _output_dtype(compute_dtype, bool_masked_pos, mask_token, cls_token, pos_embed) -> torch.dtype:
@@ -178,7 +168,7 @@ def _check_inputs(images, weight, bias, bool_masked_pos, mask_token, cls_token, 
     for name, t in (("images", images), ("weight", weight), ("bias", bias), ("mask_token", mask_token),
                     ("cls_token", cls_token), ("pos_embed", pos_embed)):
         checks.floating(op, name, t)
-    if images.dtype != weight.dtype and not _autocast_on(images):
+    if images.dtype != weight.dtype and not checks.autocast_on(images):
         raise ValueError(f"{op}: weight must have the dtype of images ({images.dtype}), got {weight.dtype}")
     checks.shape(op, "bias", bias, (Cout,), "(C,)")
     checks.shape(op, "mask_token", mask_token, (1, 1, Cout), "(1, 1, C)")

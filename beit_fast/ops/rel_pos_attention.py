@@ -27,12 +27,13 @@ from . import _checks as checks
 from . import _eager
 from beit_fast.relpos import _index_cpu, num_relative_distance, relative_position_index  # noqa: F401 (re-exported)
 from beit_fast.relpos import check_index_range_once
+# the launchers put B*H on grid axes 1 and 2 (kernels.rel_pos_attention._bh_grid): B and H each up to this
+from beit_fast.kernels._device import GRID_YZ_MAX
 
 BACKENDS = ("triton", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
-MAX_GRID_Y = 65535  # the launchers put B*H on grid axes 1 and 2 (kernels.rel_pos_attention._bh_grid): B, H each up to this
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,8 +158,8 @@ def not_supported_reasons(backend: str, q, k, v, table, window_size=None, rel_in
         if span >= 2**31:   # the batch term is int64 in the kernels; rows, heads and head dims are int32
             why.append(f"one batch element of q, k or v spans {span} elements (its strides), past the kernels' "
                        f"int32 offsets (2**31): make them contiguous (e.g. batch-first qkv)")
-        if max(q.shape[0], q.shape[1]) > MAX_GRID_Y:
-            why.append(f"B = {q.shape[0]} or H = {q.shape[1]} exceeds the CUDA grid's limit {MAX_GRID_Y} on the "
+        if max(q.shape[0], q.shape[1]) > GRID_YZ_MAX:
+            why.append(f"B = {q.shape[0]} or H = {q.shape[1]} exceeds the CUDA grid's limit {GRID_YZ_MAX} on the "
                        "axes the kernels launch batches and heads on (split the batch)")
     return why
 
