@@ -94,6 +94,7 @@ def test_text_fields_keep_their_text(tmp_path):
     ("pretrain", dict(min_lr=float("inf")), "min_lr must be a finite number >= 0, got inf"),
     ("pretrain", dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0"),
     ("pretrain", dict(stop_at_step=-5), "stop_at_step must be >= 0, got -5"),
+    ("finetune", dict(keep_last=0), "keep_last must be >= 1, got 0"),     # (0 kept one: not "keep all")
     ("pretrain", dict(tokenizer_vocab=0), "tokenizer_vocab must be >= 1"),
     ("pretrain", dict(tokenizer_fit_images=0), "tokenizer_fit_images must be >= 1"),
     ("pretrain", dict(tokenizer_vocab=5000, tokenizer_fit_images=16),

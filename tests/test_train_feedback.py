@@ -108,3 +108,18 @@ def test_tensorboard_gets_every_numeric_metric(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.5), (2, 2.0)]
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["loss"] for r in rows] == [2.5, 2.0]
+
+
+def test_log_rows_are_strict_json(tmp_path):
+    """A NaN loss (every micro-batch since the last row overflowed in fp16) or any other non-finite value, at
+    any depth, is written as null with its key listed under "nonfinite": a bare NaN is not JSON outside
+    Python."""
+    report = Reporter(str(tmp_path), total_steps=2, progress=False, tensorboard=False)
+    report.log({"step": 1, "loss": float("nan"), "lr": 0.1, "eval": {"top1": float("inf"), "n": 3}}, 1)
+    report.log({"step": 2, "loss": 2.5, "lr": 0.1}, 2)
+    report.close()
+    strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))  # noqa
+    rows = [strict(line) for line in open(tmp_path / "log.jsonl")]
+    assert rows[0] == {"step": 1, "loss": None, "lr": 0.1, "eval": {"top1": None, "n": 3},
+                       "nonfinite": ["eval.top1", "loss"]}
+    assert rows[1] == {"step": 2, "loss": 2.5, "lr": 0.1}

@@ -327,9 +327,11 @@ def test_resume_refuses_a_changed_data_order_and_applies_other_changes(tmp_path)
     extra = {"epochs": 2, "mixup": 0.0, "cutmix": 0.0, "eval_every_epochs": 0, "save_every_steps": 2}
     run = tmp_path / "run"
     finetune(tiny_finetune(run, stop_at_step=2, **extra))
+    saved_config = (run / "config.json").read_text()
     for change in ({"batch_size": 8}, {"accum_steps": 2}, {"seed": 1}, {"train_subset": 48}):
         with pytest.raises(ConfigError, match=f"cannot resume .*checkpoint-0000002.pt: {next(iter(change))}: "):
             finetune(tiny_finetune(run, resume="auto", stop_at_step=3, **{**extra, **change}))
+        assert (run / "config.json").read_text() == saved_config   # the folder still describes its run
     with pytest.warns(UserWarning, match=r"settings changed .*ema: False -> True.*lr: 0.01 -> 0.005"):
         finetune(tiny_finetune(run, resume="auto", stop_at_step=3, ema=True, ema_decay=0.9999, lr=5e-3, **extra))
     s2, s3 = (load(str(run / f"checkpoint-000000{i}.pt")) for i in (2, 3))
@@ -338,6 +340,43 @@ def test_resume_refuses_a_changed_data_order_and_applies_other_changes(tmp_path)
     moved = max((s3["model"][k] - s2["model"][k]).abs().max().item() for k in s2["model"]
                 if s2["model"][k].is_floating_point())
     assert moved > 0 and ema_gap <= 1e-3 * moved    # EMA(decay 0.9999) of the step-2 weights and one update
+
+
+def test_resume_in_fp16_from_a_run_without_loss_scaling(tmp_path):
+    """precision may change on resume (e.g. to fp16 on a GPU without bf16): the checkpoint of an fp32 / bf16 run
+    holds no loss scaler state, which an enabled GradScaler refuses to load; the scaler starts afresh, with
+    the warning naming it."""
+    extra = {"epochs": 1, "mixup": 0.0, "cutmix": 0.0, "eval_every_epochs": 0, "save_every_steps": 1}
+    run = tmp_path / "run"
+    finetune(tiny_finetune(run, stop_at_step=2, precision="fp32", **extra))
+    with pytest.warns(UserWarning, match=r"precision: 'fp32' -> 'fp16'.*loss scaler: the checkpoint has none"):
+        finetune(tiny_finetune(run, resume="auto", stop_at_step=3, precision="fp16", **extra))
+    state = load(str(run / "checkpoint-0000003.pt"))
+    assert state["scaler"]["scale"] == torch.amp.GradScaler("cpu").get_scale()     # fresh, one step without inf
+    assert json.loads((run / "config.json").read_text())["precision"] == "fp16"
+
+
+def test_the_best_checkpoint_is_written_before_the_resume_point(tmp_path, monkeypatch):
+    """The step checkpoint carries best_top1, which a resumed run must beat before it writes a best file: a
+    crash while writing checkpoint-best.pt must leave no resume point claiming that best."""
+    from beit_fast.train import checkpoint as ckpt
+    real = ckpt.atomic_torch_save
+
+    def crash_on_best(obj, path):
+        if os.path.basename(path) == ckpt.BEST:
+            raise KeyboardInterrupt("killed while writing checkpoint-best.pt")
+        return real(obj, path)
+
+    run = tmp_path / "run"
+    extra = dict(epochs=1, mixup=0.0, cutmix=0.0, val_subset=32)
+    monkeypatch.setattr(ckpt, "atomic_torch_save", crash_on_best)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_finetune(run, **extra))
+    assert step_checkpoints(str(run)) == []
+    monkeypatch.setattr(ckpt, "atomic_torch_save", real)
+    out = finetune(tiny_finetune(run, resume="auto", **extra))
+    best = load(str(run / ckpt.BEST))
+    assert best["metrics"]["best_top1"] == out["best_top1"] and best["step"] == load(out["checkpoint"])["step"]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])

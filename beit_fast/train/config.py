@@ -75,7 +75,7 @@ class RunConfig:
     precision: str = "bf16"              # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
     # checkpoints
     save_every_steps: int = 0            # 0: at the end of every epoch only
-    keep_last: int = 2
+    keep_last: int = 2                   # step checkpoints kept (>= 1; the best ones are kept besides)
     resume: str = ""                     # "" | "auto" (latest in output_dir) | a checkpoint file or folder
     stop_at_step: int = 0                # >0: stop after this step as if interrupted (schedule unchanged)
     # distributed
@@ -582,7 +582,7 @@ def _check_run_values(cfg, fields: dict) -> None:
               "min_lr", "weight_decay", "weight_decay_end", "warmup_epochs", "eps", "clip_grad", "color_jitter",
               "layer_scale")
     _at_least(cfg, -1, "warmup_steps")
-    _at_least(cfg, 1, "synthetic_size")
+    _at_least(cfg, 1, "synthetic_size", "keep_last")
     _at_least(cfg, 0, "hflip", "drop_path", most=1)
     channels = int(fields.get("in_chans", 3))
     _numbers("mean", cfg.mean, channels)

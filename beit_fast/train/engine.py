@@ -24,12 +24,12 @@ def seed_all(seed: int) -> None:
 
 
 def prepare_output(cfg, rt: runtime.Runtime) -> None:
-    """Apply num_threads; create the output folder and write the resolved config.yaml / .json (rank 0)."""
+    """Apply num_threads; create the output folder (rank 0). The resolved config.yaml / .json are written by
+    training_state once a resume has been accepted: a refused one leaves the folder's config as it was."""
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     if rt.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        config_mod.save(cfg, cfg.output_dir)
     runtime.barrier(rt)
 
 
@@ -57,6 +57,8 @@ def training_state(cfg, rt, model, ema=None, check_state=None, **optimizer_kw):
     optimizer = build_optimizer(cfg, model, device_type=rt.device.type, **optimizer_kw)
     scaler = runtime.grad_scaler(rt.device, cfg.precision)
     position = resume(cfg, rt, train_model, optimizer, scaler, ema, check_state)
+    if rt.is_main:   # the config of the run that now goes on in this folder
+        config_mod.save(cfg, cfg.output_dir)
     if cfg.compile:
         train_model = torch.compile(train_model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     return train_model, optimizer, scaler, position
@@ -131,14 +133,16 @@ def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch
         state["classes"] = [str(c) for c in classes]
     if ema is not None:
         state["model_ema"] = {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
+    # The best files first: the step checkpoint is the resume point and carries best_top1, which a resumed run
+    # must beat before it writes a best file again (a crash between the two writes left a best score no file held).
     path = None
-    if keep:
-        path = ckpt.save_step_checkpoint(state, cfg.output_dir, step, cfg.keep_last)
     for wanted, name in ((best, ckpt.BEST), (best_ema, ckpt.BEST_EMA)):
         if wanted:
             path_best = os.path.join(cfg.output_dir, name)
             ckpt.atomic_torch_save(state, path_best)
             path = path or path_best
+    if keep:
+        path = ckpt.save_step_checkpoint(state, cfg.output_dir, step, cfg.keep_last)
     return path
 
 
@@ -196,7 +200,11 @@ def resume(cfg, rt, model, optimizer, scaler, ema, check_state=None) -> tuple:
         check_state(state)
     runtime.load_model_state(model, state["model"])
     load_optimizer_state(model, optimizer, state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"] or not scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    else:   # (an enabled GradScaler refuses the empty state a bf16 / fp32 run saves)
+        changed.append("loss scaler: the checkpoint has none (it was not an fp16 run); fp16 loss scaling starts "
+                       "at its initial scale")
     if ema is not None and "model_ema" in state:
         ema.module.load_state_dict(state["model_ema"])
     elif ema is not None:   # EMA turned on for the resumed run: start it from the resumed weights

@@ -84,6 +84,28 @@ def _drop_rows_after(path: str, step: int) -> None:
         atomic_write_bytes(path, b"".join(keep))
 
 
+
+def _json_safe(row: dict) -> dict:
+    """The row with every non-finite float (at any depth) as null, its key listed under "nonfinite" (e.g. a
+    NaN loss when every micro-batch since the last row overflowed in fp16): strict JSON, which a bare NaN
+    is not for most readers other than Python's."""
+    bad = []
+
+    def clean(v, key):
+        if isinstance(v, float) and not math.isfinite(v):
+            bad.append(key)
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{key}.{k}" if key else k) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, key) for x in v]
+        return v
+
+    row = clean(row, "")
+    if bad:
+        row["nonfinite"] = sorted(set(bad))
+    return row
+
 class Reporter:
     """Progress bar + log.jsonl + TensorBoard for rank 0; a silent stand-in elsewhere."""
 
@@ -155,9 +177,8 @@ class Reporter:
     def log(self, row: dict, step: int) -> None:
         if not self.enabled:
             return
-        row = {k: (None if isinstance(v, float) and not math.isfinite(v) and k != "loss" else v)
-               for k, v in row.items()}
-        self.file.write(json.dumps(row) + "\n")
+        shown, row = row, _json_safe(row)
+        self.file.write(json.dumps(row, allow_nan=False) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in row.items():
@@ -165,7 +186,7 @@ class Reporter:
                     self.tb.add_scalar(k, v, step)
         if self.bar is not None:
             self.advance_to(step)
-            show = {k: row[k] for k in ("loss", "lr", "mlm_acc", "img_s", "mfu", "top1") if row.get(k) is not None}
+            show = {k: shown[k] for k in ("loss", "lr", "mlm_acc", "img_s", "mfu", "top1") if shown.get(k) is not None}
             self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in show.items()})
 
     def close(self) -> None:
