@@ -69,10 +69,9 @@ def _geometric_ratio(src_half: int, dst_half: int) -> float:
 
 def _source_coords(src: int, dst: int) -> list[float]:
     src_half, dst_half = src // 2, dst // 2
-    if dst_half <= src_half:  # shrinking: plain uniform rescale of the coordinates
-        scale = dst_half / max(src_half, 1)
-        return [(i - src_half) * scale for i in range(src)]
-    q = _geometric_ratio(src_half, dst_half)
+    if dst_half == src_half:  # this axis keeps its size (a non-square window changing the other): as it is
+        return [float(i - src_half) for i in range(src)]
+    q = _geometric_ratio(src_half, dst_half)   # (shrinking too, as unilm and timm: q ends at 1.01)
     dis, cur = [], 1.0
     for i in range(src_half):
         dis.append(cur)
@@ -87,7 +86,9 @@ def resize_rel_pos_bias_table(table: torch.Tensor, src_window, dst_window) -> to
     source offsets are placed on a geometric grid (small offsets keep their values, large offsets are
     stretched, ratio q found by bisection) and the table is evaluated on the integer target grid with a
     bicubic spline per head (scipy RectBivariateSpline, kx=ky=3, the successor SciPy names for the
-    removed interp2d(kind='cubic')). Shrinking uses a uniform grid.
+    removed interp2d(kind='cubic')). Shrinking runs the same bisection, which then ends at its lower bound
+    (q = 1.01): offsets keep their own values near the centre, as unilm's and timm's resampling keep them.
+    An axis whose size does not change (one of a non-square window's) keeps its integer grid.
     """
     src_window = tuple(int(x) for x in src_window)
     dst_window = tuple(int(x) for x in dst_window)

@@ -294,3 +294,14 @@ def test_bad_masks():
         create_model("beit_test_patch4_32", attn_impl="flash")
     with pytest.raises(ValueError, match="multiple of patch_size"):
         create_model("beit_test_patch4_32", img_size=30)
+    # each of these built a model that then failed (ZeroDivisionError, IndexError) or ran wrong (NaN logits
+    # from a negative eps in the reference path, which the fused LayerNorm refuses; negative layer scales)
+    for bad, match in ((dict(num_heads=0), "num_heads must be >= 1, got 0"),
+                       (dict(depth=0), "depth must be >= 1, got 0"),
+                       (dict(mlp_ratio=0.0), "mlp_ratio must be a finite number > 0"),
+                       (dict(layer_norm_eps=-1.0), "layer_norm_eps must be a finite number > 0, got -1.0"),
+                       (dict(layer_norm_eps=float("nan")), "layer_norm_eps must be a finite number > 0, got nan"),
+                       (dict(init_values=-0.1), r"init_values \(layer scale\) must be None, 0")):
+        with pytest.raises(ValueError, match=match):
+            create_model("beit_test_patch4_32", **bad)
+    assert create_model("beit_test_patch4_32", init_values=0.0).blocks[0].gamma_1 is None

@@ -244,6 +244,18 @@ def _resize_pos_embed(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     return torch.cat([cls, g.permute(0, 2, 3, 1).reshape(1, dst * dst, -1).to(pos.dtype)], dim=1)
 
 
+def _bare_model(model):
+    """The model inside torch.compile's wrapper and DistributedDataParallel's (their state dicts prefix every key
+    with _orig_mod. / module., which the checkpoint's keys, stripped of those prefixes, never carry)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
 def load_checkpoint(model, path_or_state_dict, strict: bool = False, warn: bool = True) -> LoadReport:
     """Load a checkpoint (path to .pth/.pt/.bin/.safetensors, or a (wrapped) state dict) into `model`.
 
@@ -253,6 +265,7 @@ def load_checkpoint(model, path_or_state_dict, strict: bool = False, warn: bool 
     obj = path_or_state_dict
     if isinstance(obj, (str, os.PathLike)):
         obj = read_state_dict(obj)
+    model = _bare_model(model)
     sd, report = convert_state_dict(obj, model)
     target = model.state_dict()
     if sd and not any(k in target for k in sd):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,6 +56,16 @@ class BeitConfig:
     def validate(self) -> None:
         if self.img_size <= 0 or self.patch_size <= 0 or self.img_size % self.patch_size:
             raise ValueError(f"img_size ({self.img_size}) must be a positive multiple of patch_size ({self.patch_size})")
+        for name in ("embed_dim", "depth", "num_heads", "in_chans"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.mlp_ratio > 0 and math.isfinite(self.mlp_ratio)):
+            raise ValueError(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio}")
+        if not (self.layer_norm_eps > 0 and math.isfinite(self.layer_norm_eps)):
+            raise ValueError(f"layer_norm_eps must be a finite number > 0, got {self.layer_norm_eps}")
+        if self.init_values is not None and not (self.init_values >= 0 and math.isfinite(self.init_values)):
+            raise ValueError(f"init_values (layer scale) must be None, 0 (no layer scale) or a finite number > 0, "
+                             f"got {self.init_values}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.attn_impl not in ATTN_IMPLS:
