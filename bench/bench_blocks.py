@@ -48,7 +48,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (CheckFailed, Outcomes, Skip, base_parser, check_close, device_and_dtypes,  # noqa: E402
-                    environment, finish, gpu_pass, make_row, peak_mb, selected_providers, time_ms, write_report)
+                    environment, finish, gpu_pass, make_row, named_list, peak_mb, selected_providers, time_ms,
+                    write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -428,7 +429,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device, dtypes = device_and_dtypes(args)
     torch.backends.cudnn.benchmark = True   # as timm's train.py sets it (masked_patch_embed's baselines' conv)
-    ops = OPS if args.ops == "all" else tuple(x.strip() for x in args.ops.split(","))
+    ops = named_list(args.ops, OPS, "--ops")
     wanted = selected_providers(args, PROVIDERS, smoke_default=("eager", "ours"))
     cfgs = SMOKE if args.smoke else QUICK if args.quick else FULL
     env = environment(device)

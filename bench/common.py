@@ -32,8 +32,10 @@ QUANTILES = (0.5, 0.2, 0.8)
 # version) and still pass its check: make that an error the benchmark records instead of a row it times.
 try:
     import torch._dynamo.config as _dynamo_config
-    if hasattr(_dynamo_config, "fail_on_recompile_limit_hit"):
-        _dynamo_config.fail_on_recompile_limit_hit = True
+    for _flag in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):   # (torch 2.7+ name, 2.6's name)
+        if hasattr(_dynamo_config, _flag):
+            setattr(_dynamo_config, _flag, True)
+            break
 except ImportError:
     pass
 
@@ -377,11 +379,23 @@ def device_and_dtypes(args) -> tuple[str, list[torch.dtype]]:
     return "cuda", parse_dtypes(args.dtypes)
 
 
+def named_list(value: str, known, flag: str) -> tuple:
+    """A comma list given to `flag`, every name one of `known` (a misspelt name is an error, not a comparison
+    that silently leaves a provider or op out); `all` means every known one."""
+    if value == "all":
+        return tuple(known)
+    names = tuple(x.strip() for x in value.split(",") if x.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SystemExit(f"{flag}: unknown {', '.join(unknown) or '(empty list)'}; known: {', '.join(known)}, or all")
+    return names
+
+
 def selected_providers(args, all_providers, smoke_default=None) -> tuple:
-    """--providers as a tuple; `all` means every provider (or `smoke_default` under --smoke)."""
-    if args.providers == "all":
-        return tuple(smoke_default) if args.smoke and smoke_default is not None else tuple(all_providers)
-    return tuple(x.strip() for x in args.providers.split(",") if x.strip())
+    """--providers as a tuple of known names; `all` means every provider (or `smoke_default` under --smoke)."""
+    if args.providers == "all" and args.smoke and smoke_default is not None:
+        return tuple(smoke_default)
+    return named_list(args.providers, tuple(all_providers), "--providers")
 
 
 def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:

@@ -110,9 +110,25 @@ def test_overhead_honours_providers_and_rejects_quick(tmp_path, capsys):
         assert {json.loads(line)["provider"] for line in f} == {"sdpa"}
     for argv, message in ((["--quick"], "--quick: overhead.py has one shape"),
                           (["--providers", "ours,ourz"], "--providers: unknown ourz; known: ours, eager")):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as e:
             overhead.main(["--smoke", "--out", str(tmp_path)] + argv)
-        assert message in capsys.readouterr().err
+        assert message in f"{e.value.code} {capsys.readouterr().err}"
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench_blocks", ["--ops", "layer_norm", "--providers", "eager,compiled"],
+     "--providers: unknown compiled; known: eager, ours"),
+    ("bench_blocks", ["--ops", "layernorm"], "--ops: unknown layernorm; known: block, "),
+    ("bench_attention", ["--providers", "eager,sdpa_timm"], "--providers: unknown sdpa_timm; known: eager, "),
+    ("bench_model", ["--providers", "ours"], "--providers: unknown ours; known: ours_reference, "),
+])
+def test_a_misspelt_provider_or_op_is_refused(script, argv, message, tmp_path):
+    """A name no provider / op has was skipped without a word (bench_blocks: a comparison without its
+    torch.compile rows, exit status 0)."""
+    with pytest.raises(SystemExit) as e:
+        _bench_module(script).main(["--smoke", "--out", str(tmp_path)] + argv)
+    assert message in str(e.value.code)
+    assert not os.path.exists(tmp_path / f"{script}.jsonl")     # refused before anything ran
 
 
 def test_eager_overhead_runs_both_paths():
