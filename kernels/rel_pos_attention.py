@@ -277,8 +277,12 @@ def _fwd_step(q, K, V, TBL, IDX, seed, bh, h, offs_m, qpart, m_i, l_i, acc, star
     if MASK_N:
         s = tl.where(offs_n[None, :] < N, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
+    # A row whose keys so far all have a -inf bias (an explicit rel_index masking pairs through a -inf table
+    # row; finfo.min too, once scaled by log2(e)) keeps m = -inf: exponentiate against 0 then, not -inf
+    # (-inf - -inf is NaN, which spread into the row's output and every gradient).
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N, dropout_p)

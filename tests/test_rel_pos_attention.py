@@ -497,6 +497,24 @@ def test_packed_equals_unpacked_and_custom_scale():
 
 
 @needs_triton
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("masked", [float("-inf"), torch.finfo(torch.float32).min], ids=["-inf", "finfo.min"])
+def test_keys_masked_through_a_minus_inf_table_row(dtype, masked):
+    """An explicit rel_index may mask pairs through a table row of -inf (or finfo.min, -inf once the kernels
+    scale it by log2(e)). Every key of the first key block masked used to make each row NaN (the online
+    softmax's max stayed -inf: exp2(-inf - -inf)), output and every gradient; the reference is finite."""
+    B, H, N, D, R = 2, 2, 80, 16, 10
+    inputs, table, grad = make_inputs(B, H, N, D, dtype, R)
+    table[R - 1] = masked
+    index = random_index(N, R - 1)
+    index[:, :64] = R - 1                       # keys 0..63 (the first block and more) masked for every query
+    index = index.to(DEVICE)
+    out, grads = run(rel_pos_attention, inputs, table, grad, rel_index=index, backend="triton")
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert_matches_fp64(False, inputs, table, grad, out, grads, dtype, dict(rel_index=index))
+
+
 def test_window_index_in_kernel_equals_explicit_index():
     W = (3, 5)
     N, R = 16, num_relative_distance(W)
