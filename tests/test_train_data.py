@@ -108,8 +108,8 @@ def test_float_grayscale_images_are_scaled_not_blackened():
 
 
 def test_each_unreadable_image_is_counted_once(tmp_path):
-    """Two unreadable files side by side: index 0's search for a readable substitute passes over file 1 too,
-    but each file is one skipped image (the epoch counted 3)."""
+    """Two unreadable files side by side: index 0's draws for a readable substitute may hit file 1 too, but
+    each file is one skipped image (a search that passed over its neighbour counted 3 for the epoch)."""
     from PIL import Image
     from beit_fast.train.data import FolderDataset, Samples
     (tmp_path / "c").mkdir()
@@ -121,6 +121,47 @@ def test_each_unreadable_image_is_counted_once(tmp_path):
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         counts = [samples[(0, i)][-1] for i in range(len(samples))]
     assert counts == [1, 1, 0, 0, 0]
+
+
+def test_a_run_of_unreadable_images_is_replaced_by_images_drawn_at_random(tmp_path):
+    """A class folder copied from macOS holds a ._<name> metadata file beside each image, all sorted first:
+    hidden files are not images. A run of unreadable files longer than the substitute's 50 tries (the next
+    index each time: the run died) is replaced by readable images drawn at random (the next readable one
+    stood in for the whole run: one image many times an epoch), deterministically."""
+    from PIL import Image
+    from beit_fast.train.data import FolderDataset, Samples
+    (tmp_path / "c").mkdir()
+    for i in range(60):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / "c" / f"img{i:03d}.png")
+        (tmp_path / "c" / f"._img{i:03d}.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        if i < 55:   # a run of 55 unreadable images first, then 5 readable ones
+            (tmp_path / "c" / f"img{i:03d}.png").write_bytes(b"\x89PNG truncated")
+    base = FolderDataset(str(tmp_path))
+    assert len(base) == 60 and not any(os.path.basename(p).startswith(".") for p, _ in base.samples)
+    samples = Samples(base, lambda img: torch.tensor(float(np.asarray(img)[0, 0, 0])), seed=0)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        got = [samples[(0, i)] for i in range(len(samples))]
+        again = [samples[(0, i)] for i in range(len(samples))]
+    assert [g[-1] for g in got] == [1] * 55 + [0] * 5            # each unreadable image counted once
+    reds = [int(g[0]) for g in got]
+    assert set(reds) <= set(range(55, 60)) and len(set(reds[:55])) == 5    # every readable one stands in
+    assert reds == [int(g[0]) for g in again]                      # seeded by (seed, epoch, index)
+
+
+def test_train_subset_spans_every_class_of_a_folder(tmp_path):
+    """train_subset / val_subset = n take n images spread over the data set: a folder data set lists its images
+    class by class, and its first n held only the first classes."""
+    from PIL import Image
+    from beit_fast.train.data import FolderDataset, Subset
+    for c in range(10):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(20):
+            Image.new("RGB", (4, 4), (c, i, 0)).save(tmp_path / f"class{c}" / f"{i}.png")
+    sub = Subset(FolderDataset(str(tmp_path)), 50)
+    labels = [sub.load(i)[1] for i in range(len(sub))]
+    assert len(sub) == 50 and sorted(set(labels)) == list(range(10)) and labels.count(0) == 5
+    assert [sub.samples[i][1] for i in range(len(sub))] == labels           # the names its warnings give
+    assert len(Subset(FolderDataset(str(tmp_path)), 500)) == 200
 
 
 def test_a_folder_scan_sees_files_added_since_the_last_check(tmp_path):

@@ -60,11 +60,11 @@ def test_pretrain_then_finetune_then_eval(tmp_path):
     state = load(pt["checkpoint"])
     assert state["kind"] == "pretrain" and "lm_head.weight" in state["model"] and state["step"] == 48
 
-    ft = finetune(tiny_finetune(tmp_path / "ft", init=str(tmp_path / "pt"), epochs=4, train_subset=256,
-                                eval_every_epochs=0))
+    ft = finetune(tiny_finetune(tmp_path / "ft", init=str(tmp_path / "pt"), epochs=8, train_subset=512,
+                                batch_size=32, eval_every_epochs=0))
     curve = [v for _, v in losses(tmp_path / "ft")]
-    assert len(curve) == 64 and sum(curve[-8:]) / 8 < sum(curve[:8]) / 8 - 0.02, curve  # (deterministic run)
-    assert 0 <= ft["top1"] <= 100 and ft["top5"] >= ft["top1"] and ft["best_top1"] >= ft["top1"]
+    assert len(curve) == 128 and sum(curve[-8:]) / 8 < sum(curve[:8]) / 8 - 0.1, curve   # from ln(10) = 2.30
+    assert 18 <= ft["top1"] <= 100 and ft["top5"] >= ft["top1"] and ft["best_top1"] >= ft["top1"]  # chance: 10
     assert os.path.isfile(tmp_path / "ft" / "checkpoint-best.pt")
     ev = evaluate(EvalConfig(checkpoint=str(tmp_path / "ft"), num_workers=0, precision="fp32", device="cpu"))
     assert ev["n"] == 360 and abs(ev["top1"] - ft["best_top1"]) < 1e-9

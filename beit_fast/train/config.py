@@ -35,7 +35,7 @@ class RunConfig:
     # data
     dataset: str = "digits"              # digits (built into scikit-learn) | folder (ImageFolder) | synthetic
     data_path: str = ""                  # folder: root holding train/ and val/ (or the class folders directly)
-    train_subset: int = 0                # >0: use only the first N training images (tests, smoke runs)
+    train_subset: int = 0                # >0: use only N training images, spread over the set (tests, smoke runs)
     synthetic_size: int = 1024
     num_workers: int = 2
     img_size: int = 32
@@ -122,7 +122,7 @@ class FinetuneConfig(RunConfig):
     re_prob: float = 0.25
     crop_pct: Optional[float] = None     # eval resize = img_size / crop_pct; None: 224/256 below 384 px, else 1
     eval_batch_size: int = 0             # 0: same as batch_size
-    val_subset: int = 0                  # >0: evaluate on the first N held-out images only (tests, smoke runs)
+    val_subset: int = 0                  # >0: evaluate on N held-out images only, spread over the set (smoke runs)
     eval_every_epochs: int = 1
     ema: bool = False
     ema_decay: float = 0.9999

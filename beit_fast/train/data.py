@@ -158,9 +158,10 @@ def _scan_folder(root: str, classes: Optional[tuple] = None):
     label_of = {c: i for i, c in enumerate(classes)}
     samples = []
     for cls in found:
-        for folder, _, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
-            for name in sorted(files):
-                if name.lower().endswith(IMG_EXTENSIONS):
+        for folder, subfolders, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            for name in sorted(files):   # (hidden files: macOS's ._<name> metadata beside every image, ...)
+                if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
                     samples.append((os.path.join(folder, name), label_of[cls]))
     return list(classes), samples
 
@@ -216,18 +217,22 @@ def check_dataset(dataset: str, data_path: str, splits=("train",)) -> None:
 
 
 class Subset:
-    """The first n items of a dataset (keeps .load and .samples for skip warnings)."""
+    """n items spread evenly over a dataset (items k * len // n): a folder data set lists its images class by
+    class, so its first n would hold only the first classes. Keeps .load, .classes and .samples (for skip
+    warnings)."""
 
     def __init__(self, base, n: int):
         self.base, self.n = base, min(n, len(base))
-        self.samples = getattr(base, "samples", None)
+        self.index = [k * len(base) // self.n for k in range(self.n)]
+        samples = getattr(base, "samples", None)
+        self.samples = [samples[k] for k in self.index] if samples is not None else None
         self.classes = getattr(base, "classes", None)
 
     def __len__(self):
         return self.n
 
     def load(self, i: int):
-        return self.base.load(i)
+        return self.base.load(self.index[i])
 
 
 # ------------------------------------------------------------------------------------------ transforms
@@ -303,9 +308,12 @@ class Samples(torch.utils.data.Dataset):
     """Index (epoch, i) -> (*transformed views, label, [mask], skipped), all RNG seeded by (seed, epoch, i).
 
     `mask_generator` (a beit_fast.masking.MaskingGenerator) gets its RNG reseeded per sample.
-    substitute: an unreadable image is replaced by the next readable one (training); else (evaluation, where a
-    duplicate would count twice) by a black placeholder with label 0 and skipped = 1, which
+    substitute: an unreadable image is replaced by a readable one drawn at random (seeded as the rest; the next
+    one would stand in for a whole run of unreadable files, many times an epoch) (training); else (evaluation,
+    where a duplicate would count twice) by a black placeholder with label 0 and skipped = 1, which
     engine.evaluate leaves out."""
+
+    TRIES = 50   # draws for a readable substitute: all fail only when nearly every image is unreadable
 
     def __init__(self, base, transform, seed: int, mask_generator=None, substitute: bool = True):
         self.base, self.transform, self.seed, self.mask_generator = base, transform, seed, mask_generator
@@ -315,10 +323,11 @@ class Samples(torch.utils.data.Dataset):
         return len(self.base)
 
     def _load(self, i: int):
-        """The image, or the next readable one (or, without substitute, a placeholder); returns (img, label,
-        1 if image i itself was unreadable else 0)."""
-        for attempt in range(min(len(self.base), 50) if self.substitute else 1):
-            j = (i + attempt) % len(self.base)
+        """The image, or a readable one drawn at random (or, without substitute, a placeholder); returns (img,
+        label, 1 if image i itself was unreadable else 0). Runs inside the sample's seeded() block."""
+        tries = 1 + (self.TRIES if self.substitute and len(self.base) > 1 else 0)
+        for attempt in range(tries):
+            j = i if attempt == 0 else random.randrange(len(self.base))
             try:
                 img, label = self.base.load(j)
                 # counted once, by the index of the unreadable image itself (not by each index whose search
@@ -330,7 +339,8 @@ class Samples(torch.utils.data.Dataset):
                 warnings.warn(f"skipping unreadable image {name}: {type(e).__name__}: {e}")
         if not self.substitute:
             return Image.new("RGB", (8, 8)), 0, 1
-        raise RuntimeError(f"50 consecutive unreadable images from index {i}; is the data folder intact?")
+        raise RuntimeError(f"image {i} and the {tries - 1} drawn to replace it were all unreadable (of "
+                           f"{len(self.base)} images); is the data folder intact?")
 
     def __getitem__(self, key):
         epoch, i = key
