@@ -104,6 +104,74 @@ def test_fused_model_matches_reference_cpu(name, overrides, backend, monkeypatch
     _compare(ref.eval(), fused.eval(), x, mask, tol)
 
 
+def test_hooks_wrappers_and_compiled_blocks_run_in_the_fused_model():
+    """The fused loop calls each block's forward_fused, with the next block's LayerNorm in its epilogue: hooks
+    on a block or on the modules forward_fused reads without calling (norm1, norm2, mlp), checkpoint_wrapper
+    and block.compile() were silently skipped (no features from a hook, no memory saved). Such blocks are
+    called as modules, fused (or as the reference block where its submodules' hooks must run), with the
+    reference model's logits and gradients; a final norm without affine parameters is applied (the fused
+    loop returned None)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    x = torch.randn(2, 3, 32, 32)
+    tol = tolerance("fused_model", torch.float32)
+    ref, fused = _pair("beit_test_patch4_32", {})
+    ref.eval(), fused.eval()
+    seen = []
+    handles = [fused.blocks[1].register_forward_hook(lambda m, a, out: seen.append(("block1", out.shape))),
+               fused.blocks[0].norm2.register_forward_hook(lambda m, a, out: seen.append(("norm2", out.shape)))]
+    _compare(ref, fused, x, None, tol)
+    assert seen == [("norm2", (2, 65, 64)), ("block1", (2, 65, 64))]
+    for h in handles:
+        h.remove()
+
+    def saved_bytes(model):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum().backward()
+        return total[0]
+
+    unwrapped = saved_bytes(fused)
+    calls = []
+    fused.blocks[0] = checkpoint_wrapper(fused.blocks[0])
+    fused.blocks[1].compile(backend=lambda gm, example_inputs: calls.append(1) or gm.forward)
+    assert saved_bytes(fused) < 0.8 * unwrapped                       # block 0 keeps its input only
+    assert calls, "the compiled block never ran"
+    o_ref, g_ref = _run(ref, x, None, 0)
+    o_fu, g_fu = _run(fused, x, None, 0)
+    assert_close("logits", o_fu, o_ref, tol)
+    g_fu = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in g_fu.items()}
+    assert g_fu.keys() == g_ref.keys()
+    for n in g_ref:
+        assert_close(f"grad of {n}", g_fu[n], g_ref[n], _scaled(tol, g_ref[n]))
+    feats = create_model("beit_test_patch4_32", fused=True).forward_features(
+        x, final_norm=torch.nn.LayerNorm(64, elementwise_affine=False))
+    assert feats is not None and feats.shape == (2, 65, 64)
+    torch.testing.assert_close(feats.mean(-1), torch.zeros(2, 65), atol=1e-5, rtol=0)   # normalized tokens
+
+
+def test_checkpointed_fused_model_saves_what_the_reference_saves():
+    """Under activation checkpointing each checkpointed block keeps its input only: the fused chain's blocks
+    also took the normalized input h, one more (B, N, C) tensor per block (1.85x the reference's memory, in the
+    mode chosen to save it)."""
+    def saved_bytes(fused):
+        m = create_model("beit_test_patch4_32", fused=fused, depth=6).train()
+        m.set_grad_checkpointing(True)
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(torch.randn(2, 3, 32, 32)).sum().backward()
+        return total[0]
+    ref, fused = saved_bytes(False), saved_bytes(True)
+    assert fused <= 1.1 * ref, (fused, ref)
+
+
 def test_fused_mlp_switch_picks_the_mlp_path(monkeypatch):
     """fused_mlp=False runs fc1 and GELU as the nn.Linear / nn.GELU modules, True through linear_gelu."""
     import importlib
@@ -148,9 +216,10 @@ def test_fused_residual_stream_stays_fp32_under_autocast():
         m = create_model("beit_test_patch4_32_mim", fused=fused, attn_impl="sdpa", drop_path_rate=0.2).train()
         seen = []
         for blk in m.blocks:
-            blk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
-            blk.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-            if fused:  # the fused loop calls forward_fused, not forward: record its residual input/output
+            if not fused:
+                blk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+                blk.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+            else:  # the fused loop calls forward_fused (hooks would make it call the blocks): record there
                 orig = blk.forward_fused
 
                 def wrapped(x, h, nxt, *a, _orig=orig, **k):

@@ -179,16 +179,15 @@ def test_drop_path_and_grad_checkpointing():
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_grad_checkpointing_checkpoints_each_block_in_training_only(fused, monkeypatch):
-    """With the switch on, a training forward with autograd on runs every block (its forward_fused on the
-    fused path) through torch's checkpoint, once, in order; in eval mode, under no_grad or with the switch
-    off, none."""
+    """With the switch on, a training forward with autograd on runs every block (fused or not) through torch's
+    checkpoint, once, in order; in eval mode, under no_grad or with the switch off, none."""
     from beit_fast.models import beit as beit_mod
     calls = []
     real = beit_mod.checkpoint
     monkeypatch.setattr(beit_mod, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
     m = create_model("beit_test_patch4_32", fused=fused)
     x = torch.randn(2, 3, 32, 32)
-    each_block = [blk.forward_fused if fused else blk for blk in m.blocks]
+    each_block = list(m.blocks)   # (the fused model too calls its blocks as modules under checkpointing)
     for switch, training, grad, want in ((True, True, True, each_block), (True, False, True, []),
                                          (True, True, False, []), (False, True, True, [])):
         m.set_grad_checkpointing(switch)

@@ -23,13 +23,19 @@ def _trunc_normal_(t: torch.Tensor, std: float, bound: float) -> None:
     nn.init.trunc_normal_(t, mean=0.0, std=std, a=-bound, b=bound)
 
 
-def _one_unit_per_block(block: nn.Module) -> bool:
-    """True when FSDP (torch's fully_shard) made the block a unit of its own: its parameters are gathered
-    only inside its own forward / forward_fused."""
-    if type(block) is Block or not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(block, FSDPModule)
+def _hooked(m: nn.Module) -> bool:
+    """Whether the module has hooks of its own (forward, forward pre, backward, backward pre)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _chain_fusable(block: nn.Module) -> bool:
+    """Whether the fused loop may run `block` by calling its forward_fused directly, with the next block's
+    LayerNorm in its epilogue: a plain Block (not wrapped by checkpoint_wrapper or FSDP, not compiled by
+    block.compile()) without hooks, and none on the submodules the fused block reads without calling. Any
+    other block is called as a module (`block(x, fused=True)`), so that its hooks and wrappers run."""
+    return (type(block) is Block and getattr(block, "_compiled_call_impl", None) is None and not _hooked(block)
+            and not block.hooks_bypassed_by_fused())
 
 
 def drop_path_scale(batch: int, p: float, training: bool, ref: torch.Tensor) -> Optional[torch.Tensor]:
@@ -190,8 +196,18 @@ class Block(nn.Module):
             y = y * scale.view(-1, 1, 1)
         return x + y
 
-    def forward(self, x: torch.Tensor, shared_table=None, shared_index=None, window_size=None) -> torch.Tensor:
-        """Reference block: x + dp(g1 * attn(norm1 x)); x + dp(g2 * mlp(norm2 x))."""
+    def hooks_bypassed_by_fused(self) -> bool:
+        """Whether a submodule that forward_fused reads the parameters of without calling it has hooks."""
+        bypassed = (self.norm1, self.norm2, self.mlp) + ((self.mlp.fc1, self.mlp.act) if self.fused_mlp else ())
+        return any(_hooked(m) for m in bypassed)
+
+    def forward(self, x: torch.Tensor, shared_table=None, shared_index=None, window_size=None,
+                fused: bool = False) -> torch.Tensor:
+        """Reference block: x + dp(g1 * attn(norm1 x)); x + dp(g2 * mlp(norm2 x)). fused=True: the same through
+        forward_fused (the fused model's path for a block it calls as a module), unless hooks on norm1, norm2
+        or mlp would be bypassed by it: they run on the reference block then."""
+        if fused and not self.hooks_bypassed_by_fused():
+            return self.forward_fused(x, None, None, shared_table, shared_index, window_size)[0]
         B = x.shape[0]
         s1 = drop_path_scale(B, self.drop_path, self.training, x)
         x = self._residual(x, self.attn(self.norm1(x), shared_table, shared_index, window_size), self.gamma_1, s1)
@@ -352,22 +368,25 @@ class Beit(nn.Module):
                 x = checkpoint(blk, x, use_reentrant=False, **shared) if ckpt else blk(x, **shared)
             return final_norm(x) if final_norm is not None else x
         from beit_fast.ops.layer_norm import layer_norm
-        if _one_unit_per_block(self.blocks[0]):
-            # FSDP: a block's parameters exist only inside its own forward, so each block normalizes its
-            # own input and the next block's LayerNorm is not fused into this one's epilogue
+        if ckpt or not all(_chain_fusable(blk) for blk in self.blocks):
+            # Each block called as a module, normalizing its own input (the next block's LayerNorm is not fused
+            # into this one's epilogue): under FSDP (a block's parameters exist only inside its own call), with
+            # hooks, wrappers or compiled blocks (which run only when the block is called), and under
+            # activation checkpointing (the chain would keep each block's normalized input too: 2x the memory)
             for blk in self.blocks:
-                x, _ = checkpoint(blk.forward_fused, x, None, None, use_reentrant=False, **shared) if ckpt \
-                    else blk.forward_fused(x, None, None, **shared)
+                x = checkpoint(blk, x, use_reentrant=False, fused=True, **shared) if ckpt \
+                    else blk(x, fused=True, **shared)
             return final_norm(x) if final_norm is not None else x
+        # the final norm fuses into the last block's epilogue when it is a plain affine LayerNorm
+        fuse_final = final_norm is not None and final_norm.weight is not None and not _hooked(final_norm)
         b0 = self.blocks[0]
         h = layer_norm(x, b0.norm1.weight, b0.norm1.bias, b0.norm1.eps)
         for i, blk in enumerate(self.blocks):
-            nxt = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else final_norm
-            if ckpt:
-                x, h = checkpoint(blk.forward_fused, x, h, nxt, use_reentrant=False, **shared)
-            else:
-                x, h = blk.forward_fused(x, h, nxt, **shared)
-        return h if final_norm is not None else x
+            nxt = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else (final_norm if fuse_final else None)
+            x, h = blk.forward_fused(x, h, nxt, **shared)
+        if final_norm is None:
+            return x
+        return h if fuse_final else final_norm(x)
 
 
 class BeitForImageClassification(Beit):

@@ -162,13 +162,13 @@ def wrap(model: torch.nn.Module, rt: Runtime, mode: str = "ddp"):
     the parameters by their shards).
 
     FSDP shards each block as its own unit and the rest (embedding, shared table, heads) as the root unit.
-    Each block's `forward_fused` is registered with FSDP so the fused path gathers that block's parameters
-    too; the model then keeps every fused kernel inside one unit (see Beit.forward_features)."""
+    The fused model calls such a block as a module (`block(x, fused=True)`, see Beit.forward_features), so
+    FSDP gathers its parameters around its fused kernels too."""
     if not rt.distributed:
         return model
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import fully_shard
         # the mesh names the run's device: without one FSDP shards onto the accelerator whenever there is
         # one, also for a CPU (gloo) run on a GPU machine
         mesh = init_device_mesh(rt.device.type, (rt.world,))
@@ -180,7 +180,6 @@ def wrap(model: torch.nn.Module, rt: Runtime, mode: str = "ddp"):
         kw = dict(mesh=mesh)
         for blk in model.blocks:
             fully_shard(blk, **kw)
-            register_fsdp_forward_method(blk, "forward_fused")
         fully_shard(model, **kw)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
