@@ -228,6 +228,24 @@ def test_shape_mismatch_and_new_head():
         load_checkpoint(dst, "/nonexistent/ckpt.pth")
 
 
+def test_mim_checkpoint_with_another_vocabulary_skips_the_lm_head():
+    """A masked-image-modeling checkpoint of another vocabulary (a 256-code tokenizer into a 512-code model)
+    loads everything but lm_head, which is listed under skipped_keys (and refused by strict) like a
+    classification head of another class count, instead of failing the whole load."""
+    src = randomize_(create_model("beit_test_patch4_32_mim", vocab_size=256))
+    dst = create_model("beit_test_patch4_32_mim")
+    assert dst.lm_head.weight.shape[0] == 512
+    with pytest.warns(UserWarning, match=r"2 keys of another shape skipped \(lm_head.weight, lm_head.bias\)"):
+        report = load_checkpoint(dst, src.state_dict())
+    assert set(report.skipped_keys) == {"lm_head.weight", "lm_head.bias"}
+    assert set(report.missing_keys) == {"lm_head.weight", "lm_head.bias"} and not report.unexpected_keys
+    for k, v in src.state_dict().items():
+        if not k.startswith("lm_head."):
+            assert torch.equal(dst.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="strict"):
+        load_checkpoint(create_model("beit_test_patch4_32_mim"), src.state_dict(), strict=True)
+
+
 def test_compiled_and_ddp_prefixes_are_stripped():
     """A torch.compile'd model's state dict ('_orig_mod.'), also inside DDP ('module._orig_mod.'), loads."""
     src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
@@ -325,6 +343,61 @@ def test_table_resampling_equals_unilm(src, dst):
     table = torch.randn(num_relative_distance((src, src)), 3, dtype=torch.float64)
     ours = resize_rel_pos_bias_table(table, (src, src), (dst, dst))
     assert torch.equal(ours, _unilm_resample(table, src, dst))
+
+
+def _unilm_axis_offsets(src_size, dst_size):
+    """One axis of unilm's scheme (beit/run_class_finetuning.py), transcribed per axis: the source offsets
+    placed on a geometric grid whose ratio q is found by bisection (shrinking as growing); an axis whose size
+    does not change keeps its integer offsets."""
+    half = src_size // 2
+    if dst_size // 2 == half:
+        return [float(i) for i in range(-half, half + 1)]
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** half) / (1.0 - q) > dst_size // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1.0
+    for i in range(half):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    return [-d for d in reversed(dis)] + [0.0] + dis
+
+
+@pytest.mark.parametrize("src, dst", [((5, 5), (7, 9)), ((7, 9), (5, 5)), ((5, 5), (5, 9)), ((7, 9), (7, 5))])
+def test_non_square_table_resampling_per_axis(src, dst):
+    """A non-square resize resamples each axis on its own grid (dy on Wh's, dx on Ww's). The table is
+    separable, u(dy) v(dx) + a(dy) + b(dx) per head, so its bicubic tensor-product interpolant is the product
+    and sum of 1-D not-a-knot cubic splines (SciPy's CubicSpline, another implementation) through each axis's
+    source offsets: every target offset is checked against that, the cls rows are kept. The 1-D splines are
+    made on the grid each axis should have, so an axis resampled on the other axis's grid fails."""
+    import numpy as np
+    from scipy.interpolate import CubicSpline
+    sh, sw, dh, dw = 2 * src[0] - 1, 2 * src[1] - 1, 2 * dst[0] - 1, 2 * dst[1] - 1
+    g = torch.Generator().manual_seed(sh * 100 + dw)
+    u, a = torch.randn(2, sh, 2, dtype=torch.float64, generator=g)
+    v, b = torch.randn(2, sw, 2, dtype=torch.float64, generator=g)
+    body = u[:, None] * v[None] + a[:, None] + b[None]                     # (sh, sw, heads)
+    table = torch.cat([body.reshape(sh * sw, 2), torch.randn(3, 2, dtype=torch.float64, generator=g)])
+    out = resize_rel_pos_bias_table(table, src, dst)
+    assert out.shape == (num_relative_distance(dst), 2)
+    assert torch.equal(out[-3:], table[-3:])
+    ys, xs = _unilm_axis_offsets(sh, dh), _unilm_axis_offsets(sw, dw)
+    # the integer target offsets; the outermost lie a little past the geometric grid's last source offset
+    # (q is bisection's last midpoint), where FITPACK's evaluation clamps them to the grid's span
+    ty = np.clip(np.arange(dh) - dh // 2, ys[0], ys[-1])
+    tx = np.clip(np.arange(dw) - dw // 2, xs[0], xs[-1])
+    for h in range(2):
+        su, sa = (CubicSpline(ys, t[:, h].numpy(), bc_type="not-a-knot")(ty) for t in (u, a))
+        sv, sb = (CubicSpline(xs, t[:, h].numpy(), bc_type="not-a-knot")(tx) for t in (v, b))
+        want = torch.from_numpy(su[:, None] * sv[None] + sa[:, None] + sb[None])
+        torch.testing.assert_close(out[:-3, h].reshape(dh, dw), want, atol=1e-9, rtol=1e-9)
+    if src[0] == dst[0]:   # an unchanged axis keeps its integer grid: a table of dy alone comes back as it was
+        rows = torch.cat([a[:, None].expand(sh, sw, 2).reshape(-1, 2), table[-3:]])
+        got = resize_rel_pos_bias_table(rows, src, dst)[:-3].reshape(dh, dw, 2)
+        torch.testing.assert_close(got, a[:, None].expand(dh, dw, 2), atol=1e-12, rtol=0)
 
 
 def test_a_compiled_model_loads_a_checkpoint():

@@ -62,6 +62,17 @@ def test_negative_seeds_do_not_repeat_positive_ones():
     assert torch.equal(neg, block_mask_ref(4, (14, 14), 75, seed=-1))   # still a seed
 
 
+def test_reference_rows_of_neighbouring_seeds_do_not_repeat():
+    """Row b of block_mask_ref is seeded from (seed, b) so that consecutive seeds (a run's successive
+    batches) draw new masks: seeding row b with seed + b made seed s+1's rows seed s's rows shifted by one
+    (row b of seed s+1 = row b+1 of seed s), the same masks again in a new order."""
+    for s in (0, 1, 7):
+        a, b = block_mask_ref(8, (14, 14), 75, seed=s), block_mask_ref(8, (14, 14), 75, seed=s + 1)
+        assert len({tuple(r.tolist()) for r in a}) == 8               # the rows of one seed differ, too
+        repeated = [(i, j) for i in range(8) for j in range(8) if torch.equal(a[i], b[j])]
+        assert not repeated, f"seed {s + 1} repeats seed {s}'s rows (row pairs {repeated})"
+
+
 def test_seeded_and_reproducible():
     a = MaskingGenerator((14, 14), 75, seed=5)
     b = MaskingGenerator((14, 14), 75, seed=5)

@@ -59,6 +59,51 @@ def test_fitted_centroids_are_the_means_of_their_patches():
     assert inertia(tok) < inertia(start)
 
 
+def _blobs(k, per=50, seed=0):
+    """k tight, well separated blobs of 48-dim patch vectors (blob j: 0.5 + 0.4 in dimension j, small noise)."""
+    g = torch.Generator().manual_seed(seed)
+    x, label = torch.full((k * per, 48), 0.5), torch.arange(k).repeat_interleave(per)
+    x[torch.arange(k * per), label] += 0.4
+    x[:, :k] += 0.002 * torch.randn(k * per, k, generator=g)
+    return x, label
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_kmeans_plus_plus_start_takes_one_centre_per_blob(k):
+    """k-means++ weighs each point by its squared distance to the NEAREST centre chosen so far: with k tight
+    blobs and k codes, the start (iters=0) has one centre in every blob, for every seed. (Weighing by the
+    distance to the last centre only gave a blob chosen before as much weight as a new one: two centres in
+    one blob, another blob without.)"""
+    x, label = _blobs(k)
+    for seed in range(8):
+        tok = fit_kmeans(x, vocab_size=k, patch_size=4, iters=0, seed=seed)
+        z = (x - tok.mean) / tok.std
+        blob_of_centre = label[torch.cdist(tok.centroids, z).argmin(1)]
+        assert sorted(blob_of_centre.tolist()) == list(range(k)), f"seed {seed}: centres in blobs {blob_of_centre}"
+
+
+def test_empty_clusters_are_reseeded_with_the_worst_fit_points():
+    """A cluster left empty by a step is re-seeded with the point farthest from its centre. 2000 copies of one
+    patch and three outliers at growing distances: k-means++ on its subsample (96 of 2003 points) nearly
+    always sees only the copies, and starts with 3 equal centres; one step later one cluster holds every point
+    (its centre their mean) and the two empty ones restart at the two farthest outliers (not at copies of
+    the common patch, the best-fit points)."""
+    x = torch.full((2003, 48), 0.5)
+    x[-3:, 0] += torch.tensor([0.1, 0.2, 0.3])
+    degenerate = 0
+    for seed in range(5):
+        start = fit_kmeans(x, vocab_size=3, patch_size=4, iters=0, seed=seed)
+        if not bool((start.centroids == start.centroids[0]).all()):
+            continue        # the subsample held an outlier: no empty cluster to look at
+        degenerate += 1
+        tok = fit_kmeans(x, vocab_size=3, patch_size=4, iters=1, seed=seed)
+        z = (x - tok.mean) / tok.std
+        got = sorted(tok.centroids.tolist())
+        want = sorted([z.mean(0).tolist(), z[-1].tolist(), z[-2].tolist()])
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=1e-5)
+    assert degenerate >= 3
+
+
 def test_a_malformed_tokenizer_file_is_a_clear_error(tmp_path):
     """Tokenizer files whose tensors do not fit their metadata fail on loading, naming what is wrong (they
     used to pass the config check and fail at the first batch, or give every patch code 0)."""
@@ -95,6 +140,31 @@ def test_bf16_used_only_when_codes_are_identical():
     assert dtype == torch.float32 and "fp32" in why
     assert choose_dtype(near, view, "bf16")[0] == torch.bfloat16       # forced
     assert choose_dtype(far, imgs, "fp32")[0] == torch.float32
+
+
+class _OneCodeDiffersInBf16(torch.nn.Module):
+    """A stub tokenizer: code 0 for every patch, except the first patch of the batch, whose code is 1 when
+    its matmul runs in bf16 (under encode's bf16 autocast): 1 code of B * 64 differs."""
+    pixel_mapping = "unit"
+
+    def forward(self, view):
+        b, _, h, w = view.shape
+        codes = torch.zeros(b, h // 4, w // 4, dtype=torch.int64)
+        low = (view.flatten(1)[:1, :1] @ torch.ones(1, 1)).dtype == torch.bfloat16
+        codes[0, 0, 0] = int(low)
+        return codes
+
+
+def test_fp32_when_a_single_code_of_many_differs_in_bf16():
+    """'auto' takes bf16 only when its codes are identical to fp32's: one code of 512 (0.2%, well under any
+    tolerance a rate threshold would allow) changed is enough to keep fp32."""
+    view = torch.rand(8, 3, 32, 32)
+    stub = _OneCodeDiffersInBf16()
+    ref, low = encode(stub, view), encode(stub, view, torch.bfloat16)
+    assert ref.numel() == 512 and int((ref != low).sum()) == 1              # the stub does what it says
+    dtype, why = choose_dtype(stub, view)
+    assert dtype == torch.float32, why
+    assert "0.20%" in why
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

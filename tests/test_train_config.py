@@ -38,6 +38,36 @@ def test_presets_and_reference_recipes():
     assert preset("pretrain").preset == "demo" and preset("finetune").preset == "demo"
 
 
+# reference §6.1 (beit_reference.md, unilm's ImageNet-1k fine-tuning recipes), the rows as written there:
+# | start ckpt -> target | model | eff. batch | lr | warmup/epochs | layer_decay | drop_path | wd | other |
+REFERENCE_FINETUNE_ROWS = """
+| pt22k → IN-1k | base | 8×128 = 1024 | **4e-3** | 20 / **100** | **0.65** | 0.1 | 0.05 | mixup 0.8, cutmix 1.0 |
+| pt22k → IN-1k | large | 8×64×2 = 1024 | 1e-3 | 5 / 50 | **0.75** | 0.2 | 0.05 | mixup 0.8, cutmix 1.0 |
+| pt22k_ft22k → IN-1k | base | 8×64 = 512 | 2e-5 | 5 / 30 | 0.85 | 0.1 | 1e-8 | no mixup |
+| pt22k_ft22k → IN-1k | large | 8×32×2 = 512 | 2e-5 | 5 / 30 | 0.9 | 0.4 | 1e-8 | no mixup |
+"""
+
+
+@pytest.mark.parametrize("row", REFERENCE_FINETUNE_ROWS.strip().splitlines(),
+                         ids=["base-pt22k", "large-pt22k", "base-pt22k_ft22k", "large-pt22k_ft22k"])
+def test_finetune_presets_match_every_reference_recipe_row(row):
+    """Each fine-tuning preset (base/large x pt22k/pt22k_ft22k) has the reference row's lr, warmup and total
+    epochs, layer decay, drop path and weight decay (the rows are parsed, not restated), and its per-GPU batch
+    x accumulation x 8 GPUs is the row's effective batch."""
+    cells = [c.replace("*", "").strip() for c in row.strip().strip("|").split("|")]
+    start, size = cells[0].split(" ")[0], cells[1]
+    warmup, epochs = (int(v) for v in cells[4].split("/"))
+    f = preset("finetune", f"beit_{size}_224" + ("" if start == "pt22k" else "_ft22k"))
+    assert (f.lr, f.warmup_epochs, f.epochs, f.layer_decay, f.drop_path, f.weight_decay) == \
+        (float(cells[3]), warmup, epochs, float(cells[5]), float(cells[6]), float(cells[7])), row
+    assert 8 * f.batch_size * f.accum_steps == int(cells[2].split("=")[1]), row
+    assert f.warmup_steps == -1, row                     # the warmup is in epochs, as the row gives it
+    if "no mixup" in cells[8]:
+        assert (f.mixup, f.cutmix) == (0.0, 0.0), row
+    else:
+        assert (f.mixup, f.cutmix) == (0.8, 1.0), row
+
+
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("preset: demo\nlr: 0.01\nbetas: [0.9, 0.98]\nmodel_overrides: {depth: 3}\n")
@@ -95,6 +125,9 @@ def test_text_fields_keep_their_text(tmp_path):
     ("pretrain", dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0"),
     ("pretrain", dict(stop_at_step=-5), "stop_at_step must be >= 0, got -5"),
     ("finetune", dict(keep_last=0), "keep_last must be >= 1, got 0"),     # (0 kept one: not "keep all")
+    # the demo's 4x4 grid: blocks are at most 3 patches a side, so every mask was empty and the loss NaN
+    ("pretrain", dict(num_mask_patches=14, min_mask_patches=14),
+     "min_mask_patches=14: no block that large fits a 4x4 patch grid .* use at most 12"),
     ("pretrain", dict(tokenizer_vocab=0), "tokenizer_vocab must be >= 1"),
     ("pretrain", dict(tokenizer_fit_images=0), "tokenizer_fit_images must be >= 1"),
     ("pretrain", dict(tokenizer_vocab=5000, tokenizer_fit_images=16),
@@ -106,6 +139,9 @@ def test_text_fields_keep_their_text(tmp_path):
     ("finetune", dict(re_prob=2.0), r"re_prob must be a finite number in \[0, 1\]"),
     ("finetune", dict(auto_augment="bogus"), "auto_augment must be a timm policy .* got 'bogus'"),
     ("finetune", dict(auto_augment="rand-n2.5"), "auto_augment must be a timm policy .* got 'rand-n2.5'"),
+    # an EMA decay outside [0, 1] makes the average diverge (1.5) or flip sign every step (-0.5)
+    ("finetune", dict(ema=True, ema_decay=1.5), r"ema_decay must be a finite number in \[0, 1\], got 1.5"),
+    ("finetune", dict(ema=True, ema_decay=-0.5), r"ema_decay must be a finite number in \[0, 1\], got -0.5"),
 ])
 def test_values_the_run_would_trip_over_are_refused(tmp_path, kind, changes, message):
     """Each of these passed check() and then failed, or ran as something else, after the run had started."""
@@ -254,6 +290,80 @@ def test_cosine_schedule_matches_unilm_array():
     np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=0)
     sch = Schedule(FinetuneConfig(lr=1e-3, min_lr=1e-5, epochs=3, warmup_epochs=1, weight_decay=0.05), 7)
     assert sch.lr_at(0) == 0.0 and math.isclose(sch.lr_at(6), 1e-3) and sch.wd_at(10) == 0.05
+
+
+def test_schedule_warmup_steps_and_weight_decay_follow_unilm():
+    """Schedule against unilm's cosine_scheduler (beit/utils.py, reference §5.2) written out: the lr warms up
+    over warmup_steps when that is >= 0 (0 means no warmup at all, not "use warmup_epochs"), else over
+    warmup_epochs; the weight decay runs its own cosine from weight_decay to weight_decay_end with no warmup
+    (unilm builds wd_schedule_values with warmup_epochs=0)."""
+    import numpy as np
+
+    def unilm(base, final, epochs, niter, warmup_iters):
+        warmup = np.linspace(0, base, warmup_iters)
+        iters = np.arange(epochs * niter - warmup_iters)
+        return np.concatenate([warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))])
+
+    epochs, niter = 4, 5
+    cfg = FinetuneConfig(lr=2e-3, min_lr=1e-6, epochs=epochs, warmup_epochs=2, weight_decay=0.04,
+                         weight_decay_end=0.4)
+    steps = range(epochs * niter)
+    for warmup_steps, warmup_iters in ((-1, 2 * niter), (0, 0), (3, 3)):
+        sch = Schedule(dataclasses.replace(cfg, warmup_steps=warmup_steps), niter)
+        assert sch.warmup_steps == warmup_iters, warmup_steps
+        np.testing.assert_allclose([sch.lr_at(s) for s in steps], unilm(2e-3, 1e-6, epochs, niter, warmup_iters),
+                                   rtol=1e-12, atol=0, err_msg=f"lr, warmup_steps={warmup_steps}")
+        np.testing.assert_allclose([sch.wd_at(s) for s in steps], unilm(0.04, 0.4, epochs, niter, 0),
+                                   rtol=1e-12, atol=0, err_msg=f"wd, warmup_steps={warmup_steps}")
+    no_warmup = Schedule(dataclasses.replace(cfg, warmup_steps=0), niter)
+    assert math.isclose(no_warmup.lr_at(0), 2e-3) and math.isclose(no_warmup.wd_at(0), 0.04)   # full at step 0
+    assert math.isclose(no_warmup.wd_at(epochs * niter - 1), 0.4, rel_tol=0.02)
+    # weight_decay_end=None: constant weight decay, warmup or not
+    const = Schedule(dataclasses.replace(cfg, weight_decay_end=None), niter)
+    assert {const.wd_at(s) for s in steps} == {0.04}
+
+
+def test_apply_schedule_sets_scaled_lr_and_decays_only_decayed_groups():
+    """apply_schedule, called every step (reference §5.2: lr_g = lr * lr_scale; wd only for groups with
+    wd > 0), on the groups the trainer builds: each group's lr is the step's lr times its layer-decay scale
+    (the head at 1, earlier layers smaller), and the groups without decay keep weight_decay 0 however many
+    times it is applied; a real AdamW step then leaves a no-decay parameter with a zero gradient unchanged."""
+    from beit_fast.train.optim import apply_schedule
+    model = beit_fast.create_model("beit_test_patch4_32", use_abs_pos_emb=True)
+    depth, decay = len(model.blocks), 0.5
+    groups = param_groups(model, 0.05, decay)
+    opt = torch.optim.AdamW(groups, lr=1.0, weight_decay=0.05)
+    for lr, wd in ((3e-3, 0.05), (1e-3, 0.2), (7e-4, 0.3)):
+        apply_schedule(opt, lr, wd)
+        for g in opt.param_groups:
+            lid = layer_id(g["names"][0], depth)
+            assert math.isclose(g["lr"], lr * decay ** (depth + 1 - lid), rel_tol=1e-12), g["names"]
+            assert g["weight_decay"] == (wd if g["decayed"] else 0.0), g["names"]
+    lrs = {n: g["lr"] for g in opt.param_groups for n in g["names"]}
+    assert math.isclose(lrs["head.weight"], 7e-4) and math.isclose(lrs["cls_token"], 7e-4 * decay ** (depth + 1))
+    assert math.isclose(lrs["blocks.0.attn.qkv.weight"], 7e-4 * decay ** depth)
+    # a step with zero gradients: only weight decay moves a parameter, and only a decayed one
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    after = dict(model.named_parameters())
+    for name in ("pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.gamma_1", "head.bias"):
+        assert torch.equal(after[name], before[name]), name
+    w = "blocks.1.mlp.fc1.weight"
+    torch.testing.assert_close(after[w], before[w] * (1 - lrs[w] * 0.3), rtol=1e-6, atol=0)
+
+
+def test_pos_embed_is_never_decayed():
+    """Absolute position embeddings (a BeitConfig option, on in the demo presets) are in unilm's
+    no_weight_decay() = {pos_embed, cls_token} (reference §1.7) and so excluded under both rules."""
+    model = beit_fast.create_model("beit_test_patch4_32", use_abs_pos_emb=True)
+    for exclusions in ("all", "unilm"):
+        for layer_decay in (None, 0.75):
+            groups = param_groups(model, 0.05, layer_decay, exclusions=exclusions)
+            no_decay = {n for g in groups if not g["decayed"] for n in g["names"]}
+            assert {"pos_embed", "cls_token"} <= no_decay, (exclusions, layer_decay)
+            assert all(g["weight_decay"] == 0.0 for g in groups if "pos_embed" in g["names"])
 
 
 def test_param_groups_decay_and_layer_scales():

@@ -204,3 +204,143 @@ def test_eval_transform_follows_unilm_crop_pct():
     assert resize(224, 0.9) == 248 and resize(16, 1.0) == 16   # int(), as unilm: 224 / 0.9 = 248.9
     with pytest.raises(ValueError, match=r"crop_pct must be in \(0, 1\]"):
         eval_transform(224, 0.0, "bicubic", (0.5,) * 3, (0.5,) * 3)
+
+
+def _fresh_seed():
+    """A data seed drawn from the test's (session-seeded) torch RNG: each run checks other samples."""
+    return int(torch.randint(1 << 30, ()))
+
+
+def test_each_epoch_shuffles_the_images_anew():
+    """order(e) is a permutation drawn from (seed, e): epoch 1 visits the images in another order than epoch 0
+    (a generator seeded by the seed alone repeated one order every epoch; the (epoch, index) pairs it yields
+    differ by their epoch only)."""
+    seed = _fresh_seed()
+    sampler = EpochBatchSampler(64, 8, seed=seed)
+    orders = [sampler.order(e) for e in range(3)]
+    for o in orders:
+        assert sorted(o.tolist()) == list(range(64))
+    assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
+    visited = []
+    for e in (0, 1):
+        sampler.set_epoch(e)
+        visited.append([i for batch in sampler for _, i in batch])
+    assert visited[0] == orders[0].tolist() and visited[1] == orders[1].tolist()
+    assert visited[0] != visited[1]
+    assert torch.equal(EpochBatchSampler(64, 8, seed=seed).order(1), orders[1])      # a pure function
+
+
+def test_each_epoch_draws_a_new_mask_for_an_image():
+    """A sample's block mask is seeded with (seed, epoch, index): the same image gets another mask in the next
+    epoch (a mask seeded without the epoch repeated each image's mask every epoch), and the same one again
+    when (epoch, index) comes back."""
+    seed = _fresh_seed()
+    samples = Samples(DigitsDataset("train"), lambda img: torch.zeros(1), seed=seed,
+                      mask_generator=MaskingGenerator((14, 14), 75, 16))
+    for i in range(4):
+        masks = [samples[(e, i)][2] for e in (0, 1, 2)]
+        assert all(m.shape == (196,) and 0 < int(m.sum()) <= 75 for m in masks)
+        assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2]), i
+        assert torch.equal(samples[(1, i)][2], masks[1])
+
+
+def _grey_digit(index=0):
+    """A digit image (8x8 RGB) that is not its own mirror image."""
+    img, _ = DigitsDataset("train").load(index)
+    a = np.asarray(img)
+    assert not (a == a[:, ::-1]).all()
+    return img
+
+
+def _unit(img):
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+
+
+def test_tokenizer_view_logit_laplace_mapping():
+    """pixel_mapping="logit_laplace" (the DALL-E encoder's input) maps the tokenizer view x in [0, 1] to
+    0.8 x + 0.1 (dall_e.map_pixels, eps 0.1), the same crop as "unit"; the patch view is unchanged."""
+    from beit_fast.train.data import seeded
+    img = _grey_digit()
+    seed = _fresh_seed()
+    views = {}
+    for mapping in ("unit", "logit_laplace"):
+        t = TwoViewTransform(16, 8, (0.5, 1.0), hflip=0.5, color_jitter=0.4, pixel_mapping=mapping)
+        with seeded(seed):
+            views[mapping] = t(img)
+    (patch_u, tok_u), (patch_l, tok_l) = views["unit"], views["logit_laplace"]
+    assert tok_u.shape == tok_l.shape == (3, 8, 8) and patch_u.shape == (3, 16, 16)
+    assert torch.equal(patch_u, patch_l)
+    torch.testing.assert_close(tok_l, 0.8 * tok_u + 0.1, rtol=0, atol=1e-6)
+    assert tok_u.min() >= 0 and tok_u.max() <= 1 and tok_l.min() >= 0.1 - 1e-6 and tok_l.max() <= 0.9 + 1e-6
+    assert tok_u.max() - tok_u.min() > 0.2                 # not a flat view: the mapping is tested on a range
+    # the unit range's ends (a black and a white pixel, whole image, no jitter) land on 0.1 and 0.9
+    whole = TwoViewTransform(8, 8, (1.0, 1.0), (1.0, 1.0), hflip=0.0, color_jitter=0.0, interpolation="nearest",
+                             second_interpolation="nearest", pixel_mapping="logit_laplace")
+    _, tok = whole(img)
+    torch.testing.assert_close(tok, 0.8 * _unit(img) + 0.1, rtol=0, atol=1e-6)
+
+
+def test_hflip_is_the_probability_of_flipping():
+    """hflip=p flips the image with probability p (both views): 1 always, 0 never, 0.25 about a quarter of the
+    time (a reversed comparison flipped with probability 1 - p)."""
+    img = _grey_digit()
+    unit = _unit(img)
+
+    def make(p):   # the whole image at its own size, nearest: each view is the (flipped) image itself
+        return TwoViewTransform(8, 8, (1.0, 1.0), (1.0, 1.0), hflip=p, color_jitter=0.0, interpolation="nearest",
+                                second_interpolation="nearest")
+
+    def flipped(t):
+        patch, tok = t(img)
+        torch.testing.assert_close(patch * 0.5 + 0.5, tok, rtol=0, atol=1e-6)
+        if torch.equal(tok, unit):
+            return False
+        assert torch.equal(tok, unit.flip(-1))
+        return True
+
+    torch.manual_seed(_fresh_seed())
+    assert all(flipped(make(1.0)) for _ in range(20))
+    assert not any(flipped(make(0.0)) for _ in range(20))
+    count = sum(flipped(make(0.25)) for _ in range(400))
+    assert 50 <= count <= 150, count                      # mean 100, sd 8.7 (a flip with 1 - p: 300)
+
+
+def test_both_views_come_from_one_crop():
+    """BEiT's two views are one random crop resized twice: the tokenizer's targets describe the very region
+    the model sees (a second crop made the targets those of another region). Same size and interpolation:
+    the patch view, un-normalized, is the tokenizer view."""
+    from beit_fast.train.data import SyntheticDataset
+    ds = SyntheticDataset(6, 32, seed=_fresh_seed())
+    for interp in ("bilinear", "bicubic"):
+        t = TwoViewTransform(12, 12, (0.08, 0.5), hflip=0.5, color_jitter=0.4, interpolation=interp,
+                             second_interpolation=interp)
+        for i in range(len(ds)):
+            patch, tok = t(ds.load(i)[0])
+            torch.testing.assert_close(patch * 0.5 + 0.5, tok, rtol=0, atol=1e-6)
+
+
+def test_fine_tuning_transform_takes_hflip_and_color_jitter_from_the_config():
+    """classify_transform(cfg, train=True) flips with the config's hflip (0: never, 1: always; a fixed 0.5
+    ignored it) and jitters colours only when color_jitter > 0."""
+    import dataclasses
+    from PIL import Image
+    from beit_fast.train import preset
+    from beit_fast.train.data import classify_transform
+    rng = np.random.default_rng(_fresh_seed())
+    img = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    base = dataclasses.replace(preset("finetune", "demo"), img_size=16, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+                               auto_augment=None, re_prob=0.0, color_jitter=0.0, interpolation="nearest",
+                               mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    unit = _unit(img)
+
+    def views(**kw):
+        t = classify_transform(dataclasses.replace(base, **kw), train=True)
+        return [t(img) for _ in range(24)]
+
+    torch.manual_seed(_fresh_seed())
+    for x in views(hflip=0.0):
+        torch.testing.assert_close(x, unit, rtol=0, atol=1e-6)
+    for x in views(hflip=1.0):
+        torch.testing.assert_close(x, unit.flip(-1), rtol=0, atol=1e-6)
+    jittered = views(hflip=0.0, color_jitter=0.4)
+    assert sum(not torch.allclose(x, unit, atol=1e-3) for x in jittered) >= 20

@@ -110,6 +110,32 @@ def test_tensorboard_gets_every_numeric_metric(tmp_path):
     assert [r["loss"] for r in rows] == [2.5, 2.0]
 
 
+def test_tensorboard_after_a_crash_and_resume_has_every_step_once(tmp_path):
+    """A run logs steps 1..5, saves at step 3 and crashes; resumed from step 3 it logs 4..6 again. TensorBoard
+    (reading both event files, as it would) then shows steps 1..6 once each: the first run's 1..3 (the
+    resume step's row is not repeated by the resumed run, so it must not be purged) and the resumed run's
+    4..6 in place of the first run's 4, 5. log.jsonl holds the same rows."""
+    pytest.importorskip("tensorboard")
+    import time
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    first = Reporter(str(tmp_path), total_steps=6, progress=False, tensorboard=True)
+    for step in range(1, 6):
+        first.log({"step": step, "loss": float(step)}, step)
+    first.close()                                     # the crash (after step 5, last checkpoint at step 3)
+    time.sleep(1.1)   # a later process: its event file's name (second-resolution time stamp) sorts after
+    resumed = Reporter(str(tmp_path), total_steps=6, progress=False, tensorboard=True, resume_step=3)
+    for step in range(4, 7):
+        resumed.log({"step": step, "loss": 10.0 * step}, step)
+    resumed.close()
+    assert len(list((tmp_path / "tb").iterdir())) == 2
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    want = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == want
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [(r["step"], r["loss"]) for r in rows] == want
+
+
 def test_log_rows_are_strict_json(tmp_path):
     """A NaN loss (every micro-batch since the last row overflowed in fp16) or any other non-finite value, at
     any depth, is written as null with its key listed under "nonfinite": a bare NaN is not JSON outside

@@ -328,7 +328,8 @@ def test_resume_refuses_a_changed_data_order_and_applies_other_changes(tmp_path)
     run = tmp_path / "run"
     finetune(tiny_finetune(run, stop_at_step=2, **extra))
     saved_config = (run / "config.json").read_text()
-    for change in ({"batch_size": 8}, {"accum_steps": 2}, {"seed": 1}, {"train_subset": 48}):
+    for change in ({"batch_size": 8}, {"accum_steps": 2}, {"seed": 1}, {"train_subset": 48},
+                   {"dataset": "synthetic"}, {"synthetic_size": 512}):
         with pytest.raises(ConfigError, match=f"cannot resume .*checkpoint-0000002.pt: {next(iter(change))}: "):
             finetune(tiny_finetune(run, resume="auto", stop_at_step=3, **{**extra, **change}))
         assert (run / "config.json").read_text() == saved_config   # the folder still describes its run
@@ -593,3 +594,71 @@ def test_a_run_folder_named_with_glob_characters_resumes(tmp_path):
     assert [os.path.basename(p) for p in step_checkpoints(str(out))] == ["checkpoint-0000002.pt"]
     result = finetune(dataclasses.replace(cfg, stop_at_step=3, resume="auto"))
     assert result["step"] == 3 and len(losses(out)) == 3
+
+
+def test_fp16_gradients_are_unscaled_before_clipping(tmp_path):
+    """fp16 with clip_grad: the gradients are unscaled before they are measured and clipped, so the logged
+    gradient norms (and, clipping included, the losses) are the fp32 run's; clipping the scaled gradients
+    would clip to clip_grad / scale and log norms x65536 (GradScaler's initial scale)."""
+    extra = dict(epochs=1, clip_grad=0.05, mixup=0.0, cutmix=0.0, drop_path=0.0, eval_every_epochs=0,
+                 val_subset=16)
+    for precision in ("fp32", "fp16"):
+        finetune(tiny_finetune(tmp_path / precision, precision=precision, **extra))
+    for key in ("grad_norm", "loss"):
+        a, b = losses(tmp_path / "fp32", key), losses(tmp_path / "fp16", key)
+        assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+        torch.testing.assert_close(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]),
+                                   rtol=1e-2, atol=0, msg=key)
+    assert min(v for _, v in losses(tmp_path / "fp32", "grad_norm")) > 10 * extra["clip_grad"]   # it clips
+
+
+def test_evaluations_run_every_eval_every_epochs_and_after_the_last(tmp_path):
+    """eval_every_epochs=k evaluates after epochs k, 2k, ... and after the last one (not after the first)."""
+    finetune(tiny_finetune(tmp_path, epochs=5, eval_every_epochs=2, train_subset=32, val_subset=16,
+                           mixup=0.0, cutmix=0.0))
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [(r["epoch"], r["step"]) for r in rows if "eval" in r] == [(1, 4), (3, 8), (4, 10)]
+
+
+def test_resume_keeps_the_saved_best_top1(tmp_path):
+    """A resumed run starts from the best top-1 its checkpoint saved, not from scratch: resumed for one more
+    epoch at lr 0 (the weights do not move, so the top-1 ties the saved best), checkpoint-best.pt stays the
+    first run's epoch."""
+    from beit_fast.train.checkpoint import BEST
+    extra = dict(mixup=0.0, cutmix=0.0, val_subset=64)
+    first = finetune(tiny_finetune(tmp_path, epochs=1, **extra))
+    assert load(str(tmp_path / BEST))["epoch"] == 1
+    with pytest.warns(UserWarning, match="settings changed"):
+        got = finetune(tiny_finetune(tmp_path, epochs=2, lr=0.0, resume="auto", **extra))
+    assert got["step"] == 8 and got["top1"] == first["top1"] == got["best_top1"]
+    best = load(str(tmp_path / BEST))
+    assert best["epoch"] == 1 and best["step"] == 4 and best["metrics"]["best_top1"] == first["top1"]
+    row = [json.loads(line) for line in open(tmp_path / "log.jsonl")][-1]
+    assert row["step"] == 8 and row["best_top1"] == first["top1"]
+
+
+def test_the_ema_top1_is_the_ema_weights_own(tmp_path):
+    """ema_top1 evaluates the EMA weights (not the trained ones), and `eval --use-ema` evaluates the saved
+    EMA weights: it gives the checkpoint's ema_top1. ema_decay=1 holds the EMA at the weights after step 1
+    (timm's EMA copies the model at its first update), so the EMA's top-1 is the same every epoch: the
+    best EMA checkpoint is the first of the tied epochs."""
+    from beit_fast.train.checkpoint import BEST_EMA
+    finetune(tiny_finetune(tmp_path, epochs=2, ema=True, ema_decay=1.0, mixup=0.0, cutmix=0.0))   # all 360 held out
+    evals = [json.loads(line)["eval"] for line in open(tmp_path / "log.jsonl") if '"eval"' in line]
+    assert len(evals) == 2 and evals[0]["ema_top1"] == evals[1]["ema_top1"]
+    best_ema = load(str(tmp_path / BEST_EMA))
+    assert best_ema["epoch"] == 1 and best_ema["metrics"]["ema_top1"] == evals[0]["ema_top1"]
+    ev = evaluate(EvalConfig(checkpoint=str(tmp_path), use_ema=True, num_workers=0, precision="fp32",
+                             device="cpu"))
+    assert ev["checkpoint"].endswith(BEST_EMA) and ev["top1"] == best_ema["metrics"]["ema_top1"]
+    assert best_ema["metrics"]["top1"] != best_ema["metrics"]["ema_top1"]   # the two weights tell apart here
+
+
+def test_eval_uses_the_runs_own_normalisation_and_interpolation(tmp_path):
+    """eval transforms the held-out images as the fine-tuning run did (its mean, std and interpolation, from
+    the checkpoint's config), so a run with non-default ones evaluates to its own held-out top-1 and loss."""
+    result = finetune(tiny_finetune(tmp_path, epochs=1, mixup=0.0, cutmix=0.0,     # eval: all 360 held out
+                                    mean=(0.2, 0.3, 0.4), std=(0.3, 0.2, 0.25), interpolation="nearest"))
+    ev = evaluate(EvalConfig(checkpoint=result["checkpoint"], num_workers=0, precision="fp32", device="cpu"))
+    assert ev["n"] == result["n"] == 360
+    assert ev["top1"] == result["top1"] and ev["loss"] == pytest.approx(result["loss"], rel=1e-6)

@@ -575,6 +575,26 @@ def _check_auto_augment(policy: Optional[str], img_size: int) -> None:
                           f"v0, 3a) or null, got {policy!r} ({type(e).__name__}: {e})") from None
 
 
+def _check_a_block_fits(grid: int, min_patches: int, min_aspect: float) -> None:
+    """The block-wise generator (reference §2) places blocks of h x w = round(sqrt(t a)) x round(sqrt(t / a))
+    patches, t >= min_mask_patches, a within [min_aspect, 1 / min_aspect], only where h and w are below the
+    grid's side: with t < (grid - 1/2)^2 needed for both, a min_mask_patches past that never fits, every mask
+    is empty and the first step's loss (over no masked patch) is NaN."""
+    side = grid - 0.5
+    lo, hi = max(min_aspect, min_patches / side ** 2), min(1.0 / min_aspect, side ** 2 / min_patches)
+    if not lo < hi:
+        raise ConfigError(f"min_mask_patches={min_patches}: no block that large fits a {grid}x{grid} patch grid "
+                          f"(a block's sides must be below {grid}, aspect ratio within [{min_aspect:g}, "
+                          f"{1 / min_aspect:g}]), so every mask would be empty; use at most "
+                          f"{_largest_block(grid, min_aspect)}")
+
+
+def _largest_block(grid: int, min_aspect: float) -> int:
+    side = grid - 0.5
+    return max((t for t in range(1, grid * grid + 1)
+                if max(min_aspect, t / side ** 2) < min(1.0 / min_aspect, side ** 2 / t)), default=0)
+
+
 def _check_run_values(cfg, fields: dict) -> None:
     """Value ranges of a RunConfig that the run would otherwise trip over deep inside (a transform, the
     sampler, the model, the optimizer), or take silently for something else."""
@@ -726,6 +746,7 @@ def check(config, values_only: bool = False):
                             cfg.min_mask_aspect, None)
             except ValueError as e:   # the generator's names: min_num_patches is min_mask_patches, ...
                 raise ConfigError(f"masking (num/min/max_mask_patches, min_mask_aspect): {e}") from None
+            _check_a_block_fits(grid, cfg.min_mask_patches, cfg.min_mask_aspect)
             if not values_only:
                 check_dataset(cfg.dataset, cfg.data_path, ("train",))
                 n = _train_images(cfg)
