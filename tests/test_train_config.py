@@ -127,7 +127,7 @@ def test_text_fields_keep_their_text(tmp_path):
     ("finetune", dict(keep_last=0), "keep_last must be >= 1, got 0"),     # (0 kept one: not "keep all")
     # the demo's 4x4 grid: blocks are at most 3 patches a side, so every mask was empty and the loss NaN
     ("pretrain", dict(num_mask_patches=14, min_mask_patches=14),
-     "min_mask_patches=14: no block that large fits a 4x4 patch grid .* use at most 12"),
+     "min_mask_patches=14: no block of 14 patches fits a 4x4 patch grid .* at most 6 lets blocks take half"),
     ("pretrain", dict(tokenizer_vocab=0), "tokenizer_vocab must be >= 1"),
     ("pretrain", dict(tokenizer_fit_images=0), "tokenizer_fit_images must be >= 1"),
     ("pretrain", dict(tokenizer_vocab=5000, tokenizer_fit_images=16),

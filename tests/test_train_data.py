@@ -136,8 +136,10 @@ def test_a_run_of_unreadable_images_is_replaced_by_images_drawn_at_random(tmp_pa
         (tmp_path / "c" / f"._img{i:03d}.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
         if i < 55:   # a run of 55 unreadable images first, then 5 readable ones
             (tmp_path / "c" / f"img{i:03d}.png").write_bytes(b"\x89PNG truncated")
+    (tmp_path / "c" / ".ipynb_checkpoints").mkdir()        # a hidden folder's images are not the data set's
+    Image.new("RGB", (4, 4)).save(tmp_path / "c" / ".ipynb_checkpoints" / "img000-checkpoint.png")
     base = FolderDataset(str(tmp_path))
-    assert len(base) == 60 and not any(os.path.basename(p).startswith(".") for p, _ in base.samples)
+    assert len(base) == 60 and not any("/." in p for p, _ in base.samples)
     samples = Samples(base, lambda img: torch.tensor(float(np.asarray(img)[0, 0, 0])), seed=0)
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         got = [samples[(0, i)] for i in range(len(samples))]

@@ -149,3 +149,18 @@ def test_log_rows_are_strict_json(tmp_path):
     assert rows[0] == {"step": 1, "loss": None, "lr": 0.1, "eval": {"top1": None, "n": 3},
                        "nonfinite": ["eval.top1", "loss"]}
     assert rows[1] == {"step": 2, "loss": 2.5, "lr": 0.1}
+
+
+def test_tensorboard_plots_a_nan_loss(tmp_path):
+    """log.jsonl writes a NaN loss as null (strict JSON), but TensorBoard gets the NaN: a point on the curve
+    that says what happened, not a silent gap."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    report = Reporter(str(tmp_path), total_steps=3, progress=False, tensorboard=True)
+    for step, loss in ((1, 2.0), (2, float("nan")), (3, 1.5)):
+        report.log({"step": step, "loss": loss}, step)
+    report.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    points = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [s for s, _ in points] == [1, 2, 3] and points[1][1] != points[1][1] and points[2] == (3, 1.5)

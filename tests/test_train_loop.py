@@ -343,6 +343,25 @@ def test_resume_refuses_a_changed_data_order_and_applies_other_changes(tmp_path)
     assert moved > 0 and ema_gap <= 1e-3 * moved    # EMA(decay 0.9999) of the step-2 weights and one update
 
 
+def test_resume_refuses_a_train_subset_run_from_before_the_spread_subset(tmp_path):
+    """train_subset took the first N images before it took N spread over the split: a checkpoint without the
+    subset layout it was written with would resume on other images, so it is refused (a run without
+    train_subset resumes as before)."""
+    from beit_fast.train.config import ConfigError
+    extra = {"epochs": 1, "mixup": 0.0, "cutmix": 0.0, "eval_every_epochs": 0, "save_every_steps": 1}
+    for subset, run in ((64, tmp_path / "subset"), (0, tmp_path / "all")):
+        finetune(tiny_finetune(run, stop_at_step=1, train_subset=subset, **extra))
+        path = run / "checkpoint-0000001.pt"
+        state = load(str(path))
+        assert state.pop("data_subset") == "spread"
+        torch.save(state, path)                                         # as an older beit_fast wrote it
+        if subset:
+            with pytest.raises(ConfigError, match="older beit_fast whose train_subset took the first 64 images"):
+                finetune(tiny_finetune(run, resume="auto", stop_at_step=2, train_subset=subset, **extra))
+        else:
+            assert finetune(tiny_finetune(run, resume="auto", stop_at_step=2, train_subset=0, **extra))["step"] == 2
+
+
 def test_resume_in_fp16_from_a_run_without_loss_scaling(tmp_path):
     """precision may change on resume (e.g. to fp16 on a GPU without bf16): the checkpoint of an fp32 / bf16 run
     holds no loss scaler state, which an enabled GradScaler refuses to load; the scaler starts afresh, with

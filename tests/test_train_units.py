@@ -76,7 +76,9 @@ def _ranked(label: int, rank: int) -> torch.Tensor:
     order.insert(rank - 1, label)                  # order[j]: the class with the (j+1)-th highest logit
     logits = torch.empty(K)
     for j, c in enumerate(order):
-        logits[c] = 0.5 * (K - j) + 0.1 * c        # strictly decreasing along `order`
+        logits[c] = 0.5 * (K - j) + 0.01 * c       # strictly decreasing along `order` (0.01 * c < 0.5)
+    ranks = torch.argsort(logits, descending=True).tolist()
+    assert ranks.index(label) == rank - 1, (label, rank, ranks)   # the label really ranks `rank`-th
     return logits
 
 

@@ -575,24 +575,28 @@ def _check_auto_augment(policy: Optional[str], img_size: int) -> None:
                           f"v0, 3a) or null, got {policy!r} ({type(e).__name__}: {e})") from None
 
 
-def _check_a_block_fits(grid: int, min_patches: int, min_aspect: float) -> None:
-    """The block-wise generator (reference §2) places blocks of h x w = round(sqrt(t a)) x round(sqrt(t / a))
-    patches, t >= min_mask_patches, a within [min_aspect, 1 / min_aspect], only where h and w are below the
-    grid's side: with t < (grid - 1/2)^2 needed for both, a min_mask_patches past that never fits, every mask
-    is empty and the first step's loss (over no masked patch) is NaN."""
-    side = grid - 0.5
-    lo, hi = max(min_aspect, min_patches / side ** 2), min(1.0 / min_aspect, side ** 2 / min_patches)
-    if not lo < hi:
-        raise ConfigError(f"min_mask_patches={min_patches}: no block that large fits a {grid}x{grid} patch grid "
-                          f"(a block's sides must be below {grid}, aspect ratio within [{min_aspect:g}, "
-                          f"{1 / min_aspect:g}]), so every mask would be empty; use at most "
-                          f"{_largest_block(grid, min_aspect)}")
+def _aspect_share(grid: int, area: float, min_aspect: float) -> float:
+    """The share of the generator's log-aspect range [min_aspect, 1 / min_aspect] in which a block of `area`
+    patches fits a grid x grid patch grid. The block-wise generator (reference section 2) places h x w =
+    round(sqrt(t a)) x round(sqrt(t / a)) patches only where h and w are below the grid's side: t a and t / a
+    below (grid - 1/2)^2."""
+    side2 = (grid - 0.5) ** 2
+    lo, hi = max(min_aspect, area / side2), min(1.0 / min_aspect, side2 / area)
+    return max(math.log(hi / lo), 0.0) / math.log(1.0 / min_aspect ** 2) if hi > lo else 0.0
 
 
-def _largest_block(grid: int, min_aspect: float) -> int:
-    side = grid - 0.5
-    return max((t for t in range(1, grid * grid + 1)
-                if max(min_aspect, t / side ** 2) < min(1.0 / min_aspect, side ** 2 / t)), default=0)
+def _check_a_block_fits(grid: int, num: int, min_patches: int, max_patches, min_aspect: float) -> None:
+    """Refuse masking settings whose smallest block fits nowhere: every mask would be empty and the first
+    step's loss (over no masked patch) NaN. The generator draws block areas between min_mask_patches and the
+    patches left to mask (at most max_mask_patches), whichever is smaller."""
+    smallest = min(min_patches, num, max_patches if max_patches and max_patches > 0 else num)
+    if _aspect_share(grid, smallest, min_aspect) > 0:
+        return
+    good = max((t for t in range(1, grid * grid + 1) if _aspect_share(grid, t, min_aspect) >= 0.5), default=1)
+    raise ConfigError(f"min_mask_patches={min_patches}: no block of {smallest} patches fits a {grid}x{grid} patch "
+                      f"grid (a block's sides must be below {grid}, its aspect ratio within [{min_aspect:g}, "
+                      f"{1 / min_aspect:g}]), so every mask would be empty; at most {good} lets blocks take half "
+                      f"the aspect ratios or more")
 
 
 def _check_run_values(cfg, fields: dict) -> None:
@@ -746,7 +750,8 @@ def check(config, values_only: bool = False):
                             cfg.min_mask_aspect, None)
             except ValueError as e:   # the generator's names: min_num_patches is min_mask_patches, ...
                 raise ConfigError(f"masking (num/min/max_mask_patches, min_mask_aspect): {e}") from None
-            _check_a_block_fits(grid, cfg.min_mask_patches, cfg.min_mask_aspect)
+            _check_a_block_fits(grid, cfg.num_mask_patches, cfg.min_mask_patches, cfg.max_mask_patches,
+                                cfg.min_mask_aspect)
             if not values_only:
                 check_dataset(cfg.dataset, cfg.data_path, ("train",))
                 n = _train_images(cfg)

@@ -158,8 +158,11 @@ def _scan_folder(root: str, classes: Optional[tuple] = None):
     label_of = {c: i for i, c in enumerate(classes)}
     samples = []
     for cls in found:
-        for folder, subfolders, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
-            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        walked = []
+        for folder, subfolders, files in os.walk(os.path.join(root, cls), followlinks=True):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]   # (pruned while walking)
+            walked.append((folder, files))
+        for folder, files in sorted(walked):
             for name in sorted(files):   # (hidden files: macOS's ._<name> metadata beside every image, ...)
                 if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
                     samples.append((os.path.join(folder, name), label_of[cls]))

@@ -180,9 +180,9 @@ class Reporter:
         shown, row = row, _json_safe(row)
         self.file.write(json.dumps(row, allow_nan=False) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and k != "step":
+        if self.tb is not None:   # (the raw values: a NaN loss is a point TensorBoard shows, not a gap)
+            for k, v in shown.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self.tb.add_scalar(k, v, step)
         if self.bar is not None:
             self.advance_to(step)
