@@ -161,7 +161,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "timm", "numpy", "safetensors",
                       "pyyaml", "pillow", "tqdm", "scikit-learn", "scipy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "transformers", "tensorboard"]},
     entry_points={"console_scripts": ["beit-fast=beit_fast.cli:entry"]},
     zip_safe=False,
 )
