@@ -575,27 +575,29 @@ def _check_auto_augment(policy: Optional[str], img_size: int) -> None:
                           f"v0, 3a) or null, got {policy!r} ({type(e).__name__}: {e})") from None
 
 
-def _aspect_share(grid: int, area: float, min_aspect: float) -> float:
-    """The share of the generator's log-aspect range [min_aspect, 1 / min_aspect] in which a block of `area`
+def _aspect_share(grid: int, area: float, min_aspect: float, max_aspect: float) -> float:
+    """The share of the generator's log-aspect range [min_aspect, max_aspect] in which a block of `area`
     patches fits a grid x grid patch grid. The block-wise generator (reference section 2) places h x w =
     round(sqrt(t a)) x round(sqrt(t / a)) patches only where h and w are below the grid's side: t a and t / a
     below (grid - 1/2)^2."""
     side2 = (grid - 0.5) ** 2
-    lo, hi = max(min_aspect, area / side2), min(1.0 / min_aspect, side2 / area)
-    return max(math.log(hi / lo), 0.0) / math.log(1.0 / min_aspect ** 2) if hi > lo else 0.0
+    lo, hi = max(min_aspect, area / side2), min(max_aspect, side2 / area)
+    return max(math.log(hi / lo), 0.0) / math.log(max_aspect / min_aspect) if hi > lo else 0.0
 
 
-def _check_a_block_fits(grid: int, num: int, min_patches: int, max_patches, min_aspect: float) -> None:
+def _check_a_block_fits(grid: int, most: int, min_patches: int, min_aspect: float, max_aspect: float) -> None:
     """Refuse masking settings whose smallest block fits nowhere: every mask would be empty and the first
     step's loss (over no masked patch) NaN. The generator draws block areas between min_mask_patches and the
-    patches left to mask (at most max_mask_patches), whichever is smaller."""
-    smallest = min(min_patches, num, max_patches if max_patches and max_patches > 0 else num)
-    if _aspect_share(grid, smallest, min_aspect) > 0:
+    patches it may still mask (`most`: num_mask_patches, or max_mask_patches when smaller), whichever is
+    smaller; min_aspect and max_aspect as masking._check_args resolved them."""
+    smallest = min(min_patches, most)
+    if _aspect_share(grid, smallest, min_aspect, max_aspect) > 0:
         return
-    good = max((t for t in range(1, grid * grid + 1) if _aspect_share(grid, t, min_aspect) >= 0.5), default=1)
+    good = max((t for t in range(1, grid * grid + 1)
+                if _aspect_share(grid, t, min_aspect, max_aspect) >= 0.5), default=1)
     raise ConfigError(f"min_mask_patches={min_patches}: no block of {smallest} patches fits a {grid}x{grid} patch "
                       f"grid (a block's sides must be below {grid}, its aspect ratio within [{min_aspect:g}, "
-                      f"{1 / min_aspect:g}]), so every mask would be empty; at most {good} lets blocks take half "
+                      f"{max_aspect:g}]), so every mask would be empty; at most {good} lets blocks take half "
                       f"the aspect ratios or more")
 
 
@@ -746,12 +748,12 @@ def check(config, values_only: bool = False):
                 raise ConfigError(f"num_mask_patches must be in [1, {grid * grid}], got {cfg.num_mask_patches}")
             from ..masking import _check_args
             try:
-                _check_args(grid, cfg.num_mask_patches, cfg.min_mask_patches, cfg.max_mask_patches,
-                            cfg.min_mask_aspect, None)
+                _, _, max_mask, max_aspect = _check_args(grid, cfg.num_mask_patches, cfg.min_mask_patches,
+                                                         cfg.max_mask_patches, cfg.min_mask_aspect, None)
             except ValueError as e:   # the generator's names: min_num_patches is min_mask_patches, ...
                 raise ConfigError(f"masking (num/min/max_mask_patches, min_mask_aspect): {e}") from None
-            _check_a_block_fits(grid, cfg.num_mask_patches, cfg.min_mask_patches, cfg.max_mask_patches,
-                                cfg.min_mask_aspect)
+            _check_a_block_fits(grid, min(cfg.num_mask_patches, max_mask), cfg.min_mask_patches,
+                                cfg.min_mask_aspect, max_aspect)
             if not values_only:
                 check_dataset(cfg.dataset, cfg.data_path, ("train",))
                 n = _train_images(cfg)

@@ -224,6 +224,8 @@ class Subset:
     class, so its first n would hold only the first classes. Keeps .load, .classes and .samples (for skip
     warnings)."""
 
+    LAYOUT = "spread"   # recorded in every checkpoint: an older beit_fast took the first n (engine.resume)
+
     def __init__(self, base, n: int):
         self.base, self.n = base, min(n, len(base))
         self.index = [k * len(base) // self.n for k in range(self.n)]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import config as config_mod
 from . import runtime
+from .data import Subset
 
 
 def seed_all(seed: int) -> None:
@@ -126,7 +127,7 @@ def save(cfg, rt, model, optimizer, scaler, ema, *, step: int, epoch: int, batch
         "model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(),
         "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world": rt.world,
         "sharded": runtime.is_sharded(model),
-        "rng": rngs, "kind": kind, "metrics": metrics or {}, "data_subset": SUBSET_LAYOUT,
+        "rng": rngs, "kind": kind, "metrics": metrics or {}, "data_subset": Subset.LAYOUT,
         "config": config_mod.to_dict(cfg), "model_config": dataclasses.asdict(inner.config),
     }
     if classes is not None:
@@ -195,7 +196,7 @@ def resume(cfg, rt, model, optimizer, scaler, ema, check_state=None) -> tuple:
         was = "distributed=fsdp" if state.get("sharded") else "distributed=ddp (or one process)"
         raise config_mod.ConfigError(f"{path} was written with {was}; resume it the same way (its optimizer state "
                                      f"is laid out for that), or start a new run with --init from it")
-    if getattr(cfg, "train_subset", 0) and state.get("data_subset") != SUBSET_LAYOUT:
+    if getattr(cfg, "train_subset", 0) and state.get("data_subset") != Subset.LAYOUT:
         raise config_mod.ConfigError(f"{path} was written by an older beit_fast whose train_subset took the first "
                                      f"{cfg.train_subset} images (now: images spread over the split): resuming "
                                      f"would go on with other images; start a new run (finetune: --init from it)")
@@ -228,7 +229,6 @@ def resume(cfg, rt, model, optimizer, scaler, ema, check_state=None) -> tuple:
 
 # What fixes the order of the training data and the position in it (batch_in_epoch counts global batches):
 # a resumed run must keep them (a changed parameter grouping is matched by name: regroup_saved)
-SUBSET_LAYOUT = "spread"   # data.Subset's choice of train_subset images, recorded in every checkpoint
 RESUME_FIXED = ("seed", "dataset", "train_subset", "synthetic_size", "batch_size", "accum_steps",
                 "weight_decay_exclusions")
 

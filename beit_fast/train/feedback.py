@@ -84,7 +84,6 @@ def _drop_rows_after(path: str, step: int) -> None:
         atomic_write_bytes(path, b"".join(keep))
 
 
-
 def _json_safe(row: dict) -> dict:
     """The row with every non-finite float (at any depth) as null, its key listed under "nonfinite" (e.g. a
     NaN loss when every micro-batch since the last row overflowed in fp16): strict JSON, which a bare NaN
@@ -105,6 +104,7 @@ def _json_safe(row: dict) -> dict:
     if bad:
         row["nonfinite"] = sorted(set(bad))
     return row
+
 
 class Reporter:
     """Progress bar + log.jsonl + TensorBoard for rank 0; a silent stand-in elsewhere."""
