@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import interpreter_bf16
+from beit_fast._backend import extension
 from beit_fast.models import create_model
 from test_model import randomize_
 from tolerances import Close, assert_close, assert_two_x, tolerance, ulp
@@ -78,8 +79,9 @@ needs_interpreter = pytest.mark.skipif(
 
 def _fused_nodes(backend, overrides):
     """The fused ops' autograd nodes a fused model's output must hang on (auto on CPU: the C++ ops; triton:
-    the Triton ops too)."""
-    nodes = {"MaskedPatchEmbedBackward", "LayerScaleResidualNormBackward"}
+    the Triton ops too). Without beit_fast._C (a checkout run from its folder, never CI, which checks the
+    import) its ops take their references, so only the Triton nodes are expected."""
+    nodes = set() if extension()[0] is None else {"MaskedPatchEmbedBackward", "LayerScaleResidualNormBackward"}
     if backend == "triton":
         nodes |= {"RelPosAttentionQKVPackedTritonBackward", "LayerNormTritonBackward"}
         if overrides.get("fused_mlp", True):
