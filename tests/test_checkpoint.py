@@ -60,6 +60,16 @@ def test_unilm_pretraining_checkpoint_into_finetuning_model():
         load_checkpoint(create_model("beit_test_patch4_32"), ck, strict=True)
 
 
+def test_shared_and_own_tables_load_as_their_sum():
+    """A model with a shared table and tables of its own adds both to its logits; loaded into the fine-tuning
+    layout (own tables only) each block's table is their sum (the shared one was silently dropped)."""
+    src = randomize_(create_model("beit_test_patch4_32", use_shared_rel_pos_bias=True, attn_impl="eager"))
+    dst = create_model("beit_test_patch4_32", attn_impl="eager")
+    report = load_checkpoint(dst, src.state_dict(), strict=True)
+    assert any("added to the 2 blocks' own tables" in n for n in report.notes), report.notes
+    _same_outputs(src, dst, X())
+
+
 @pytest.mark.parametrize("wrap", ["module", "module_prefix", "mmseg"])
 def test_wrappers(wrap):
     src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))

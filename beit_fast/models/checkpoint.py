@@ -207,10 +207,18 @@ def convert_state_dict(obj, model) -> tuple[dict, LoadReport]:
     target = model.state_dict()
     shared = "rel_pos_bias.relative_position_bias_table"
     if shared in sd and shared not in target and "blocks.0.attn.relative_position_bias_table" in target:
-        table = sd.pop(shared)
+        table, summed = sd.pop(shared), 0
         for i in range(len(model.blocks)):
-            sd.setdefault(f"blocks.{i}.attn.relative_position_bias_table", table.clone())
-        report.notes.append("expanded the shared relative position table into every block (fine-tuning layout)")
+            own = f"blocks.{i}.attn.relative_position_bias_table"
+            if own in sd:   # a model with both tables adds both to its logits: one table holding their sum
+                if sd[own].shape != table.shape:
+                    raise ValueError(f"{own}: checkpoint table {tuple(sd[own].shape)} and its shared table "
+                                     f"{tuple(table.shape)} differ in shape, so they cannot be summed")
+                sd[own], summed = sd[own] + table, summed + 1
+            else:
+                sd[own] = table.clone()
+        report.notes.append("expanded the shared relative position table into every block (fine-tuning layout)"
+                            + (f", added to the {summed} blocks' own tables" if summed else ""))
     window = tuple(model.window_size)
     for k in list(sd):
         if k.endswith("relative_position_bias_table") and k in target and sd[k].shape != target[k].shape:
