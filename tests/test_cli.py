@@ -160,6 +160,19 @@ def test_user_errors_are_messages_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_init_of_another_model_size_is_a_message(tmp_path, capsys):
+    """--init with a checkpoint of another architecture (here the bare beit_test model's 2 heads against the
+    demo preset's 4) exits 2 naming the heads and the model overrides (it was a traceback)."""
+    import torch
+    from beit_fast.models import create_model
+    ckpt = tmp_path / "other.pth"
+    torch.save(create_model("beit_test_patch4_32").state_dict(), ckpt)
+    assert main(["finetune", "--init", str(ckpt), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"--init {ckpt}" in err and "for 2 attention heads" in err and "for 4" in err, err
+    assert "--model-overrides null" in err, err
+
+
 def test_list_presets(capsys):
     assert main(["pretrain", "--list-presets"]) == 0
     assert {"demo", "beit_base_224", "beit_large_224"} <= set(capsys.readouterr().out.split())

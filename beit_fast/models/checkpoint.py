@@ -223,8 +223,13 @@ def convert_state_dict(obj, model) -> tuple[dict, LoadReport]:
     for k in list(sd):
         if k.endswith("relative_position_bias_table") and k in target and sd[k].shape != target[k].shape:
             src = window_from_table_rows(sd[k].shape[0])
-            if src is None or sd[k].shape[1] != target[k].shape[1]:
-                raise ValueError(f"{k}: checkpoint table {tuple(sd[k].shape)} cannot be resized to {tuple(target[k].shape)}")
+            if sd[k].shape[1] != target[k].shape[1]:
+                raise ValueError(f"{k}: the checkpoint's table {tuple(sd[k].shape)} is for {sd[k].shape[1]} attention "
+                                 f"heads, the model's {tuple(target[k].shape)} for {target[k].shape[1]} (is it the "
+                                 f"right model size?)")
+            if src is None:
+                raise ValueError(f"{k}: checkpoint table {tuple(sd[k].shape)} cannot be resized to {tuple(target[k].shape)}"
+                                 f": {sd[k].shape[0]} rows is no square window's (2W-1)^2 + 3")
             sd[k] = resize_rel_pos_bias_table(sd[k], src, window)
             report.notes.append(f"resized {k} from window {src} to {window}")
     if "pos_embed" in sd and "pos_embed" in target and sd["pos_embed"].shape != target["pos_embed"].shape:

@@ -85,7 +85,13 @@ def _finetune(cfg, rt) -> dict:
     if cfg.init:
         from beit_fast.models import load_checkpoint
         path = ckpt.resolve_checkpoint(cfg.init, weights_folder=True)
-        load_report = load_checkpoint(model, path, warn=False)   # logged whole in init_note
+        try:
+            load_report = load_checkpoint(model, path, warn=False)   # logged whole in init_note
+        except ValueError as e:   # a checkpoint of another model size, or not a weights file
+            raise config_mod.ConfigError(
+                f"--init {path}: {e}\n(the model built here is {cfg.model} with model_overrides "
+                f"{cfg.model_overrides or '{}'}; set --model / --model-overrides to the checkpoint's architecture: "
+                f"--model-overrides null keeps the named model's own)") from None
         init_note = f"{path}\n{load_report}"
         mismatch = normalisation_mismatch(cfg, path)
         if mismatch and rt.is_main:
