@@ -36,6 +36,24 @@ def test_file_round_trip(tmp_path, suffix):
     _same_outputs(src, dst, X())
 
 
+def test_a_folder_loads_its_weights_file(tmp_path):
+    """load_checkpoint takes the folders --init takes: a Hugging Face model folder (its model.safetensors) and a
+    beit_fast run (its latest step checkpoint); it said "checkpoint file not found" for both."""
+    from safetensors.torch import save_file
+    old, new = (randomize_(create_model("beit_test_patch4_32", attn_impl="eager")) for _ in range(2))
+    (tmp_path / "hf").mkdir()
+    save_file(new.state_dict(), str(tmp_path / "hf" / "model.safetensors"))
+    (tmp_path / "run").mkdir()
+    torch.save({"model": old.state_dict(), "step": 1}, tmp_path / "run" / "checkpoint-0000001.pt")
+    torch.save({"model": new.state_dict(), "step": 2}, tmp_path / "run" / "checkpoint-0000002.pt")
+    for folder in ("hf", "run"):
+        dst = create_model("beit_test_patch4_32", attn_impl="eager")
+        load_checkpoint(dst, tmp_path / folder, strict=True)
+        _same_outputs(new, dst, X())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_checkpoint(create_model("beit_test_patch4_32"), tmp_path)
+
+
 def _unilm_pretraining_state_dict(mim):
     """What unilm's run_beit_pretraining saves: {'model': sd} with persistent index buffers."""
     sd = dict(mim.state_dict())

@@ -148,6 +148,18 @@ def test_version():
     assert beit_fast.__version__
 
 
+def test_subpackages_after_a_bare_import():
+    """`import beit_fast` is enough for beit_fast.train.info() / .models / .ops / .masking (the README's Python
+    twins of the CLI raised AttributeError unless something had imported them first); other names still raise."""
+    code = ("import beit_fast\n"
+            "assert callable(beit_fast.train.info) and callable(beit_fast.models.load_checkpoint)\n"
+            "assert callable(beit_fast.ops.layer_norm) and callable(beit_fast.masking.block_masks)\n"
+            "try:\n    beit_fast.no_such_name\nexcept AttributeError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "no attribute 'no_such_name'" in out.stdout
+
+
 def test_interpreter_problem_names_the_failing_version_pair(monkeypatch):
     """Triton < 3.7's interpreter cannot run with numpy >= 2.4: the triton backend on CPU says so (and the
     test session skips the interpreter tests) instead of failing inside the interpreter."""

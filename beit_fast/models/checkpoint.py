@@ -46,7 +46,12 @@ class LoadReport:
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> dict:
+    """The tensors of a checkpoint file; a folder stands for its weights file as `--init` takes it (a beit_fast
+    run's latest checkpoint-*.pt, or a Hugging Face model folder's model.safetensors / pytorch_model.bin)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        from beit_fast.train.checkpoint import resolve_checkpoint
+        path = resolve_checkpoint(path, weights_folder=True)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
