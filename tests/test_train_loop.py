@@ -68,7 +68,8 @@ def test_pretrain_then_finetune_then_eval(tmp_path):
     assert os.path.isfile(tmp_path / "ft" / "checkpoint-best.pt")
     ev = evaluate(EvalConfig(checkpoint=str(tmp_path / "ft"), num_workers=0, precision="fp32", device="cpu"))
     assert ev["n"] == 360 and abs(ev["top1"] - ft["best_top1"]) < 1e-9
-    assert json.load(open(tmp_path / "ft" / "eval.json"))["top1"] == ev["top1"]
+    saved = json.load(open(tmp_path / "ft" / "eval.json"))
+    assert saved["top1"] == ev["top1"] and saved["precision"] == "fp32" and saved["weights"] == "model", saved
     # fine-tuning that init with another normalisation says so (and still runs)
     with pytest.warns(UserWarning, match="pretrained on images normalised with mean=.*--mean 0.5,0.5,0.5"):
         finetune(tiny_finetune(tmp_path / "ft2", init=str(tmp_path / "pt"), epochs=1, train_subset=32,
@@ -670,6 +671,7 @@ def test_the_ema_top1_is_the_ema_weights_own(tmp_path):
     ev = evaluate(EvalConfig(checkpoint=str(tmp_path), use_ema=True, num_workers=0, precision="fp32",
                              device="cpu"))
     assert ev["checkpoint"].endswith(BEST_EMA) and ev["top1"] == best_ema["metrics"]["ema_top1"]
+    assert json.load(open(tmp_path / "eval.json"))["weights"] == "model_ema"
     assert best_ema["metrics"]["top1"] != best_ema["metrics"]["ema_top1"]   # the two weights tell apart here
 
 

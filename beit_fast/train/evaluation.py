@@ -69,7 +69,8 @@ def _evaluate(cfg, state: dict, path: str, dataset: str, data_path: str, rt) -> 
     loader = make_loader(Samples(val, transform, 0, substitute=False), sampler, cfg.num_workers,
                          pin_memory=rt.device.type == "cuda")
     result = engine.evaluate(model, loader, rt.device, cfg.precision, rt)
-    result["checkpoint"] = path
+    # what was evaluated, so that eval.json (replaced by each eval into the same folder) says which run it was
+    result.update(checkpoint=path, weights=key, precision=cfg.precision, dataset=dataset, data_path=data_path)
     if rt.is_main:
         out_dir = cfg.output_dir or os.path.dirname(os.path.abspath(path))
         os.makedirs(out_dir, exist_ok=True)
