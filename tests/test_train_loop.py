@@ -485,7 +485,8 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_file):
 
 
 def test_eval_labels_a_held_out_folder_by_the_classes_the_model_was_trained_on(tmp_path, monkeypatch):
-    """A fine-tuning checkpoint names its classes, and eval labels a val/-only folder by them (a class missing
+    """A head wider than the data's classes is warned about (the demo preset's 10 on a 3-class folder trained
+    unnoticed). A fine-tuning checkpoint names its classes, and eval labels a val/-only folder by them (a class missing
     from it cannot shift the others). A checkpoint without them (older runs) is evaluated with a warning when
     val/'s class count matches the model, and refused when it does not."""
     from PIL import Image
@@ -498,6 +499,9 @@ def test_eval_labels_a_held_out_folder_by_the_classes_the_model_was_trained_on(t
             for i in range(4):
                 Image.new("RGB", (16, 16), (60 * i, 80 if c == "a" else 160, 200)).save(
                     tmp_path / root / split / c / f"{i}.png")
+    with pytest.warns(UserWarning, match="has 3 classes, the classification head num_classes=10 outputs: 7 of"):
+        finetune(tiny_finetune(tmp_path / "ft10", dataset="folder", data_path=str(tmp_path / "data"),
+                               train_subset=0, batch_size=4, epochs=1, mixup=0.0, cutmix=0.0))   # the demo's 10
     result = finetune(tiny_finetune(tmp_path / "ft", dataset="folder", data_path=str(tmp_path / "data"),
                                     train_subset=0, batch_size=4, epochs=1, mixup=0.0, cutmix=0.0, num_classes=3))
     state = load(result["checkpoint"])

@@ -76,7 +76,12 @@ def _finetune(cfg, rt) -> dict:
         val_set = Subset(val_set, cfg.val_subset)
     if len(train_set.classes) > cfg.num_classes:
         raise config_mod.ConfigError(f"the training data has {len(train_set.classes)} classes but num_classes="
-                                     f"{cfg.num_classes}")
+                                     f"{cfg.num_classes} (--num-classes {len(train_set.classes)})")
+    if len(train_set.classes) < cfg.num_classes and rt.is_main:
+        warnings.warn(f"the training data has {len(train_set.classes)} classes, the classification head "
+                      f"num_classes={cfg.num_classes} outputs: {cfg.num_classes - len(train_set.classes)} of them "
+                      f"never train, and top-5 counts them (--num-classes {len(train_set.classes)} makes the head "
+                      f"fit the data)", stacklevel=2)
 
     # --- model, initialised from a checkpoint when given
     engine.seed_all(cfg.seed)
