@@ -134,13 +134,35 @@ def backend_table(device: str) -> list[tuple[str, str, list[str]]]:
     return rows
 
 
+def picked(device: str, rows) -> dict:
+    """op -> (backend, note): the backend a call with backend='auto' runs for tensors on `device` (the
+    BEIT_FAST_BACKEND override for the ops that have that backend, whether or not it can run), from
+    backend_table's rows."""
+    env = os.environ.get("BEIT_FAST_BACKEND", "auto").strip() or "auto"
+    runs = {(op, b): not why for op, b, why in rows}
+    out = {}
+    for name, (_, backends) in OPS.items():
+        if env in backends:
+            out[name] = (env, "<- BEIT_FAST_BACKEND" + ("" if runs[(name, env)] else ": calls raise"))
+            continue
+        first = next((b for b in backends if runs[(name, b)] and not _backend.common_reasons(b, [device], auto=True)),
+                     None)
+        if first is not None:
+            out[name] = (first, "<- auto")
+    return out
+
+
 def main() -> None:
     print("\n".join(_versions()))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
-        print(f"\nbackends for {dev} tensors:")
-        for op, b, why in backend_table(dev):
-            print(f"  {op:27s} {b:10s} " + ("available" if not why else "unavailable: " + "; ".join(why)))
+        print(f"\nbackends for {dev} tensors (<- what a call runs):")
+        rows = backend_table(dev)
+        chosen = picked(dev, rows)
+        for op, b, why in rows:
+            mark = chosen[op][1] if chosen.get(op, (None,))[0] == b else ""
+            print(f"  {op:27s} {b:10s} " + ("available" if not why else "unavailable: " + "; ".join(why))
+                  + (f"  {mark}" if mark else ""))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,29 @@ def test_info_lists_every_op_and_backend():
     assert "reference  available" in r.stdout
 
 
+def _marked(stdout: str, device: str = "cpu") -> dict:
+    """op -> (backend, mark) of info's lines marked with what a call runs, in one device's table."""
+    table = stdout.split(f"backends for {device} tensors")[1].split("\n\n")[0].split("\n", 1)[1]
+    return {line.split()[0]: (line.split()[1], line.split("<- ")[1]) for line in table.splitlines() if "<- " in line}
+
+
+def test_info_marks_the_backend_each_op_runs():
+    """info marks, per op, the backend a call takes: auto's first runnable backend (never the interpreter),
+    the reference when the extension is missing, and a BEIT_FAST_BACKEND override, saying when it cannot run."""
+    r = _run("from beit_fast.info import main; main()")
+    marked = _marked(r.stdout)
+    assert set(marked) == set(OPS), marked
+    assert marked["masked_patch_embed"] == marked["layer_scale_residual_norm"] == ("cpp", "auto")
+    assert marked["rel_pos_attention"] == ("reference", "auto")
+    r = _run("import sys; sys.modules['beit_fast._C'] = None\nfrom beit_fast.info import main; main()")
+    assert _marked(r.stdout)["masked_patch_embed"] == ("reference", "auto"), r.stdout
+    r = subprocess.run([sys.executable, "-m", "beit_fast.info"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "BEIT_FAST_BACKEND": "cuda"})
+    marked = _marked(r.stdout)
+    assert marked["masked_patch_embed"] == ("cuda", "BEIT_FAST_BACKEND: calls raise"), marked
+    assert marked["rel_pos_attention"] == ("reference", "auto"), marked   # no cuda backend: auto
+
+
 def test_info_names_the_settings_in_effect():
     """info's settings line: the BEIT_FAST_* variables (kernel plan knobs included), sorted, or the defaults."""
     from beit_fast.info import settings_line
