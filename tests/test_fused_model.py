@@ -336,3 +336,46 @@ def test_compiled_fused_model_compiles_once():
             "print('compiled once')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "compiled once" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("beit_test_patch4_32", {}),                          # mean pooling: no final norm fused into the last block
+    ("beit_test_patch4_32", {"use_mean_pooling": False}),  # cls pooling: the final norm in the last epilogue
+    ("beit_test_patch4_32_mim", {}),
+])
+def test_fused_model_dropout_and_drop_path_training_cpu(name, overrides):
+    """drop_rate (after the embedding, the attention projection, the MLP and before the head) and drop path in
+    training mode: the fused model makes the same draws as the reference model in the same order (every
+    dropout is the same nn.Dropout module, the drop-path scales come from drop_path_scale), so logits and
+    gradients agree. attn_drop_rate stays 0: the fused op draws its attention mask differently (torch.rand in
+    its reference backend on CPU, Philox in the kernels); test_model's attention-dropout test checks each path."""
+    overrides = {**overrides, "drop_rate": 0.2, "drop_path_rate": 0.4}
+    ref, fused = _pair(name, overrides)
+    x = torch.randn(4, 3, 32, 32)
+    mask = (torch.rand(4, 64) < 0.4) if name.endswith("_mim") else None
+    ref.train(), fused.train()
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return ref(x, mask) if mask is not None else ref(x)
+    with torch.no_grad():   # training mode really draws: two seeds give two outputs
+        assert not torch.allclose(run(1), run(2))
+    _compare(ref, fused, x, mask, tolerance("fused_model", torch.float32), seed=3)
+
+
+@pytest.mark.parametrize("name, overrides", [("beit_test_patch4_32_mim", {}),
+                                             ("beit_test_patch4_32", {"use_mean_pooling": False})])
+def test_hooked_final_norm_runs_in_the_fused_model(name, overrides):
+    """The fused loop fuses the final LayerNorm into the last block's epilogue only when it has no hooks:
+    a forward hook on the model's final norm runs (once, on the (B, 1+P, C) tokens) and its returned value
+    is used, as in the reference model."""
+    ref, fused = _pair(name, overrides)
+    x = torch.randn(2, 3, 32, 32)
+    mask = (torch.rand(2, 64) < 0.4) if name.endswith("_mim") else None
+    seen = []
+    for tag, m in (("ref", ref), ("fused", fused)):
+        m.eval()
+        m.norm.register_forward_hook(
+            lambda mod, args, out, tag=tag: seen.append((tag, tuple(out.shape))) or out * 1.5 + 0.25)
+    _compare(ref, fused, x, mask, tolerance("fused_model", torch.float32))
+    assert seen == [("ref", (2, 65, 64)), ("fused", (2, 65, 64))], seen

@@ -130,3 +130,89 @@ def test_bad_arguments(kwargs, match):
         MaskingGenerator(**args)
     with pytest.raises(ValueError, match=match):
         block_masks(2, **args)
+
+
+def _recorded_blocks(monkeypatch, gen, n):
+    """(h, w) of every block `gen` looks at over n masks (through _Recording)."""
+    blocks = []
+    real_zeros = np.zeros
+
+    def recording_zeros(shape, dtype=float):
+        arr = real_zeros(shape, dtype=dtype).view(_Recording)
+        arr.blocks = blocks
+        return arr
+
+    monkeypatch.setattr(masking.np, "zeros", recording_zeros)
+    for _ in range(n):
+        gen()
+    monkeypatch.undo()
+    return blocks
+
+
+def test_reference_aspect_ratio_is_log_uniform(monkeypatch):
+    """The aspect ratio r = h/w is drawn log-uniformly in [min_aspect, 1/min_aspect] (exp of a uniform log,
+    unilm's log_aspect_ratio), so tall and wide blocks are equally likely (log r is symmetric about 0) and
+    r < 1/sqrt(1/0.3) as likely as r > sqrt(1/0.3). A uniform r in [0.3, 3.33] would make 77% of the blocks
+    tall. The area is fixed (min = max = 16) to keep the shape a function of r only."""
+    gen = MaskingGenerator((14, 14), 16, min_num_patches=16, seed=3)
+    blocks = [(h, w) for h, w in _recorded_blocks(monkeypatch, gen, 1500) if h != w]
+    assert len(blocks) > 1000
+    tall = sum(h > w for h, w in blocks) / len(blocks)
+    assert abs(tall - 0.5) < 0.05, tall          # the share's std is below 0.016
+    logr = np.log([h / w for h, w in blocks])
+    assert abs(logr.mean()) < 0.05, logr.mean()  # its std is below 0.01 (uniform r: about 0.4)
+
+
+def test_reference_blocks_respect_max_num_patches(monkeypatch):
+    """max_num_patches bounds each block (unilm's max_mask_patches_per_block): the block's target area is
+    drawn from [min_num_patches, min(budget left, max_num_patches)], so every rectangle looked at has
+    (h - 1/2)(w - 1/2) <= max_num_patches (h, w are the rounded square roots of area * r and area / r); the
+    masks still reach the target from several blocks."""
+    gen = MaskingGenerator((14, 14), 40, min_num_patches=4, max_num_patches=8, seed=5)
+    blocks = _recorded_blocks(monkeypatch, gen, 300)
+    assert len(blocks) > 300 * 4
+    big = [(h, w) for h, w in blocks if (h - 0.5) * (w - 0.5) > 8]
+    assert not big, big[:5]
+    gen = MaskingGenerator((14, 14), 40, min_num_patches=4, max_num_patches=8, seed=5)
+    counts = np.array([gen().sum() for _ in range(200)])
+    assert counts.max() <= 40 and counts.mean() > 0.8 * 40
+
+
+def test_reference_nonpositive_max_num_patches_means_target():
+    """max_num_patches None, 0 or negative: no bound per block beyond the target (as the C++ op takes -1);
+    the masks are those of max_num_patches = num_masking_patches, draw for draw."""
+    want = MaskingGenerator((14, 14), 75, max_num_patches=75, seed=9)
+    gens = [MaskingGenerator((14, 14), 75, max_num_patches=v, seed=9) for v in (None, 0, -1)]
+    for _ in range(20):
+        m = want()
+        assert m.sum() > 0
+        for g in gens:
+            assert np.array_equal(g(), m)
+    assert torch.equal(block_masks(8, (14, 14), 75, max_num_patches=0, seed=2, backend="reference"),
+                       block_masks(8, (14, 14), 75, max_num_patches=75, seed=2, backend="reference"))
+
+
+@pytest.mark.parametrize("size", [(5, 12), (12, 5)])
+def test_cpp_masks_on_a_non_square_grid(size):
+    """block_masks' C++ op gets (height, width) in that order: on a non-square grid its single-block masks
+    are rectangles of the (H, W) grid in row-major order (with the sides swapped they are rectangles of the
+    transposed grid, which are no rectangles read as (H, W)) as often as the reference's are (72% here:
+    the rest are two blocks, the first one short of the target), and the per-patch masking frequency matches
+    the reference's."""
+    if masking.not_supported_reasons("cpp"):
+        pytest.skip("; ".join(masking.not_supported_reasons("cpp")))
+    H, W = size
+
+    def rectangles(backend):
+        masks = block_masks(600, size, 6, min_num_patches=6, seed=4, backend=backend).view(600, H, W)
+        count = 0
+        for m in masks:
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            h, w = (ys.max() - ys.min() + 1).item(), (xs.max() - xs.min() + 1).item()
+            count += h * w == m.sum().item() and h < H and w < W
+        return count
+    ref = rectangles("reference")
+    assert ref > 0.6 * 600 and abs(rectangles("cpp") - ref) < 60, (rectangles("cpp"), ref)
+    fc = block_masks(3000, size, 20, min_num_patches=4, seed=6, backend="cpp").float().mean(0)
+    fr = block_masks(3000, size, 20, min_num_patches=4, seed=6, backend="reference").float().mean(0)
+    assert (fc - fr).abs().max() < 0.08, (fc - fr).abs().max()   # transposed: 0.3

@@ -304,3 +304,155 @@ def test_bad_masks():
         with pytest.raises(ValueError, match=match):
             create_model("beit_test_patch4_32", **bad)
     assert create_model("beit_test_patch4_32", init_values=0.0).blocks[0].gamma_1 is None
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_cls_token_pooling_matches_timm(fused):
+    """use_mean_pooling=False (unilm --use_cls, timm global_pool='token'): the final LayerNorm on all tokens,
+    then the cls token (row 0) into the head; the logits equal timm's Beit with global_pool='token' loaded
+    with the same random weights (only mean pooling was compared with a reference)."""
+    from timm.models.beit import Beit as TimmBeit
+    ref = TimmBeit(img_size=32, patch_size=4, num_classes=10, global_pool="token", embed_dim=64, depth=2,
+                   num_heads=2, init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=True).eval()
+    randomize_(ref)
+    ours = create_model("beit_test_patch4_32", use_mean_pooling=False, attn_impl="eager", fused=fused).eval()
+    load_checkpoint(ours, ref.state_dict(), strict=True)
+    assert ours.fc_norm is None and isinstance(ours.norm, torch.nn.LayerNorm)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        a, b = ours(x), ref(x)
+    assert a.shape == (3, 10)
+    assert rel_err(a, b) < 1e-4
+
+
+def _dropout_pattern(got, want, p):
+    """got must be `want` with each element either zeroed or scaled by 1/(1-p) (inverted dropout); returns
+    the share of zeroed elements (where `want` is nonzero)."""
+    nz = want != 0
+    assert nz.float().mean() > 0.99, "the undropped values must be nonzero to see the pattern"
+    dropped = (got == 0) & nz
+    kept = ~dropped & nz
+    torch.testing.assert_close(got[kept], want[kept] / (1 - p), rtol=1e-5, atol=1e-6)
+    return dropped[nz].float().mean().item()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dropout_after_the_embedding(fused):
+    """drop_rate also drops the embedded tokens (unilm's pos_drop, after the cls token and absolute
+    positions): in training the first block's input is the embedding with a share p of its elements zeroed
+    and the rest scaled by 1/(1-p); in eval it is the embedding itself."""
+    p = 0.25
+    m = randomize_(create_model("beit_test_patch4_32", drop_rate=p, attn_impl="eager", fused=fused))
+    x = torch.randn(4, 3, 32, 32)
+    seen = []
+    m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        want = m.embed(x, None, False)
+        m.eval()(x)
+        torch.testing.assert_close(seen[-1], want, rtol=1e-5, atol=1e-6)
+        torch.manual_seed(0)
+        m.train()(x)
+    share = _dropout_pattern(seen[-1], want, p)
+    assert abs(share - p) < 0.03, share     # 4 x 65 x 64 elements: the share's std is 0.0034
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "fused", "fused-triton"])
+def test_attention_dropout_density_and_scale(impl, monkeypatch):
+    """attn_drop_rate drops attention probabilities (after the softmax) in training, on every attention path,
+    with density p and the kept ones scaled by 1/(1-p). Read off directly: a 2x2 grid (5 tokens), q = k = 0
+    and a zero bias table (uniform probabilities 1/5), token j's value the unit vector j in each head and an
+    identity projection, so the block's attention output holds the dropped probability matrix itself. The
+    reference (eager F.dropout, SDPA's dropout) and the fused kernel draw different masks (the fused op's
+    reference backend draws torch.rand, the kernels Philox), so this checks each path's pattern rather than
+    parity between them. "fused-triton": the Triton kernel's in-kernel Philox dropout through the interpreter."""
+    batch, tol = 200, 0.03              # 200 x 5 x 10 probabilities: the share's std is 0.0065
+    if impl == "fused-triton":
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("runs the Triton kernel on CPU tensors: needs TRITON_INTERPRET=1")
+        monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
+        impl = "fused"
+        batch, tol = 24, 0.06           # the interpreter runs a program per (row block, head, sample): std 0.013
+    p, N, C = 0.3, 5, 64
+    m = create_model("beit_test_patch4_32", img_size=8, attn_drop_rate=p, attn_impl=impl, fused=False)
+    attn = m.blocks[0].attn
+    d = attn.head_dim
+    with torch.no_grad():
+        for t in attn.parameters():
+            t.zero_()
+        attn.qkv.weight[2 * C:].copy_(torch.eye(C))   # v = x, q = k = 0
+        attn.proj.weight.copy_(torch.eye(C))
+    x = torch.zeros(batch, N, C)
+    for j in range(N):
+        for h in range(attn.num_heads):
+            x[:, j, h * d + j] = 1.0
+    with torch.no_grad():
+        probs = attn.eval()(x)
+        assert torch.allclose(probs, x.sum(1, keepdim=True).expand_as(x) / N)   # eval: no dropout
+        torch.manual_seed(0)
+        dropped = attn.train()(x)
+    sel = [h * d + j for h in range(attn.num_heads) for j in range(N)]
+    share = _dropout_pattern(dropped[..., sel], probs[..., sel], p)
+    assert abs(share - p) < tol, share
+    assert (dropped[..., [c for c in range(C) if c not in sel]] == 0).all()
+
+
+def test_drop_path_rate_rises_linearly_over_depth():
+    """Stochastic depth decay rule (unilm, timm): block i drops its branches with probability
+    drop_path_rate * i / (depth - 1): none in the first block, the full rate in the last. Behaviourally: the
+    first block of a model with drop_path_rate=0.5 gives the same output in training as in eval."""
+    m = randomize_(create_model("beit_test_patch4_32", depth=5, drop_path_rate=0.4, attn_impl="eager"))
+    assert [b.drop_path for b in m.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    m = randomize_(create_model("beit_test_patch4_32", drop_path_rate=0.5, attn_impl="eager"))
+    x = torch.randn(8, 65, 64)
+    with torch.no_grad():
+        first, last = m.blocks[0], m.blocks[1]
+        torch.manual_seed(0)
+        torch.testing.assert_close(first.train()(x), first.eval()(x))
+        torch.manual_seed(0)
+        assert not torch.allclose(last.train()(x), last.eval()(x))
+
+
+@pytest.mark.parametrize("pretraining", [True, False])
+def test_fix_init_weight_rescales_proj_and_fc2(pretraining):
+    """unilm/timm fix_init_weight: block i's attn.proj and mlp.fc2 weights are their init divided by
+    sqrt(2 (i + 1)). Pretraining truncates at +-1 std, so the largest |weight| of those layers is just below
+    0.02 / sqrt(2 (i + 1)); fine-tuning's std is 0.02 / sqrt(2 (i + 1)) against fc1's and qkv's 0.02."""
+    name = "beit_test_patch4_32_mim" if pretraining else "beit_test_patch4_32"
+    m = create_model(name, depth=4)
+    for i, blk in enumerate(m.blocks):
+        s = math.sqrt(2.0 * (i + 1))
+        for lin, ref in ((blk.attn.proj, blk.attn.qkv), (blk.mlp.fc2, blk.mlp.fc1)):
+            w = lin.weight
+            if pretraining:
+                assert 0.95 * 0.02 / s < w.abs().max() <= 0.02 / s + 1e-7, (i, w.abs().max())
+            ratio = (w.std() / ref.weight.std()).item()
+            assert abs(ratio * s - 1) < 0.08, (i, ratio, 1 / s)   # std errors ~1.3%; without the rescale: s - 1 >= 0.41
+
+
+def test_finetuning_patch_embed_keeps_pytorch_conv_init():
+    """The fine-tuning model initializes its Linear layers (trunc normal, std 0.02) and LayerNorms only, as
+    unilm's modeling_finetune and timm's Beit do: the patch embedding keeps nn.Conv2d's default init,
+    uniform in +-1/sqrt(fan_in) for weight and bias (kaiming_uniform with a = sqrt(5)). The pretraining
+    model draws it from the +-1 std truncated normal, with a zero bias."""
+    cls = create_model("beit_test_patch4_32").patch_embed.proj
+    bound = 1 / math.sqrt(3 * 4 * 4)
+    assert cls.weight.abs().max() <= bound and cls.bias.abs().max() <= bound
+    assert abs(cls.weight.std().item() - bound / math.sqrt(3)) < 0.1 * bound / math.sqrt(3)
+    assert cls.bias.abs().min() > 0
+    mim = create_model("beit_test_patch4_32_mim").patch_embed.proj
+    assert mim.weight.abs().max() <= 0.02 + 1e-7 and torch.all(mim.bias == 0)
+
+
+def test_config_rejects_rates_of_one_and_uneven_heads():
+    """A dropout / drop-path rate must lie in [0, 1): 1 drops everything (inverted dropout's 1/(1-p) is a
+    division by zero, a drop-path rate of 1 makes the last block's branches always dropped). embed_dim must
+    split evenly into heads (the attention's view(B, N, 3, H, D) fails or mixes heads)."""
+    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\), got 1.0"):
+            create_model("beit_test_patch4_32", **{name: 1.0})
+        create_model("beit_test_patch4_32", **{name: 0.99})
+    with pytest.raises(ValueError, match=r"embed_dim \(64\) must be divisible by num_heads \(3\)"):
+        create_model("beit_test_patch4_32", num_heads=3)
+    with pytest.raises(ValueError, match=r"embed_dim \(60\) must be divisible by num_heads \(8\)"):
+        beit_fast.models.BeitConfig(embed_dim=60, num_heads=8)

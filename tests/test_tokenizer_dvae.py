@@ -198,3 +198,42 @@ def test_restricted_unpickler_refuses_builtins_eval():
     data = pickle.dumps(EvilEval())
     with pytest.raises(pickle.UnpicklingError, match="builtins.eval"):
         dee.RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def test_dalle_view_is_mapped_to_the_logit_laplace_range():
+    """The dVAE was trained on map_pixels'd images (0.8 x + 0.1, in [0.1, 0.9]; unilm's token view): the
+    pretraining transform built with DalleTokenizer's pixel_mapping maps the tokenizer view so, where the
+    k-means tokenizer (fit on [0, 1] pixels) gets the plain view. Same crop (seeded), black and white pixels."""
+    from PIL import Image
+    from beit_fast.train.data import TwoViewTransform
+    from beit_fast.train.tokenizer import KMeansTokenizer
+    img = Image.fromarray((torch.rand(48, 48, 3) > 0.5).to(torch.uint8).mul(255).numpy())
+    views = {}
+    for tok in (DalleTokenizer, KMeansTokenizer):
+        t = TwoViewTransform(32, 16, hflip=0.0, color_jitter=0.0, second_interpolation="nearest",
+                             pixel_mapping=tok.pixel_mapping)
+        torch.manual_seed(0)
+        views[tok] = t(img)[1]
+    unit, dalle = views[KMeansTokenizer], views[DalleTokenizer]
+    assert unit.min() == 0 and unit.max() == 1
+    torch.testing.assert_close(dalle, dee.map_pixels(unit))
+    assert abs(dalle.min().item() - 0.1) < 1e-6 and abs(dalle.max().item() - 0.9) < 1e-6
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_encoder_weights_with_missing_or_extra_tensors_are_refused(tmp_path, change):
+    """Loading is strict: a state dict without one of the encoder's tensors (which would keep its random init
+    and give wrong targets without a word) or with a tensor the encoder has no place for is an error naming
+    the key."""
+    enc = dee.Encoder(n_hid=8, n_blk_per_group=1, vocab_size=16)
+    sd = dict(enc.state_dict())
+    key = "blocks.group_2.block_1.res_path.conv_2.b"
+    if change == "missing":
+        del sd[key]
+    else:
+        key = "blocks.group_2.block_1.res_path.conv_5.w"
+        sd[key] = torch.zeros(1)
+    path = tmp_path / "encoder.pt"
+    torch.save(sd, path)
+    with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
+        load_tokenizer("dvae", str(path))
