@@ -284,6 +284,24 @@ def test_compiled_and_ddp_prefixes_are_stripped():
         _same_outputs(src, dst, X())
 
 
+def test_prefixes_are_stripped_only_from_a_whole_state_dict_and_k_bias_is_dropped():
+    """A wrapper prefix is stripped only when every key has it (a model's own `module.`-named submodule in an
+    unwrapped state dict keeps its name); a stored zero attn.k_bias (some unilm exports) is dropped, as the
+    model recomputes it, so a strict load still succeeds."""
+    from beit_fast.models.checkpoint import unwrap
+    t = torch.zeros(1)
+    assert set(unwrap({"module.a": t, "module.b": t})) == {"a", "b"}
+    assert set(unwrap({"module.a": t, "b": t})) == {"module.a", "b"}
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    sd = dict(src.state_dict())
+    for i in range(len(src.blocks)):
+        sd[f"blocks.{i}.attn.k_bias"] = torch.zeros(64)
+    dst = create_model("beit_test_patch4_32", attn_impl="eager")
+    report = load_checkpoint(dst, sd, strict=True)
+    assert any("dropped 2 index/zero-bias buffers" in n for n in report.notes), report.notes
+    _same_outputs(src, dst, X())
+
+
 def test_nothing_loaded_is_an_error_and_partial_loads_warn():
     src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
     dst = create_model("beit_test_patch4_32", attn_impl="eager")

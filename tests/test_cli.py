@@ -66,6 +66,19 @@ def test_set_keeps_text_and_model_overrides_merge_in_any_order(capsys):
     assert cfg["model_overrides"] == {"depth": 2}
 
 
+def test_flags_beat_set_beats_yaml_and_betas_take_a_yaml_list(tmp_path, capsys):
+    """Precedence (module docstring, README): preset < --config < --set < flag, whatever their order on the
+    line; a tuple flag also takes YAML's list form ("[0.9,0.98]", not split at its comma)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.5\nepochs: 3\nweight_decay: 0.2\n")
+    for argv in (["--set", "lr=1e-4", "--lr", "2e-4"], ["--lr", "2e-4", "--set", "lr=1e-4"]):
+        assert main(["finetune", "--config", str(f), *argv, "--set", "epochs=4", "--print-config"]) == 0
+        cfg = yaml.safe_load(capsys.readouterr().out)
+        assert (cfg["lr"], cfg["epochs"], cfg["weight_decay"]) == (2e-4, 4, 0.2), (argv, cfg)
+    assert main(["finetune", "--betas", "[0.9,0.98]", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["betas"] == [0.9, 0.98]
+
+
 def test_bare_fused_means_true(capsys):
     assert _printed_config(["pretrain", "--fused"], capsys)["fused"] is True
     assert _printed_config(["pretrain", "--fused", "none"], capsys)["fused"] is None
