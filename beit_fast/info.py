@@ -123,15 +123,23 @@ def backend_table(device: str) -> list[tuple[str, str, list[str]]]:
         except Exception as e:
             mod, err = None, f"{module} failed to import ({type(e).__name__}: {e})"
         for b in backends:
-            if err:
-                why = [err]
-            else:
-                why = _backend.common_reasons(b, [device])
-                extra = getattr(mod, "environment_reasons", None)
-                if extra is not None and not why:
-                    why = list(extra(b, device))
-            rows.append((name, b, why))
+            rows.append((name, b, [err] if err else _reasons(mod, b, device)))
     return rows
+
+
+def _reasons(mod, backend: str, device: str, auto: bool = False) -> list[str]:
+    """Why `backend` of the op in module `mod` cannot run for tensors on `device` (empty: it can). An op
+    whose module has `device_independent_reasons` (block_mask: masks are made on the CPU whatever the
+    model's device) answers for itself; the others take the shared reasons, then the module's
+    `environment_reasons`."""
+    own = getattr(mod, "device_independent_reasons", None)
+    if own is not None:
+        return list(own(backend, auto))
+    why = _backend.common_reasons(backend, [device], auto=auto)
+    extra = getattr(mod, "environment_reasons", None)
+    if extra is not None and not why:
+        why = list(extra(backend, device))
+    return why
 
 
 def picked(device: str, rows) -> dict:
@@ -139,14 +147,19 @@ def picked(device: str, rows) -> dict:
     BEIT_FAST_BACKEND override for the ops that have that backend, whether or not it can run), from
     backend_table's rows."""
     env = os.environ.get("BEIT_FAST_BACKEND", "auto").strip() or "auto"
+    if env not in _backend.BACKENDS + ("auto",):
+        return {}   # every call raises (the settings line says why)
     runs = {(op, b): not why for op, b, why in rows}
     out = {}
-    for name, (_, backends) in OPS.items():
+    for name, (module, backends) in OPS.items():
         if env in backends:
             out[name] = (env, "<- BEIT_FAST_BACKEND" + ("" if runs[(name, env)] else ": calls raise"))
             continue
-        first = next((b for b in backends if runs[(name, b)] and not _backend.common_reasons(b, [device], auto=True)),
-                     None)
+        try:
+            mod = importlib.import_module(module)
+        except Exception:
+            continue
+        first = next((b for b in backends if runs[(name, b)] and not _reasons(mod, b, device, auto=True)), None)
         if first is not None:
             out[name] = (first, "<- auto")
     return out

@@ -123,6 +123,9 @@ def not_supported_reasons(backend: str, auto: bool = False) -> list[str]:
     return why
 
 
+device_independent_reasons = not_supported_reasons   # for `info`: masks are made on the CPU for any model device
+
+
 def block_masks(batch: int, input_size=(14, 14), num_masking_patches: int = 75, min_num_patches: int = 16,
                 max_num_patches: Optional[int] = None, min_aspect: float = 0.3, max_aspect: Optional[float] = None,
                 seed: int = 0, backend: str = "auto") -> torch.Tensor:

@@ -58,9 +58,21 @@ def _marked(stdout: str, device: str = "cpu") -> dict:
     return {line.split()[0]: (line.split()[1], line.split("<- ")[1]) for line in table.splitlines() if "<- " in line}
 
 
-def test_info_marks_the_backend_each_op_runs():
+@pytest.mark.skipif(_backend.extension()[0] is None, reason="beit_fast._C is not built")
+def test_info_marks_the_backend_each_op_runs(monkeypatch):
     """info marks, per op, the backend a call takes: auto's first runnable backend (never the interpreter),
-    the reference when the extension is missing, and a BEIT_FAST_BACKEND override, saying when it cannot run."""
+    the reference when the extension is missing, and a BEIT_FAST_BACKEND override, saying when it cannot run
+    (nothing when its value is refused: every call raises). block_mask makes its masks on the CPU whatever
+    the model's device, and says itself whether the extension has its kernel."""
+    import beit_fast.masking
+    from beit_fast.info import backend_table, picked
+    monkeypatch.delenv("BEIT_FAST_BACKEND", raising=False)
+    assert picked("cuda", backend_table("cuda"))["block_mask"] == ("cpp", "<- auto")
+    monkeypatch.setattr(beit_fast.masking, "has_kernel", lambda *a: False)   # an extension from before the op
+    assert picked("cpu", backend_table("cpu"))["block_mask"] == ("reference", "<- auto")
+    monkeypatch.undo()
+    monkeypatch.setenv("BEIT_FAST_BACKEND", "cpu")
+    assert picked("cpu", backend_table("cpu")) == {}
     r = _run("from beit_fast.info import main; main()")
     marked = _marked(r.stdout)
     assert set(marked) == set(OPS), marked
