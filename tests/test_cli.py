@@ -77,6 +77,10 @@ def test_flags_beat_set_beats_yaml_and_betas_take_a_yaml_list(tmp_path, capsys):
         assert (cfg["lr"], cfg["epochs"], cfg["weight_decay"]) == (2e-4, 4, 0.2), (argv, cfg)
     assert main(["finetune", "--betas", "[0.9,0.98]", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["betas"] == [0.9, 0.98]
+    f.write_text("preset: beit_large_224\n")
+    for argv in (["--preset", "demo", "--set", "preset=beit_base_224"], ["--set", "preset=beit_base_224"]):
+        assert main(["finetune", "--config", str(f), *argv, "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["preset"] == argv[1].replace("preset=", ""), argv
 
 
 def test_bare_fused_means_true(capsys):

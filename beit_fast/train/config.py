@@ -397,10 +397,12 @@ def load_yaml(path: str) -> dict:
 
 
 def resolve(kind: str, preset_name: str = "", yaml_path: str = "", overrides: Optional[dict] = None):
-    """Defaults < preset < YAML file < overrides. A YAML file may name its own `preset`."""
+    """Defaults < preset < YAML file < overrides. The preset is named by preset_name (the --preset flag),
+    else overrides' `preset` (--set preset=...), else the YAML file's own `preset`."""
     from_file = load_yaml(yaml_path) if yaml_path else {}
     overrides = dict(overrides or {})
-    name = overrides.pop("preset", None) or preset_name or from_file.pop("preset", "") or ""
+    set_name = overrides.pop("preset", None)
+    name = preset_name or set_name or from_file.pop("preset", "") or ""
     from_file.pop("preset", None)
     config = preset(kind, name)
     saved_kind = from_file.pop("kind", None)        # written by save(): config.yaml of an earlier run
