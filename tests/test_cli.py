@@ -188,6 +188,7 @@ def test_init_of_another_model_size_is_a_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--init {ckpt}" in err and "for 2 attention heads" in err and "for 4" in err, err
     assert "--model-overrides null" in err, err
+    assert not (tmp_path / "run").exists()   # refused before the run folder is made
 
 
 def test_list_presets(capsys):

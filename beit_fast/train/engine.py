@@ -24,11 +24,14 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output(cfg, rt: runtime.Runtime) -> None:
-    """Apply num_threads; create the output folder (rank 0). The resolved config.yaml / .json are written by
-    training_state once a resume has been accepted: a refused one leaves the folder's config as it was."""
+def prepare_output(cfg, rt: runtime.Runtime, folder: bool = True) -> None:
+    """Apply num_threads; create the output folder (rank 0; folder=False: later, by a second call). The
+    resolved config.yaml / .json are written by training_state once a resume has been accepted: a refused
+    one leaves the folder's config as it was."""
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
+    if not folder:
+        return
     if rt.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
     runtime.barrier(rt)

@@ -64,7 +64,7 @@ def _loss_fn(cfg):
 
 
 def _finetune(cfg, rt) -> dict:
-    engine.prepare_output(cfg, rt)
+    engine.prepare_output(cfg, rt, folder=False)
     device = rt.device
     train_set = build_dataset(cfg.dataset, "train", cfg.data_path, cfg.img_size, cfg.synthetic_size,
                               cfg.num_classes, cfg.seed)
@@ -101,6 +101,7 @@ def _finetune(cfg, rt) -> dict:
         mismatch = normalisation_mismatch(cfg, path)
         if mismatch and rt.is_main:
             warnings.warn(mismatch, stacklevel=2)
+    engine.prepare_output(cfg, rt)   # after the data's and --init's errors: a refused run leaves no folder
     engine.seed_all(seed_for(cfg.seed, rt.rank))
     ema = None
     if cfg.ema:
