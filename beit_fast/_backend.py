@@ -20,6 +20,7 @@ import sys
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from torch.autograd import forward_ad
 
 from ._archs import archs_run_on, parse_archs
 
@@ -191,10 +192,32 @@ def offset_span(t: torch.Tensor) -> int:
     return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
 
 
+def forward_ad_active(tensors: Sequence) -> bool:
+    """Whether forward-mode AD is pushing tangents through this call: a torch.func.jvp (or jacfwd) transform,
+    or a torch.autograd.forward_ad dual level with a dual tensor among `tensors`. The fused kernels have no
+    forward-mode formula, and their registrations would drop the tangents without a word (no tangent, or a
+    zero one); the references compute them."""
+    if torch.compiler.is_compiling():
+        return False
+    if getattr(forward_ad, "_current_level", -1) >= 0 and any(
+            isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return True
+    if torch._C._are_functorch_transforms_active():
+        try:
+            jvp = torch._C._functorch.TransformType.Jvp
+            return any(ci.key() == jvp for ci in torch._C._functorch.get_interpreter_stack() or ())
+        except AttributeError:   # a torch without these internals: the transforms' own checks apply
+            return False
+    return False
+
+
 def common_reasons(backend: str, tensors: Sequence, *, auto: bool = False) -> list[str]:
     """Reasons, shared by all ops, why `backend` cannot run on these tensors (or devices, for `info`)."""
     devs = _devices(tensors)
     why = []
+    if backend != "reference" and any(isinstance(t, torch.Tensor) for t in tensors) and forward_ad_active(tensors):
+        why.append("forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) is active and the fused kernels "
+                   "have no forward-mode formula: the reference computes the tangents")
     if len(devs) > 1:
         why.append(f"tensors are on several device types {sorted(devs)}")
     dev = next(iter(devs)) if len(devs) == 1 else None
