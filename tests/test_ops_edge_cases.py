@@ -59,6 +59,21 @@ def test_double_backward_through_the_extension_ops_raises():
 
 
 @needs_interpreter
+@needs_ext
+@pytest.mark.parametrize("with_gamma", [True, False])
+def test_drop_path_scale_gradient_keeps_fp64(with_gamma):
+    """The drop_path_scale gradient (computed outside the kernel) is accumulated in the inputs' precision
+    when that is fp64 (it went through fp32: 7 digits against the reference's 16)."""
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    x, y, gamma, scale, w, b = r(3, 5, 16), r(3, 5, 16), r(16) if with_gamma else None, r(3), r(16), r(16)
+    grads = {}
+    for backend in ("cpp", "reference"):
+        outs = LSRN.layer_scale_residual_norm(x, y, gamma, scale, w, b, backend=backend)
+        grads[backend] = torch.autograd.grad(outs[0].sum() + outs[1].square().sum(), scale)[0]
+    torch.testing.assert_close(grads["cpp"], grads["reference"], rtol=1e-12, atol=1e-12)
+
+
 def test_index_tensors_made_in_inference_mode():
     """An explicit index made under torch.inference_mode (no version counter) works in the Triton path, and
     the cached window index is never an inference tensor, whoever builds it first."""

@@ -140,8 +140,9 @@ def _backward(ctx, grad_sum, grad_norm, _grad_mean, _grad_rstd):
         grad_sum, grad_norm, s, y, ctx.y_dtype, gamma, drop_path_scale, ln_weight, ln_bias, mean, rstd, mask)
     dscale = None
     if want_scale:  # not a learnable tensor in BEiT; computed unfused for completeness
-        branch = y if gamma is None else gamma * y
-        dscale = (dx.float() * branch.float()).sum((1, 2)).to(drop_path_scale.dtype)
+        acc = torch.promote_types(dx.dtype, torch.float32)   # fp64 inputs keep fp64 (fp32 lost 7 digits)
+        branch = y.to(acc) if gamma is None else gamma.to(acc) * y.to(acc)
+        dscale = (dx.to(acc) * branch).sum((1, 2)).to(drop_path_scale.dtype)
     return dx if need[0] else None, dy, dgamma, dscale, dw, db, None
 
 
