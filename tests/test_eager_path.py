@@ -119,3 +119,18 @@ def test_jit_trace_records_the_extension_op():
     traced = torch.jit.trace(lambda i: mpe.masked_patch_embed(i, w, b, None, None, cls, backend="cpp"), (img,))
     assert "beit_fast::masked_patch_embed" in str(traced.graph)
     assert torch.equal(traced(img), mpe.masked_patch_embed(img, w, b, None, None, cls, backend="cpp"))
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "linear_gelu", "rel_pos_attention", "rel_pos_attention_qkvpacked"])
+def test_double_backward_through_a_triton_op_raises(name):
+    """create_graph=True through a Triton op: its backward runs as the registered backward op (which has no
+    autograd formula), so the first-order gradients are connected to it and differentiating them again
+    raises PyTorch's "no autograd formula" error, instead of the fast path's kernels returning gradients
+    silently cut from the graph (wrong, zero or missing second-order gradients)."""
+    _skip_unless_runnable(name)
+    make, backward_op = CASES[name]
+    out, leaves = make()
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out), create_graph=True)
+    assert all(g.requires_grad for g in grads), [g.requires_grad for g in grads]
+    with pytest.raises(RuntimeError, match=f"beit_fast.{backward_op}.default but no autograd formula"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), leaves, allow_unused=True)

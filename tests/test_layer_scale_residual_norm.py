@@ -143,6 +143,43 @@ def test_cpp_gradcheck_drop_path_scale_grad():
         lambda *a: layer_scale_residual_norm(*a, eps=1e-6, backend="cpp"), (x, y, gamma, scale, w, b))
 
 
+@pytest.mark.parametrize("y_grad", [True, False], ids=["y_grad", "y_frozen"])
+def test_drop_path_scale_gradient_with_x_frozen(y_grad):
+    """drop_path_scale's gradient is computed from the residual gradient dx, which the backward must compute
+    even when x itself does not require grad (a frozen residual stream, e.g. the first block's input with a
+    frozen embedding). fp64, against the reference's autograd; x gets no gradient."""
+    x, y, gamma, scale, w, b = make_inputs((2, 3, 8), torch.float64, "full")
+    scale = torch.rand(2, dtype=torch.float64).requires_grad_()   # no zero entry: every sample has a gradient
+    x = x.detach()
+    y = y.detach().requires_grad_(y_grad)
+    gs, gn = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
+    wanted = [t for t in (y, gamma, scale, w, b) if t.requires_grad]
+    results = []
+    for fn in (lambda *a: layer_scale_residual_norm(*a, backend="cpp"), layer_scale_residual_norm_ref):
+        s, n = fn(x, y, gamma, scale, w, b, 1e-6)
+        results.append(torch.autograd.grad([s, n], wanted, [gs, gn]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", "auto"])
+def test_drop_path_scale_of_the_wrong_shape_is_refused(backend):
+    """drop_path_scale must be (B,): a (1,) or (B, 1) scale is refused by every backend (the reference would
+    broadcast it over the batch, the C++ kernel refuses it: they must agree)."""
+    x, y, gamma, _, w, _ = make_inputs((3, 4, 8), torch.float32, "full", requires_grad=False)
+    for bad in (torch.tensor([2.0]), torch.ones(3, 1), torch.ones(4)):
+        with pytest.raises(ValueError, match=r"drop_path_scale must have shape \(B,\) = \(3,\)"):
+            layer_scale_residual_norm(x, y, gamma, bad, w, None, backend=backend)
+
+
+def test_opcheck_float64():
+    """float64 inputs (the C++ CPU kernel's extra dtype): the op returns float64 mean and rstd, and its fake
+    function must say so (opcheck compares them)."""
+    x, y, gamma, scale, w, b = make_inputs((2, 5, 24), torch.float64, "full")
+    s, n, mean, rstd = ops.layer_scale_residual_norm(x, y, gamma, scale, w, b, 1e-6)
+    assert {t.dtype for t in (s, n, mean, rstd)} == {torch.float64}
+    torch.library.opcheck(ops.layer_scale_residual_norm, (x, y, gamma, scale, w, b, 1e-6))
+
 @pytest.mark.parametrize("which", ["sum", "norm"])
 def test_gradient_of_one_output_only(which):
     """The unused output's gradient arrives as None (not materialized); the result must not change."""

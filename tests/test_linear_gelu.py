@@ -256,6 +256,67 @@ def test_opcheck_registered_ops():
 
 
 @needs_triton
+def test_backward_op_returns_db_in_the_bias_dtype():
+    """The registered backward op returns db in the bias dtype (fp16 inputs: the kernel sums db in fp32) as
+    its fake function says; autograd would cast a wrong dtype silently, a traced graph would not. Checked
+    directly and with opcheck, in store and recompute mode."""
+    x, w, b = (t.detach() for t in _inputs((9,), 7, 11, torch.float16))
+    dy = torch.randn(9, 11, device=DEVICE, dtype=torch.float16)
+    _, z = torch.ops.beit_fast.linear_gelu_triton(x, w, b, True)
+    op = torch.ops.beit_fast.linear_gelu_triton_bwd.default
+    for preact in (z, None):
+        dx, dw, db = op(dy, x, w, b, preact, True, True, True)
+        assert (dx.dtype, dw.dtype, db.dtype) == (torch.float16,) * 3
+        assert db.shape == b.shape
+        torch.library.opcheck(op, (dy, x, w, b, preact, True, True, True))
+
+
+@needs_triton
+@pytest.mark.parametrize("recompute", [False, True])
+def test_preactivation_saved_only_when_a_gradient_can_follow(monkeypatch, recompute):
+    """Store mode keeps the (M, N) pre-activation for the backward, as large as the output: the forward asks
+    the kernel for it only when grad mode is on and an input requires grad (and never in recompute mode);
+    in inference (no_grad, or nothing requiring grad) it is not written."""
+    from beit_fast.kernels import linear_gelu as K
+    seen = []
+    fwd = K.linear_gelu_fwd
+    monkeypatch.setattr(K, "linear_gelu_fwd", lambda x, w, b, save_preact: seen.append(save_preact) or
+                        fwd(x, w, b, save_preact))
+    x, w, b = _inputs((3, 5), 8, 6, torch.float32)
+    frozen = [t.detach() for t in (x, w, b)]
+    linear_gelu(*frozen, backend="triton", recompute=recompute)
+    with torch.no_grad():
+        linear_gelu(x, w, b, backend="triton", recompute=recompute)
+    y = linear_gelu(x, w, b, backend="triton", recompute=recompute)
+    assert seen == [False, False, not recompute]
+    dy = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, w, b), dy)
+    ref = torch.autograd.grad(linear_gelu_ref(x, w, b), (x, w, b), dy)
+    for name, o, r in zip(["dx", "dw", "db"], ours, ref):
+        assert_close(name, o, r, tolerance("linear_gelu", torch.float32))
+
+
+def test_tf32_switch_inherited_from_the_global_fp32_precision(monkeypatch):
+    """torch >= 2.9: matmul.fp32_precision "none" means "inherit torch.backends.fp32_precision". The installed
+    torch's getter may resolve the inheritance itself (torch 2.14 does); one whose getter reports "none"
+    must still be read as TF32 when the global setting says "tf32", and as IEEE otherwise. Stubbed (runs on
+    any torch): the real switches are process-wide, and other tests restore them through the API that set
+    them."""
+    import types
+    from beit_fast._backend import tf32_matmul
+    for global_setting, expected in (("tf32", True), ("ieee", False), ("none", False)):
+        stub = types.SimpleNamespace(fp32_precision=global_setting,
+                                     cuda=types.SimpleNamespace(matmul=types.SimpleNamespace(fp32_precision="none")))
+        monkeypatch.setattr(torch, "backends", stub)
+        assert tf32_matmul() is expected, global_setting
+        monkeypatch.undo()
+    stub = types.SimpleNamespace(fp32_precision="tf32",   # an explicit per-backend setting beats the global one
+                                 cuda=types.SimpleNamespace(matmul=types.SimpleNamespace(fp32_precision="ieee")))
+    monkeypatch.setattr(torch, "backends", stub)
+    assert tf32_matmul() is False
+
+
+@needs_triton
 def test_torch_compile_fullgraph():
     x, w, b = _inputs((2, 9), 16, 24, torch.float32)
     dy = torch.randn(2, 9, 24, device=DEVICE)

@@ -172,6 +172,39 @@ def test_opcheck(masked, with_pos, images_dtype):
     torch.library.opcheck(ops.masked_patch_embed, tuple(inputs))
 
 
+def test_opcheck_mask_token_without_mask_does_not_set_the_dtype():
+    """Without bool_masked_pos the mask token is unused: it takes no part in the output dtype's promotion (as in
+    the reference, which never touches it). An fp64 mask token with fp32 images and tokens, passed to the op
+    directly: fp32 output, and the fake function agrees (opcheck); with a mask it promotes the output to fp64."""
+    images, weight, bias, mask, mask_token, cls_token, pos = make_inputs((2, 3, 8, 8, (4, 4), 6), torch.float32,
+                                                                          True, True)
+    token64 = mask_token.detach().double().requires_grad_()
+    assert ops.masked_patch_embed(images, weight, bias, None, token64, cls_token, pos).dtype == torch.float32
+    torch.library.opcheck(ops.masked_patch_embed, (images, weight, bias, None, token64, cls_token, pos))
+    assert ops.masked_patch_embed(images, weight, bias, mask, token64, cls_token, pos).dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_autocast_takes_images_and_weight_of_different_dtypes(backend):
+    """Under autocast conv2d accepts bf16 images with an fp32 weight (it casts both): so does the op (bf16 CPU
+    autocast), casting both as conv2d does: the same result, bit for bit, as the op given the bf16-rounded
+    weight outside autocast; the reference backend gives the reference's result under autocast. Outside
+    autocast the same dtype mix is refused."""
+    inputs = list(make_inputs((2, 3, 8, 8, (4, 4), 6), torch.float32, True, True))
+    inputs[0] = inputs[0].detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = masked_patch_embed(*inputs, backend=backend)
+        if backend == "reference":
+            expected = masked_patch_embed_ref(*inputs)
+    if backend != "reference":
+        rounded = list(inputs)
+        rounded[1] = inputs[1].detach().bfloat16()
+        expected = masked_patch_embed(*rounded, backend=backend)
+    assert out.dtype == expected.dtype == torch.float32
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match=r"weight must have the dtype of images \(torch.bfloat16\)"):
+        masked_patch_embed(*inputs, backend=backend)
+
 def test_opcheck_backward():
     images, weight, bias, mask, mask_token, cls_token, pos = make_inputs(
         (2, 3, 16, 16, (4, 4), 8), torch.float32, True, True, requires_grad=False)

@@ -159,6 +159,38 @@ def test_a_backend_forced_by_the_environment_says_so(monkeypatch):
                         ("cuda", "reference"))
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_backend_variable_means_auto(monkeypatch, value):
+    """BEIT_FAST_BACKEND set but empty (as `BEIT_FAST_BACKEND= python ...` or a blank CI variable sets it) is
+    "auto", not an unknown backend: every op runs, and the choice is auto's."""
+    monkeypatch.setenv("BEIT_FAST_BACKEND", value)
+    assert _backend.choose("x", "auto", lambda b, auto: [] if b == "reference" else ["no"],
+                           ("cuda", "cpp", "reference")) == "reference"
+    assert _backend.choose("x", "auto", lambda b, auto: [], ("cuda", "cpp", "reference")) == "cuda"
+    from beit_fast.ops.layer_norm import layer_norm, layer_norm_ref
+    x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)
+    assert torch.equal(layer_norm(x, w, b), layer_norm_ref(x, w, b))   # auto on CPU tensors: the reference
+
+
+def test_offset_span_is_one_past_the_largest_element_offset():
+    """offset_span(t) = 1 + the largest offset (sum of index x stride) of any element of t: what a kernel's
+    int32 offset arithmetic must hold (the ops compare it with 2**31). Checked against every element's offset,
+    enumerated, for dense, sliced, transposed, expanded and size-1 layouts; and at the int32 boundary on meta
+    tensors (no memory)."""
+    base = torch.zeros(4, 6, 5)
+    cases = [base, base[:, :3], base[1:, ::2, 1:4], base.transpose(0, 2), base[:, 2:3], base[:1],
+             torch.zeros(1, 7).expand(4, 7), torch.zeros(3)[:1], base.permute(1, 2, 0)[::3]]
+    for t in cases:
+        offsets = torch.zeros((), dtype=torch.long)
+        for n, st in zip(t.shape, t.stride()):   # every element's offset, broadcast
+            offsets = offsets.unsqueeze(-1) + torch.arange(n) * st
+        assert _backend.offset_span(t) == int(offsets.max()) + 1, (t.shape, t.stride())
+    assert _backend.offset_span(torch.empty(0, 5)) == 0
+    # 2**31 elements apart at the last one: rows of 2**20 elements, 2**11 of them, the last row one short
+    assert _backend.offset_span(torch.empty(2**11, 2**20, device="meta")[:, :-1]) == 2**31 - 1
+    assert _backend.offset_span(torch.empty(2**11, 2**20, device="meta")) == 2**31
+    assert _backend.offset_span(torch.empty(2**11 + 1, 2**20, device="meta")[:, :1]) == 2**31 + 1
+
 def _matching_toolkit_present() -> bool:
     """A toolkit of torch's own CUDA major version (what setup.py needs to build the CUDA sources)."""
     homes = [os.environ.get("CUDA_HOME", "")] + glob.glob("/usr/local/cuda*")

@@ -640,6 +640,87 @@ def test_frozen_table_and_partial_grads():
     assert_close("dq", dq.double(), dq64, tolerance("rel_pos_attention", torch.float32, "dq"))
 
 
+@needs_triton
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+def test_table_gradient_when_only_the_table_requires_grad(packed):
+    """The backward computes the table gradient whenever the table requires grad, whatever q, k, v (or qkv)
+    do: frozen here, with (plain layout) q and k requiring grad and v frozen as a second case. Each gradient
+    asked for matches the fp64 reference."""
+    W = (2, 3)
+    R = num_relative_distance(W)
+    inputs, table, grad = make_inputs(2, 2, 7, 32, torch.float32, R, packed=packed)
+    fn = rel_pos_attention_qkvpacked if packed else rel_pos_attention
+    ref = ref_fn(packed)
+    trainable = [[]] if packed else [[], [0, 1]]   # which of q, k, v require grad besides the table
+    for which in trainable:
+        leaves = [t.detach().clone().requires_grad_(i in which) for i, t in enumerate(inputs)]
+        tbl = table.detach().clone().requires_grad_()
+        wanted = [leaves[i] for i in which] + [tbl]
+        got = torch.autograd.grad(fn(*leaves, tbl, window_size=W, backend="triton"), wanted, grad)
+        leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+        tbl64 = table.detach().double().requires_grad_()
+        want = torch.autograd.grad(ref(*leaves64, tbl64, window_size=W), [leaves64[i] for i in which] + [tbl64],
+                                   grad.double())
+        for name, g, g64 in zip(["dq", "dk"][:len(which)] + ["dtable"], got, want):
+            assert_close(f"{name} (trainable inputs {which})", g.double(), g64,
+                         tolerance("rel_pos_attention", torch.float32, name))
+
+
+@needs_triton
+def test_transposed_windows_in_one_process():
+    """Windows (3, 5) and (5, 3) have the same N (16) and the same table size R (48) but different indexes:
+    the per-window data cached for the kernels (the in-kernel index's token parts, the table gradient's
+    inverse index) is keyed by the window, not by N or R. Both windows, one after the other (each order),
+    match the fp64 reference in the output and the table gradient."""
+    for windows in (((3, 5), (5, 3)), ((5, 3), (3, 5))):
+        for W in windows:
+            N, R = W[0] * W[1] + 1, num_relative_distance(W)
+            assert (N, R) == (16, 48)
+            (q, k, v), table, grad = make_inputs(1, 2, N, 16, torch.float32, R)
+            tbl = table.clone().requires_grad_()
+            out = rel_pos_attention(q, k, v, tbl, window_size=W, backend="triton")
+            (dtable,) = torch.autograd.grad(out, [tbl], grad)
+            tbl64 = table.double().requires_grad_()
+            out64 = rel_pos_attention_ref(q.double(), k.double(), v.double(), tbl64, window_size=W)
+            (dtable64,) = torch.autograd.grad(out64, [tbl64], grad.double())
+            assert_close(f"out {W}", out.detach().double(), out64, tolerance("rel_pos_attention", torch.float32, "out"))
+            assert_close(f"dtable {W}", dtable.double(), dtable64,
+                         tolerance("rel_pos_attention", torch.float32, "dtable"))
+
+
+@needs_triton
+def test_one_explicit_index_with_tables_of_different_sizes():
+    """The range check and the inverse index of an explicit index are cached per tensor and per table size R:
+    the same index (values up to 11) with a 12-row table, then a 6-row one, is refused (ValueError, by both
+    backends, not an IndexError from the reference's gather or an out-of-bounds kernel read); then with a
+    20-row table it is valid, and its inverse has 20 rows and the gradients match the reference."""
+    from beit_fast.kernels import rel_pos_attention as K
+    N = 5
+    (q, k, v), _, grad = make_inputs(1, 2, N, 16, torch.float32, 12)
+    index = random_index(N, 12).to(DEVICE)
+    index[0, 0] = 11
+
+    def check(R):
+        table = (torch.randn(R, 2, device=DEVICE) * 2)
+        got = run(rel_pos_attention, [q, k, v], table, grad, rel_index=index, backend="triton")
+        assert_matches_fp64(False, [q, k, v], table, grad, got[0], got[1], torch.float32, {"rel_index": index})
+
+    check(12)
+    small = torch.randn(6, 2, device=DEVICE)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match=r"\[0, 6\).*got values in \[\d+, 11\]"):
+            rel_pos_attention(q, k, v, small, rel_index=index, backend=backend)
+    # the cached inverse for R = 20 is that of R = 20 (checked before a kernel reads it: a stale 12-row one
+    # would send the kernels past its end)
+    perm, start, count, max_count = K.inverse_index_once(index, 20)
+    fresh = K.build_inverse_index(index.clone(), 20)
+    assert start.shape == count.shape == (20,)
+    for name, a, b in zip(["perm", "start", "count"], (perm, start, count), fresh[:3]):
+        assert torch.equal(a, b), name
+    assert max_count == fresh[3]
+    check(20)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # bad inputs, backend selection
 # ----------------------------------------------------------------------------------------------------------
@@ -853,6 +934,29 @@ def test_opcheck(packed, dropout):
     torch.library.opcheck(op, args)
     idx = random_index(N, R).to(DEVICE)
     args = (*leaves, idx, 0, 0, 0.25, dropout, seed)
+    torch.library.opcheck(op, args)
+
+
+@needs_triton
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+def test_backward_op_returns_the_table_gradient_in_the_table_dtype(packed):
+    """The registered backward op returns the table gradient in the table's dtype (fp16 here: a model cast to
+    half) as its fake (meta) function says; autograd would cast a wrong dtype silently, torch.compile's
+    traced graph would not. Checked directly and with opcheck."""
+    W = (2, 2)
+    N, R = 5, num_relative_distance(W)
+    inputs, _, grad = make_inputs(1, 2, N, 16, torch.float32, R, packed=packed)
+    table = (torch.randn(R, 2, device=DEVICE) * 2).half()
+    if packed:
+        out, lse = torch.ops.beit_fast.rel_pos_attention_qkvpacked(inputs[0], table, None, 2, 2, 0.25, 0.0, None)
+        op, args = (torch.ops.beit_fast.rel_pos_attention_qkvpacked_backward.default,
+                    (grad, inputs[0], out, lse, table, None, 2, 2, 0.25, 0.0, None, True))
+    else:
+        out, lse = torch.ops.beit_fast.rel_pos_attention(*inputs, table, None, 2, 2, 0.25, 0.0, None)
+        op, args = (torch.ops.beit_fast.rel_pos_attention_backward.default,
+                    (grad, *inputs, out, lse, table, None, 2, 2, 0.25, 0.0, None, True))
+    dtable = op(*args)[-1]
+    assert dtable.dtype == torch.float16 and dtable.shape == table.shape
     torch.library.opcheck(op, args)
 
 
