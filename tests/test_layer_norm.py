@@ -183,6 +183,13 @@ def test_opcheck_registered_ops():
         for needs in ((True, True, True), (True, False, False), (False, True, True)):
             torch.library.opcheck(torch.ops.beit_fast.layer_norm_triton_bwd.default,
                                   (dy, xd, weight, mean, rstd, torch.float32, *needs))
+    # no rows (an empty batch): dw and db are zeros, two tensors (one shared would break the op's no-alias rule)
+    x0 = torch.randn(0, 7, device=DEVICE)
+    _, mean0, rstd0 = torch.ops.beit_fast.layer_norm_triton(x0, wd, wd, EPS)
+    args0 = (torch.zeros(0, 7, device=DEVICE), x0, wd, mean0, rstd0, torch.float32, True, True, True)
+    _, dw0, db0 = torch.ops.beit_fast.layer_norm_triton_bwd(*args0)
+    assert dw0.data_ptr() != db0.data_ptr() and not dw0.any() and not db0.any()
+    torch.library.opcheck(torch.ops.beit_fast.layer_norm_triton_bwd.default, args0)
 
 
 @needs_triton
