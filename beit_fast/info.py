@@ -113,18 +113,19 @@ def settings_problems(environ=None) -> list[str]:
     return out
 
 
-def backend_table(device: str) -> list[tuple[str, str, list[str]]]:
-    """(op, backend, reasons) for every op and backend on `device` ('cpu' or 'cuda')."""
-    rows = []
+def _op_modules():
+    """(op, its module or None, why it failed to import or None, its backends) for every op."""
     for name, (module, backends) in OPS.items():
         try:
-            mod = importlib.import_module(module)
-            err = None
+            yield name, importlib.import_module(module), None, backends
         except Exception as e:
-            mod, err = None, f"{module} failed to import ({type(e).__name__}: {e})"
-        for b in backends:
-            rows.append((name, b, [err] if err else _reasons(mod, b, device)))
-    return rows
+            yield name, None, f"{module} failed to import ({type(e).__name__}: {e})", backends
+
+
+def backend_table(device: str) -> list[tuple[str, str, list[str]]]:
+    """(op, backend, reasons) for every op and backend on `device` ('cpu' or 'cuda')."""
+    return [(name, b, [err] if err else _reasons(mod, b, device))
+            for name, mod, err, backends in _op_modules() for b in backends]
 
 
 def _reasons(mod, backend: str, device: str, auto: bool = False) -> list[str]:
@@ -151,17 +152,13 @@ def picked(device: str, rows) -> dict:
         return {}   # every call raises (the settings line says why)
     runs = {(op, b): not why for op, b, why in rows}
     out = {}
-    for name, (module, backends) in OPS.items():
+    for name, mod, err, backends in _op_modules():
         if env in backends:
             out[name] = (env, "<- BEIT_FAST_BACKEND" + ("" if runs[(name, env)] else ": calls raise"))
-            continue
-        try:
-            mod = importlib.import_module(module)
-        except Exception:
-            continue
-        first = next((b for b in backends if runs[(name, b)] and not _reasons(mod, b, device, auto=True)), None)
-        if first is not None:
-            out[name] = (first, "<- auto")
+        elif err is None:   # auto's reasons hold the others' (and refuse the interpreter)
+            first = next((b for b in backends if not _reasons(mod, b, device, auto=True)), None)
+            if first is not None:
+                out[name] = (first, "<- auto")
     return out
 
 
