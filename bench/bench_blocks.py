@@ -364,8 +364,9 @@ def bench_provider(op, name, fn, case, dtype, device, env):
 def gpu_times(pending, copies, device, outcomes):
     """The GPU-time pass (common.gpu_pass) over the providers' calls and the copies', then each memory-bound
     row's GB/s by GPU time as a fraction of a same-bytes copy's (gpu_pct_copy_bw)."""
-    copy_rows = [(row, (call, None), None, row["shape"]["bytes"]) for row, call in copies.calls.values()]
-    gpu_pass([("copies", contextlib.nullcontext, copy_rows)] + pending, device, outcomes)
+    copy_rows = [(row, (call, None), None, row["shape"]["bytes"]) for row, call in copies.calls.values()
+                 if "gpu_ms" not in row]   # (each copy once, with the first op that measured it)
+    gpu_pass(([("copies", contextlib.nullcontext, copy_rows)] if copy_rows else []) + pending, device, outcomes)
     for _, _, row_calls in pending:
         for row, _, _, nbytes in row_calls:
             copy = copies.gpu_gbps(nbytes) if row.get("pct_copy_bw") is not None else None
@@ -464,11 +465,13 @@ def main(argv=None):
                         rows += got
                         pending.append((label, context, calls))
                     write_report(rows, args.out, "bench_blocks", outcomes)   # a time limit keeps what ran
-                del expected   # the case's tensors stay for the GPU-time pass
-            # this configuration's GPU times, after all its wall-clock timings
-            gpu_times(pending, copy_gbps, device, outcomes)
-            write_report(rows, args.out, "bench_blocks", outcomes)
-            pending.clear()
+                del expected
+                # this op's GPU times, after its wall-clock timings (one profiler session; CUPTI torn down
+                # after it: common.gpu_time), before the next op: a run that a time limit cuts keeps them
+                gpu_times(pending, copy_gbps, device, outcomes)
+                write_report(rows, args.out, "bench_blocks", outcomes)
+                pending.clear()
+                del case
     finish(rows, args.out, "bench_blocks", outcomes)
 
 

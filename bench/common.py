@@ -208,48 +208,120 @@ def _cuda_times_with_setup(fn, setup, rep_ms: float) -> list[float]:
     return timed(max(5, min(1000, int(rep_ms / max(estimate, 1e-3)))))
 
 
+# torch.cuda._sleep's kernel (ATen/cuda/Sleep.cu: "at::cuda::(anonymous namespace)::spin_kernel(long)"),
+# launched right before and right after each profiled call: on the stream, the call's GPU work lies between
+# the two, and setup's (issued before the first) does not
+MARKER = "spin_kernel"
+
+
+def _marker() -> None:
+    torch.cuda._sleep(1)
+
+
+def profile_calls(calls, reps: int = 3) -> list:
+    """The GPU work of `reps` calls of each of `calls` ((fn, setup or None, context factory or None): fn() or
+    fn(setup()), setup untimed, inside context()) in ONE torch.profiler session, each call bracketed on the
+    stream by marker kernels (MARKER). One session for a whole pass: with TEARDOWN_CUPTI=1 (set above) each
+    session's CUPTI teardown runs asynchronously and can land inside the next session, which then records
+    none or only part of its GPU activity (pytorch/kineto#1554; and consecutive sessions core-dumped in
+    kineto#1169), so a session per call, back to back, could report a call's GPU time too low.
+    Each fn is called once before the session (compiles, autotuning). -> per call: [{kernel name: ms} per rep]
+    or the exception it raised; every non-exception entry None when the profile's markers cannot be matched
+    to the calls made (the reason printed)."""
+    from torch.profiler import ProfilerActivity, profile
+    results: list = [None] * len(calls)
+    for i, (fn, setup, context) in enumerate(calls):
+        try:
+            with (context or contextlib.nullcontext)():
+                fn(setup()) if setup is not None else fn()
+        except Exception as e:  # noqa: BLE001 -- the caller records it against the call
+            results[i] = e
+    brackets = []   # the call index of each bracketed call, in order
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i, (fn, setup, context) in enumerate(calls):
+            if results[i] is not None:
+                continue
+            try:
+                with (context or contextlib.nullcontext)():
+                    for _ in range(reps):
+                        arg = setup() if setup is not None else None
+                        _marker()
+                        brackets.append(i)
+                        try:
+                            fn(arg) if setup is not None else fn()
+                        finally:
+                            _marker()
+            except Exception as e:  # noqa: BLE001
+                results[i] = e
+        torch.cuda.synchronize()
+    # device-side work only: kernels, memsets, copies (not a record_function range's GPU-side span, which
+    # would count its kernels twice: torch.compile's "## Call CompiledFxGraph ##", where the profiler has one)
+    events = sorted((ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
+                     and not getattr(ev, "is_user_annotation", False)), key=lambda ev: ev.time_range.start)
+    buckets, current = [], None
+    for ev in events:
+        if MARKER in ev.name:
+            if current is None:
+                current = {}
+            else:
+                buckets.append(current)
+                current = None
+        elif current is not None:
+            current[ev.name] = current.get(ev.name, 0.0) + ev.time_range.elapsed_us() / 1e3
+    if len(buckets) != len(brackets) or current is not None:
+        print(f"gpu_time: the profile holds {len(buckets)} marked calls, {len(brackets)} were made: no GPU times")
+        return [r if isinstance(r, Exception) else None for r in results]
+    per_call: list = [r if isinstance(r, Exception) else [] for r in results]
+    for i, kernels in zip(brackets, buckets):
+        if not isinstance(per_call[i], Exception):
+            per_call[i].append(kernels)
+    return per_call
+
+
+def _summary(per_rep, with_setup: bool) -> Optional[dict]:
+    """profile_calls' reps of one call -> {"gpu_ms", "gpu_kernels_ms"}: without setup the mean over the reps
+    (back-to-back calls), with setup the median rep with its own split; None when nothing ran on the GPU."""
+    if not per_rep:
+        return None
+    if with_setup:
+        totals = [sum(k.values()) for k in per_rep]
+        kernels = per_rep[sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]]
+    else:
+        kernels = {}
+        for k in per_rep:
+            for name, ms in k.items():
+                kernels[name] = kernels.get(name, 0.0) + ms / len(per_rep)
+    total = sum(kernels.values())
+    if not total:
+        print("gpu_time: the profiler recorded no GPU activity")
+        return None
+    return {"gpu_ms": total, "gpu_kernels_ms": {k: round(v, 5) for k, v in sorted(kernels.items(),
+                                                                                    key=lambda kv: -kv[1])}}
+
+
 def gpu_time(fn: Callable, device: str, setup: Optional[Callable[[], object]] = None,
              reps: int = 3) -> Optional[dict]:
     """GPU time of one call of fn() (or of fn(setup()), setup untimed): the summed durations of the kernels,
     memsets and copies it launches, from torch.profiler, in ms, and per kernel name. Without setup: the mean
-    over `reps` back-to-back calls in one profiler session; with setup: the median over `reps` calls, each in
-    a session of its own (setup's kernels stay outside), with that call's own split. The host's time to
-    issue the call is not in it: where the host is the slower side (a host-bound op), the wall-clock timing of
-    time_ms shows the host and this shows the GPU's work. None on the CPU, or (with the reason printed) when
-    the profiler fails: the wall-clock timing stands alone then. L2 is not flushed before the calls (warm),
-    unlike time_ms. Callers time the wall clock first: profiling leaves CUPTI attached unless torn down
-    (TEARDOWN_CUPTI=1, set above), which slows later launches on the host.
+    over `reps` back-to-back calls; with setup: the median of `reps` calls, with that call's own split (one
+    profiler session either way: profile_calls). The host's time to issue the call is not in it: where the
+    host is the slower side (a host-bound op), the wall-clock timing of time_ms shows the host and this shows
+    the GPU's work. None on the CPU, or (with the reason printed) when the profiler fails: the wall-clock
+    timing stands alone then. L2 is not flushed before the calls (warm), unlike time_ms. Callers time the
+    wall clock first: profiling leaves CUPTI attached unless torn down (TEARDOWN_CUPTI=1, set above), which
+    slows later launches on the host. Several calls to measure: gpu_pass (one session for all).
     -> {"gpu_ms": float, "gpu_kernels_ms": {name: ms}}"""
     if device != "cuda":
         return None
-    from torch.profiler import ProfilerActivity, profile
-
-    def session(calls, arg=None):
-        """{kernel name: ms} summed over the GPU work of `calls` calls, divided by `calls`."""
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                fn(arg) if setup is not None else fn()
-            torch.cuda.synchronize()
-        kernels: dict = {}
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.time_range.elapsed_us() / 1e3 / calls
-        return kernels
-
-    fn(setup()) if setup is not None else fn()
     try:
-        per_call = [session(1, setup()) for _ in range(reps)] if setup is not None else [session(reps)]
+        (res,) = profile_calls([(fn, setup, None)], reps)
     except Exception as e:   # a profiler that cannot run here must not cost the measurement itself
         print(f"gpu_time: no GPU time ({type(e).__name__}: {e})")
         return None
-    totals = [sum(k.values()) for k in per_call]
-    if not any(totals):
-        print("gpu_time: the profiler recorded no GPU activity")
-        return None
-    i = sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]   # the median call, its breakdown
-    return {"gpu_ms": totals[i], "gpu_kernels_ms": {k: round(v, 5) for k, v in sorted(
-        per_call[i].items(), key=lambda kv: -kv[1])}}
+    if isinstance(res, Exception):
+        raise res
+    return _summary(res, setup is not None)
 
 
 def with_gpu_rates(gpu: Optional[dict], flops: Optional[float], nbytes: Optional[float]) -> dict:
@@ -260,20 +332,29 @@ def with_gpu_rates(gpu: Optional[dict], flops: Optional[float], nbytes: Optional
     return {**gpu, "gpu_tflops": flops / s / 1e12 if flops else None, "gpu_gbps": nbytes / s / 1e9 if nbytes else None}
 
 
-def gpu_pass(pending, device: str, outcomes: "Outcomes") -> None:
-    """The GPU's own time (gpu_time, with with_gpu_rates) of every call a benchmark timed, added to its row.
-    Run after the wall-clock timings it would otherwise precede (see gpu_time on CUPTI). `pending`:
-    (label, context factory, [(row, (call, setup), flops, nbytes)]) per provider; the context (the
-    provider's settings) is entered around its calls again."""
+def gpu_pass(pending, device: str, outcomes: "Outcomes", reps: int = 3) -> None:
+    """The GPU's own time (gpu_time's, with with_gpu_rates) of every call a benchmark timed, added to its row,
+    all in one profiler session (profile_calls: back-to-back sessions can lose GPU activity). Run after the
+    wall-clock timings it would otherwise precede (see gpu_time on CUPTI). `pending`: (label, context
+    factory, [(row, (call, setup), flops, nbytes)]) per provider; the context (the provider's settings) is
+    entered around its calls again. A call that raises is recorded in `outcomes` under its label."""
     if device != "cuda":
         return
-    for label, context, row_calls in pending:
-        with outcomes.guard(f"GPU time of {label}"), context():
-            for row, (call, setup), flops, nbytes in row_calls:
-                gpu = with_gpu_rates(gpu_time(call, device, setup=setup), flops, nbytes)
-                row.update(gpu)
-                if gpu:
-                    print(f"  {label} {row['mode']}: GPU {gpu['gpu_ms']:.4f} ms")
+    flat = [(label, context, row, call, setup, flops, nbytes)
+            for label, context, row_calls in pending for row, (call, setup), flops, nbytes in row_calls]
+    try:
+        results = profile_calls([(call, setup, context) for _, context, _, call, setup, _, _ in flat], reps)
+    except Exception as e:  # noqa: BLE001 -- the profiler itself: the wall-clock rows stand alone
+        print(f"gpu_time: no GPU times ({type(e).__name__}: {e})")
+        return
+    for (label, _, row, _, setup, flops, nbytes), res in zip(flat, results):
+        with outcomes.guard(f"GPU time of {label}"):
+            if isinstance(res, Exception):
+                raise res
+            gpu = with_gpu_rates(_summary(res, setup is not None), flops, nbytes)
+            row.update(gpu)
+            if gpu:
+                print(f"  {label} {row['mode']}: GPU {gpu['gpu_ms']:.4f} ms")
 
 
 def peak_mb(fn: Callable, device: str, setup: Optional[Callable[[], object]] = None) -> Optional[float]:

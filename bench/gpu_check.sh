@@ -67,10 +67,12 @@ step() {  # step NAME CAP_S LOG CMD...: run within min(CAP_S, time left), record
     echo "| $name | not run (out of time) | 0 s |" >>"$SUMMARY"; failed "$name not run (out of time)"; return 124
   fi
   echo "=== $name (limit ${limit} s)" >>"$log"
-  timeout "$limit" "$@" >>"$log" 2>&1
+  timeout -k 10 "$limit" "$@" >>"$log" 2>&1
   local rc=$?
   local status=ok
   (( rc == 124 )) && status="TIMED OUT after $limit s" || { (( rc != 0 )) && status="FAILED (rc=$rc)"; }
+  # 137: SIGKILL, by timeout 10 s after the limit (the step ignored the TERM) or by the kernel (memory)
+  (( rc == 137 )) && status="KILLED (rc=137: still running 10 s past its $limit s limit, or out of memory)"
   (( rc != 0 )) && failed "$name $status"
   echo "| $name | $status | $(( $(date +%s) - t0 )) s |" >>"$SUMMARY"
   return $rc

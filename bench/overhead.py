@@ -18,6 +18,7 @@ sdpa (PyTorch's), and the training step's ours_fused and ours_reference (the mod
     python bench/overhead.py --out DIR [--smoke] [--providers ours,eager]   (--smoke: tiny CPU shapes, host time
     only; one shape, so no --quick)
 """
+import contextlib
 import importlib
 import os
 import sys
@@ -25,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (Outcomes, Skip, base_parser, device_and_dtypes, environment, finish, gpu_time,  # noqa: E402
+from common import (Outcomes, Skip, base_parser, device_and_dtypes, environment, finish, gpu_pass,  # noqa: E402
                     make_row, selected_providers, write_report)
 
 import torch  # noqa: E402
@@ -37,7 +38,7 @@ from beit_fast.relpos import gather_bias, num_relative_distance, relative_positi
 
 
 def per_call(fn, device, n=50):
-    """-> (host_us, median_ms of back-to-back calls); gpu_us comes from common.gpu_time in a later pass"""
+    """-> (host_us, median_ms of back-to-back calls); gpu_us comes from common.gpu_pass in a later pass"""
     for _ in range(5):
         fn()
     if device != "cuda":
@@ -187,14 +188,14 @@ def main(argv=None):
                         q.grad = None
                 add("train_step", prov, "fwd_bwd", {"model": name, "B": batch}, dtype, step)
     if device == "cuda":
-        for label, row, fn in pending:
-            with outcomes.guard(f"GPU time of {label}"):
-                # back to back in one profiler session, after every host timing of the run (see
-                # common.gpu_time on CUPTI)
-                gpu = gpu_time(fn, device, reps=10)
-                row["gpu_us"] = round(gpu["gpu_ms"] * 1e3, 1) if gpu else None
-                print(f"{label}: gpu {row['gpu_us']} us")
-            write_report(rows, args.out, "bench_overhead", outcomes)
+        # after every host timing of the run, all in one profiler session (see common.gpu_time on CUPTI and
+        # common.profile_calls), each call 10 times back to back
+        gpu_pass([(label, contextlib.nullcontext, [(row, (fn, None), None, None)]) for label, row, fn in pending],
+                 device, outcomes, reps=10)
+        for _, row, _ in pending:
+            row["gpu_us"] = round(row["gpu_ms"] * 1e3, 1) if row.get("gpu_ms") else None
+            print(f"{row['op']} {row['provider']} {row['mode']}: gpu {row['gpu_us']} us")
+        write_report(rows, args.out, "bench_overhead", outcomes)
     finish(rows, args.out, "bench_overhead", outcomes)
 
 

@@ -160,7 +160,7 @@ def run_candidate(K, cfgs, kernel, qkv, table, grad, window, scale, expected, dt
 
 def sweep(K, shape_key, case, window, scale, dtype, device, env, args, deadline, rows, outcomes, done):
     """All candidates of one (dtype, shape), interleaved across kernels, default first. Returns the
-    per-kernel results {kernel: [(ms, tile, is_default)]}. The report (with the summary so far, `done`
+    per-kernel results {kernel: [(gpu_ms or None, wall ms, tile, is_default)]}. The report (with the summary so far, `done`
     being the finished sweeps) is rewritten after every tile, so a run cut short keeps both."""
     qkv, table, grad = case
     B, N, _, H, D = qkv.shape
@@ -189,7 +189,7 @@ def sweep(K, shape_key, case, window, scale, dtype, device, env, args, deadline,
                 gpu = {k: t.pop(k) for k in ("gpu_ms", "gpu_kernels_ms") if k in t}
                 rows.append(make_row(f"attention_tile_{kernel}", tile_str(tile), mode, shape_key_dict(shape_key),
                                      dtype, t, env, flops=flops, default=is_default, **gpu))
-                results[kernel].append((gpu.get("gpu_ms", t["median_ms"]), tile, is_default))
+                results[kernel].append((gpu.get("gpu_ms"), t["median_ms"], tile, is_default))
                 print(f"  {label:45s} {t['median_ms']:8.3f} ms" + (f"  GPU {gpu['gpu_ms']:.3f} ms" if gpu else "")
                       + ("  (default)" if is_default else ""))
             write_report(rows, args.out, "tune_attention", outcomes, notes=[summary(done + [(dtype, shape_key, results)])])
@@ -203,7 +203,9 @@ def shape_key_dict(key):
 
 def summary(sweeps) -> str:
     """The best tile per kernel next to the default, and the CONFIGS line it implies; `sweeps` is a list of
-    (dtype, shape_key, {kernel: [(ms, tile, is_default)]})."""
+    (dtype, shape_key, {kernel: [(gpu_ms or None, wall ms, tile, is_default)]}). A kernel's tiles are ranked by
+    their GPU time when every one has it, else all by their wall time (never the two mixed: a tile whose
+    profile failed would be ranked by a time that also holds the host's and L2 flush's)."""
     lines = ["Best tile per kernel (the pass's GPU time on CUDA, from torch.profiler, else the median wall time, "
              "in ms; speed-up over the current default):", "",
              "| dtype | shape | kernel | default | ms | best | ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
@@ -211,9 +213,11 @@ def summary(sweeps) -> str:
     for dtype, key, results in sweeps:
         best = {}
         for kernel in KERNELS:
-            res = results.get(kernel) or []
-            if not res:
+            timed = results.get(kernel) or []
+            if not timed:
                 continue
+            gpu = all(r[0] is not None for r in timed)
+            res = [(r[0] if gpu else r[1], r[2], r[3]) for r in timed]
             b_ms, b_tile, _ = min(res, key=lambda r: r[0])
             best[kernel] = b_tile
             default = min((r for r in res if r[2]), key=lambda r: r[0], default=None)   # timed first and last

@@ -32,6 +32,7 @@ case "$name" in
   overhead) name=bench_overhead;;
 esac
 echo '{"row": 1}' >"$out/$name.jsonl"; echo "| table $name |" >"$out/$name.md"
+[ -n "${FAKE_IGNORE_TERM:-}" ] && trap '' TERM   # (inherited by sleep: ignored signals survive exec)
 var=FAKE_SLEEP_$name; sleep "${!var:-0}"
 var=FAKE_RC_$name; exit "${!var:-0}"
 """
@@ -89,6 +90,20 @@ def test_a_step_cut_by_the_deadline_fails_the_run(tmp_path):
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
     assert "| bench_attention | not run (out of time) | 0 s |" in (out / "summary.md").read_text()
     assert "bench_attention not run (out of time)" in _verdict(out)
+
+
+def test_a_step_that_ignores_its_time_limit_is_killed(tmp_path):
+    """A step still running when its limit's TERM comes (ignored here) is killed 10 s later, so that the
+    script keeps its deadline; the summary says it was killed, and that is no pass."""
+    import time
+    t0 = time.monotonic()
+    r, out, calls = _gpu_check(tmp_path, GPU_CHECK_SECONDS="20", GPU_CHECK_BENCH="model", GPU_CHECK_TESTS="",
+                               FAKE_SLEEP_bench_model="90", FAKE_IGNORE_TERM="1")
+    assert time.monotonic() - t0 < 60, "the step outlived its limit by more than the kill delay"
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    assert "| bench_model | KILLED (rc=137: still running 10 s past its" in summary, summary
+    assert "bench_model KILLED" in _verdict(out)
 
 
 def test_a_cut_pytest_log_says_so_under_its_own_name(tmp_path):
