@@ -275,6 +275,7 @@ def _stand_in_profiler(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: launch("at::cuda::(anonymous namespace)::spin_kernel(long)",
                                                                     1e-3))
+    monkeypatch.setattr(_bench_module("common"), "_prelude", lambda: [launch("prelude", 0.25) for _ in range(3)])
     return launch, state
 
 
@@ -346,6 +347,20 @@ def test_gpu_pass_is_one_profiler_session(monkeypatch, capsys):
     rows = [{"mode": "fwd"}]
     common.gpu_pass([("ours", context, [(rows[0], (op(1.0), None), None, None)])], "cuda", common.Outcomes())
     assert "gpu_ms" not in rows[0] and "no GPU times" in capsys.readouterr().out
+    # an event whose timestamp CUPTI zeroed (relative start < 0) sorts out of place, possibly into another
+    # call's markers: no GPU times then either
+    monkeypatch.undo()
+    launch, state = _stand_in_profiler(monkeypatch)
+    rows = [{"mode": "fwd"}, {"mode": "bwd"}]
+
+    def zeroed(arg=None):
+        launch("k", 1.0)
+        if state["open"]:   # (in the profiled calls; the first call runs before the session)
+            state["open"][-1].time_range.start = -10**9
+    common.gpu_pass([("ours", context, [(rows[0], (op(1.0), None), None, None),
+                                        (rows[1], (zeroed, None), None, None)])], "cuda", common.Outcomes())
+    assert "gpu_ms" not in rows[0] and "gpu_ms" not in rows[1]
+    assert "invalid timestamps" in capsys.readouterr().out
 
 
 def test_block_benchmark_gpu_pass_after_each_op(tmp_path, monkeypatch):
