@@ -222,3 +222,39 @@ def test_one_visible_gpu_for_two_local_processes_is_refused(monkeypatch):
         pick_device("cuda", 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")   # a launcher that gave this task its own GPU
     assert pick_device("cuda", 1) == torch.device("cuda:0")
+
+
+def test_ddp_stop_and_resume_matches_uninterrupted(tmp_path):
+    """DDP with every per-rank random stream in use (drop path, mixup/cutmix), EMA and gradient accumulation:
+    a run stopped mid-epoch and resumed logs the uninterrupted run's losses and ends with its weights, EMA and
+    optimizer state, bitwise (each rank restores its own RNG state, not rank 0's). The ranks' streams differ
+    (a per-rank seed), and the checkpoint refuses a resume with another number of processes."""
+    ddp = ARGS + ["--batch-size", "8", "--accum-steps", "2", "--train-subset", "128", "--epochs", "2",
+                  "--drop-path", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--ema", "true", "--ema-decay", "0.9"]
+    whole, whole_eval = _run(_torchrun() + ddp, tmp_path / "whole")
+    _run(_torchrun() + ddp + ["--stop-at-step", "3"], tmp_path / "parts")
+    # one process cannot go on with a two-process run: a clear error before any step
+    stopped = str(tmp_path / "parts" / "checkpoint-0000003.pt")
+    one = [sys.executable, "-m", "beit_fast.cli"] + ddp + ["--resume", stopped, "--output-dir", str(tmp_path / "one")]
+    out = subprocess.run(one, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 2 and "written by a run with 2 processes" in out.stderr, out.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "one" / "log.jsonl")
+    resumed, resumed_eval = _run(_torchrun() + ddp + ["--resume", "auto"], tmp_path / "parts")
+    assert len(whole) == 8 and resumed == whole, (whole, resumed)
+    assert resumed_eval == whole_eval
+    from beit_fast.train.checkpoint import load
+    a, b = (load(str(tmp_path / run / "checkpoint-0000008.pt")) for run in ("whole", "parts"))
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert all(torch.equal(x, y) for i in a["optimizer"]["state"] for x, y in
+               zip(a["optimizer"]["state"][i].values(), b["optimizer"]["state"][i].values()))
+    assert a["world"] == 2 and not torch.equal(a["rng"][0]["torch"], a["rng"][1]["torch"])
+
+
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=needs_cpu_fsdp)])
+def test_two_process_gradient_accumulation_matches_single_process(tmp_path, single, mode):
+    """2 processes x 4 images x 2 accumulated micro-batches: the gradients of the micro-batches that skip the
+    all-reduce / reduce-scatter (no_sync) still reach every rank, so the per-step losses and the held-out
+    top-1 match one process with 16 images per step (FSDP: gradient sync switched back on after no_sync)."""
+    run = _run(_torchrun() + ARGS + ["--batch-size", "4", "--accum-steps", "2", "--distributed", mode], tmp_path)
+    _assert_matches(single, run)
