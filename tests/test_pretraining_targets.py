@@ -124,3 +124,29 @@ def test_a_resumed_run_keeps_its_tokenizer_dtype(tmp_path, tokenizer_file, monke
     got = pretrain(tiny_pretrain(tmp_path / "run", resume="auto", **extra))
     assert got["step"] == 8 and dtypes == [torch.float32] * 5
     assert load(step_checkpoints(str(tmp_path / "run"))[-1])["metrics"]["tokenizer_dtype"] == "float32"
+
+
+def test_the_two_views_take_the_configured_transform_values(tmp_path, tokenizer_file, monkeypatch):
+    """Pretraining builds its two-view transform from the config: each view's own interpolation (the tokenizer
+    view's second_interpolation is not the patch view's), crop scale / ratio, flip, jitter, mean / std, and the
+    tokenizer's pixel mapping."""
+    from torchvision.transforms import InterpolationMode
+    from beit_fast.train import pretraining
+    made = []
+
+    class Recording(pretraining.TwoViewTransform):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(pretraining, "TwoViewTransform", Recording)
+    pretrain(tiny_pretrain(tmp_path / "run", epochs=1, tokenizer_path=tokenizer_file, interpolation="bilinear",
+                           second_interpolation="nearest", crop_scale=(0.5, 0.9), crop_ratio=(0.7, 1.2), hflip=0.3,
+                           color_jitter=0.2, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4), stop_at_step=1))
+    assert len(made) == 1
+    t = made[0]
+    assert (t.interp, t.second_interp) == (InterpolationMode.BILINEAR, InterpolationMode.NEAREST)
+    assert (t.size, t.second_size, t.scale, t.ratio, t.hflip) == (16, 16, (0.5, 0.9), (0.7, 1.2), 0.3)
+    assert t.jitter.brightness == pytest.approx((0.8, 1.2)) and t.pixel_mapping == "unit"
+    norm = t.normalize.transforms[1]
+    assert tuple(norm.mean) == (0.4, 0.5, 0.6) and tuple(norm.std) == (0.2, 0.3, 0.4)

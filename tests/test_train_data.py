@@ -92,6 +92,9 @@ def test_16_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
     assert np.asarray(to_rgb(img))[0, 0].tolist() == [117, 117, 117]          # 30000 / 65535 * 255
     assert np.asarray(to_rgb(Image.fromarray(a.astype(np.int32) // 256, "I")))[0, 0].tolist() == [117] * 3
     assert np.asarray(to_rgb(Image.new("RGB", (2, 2), (10, 20, 30))))[0, 0].tolist() == [10, 20, 30]
+    # a dark 16-bit PNG (every value below 256) is still 16-bit data, nearly black: not read as 8-bit
+    Image.fromarray(np.full((4, 4), 200, dtype=np.uint16)).save(tmp_path / "dark16.png")
+    assert np.asarray(to_rgb(Image.open(tmp_path / "dark16.png")))[0, 0].tolist() == [1, 1, 1]   # 200/65535*255
 
 
 def test_float_grayscale_images_are_scaled_not_blackened():

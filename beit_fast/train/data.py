@@ -158,14 +158,27 @@ def _scan_folder(root: str, classes: Optional[tuple] = None):
     label_of = {c: i for i, c in enumerate(classes)}
     samples = []
     for cls in found:
-        walked = []
+        walked, seen = [], set()
         for folder, subfolders, files in os.walk(os.path.join(root, cls), followlinks=True):
-            subfolders[:] = [d for d in subfolders if not d.startswith(".")]   # (pruned while walking)
+            real = os.path.realpath(folder)
+            if real in seen:   # a symlink back to a folder already walked (a loop: "a/loop -> ."): once only
+                subfolders[:] = []
+                continue
+            seen.add(real)
+            # (pruned while walking; sorted, so that of a folder and a link to it the same one is kept everywhere)
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
             walked.append((folder, files))
         for folder, files in sorted(walked):
             for name in sorted(files):   # (hidden files: macOS's ._<name> metadata beside every image, ...)
                 if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
                     samples.append((os.path.join(folder, name), label_of[cls]))
+    empty = sorted(set(found) - {classes[label] for _, label in samples})
+    if empty and samples:   # (no images at all: the callers' error says so)
+        warnings.warn(f"{root!r}: class folder(s) without images: "
+                      + ", ".join(f"{c} (label {label_of[c]})" for c in empty[:5])
+                      + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
+                      + "; their labels stay reserved (labels follow the sorted class folders), so no image of "
+                      "this split has them", stacklevel=2)
     return list(classes), samples
 
 
