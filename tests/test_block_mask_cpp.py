@@ -121,3 +121,45 @@ def test_matches_python_masking_generator_distribution():
     assert py.max() <= 75
     assert abs(py.mean() - cpp.mean()) < 0.35, (py.mean(), cpp.mean())
     assert abs((py == 75).mean() - (cpp == 75).mean()) < 0.06
+
+
+@pytest.mark.parametrize("seed", [0, 1, 6, 7])
+def test_rows_of_neighbouring_seeds_do_not_repeat(seed):
+    """Row b is seeded from (seed, b) so that a run's successive seeds draw new masks: mixing the row into the
+    seed before hashing it (splitmix64(seed ^ row)) made row b of seed s+1 row b ^ 1 of seed s for even s (the
+    reference's test_reference_rows_of_neighbouring_seeds_do_not_repeat, for the C++ op)."""
+    a, b = block_mask(8, seed), block_mask(8, seed + 1)
+    assert len({tuple(r.tolist()) for r in a}) == 8
+    repeated = [(i, j) for i in range(8) for j in range(8) if torch.equal(a[i], b[j])]
+    assert not repeated, f"seed {seed + 1} repeats seed {seed}'s rows (row pairs {repeated})"
+
+
+@pytest.mark.parametrize("height, width, aspect", [(4, 8, 2.0), (8, 4, 0.5)], ids=["tall", "wide"])
+def test_a_block_spanning_the_grid_is_never_placed(height, width, aspect):
+    """unilm's bound is strict (w < width and h < height): with area 8 and aspect 2 every candidate is a 4x2
+    block (2x4 for aspect 1/2), as tall (wide) as the 4-row (4-column) grid, so no block is ever placed and the
+    mask stays empty, as the Python reference's does; a bound of <= placed it."""
+    args = dict(height=height, width=width, num_masking_patches=8, min_num_patches=8, max_num_patches=-1,
+                min_aspect=aspect, max_aspect=aspect)
+    from beit_fast.masking import block_mask_ref
+    ref = block_mask_ref(16, (height, width), 8, 8, None, aspect, aspect, seed=0)
+    assert not ref.any()
+    assert not block_mask(16, 0, **args).any()
+    # one row (column) less in the grid's other side leaves the block room: it is placed then
+    grown = dict(args, height=height + 1) if aspect > 1 else dict(args, width=width + 1)
+    assert block_mask(16, 0, **grown).sum(1).eq(8).all()
+
+
+def test_block_aspect_ratios_are_log_uniform():
+    """The aspect ratio is exp(uniform(log min, log max)): for [0.3, 1/0.3], tall and wide blocks are equally
+    likely (a uniform draw in [0.3, 3.33] makes 77% of them tall). Single-block masks (target = min = 16)."""
+    masks = block_mask(2000, 13, num_masking_patches=16, min_num_patches=16).view(2000, 14, 14)
+    tall = wide = 0
+    for m in masks:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        h, w = (ys.max() - ys.min() + 1).item(), (xs.max() - xs.min() + 1).item()
+        if h * w != m.sum().item():
+            continue
+        tall, wide = tall + (h > w), wide + (w > h)
+    assert tall + wide > 500
+    assert abs(tall - wide) < 0.15 * (tall + wide), (tall, wide)

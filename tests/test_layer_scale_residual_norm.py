@@ -418,3 +418,19 @@ def test_cuda_parameter_gradients_deterministic(dtype):
 def test_cuda_opcheck():
     x, y, gamma, scale, w, b = make_inputs((2, 5, 64), torch.bfloat16, "full", device="cuda")
     torch.library.opcheck(ops.layer_scale_residual_norm, (x, y, gamma, scale, w, b, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_statistics_are_those_of_the_stored_sum(dtype):
+    """The LayerNorm statistics are those of s as stored (rounded to x's dtype), summed in fp32, as the unfused
+    reference computes them: mean and rstd agree with fp64 statistics of the returned s to fp32 accuracy. The
+    2x rule on n does not see statistics of the unrounded sum (2.7e-4 off in bf16), nor a sum accumulated in
+    x's dtype; the emulator's comparison with the CUDA kernels does, but it is skipped where a GPU is present."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 197, 768, generator=g).to(dtype) for _ in range(2))
+    gamma = (0.5 + torch.rand(768, generator=g)).to(dtype)
+    w, b = torch.ones(768, dtype=dtype), torch.zeros(768, dtype=dtype)
+    s, n, mean, rstd = ops.layer_scale_residual_norm(x, y, gamma, None, w, b, 1e-6)
+    s64 = s.double()
+    torch.testing.assert_close(mean.double(), s64.mean(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rstd.double(), (s64.var(-1, unbiased=False) + 1e-6).rsqrt(), rtol=5e-6, atol=0)

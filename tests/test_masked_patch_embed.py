@@ -368,3 +368,37 @@ def test_cuda_parameter_gradients_deterministic(dtype):
 def test_cuda_opcheck():
     inputs = make_inputs((2, 3, 32, 32, (16, 16), 64), torch.bfloat16, True, True, device="cuda")
     torch.library.opcheck(ops.masked_patch_embed, tuple(inputs))
+
+
+def test_pos_embed_takes_part_in_the_output_dtype():
+    """The output dtype is images' promoted with the tokens' and pos_embed's, as the reference's `+ pos_embed`
+    promotes: an fp64 pos_embed with fp32 everything else gives fp64 tokens (the fake function says so too:
+    opcheck), equal to the reference's in fp64, not fp32 tokens with pos_embed rounded to fp32."""
+    images, weight, bias, mask, mask_token, cls_token, pos = make_inputs((2, 3, 8, 8, (4, 4), 6), torch.float32,
+                                                                          True, True, requires_grad=False)
+    pos64 = pos.double() + 1e-12   # a part fp32 cannot hold
+    args = (images, weight, bias, mask, mask_token, cls_token, pos64)
+    out = ops.masked_patch_embed(*args)
+    expected = masked_patch_embed_ref(*args)
+    assert out.dtype == expected.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[:, 0], (cls_token.double().view(6) + pos64[0, 0]).expand(2, 6), rtol=0, atol=0)
+    torch.library.opcheck(ops.masked_patch_embed, args)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(bool_masked_pos=lambda t: t[:1]), r"bool_masked_pos must have shape \(B, P\) = \(2, 64\)"),
+    (dict(bool_masked_pos=lambda t: t[:, :10]), r"bool_masked_pos must have shape \(B, P\) = \(2, 64\)"),
+    (dict(bool_masked_pos=lambda t: t.to(torch.uint8)), r"bool_masked_pos must be bool"),
+    (dict(bias=lambda t: t[:3]), r"bias must have shape \(C,\)"),
+    (dict(mask_token=lambda t: t[0]), r"mask_token must have shape \(1, 1, C\)"),
+    (dict(cls_token=lambda t: t[0]), r"cls_token must have shape \(1, 1, C\)"),
+    (dict(pos_embed=lambda t: t[:, 1:]), r"pos_embed must have shape \(1, 1 \+ P, C\)"),
+    (dict(weight=lambda t: t.repeat(1, 2, 1, 1)), r"weight must have shape \(C, Cin, ph, pw\)"),
+    (dict(mask_token=lambda t: None), r"bool_masked_pos was given without mask_token"),
+])
+def test_the_op_itself_refuses_bad_inputs(change, match):
+    """torch.ops.beit_fast.masked_patch_embed called directly (no Python front end) refuses what the front end
+    refuses, before its kernels index the tensors: a (1, P) mask for B = 2 would be read past its end."""
+    with pytest.raises(ValueError, match=match):
+        ops.masked_patch_embed(*_bad(**change).values())
