@@ -434,3 +434,28 @@ def test_cpp_statistics_are_those_of_the_stored_sum(dtype):
     s64 = s.double()
     torch.testing.assert_close(mean.double(), s64.mean(-1), rtol=0, atol=1e-6)
     torch.testing.assert_close(rstd.double(), (s64.var(-1, unbiased=False) + 1e-6).rsqrt(), rtol=5e-6, atol=0)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(sum=lambda t: t[0]), r"sum must have shape \(B, N, C\) with C > 0"),
+    (dict(grad_sum=lambda t: t[:, :4]), r"grad_sum must match the forward output"),
+    (dict(grad_norm=lambda t: t.double()), r"grad_norm must match the forward output"),
+    (dict(y=lambda t: None), r"the gamma gradient needs y"),
+    (dict(y=lambda t: t[:, :4]), r"y must have shape"),
+    (dict(gamma=lambda t: None), r"the gamma gradient was requested without gamma"),
+    (dict(ln_bias=lambda t: None), r"the ln_bias gradient was requested without ln_bias"),
+    (dict(mean=lambda t: None), r"mean and rstd are needed when ln_weight is given"),
+    (dict(mean=lambda t: t.double()), r"mean and rstd must have shape \(B, N\) = \[2, 5\] and dtype Float"),
+    (dict(rstd=lambda t: t[:, :4]), r"mean and rstd must have shape \(B, N\)"),
+])
+def test_the_backward_op_itself_refuses_bad_inputs(change, match):
+    """torch.ops.beit_fast.layer_scale_residual_norm_backward called directly refuses inputs its kernels would
+    read out of bounds or through null (the autograd formula never passes them; a user calling the op may)."""
+    x, y, gamma, scale, w, b = make_inputs((2, 5, 24), torch.float32, "full", requires_grad=False)
+    s, n, mean, rstd = ops.layer_scale_residual_norm(x, y, gamma, scale, w, b, 1e-6)
+    args = dict(grad_sum=torch.randn_like(s), grad_norm=torch.randn_like(s), sum=s, y=y, y_dtype=y.dtype,
+                gamma=gamma, scale=scale, ln_weight=w, ln_bias=b, mean=mean, rstd=rstd)
+    for k, f in change.items():
+        args[k] = f(args[k])
+    with pytest.raises(ValueError, match=match):
+        ops.layer_scale_residual_norm_backward(*args.values(), [True] * 5)
