@@ -142,6 +142,8 @@ def test_text_fields_keep_their_text(tmp_path):
     # an EMA decay outside [0, 1] makes the average diverge (1.5) or flip sign every step (-0.5)
     ("finetune", dict(ema=True, ema_decay=1.5), r"ema_decay must be a finite number in \[0, 1\], got 1.5"),
     ("finetune", dict(ema=True, ema_decay=-0.5), r"ema_decay must be a finite number in \[0, 1\], got -0.5"),
+    # layer decay above 1 made the lower layers' lr larger than the head's (unilm ignores such a value)
+    ("finetune", dict(layer_decay=1.1), r"layer_decay must be a finite number in \[0, 1\], got 1.1"),
 ])
 def test_values_the_run_would_trip_over_are_refused(tmp_path, kind, changes, message):
     """Each of these passed check() and then failed, or ran as something else, after the run had started."""
@@ -571,3 +573,50 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, mode, passed):
 def test_bad_compile_mode_is_refused():
     with pytest.raises(ConfigError, match=r"compile_mode must be one of \['default', 'reduce-overhead'"):
         C.check(dataclasses.replace(preset("finetune"), compile_mode="fast"))
+
+
+# --- the BEiT recipes' optimiser settings and the optimizer the trainer builds from them ------------------------
+
+def test_presets_carry_unilms_optimiser_settings():
+    """The settings the BEiT presets take from unilm's scripts and README commands besides the reference
+    table's columns (reference §5.1 and §6.1 "always-on defaults"): AdamW with betas (0.9, 0.999) and eps 1e-8,
+    a constant weight decay (weight_decay_end None: unilm sets it to weight_decay), min_lr 1e-5 for pretraining
+    and 1e-6 for fine-tuning, clipping at 3.0 in pretraining only, label smoothing 0.1, timm Mixup with
+    mixup_prob 1.0 / switch 0.5 / batch mode, EMA off (decay 0.9999 when turned on)."""
+    for name in ("beit_base_224", "beit_large_224", "beit_base_224_in22k", "beit_large_224_in22k"):
+        p = preset("pretrain", name)
+        assert (p.optimizer, p.lr, p.min_lr, p.weight_decay, p.weight_decay_end, p.betas, p.eps, p.clip_grad,
+                p.drop_path, p.batch_size, p.accum_steps) == \
+            ("adamw", 1.5e-3, 1e-5, 0.05, None, (0.9, 0.999), 1e-8, 3.0, 0.1, 128, 1), name
+    for name in ("beit_base_224", "beit_large_224", "beit_base_224_ft22k", "beit_large_224_ft22k"):
+        f = preset("finetune", name)
+        assert (f.optimizer, f.min_lr, f.weight_decay_end, f.betas, f.eps, f.clip_grad, f.smoothing) == \
+            ("adamw", 1e-6, None, (0.9, 0.999), 1e-8, None, 0.1), name
+        assert (f.mixup_prob, f.mixup_switch_prob, f.mixup_mode, f.ema, f.ema_decay) == \
+            (1.0, 0.5, "batch", False, 0.9999), name
+        assert (f.auto_augment, f.re_prob, f.color_jitter, f.crop_pct) == ("rand-m9-mstd0.5-inc1", 0.25, 0.4, None), name
+
+
+def test_a_one_step_warmup_is_unilms_linspace():
+    """unilm's warmup is np.linspace(0, lr, warmup_iters): one warmup step is [0.0], the start value, not lr."""
+    import numpy as np
+    epochs, niter = 2, 5
+    cfg = FinetuneConfig(lr=2e-3, min_lr=1e-6, epochs=epochs, warmup_steps=1, weight_decay=0.05)
+    sch = Schedule(cfg, niter)
+    iters = np.arange(epochs * niter - 1)
+    ref = np.concatenate([np.linspace(0, 2e-3, 1),
+                          1e-6 + 0.5 * (2e-3 - 1e-6) * (1 + np.cos(np.pi * iters / len(iters)))])
+    np.testing.assert_allclose([sch.lr_at(s) for s in range(epochs * niter)], ref, rtol=1e-12, atol=0)
+    assert sch.lr_at(0) == 0.0
+
+
+def test_the_optimizer_takes_the_configs_betas_and_eps():
+    """betas and eps reach every param group of the AdamW the trainer builds (e.g. BEiT v2's 300-epoch recipe
+    uses betas (0.9, 0.98)); torch's defaults equal the presets' values, so only other values tell."""
+    from beit_fast.train.optim import build_optimizer
+    model = beit_fast.create_model("beit_test_patch4_32")
+    cfg = dataclasses.replace(preset("finetune"), betas=(0.8, 0.98), eps=1e-6, weight_decay=0.07)
+    opt = build_optimizer(cfg, model, layer_decay=0.5)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert {(tuple(g["betas"]), g["eps"]) for g in opt.param_groups} == {((0.8, 0.98), 1e-6)}
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.07}

@@ -197,3 +197,35 @@ def test_finetune_mixup_targets_are_label_smoothed():
     logits = torch.randn(4, K, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     got = criterion(logits, targets.double())
     assert float(got) == pytest.approx(float(-(want * torch.log_softmax(logits, -1)).sum(-1).mean()), rel=1e-6)
+
+
+def test_cutmix_alone_turns_mixing_on_with_the_configs_settings():
+    """unilm: mixup is active when mixup > 0 OR cutmix > 0; the Mixup gets the run's alphas, probabilities,
+    mode, smoothing and class count, and the criterion is the soft-target cross-entropy."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    from beit_fast.train.finetuning import _loss_fn
+    cfg = dataclasses.replace(preset("finetune", "demo"), num_classes=K, mixup=0.0, cutmix=1.0, smoothing=0.1,
+                              mixup_prob=0.7, mixup_switch_prob=0.25, mixup_mode="pair")
+    mixup, criterion = _loss_fn(cfg)
+    assert mixup is not None and isinstance(criterion, SoftTargetCrossEntropy)
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.mode,
+            mixup.label_smoothing, mixup.num_classes) == (0.0, 1.0, 0.7, 0.25, "pair", 0.1, K)
+
+
+def test_only_fp16_scales_the_loss():
+    """Dynamic loss scaling is for fp16 alone: bf16 has fp32's exponent range and fp32 needs none."""
+    from beit_fast.train import runtime
+    assert {p: runtime.grad_scaler(CPU, p).is_enabled() for p in ("fp32", "bf16", "fp16")} == \
+        {"fp32": False, "bf16": False, "fp16": True}
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_the_runs_drop_path_and_layer_scale_reach_the_model(kind):
+    """drop_path is the stochastic-depth rate of the last block, linearly from 0 over the blocks (reference
+    §1.4: linspace(0, drop_path_rate, depth)); layer_scale is the gammas' initial value."""
+    cfg = dataclasses.replace(preset(kind, "demo"), drop_path=0.3, layer_scale=0.25,
+                              model_overrides={"embed_dim": 32, "depth": 4, "num_heads": 2})
+    model = engine.build_model(cfg, CPU)
+    assert [b.drop_path for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert all(torch.all(b.gamma_1 == 0.25) and torch.all(b.gamma_2 == 0.25) for b in model.blocks)

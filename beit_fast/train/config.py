@@ -629,8 +629,10 @@ def _check_run_values(cfg, fields: dict) -> None:
         _at_least(cfg, 1, "tokenizer_vocab", "tokenizer_patch", "tokenizer_fit_images")
         _at_least(cfg, 0, "second_img_size")
     if isinstance(cfg, FinetuneConfig):
-        _at_least(cfg, 0, "eval_batch_size", "val_subset", "eval_every_epochs", "layer_decay", "mixup", "cutmix")
-        _at_least(cfg, 0, "smoothing", "mixup_prob", "mixup_switch_prob", "re_prob", "ema_decay", most=1)
+        _at_least(cfg, 0, "eval_batch_size", "val_subset", "eval_every_epochs", "mixup", "cutmix")
+        # layer_decay: 1 is none; above 1 the lower layers would learn faster than the head (unilm ignores it)
+        _at_least(cfg, 0, "smoothing", "mixup_prob", "mixup_switch_prob", "re_prob", "ema_decay", "layer_decay",
+                  most=1)
         _one_of("mixup_mode", cfg.mixup_mode, ("batch", "pair", "elem"))
         _check_auto_augment(cfg.auto_augment, cfg.img_size)
 
