@@ -13,11 +13,13 @@ import torch
 import interpreter_races
 from test_kernel_bounds import CASES
 
+from beit_fast._backend import INTERPRETER_PROBLEM
 from beit_fast.ops.rel_pos_attention import num_relative_distance, rel_pos_attention
 
 pytestmark = [
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                       reason="checks the interpreter's launches (TRITON_INTERPRET=1; a GPU runs the kernels)"),
+                       reason="checks the interpreter's launches (TRITON_INTERPRET=1; a GPU runs the kernels)"
+                       + (f"; the interpreter cannot run here: {INTERPRETER_PROBLEM}" if INTERPRETER_PROBLEM else "")),
     pytest.mark.skipif(interpreter_races.PROBLEM is not None, reason=str(interpreter_races.PROBLEM)),
 ]
 
