@@ -100,8 +100,23 @@ def extension_has_cuda() -> bool:
     return _EXTENSION_HAS_CUDA
 
 
+_TRITON_KNOBS: list = []   # [triton.knobs or None], looked up once
+
+
 def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether TRITON_INTERPRET turns Triton's interpreter on, read as the installed Triton reads it: from 3.4
+    on as a boolean (knobs.runtime.interpret: 1, true, on, yes, in any case; "false", "off" or "no" leave it
+    off), in 3.2 / 3.3 (and without Triton) only the exact value "1". Off, CPU tensors have no Triton backend."""
+    if not _TRITON_KNOBS:
+        try:
+            from triton import knobs
+            knobs.runtime.interpret   # noqa: B018  (3.4+ has it)
+        except Exception:   # Triton 3.2 / 3.3, or none
+            knobs = None
+        _TRITON_KNOBS.append(knobs)
+    if _TRITON_KNOBS[0] is not None:
+        return bool(_TRITON_KNOBS[0].runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # set on triton.runtime.interpreter by the test suite's bf16 emulation (tests/interpreter_bf16.py)
@@ -199,9 +214,12 @@ def forward_ad_active(tensors: Sequence) -> bool:
     zero one); the references compute them."""
     if torch.compiler.is_compiling():
         return False
-    if getattr(forward_ad, "_current_level", -1) >= 0 and any(
-            isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        return True
+    if getattr(forward_ad, "_current_level", -1) >= 0:
+        try:
+            if any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+                return True
+        except RuntimeError:   # a vmap inside the dual level (jvp of vmap): unpack_dual has no batching rule,
+            return True        # so the tangents cannot be seen; the reference is right either way
     if torch._C._are_functorch_transforms_active():
         try:
             jvp = torch._C._functorch.TransformType.Jvp

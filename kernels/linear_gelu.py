@@ -16,18 +16,16 @@ Launchers take 2-D tensors on a CUDA device, or CPU tensors under TRITON_INTERPR
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from beit_fast._backend import tf32_matmul
+from beit_fast._backend import interpret_mode, tf32_matmul
 
 from ._device import cdiv, int32_addressable, on_device_of_first_arg
 from ._launch import launch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET = interpret_mode()   # as Triton reads TRITON_INTERPRET
 
 # Rows per bias-gradient partial in recompute mode; every GEMM config's BLOCK_M is a multiple of it, so
 # the partial buffer's shape does not depend on the config the autotuner picks.

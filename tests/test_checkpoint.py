@@ -454,3 +454,104 @@ def test_a_compiled_model_loads_a_checkpoint():
     report = load_checkpoint(torch.compile(dst), src.state_dict(), strict=True)
     assert not report.missing_keys and not report.unexpected_keys
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mutation audit additions (each kills a mutation the tests above let through)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_strict_refuses_an_unexpected_key_alone():
+    """strict=True raises for a checkpoint key the model does not have, even when nothing is missing."""
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    sd = {**src.state_dict(), "extra.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"strict load failed(.|\n)*unexpected keys \(1\): extra.weight"):
+        load_checkpoint(create_model("beit_test_patch4_32", attn_impl="eager"), sd, strict=True)
+
+
+@pytest.mark.parametrize("outer, inner", [("model", "module"), ("state_dict", "model"), ("module", "state_dict")])
+def test_nested_wrappers(outer, inner):
+    """Wrappers nest (a deepspeed {'module': ...} saved under unilm's {'model': ...}, an mmseg {'state_dict':
+    ...} around either): every level is unwrapped."""
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    dst = create_model("beit_test_patch4_32", attn_impl="eager")
+    load_checkpoint(dst, {outer: {inner: src.state_dict()}, "epoch": 1}, strict=True)
+    _same_outputs(src, dst, X())
+
+
+def test_a_ddp_model_loads_into_the_model_inside():
+    """DistributedDataParallel's state dict prefixes every key with module.: the loader loads into the model
+    inside it (as it does for torch.compile's wrapper)."""
+    import tempfile
+    import torch.distributed as dist
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    dst = create_model("beit_test_patch4_32", attn_impl="eager")
+    with tempfile.NamedTemporaryFile() as f:
+        dist.init_process_group("gloo", init_method=f"file://{f.name}", rank=0, world_size=1)
+        try:
+            ddp = torch.nn.parallel.DistributedDataParallel(dst)
+            report = load_checkpoint(ddp, src.state_dict(), strict=True)
+        finally:
+            dist.destroy_process_group()
+    assert not report.missing_keys and not report.unexpected_keys
+    _same_outputs(src, dst, X())
+
+
+def test_table_of_another_head_count_or_no_square_window_is_refused_by_name():
+    """A relative-position table that cannot be resized says why: another head count (another model size), or
+    a row count that is no square window's (2W-1)^2 + 3 (instead of a KeyError / TypeError from inside)."""
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    sd = dict(src.state_dict())
+    key = "blocks.0.attn.relative_position_bias_table"
+    with pytest.raises(ValueError, match=r"is for 2 attention heads, the model's \(228, 4\) for 4"):
+        load_checkpoint(create_model("beit_test_patch4_32", num_heads=4, attn_impl="eager"), sd)
+    from beit_fast.relpos import window_from_table_rows
+    for rows in (229, 4 * 4 + 3):   # no square (2W-1)^2, and an even side's square
+        assert window_from_table_rows(rows) is None
+        sd[key] = torch.randn(rows, 2)
+        with pytest.raises(ValueError, match=rf"{rows} rows is no square window's \(2W-1\)\^2 \+ 3"):
+            load_checkpoint(create_model("beit_test_patch4_32", attn_impl="eager"), sd)
+
+
+def test_hf_layer_without_its_key_weight_is_refused():
+    """A Hugging Face layer with query and value weights but no key weight cannot make attn.qkv: a ValueError
+    names the layer (a KeyError from inside the converter said nothing)."""
+    src = randomize_(create_model("beit_test_patch4_32", attn_impl="eager"))
+    hf = unilm_to_hf4(src.state_dict())
+    del hf["beit.encoder.layer.1.attention.attention.key.weight"]
+    with pytest.raises(ValueError, match="layer 1 lacks one of query/key/value weights"):
+        load_checkpoint(create_model("beit_test_patch4_32", attn_impl="eager"), hf)
+
+
+@pytest.mark.parametrize("kind", ["BeitModel", "Data2VecVisionForImageClassification"])
+def test_bare_hf_model_and_data2vec_parity(kind):
+    """transformers' BeitModel (keys without the `beit.` prefix: embeddings.*, layers.N.*, pooler.*) and a
+    data2vec-vision classifier (`data2vec_vision.` prefix, transformers 4.x layer names) load as BEiT."""
+    kw = dict(use_relative_position_bias=True, use_mean_pooling=True)
+    if kind == "BeitModel":
+        hf = transformers.BeitModel(_hf_config(**kw))
+        ours = create_model("beit_test_patch4_32", num_classes=0, attn_impl="eager")   # pooled features
+    else:
+        base = _hf_config(**kw).to_dict()
+        base.pop("model_type", None)
+        hf = transformers.Data2VecVisionForImageClassification(transformers.Data2VecVisionConfig(**{**base,
+                                                                                                   "num_labels": 10}))
+        ours = create_model("beit_test_patch4_32", attn_impl="eager")
+    randomize_(hf.eval())
+    report = load_checkpoint(ours.eval(), hf.state_dict(), strict=True)
+    assert report.source_format.startswith("Hugging Face")
+    x = X(2)
+    with torch.no_grad():
+        out = hf(pixel_values=x)
+        want = out.pooler_output if kind == "BeitModel" else out.logits
+        assert rel_err(ours(x), want) < 1e-4
+
+
+def test_a_model_with_shared_and_own_tables_round_trips():
+    """Into a model that has a shared table and tables of its own, a checkpoint of the same layout loads as it
+    is (the shared table is expanded only for a model without one)."""
+    src = randomize_(create_model("beit_test_patch4_32", use_shared_rel_pos_bias=True, attn_impl="eager"))
+    dst = create_model("beit_test_patch4_32", use_shared_rel_pos_bias=True, attn_impl="eager")
+    report = load_checkpoint(dst, src.state_dict(), strict=True)
+    assert not any("expanded" in n for n in report.notes), report.notes
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -134,3 +134,33 @@ def test_double_backward_through_a_triton_op_raises(name):
     assert all(g.requires_grad for g in grads), [g.requires_grad for g in grads]
     with pytest.raises(RuntimeError, match=f"beit_fast.{backward_op}.default but no autograd formula"):
         torch.autograd.grad(sum(g.square().sum() for g in grads), leaves, allow_unused=True)
+
+
+def test_eager_refuses_everything_but_plain_eager_execution():
+    """_eager.eager: True for plain tensors and Parameters; False for a tensor subclass (FakeTensor,
+    FunctionalTensor, a user's wrapper), under a forward-AD dual level, a dispatch mode, a functorch transform
+    or torch.jit tracing: each of them must see the registered op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    x, p = torch.randn(3), torch.nn.Parameter(torch.randn(3))
+    assert _eager.eager(x, p, 1.0, None)
+
+    class Sub(torch.Tensor):
+        pass
+    assert not _eager.eager(x, x.as_subclass(Sub))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert not _eager.eager(fake)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        assert not _eager.eager(x)
+    assert _eager.eager(x)
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    with Mode():
+        assert not _eager.eager(x)
+    seen = []
+    torch.vmap(lambda t: seen.append(_eager.eager(t)) or t)(torch.randn(2, 3))
+    assert seen == [False]

@@ -80,3 +80,37 @@ def test_jvp_and_dual_tangents_equal_the_references(name, monkeypatch):
             fn(fwAD.make_dual(x, t), backend)
         with fwAD.dual_level():   # a dual level without dual inputs keeps the fused kernel
             torch.testing.assert_close(fn(x, backend), want_out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vmap_inside_forward_ad_takes_the_reference(name, monkeypatch):
+    """A vmap inside forward-mode AD (torch.func.jvp of a vmapped function, or vmap under a dual level): the
+    inputs the op sees are batched wrappers, on which unpack_dual has no batching rule. The backend choice
+    raised 'Batching rule not implemented for aten::_unpack_dual' from that check; auto now takes the
+    reference, whose tangents are right."""
+    monkeypatch.delenv("BEIT_FAST_BACKEND", raising=False)
+    fn, x, _ = CASES[name]
+    xs = torch.stack([x, torch.randn_like(x)])
+    ts = torch.randn_like(xs)
+    want = torch.func.jvp(torch.vmap(lambda a: fn(a, "reference")), (xs,), (ts,))[1]
+    got = torch.func.jvp(torch.vmap(lambda a: fn(a, "auto")), (xs,), (ts,))[1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(torch.vmap(lambda a: fn(a, "auto"))(fwAD.make_dual(xs, ts))).tangent
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_over_reverse_takes_the_reference(name, monkeypatch):
+    """A Hessian-vector product, torch.func.jvp of torch.func.grad (what torch.func.hessian does): the op's
+    inputs are grad wrappers whose tangent unpack_dual does not see, and only the functorch interpreter stack
+    says a jvp is active; auto must still take the reference."""
+    monkeypatch.delenv("BEIT_FAST_BACKEND", raising=False)
+    fn, x, _ = CASES[name]
+    t = torch.randn_like(x)
+
+    def hvp(backend):
+        return torch.func.jvp(torch.func.grad(lambda a: fn(a, backend).pow(2).sum()), (x,), (t,))[1]
+    want = hvp("reference")
+    assert want.abs().max() > 0
+    torch.testing.assert_close(hvp("auto"), want, rtol=1e-4, atol=1e-4)

@@ -299,3 +299,149 @@ def test_setup_normalises_the_arch_list(tmp_path):
         out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                              timeout=300)
         assert f"ARCHS={want}\n" in out.stdout, (given, out.stdout, out.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mutation audit additions: the backend rules, each checked where a wrong branch would pass the tests above
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, on", [(None, False), ("", False), ("0", False), ("1", True), ("true", True),
+                                       ("on", True), ("yes", True), ("TRUE", True), ("false", False),
+                                       ("off", False), ("no", False)])
+def test_interpret_mode_reads_the_variable_as_triton_does(monkeypatch, value, on):
+    """TRITON_INTERPRET unset, empty, 0 or a false word is not the interpreter; 1 or a true word is (Triton's
+    own boolean reading): with TRITON_INTERPRET=false a forced triton backend on CPU tensors said nothing
+    and failed inside Triton ('0 active drivers')."""
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _backend.interpret_mode() is on
+    cpu_reasons = " ".join(_backend.common_reasons("triton", ["cpu"]))
+    assert ("TRITON_INTERPRET=1 is not set" in cpu_reasons) is not on
+    # Triton 3.2 / 3.3 (no knobs) turn the interpreter on for "1" only, as their jit decorator reads it
+    monkeypatch.setattr(_backend, "_TRITON_KNOBS", [None])
+    assert _backend.interpret_mode() is (value == "1")
+
+
+def test_tensors_on_several_devices_are_refused_by_every_backend(monkeypatch):
+    """Tensors on two device types: every backend says so, and auto has nothing to run (no silent pick)."""
+    monkeypatch.delenv("BEIT_FAST_BACKEND", raising=False)
+    mixed = [torch.zeros(1), torch.zeros(1, device="meta")]
+    for b in _backend.BACKENDS:
+        assert any("several device types ['cpu', 'meta']" in r for r in _backend.common_reasons(b, mixed)), b
+    with pytest.raises(_backend.BackendUnavailable, match="no backend can run.*several device types"):
+        _backend.choose("x", "auto", lambda b, auto: _backend.common_reasons(b, mixed, auto=auto),
+                        ("cpp", "reference"))
+
+
+def test_backends_refuse_devices_they_do_not_run_on():
+    """meta (or any non-CPU, non-CUDA) tensors: neither the cpp nor the triton backend takes them."""
+    assert any("cpp backend needs CPU tensors, got meta" in r for r in _backend.common_reasons("cpp", ["meta"]))
+    assert any("triton backend needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got meta" in r
+               for r in _backend.common_reasons("triton", ["meta"]))
+    assert _backend.common_reasons("reference", ["meta"]) == []
+
+
+def test_triton_runs_on_compute_capability_8_0_and_asks_the_tensors_gpu(monkeypatch):
+    """TRITON_MIN_CAPABILITY is inclusive: an A100 (8.0) runs the Triton kernels. The capability asked is that
+    of the tensors' own GPU (cuda:1 here, a fake tensor: no GPU needed), not the current device's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_backend, "device_capability", lambda index: asked.append(index) or (8, 0))
+    with FakeTensorMode():
+        t = torch.empty(2, device="cuda:1")
+    assert not any("compute capability" in r for r in _backend.common_reasons("triton", [t]))
+    assert asked and set(asked) == {1}
+    monkeypatch.setattr(_backend, "device_capability", lambda index: (7, 5))
+    assert any("need compute capability 8.0 or newer" in r for r in _backend.common_reasons("triton", [t]))
+
+
+def test_an_unknown_backend_variable_raises_for_every_auto_call(monkeypatch):
+    """BEIT_FAST_BACKEND set to no backend: a call with backend='auto' raises naming the value (it does not
+    quietly run auto); a backend asked for by name is unaffected."""
+    monkeypatch.setenv("BEIT_FAST_BACKEND", "tritn")
+    with pytest.raises(_backend.BackendUnavailable, match=r"BEIT_FAST_BACKEND='tritn' is not one of"):
+        _backend.choose("x", "auto", lambda b, auto: [], ("cuda", "reference"))
+    assert _backend.choose("x", "reference", lambda b, auto: [], ("cuda", "reference")) == "reference"
+
+
+def test_the_variable_overrides_auto_only(monkeypatch):
+    """BEIT_FAST_BACKEND replaces 'auto'; a backend the caller names is the one that runs (the reference
+    asked for by a test or a parity check stays the reference under BEIT_FAST_BACKEND=triton)."""
+    monkeypatch.setenv("BEIT_FAST_BACKEND", "triton")
+    assert _backend.choose("x", "auto", lambda b, auto: [], ("triton", "reference")) == "triton"
+    assert _backend.choose("x", "reference", lambda b, auto: [], ("triton", "reference")) == "reference"
+    from beit_fast.ops.layer_norm import layer_norm, layer_norm_ref
+    x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # the triton backend cannot run: only the reference can
+    assert torch.equal(layer_norm(x, w, b, backend="reference"), layer_norm_ref(x, w, b))
+
+
+def test_extension_has_cuda_follows_the_build():
+    """An extension built without its CUDA sources: extension_has_cuda() is False and the cuda backend says
+    why (a stand-in _C module, in a fresh interpreter: the answer is read once at import)."""
+    code = """
+import sys, types
+fake = types.ModuleType('beit_fast._C')
+fake.built_with_cuda = lambda: False
+fake._cuda_skip_reason_hex = lambda: b'no CUDA toolkit'.hex()
+sys.modules['beit_fast._C'] = fake
+from beit_fast import _backend
+assert _backend.extension()[0] is fake
+assert _backend.extension_has_cuda() is False
+why = _backend.common_reasons('cuda', ['cuda'])
+assert any('built without its CUDA sources because no CUDA toolkit' in r for r in why), why
+print('ok')
+"""
+    r = _run(code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_info_versions_device_and_extension_lines(monkeypatch):
+    """info's header: torch with its CUDA version, Triton's version, what _C was built with, and the device
+    (a stand-in GPU here: the line gives its name, sm, memory and the visible count)."""
+    from beit_fast import info
+    lines = info._versions()
+    assert f"torch {torch.__version__} (CUDA {torch.version.cuda})" in lines, lines
+    if _backend.triton_import_error() is None:
+        import triton
+        assert any(x.startswith(f"triton {triton.__version__}") for x in lines), lines
+    mod, err = _backend.extension()
+    want = (f"beit_fast._C: built {'with' if mod.built_with_cuda() else 'without'} CUDA" if mod is not None
+            else f"beit_fast._C: {err}")
+    assert any(x.startswith(want) for x in lines), lines
+    if not torch.cuda.is_available():
+        assert "device: CPU only (no CUDA device visible)" in lines, lines
+    props = type("P", (), {"name": "Stand-in GPU", "major": 9, "minor": 0, "total_memory": 80 * 2**30})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert "device: Stand-in GPU (sm_90, 80 GiB), 2 visible" in info._versions()
+
+
+def test_info_shows_an_op_module_that_fails_to_import(monkeypatch, capsys):
+    """An op whose module does not import is listed with that reason on every backend row (not as
+    available), and gets no mark; every other op has exactly one marked row."""
+    from beit_fast import info
+    monkeypatch.delenv("BEIT_FAST_BACKEND", raising=False)
+    monkeypatch.setitem(info.OPS, "bogus_op", ("beit_fast.ops.no_such_module", ("cpp", "reference")))
+    rows = [r for r in info.backend_table("cpu") if r[0] == "bogus_op"]
+    assert [b for _, b, _ in rows] == ["cpp", "reference"]
+    assert all(any("beit_fast.ops.no_such_module failed to import (ModuleNotFoundError" in w for w in why)
+               for _, _, why in rows), rows
+    info.main()
+    out = capsys.readouterr().out
+    table = out.split("backends for cpu tensors")[1].split("\n\n")[0].splitlines()[1:]
+    assert all("unavailable: beit_fast.ops.no_such_module failed to import" in line and "<-" not in line
+               for line in table if line.split()[0] == "bogus_op"), table
+    marks = [line.split()[0] for line in table if "<- " in line]
+    assert sorted(marks) == sorted(set(info.OPS) - {"bogus_op"}), table
+
+
+def test_info_settings_check_reads_the_backend_as_the_chooser_does():
+    """A BEIT_FAST_BACKEND value the chooser accepts (padded with blanks: it strips) is no settings problem."""
+    from beit_fast.info import settings_problems
+    assert settings_problems({"BEIT_FAST_BACKEND": " triton "}) == []
+    assert settings_problems({"BEIT_FAST_BACKEND": " "}) == []
