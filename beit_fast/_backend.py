@@ -100,23 +100,29 @@ def extension_has_cuda() -> bool:
     return _EXTENSION_HAS_CUDA
 
 
-_TRITON_KNOBS: list = []   # [triton.knobs or None], looked up once
+def _triton_reads_a_boolean() -> bool:
+    """Whether the installed Triton reads TRITON_INTERPRET as a boolean (3.4+: knobs.runtime.interpret) rather
+    than as exactly "1" (3.2 / 3.3: the jit decorator's own test), from its version, without importing it."""
+    try:
+        from importlib.metadata import version
+        major, minor = (int(x) for x in version("triton").split(".")[:2])
+    except Exception:   # no Triton (or an unreadable version): its own reading does not matter then
+        return False
+    return (major, minor) >= (3, 4)
+
+
+_BOOLEAN_ENV = _triton_reads_a_boolean()
 
 
 def interpret_mode() -> bool:
     """Whether TRITON_INTERPRET turns Triton's interpreter on, read as the installed Triton reads it: from 3.4
-    on as a boolean (knobs.runtime.interpret: 1, true, on, yes, in any case; "false", "off" or "no" leave it
-    off), in 3.2 / 3.3 (and without Triton) only the exact value "1". Off, CPU tensors have no Triton backend."""
-    if not _TRITON_KNOBS:
-        try:
-            from triton import knobs
-            knobs.runtime.interpret   # noqa: B018  (3.4+ has it)
-        except Exception:   # Triton 3.2 / 3.3, or none
-            knobs = None
-        _TRITON_KNOBS.append(knobs)
-    if _TRITON_KNOBS[0] is not None:
-        return bool(_TRITON_KNOBS[0].runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    on as its boolean knob does (1, true, yes, on or y, in any case, unstripped: "false", "off" or "no" leave
+    it off), in 3.2 / 3.3 only the exact value "1". Off, CPU tensors have no Triton backend. Plain Python over
+    os.environ (torch.compile traces the backend choice; Triton's own knob reads it in C++)."""
+    value = os.environ.get("TRITON_INTERPRET", "0")
+    if _BOOLEAN_ENV:
+        return value.lower() in ("1", "true", "yes", "on", "y")
+    return value == "1"
 
 
 # set on triton.runtime.interpreter by the test suite's bf16 emulation (tests/interpreter_bf16.py)

@@ -319,9 +319,24 @@ def test_interpret_mode_reads_the_variable_as_triton_does(monkeypatch, value, on
     assert _backend.interpret_mode() is on
     cpu_reasons = " ".join(_backend.common_reasons("triton", ["cpu"]))
     assert ("TRITON_INTERPRET=1 is not set" in cpu_reasons) is not on
-    # Triton 3.2 / 3.3 (no knobs) turn the interpreter on for "1" only, as their jit decorator reads it
-    monkeypatch.setattr(_backend, "_TRITON_KNOBS", [None])
+    # Triton 3.2 / 3.3 turn the interpreter on for "1" only, as their jit decorator reads it
+    monkeypatch.setattr(_backend, "_BOOLEAN_ENV", False)
     assert _backend.interpret_mode() is (value == "1")
+
+
+@pytest.mark.skipif(_backend.triton_import_error() is not None, reason="needs Triton")
+def test_interpret_mode_agrees_with_the_installed_tritons_reading(monkeypatch):
+    """The same answer as the installed Triton's own reading of TRITON_INTERPRET, for every spelling (3.4+:
+    knobs.runtime.interpret; 3.2 / 3.3: the exact value "1")."""
+    try:
+        from triton import knobs
+        knobs.runtime.interpret   # noqa: B018
+    except Exception:   # Triton 3.2 / 3.3
+        knobs = None
+    for value in ("1", "true", "TRUE", "on", "yes", "y", "Y", "false", "0", "", " 1", "1 ", "t", "2"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        theirs = bool(knobs.runtime.interpret) if knobs is not None else value == "1"
+        assert _backend.interpret_mode() is theirs, value
 
 
 def test_tensors_on_several_devices_are_refused_by_every_backend(monkeypatch):
