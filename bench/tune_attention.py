@@ -160,8 +160,8 @@ def run_candidate(K, cfgs, kernel, qkv, table, grad, window, scale, expected, dt
 
 def sweep(K, shape_key, case, window, scale, dtype, device, env, args, deadline, rows, outcomes, done):
     """All candidates of one (dtype, shape), interleaved across kernels, default first. Returns the
-    per-kernel results {kernel: [(gpu_ms or None, wall ms, tile, is_default)]}. The report (with the summary so far, `done`
-    being the finished sweeps) is rewritten after every tile, so a run cut short keeps both."""
+    per-kernel results {kernel: [(gpu_ms or None, wall ms, tile, is_default)]}. The report (with the summary
+    so far, `done` being the finished sweeps) is rewritten after every tile, so a run cut short keeps both."""
     qkv, table, grad = case
     B, N, _, H, D = qkv.shape
     base = K.pick_configs(D, dtype, qkv.device)

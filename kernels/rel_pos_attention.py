@@ -1006,8 +1006,3 @@ def dropout_keep_mask(seed: torch.Tensor, B: int, H: int, N: int, dropout_p: flo
     BLOCK = 32
     launch(_keep_mask_kernel, (cdiv(N, BLOCK),) + _bh_grid(B, H), seed, out, H, N, float(dropout_p), BLOCK=BLOCK)
     return out.bool()
-
-
-def interpret_mode() -> bool:
-    from beit_fast._backend import interpret_mode as read   # as Triton reads TRITON_INTERPRET
-    return read()

@@ -279,8 +279,8 @@ def _stand_in_profiler(monkeypatch):
 
     monkeypatch.setattr(torch.profiler, "profile", Profile)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: launch("at::cuda::(anonymous namespace)::spin_kernel(long)",
-                                                                    1e-3))
+    spin = "at::cuda::(anonymous namespace)::spin_kernel(long)"   # ATen's name for torch.cuda._sleep's kernel
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: launch(spin, 1e-3))
     monkeypatch.setattr(_bench_module("common"), "_prelude", lambda: [launch("prelude", 0.25) for _ in range(3)])
     return launch, state
 
