@@ -22,6 +22,20 @@ def small_view_tokenizer_file(tmp_path_factory):
     return str(path)
 
 
+def _record_instances(monkeypatch, module, name) -> list:
+    """module.name (a class) replaced by a subclass that records every instance made: -> the list."""
+    made = []
+    base = getattr(module, name)
+
+    class Recording(base):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(module, name, Recording)
+    return made
+
+
 def test_targets_are_the_codes_of_the_tokenizer_view(tmp_path, small_view_tokenizer_file, monkeypatch):
     """The training targets are the tokenizer's codes of the second view (second_img_size px, pixels in [0, 1]
     for k-means), not of the patch view the model sees (img_size px, normalized with mean / std: other
@@ -49,14 +63,7 @@ def test_masks_follow_the_configured_masking_values(tmp_path, tokenizer_file, mo
     """The block masks are drawn with the config's num_mask_patches, min_mask_patches, max_mask_patches and
     min_mask_aspect (min_mask_patches, the smallest block, was once given num_mask_patches' place)."""
     import beit_fast.masking as masking
-    made = []
-
-    class Recording(masking.MaskingGenerator):
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
-            made.append(self)
-
-    monkeypatch.setattr(masking, "MaskingGenerator", Recording)
+    made = _record_instances(monkeypatch, masking, "MaskingGenerator")
     pretrain(tiny_pretrain(tmp_path / "run", epochs=1, tokenizer_path=tokenizer_file, num_mask_patches=9,
                            min_mask_patches=3, max_mask_patches=5, min_mask_aspect=0.5, stop_at_step=1))
     assert len(made) == 1
@@ -132,14 +139,7 @@ def test_the_two_views_take_the_configured_transform_values(tmp_path, tokenizer_
     tokenizer's pixel mapping."""
     from torchvision.transforms import InterpolationMode
     from beit_fast.train import pretraining
-    made = []
-
-    class Recording(pretraining.TwoViewTransform):
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
-            made.append(self)
-
-    monkeypatch.setattr(pretraining, "TwoViewTransform", Recording)
+    made = _record_instances(monkeypatch, pretraining, "TwoViewTransform")
     pretrain(tiny_pretrain(tmp_path / "run", epochs=1, tokenizer_path=tokenizer_file, interpolation="bilinear",
                            second_interpolation="nearest", crop_scale=(0.5, 0.9), crop_ratio=(0.7, 1.2), hflip=0.3,
                            color_jitter=0.2, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4), stop_at_step=1))
