@@ -13,7 +13,7 @@ from beit_fast._backend import BackendUnavailable, interpret_mode  # noqa: E402
 from beit_fast.ops.linear_gelu import linear_gelu, linear_gelu_ref, not_supported_reasons  # noqa: E402
 from interpreter_bf16 import needs_bf16, refused_without_emulation  # noqa: E402
 from poison import PoisonedTorch  # noqa: E402
-from tolerances import assert_close, assert_two_x, tolerance  # noqa: E402
+from tolerances import assert_close, assert_two_x, tolerance, ulp  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(DEVICE == "cpu" and not interpret_mode(),
@@ -56,7 +56,18 @@ def _check_against_reference(lead, K, N, dtype, bias=True, recompute=False):
                                     for t in (x, w, b)), dy.double())
     for name, o, s, e in zip(names, ours, same_dtype, exact):
         assert o.dtype == dtype and o.shape == e.shape, name
-        assert_two_x(name, o, s, e, tolerance("linear_gelu", dtype).atol)
+        _two_x_with_ulp(name, o, s, e, "linear_gelu", dtype)
+
+
+def _two_x_with_ulp(name, ours, ref_lowp, exact, entry, dtype):
+    """The 2x rule with a slack of the entry's atol plus one `dtype` ulp of the largest exact value. Each
+    gradient comes out of a 16-bit GEMM on a dZ rounded to 16 bits, and ours rounds a different dZ from
+    PyTorch's (the recompute GEMM keeps Z in fp32, PyTorch rounds Z first): in a few output elements the two
+    roundings fall apart by about an ulp. Without the ulp, dW of (3, 5, 13) x 7 -> 33 in bf16 recompute
+    failed in CI (0.177 > 2 x 0.077 + 0.001, values up to ~16) and reached 0.90 of the bound in 600 seeds;
+    with it the worst of those seeds was 0.40."""
+    atol = tolerance(entry, dtype).atol + ulp(exact.abs().max().item(), dtype)
+    assert_two_x(name, ours, ref_lowp, exact, atol)
 
 
 @needs_triton
@@ -231,7 +242,7 @@ def test_autocast_casts_like_f_linear(dt):
     # both against the exact (fp64) computation on the inputs autocast rounds to dt: the 2x rule
     exact = _run(linear_gelu_ref, *(t.detach().to(dt).double().requires_grad_() for t in (x, w, b)), dy.double())
     for name, o, r, e in zip(["y", "dx", "dw", "db"], ours, ref, exact):
-        assert_two_x(name, o, r, e, tolerance("linear_gelu.autocast", dt).atol)
+        _two_x_with_ulp(name, o, r, e, "linear_gelu.autocast", dt)
 
 
 def test_gradcheck_float64_dispatch():
