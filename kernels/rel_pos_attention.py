@@ -719,12 +719,22 @@ def _window_parts(wh: int, ww: int, device: torch.device) -> torch.Tensor:
     part(t) = (p // ww) * (2 ww - 1) + p % ww; 0 for the cls token (t = 0). unilm's index of (query i, key j)
     for patch tokens, (p_i // ww - p_j // ww + wh - 1) * (2 ww - 1) + (p_i % ww - p_j % ww + ww - 1), is then
     part(i) + centre - part(j) with centre = (wh - 1) * (2 ww - 1) + ww - 1: the kernels gather through one
-    subtraction per element and divide nothing. Built once per window and device."""
+    subtraction per element and divide nothing. Built once per window and device, on the device (no
+    host-to-device copy), and cached once written: a build on one stream is waited for before any other
+    stream can read the cached tensor. A build under CUDA graph capture is not cached: its kernels run only
+    when the graph replays (the tensor is written before the graph's own kernels read it, on each replay)."""
     key = (wh, ww, str(device))
-    if key not in _PARTS_CACHE:   # built on the device: no host-to-device copy
-        p = torch.arange(-1, wh * ww, dtype=torch.int32, device=device).clamp_(min=0)
-        _PARTS_CACHE[key] = ((p // ww) * (2 * ww - 1) + p % ww).contiguous()
-    return _PARTS_CACHE[key]
+    parts = _PARTS_CACHE.get(key)
+    if parts is not None:
+        return parts
+    p = torch.arange(-1, wh * ww, dtype=torch.int32, device=device).clamp_(min=0)
+    parts = ((p // ww) * (2 * ww - 1) + p % ww).contiguous()
+    if parts.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return parts
+        torch.cuda.current_stream(parts.device).synchronize()
+    _PARTS_CACHE[key] = parts
+    return parts
 
 
 class _BiasArgs:

@@ -688,6 +688,59 @@ def test_transposed_windows_in_one_process():
                          tolerance("rel_pos_attention", torch.float32, "dtable"))
 
 
+def _expected_window_parts(wh, ww):
+    return torch.tensor([0] + [(p // ww) * (2 * ww - 1) + p % ww for p in range(wh * ww)], dtype=torch.int32)
+
+
+@needs_cuda
+def test_window_parts_built_on_a_busy_stream_are_ready_for_every_stream(monkeypatch):
+    """The cached token parts of a window, first built on a side stream still busy with earlier work, are
+    read straight away on another stream: the build is waited for before the tensor is cached and shared."""
+    from beit_fast.kernels import rel_pos_attention as K
+    monkeypatch.setattr(K, "_PARTS_CACHE", {})
+    device = torch.device("cuda", torch.cuda.current_device())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)   # keeps the side stream busy (about 0.1 s) before the build's kernels
+        parts = K._window_parts(14, 14, device)
+    assert torch.equal(parts.cpu(), _expected_window_parts(14, 14))   # read on the default stream
+    assert K._window_parts(14, 14, device) is parts
+
+
+@needs_cuda
+def test_window_parts_built_under_graph_capture_are_not_cached(monkeypatch):
+    """A first build inside CUDA graph capture is written only when the graph replays: it is not cached (an
+    eager call after the capture would otherwise read a tensor nothing has written); the captured one holds
+    the parts after a replay, and the next eager call builds and caches its own."""
+    from beit_fast.kernels import rel_pos_attention as K
+    monkeypatch.setattr(K, "_PARTS_CACHE", {})
+    device = torch.device("cuda", torch.cuda.current_device())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = K._window_parts(6, 5, device)
+    assert K._PARTS_CACHE == {}
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured.cpu(), _expected_window_parts(6, 5))
+    eager = K._window_parts(6, 5, device)
+    assert eager is not captured and torch.equal(eager.cpu(), _expected_window_parts(6, 5))
+    assert list(K._PARTS_CACHE) == [(6, 5, str(device))]
+
+
+@needs_triton
+def test_window_parts_match_the_unilm_index():
+    """The parts on the kernels' device (the CPU under the interpreter) give unilm's index for every pair of
+    patch tokens: part(i) + centre - part(j)."""
+    from beit_fast.kernels import rel_pos_attention as K
+    for wh, ww in ((14, 14), (3, 5), (1, 4)):
+        parts = K._window_parts(wh, ww, torch.device(DEVICE)).cpu()
+        assert torch.equal(parts, _expected_window_parts(wh, ww))
+        centre = (wh - 1) * (2 * ww - 1) + ww - 1
+        index = unilm_index(wh, ww)
+        assert torch.equal((parts[1:, None] + centre - parts[None, 1:]).long(), index[1:, 1:].long())
+
+
 @needs_triton
 def test_one_explicit_index_with_tables_of_different_sizes():
     """The range check and the inverse index of an explicit index are cached per tensor and per table size R:
