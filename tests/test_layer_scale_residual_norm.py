@@ -8,7 +8,7 @@ import torch
 from beit_fast._backend import BackendUnavailable, extension
 from beit_fast.ops.layer_scale_residual_norm import (layer_scale_residual_norm, layer_scale_residual_norm_ref,
                                                      not_supported_reasons)
-from tolerances import assert_two_x, tolerance
+from tolerances import assert_two_x, tolerance, ulp
 
 pytestmark = pytest.mark.skipif(extension()[0] is None, reason="beit_fast._C is not built")
 ops = torch.ops.beit_fast
@@ -69,13 +69,17 @@ def check_every_tensor(ours, ref_lp, ref64, dtype, inputs64):
     is one sum of N*C products dx * gamma * y per sample, computed from the 16-bit dx and branch: its rounding
     error grows like eps * ||those products||_2, and over B = 1 or 2 values the 2x rule's maximum does not
     average it out (ours failed it once at 1.46x), so its slack adds 4 eps ||products||_2 (ours reached 1.38
-    eps, PyTorch's bf16 1.92 eps, in 160 draws). inputs64: the fp64 inputs."""
+    eps, PyTorch's bf16 1.92 eps, in 160 draws). Every slack also adds one ulp (of the tensor's dtype) of its
+    largest fp64 value: a 16-bit result is one rounding of a sum, and PyTorch's can land closer by luck (dgamma
+    in bf16 reached 0.85 of the bound without it in 327 draws: 0.029 off at |dgamma| 4.47, where an ulp is
+    0.031). inputs64: the fp64 inputs."""
     for name, o, r, r64 in zip(NAMES, ours, ref_lp, ref64):
         assert (o is None) == (r64 is None), f"{name}: presence differs (ours {o is None}, reference {r64 is None})"
         if o is None:
             continue
         assert o.shape == r64.shape, f"{name}: shape {tuple(o.shape)} vs {tuple(r64.shape)}"
-        atol = tolerance("layer_scale_residual_norm", dtype).atol * (1.0 + r64.abs().max().item())
+        top = r64.abs().max().item()
+        atol = tolerance("layer_scale_residual_norm", dtype).atol * (1.0 + top) + ulp(top, o.dtype)
         if name == "ddrop_path_scale":
             y, gamma = inputs64[1], inputs64[2]
             products = ref64[2] * (y if gamma is None else gamma * y).detach()
