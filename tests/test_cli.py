@@ -140,6 +140,15 @@ def test_fit_tokenizer_refuses_before_fitting(tmp_path, monkeypatch, capsys):
         capsys.readouterr().err
     assert main(["fit-tokenizer", "--output", str(tmp_path)]) == 2
     assert "is a folder; name the file to write" in capsys.readouterr().err
+    # under torchrun every process would fit the same k-means: refused, naming the way that works
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["fit-tokenizer", "--output", str(tmp_path / "t.safetensors")]) == 2
+    assert "fit-tokenizer runs in one process, but WORLD_SIZE=2 (torchrun)" in capsys.readouterr().err
+    assert not (tmp_path / "t.safetensors").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(tokenizer_fitting, "collect_patches", lambda *a, **k: pytest.fail("work started (1 process)"))
+    with pytest.raises(pytest.fail.Exception, match=r"work started \(1 process\)"):
+        main(["fit-tokenizer", "--output", str(tmp_path / "t.safetensors")])
 
 
 def test_user_errors_are_messages_before_any_work(tmp_path, capsys):

@@ -786,6 +786,11 @@ def check(config, values_only: bool = False):
                 check_dataset(cfg.dataset, cfg.data_path, ("train", "val"))
                 _check_one_step_fits(cfg, _train_images(cfg))
         elif isinstance(cfg, TokenizerFitConfig) and not values_only:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            if world > 1:   # every process would fit the same k-means (on the same GPU) and write one file
+                raise ConfigError(f"fit-tokenizer runs in one process, but WORLD_SIZE={world} (torchrun): run it "
+                                  f"without torchrun, or leave tokenizer_path empty in pretraining, where rank 0 "
+                                  f"fits the tokenizer and the other processes wait for it")
             check_dataset(cfg.dataset, cfg.data_path, ("train",))
             images = min(len(build_dataset(cfg.dataset, "train", cfg.data_path, cfg.img_size)), cfg.max_images)
             _check_kmeans_fit(cfg.vocab_size, images, (cfg.img_size // cfg.patch_size) ** 2, cfg.max_patches,
