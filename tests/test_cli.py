@@ -260,6 +260,21 @@ def test_a_tokenizer_file_that_does_not_load_is_a_config_error(tmp_path, capsys)
     assert rc == 2 and f"tokenizer=dvae: cannot load {str(bogus)!r}" in capsys.readouterr().err
 
 
+def test_a_kmeans_tokenizer_path_that_is_not_a_tokenizer_is_a_short_message(tmp_path, capsys):
+    """A pickled module (a DALL-E encoder.pkl given as --tokenizer kmeans) or a file that is not a torch file at
+    all: the message says it is not a k-means tokenizer file, without torch's advice to load it with
+    weights_only=False (which would run the pickle's code)."""
+    import torch
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    for name in ("module.pt", "garbage.pt"):
+        rc = main(["pretrain", "--tokenizer", "kmeans", "--tokenizer-path", str(tmp_path / name),
+                   "--output-dir", str(tmp_path / "run"), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{tmp_path / name} is not a k-means tokenizer file (UnpicklingError" in err, err
+        assert "weights_only" not in err and "fit-tokenizer" in err, err
+
+
 def test_module_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "beit_fast.cli", "--help"], capture_output=True, text=True,
                           timeout=120)
