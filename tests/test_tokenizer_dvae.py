@@ -237,3 +237,25 @@ def test_encoder_weights_with_missing_or_extra_tensors_are_refused(tmp_path, cha
     torch.save(sd, path)
     with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
         load_tokenizer("dvae", str(path))
+
+
+@pytest.mark.parametrize("wrap", ["encoder_key", "state_dict_key", "tokenizer_state_dict"])
+def test_loads_wrapped_and_prefixed_encoder_state_dicts(tmp_path, wrap):
+    """Encoder weights nested under "encoder" / "state_dict" (training scripts' containers), or saved from a
+    DalleTokenizer (keys "encoder.blocks..."), load to the same encoder."""
+    enc = dee.Encoder(n_hid=8, n_blk_per_group=1, vocab_size=16)
+    sd = enc.state_dict()
+    obj = {"encoder_key": {"encoder": sd, "step": 3}, "state_dict_key": {"state_dict": sd},
+           "tokenizer_state_dict": DalleTokenizer(enc).state_dict()}[wrap]
+    if wrap == "tokenizer_state_dict":
+        assert next(iter(obj)).startswith("encoder.blocks.")
+    torch.save(obj, tmp_path / "enc.pt")
+    tok = load_tokenizer("dvae", str(tmp_path / "enc.pt"))
+    for k, v in sd.items():
+        assert torch.equal(tok.encoder.state_dict()[k], v), k
+
+
+def test_a_view_with_the_wrong_channel_count_is_a_clear_error():
+    enc = dee.Encoder(n_hid=8, n_blk_per_group=1, vocab_size=16)
+    with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\) pixels, got \(2, 1, 16, 16\)"):
+        DalleTokenizer(enc)(torch.rand(2, 1, 16, 16))

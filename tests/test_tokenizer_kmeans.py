@@ -176,3 +176,118 @@ def test_fit_on_cuda_is_deterministic_for_a_seed():
     fits = [fit_kmeans(patches, vocab_size=64, patch_size=4, iters=5, seed=0).centroids for _ in range(3)]
     assert all(torch.equal(f, fits[0]) for f in fits[1:])
     assert torch.are_deterministic_algorithms_enabled() == before      # the global switch is restored
+
+
+def test_a_tokenizer_file_with_non_finite_values_or_a_wrong_code_width_is_refused(tmp_path):
+    """A NaN / inf in the centroids, mean or std (a fit that diverged, a corrupted file) would make every code
+    the same or arbitrary without a word; centroids of another patch size fail at the first batch. Both are
+    refused on loading, in either file format."""
+    tok = KMeansTokenizer(torch.randn(8, 48), torch.rand(48), torch.rand(48) + 0.5, 4)
+    meta = {"kind": "kmeans", "patch_size": "4", "in_chans": "3"}
+    for name in ("bad.pt", "bad.safetensors"):
+        for key in ("centroids", "mean", "std"):
+            for value in (float("nan"), float("inf")):
+                tensors = dict(centroids=tok.centroids.clone(), mean=tok.mean.clone(), std=tok.std.clone())
+                tensors[key].view(-1)[5] = value
+                _save_kmeans_file(tmp_path / name, tensors, meta)
+                with pytest.raises(ValueError, match="must be finite"):
+                    load_tokenizer("kmeans", str(tmp_path / name))
+        wide = dict(centroids=torch.randn(8, 192), mean=tok.mean, std=tok.std)    # 8 px patches' width
+        _save_kmeans_file(tmp_path / name, wide, meta)
+        with pytest.raises(ValueError, match=r"centroids \(8, 192\) must be \(vocab_size >= 1, 48\)"):
+            load_tokenizer("kmeans", str(tmp_path / name))
+
+
+def _save_kmeans_file(path, tensors, meta):
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    else:
+        torch.save({**tensors, "meta": meta}, path)
+
+
+def test_fit_kmeans_needs_one_patch_per_code():
+    fit_kmeans(torch.rand(8, 48), vocab_size=8, patch_size=4, iters=1)              # as many patches as codes
+    with pytest.raises(ValueError, match="at least vocab_size=8 patches, got 7"):
+        fit_kmeans(torch.rand(7, 48), vocab_size=8, patch_size=4, iters=1)
+
+
+def test_chunked_assignment_gives_the_unchunked_fit():
+    """fit_kmeans assigns the patches in chunks (8192 by default, more on any real data set): the fit must not
+    depend on the chunk size, the re-seeding of empty clusters (which ranks all patches by their distance)
+    included. Data of test_empty_clusters_are_reseeded_with_the_worst_fit_points (outliers in the last
+    chunk), and random patches."""
+    x = torch.full((2003, 48), 0.5)
+    x[-3:, 0] += torch.tensor([0.1, 0.2, 0.3])
+    for data, k, iters in ((x, 3, 1), (torch.rand(2000, 48), 16, 3)):
+        for seed in range(2):
+            whole = fit_kmeans(data, vocab_size=k, patch_size=4, iters=iters, seed=seed)
+            chunked = fit_kmeans(data, vocab_size=k, patch_size=4, iters=iters, seed=seed, chunk=500)
+            torch.testing.assert_close(chunked.centroids, whole.centroids, atol=1e-5, rtol=1e-5)
+
+
+def test_codes_of_a_non_square_view_follow_its_patch_grid():
+    """(B, C, H, W) -> (B, H/p, W/p): rows of the code grid are rows of patches, also when H != W."""
+    tok = KMeansTokenizer(torch.randn(6, 48), torch.zeros(48), torch.ones(48), 4)
+    view = torch.rand(2, 3, 8, 12)
+    codes = tok(view)
+    assert codes.shape == (2, 2, 3)
+    assert torch.equal(codes[1, 1, 2], tok(view[1:, :, 4:8, 8:12]).flatten()[0])
+
+
+class _Bf16Fails(torch.nn.Module):
+    """A stub tokenizer whose forward raises under bf16 autocast (an op with no bf16 kernel on a device)."""
+    pixel_mapping = "unit"
+
+    def forward(self, view):
+        if torch.is_autocast_enabled(view.device.type) and \
+                torch.get_autocast_dtype(view.device.type) == torch.bfloat16:
+            raise RuntimeError("no bf16 kernel for this op")
+        b, _, h, w = view.shape
+        return torch.zeros(b, h // 4, w // 4, dtype=torch.int64)
+
+
+def test_auto_keeps_fp32_when_bf16_fails():
+    dtype, why = choose_dtype(_Bf16Fails(), torch.rand(2, 3, 8, 8))
+    assert dtype == torch.float32 and "bf16 failed" in why and "no bf16 kernel" in why, why
+
+
+def test_auto_takes_bf16_only_when_every_rank_got_identical_codes(monkeypatch):
+    """Distributed: the mismatch is max-reduced over the ranks, so all ranks decide alike: this rank's codes are
+    identical in bf16, another rank's are not (simulated all-reduce) -> fp32 here too."""
+    from beit_fast.train import runtime
+    imgs = _images(8)
+    far = KMeansTokenizer(torch.eye(48)[:4] * 100, torch.zeros(48), torch.ones(48), 4)
+    rt = runtime.Runtime(torch.device("cpu"), rank=0, world=2)
+    seen = []
+
+    def all_reduce(t, rt, op="mean"):
+        seen.append((float(t), op))
+        return torch.maximum(t, torch.tensor(others))
+    monkeypatch.setattr(runtime, "all_reduce", all_reduce)
+    for others, want in ((0.0, torch.bfloat16), (0.01, torch.float32)):
+        seen.clear()
+        dtype, why = choose_dtype(far, imgs, rt=rt)
+        assert dtype == want and seen == [(0.0, "max")], (others, why, seen)
+    assert "1.00%" in why
+
+
+def test_fit_tokenizer_fits_on_max_images_and_max_patches_with_its_settings(tmp_path, monkeypatch):
+    """`fit-tokenizer` collects the patches of at most max_images images (the loader's batches are 64), keeps
+    at most max_patches of them, and fits with its own vocab_size / iters / seed."""
+    from beit_fast.train import tokenizer_fitting
+    from beit_fast.train.config import TokenizerFitConfig
+    from beit_fast.train.data import DigitsDataset
+    x = tokenizer_fitting.collect_patches(DigitsDataset("train"), 16, 4, max_images=10, max_patches=10**6, seed=3)
+    assert x.shape == (10 * 16, 48) and 0 <= float(x.min()) and float(x.max()) <= 1
+    with pytest.raises(ValueError, match="view size 18 is not a multiple of its patch size 4"):
+        tokenizer_fitting.collect_patches(DigitsDataset("train"), 18, 4, max_images=10, max_patches=100, seed=3)
+    calls = []
+    real = tokenizer_fitting.fit_kmeans
+    monkeypatch.setattr(tokenizer_fitting, "fit_kmeans",
+                        lambda x, *a, **k: calls.append((tuple(x.shape), a, k)) or real(x, *a, **k))
+    cfg = TokenizerFitConfig(output=str(tmp_path / "t.safetensors"), img_size=16, patch_size=4, vocab_size=8,
+                             max_images=10, max_patches=100, iters=2, seed=5, device="cpu", num_workers=0)
+    tokenizer_fitting.fit_tokenizer(cfg)
+    assert calls == [((100, 48), (8, 4), {"in_chans": 3, "iters": 2, "seed": 5})]
+    assert load_tokenizer("kmeans", cfg.output).vocab_size == 8

@@ -262,6 +262,18 @@ def test_finetune_warns_when_init_was_pretrained_with_other_normalisation(tmp_pa
     assert normalisation_mismatch(preset("finetune", "beit_base_224"), path) is None
 
 
+def test_normalisation_that_differs_in_one_value_is_a_mismatch(tmp_path):
+    """One channel of the mean, or the std alone, differing from the pretraining run's is a mismatch too."""
+    from beit_fast.train.finetuning import normalisation_mismatch
+    C.save(dataclasses.replace(preset("pretrain"), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)), str(tmp_path))
+    path = str(tmp_path / "checkpoint-0000010.pt")
+    fine = dataclasses.replace(preset("finetune"), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert normalisation_mismatch(fine, path) is None
+    for change in (dict(mean=(0.5, 0.45, 0.5)), dict(std=(0.25, 0.25, 0.25))):
+        msg = normalisation_mismatch(dataclasses.replace(fine, **change), path)
+        assert msg and "--mean 0.5,0.5,0.5 --std 0.5,0.5,0.5" in msg, change
+
+
 def test_init_from_a_hugging_face_model_folder(tmp_path):
     """--init accepts a save_pretrained / hub snapshot folder (model.safetensors preferred over
     pytorch_model.bin); a folder with neither says what it looked for."""

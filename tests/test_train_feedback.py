@@ -164,3 +164,25 @@ def test_tensorboard_plots_a_nan_loss(tmp_path):
     events.Reload()
     points = [(e.step, e.value) for e in events.Scalars("loss")]
     assert [s for s, _ in points] == [1, 2, 3] and points[1][1] != points[1][1] and points[2] == (3, 1.5)
+
+
+def test_each_log_row_is_on_disk_when_logged(tmp_path):
+    """log.jsonl is written through as the run goes (a `tail -f`, or a run killed before it closes its
+    Reporter, sees every row logged so far), not when the Reporter closes."""
+    report = Reporter(str(tmp_path), total_steps=3, progress=False, tensorboard=False)
+    try:
+        for step in (1, 2):
+            report.log({"step": step, "loss": 1.0 / step}, step)
+            rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+            assert [r["step"] for r in rows] == list(range(1, step + 1))
+    finally:
+        report.close()
+
+
+def test_non_finite_values_in_lists_are_null_too(tmp_path):
+    report = Reporter(str(tmp_path), total_steps=1, progress=False, tensorboard=False)
+    report.log({"step": 1, "per_layer": [0.5, float("nan")], "eval": {"pair": (float("-inf"), 2)}}, 1)
+    report.close()
+    row = json.loads(open(tmp_path / "log.jsonl").read())
+    assert row == {"step": 1, "per_layer": [0.5, None], "eval": {"pair": [None, 2]},
+                   "nonfinite": ["eval.pair", "per_layer"]}

@@ -687,3 +687,124 @@ def test_eval_uses_the_runs_own_normalisation_and_interpolation(tmp_path):
     ev = evaluate(EvalConfig(checkpoint=result["checkpoint"], num_workers=0, precision="fp32", device="cpu"))
     assert ev["n"] == result["n"] == 360
     assert ev["top1"] == result["top1"] and ev["loss"] == pytest.approx(result["loss"], rel=1e-6)
+
+
+def test_eval_uses_the_runs_crop_pct(tmp_path):
+    """eval resizes and centre-crops the held-out images with the run's crop_pct (saved in its config; null,
+    unilm's 224/256 below 384 px, is the reference presets' value), as fine-tuning evaluated them."""
+    result = finetune(tiny_finetune(tmp_path, epochs=1, mixup=0.0, cutmix=0.0, crop_pct=0.5))
+    ev = evaluate(EvalConfig(checkpoint=result["checkpoint"], num_workers=0, precision="fp32", device="cpu"))
+    assert ev["n"] == result["n"] == 360
+    assert ev["top1"] == result["top1"] and ev["loss"] == pytest.approx(result["loss"], rel=1e-6)
+
+
+def test_eval_over_two_ranks_counts_each_held_out_image_once(tmp_path, monkeypatch):
+    """Under torchrun each rank evaluates its share of every global batch and the sums are added over the
+    ranks: two ranks (run one after the other here, the all-reduce simulated from what each rank
+    contributed) give the one-process n, top-1 and loss. Also: --output-dir puts eval.json there, and
+    --precision is the autocast eval runs under."""
+    from beit_fast.train import evaluation, runtime
+    from beit_fast.train.runtime import Runtime
+    result = finetune(tiny_finetune(tmp_path / "ft", epochs=1, mixup=0.0, cutmix=0.0))
+    cfg = EvalConfig(checkpoint=result["checkpoint"], num_workers=0, precision="fp32", device="cpu",
+                     batch_size=100, output_dir=str(tmp_path / "ev"))
+    single = evaluate(cfg)
+    assert single["n"] == 360 and json.load(open(tmp_path / "ev" / "eval.json"))["top1"] == single["top1"]
+    assert not os.path.exists(tmp_path / "ft" / "eval.json")
+    bf16 = evaluate(dataclasses.replace(cfg, precision="bf16"))
+    assert bf16["loss"] != single["loss"] and bf16["loss"] == pytest.approx(single["loss"], rel=0.05)
+    state, cpu, local = load(result["checkpoint"]), torch.device("cpu"), {}
+
+    def record(t, rt, op="mean"):
+        local[rt.rank] = t.clone()
+        return t
+    monkeypatch.setattr(runtime, "all_reduce", record)
+    for rank in (0, 1):
+        evaluation._evaluate(cfg, state, result["checkpoint"], "digits", "", Runtime(cpu, rank=rank, world=2))
+
+    def reduce(t, rt, op="mean"):
+        total = local[0] + local[1]
+        return {"sum": total, "mean": total / 2, "max": torch.maximum(local[0], local[1])}[op]
+    monkeypatch.setattr(runtime, "all_reduce", reduce)
+    got = evaluation._evaluate(cfg, state, result["checkpoint"], "digits", "", Runtime(cpu, rank=0, world=2))
+    assert got["n"] == 360 and 0 < local[0][3] < 360
+    assert got["top1"] == pytest.approx(single["top1"]) and got["top5"] == pytest.approx(single["top5"])
+    assert got["loss"] == pytest.approx(single["loss"], rel=1e-6)
+
+
+def test_eval_refuses_a_pretraining_checkpoint(tmp_path):
+    from beit_fast.train.config import ConfigError
+    torch.save({"kind": "pretrain", "model_config": {}, "config": {"dataset": "digits"}}, tmp_path / "pt.pt")
+    with pytest.raises(ConfigError, match="is a pretrain checkpoint; eval needs a fine-tuned one"):
+        evaluate(EvalConfig(checkpoint=str(tmp_path / "pt.pt"), num_workers=0, device="cpu"))
+
+
+def test_finetune_logs_the_lr_images_per_second_and_mfu_of_its_updates(tmp_path, monkeypatch):
+    """Each training row's lr is the one its update used; img_s counts every image of the global batch (all
+    accumulation micro-batches) over training time only; mfu = train FLOPs per image x img_s / peak. The clock
+    is stubbed to tick once per model forward (evaluation's ticks fall in Reporter.paused), so img_s is exactly
+    the images per forward: batch_size. val_subset and eval_batch_size shape the held-out evaluation."""
+    from beit_fast.train import engine, feedback, finetuning
+    now, models, used_lr, eval_batches = [0.0], [], [], []
+    monkeypatch.setattr(feedback.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(finetuning, "peak_flops", lambda device, precision: 1e9)
+    real_build, real_step = engine.build_model, engine.optimizer_step
+
+    def build(*a, **k):
+        model = real_build(*a, **k)
+
+        def tick(module, args):
+            now[0] += 1.0
+            if not module.training:
+                eval_batches.append(len(args[0]))
+        model.register_forward_pre_hook(tick)
+        models.append(model)
+        return model
+
+    def step(model, optimizer, *a, **k):
+        used_lr.append(max(g["lr"] for g in optimizer.param_groups))
+        return real_step(model, optimizer, *a, **k)
+    monkeypatch.setattr(engine, "build_model", build)
+    monkeypatch.setattr(engine, "optimizer_step", step)
+    result = finetune(tiny_finetune(tmp_path, epochs=1, batch_size=8, accum_steps=2, train_subset=64, val_subset=40,
+                                    eval_batch_size=32, mixup=0.0, cutmix=0.0, warmup_epochs=0.5))
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"eval"' not in line]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and len(used_lr) == 4
+    assert [r["lr"] for r in rows] == pytest.approx(used_lr, rel=1e-12) and len(set(used_lr)) > 1
+    assert [r["img_s"] for r in rows] == [8.0] * 4                 # 16 images per update, 2 forwards
+    flops = feedback.train_flops_per_image(models[0].config)
+    assert [r["mfu"] for r in rows] == pytest.approx([flops * 8.0 / 1e9] * 4, rel=1e-12)
+    assert result["n"] == 40 and eval_batches == [32, 8]
+
+
+def test_finetune_refuses_training_data_with_more_classes_than_the_head(tmp_path):
+    from PIL import Image
+    from beit_fast.train.config import ConfigError
+    for split in ("train", "val"):
+        for c in "abc":
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (16, 16), (60 * i, 80, 200)).save(tmp_path / "data" / split / c / f"{i}.png")
+    with pytest.raises(ConfigError, match=r"the training data has 3 classes but num_classes=2 \(--num-classes 3\)"):
+        finetune(tiny_finetune(tmp_path / "ft", dataset="folder", data_path=str(tmp_path / "data"), train_subset=0,
+                               batch_size=4, epochs=1, mixup=0.0, cutmix=0.0, num_classes=2))
+
+
+def test_eval_refuses_more_held_out_classes_than_an_unnamed_head(tmp_path):
+    """A checkpoint that does not name its classes (older beit_fast), a val/-only folder with more class folders
+    than the model has outputs: refused with a message (not an IndexError from inside the cross-entropy)."""
+    from PIL import Image
+    from beit_fast.train import config as C
+    for root, split, classes in (("data", "train", "abc"), ("data", "val", "abc"), ("val4", "val", "abcd")):
+        for c in classes:
+            (tmp_path / root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (16, 16), (60 * i, 80, 200)).save(tmp_path / root / split / c / f"{i}.png")
+    result = finetune(tiny_finetune(tmp_path / "ft", dataset="folder", data_path=str(tmp_path / "data"),
+                                    train_subset=0, batch_size=4, epochs=1, mixup=0.0, cutmix=0.0, num_classes=3))
+    state = load(result["checkpoint"])
+    del state["classes"]
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(C.ConfigError, match="val/'s 4 class folders cannot be matched to the model's 3 classes"):
+        evaluate(EvalConfig(checkpoint=str(tmp_path / "old.pt"), dataset="folder", data_path=str(tmp_path / "val4"),
+                            num_workers=0, device="cpu", precision="fp32"))
