@@ -202,3 +202,10 @@ def set_aside_later(folder: str, step: int) -> Optional[str]:
 def load(path: str) -> dict:
     """Read a checkpoint written by this package with weights_only=True (no code runs while loading)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_failure(e: BaseException) -> str:
+    """Why torch.load refused a file, for a message: the error's type and its first sentence (torch's own
+    advice, such as loading with weights_only=False, left out)."""
+    first = str(e).strip().split(". ")[0].split("\n")[0]
+    return f"{type(e).__name__}: {first}"

@@ -523,6 +523,11 @@ def _check_output_dir_is_free(cfg) -> None:
                       f"its files)")
 
 
+def _torchrun_world() -> int:
+    """The number of processes torchrun started (WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _check_cuda_device(device: str) -> None:
     import torch
     if not torch.cuda.is_available():
@@ -530,7 +535,7 @@ def _check_cuda_device(device: str) -> None:
     if device == "cuda":
         return
     index = device[len("cuda:"):]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _torchrun_world() > 1:
         raise ConfigError(f"device={device!r} would put every torchrun process on the same GPU; use device=cuda "
                           f"(each process takes cuda:LOCAL_RANK) or auto")
     if int(index) >= torch.cuda.device_count():
@@ -647,8 +652,7 @@ def _train_images(cfg) -> int:
 def _check_one_step_fits(cfg, n: int) -> None:
     """The training split (n images) must hold one optimizer step's images over all processes."""
     from .engine import steps_per_epoch
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch(n, cfg.batch_size * world, cfg.accum_steps)   # ValueError naming the numbers
+    steps_per_epoch(n, cfg.batch_size * _torchrun_world(), cfg.accum_steps)   # ValueError naming the numbers
 
 
 def _check_kmeans_fit(codes: int, images: int, per_image: int, max_patches: int, names: tuple) -> None:
@@ -786,7 +790,7 @@ def check(config, values_only: bool = False):
                 check_dataset(cfg.dataset, cfg.data_path, ("train", "val"))
                 _check_one_step_fits(cfg, _train_images(cfg))
         elif isinstance(cfg, TokenizerFitConfig) and not values_only:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
+            world = _torchrun_world()
             if world > 1:   # every process would fit the same k-means (on the same GPU) and write one file
                 raise ConfigError(f"fit-tokenizer runs in one process, but WORLD_SIZE={world} (torchrun): run it "
                                   f"without torchrun, or leave tokenizer_path empty in pretraining, where rank 0 "

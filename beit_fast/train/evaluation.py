@@ -23,8 +23,7 @@ def evaluate(config: config_mod.EvalConfig = None) -> dict:
     try:
         state = ckpt.load(path)
     except Exception as e:     # not a torch file, a pickle that is not weights-only, a truncated file, ...
-        reason = str(e).strip().split(". ")[0].split("\n")[0]     # its first sentence
-        raise config_mod.ConfigError(f"{path} is not a beit_fast checkpoint ({type(e).__name__}: {reason})") from None
+        raise config_mod.ConfigError(f"{path} is not a beit_fast checkpoint ({ckpt.load_failure(e)})") from None
     if not isinstance(state, dict) or "model_config" not in state or "config" not in state:
         raise config_mod.ConfigError(f"{path} is not a beit_fast fine-tuning checkpoint (no model_config); "
                                      f"load foreign weights with beit_fast.models.load_checkpoint instead")

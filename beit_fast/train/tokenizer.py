@@ -103,9 +103,9 @@ def _read_kmeans(path: str) -> tuple:
         try:
             t = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:   # not a torch file, a pickled module (a DALL-E encoder.pkl), a truncated file
-            reason = str(e).strip().split(". ")[0].split("\n")[0]     # its first sentence, not torch's advice
-            raise ValueError(f"{path} is not a k-means tokenizer file ({type(e).__name__}: {reason}); make one "
-                             f"with `beit-fast fit-tokenizer`") from None
+            from .checkpoint import load_failure
+            raise ValueError(f"{path} is not a k-means tokenizer file ({load_failure(e)}); make one with "
+                             f"`beit-fast fit-tokenizer`") from None
         meta = t.pop("meta", {}) if isinstance(t, dict) else {}
         meta = meta if isinstance(meta, dict) else {}
     if not isinstance(t, dict) or meta.get("kind", "kmeans") != "kmeans" or "centroids" not in t \
