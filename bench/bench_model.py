@@ -20,6 +20,7 @@ Variants of ours_fused that swap one part (which part costs what):
                          memory (a replayed graph allocates nothing the allocator sees); the row's
                          cudagraph_skips counts graphs inductor ran without CUDA graphs (0: all replayed)
 The compiled providers run 3 untimed steps first (compiles, graph recording) and their fine-tuning case first.
+Each row's tflops is the step's nominal matmul FLOPs (as the trainer's MFU counts them: step_flops) per second.
 Before it is timed, every provider's logits are checked against beit_fast's reference loaded with the
 provider's own (randomized) weights, under the same autocast as the timed step. bf16 autocast on CUDA; fp32 tiny models on CPU with
 --smoke. --quick: BEiT-B at batch 128, the pretraining recipe's batch per GPU (what bench/gpu_check.sh runs);
@@ -40,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from beit_fast.models import create_model, load_checkpoint, preset_config  # noqa: E402
 from beit_fast.models.checkpoint import convert_state_dict  # noqa: E402
+from beit_fast.train.feedback import train_flops_per_image  # noqa: E402
 
 
 def _hf_model(name, mode, cfg):
@@ -190,7 +192,16 @@ def time_provider(prov, name, mode, ref, ref_logits, inputs, dtype, batch, devic
     peak = None if cudagraphs else peak_mb(step, device)
     extra = {"cudagraph_skips": skips} if cudagraphs else {}
     return make_row("train_step", prov, "fwd_bwd", {"model": name, "B": batch, "mode": mode}, dtype, t, env,
-                    peak=peak, images_per_s=batch / (t["median_ms"] / 1e3), **extra)
+                    flops=step_flops(ref.config, mode, batch, mask), peak=peak,
+                    images_per_s=batch / (t["median_ms"] / 1e3), **extra)
+
+
+def step_flops(config, mode, batch, mask) -> float:
+    """The step's nominal matmul FLOPs, the same count for every provider (the trainer's MFU formula,
+    train.feedback.train_flops_per_image: 3x the forward; pretraining's head over the masked patches only,
+    whatever a provider computes beyond them)."""
+    masked = float(mask.sum()) / batch if mode == "pretrain" else 0.0
+    return batch * train_flops_per_image(config, masked)
 
 
 def _cudagraph_skips() -> int:

@@ -106,11 +106,18 @@ def environment(device: str) -> dict:
 
 def _git_sha() -> Optional[str]:
     """The commit measured, "-dirty" when the tree had changes; BEIT_FAST_GIT_SHA when set (a copy of the
-    working tree without .git, as on a lent GPU machine, cannot say)."""
+    working tree without .git, as on a lent GPU machine, cannot say); None for an installed copy (beit_fast.bench),
+    which is in no checkout of its own."""
     if os.environ.get("BEIT_FAST_GIT_SHA"):
         return os.environ["BEIT_FAST_GIT_SHA"]
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
+        here = os.path.dirname(os.path.realpath(__file__))
+        # only a checkout's own bench/ (its parent the work tree's top): a copy installed in a virtual
+        # environment inside some other repository (a project's .venv) would name that project's commit
+        top = subprocess.check_output(["git", "rev-parse", "--show-toplevel"], cwd=here,
+                                      stderr=subprocess.DEVNULL, text=True).strip()
+        if os.path.realpath(top) != os.path.realpath(os.path.dirname(here)):
+            return None
         return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=here,
                                        stderr=subprocess.DEVNULL, text=True).strip()
     except Exception:

@@ -619,3 +619,41 @@ def test_tune_attention_smoke(tmp_path):
     # GPU time against a wall time (which holds the host's and the L2 flush's time too)
     line = fwd_line([(0.56, 0.70, d, True), (None, 0.60, o, False), (0.42, 0.65, d, True)])
     assert line.endswith("| 64x64 w4 s2 | 0.65 | 32x32 w4 s2 | 0.6 | 1.083x |"), line
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_model_benchmark_rows_carry_tflops(mode):
+    """bench_model's rows have a TFLOP/s like every other benchmark's (they had tflops null): the step's nominal
+    matmul FLOPs, as the trainer's MFU counts them (pretraining's head over the masked patches), per second."""
+    from beit_fast.train.feedback import train_flops_per_image
+    bm = _bench_module("bench_model")
+    name = "beit_test_patch4_32_mim" if mode == "pretrain" else "beit_test_patch4_32"
+    ref, ref_logits = bm.build("ours_reference", name, mode)
+    ref.eval()
+    x, mask = torch.randn(2, 3, 32, 32), torch.zeros(2, ref.num_patches, dtype=torch.bool)
+    mask[:, :20] = True
+    inputs = (x, mask, torch.zeros(40 if mode == "pretrain" else 2, dtype=torch.long), mask.flatten().nonzero()[:, 0])
+    row = bm.time_provider("ours_reference", name, mode, ref, ref_logits, inputs, torch.float32, 2, "cpu",
+                           bm.environment("cpu"), {torch.float32: 1e-3})
+    flops = 2 * train_flops_per_image(ref.config, 20.0 if mode == "pretrain" else 0.0)
+    assert row["tflops"] == pytest.approx(flops / (row["median_ms"] / 1e3) / 1e12)
+
+
+def test_git_sha_of_an_installed_copy_is_none(tmp_path, monkeypatch):
+    """An installed copy of bench/ (beit_fast/bench in a virtual environment) inside some other repository, such as
+    a project's .venv, recorded that project's commit as the git sha of the beit_fast measured."""
+    import importlib.util
+    import shutil
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    monkeypatch.delenv("BEIT_FAST_GIT_SHA", raising=False)   # (gpu_check.sh exports it)
+    git = ["git", "-c", "user.email=a@b", "-c", "user.name=a"]
+    subprocess.run(git + ["init", "-q", str(tmp_path)], check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "project"], cwd=tmp_path, check=True)
+    copy = tmp_path / ".venv" / "site-packages" / "beit_fast" / "bench"
+    copy.mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "bench", "common.py"), copy)
+    spec = importlib.util.spec_from_file_location("installed_bench_common", copy / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    assert common._git_sha() is None
