@@ -245,3 +245,147 @@ def test_an_empty_class_folder_keeps_its_label_and_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"class folder\(s\) without images: b \(label 1\)"):
         ds = FolderDataset(str(tmp_path))
     assert ds.classes == ["a", "b", "c"] and [label for _, label in ds.samples] == [0, 2]
+
+
+# ------------------------------------------------------------- from a second mutation audit of data.py
+def test_each_sample_seeds_numpy_by_its_own_index():
+    """timm's RandAugment picks its operations with numpy: numpy is seeded per (seed, epoch, index) like python
+    and torch (one fixed numpy seed gave every image the same operations)."""
+    samples = Samples(DigitsDataset("train"), lambda img: torch.tensor(float(np.random.rand())), seed=_fresh_seed())
+    draws = [float(samples[(e, i)][0]) for e in (0, 1) for i in range(4)]
+    assert len(set(draws)) == len(draws)
+    assert draws == [float(samples[(e, i)][0]) for e in (0, 1) for i in range(4)]
+
+
+def test_digits_split_is_the_documented_one():
+    """The held-out digits are train_test_split(test_size=0.2, random_state=0, stratify=targets)'s: another split
+    would evaluate a fine-tuned demo model on images it was trained on."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    _, va = train_test_split(np.arange(len(d.target)), test_size=0.2, random_state=0, stratify=d.target)
+    val = DigitsDataset("val")
+    assert np.array_equal(val.targets, d.target[va])
+    assert np.array_equal(val.images, (d.images[va] * (255 / 16)).round().astype(np.uint8))
+
+
+def test_synthetic_images_differ_between_indices():
+    from beit_fast.train.data import SyntheticDataset
+    ds = SyntheticDataset(4, 8, seed=_fresh_seed())
+    images = [np.asarray(ds.load(i)[0]).tobytes() for i in range(4)]
+    assert len(set(images)) == 4
+
+
+def test_32_bit_grayscale_above_255_is_read_as_16_bit():
+    """Mode I (PIL opens some 16-bit PNGs so) with values above 255 is 16-bit data: 30000 -> 117, not the
+    brightest pixel stretched to white."""
+    from PIL import Image
+    from beit_fast.train.data import to_rgb
+    a = np.full((2, 2), 30000, dtype=np.int32)
+    assert np.asarray(to_rgb(Image.fromarray(a, "I")))[0, 0].tolist() == [117] * 3
+
+
+def test_a_folder_data_set_scales_16_bit_images(tmp_path):
+    """FolderDataset.load goes through to_rgb: a mid-grey 16-bit PNG in a class folder is mid-grey, not white."""
+    from PIL import Image
+    from beit_fast.train.data import FolderDataset
+    (tmp_path / "c").mkdir()
+    Image.fromarray(np.full((4, 4), 30000, dtype=np.uint16)).save(tmp_path / "c" / "grey16.png")
+    img, label = FolderDataset(str(tmp_path)).load(0)
+    assert img.mode == "RGB" and np.asarray(img)[0, 0].tolist() == [117] * 3 and label == 0
+
+
+def test_a_hidden_folder_is_not_a_class(tmp_path):
+    """.ipynb_checkpoints (or .git, ...) beside the class folders is not a class: it would take a label."""
+    from beit_fast.train.data import FolderDataset
+    for folder in ("a", "b", ".ipynb_checkpoints"):
+        (tmp_path / folder).mkdir()
+        _random_image(4, 4, 0).save(tmp_path / folder / "0.png")
+    ds = FolderDataset(str(tmp_path))
+    assert ds.classes == ["a", "b"] and [label for _, label in ds.samples] == [0, 1]
+
+
+def test_each_view_uses_its_own_interpolation():
+    """The patch view is resized with `interpolation`, the tokenizer view with `second_interpolation` (reference
+    §4: bicubic and lanczos); whole image, no flip or jitter, so each view is the resized image."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+    img = _random_image(24, 24)
+    for first, second in (("nearest", "bilinear"), ("bicubic", "lanczos")):
+        t = TwoViewTransform(16, 12, (1.0, 1.0), (1.0, 1.0), hflip=0.0, color_jitter=0.0, interpolation=first,
+                             second_interpolation=second)
+        patch, tok = t(img)
+        want_patch = F.to_tensor(F.resize(img, [16, 16], InterpolationMode[first.upper()]))
+        want_tok = F.to_tensor(F.resize(img, [12, 12], InterpolationMode[second.upper()]))
+        torch.testing.assert_close(patch * 0.5 + 0.5, want_patch, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tok, want_tok, rtol=0, atol=1e-6)
+
+
+def test_patch_view_is_normalized_with_the_configs_mean_and_std():
+    """(x - mean) / std per channel with ImageNet's constants (the default 0.5 / 0.5 cannot tell mean from std);
+    the tokenizer view is not normalized."""
+    img = _random_image(8, 8)
+    t = TwoViewTransform(8, 8, (1.0, 1.0), (1.0, 1.0), hflip=0.0, color_jitter=0.0, interpolation="nearest",
+                         second_interpolation="nearest", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    patch, tok = t(img)
+    unit = _unit(img)
+    torch.testing.assert_close(tok, unit, rtol=0, atol=1e-6)
+    want = (unit - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    torch.testing.assert_close(patch, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fine_tuning_crop_takes_scale_and_ratio_from_the_config():
+    """crop_ratio (like crop_scale) reaches timm's random-resized crop: ratio (4, 4), scale (0.25, 0.25) on a
+    64x64 image whose column c holds 4c is a 64 x 16 crop spanning every column."""
+    import dataclasses
+    from PIL import Image
+    from beit_fast.train import preset
+    from beit_fast.train.data import classify_transform
+    cfg = dataclasses.replace(preset("finetune", "demo"), img_size=64, crop_scale=(0.25, 0.25), crop_ratio=(4.0, 4.0),
+                              auto_augment=None, re_prob=0.0, color_jitter=0.0, hflip=0.0, interpolation="nearest",
+                              mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    img = Image.fromarray(np.tile(np.arange(0, 256, 4, dtype=np.uint8)[None, :, None], (64, 1, 3)))
+    t = classify_transform(cfg, train=True)
+    torch.manual_seed(_fresh_seed())
+    for _ in range(5):
+        assert len(torch.unique(t(img)[0])) == 64
+
+
+def test_a_global_batch_that_the_ranks_cannot_share_evenly_is_refused():
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        EpochBatchSampler(100, 16, seed=0, rank=0, world=3)
+
+
+def test_num_batches_caps_an_epoch():
+    """num_batches (pretraining: whole optimizer steps x accumulation; fitting a tokenizer: the images it needs)
+    limits the batches of an epoch, and never past what the data holds."""
+    capped = EpochBatchSampler(100, 16, seed=0, num_batches=4)
+    assert len(capped) == len(list(capped)) == 4
+    more = EpochBatchSampler(100, 16, seed=0, num_batches=50)
+    assert len(more) == len(list(more)) == 6
+
+
+@pytest.mark.parametrize("n, batch, world", [(3, 8, 4), (9, 8, 4), (14, 8, 4)])
+def test_evaluation_batches_are_never_empty_and_in_order(n, batch, world):
+    """A rank whose share of the uneven last batch is empty yields no batch (an empty one cannot be collated);
+    shuffle=False visits the images in order; the tail's shares differ by one image at most (14 = 8 + 6 over
+    4 ranks: 2, 2, 1, 1)."""
+    parts = [EpochBatchSampler(n, batch, seed=_fresh_seed(), rank=r, world=world, shuffle=False, drop_last=False)
+             for r in range(world)]
+    batches = [list(p) for p in parts]
+    assert all(b for rank in batches for b in rank)
+    for rank, got in enumerate(batches):
+        assert [i for b in got for _, i in b] == [i for i in range(n) if i % batch % world == rank]
+    tail = [len(got[-1]) if len(got) == -(-n // batch) else 0 for got in batches]
+    assert max(tail) - min(tail) <= 1, tail
+
+
+def test_a_root_without_val_has_no_held_out_split(tmp_path):
+    """A root of class folders is the training split only: the held-out split is not the training images
+    again."""
+    from beit_fast.train.data import build_dataset, folder_split
+    (tmp_path / "cat").mkdir()
+    _random_image(4, 4, 0).save(tmp_path / "cat" / "0.png")
+    assert folder_split(str(tmp_path), "train") == str(tmp_path) and folder_split(str(tmp_path), "val") is None
+    with pytest.raises(FileNotFoundError, match="no val/ folder"):
+        build_dataset("folder", "val", str(tmp_path))

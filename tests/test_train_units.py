@@ -220,6 +220,37 @@ def test_only_fp16_scales_the_loss():
         {"fp32": False, "bf16": False, "fp16": True}
 
 
+def test_each_precision_autocasts_to_its_own_dtype():
+    """bf16 runs the matmuls in bfloat16 and fp16 in float16 (a run asking for bf16 must not get fp16's range)."""
+    from beit_fast.train import runtime
+    a = torch.randn(4, 4)
+    got = {}
+    for p in ("fp32", "bf16", "fp16"):
+        with runtime.autocast(CPU, p):
+            got[p] = (a @ a).dtype
+    assert got == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def test_unwrap_reaches_the_model_inside_torch_compile():
+    """A compiled model's state dict (checkpoints, EMA) is the model's own, without the _orig_mod. prefix."""
+    from beit_fast.train import runtime
+    model = torch.nn.Linear(2, 2)
+    assert runtime.unwrap(torch.compile(model)) is model
+
+
+def test_a_launcher_without_local_rank_gives_each_rank_its_own_local_rank(monkeypatch):
+    """Without LOCAL_RANK (a launcher that sets only WORLD_SIZE and RANK) the local rank is the rank, so that
+    on one node each process takes its own GPU (cuda:RANK), not all of them cuda:0."""
+    from beit_fast.train import runtime
+    monkeypatch.setenv("WORLD_SIZE", "1")    # a world of one: no process group is joined
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    rt = runtime.setup("cpu")
+    assert (rt.rank, rt.local_rank, rt.owns_group) == (3, 3, False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert runtime.setup("cpu").local_rank == 1
+
+
 @pytest.mark.parametrize("kind", ["pretrain", "finetune"])
 def test_the_runs_drop_path_and_layer_scale_reach_the_model(kind):
     """drop_path is the stochastic-depth rate of the last block, linearly from 0 over the blocks (reference
