@@ -281,3 +281,102 @@ def test_module_entry_point_help():
     assert proc.returncode == 0
     for cmd in ("pretrain", "finetune", "eval", "fit-tokenizer", "bench", "info"):
         assert cmd in proc.stdout
+
+
+def test_a_value_of_another_type_is_refused_never_converted(capsys):
+    """A bool is not a number (--epochs true, --lr false), a fraction is not a count (--batch-size 3.5), an
+    empty value is not null (--clip-grad '' would turn clipping off), and a number written 1e-1 in a tuple is a
+    number (YAML 1.1 reads it as text); every YAML spelling of a bool means what it says, quoted too."""
+    for argv, message in ((["--epochs", "true"], "epochs: expected int, got True"),
+                          (["--lr", "false"], "lr: expected float, got False"),
+                          (["--batch-size", "3.5"], "batch_size: expected int, got 3.5"),
+                          (["--clip-grad", ""], "clip_grad: expected float, got ''")):
+        assert main(["finetune", *argv, "--print-config"]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert _printed_config(["finetune", "--epochs", "3.0"], capsys)["epochs"] == 3
+    for spelling, value in (("on", True), ("yes", True), ("1", True), ("off", False), ("no", False), ("0", False)):
+        assert _printed_config(["finetune", "--compile", spelling], capsys)["compile"] is value, spelling
+        assert _printed_config(["finetune", "--set", f"ema='{spelling}'"], capsys)["ema"] is value, spelling
+    cfg = _printed_config(["finetune", "--std", "5e-1,0.25,1e-1", "--set", "betas=0.9,9.8e-1"], capsys)
+    assert (cfg["std"], cfg["betas"]) == ([0.5, 0.25, 0.1], [0.9, 0.98])
+
+
+def test_set_takes_everything_after_the_first_equals_and_dashed_names(tmp_path, capsys):
+    """--set output_dir=runs/lr=1e-3 keeps the whole path; field names may be written with dashes, as their
+    flags are (--set output-dir=..., a YAML file's keys too); --set without '=' is a message."""
+    cfg = _printed_config(["finetune", "--set", "output_dir=runs/lr=1e-3", "--set", "init=a=b.pth"], capsys)
+    assert (cfg["output_dir"], cfg["init"]) == ("runs/lr=1e-3", "a=b.pth")
+    assert _printed_config(["finetune", "--set", "init='x.pth"], capsys)["init"] == "'x.pth"   # not in quotes
+    cfg = _printed_config(["finetune", "--set", "output-dir=0755", "--set", "eval-batch-size=32"], capsys)
+    assert (cfg["output_dir"], cfg["eval_batch_size"]) == ("0755", 32)
+    f = tmp_path / "c.yaml"
+    f.write_text("warmup-epochs: 3\nlayer-decay: 0.5\n")
+    cfg = _printed_config(["finetune", "--config", str(f)], capsys)
+    assert (cfg["warmup_epochs"], cfg["layer_decay"]) == (3.0, 0.5)
+    assert main(["finetune", "--set", "lr", "--print-config"]) == 2
+    assert "--set expects key=value, got 'lr'" in capsys.readouterr().err
+
+
+def test_config_files_that_cannot_be_used_are_messages(tmp_path, capsys):
+    """A missing file, a file that is not a mapping, another kind's saved config.yaml: exit 2 naming the file;
+    an empty file (or one of comments only) changes nothing."""
+    f = tmp_path / "c.yaml"
+    for text in ("", "# nothing set yet\n"):
+        f.write_text(text)
+        assert _printed_config(["finetune", "--config", str(f)], capsys) == _printed_config(["finetune"], capsys)
+    assert main(["finetune", "--config", str(tmp_path / "none.yaml"), "--print-config"]) == 2
+    assert f"config file {str(tmp_path / 'none.yaml')!r} does not exist" in capsys.readouterr().err
+    for text in ("- lr: 0.1\n", "just text\n"):
+        f.write_text(text)
+        assert main(["finetune", "--config", str(f), "--print-config"]) == 2, text
+        assert "must hold a mapping of field: value" in capsys.readouterr().err, text
+    from beit_fast.train import config as C
+    C.save(C.preset("pretrain"), str(tmp_path))
+    assert main(["finetune", "--config", str(tmp_path / "config.yaml"), "--print-config"]) == 2
+    assert "holds a PretrainConfig, not a FinetuneConfig" in capsys.readouterr().err
+
+
+def test_entry_leaves_a_torchrun_group_only_after_a_successful_run(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) the process leaves through os._exit with main's status, destroying the
+    process group first only when the run succeeded; a single process exits through sys.exit."""
+    import os
+
+    from beit_fast import cli
+    from beit_fast.train import runtime
+    left, exits = [], []
+
+    def fake_exit(rc):
+        exits.append(rc)
+        raise SystemExit(rc)
+    monkeypatch.setattr(runtime, "leave_group", lambda: left.append(True))
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    for world, rc, want_left, want_exits in (("2", 0, [True], [0]), ("2", 2, [], [2]), ("1", 0, [], [])):
+        left.clear(), exits.clear()
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setattr(cli, "main", lambda rc=rc: rc)
+        with pytest.raises(SystemExit) as e:
+            cli.entry()
+        assert (e.value.code, left, exits) == (rc, want_left, want_exits), (world, rc)
+
+
+def test_what_would_fail_after_the_work_is_refused_before_it(tmp_path, monkeypatch, capsys):
+    """An output that names no file (fit-tokenizer wrote it only after fitting: the fit was lost), an empty
+    output_dir, a model_overrides field the run sets itself, a YAML key that YAML read as a bool or number:
+    exit 2 with a message (they were tracebacks), before any work."""
+    from beit_fast.train import tokenizer_fitting
+    monkeypatch.setattr(tokenizer_fitting, "collect_patches", lambda *a, **k: pytest.fail("work started"))
+    for output in ("", str(tmp_path / "tokenizers") + "/"):
+        assert main(["fit-tokenizer", "--output", output]) == 2, output
+        assert "names no file; name the file to write" in capsys.readouterr().err, output
+    for kind in ("pretrain", "finetune"):
+        assert main([kind, "--output-dir", ""]) == 2, kind
+        assert "output_dir is empty" in capsys.readouterr().err, kind
+    out = tmp_path / "run"
+    assert main(["finetune", "--set", "model_overrides.img_size=32", "--output-dir", str(out)]) == 2
+    assert "model_overrides.img_size=32 differs from img_size (16)" in capsys.readouterr().err
+    assert not out.exists()
+    f = tmp_path / "c.yaml"
+    for text, key in (("yes: 1\n", "True"), ("1: 2\n", "1")):
+        f.write_text(text)
+        assert main(["finetune", "--config", str(f), "--print-config"]) == 2, text
+        assert f"{key} is not a field name; quote the key" in capsys.readouterr().err, text

@@ -144,11 +144,69 @@ def test_text_fields_keep_their_text(tmp_path):
     ("finetune", dict(ema=True, ema_decay=-0.5), r"ema_decay must be a finite number in \[0, 1\], got -0.5"),
     # layer decay above 1 made the lower layers' lr larger than the head's (unilm ignores such a value)
     ("finetune", dict(layer_decay=1.1), r"layer_decay must be a finite number in \[0, 1\], got 1.1"),
+    # the training loop logs every log_every steps (a modulo); a flip probability above 1 would flip every image
+    ("finetune", dict(log_every=0), "log_every must be >= 1, got 0"),
+    ("pretrain", dict(hflip=1.5), r"hflip must be a finite number in \[0, 1\], got 1.5"),
+    ("finetune", dict(betas=(0.9, 1.0)), r"betas must be 2 numbers in \[0, 1\)"),
+    ("finetune", dict(std=(0.5, 0.0, 0.5)), "std must be 3 numbers > 0"),      # normalisation divides by it
+    ("finetune", dict(cutmix=1.0, mixup=0.0, batch_size=63), "mixup/cutmix need an even batch_size, got 63"),
+    ("finetune", dict(crop_pct=1.5), r"crop_pct must be in \(0, 1\]"),
+    ("finetune", dict(mixup=-0.5), "mixup must be a finite number >= 0"),
+    ("finetune", dict(cutmix=-1.0), "cutmix must be a finite number >= 0"),
+    ("finetune", dict(num_classes=0), "num_classes must be >= 1"),
+    ("finetune", dict(num_threads=-1), "num_threads must be >= 0"),
+    ("finetune", dict(warmup_steps=-2), "warmup_steps must be >= -1, got -2"),
+    ("finetune", dict(resume="no/such/checkpoint.pt"), "resume='no/such/checkpoint.pt' does not exist"),
+    ("finetune", dict(attn_impl="flash"), "attn_impl must be one of"),
+    ("finetune", dict(optimizer="sgd"), "optimizer must be one of"),
+    ("finetune", dict(distributed="deepspeed"), "distributed must be one of"),
+    ("pretrain", dict(tokenizer="vqgan"), r"tokenizer must be one of \['kmeans', 'dvae'\], got 'vqgan'"),
+    ("pretrain", dict(tokenizer_dtype="int8"), "tokenizer_dtype must be one of"),
+    ("pretrain", dict(second_img_size=-16), "second_img_size must be >= 0"),
+    ("pretrain", dict(num_mask_patches=17), r"num_mask_patches must be in \[1, 16\], got 17"),
+    ("eval", dict(precision="fp8"), "precision must be one of"),
 ])
 def test_values_the_run_would_trip_over_are_refused(tmp_path, kind, changes, message):
     """Each of these passed check() and then failed, or ran as something else, after the run had started."""
     with pytest.raises(ConfigError, match=message):
         C.check(dataclasses.replace(preset(kind), output_dir=str(tmp_path), **changes))
+
+
+def test_values_at_the_bounds_pass(tmp_path):
+    """The limits are inclusive where the run takes them: a fixed crop (scale and ratio (1, 1)), every patch
+    masked, exactly one patch per k-means code (max_patches = vocab_size, images x patches = vocab_size)."""
+    C.check(dataclasses.replace(preset("finetune"), output_dir=str(tmp_path / "f"), crop_scale=(1.0, 1.0),
+                                crop_ratio=(1.0, 1.0)))
+    C.check(dataclasses.replace(preset("pretrain"), output_dir=str(tmp_path / "p"), num_mask_patches=16))
+    C.check(C.TokenizerFitConfig(output=str(tmp_path / "t.safetensors"), img_size=32, patch_size=4, vocab_size=128,
+                                 max_images=2, max_patches=128))
+
+
+def test_fit_tokenizer_values_are_checked_before_the_data(tmp_path):
+    """--print-config (values_only) refuses what fit-tokenizer would for its values (a view that is not whole
+    patches, no k-means iteration), and not an existing output file, which it does not look at."""
+    for changes, message in ((dict(img_size=30, patch_size=4), "img_size 30 is not a multiple of patch_size 4"),
+                             (dict(iters=0), "iters must be >= 1, got 0")):
+        with pytest.raises(ConfigError, match=message):
+            C.check(C.TokenizerFitConfig(output=str(tmp_path / "t.safetensors"), **changes), values_only=True)
+    (tmp_path / "t.safetensors").write_bytes(b"")       # the output file is not looked at either
+    C.check(C.TokenizerFitConfig(output=str(tmp_path / "t.safetensors")), values_only=True)
+
+
+def test_one_step_counts_every_torchrun_process(tmp_path, monkeypatch):
+    """Under torchrun each of WORLD_SIZE processes takes batch_size images a step: 100 images hold one step
+    of one process's 64, not of two processes'."""
+    cfg = dataclasses.replace(preset("pretrain"), output_dir=str(tmp_path), train_subset=100)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    C.check(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="fewer than one optimizer step needs"):
+        C.check(cfg)
+
+
+def test_commands_without_a_preset_run_the_dataclass_defaults():
+    assert preset("eval") == C.EvalConfig() and preset("fit-tokenizer") == C.TokenizerFitConfig()
+    assert resolve("eval") == C.EvalConfig()
 
 
 def test_timm_policies_and_mixup_modes_pass(tmp_path):
@@ -442,7 +500,7 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path, umask):
     assert torch.equal(torch.load(tmp_path / "ck.pt", weights_only=True)["t"], torch.ones(3))
 
 
-def test_naming_another_model_drops_the_presets_architecture():
+def test_naming_another_model_drops_the_presets_architecture(tmp_path):
     """--model without --preset: the demo preset's architecture changes (width 128, 4 blocks, abs. position
     embeddings) and 16 px images belong to its own model; the named model is built as registered."""
     from beit_fast.train.config import model_fields, resolve
@@ -459,6 +517,11 @@ def test_naming_another_model_drops_the_presets_architecture():
                                          "model_overrides.depth": 6})
     assert cfg.img_size == 256 and cfg.model_overrides == {"depth": 6}
     assert resolve("finetune", overrides={"model": demo.model}).model_overrides == demo.model_overrides
+    # a model named in a YAML file is followed as one named on the command line
+    f = tmp_path / "run.yaml"
+    f.write_text("model: beit_base_patch16_224\n")
+    cfg = resolve("finetune", yaml_path=str(f))
+    assert cfg.model_overrides == {} and cfg.img_size == 224
 
 
 def test_apex_optimizers_are_built_without_their_own_clipping(monkeypatch):
@@ -632,3 +695,23 @@ def test_the_optimizer_takes_the_configs_betas_and_eps():
     assert isinstance(opt, torch.optim.AdamW)
     assert {(tuple(g["betas"]), g["eps"]) for g in opt.param_groups} == {((0.8, 0.98), 1e-6)}
     assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.07}
+
+
+@pytest.mark.parametrize("kind, overrides, message", [
+    ("finetune", {"img_size": 32}, r"model_overrides.img_size=32 differs from img_size \(16\).*set img_size instead"),
+    ("pretrain", {"img_size": 32}, r"model_overrides.img_size=32 differs from img_size \(16\)"),
+    ("finetune", {"num_classes": 5}, r"model_overrides.num_classes=5 differs from num_classes \(10\)"),
+    ("finetune", {"in_chans": 1}, r"model_overrides.in_chans=1 differs from the data's RGB images \(3\)"),
+    ("pretrain", {"vocab_size": 32}, r"model_overrides.vocab_size=32 differs from the tokenizer's 64 codes"),
+])
+def test_model_overrides_of_what_the_run_sets_itself_are_refused(tmp_path, kind, overrides, message):
+    """build_model applies model_overrides last: a model for 32 px images fed the 16 px data, a 5-class head on
+    10 classes, 1-channel patches on RGB images, a vocabulary other than the tokenizer's all passed check() and
+    failed at the first step (pretraining: after the tokenizer was fitted; and the log.jsonl left behind made
+    the folder refuse a new run). The run's own values pass."""
+    cfg = dataclasses.replace(preset(kind), output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=message):
+        C.check(dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, **overrides}), values_only=True)
+    same = {k: {"in_chans": 3, "vocab_size": cfg.__dict__.get("tokenizer_vocab")}.get(k, getattr(cfg, k, None))
+            for k in overrides}
+    C.check(dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, **same}))

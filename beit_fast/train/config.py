@@ -393,6 +393,10 @@ def load_yaml(path: str) -> dict:
             raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of field: value")
+    keys = [k for k in data if not isinstance(k, str)]
+    if keys:   # YAML reads yes/no/on/off, numbers and null as such, keys too
+        raise ConfigError(f"config file {path!r}: {keys[0]!r} is not a field name; quote the key ('{keys[0]}': ...) "
+                          f"if it is one")
     return data
 
 
@@ -461,6 +465,14 @@ def model_fields(cfg) -> dict:
     bad = sorted(set(cfg.model_overrides) - valid)
     if bad:
         raise ConfigError(f"model_overrides: unknown BeitConfig fields {bad}; valid: {sorted(valid)}")
+    owned = {"img_size": ("img_size", cfg.img_size), "in_chans": ("the data's RGB images", 3)}
+    if isinstance(cfg, FinetuneConfig):
+        owned["num_classes"] = ("num_classes", cfg.num_classes)
+    for key, (source, value) in owned.items():   # build_model applies model_overrides last: the run would break
+        if key in cfg.model_overrides and cfg.model_overrides[key] != value:
+            raise ConfigError(f"model_overrides.{key}={cfg.model_overrides[key]!r} differs from {source} "
+                              f"({value!r}), which the run's data and loss use; "
+                              + (f"set {key} instead" if source == key else "remove it"))
     fields = {**dataclasses.asdict(BeitConfig()), **MODELS[cfg.model], **cfg.model_overrides}
     fields["img_size"] = cfg.model_overrides.get("img_size", cfg.img_size)
     return fields
@@ -614,6 +626,8 @@ def _check_run_values(cfg, fields: dict) -> None:
     _at_least(cfg, 0, "num_workers", "train_subset", "num_threads", "save_every_steps", "stop_at_step", "lr",
               "min_lr", "weight_decay", "weight_decay_end", "warmup_epochs", "eps", "clip_grad", "color_jitter",
               "layer_scale")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir is empty; name the run's folder (e.g. --output-dir runs/my-run)")
     _at_least(cfg, -1, "warmup_steps")
     _at_least(cfg, 1, "synthetic_size", "keep_last")
     _at_least(cfg, 0, "hflip", "drop_path", most=1)
@@ -685,6 +699,9 @@ def check(config, values_only: bool = False):
         if cfg.max_patches < cfg.vocab_size:
             raise ConfigError(f"max_patches ({cfg.max_patches}) must be >= vocab_size ({cfg.vocab_size}): k-means "
                               f"needs at least one patch per code")
+        if not os.path.basename(cfg.output):     # "" or a folder's name ending in a slash: the fit's work is lost
+            raise ConfigError(f"output {cfg.output!r} names no file; name the file to write (e.g. "
+                              f"{os.path.join(cfg.output, 'kmeans.safetensors')!r})")
         if os.path.isdir(cfg.output) and not values_only:
             raise ConfigError(f"output {cfg.output!r} is a folder; name the file to write (e.g. "
                               f"{os.path.join(cfg.output, 'kmeans.safetensors')!r})")
@@ -735,6 +752,12 @@ def check(config, values_only: bool = False):
                 raise ConfigError(f"model {cfg.model!r} is a classification model; pretraining needs a masked-image-"
                                   f"modeling model (a name ending in _8k_vocab or _mim)")
             _one_of("tokenizer", cfg.tokenizer, ("kmeans", "dvae"))
+            codes = 8192 if cfg.tokenizer == "dvae" else None if cfg.tokenizer_path else cfg.tokenizer_vocab
+            given = cfg.model_overrides.get("vocab_size", codes)
+            if codes is not None and given != codes:   # the tokenizer's codes are the targets
+                raise ConfigError(f"model_overrides.vocab_size={given!r} differs from the tokenizer's {codes} codes "
+                                  f"(the pretraining targets); remove it"
+                                  + (", or set tokenizer_vocab" if cfg.tokenizer == "kmeans" else ""))
             _one_of("tokenizer_dtype", cfg.tokenizer_dtype, ("auto", "bf16", "fp32", "fp16"))
             if cfg.tokenizer == "dvae" and not cfg.tokenizer_path and not values_only:   # a file it names
                 raise ConfigError("tokenizer=dvae needs tokenizer_path=<DALL-E encoder.pkl or state dict>; nothing "
