@@ -380,3 +380,38 @@ def test_what_would_fail_after_the_work_is_refused_before_it(tmp_path, monkeypat
         f.write_text(text)
         assert main(["finetune", "--config", str(f), "--print-config"]) == 2, text
         assert f"{key} is not a field name; quote the key" in capsys.readouterr().err, text
+
+
+def test_a_yaml_key_given_twice_is_refused(tmp_path, capsys):
+    """safe_load keeps the last of two equal keys silently: a second `lr:` further down a file (or a nested
+    model_overrides key, or one inside a --set mapping) would quietly win. Each is an error naming the key."""
+    f = tmp_path / "c.yaml"
+    for text, key in (("lr: 1.0e-3\nepochs: 2\nlr: 5.0e-4\n", "lr"), ("model_overrides:\n  depth: 2\n  depth: 3\n",
+                                                                          "depth")):
+        f.write_text(text)
+        assert main(["finetune", "--config", str(f), "--print-config"]) == 2, text
+        assert f"found key '{key}' twice" in capsys.readouterr().err, text
+    assert main(["finetune", "--set", "model_overrides={depth: 2, depth: 3}", "--print-config"]) == 2
+    assert "found key 'depth' twice" in capsys.readouterr().err
+    f.write_text("lr: 1.0e-3\nmodel_overrides: {depth: 2}\n")     # equal keys in different mappings are fine
+    assert main(["finetune", "--config", str(f), "--print-config"]) == 0
+    assert "lr: 0.001" in capsys.readouterr().out
+
+
+def test_a_yaml_file_that_is_not_a_mapping_is_refused_and_an_empty_one_changes_nothing(tmp_path, capsys):
+    """`[]` or `0` is not a mapping of field: value (it was taken as an empty file); an empty file, or one of
+    comments only, changes nothing."""
+    f = tmp_path / "c.yaml"
+    for text, shown in (("[]\n", "list []"), ("0\n", "int 0")):
+        f.write_text(text)
+        assert main(["finetune", "--config", str(f), "--print-config"]) == 2, text
+        assert f"must hold a mapping of field: value, not {shown}" in capsys.readouterr().err, text
+    for text in ("", "# nothing yet\n"):
+        f.write_text(text)
+        assert main(["finetune", "--config", str(f), "--print-config"]) == 0, text
+        capsys.readouterr()
+    assert main(["finetune", "--print-config"]) == 0
+    default = capsys.readouterr().out.split("\n", 1)[1]
+    f.write_text("")
+    main(["finetune", "--config", str(f), "--print-config"])
+    assert capsys.readouterr().out.split("\n", 1)[1] == default

@@ -1,6 +1,8 @@
 """Pretraining's targets and masks: the tokenizer encodes the tokenizer view, the masks follow the config's
 masking values, the compiled run's padding counts nowhere, and a resumed run keeps its tokenizer dtype."""
+import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -150,3 +152,20 @@ def test_the_two_views_take_the_configured_transform_values(tmp_path, tokenizer_
     assert t.jitter.brightness == pytest.approx((0.8, 1.2)) and t.pixel_mapping == "unit"
     norm = t.normalize.transforms[1]
     assert tuple(norm.mean) == (0.4, 0.5, 0.6) and tuple(norm.std) == (0.2, 0.3, 0.4)
+
+
+def test_a_vocab_size_override_that_differs_from_a_named_k_means_file_is_refused(tmp_path, tokenizer_file):
+    """check() cannot know a named k-means file's codes: pretraining refuses a model_overrides.vocab_size other
+    than the file's once the file is read, before the model is built (it trained a 64-way head on 32 codes);
+    the file's own count is accepted."""
+    from beit_fast.train.config import ConfigError
+    from beit_fast.train import engine
+    cfg = tiny_pretrain(tmp_path / "run", tokenizer_path=tokenizer_file, stop_at_step=1)
+    bad = dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, "vocab_size": 64})
+    with pytest.raises(ConfigError, match=r"model_overrides.vocab_size=64 differs from the tokenizer's 32 codes"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(engine, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+            pretrain(bad)
+    assert not os.listdir(tmp_path / "run")
+    pretrain(dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, "vocab_size": 32}))
+    assert (tmp_path / "run" / "log.jsonl").exists()

@@ -373,12 +373,35 @@ def parse_set(items, cls=None) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing a key given twice in one mapping (safe_load keeps the last silently, so a
+    second `lr:` further down a file would quietly win over the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:       # an unhashable key: the base constructor's error names it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml_text(text):
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def parse_yaml_value(raw: str, what: str):
     """One value written as YAML ("" for an empty string); ConfigError naming `what` when it is not YAML."""
     if not raw.strip():
         return ""
     try:
-        return yaml.safe_load(raw)
+        return _load_yaml_text(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"{what}: {raw!r} is not a valid YAML value ({' '.join(str(e).split())})") from None
 
@@ -388,11 +411,14 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = _load_yaml_text(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:    # an empty file (or only comments) changes nothing
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of field: value")
+        raise ConfigError(f"config file {path!r} must hold a mapping of field: value, not "
+                          f"{type(data).__name__} {data!r:.60}")
     keys = [k for k in data if not isinstance(k, str)]
     if keys:   # YAML reads yes/no/on/off, numbers and null as such, keys too
         raise ConfigError(f"config file {path!r}: {keys[0]!r} is not a field name; quote the key ('{keys[0]}': ...) "

@@ -84,6 +84,11 @@ def _pretrain(cfg, rt) -> dict:
         raise config_mod.ConfigError(
             f"the tokenizer view ({second_size}px, {tokenizer.downsample}px per code) gives a "
             f"{second_size // tokenizer.downsample}x grid but the model has {grid}x{grid} patches")
+    given = cfg.model_overrides.get("vocab_size", tokenizer.vocab_size)
+    if given != tokenizer.vocab_size:   # check() knows the codes of all but a named k-means file
+        raise config_mod.ConfigError(f"model_overrides.vocab_size={given!r} differs from the tokenizer's "
+                                     f"{tokenizer.vocab_size} codes ({tokenizer_path}), the pretraining targets; "
+                                     f"remove it")
     engine.seed_all(cfg.seed)
     model = engine.build_model(cfg, device, vocab_size=tokenizer.vocab_size)
     engine.seed_all(seed_for(cfg.seed, rt.rank))   # per-rank drop-path / dropout streams
